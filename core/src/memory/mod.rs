@@ -1,0 +1,1 @@
+//! In-memory `Store` and `Queue`: single process, no setup; the default backends.

@@ -1,0 +1,57 @@
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::model::{ActivityOptions, Seq, Timestamp, WorkflowId};
+
+/// A unit of work carried by the [`crate::Queue`]: a notification, not the record.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Task {
+    /// Run the workflow code against its history and record what it does next.
+    Workflow {
+        /// The workflow.
+        workflow_id: WorkflowId,
+    },
+    /// Run one attempt of an activity.
+    Activity(ActivityTask),
+}
+
+impl Task {
+    /// The workflow this task belongs to.
+    #[must_use]
+    pub fn workflow_id(&self) -> &WorkflowId {
+        match self {
+            Task::Workflow { workflow_id } => workflow_id,
+            Task::Activity(a) => &a.workflow_id,
+        }
+    }
+}
+
+/// One attempt of one activity call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActivityTask {
+    /// The workflow that called it.
+    pub workflow_id: WorkflowId,
+    /// Command id of the call.
+    pub activity_id: u32,
+    /// Attempt number, from 1.
+    pub attempt: u32,
+    /// Sequence of its `activity_scheduled` event, where the call is read from when not inlined.
+    pub scheduled_seq: Seq,
+    /// The call itself, inlined unless its input is too large for a queue message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<ActivityCall>,
+}
+
+/// What an activity task runs: name, input, options.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActivityCall {
+    /// Registered activity name.
+    pub name: String,
+    /// Input as JSON.
+    pub input: Value,
+    /// Retry policy and timeouts.
+    pub options: ActivityOptions,
+    /// When the call was scheduled (start of schedule-to-close).
+    pub scheduled_at: Timestamp,
+}

@@ -1,0 +1,320 @@
+//! The `Store` trait: append-only event histories, summaries and owed work.
+
+use async_trait::async_trait;
+use futures::stream::BoxStream;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use std::time::Duration;
+
+use crate::model::{Event, NewEvent, Seq, Timestamp, WorkflowId, WorkflowStatus, WorkflowSummary};
+
+/// A boxed error from a backend's client.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Errors of a [`Store`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// No workflow with this id.
+    #[error("workflow {0} not found")]
+    NotFound(WorkflowId),
+    /// A conditional append lost the race: someone appended after `expected`.
+    #[error("workflow {id}: expected last event {expected}, found {actual}")]
+    Conflict {
+        /// The workflow.
+        id: WorkflowId,
+        /// The last sequence the writer had seen.
+        expected: Seq,
+        /// The last sequence in the store.
+        actual: Seq,
+    },
+    /// The workflow has finished; its history takes no more conditional appends.
+    #[error("workflow {0} has already finished")]
+    Closed(WorkflowId),
+    /// A list cursor that this store did not issue.
+    #[error("invalid cursor: {0}")]
+    InvalidCursor(String),
+    /// The store could not be reached (connection, timeout, failover); retryable.
+    #[error("store unreachable: {0}")]
+    Unavailable(#[source] BoxError),
+    /// The store rejected the operation (script error, wrong type, auth); permanent.
+    #[error("store rejected the operation: {0}")]
+    Backend(#[source] BoxError),
+}
+
+impl StoreError {
+    /// Whether trying the same operation again later may succeed.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_))
+    }
+}
+
+/// A request to create a workflow; the store records `workflow_started` as event 1.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NewWorkflow {
+    /// The new workflow's id.
+    pub id: WorkflowId,
+    /// Registered workflow name.
+    pub name: String,
+    /// Input as JSON.
+    pub input: Value,
+    /// Task queue of its workflow tasks.
+    pub task_queue: String,
+    /// A start with the same key returns the workflow first created with it.
+    pub idempotency_key: Option<String>,
+    /// Creation time; the timestamp of event 1.
+    pub started_at: Timestamp,
+    /// Deadline of the owed first workflow task.
+    pub task_deadline: Timestamp,
+}
+
+/// The result of [`Store::create`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Created {
+    /// The workflow: the new one, or the one that already had this id or idempotency key.
+    pub summary: WorkflowSummary,
+    /// Whether this call created it.
+    pub created: bool,
+}
+
+/// Work a workflow is owed, recorded in the same atomic step as the events that created it.
+///
+/// The `key` of each kind identifies it within its workflow; setting an existing key replaces it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum OwedKind {
+    /// A workflow task must run (new input is waiting). Key `wf`.
+    WorkflowTask,
+    /// An activity attempt is in flight. Key `a:{activity_id}:{attempt}`; its
+    /// outcome is appended only while this entry exists (late results are dropped).
+    Activity {
+        /// Command id of the call.
+        activity_id: u32,
+        /// The live attempt.
+        attempt: u32,
+        /// Sequence of the `activity_scheduled` event.
+        scheduled_seq: Seq,
+        /// How many times the sweeper has already re-delivered this attempt.
+        #[serde(default)]
+        redeliveries: u32,
+    },
+    /// A durable timer; its deadline is the fire time. Key `t:{timer_id}`.
+    Timer {
+        /// Command id of the timer.
+        timer_id: u32,
+    },
+}
+
+impl OwedKind {
+    /// The entry's key within its workflow.
+    #[must_use]
+    pub fn key(&self) -> String {
+        match self {
+            OwedKind::WorkflowTask => "wf".to_string(),
+            OwedKind::Activity {
+                activity_id,
+                attempt,
+                ..
+            } => activity_key(*activity_id, *attempt),
+            OwedKind::Timer { timer_id } => format!("t:{timer_id}"),
+        }
+    }
+}
+
+/// The owed-work key of an activity attempt.
+#[must_use]
+pub fn activity_key(activity_id: u32, attempt: u32) -> String {
+    format!("a:{activity_id}:{attempt}")
+}
+
+/// One owed-work entry of a workflow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwedEntry {
+    /// What is owed.
+    pub kind: OwedKind,
+    /// Task queue the work runs on.
+    pub task_queue: String,
+    /// When it is overdue (for a timer: when it fires).
+    pub deadline: Timestamp,
+}
+
+/// An overdue entry returned by [`Store::claim_overdue`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owed {
+    /// The workflow that is owed the work.
+    pub workflow_id: WorkflowId,
+    /// The entry (its deadline as it was before the claim).
+    pub entry: OwedEntry,
+}
+
+/// Changes to a workflow's owed work, applied atomically with an append.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwedChanges {
+    /// Entries to add or replace (by key).
+    pub set: Vec<OwedEntry>,
+    /// Keys to remove (absent keys are ignored).
+    pub clear: Vec<String>,
+}
+
+impl OwedChanges {
+    /// No change.
+    #[must_use]
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// Adds or replaces `entry`.
+    #[must_use]
+    pub fn set(mut self, entry: OwedEntry) -> Self {
+        self.set.push(entry);
+        self
+    }
+
+    /// Removes the entry with `key`.
+    #[must_use]
+    pub fn clear(mut self, key: impl Into<String>) -> Self {
+        self.clear.push(key.into());
+        self
+    }
+}
+
+/// A keyed append: events appended at the end, whatever the last sequence, at most once.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyedAppend {
+    /// Deduplication key: a second append with the same key is a [`KeyedOutcome::Duplicate`].
+    pub key: Option<String>,
+    /// Owed-work key that must exist; it is removed by the append (an activity
+    /// result consumes its live attempt, a timer firing its timer).
+    pub requires: Option<String>,
+    /// The events.
+    pub events: Vec<NewEvent>,
+    /// Owed-work changes applied after `requires` is consumed.
+    pub owed: OwedChanges,
+}
+
+/// The result of [`Store::append_keyed`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyedOutcome {
+    /// Appended; the new last sequence.
+    Appended(Seq),
+    /// The key was used before; nothing written.
+    Duplicate,
+    /// The required owed entry does not exist (a late or repeated result); nothing written.
+    NotOwed,
+    /// The workflow has finished; nothing written.
+    Closed,
+}
+
+/// A filter and page request for [`Store::list`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListQuery {
+    /// Only workflows in this status.
+    pub status: Option<WorkflowStatus>,
+    /// Only workflows with this registered name.
+    pub name: Option<String>,
+    /// Continue after this cursor (from a previous page's `next_cursor`).
+    pub cursor: Option<String>,
+    /// Page size (a store may cap it; 0 means the store's default).
+    pub limit: usize,
+}
+
+/// One page of workflow summaries, newest first.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ListPage {
+    /// The workflows on this page.
+    pub items: Vec<WorkflowSummary>,
+    /// Where the next page starts; `None` on the last page.
+    pub next_cursor: Option<String>,
+}
+
+/// A live stream of events.
+pub type EventStream = BoxStream<'static, Result<Event, StoreError>>;
+
+/// Append-only event histories, called concurrently from many replicas.
+///
+/// Every method that writes does so atomically: events, summary
+/// ([`crate::model::SummaryPatch`]), owed work and index entries change together or not at all.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Creates a workflow with `workflow_started` as event 1 and an owed workflow task.
+    ///
+    /// Idempotent: if the id exists, or `idempotency_key` was used before, nothing
+    /// is written and the existing workflow is returned with `created: false`.
+    async fn create(&self, new: NewWorkflow) -> Result<Created, StoreError>;
+
+    /// Appends `events` after `expected_last`, all or nothing, and applies `owed`.
+    ///
+    /// `events` may be empty (a compare-and-set of owed work). A terminal event
+    /// clears all of the workflow's owed work.
+    ///
+    /// # Errors
+    /// [`StoreError::Conflict`] if anyone appended after `expected_last`;
+    /// [`StoreError::Closed`] if the workflow has finished; [`StoreError::NotFound`].
+    async fn append(
+        &self,
+        id: &WorkflowId,
+        expected_last: Seq,
+        events: Vec<NewEvent>,
+        owed: OwedChanges,
+    ) -> Result<Seq, StoreError>;
+
+    /// Appends at the end whatever the last sequence is, at most once per key
+    /// and only while the required owed entry exists.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; backend errors.
+    async fn append_keyed(
+        &self,
+        id: &WorkflowId,
+        append: KeyedAppend,
+    ) -> Result<KeyedOutcome, StoreError>;
+
+    /// Up to `limit` events with sequence greater than `after`, in order.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; backend errors.
+    async fn read(
+        &self,
+        id: &WorkflowId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError>;
+
+    /// Events after `after` as they are appended, by any replica; the stream ends
+    /// after a terminal event.
+    ///
+    /// # Errors
+    /// [`StoreError::NotFound`]; backend errors.
+    async fn subscribe(&self, id: &WorkflowId, after: Seq) -> Result<EventStream, StoreError>;
+
+    /// The workflow's summary, or `None`.
+    async fn get(&self, id: &WorkflowId) -> Result<Option<WorkflowSummary>, StoreError>;
+
+    /// Summaries newest first (by creation time, then id), filtered, one page at a time.
+    ///
+    /// Paging with `next_cursor` returns every workflow that matches the filter
+    /// throughout the paging exactly once, even while others change status.
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
+
+    /// Claims up to `limit` owed entries whose deadline is at or before `now`:
+    /// each claimed entry's deadline moves to `now + lease`, so that it goes to one
+    /// claimant until the lease runs out.
+    async fn claim_overdue(
+        &self,
+        now: Timestamp,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<Owed>, StoreError>;
+
+    /// Deletes up to `limit` finished workflows closed before `closed_before`
+    /// (history, summary, index entries, keys); returns how many.
+    async fn purge_closed(
+        &self,
+        closed_before: Timestamp,
+        limit: usize,
+    ) -> Result<usize, StoreError>;
+
+    /// Checks that the store answers.
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,1 @@
+//! The conformance suites every `Store` and `Queue` backend runs unchanged.
