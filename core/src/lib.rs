@@ -1,15 +1,25 @@
 #![doc = include_str!("../README.md")]
 
+pub mod clock;
+pub mod engine;
 pub mod memory;
 pub mod model;
 pub mod queue;
 pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod worker;
 
+pub use clock::{Clock, SystemClock, TokioClock};
+pub use engine::pipeline::{Pipeline, PipelineError};
+pub use engine::{
+    ActivityContext, ActivityFuture, Engine, EngineBuilder, EngineConfig, EngineError, Registry,
+    StartWorkflow, Started, WorkflowContext,
+};
 pub use model::*;
 pub use queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
 pub use store::{
     Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed,
     OwedChanges, OwedEntry, OwedKind, Store, StoreError,
 };
+pub use worker::{QueueSpec, ShutdownReport, Worker, WorkerConfig};

@@ -38,6 +38,8 @@ pub struct ActivityTask {
     pub attempt: u32,
     /// Sequence of its `activity_scheduled` event, where the call is read from when not inlined.
     pub scheduled_seq: Seq,
+    /// Task queue of the workflow's own tasks (where the result's workflow task goes).
+    pub workflow_task_queue: String,
     /// The call itself, inlined unless its input is too large for a queue message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call: Option<ActivityCall>,

@@ -1,0 +1,186 @@
+//! `ActivityContext` and the running of one activity attempt under its timeouts.
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::EngineInner;
+use crate::model::{ActivityError, EventData, NewEvent, WorkflowId};
+use crate::store::KeyedAppend;
+
+/// What a running activity can ask of the engine: who it is, heartbeats,
+/// cancellation and progress events.
+#[derive(Clone)]
+pub struct ActivityContext {
+    inner: Arc<ActivityInner>,
+}
+
+struct ActivityInner {
+    workflow_id: WorkflowId,
+    activity_id: u32,
+    attempt: u32,
+    name: String,
+    cancel: CancellationToken,
+    last_heartbeat: Mutex<Instant>,
+    last_cancel_check: Mutex<Option<Instant>>,
+    progress_seq: AtomicU32,
+    engine: Option<Arc<EngineInner>>,
+}
+
+/// How often a heartbeat may ask the store whether the workflow was canceled.
+const CANCEL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+impl ActivityContext {
+    pub(crate) fn new(
+        engine: Option<Arc<EngineInner>>,
+        workflow_id: WorkflowId,
+        activity_id: u32,
+        attempt: u32,
+        name: String,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            inner: Arc::new(ActivityInner {
+                workflow_id,
+                activity_id,
+                attempt,
+                name,
+                cancel,
+                last_heartbeat: Mutex::new(Instant::now()),
+                last_cancel_check: Mutex::new(None),
+                progress_seq: AtomicU32::new(0),
+                engine,
+            }),
+        }
+    }
+
+    /// A context for calling an activity function directly in a unit test:
+    /// heartbeats and progress go nowhere; `cancel` cancels it.
+    #[must_use]
+    pub fn for_test(attempt: u32, cancel: CancellationToken) -> Self {
+        Self::new(
+            None,
+            WorkflowId::random(),
+            1,
+            attempt,
+            "test".to_string(),
+            cancel,
+        )
+    }
+
+    /// The workflow that called this activity.
+    #[must_use]
+    pub fn workflow_id(&self) -> &WorkflowId {
+        &self.inner.workflow_id
+    }
+
+    /// The call's command id within its workflow.
+    #[must_use]
+    pub fn activity_id(&self) -> u32 {
+        self.inner.activity_id
+    }
+
+    /// The registered activity name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// This attempt's number, from 1.
+    #[must_use]
+    pub fn attempt(&self) -> u32 {
+        self.inner.attempt
+    }
+
+    /// A key that is the same for every attempt of this call and unique across
+    /// calls: pass it to providers that deduplicate requests.
+    #[must_use]
+    pub fn idempotency_key(&self) -> String {
+        format!("{}:{}", self.inner.workflow_id, self.inner.activity_id)
+    }
+
+    /// Whether cancellation has reached this attempt.
+    #[must_use]
+    pub fn is_cancelled(&self) -> bool {
+        self.inner.cancel.is_cancelled()
+    }
+
+    /// Resolves when cancellation reaches this attempt.
+    pub async fn cancelled(&self) {
+        self.inner.cancel.cancelled().await;
+    }
+
+    pub(crate) fn last_heartbeat(&self) -> Instant {
+        *self.inner.last_heartbeat.lock()
+    }
+
+    /// Reports liveness (resets the heartbeat timeout) and learns of cancellation.
+    ///
+    /// # Errors
+    /// A `canceled` [`ActivityError`] once the workflow has been canceled; return it.
+    pub async fn heartbeat(&self) -> Result<(), ActivityError> {
+        *self.inner.last_heartbeat.lock() = Instant::now();
+        if self.inner.cancel.is_cancelled() {
+            return Err(ActivityError::canceled());
+        }
+        let due = {
+            let mut last = self.inner.last_cancel_check.lock();
+            let due = last.is_none_or(|t| t.elapsed() >= CANCEL_CHECK_INTERVAL);
+            if due {
+                *last = Some(Instant::now());
+            }
+            due
+        };
+        if due && let Some(engine) = &self.inner.engine {
+            // Cancellation requested through another replica reaches us through the store.
+            if let Ok(Some(s)) = engine.store.get(&self.inner.workflow_id).await
+                && (s.cancel_requested || s.status.is_terminal())
+            {
+                self.inner.cancel.cancel();
+                return Err(ActivityError::canceled());
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends a `progress` event to the workflow's history (streamed tokens,
+    /// status); it is visible to event subscribers at once and not replayed.
+    ///
+    /// # Errors
+    /// A retryable [`ActivityError`] when the store cannot be reached.
+    pub async fn progress<T: Serialize>(&self, data: &T) -> Result<(), ActivityError> {
+        let Some(engine) = &self.inner.engine else {
+            return Ok(());
+        };
+        let data = serde_json::to_value(data)?;
+        let n = self.inner.progress_seq.fetch_add(1, Ordering::Relaxed);
+        let append = KeyedAppend {
+            key: Some(format!(
+                "p:{}:{}:{n}",
+                self.inner.activity_id, self.inner.attempt
+            )),
+            requires: None,
+            events: vec![NewEvent::new(
+                engine.clock.now(),
+                EventData::Progress {
+                    activity_id: self.inner.activity_id,
+                    attempt: self.inner.attempt,
+                    data,
+                },
+            )],
+            owed: Default::default(),
+        };
+        engine
+            .store
+            .append_keyed(&self.inner.workflow_id, append)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                ActivityError::retryable(format!("recording progress: {e}")).with_kind("store")
+            })
+    }
+}

@@ -1,0 +1,431 @@
+//! `WorkflowContext`: the only door from workflow code to time, I/O and randomness.
+//!
+//! Every call is deterministic under replay: activity calls and timers take the
+//! next command id and resolve from the recorded history; signals and
+//! cancellation are delivered from recorded events; `now` and `random` come
+//! from the history and the workflow id.
+
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use crate::model::{ActivityOptions, Timestamp, WorkflowError, WorkflowId};
+
+/// What the workflow code asked for during one poll, in call order.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Command {
+    /// `ctx.activity(..)`.
+    Activity {
+        id: u32,
+        name: String,
+        input: Value,
+        options: ActivityOptions,
+    },
+    /// `ctx.sleep(..)`.
+    Timer { id: u32, fire_at: Timestamp },
+}
+
+impl Command {
+    pub(crate) fn describe(&self) -> String {
+        match self {
+            Command::Activity { id, name, .. } => format!("activity {name:?} (command {id})"),
+            Command::Timer { id, .. } => format!("timer (command {id})"),
+        }
+    }
+}
+
+/// A result slot of one command.
+enum Slot<T> {
+    Pending(Option<Waker>),
+    Ready(T),
+    Taken,
+}
+
+impl<T> Slot<T> {
+    fn resolve(&mut self, value: T) {
+        if let Slot::Pending(waker) = std::mem::replace(self, Slot::Ready(value)) {
+            if let Some(w) = waker {
+                w.wake();
+            }
+        } else {
+            // Already resolved (e.g. canceled, then a late result): the first resolution stands.
+        }
+    }
+
+    fn poll_take(&mut self, cx: &Context<'_>) -> Poll<Option<T>> {
+        match std::mem::replace(self, Slot::Taken) {
+            Slot::Ready(v) => Poll::Ready(Some(v)),
+            Slot::Taken => Poll::Ready(None),
+            Slot::Pending(_) => {
+                *self = Slot::Pending(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        }
+    }
+}
+
+/// The replay state one workflow's code shares with the engine.
+pub(crate) struct WfState {
+    pub(crate) next_command: u32,
+    pub(crate) now: Timestamp,
+    rng: u64,
+    activities: HashMap<u32, (String, Slot<Result<Value, WorkflowError>>)>,
+    timers: HashMap<u32, Slot<Result<(), WorkflowError>>>,
+    signals: HashMap<String, VecDeque<Value>>,
+    signal_waiters: Vec<Waker>,
+    cancel: Option<Option<String>>,
+    cancel_waiters: Vec<Waker>,
+    pub(crate) commands: Vec<Command>,
+}
+
+impl WfState {
+    fn new(id: &WorkflowId, now: Timestamp) -> Self {
+        // FNV-1a of the id: a seed that is the same in every process and Rust version.
+        let mut seed: u64 = 0xcbf2_9ce4_8422_2325;
+        for b in id.as_str().bytes() {
+            seed ^= u64::from(b);
+            seed = seed.wrapping_mul(0x0100_0000_01b3);
+        }
+        Self {
+            next_command: 1,
+            now,
+            rng: seed,
+            activities: HashMap::new(),
+            timers: HashMap::new(),
+            signals: HashMap::new(),
+            signal_waiters: Vec::new(),
+            cancel: None,
+            cancel_waiters: Vec::new(),
+            commands: Vec::new(),
+        }
+    }
+
+    fn next_random(&mut self) -> u64 {
+        // splitmix64
+        self.rng = self.rng.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.rng;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// The name of the activity with command id `id`, if the code called it.
+    pub(crate) fn activity_name(&self, id: u32) -> Option<&str> {
+        self.activities.get(&id).map(|(n, _)| n.as_str())
+    }
+
+    pub(crate) fn resolve_activity(&mut self, id: u32, result: Result<Value, WorkflowError>) {
+        if let Some((_, slot)) = self.activities.get_mut(&id) {
+            slot.resolve(result);
+        }
+    }
+
+    pub(crate) fn resolve_timer(&mut self, id: u32) {
+        if let Some(slot) = self.timers.get_mut(&id) {
+            slot.resolve(Ok(()));
+        }
+    }
+
+    pub(crate) fn deliver_signal(&mut self, name: String, payload: Value) {
+        self.signals.entry(name).or_default().push_back(payload);
+        for w in self.signal_waiters.drain(..) {
+            w.wake();
+        }
+    }
+
+    /// Delivers a cancel request: every pending activity, timer and signal wait fails with `canceled`.
+    pub(crate) fn deliver_cancel(&mut self, reason: Option<String>) {
+        if self.cancel.is_some() {
+            return;
+        }
+        let err = WorkflowError::canceled(reason.as_deref());
+        self.cancel = Some(reason);
+        for (_, slot) in self.activities.values_mut() {
+            if matches!(slot, Slot::Pending(_)) {
+                slot.resolve(Err(err.clone()));
+            }
+        }
+        for slot in self.timers.values_mut() {
+            if matches!(slot, Slot::Pending(_)) {
+                slot.resolve(Err(err.clone()));
+            }
+        }
+        for w in self
+            .signal_waiters
+            .drain(..)
+            .chain(self.cancel_waiters.drain(..))
+        {
+            w.wake();
+        }
+    }
+}
+
+/// The handle workflow code uses for everything that is not pure computation.
+///
+/// Cheap to clone; all clones share one workflow's replay state.
+#[derive(Clone)]
+pub struct WorkflowContext {
+    id: WorkflowId,
+    state: Arc<Mutex<WfState>>,
+}
+
+impl WorkflowContext {
+    pub(crate) fn new(id: WorkflowId, now: Timestamp) -> Self {
+        let state = Arc::new(Mutex::new(WfState::new(&id, now)));
+        Self { id, state }
+    }
+
+    pub(crate) fn state(&self) -> &Arc<Mutex<WfState>> {
+        &self.state
+    }
+
+    /// This workflow's id.
+    #[must_use]
+    pub fn workflow_id(&self) -> &WorkflowId {
+        &self.id
+    }
+
+    /// Calls activity `name` with default [`ActivityOptions`].
+    pub fn activity<I: Serialize, O: DeserializeOwned>(
+        &self,
+        name: &str,
+        input: &I,
+    ) -> ActivityFuture<O> {
+        self.activity_with(name, input, ActivityOptions::default())
+    }
+
+    /// Calls activity `name` with `options` (retries, timeouts, task queue).
+    ///
+    /// The call is recorded when this method is called, not when the future is
+    /// first polled, so calls made before a `join` are scheduled in parallel.
+    pub fn activity_with<I: Serialize, O: DeserializeOwned>(
+        &self,
+        name: &str,
+        input: &I,
+        options: ActivityOptions,
+    ) -> ActivityFuture<O> {
+        let input = match serde_json::to_value(input) {
+            Ok(v) => v,
+            Err(e) => {
+                return ActivityFuture {
+                    state: self.state.clone(),
+                    id: 0,
+                    early: Some(Err(e.into())),
+                    _out: PhantomData,
+                };
+            }
+        };
+        let mut st = self.state.lock();
+        let id = st.next_command;
+        st.next_command += 1;
+        st.activities
+            .insert(id, (name.to_string(), Slot::Pending(None)));
+        if st.cancel.is_some() {
+            // Calls made after cancellation run normally (cleanup work); nothing to do here.
+        }
+        st.commands.push(Command::Activity {
+            id,
+            name: name.to_string(),
+            input,
+            options,
+        });
+        drop(st);
+        ActivityFuture {
+            state: self.state.clone(),
+            id,
+            early: None,
+            _out: PhantomData,
+        }
+    }
+
+    /// A durable timer: resolves `duration` after the current workflow time.
+    ///
+    /// Fails with a `canceled` error if the workflow is canceled first.
+    pub fn sleep(&self, duration: Duration) -> TimerFuture {
+        let mut st = self.state.lock();
+        if duration.is_zero() {
+            return TimerFuture {
+                state: self.state.clone(),
+                id: 0,
+            };
+        }
+        let id = st.next_command;
+        st.next_command += 1;
+        let fire_at = st.now.add(duration);
+        st.timers.insert(id, Slot::Pending(None));
+        st.commands.push(Command::Timer { id, fire_at });
+        drop(st);
+        TimerFuture {
+            state: self.state.clone(),
+            id,
+        }
+    }
+
+    /// The current workflow time: the time of the workflow task being run, the same on replay.
+    #[must_use]
+    pub fn now(&self) -> Timestamp {
+        self.state.lock().now
+    }
+
+    /// A deterministic pseudo-random number (the same sequence on every replay).
+    #[must_use]
+    pub fn random(&self) -> u64 {
+        self.state.lock().next_random()
+    }
+
+    /// A deterministic UUID (v4 layout) drawn from [`Self::random`].
+    #[must_use]
+    pub fn uuid(&self) -> uuid::Uuid {
+        let hi = self.random();
+        let lo = self.random();
+        uuid::Builder::from_random_bytes(((u128::from(hi) << 64) | u128::from(lo)).to_be_bytes())
+            .into_uuid()
+    }
+
+    /// Waits for the next signal called `name` (signals that arrived earlier are buffered).
+    ///
+    /// Fails with a `canceled` error if the workflow is canceled first, and with a
+    /// `serialization` error if the payload is not a `T`.
+    pub fn signal<T: DeserializeOwned>(&self, name: &str) -> SignalFuture<T> {
+        SignalFuture {
+            state: self.state.clone(),
+            name: name.to_string(),
+            _out: PhantomData,
+        }
+    }
+
+    /// Whether cancellation of this workflow has been requested.
+    #[must_use]
+    pub fn is_cancel_requested(&self) -> bool {
+        self.state.lock().cancel.is_some()
+    }
+
+    /// Resolves once cancellation is requested, with the reason given.
+    pub fn cancelled(&self) -> CancelledFuture {
+        CancelledFuture {
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// The result of an activity call; see [`WorkflowContext::activity`].
+#[must_use = "an activity result is only delivered when awaited"]
+pub struct ActivityFuture<O> {
+    state: Arc<Mutex<WfState>>,
+    id: u32,
+    early: Option<Result<Value, WorkflowError>>,
+    _out: PhantomData<fn() -> O>,
+}
+
+impl<O> ActivityFuture<O> {
+    /// The command id of this call (also its activity id in the history).
+    #[must_use]
+    pub fn activity_id(&self) -> u32 {
+        self.id
+    }
+}
+
+impl<O: DeserializeOwned> Future for ActivityFuture<O> {
+    type Output = Result<O, WorkflowError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let result = if let Some(r) = this.early.take() {
+            r
+        } else {
+            let mut st = this.state.lock();
+            let Some((_, slot)) = st.activities.get_mut(&this.id) else {
+                return Poll::Ready(Err(WorkflowError::new("activity future polled twice")));
+            };
+            match slot.poll_take(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    return Poll::Ready(Err(WorkflowError::new(
+                        "activity result already taken (future polled after completion)",
+                    )));
+                }
+                Poll::Ready(Some(r)) => r,
+            }
+        };
+        Poll::Ready(result.and_then(|v| serde_json::from_value(v).map_err(WorkflowError::from)))
+    }
+}
+
+/// A durable timer; see [`WorkflowContext::sleep`].
+#[must_use = "a timer only delays the workflow when awaited"]
+pub struct TimerFuture {
+    state: Arc<Mutex<WfState>>,
+    id: u32,
+}
+
+impl Future for TimerFuture {
+    type Output = Result<(), WorkflowError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.id == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let mut st = self.state.lock();
+        let Some(slot) = st.timers.get_mut(&self.id) else {
+            return Poll::Ready(Ok(()));
+        };
+        match slot.poll_take(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => Poll::Ready(Ok(())),
+            Poll::Ready(Some(r)) => Poll::Ready(r),
+        }
+    }
+}
+
+/// The next signal of one name; see [`WorkflowContext::signal`].
+#[must_use = "a signal is only received when awaited"]
+pub struct SignalFuture<T> {
+    state: Arc<Mutex<WfState>>,
+    name: String,
+    _out: PhantomData<fn() -> T>,
+}
+
+impl<T: DeserializeOwned> Future for SignalFuture<T> {
+    type Output = Result<T, WorkflowError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut st = self.state.lock();
+        if let Some(v) = st.signals.get_mut(&self.name).and_then(VecDeque::pop_front) {
+            return Poll::Ready(serde_json::from_value(v).map_err(WorkflowError::from));
+        }
+        if let Some(reason) = &st.cancel {
+            return Poll::Ready(Err(WorkflowError::canceled(reason.as_deref())));
+        }
+        st.signal_waiters.push(cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+/// Resolves when cancellation is requested; see [`WorkflowContext::cancelled`].
+#[must_use = "does nothing unless awaited"]
+pub struct CancelledFuture {
+    state: Arc<Mutex<WfState>>,
+}
+
+impl Future for CancelledFuture {
+    type Output = Option<String>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut st = self.state.lock();
+        match &st.cancel {
+            Some(reason) => Poll::Ready(reason.clone()),
+            None => {
+                st.cancel_waiters.push(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    }
+}

@@ -1,0 +1,1281 @@
+//! The engine: starts workflows, runs workflow and activity tasks by replay,
+//! and answers queries. Workers ([`crate::worker`]) feed it tasks from the queue.
+
+pub(crate) mod activity;
+pub(crate) mod context;
+pub mod pipeline;
+pub(crate) mod registry;
+pub(crate) mod replay;
+
+use futures::FutureExt;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use serde::Serialize;
+use serde_json::Value;
+use std::collections::{HashMap, VecDeque};
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+pub use activity::ActivityContext;
+pub use context::{ActivityFuture, CancelledFuture, SignalFuture, TimerFuture, WorkflowContext};
+pub use registry::{ActivityFn, Registry, WorkflowFn};
+
+use crate::clock::{SharedClock, SystemClock};
+use crate::memory::{MemoryQueue, MemoryStore};
+use crate::model::{
+    ActivityCall, ActivityError, ActivityTask, Event, EventData, NewEvent, Seq, Task, Timestamp,
+    WorkflowId, WorkflowSummary,
+};
+use crate::queue::{OutgoingMessage, Queue, QueueError};
+use crate::store::{
+    EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed, OwedChanges,
+    OwedEntry, OwedKind, Store, StoreError, activity_key,
+};
+use replay::{Instance, TaskFailure};
+
+/// Longest accepted idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+
+/// Errors of the engine's operations.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError {
+    /// No workflow with this id.
+    #[error("workflow {0} not found")]
+    NotFound(WorkflowId),
+    /// No workflow registered under this name.
+    #[error("workflow {0:?} is not registered")]
+    UnknownWorkflow(String),
+    /// The workflow has already finished.
+    #[error("workflow {0} has already finished")]
+    Closed(WorkflowId),
+    /// A request argument is invalid.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The queue failed.
+    #[error(transparent)]
+    Queue(#[from] QueueError),
+}
+
+impl EngineError {
+    /// Whether trying again later may succeed.
+    #[must_use]
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            EngineError::Store(e) => e.is_retryable(),
+            EngineError::Queue(e) => e.is_retryable(),
+            _ => false,
+        }
+    }
+}
+
+/// Tunables of the engine; every field has a documented default.
+#[derive(Debug, Clone, PartialEq, Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EngineConfig {
+    /// Task queue of workflows started without one. Default `"default"`.
+    pub default_task_queue: String,
+    /// An owed workflow task not done within this is enqueued again. Default 30 s.
+    #[serde(
+        with = "crate::model::duration_ms",
+        rename = "workflow_task_deadline_ms"
+    )]
+    pub workflow_task_deadline: Duration,
+    /// Slack added to an activity attempt's start-to-close timeout before the
+    /// sweeper considers its task lost and delivers it again. Default 30 s.
+    #[serde(with = "crate::model::duration_ms", rename = "activity_grace_ms")]
+    pub activity_grace: Duration,
+    /// How long after a failed workflow task (non-determinism, panic) it is tried again. Default 10 s.
+    #[serde(with = "crate::model::duration_ms", rename = "task_failure_retry_ms")]
+    pub task_failure_retry: Duration,
+    /// Times the sweeper re-delivers a lost activity attempt before recording it as timed out. Default 3.
+    pub max_redeliveries: u32,
+    /// Workflows kept in memory between tasks, to avoid replay from event 1;
+    /// 0 replays every task from event 1. Default 10,000.
+    pub cache_capacity: usize,
+    /// Activity inputs up to this size travel in the queue message; larger ones
+    /// are read from the store by the worker. Default 64 KiB.
+    pub inline_input_limit: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            default_task_queue: "default".to_string(),
+            workflow_task_deadline: Duration::from_secs(30),
+            activity_grace: Duration::from_secs(30),
+            task_failure_retry: Duration::from_secs(10),
+            max_redeliveries: 3,
+            cache_capacity: 10_000,
+            inline_input_limit: 64 * 1024,
+        }
+    }
+}
+
+/// A request to start a workflow.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StartWorkflow {
+    /// Registered workflow name.
+    pub name: String,
+    /// Input as JSON.
+    pub input: Value,
+    /// Id to use; a random UUID when `None`.
+    pub id: Option<WorkflowId>,
+    /// A second start with the same key returns the first workflow.
+    pub idempotency_key: Option<String>,
+    /// Task queue; the engine's default when `None`.
+    pub task_queue: Option<String>,
+}
+
+impl StartWorkflow {
+    /// Starts workflow `name` with a JSON input.
+    pub fn new(name: impl Into<String>, input: Value) -> Self {
+        Self {
+            name: name.into(),
+            input,
+            id: None,
+            idempotency_key: None,
+            task_queue: None,
+        }
+    }
+
+    /// Starts workflow `name` with any serializable input.
+    ///
+    /// # Errors
+    /// When `input` does not serialize to JSON.
+    pub fn with_input<T: Serialize>(
+        name: impl Into<String>,
+        input: &T,
+    ) -> Result<Self, serde_json::Error> {
+        Ok(Self::new(name, serde_json::to_value(input)?))
+    }
+
+    /// Uses `id` as the workflow id (a second start with the same id returns the first).
+    #[must_use]
+    pub fn id(mut self, id: WorkflowId) -> Self {
+        self.id = Some(id);
+        self
+    }
+
+    /// Sets the idempotency key.
+    #[must_use]
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Runs the workflow's tasks on `queue`.
+    #[must_use]
+    pub fn task_queue(mut self, queue: impl Into<String>) -> Self {
+        self.task_queue = Some(queue.into());
+        self
+    }
+}
+
+/// The result of [`Engine::start`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Started {
+    /// The workflow (the existing one when the start was a repeat).
+    pub summary: WorkflowSummary,
+    /// Whether this call created it.
+    pub created: bool,
+}
+
+/// Builds an [`Engine`]; in-memory store and queue unless others are given.
+#[derive(Default)]
+pub struct EngineBuilder {
+    store: Option<Arc<dyn Store>>,
+    queue: Option<Arc<dyn Queue>>,
+    registry: Registry,
+    config: EngineConfig,
+    clock: Option<SharedClock>,
+}
+
+impl EngineBuilder {
+    /// Uses `store`.
+    #[must_use]
+    pub fn store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = Some(store);
+        self
+    }
+
+    /// Uses `queue`.
+    #[must_use]
+    pub fn queue(mut self, queue: Arc<dyn Queue>) -> Self {
+        self.queue = Some(queue);
+        self
+    }
+
+    /// Uses `clock` (tests pass a [`crate::TokioClock`]).
+    #[must_use]
+    pub fn clock(mut self, clock: SharedClock) -> Self {
+        self.clock = Some(clock);
+        self
+    }
+
+    /// Uses `config`.
+    #[must_use]
+    pub fn config(mut self, config: EngineConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// Adds every workflow and activity of `registry`.
+    #[must_use]
+    pub fn registry(mut self, registry: Registry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Registers a workflow; see [`Registry::workflow`].
+    #[must_use]
+    pub fn workflow<I, O, F, Fut>(mut self, name: impl Into<String>, f: F) -> Self
+    where
+        I: serde::de::DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<O, crate::WorkflowError>> + Send + 'static,
+    {
+        self.registry.workflow(name, f);
+        self
+    }
+
+    /// Registers an activity; see [`Registry::activity`].
+    #[must_use]
+    pub fn activity<I, O, F, Fut>(mut self, name: impl Into<String>, f: F) -> Self
+    where
+        I: serde::de::DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(ActivityContext, I) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Result<O, ActivityError>> + Send + 'static,
+    {
+        self.registry.activity(name, f);
+        self
+    }
+
+    /// Builds the engine.
+    #[must_use]
+    pub fn build(self) -> Engine {
+        Engine {
+            inner: Arc::new(EngineInner {
+                store: self
+                    .store
+                    .unwrap_or_else(|| Arc::new(MemoryStore::default())),
+                queue: self
+                    .queue
+                    .unwrap_or_else(|| Arc::new(MemoryQueue::default())),
+                registry: self.registry,
+                config: self.config,
+                clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+                cache: Cache::default(),
+                running: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+type Slot = Arc<tokio::sync::Mutex<Option<Instance>>>;
+
+/// Workflows kept in memory between tasks; the slot's lock also serializes a
+/// workflow's tasks within this replica.
+#[derive(Default)]
+struct Cache {
+    slots: Mutex<HashMap<WorkflowId, Slot>>,
+    order: Mutex<VecDeque<WorkflowId>>,
+}
+
+impl Cache {
+    fn slot(&self, id: &WorkflowId, capacity: usize) -> Slot {
+        let mut slots = self.slots.lock();
+        if let Some(s) = slots.get(id) {
+            return s.clone();
+        }
+        let s: Slot = Arc::default();
+        slots.insert(id.clone(), s.clone());
+        let mut order = self.order.lock();
+        order.push_back(id.clone());
+        // Evict the oldest idle slots beyond capacity; a busy one goes to the back.
+        let mut scanned = 0;
+        while slots.len() > capacity.max(1) && scanned < order.len() {
+            let Some(old) = order.pop_front() else { break };
+            scanned += 1;
+            match slots.get(&old) {
+                Some(s) if Arc::strong_count(s) == 1 => {
+                    slots.remove(&old);
+                }
+                Some(_) => order.push_back(old),
+                None => {}
+            }
+        }
+        s
+    }
+
+    fn remove(&self, id: &WorkflowId) {
+        self.slots.lock().remove(id);
+    }
+}
+
+pub(crate) struct EngineInner {
+    pub(crate) store: Arc<dyn Store>,
+    pub(crate) queue: Arc<dyn Queue>,
+    pub(crate) registry: Registry,
+    pub(crate) config: EngineConfig,
+    pub(crate) clock: SharedClock,
+    cache: Cache,
+    running: Mutex<HashMap<WorkflowId, Vec<((u32, u32), CancellationToken)>>>,
+}
+
+/// The durable workflow engine: cheap to clone, shared by the API and the workers.
+#[derive(Clone)]
+pub struct Engine {
+    pub(crate) inner: Arc<EngineInner>,
+}
+
+/// Conflicting appends a workflow task retries before it hands its task back.
+const MAX_CONFLICTS: usize = 16;
+
+impl Engine {
+    /// A builder with in-memory defaults.
+    #[must_use]
+    pub fn builder() -> EngineBuilder {
+        EngineBuilder::default()
+    }
+
+    /// The registered workflows and activities.
+    #[must_use]
+    pub fn registry(&self) -> &Registry {
+        &self.inner.registry
+    }
+
+    /// The engine's configuration.
+    #[must_use]
+    pub fn config(&self) -> &EngineConfig {
+        &self.inner.config
+    }
+
+    /// The store.
+    #[must_use]
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.inner.store
+    }
+
+    /// The queue.
+    #[must_use]
+    pub fn queue(&self) -> &Arc<dyn Queue> {
+        &self.inner.queue
+    }
+
+    /// The engine's clock.
+    #[must_use]
+    pub fn now(&self) -> Timestamp {
+        self.inner.clock.now()
+    }
+
+    /// Starts a workflow: records it and enqueues its first workflow task.
+    ///
+    /// Idempotent on the id and on the idempotency key: a repeat returns the
+    /// existing workflow with `created: false`.
+    ///
+    /// # Errors
+    /// [`EngineError::UnknownWorkflow`], [`EngineError::InvalidArgument`], store errors.
+    pub async fn start(&self, req: StartWorkflow) -> Result<Started, EngineError> {
+        let inner = &self.inner;
+        if inner.registry.find_workflow(&req.name).is_none() {
+            return Err(EngineError::UnknownWorkflow(req.name));
+        }
+        if let Some(k) = &req.idempotency_key
+            && (k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN)
+        {
+            return Err(EngineError::InvalidArgument(format!(
+                "idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} bytes"
+            )));
+        }
+        let task_queue = req
+            .task_queue
+            .unwrap_or_else(|| inner.config.default_task_queue.clone());
+        if task_queue.is_empty() || task_queue.len() > 80 {
+            return Err(EngineError::InvalidArgument(
+                "task queue name must be 1 to 80 bytes".into(),
+            ));
+        }
+        let now = inner.clock.now();
+        let created = inner
+            .store
+            .create(NewWorkflow {
+                id: req.id.unwrap_or_else(WorkflowId::random),
+                name: req.name,
+                input: req.input,
+                task_queue: task_queue.clone(),
+                idempotency_key: req.idempotency_key,
+                started_at: now,
+                task_deadline: now.add(inner.config.workflow_task_deadline),
+            })
+            .await?;
+        if created.created {
+            inner
+                .enqueue(
+                    &task_queue,
+                    vec![OutgoingMessage::now(Task::Workflow {
+                        workflow_id: created.summary.id.clone(),
+                    })],
+                )
+                .await;
+        }
+        Ok(Started {
+            summary: created.summary,
+            created: created.created,
+        })
+    }
+
+    /// The workflow's summary.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`], store errors.
+    pub async fn get(&self, id: &WorkflowId) -> Result<WorkflowSummary, EngineError> {
+        self.inner
+            .store
+            .get(id)
+            .await?
+            .ok_or_else(|| EngineError::NotFound(id.clone()))
+    }
+
+    /// Lists workflows newest first; see [`Store::list`].
+    ///
+    /// # Errors
+    /// Store errors, including an invalid cursor.
+    pub async fn list(&self, query: &ListQuery) -> Result<ListPage, EngineError> {
+        Ok(self.inner.store.list(query).await?)
+    }
+
+    /// Up to `limit` events after `after`.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`], store errors.
+    pub async fn events(
+        &self,
+        id: &WorkflowId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Event>, EngineError> {
+        self.inner
+            .store
+            .read(id, after, limit)
+            .await
+            .map_err(|e| not_found(e, id))
+    }
+
+    /// Live events after `after`; the stream ends after the terminal event.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`], store errors.
+    pub async fn subscribe(&self, id: &WorkflowId, after: Seq) -> Result<EventStream, EngineError> {
+        self.inner
+            .store
+            .subscribe(id, after)
+            .await
+            .map_err(|e| not_found(e, id))
+    }
+
+    /// Waits up to `wait` for the workflow to finish; returns its summary, finished or not.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`], store errors.
+    pub async fn result(
+        &self,
+        id: &WorkflowId,
+        wait: Duration,
+    ) -> Result<WorkflowSummary, EngineError> {
+        let summary = self.get(id).await?;
+        if summary.status.is_terminal() || wait.is_zero() {
+            return Ok(summary);
+        }
+        let mut events = self.subscribe(id, summary.last_seq).await?;
+        let finished = async {
+            while let Some(e) = events.next().await {
+                if e.map(|e| e.data.is_terminal()).unwrap_or(true) {
+                    return;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(wait, finished).await;
+        self.get(id).await
+    }
+
+    /// Requests cancellation: records `cancel_requested` once and runs a workflow task.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`], [`EngineError::Closed`] if it has finished, store errors.
+    pub async fn cancel(&self, id: &WorkflowId, reason: Option<String>) -> Result<(), EngineError> {
+        self.inner.cancel_local(id);
+        self.input_event(
+            id,
+            Some("cancel".to_string()),
+            EventData::CancelRequested { reason },
+        )
+        .await
+    }
+
+    /// Sends signal `name` with `payload`; with `key`, a repeat with the same key is ignored.
+    ///
+    /// # Errors
+    /// [`EngineError::NotFound`], [`EngineError::Closed`] if it has finished, store errors.
+    pub async fn signal(
+        &self,
+        id: &WorkflowId,
+        name: &str,
+        payload: Value,
+        key: Option<String>,
+    ) -> Result<(), EngineError> {
+        if name.is_empty() || name.len() > 200 {
+            return Err(EngineError::InvalidArgument(
+                "signal name must be 1 to 200 bytes".into(),
+            ));
+        }
+        self.input_event(
+            id,
+            key.map(|k| format!("s:{k}")),
+            EventData::SignalReceived {
+                name: name.to_string(),
+                payload,
+            },
+        )
+        .await
+    }
+
+    async fn input_event(
+        &self,
+        id: &WorkflowId,
+        key: Option<String>,
+        data: EventData,
+    ) -> Result<(), EngineError> {
+        let inner = &self.inner;
+        let summary = self.get(id).await?;
+        if summary.status.is_terminal() {
+            return Err(EngineError::Closed(id.clone()));
+        }
+        let now = inner.clock.now();
+        let outcome = inner
+            .store
+            .append_keyed(
+                id,
+                KeyedAppend {
+                    key,
+                    requires: None,
+                    events: vec![NewEvent::new(now, data)],
+                    owed: OwedChanges::none()
+                        .set(inner.workflow_task_owed(&summary.task_queue, now)),
+                },
+            )
+            .await
+            .map_err(|e| not_found(e, id))?;
+        match outcome {
+            KeyedOutcome::Appended(_) => {
+                inner
+                    .enqueue(
+                        &summary.task_queue,
+                        vec![OutgoingMessage::now(Task::Workflow {
+                            workflow_id: id.clone(),
+                        })],
+                    )
+                    .await;
+                Ok(())
+            }
+            KeyedOutcome::Duplicate | KeyedOutcome::NotOwed => Ok(()),
+            KeyedOutcome::Closed => Err(EngineError::Closed(id.clone())),
+        }
+    }
+
+    /// Runs one task received from `queue`. Idempotent: a duplicate finds nothing new to do.
+    ///
+    /// # Errors
+    /// Store and queue errors; the caller hands the task back to be delivered again.
+    pub async fn handle(&self, queue: &str, task: Task) -> Result<(), EngineError> {
+        match task {
+            Task::Workflow { workflow_id } => self.inner.workflow_task(&workflow_id).await,
+            Task::Activity(t) => self.inner.clone().activity_task(queue, t).await,
+        }
+    }
+
+    /// Acts on owed work whose deadline has passed: re-enqueues lost tasks and fires timers.
+    /// Returns how many entries it claimed. Workers call this periodically.
+    ///
+    /// # Errors
+    /// Store errors.
+    pub async fn sweep(&self, limit: usize) -> Result<usize, EngineError> {
+        let inner = &self.inner;
+        let now = inner.clock.now();
+        let claimed = inner
+            .store
+            .claim_overdue(now, inner.config.workflow_task_deadline, limit)
+            .await?;
+        let n = claimed.len();
+        for owed in claimed {
+            if let Err(e) = inner.clone().overdue(owed).await {
+                tracing::warn!(error = %e, "acting on overdue work failed; it is retried after its lease");
+            }
+        }
+        Ok(n)
+    }
+}
+
+fn not_found(e: StoreError, id: &WorkflowId) -> EngineError {
+    match e {
+        StoreError::NotFound(_) => EngineError::NotFound(id.clone()),
+        e => EngineError::Store(e),
+    }
+}
+
+/// How a prepared workflow task stands.
+enum Prepared {
+    Ready(Instance),
+    Failed {
+        failure: TaskFailure,
+        last: Seq,
+        repeated: bool,
+        task_queue: String,
+    },
+    Missing,
+}
+
+impl EngineInner {
+    fn workflow_task_owed(&self, task_queue: &str, now: Timestamp) -> OwedEntry {
+        OwedEntry {
+            kind: OwedKind::WorkflowTask,
+            task_queue: task_queue.to_string(),
+            deadline: now.add(self.config.workflow_task_deadline),
+        }
+    }
+
+    /// Enqueues; a failure is logged, not returned: the owed work in the store
+    /// makes the sweeper enqueue it again.
+    async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) {
+        if messages.is_empty() {
+            return;
+        }
+        if let Err(e) = self.queue.enqueue(queue, messages).await {
+            tracing::warn!(queue, error = %e, "enqueue failed; the sweeper re-enqueues owed work");
+        }
+    }
+
+    fn cancel_local(&self, id: &WorkflowId) {
+        if let Some(tokens) = self.running.lock().get(id) {
+            for (_, t) in tokens {
+                t.cancel();
+            }
+        }
+    }
+
+    async fn read_all(&self, id: &WorkflowId, after: Seq) -> Result<Vec<Event>, StoreError> {
+        const PAGE: usize = 1000;
+        let mut out = self.store.read(id, after, PAGE).await?;
+        if out.len() < PAGE {
+            return Ok(out);
+        }
+        loop {
+            let last = out.last().map_or(after, |e| e.seq);
+            let more = self.store.read(id, last, PAGE).await?;
+            let done = more.len() < PAGE;
+            out.extend(more);
+            if done {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Builds an instance by replaying the whole history.
+    async fn replay(&self, id: &WorkflowId) -> Result<Prepared, StoreError> {
+        let events = match self.read_all(id, Seq::ZERO).await {
+            Ok(e) => e,
+            Err(StoreError::NotFound(_)) => return Ok(Prepared::Missing),
+            Err(e) => return Err(e),
+        };
+        let Some(first) = events.first() else {
+            return Ok(Prepared::Missing);
+        };
+        let task_queue = match &first.data {
+            EventData::WorkflowStarted { task_queue, .. } => task_queue.clone(),
+            _ => self.config.default_task_queue.clone(),
+        };
+        let failed = |failure: TaskFailure| {
+            let last = events.last().map_or(Seq::ZERO, |e| e.seq);
+            let repeated = matches!(
+                events.last().map(|e| &e.data),
+                Some(EventData::WorkflowTaskFailed { message, .. }) if *message == failure.message
+            );
+            Prepared::Failed {
+                failure,
+                last,
+                repeated,
+                task_queue: task_queue.clone(),
+            }
+        };
+        let mut inst = match Instance::start(id, first, |n| self.registry.find_workflow(n).cloned())
+        {
+            Ok(i) => i,
+            Err(f) => return Ok(failed(f)),
+        };
+        for e in &events[1..] {
+            if let Err(f) = inst.feed(e) {
+                return Ok(failed(f));
+            }
+        }
+        Ok(Prepared::Ready(inst))
+    }
+
+    /// Brings a cached instance up to date with the store.
+    async fn catch_up(&self, mut inst: Instance) -> Result<Prepared, StoreError> {
+        let events = self.read_all(&inst.id, inst.applied).await?;
+        for e in &events {
+            if let Err(failure) = inst.feed(e) {
+                let last = events.last().map_or(inst.applied, |e| e.seq);
+                return Ok(Prepared::Failed {
+                    failure,
+                    last,
+                    repeated: false,
+                    task_queue: inst.task_queue.clone(),
+                });
+            }
+        }
+        Ok(Prepared::Ready(inst))
+    }
+
+    async fn workflow_task(&self, id: &WorkflowId) -> Result<(), EngineError> {
+        let slot = self.cache.slot(id, self.config.cache_capacity);
+        let mut cached = slot.lock().await;
+        for _ in 0..MAX_CONFLICTS {
+            let prepared = match cached.take() {
+                Some(inst) => self.catch_up(inst).await?,
+                None => self.replay(id).await?,
+            };
+            let mut inst = match prepared {
+                Prepared::Ready(inst) => inst,
+                Prepared::Missing => {
+                    self.cache.remove(id);
+                    return Ok(());
+                }
+                Prepared::Failed {
+                    failure,
+                    last,
+                    repeated,
+                    task_queue,
+                } => {
+                    return self
+                        .record_task_failure(id, &task_queue, last, repeated, failure)
+                        .await;
+                }
+            };
+            if inst.finished {
+                self.cache.remove(id);
+                return Ok(());
+            }
+            let now = self.clock.now();
+            let datas = match inst.live_step(now) {
+                Ok(Some(d)) => d,
+                Ok(None) => {
+                    *cached = Some(inst);
+                    return Ok(());
+                }
+                Err(failure) => {
+                    let repeated = inst.last_task_failure.as_deref()
+                        == Some(&format!("{}: {}", failure.kind, failure.message));
+                    let last = inst.applied;
+                    let tq = inst.task_queue.clone();
+                    return self
+                        .record_task_failure(id, &tq, last, repeated, failure)
+                        .await;
+                }
+            };
+            let expected = inst.applied;
+            let terminal = inst.has_outcome() && datas.iter().any(EventData::is_terminal);
+            let mut owed = OwedChanges::none().clear("wf");
+            let mut activities: HashMap<String, Vec<OutgoingMessage>> = HashMap::new();
+            let inline_limit = self
+                .config
+                .inline_input_limit
+                .min(self.queue.max_message_bytes() / 2);
+            for (i, d) in datas.iter().enumerate() {
+                let seq = Seq(expected.0 + 1 + i as u64);
+                match d {
+                    EventData::ActivityScheduled {
+                        activity_id,
+                        name,
+                        input,
+                        options,
+                        task_queue,
+                    } => {
+                        owed.set.push(OwedEntry {
+                            kind: OwedKind::Activity {
+                                activity_id: *activity_id,
+                                attempt: 1,
+                                scheduled_seq: seq,
+                                redeliveries: 0,
+                            },
+                            task_queue: task_queue.clone(),
+                            deadline: now
+                                .add(options.start_to_close)
+                                .add(self.config.activity_grace),
+                        });
+                        let inline = self.queue.max_message_bytes() == usize::MAX
+                            || serde_json::to_vec(input).map_or(0, |v| v.len()) <= inline_limit;
+                        activities.entry(task_queue.clone()).or_default().push(
+                            OutgoingMessage::now(Task::Activity(ActivityTask {
+                                workflow_id: id.clone(),
+                                activity_id: *activity_id,
+                                attempt: 1,
+                                scheduled_seq: seq,
+                                workflow_task_queue: inst.task_queue.clone(),
+                                call: inline.then(|| ActivityCall {
+                                    name: name.clone(),
+                                    input: input.clone(),
+                                    options: options.clone(),
+                                    scheduled_at: now,
+                                }),
+                            })),
+                        );
+                    }
+                    EventData::TimerStarted { timer_id, fire_at } => owed.set.push(OwedEntry {
+                        kind: OwedKind::Timer {
+                            timer_id: *timer_id,
+                        },
+                        task_queue: inst.task_queue.clone(),
+                        deadline: *fire_at,
+                    }),
+                    _ => {}
+                }
+            }
+            let events = datas.into_iter().map(|d| NewEvent::new(now, d)).collect();
+            match self.store.append(id, expected, events, owed).await {
+                Ok(last) => {
+                    inst.committed(last, terminal);
+                    for (queue, msgs) in activities {
+                        self.enqueue(&queue, msgs).await;
+                    }
+                    if terminal {
+                        self.cancel_local(id);
+                        drop(cached);
+                        self.cache.remove(id);
+                    } else if self.config.cache_capacity > 0 {
+                        *cached = Some(inst);
+                    }
+                    return Ok(());
+                }
+                Err(StoreError::Conflict { .. }) => {
+                    // Someone appended first; what we polled was never recorded, so replay afresh.
+                    continue;
+                }
+                Err(StoreError::Closed(_) | StoreError::NotFound(_)) => {
+                    drop(cached);
+                    self.cache.remove(id);
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        Err(EngineError::Store(StoreError::Conflict {
+            id: id.clone(),
+            expected: Seq::ZERO,
+            actual: Seq::ZERO,
+        }))
+    }
+
+    async fn record_task_failure(
+        &self,
+        id: &WorkflowId,
+        task_queue: &str,
+        last: Seq,
+        repeated: bool,
+        failure: TaskFailure,
+    ) -> Result<(), EngineError> {
+        tracing::error!(
+            workflow_id = %id,
+            kind = failure.kind,
+            message = %failure.message,
+            "workflow task failed; it is retried after {:?}",
+            self.config.task_failure_retry
+        );
+        self.cache.remove(id);
+        let now = self.clock.now();
+        let events = if repeated {
+            Vec::new()
+        } else {
+            vec![NewEvent::new(
+                now,
+                EventData::WorkflowTaskFailed {
+                    kind: failure.kind.to_string(),
+                    message: failure.message,
+                },
+            )]
+        };
+        let owed = OwedChanges::none().set(OwedEntry {
+            kind: OwedKind::WorkflowTask,
+            task_queue: task_queue.to_string(),
+            deadline: now.add(self.config.task_failure_retry),
+        });
+        match self.store.append(id, last, events, owed).await {
+            Ok(_)
+            | Err(StoreError::Conflict { .. } | StoreError::Closed(_) | StoreError::NotFound(_)) => {
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads an activity call from its `activity_scheduled` event.
+    async fn load_call(
+        &self,
+        id: &WorkflowId,
+        scheduled_seq: Seq,
+    ) -> Result<Option<ActivityCall>, StoreError> {
+        let events = match self.store.read(id, Seq(scheduled_seq.0 - 1), 1).await {
+            Ok(e) => e,
+            Err(StoreError::NotFound(_)) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        Ok(events.into_iter().next().and_then(|e| match e.data {
+            EventData::ActivityScheduled {
+                name,
+                input,
+                options,
+                ..
+            } => Some(ActivityCall {
+                name,
+                input,
+                options,
+                scheduled_at: e.timestamp,
+            }),
+            _ => None,
+        }))
+    }
+
+    async fn activity_task(
+        self: Arc<Self>,
+        queue: &str,
+        t: ActivityTask,
+    ) -> Result<(), EngineError> {
+        let call = match t.call.clone() {
+            Some(c) => c,
+            None => match self.load_call(&t.workflow_id, t.scheduled_seq).await? {
+                Some(c) => c,
+                None => return Ok(()),
+            },
+        };
+        let started_at = self.clock.now();
+        let result = self.clone().run_attempt(&t, &call, started_at).await;
+        self.record_outcome(queue, &t, &call, started_at, result)
+            .await
+    }
+
+    async fn run_attempt(
+        self: Arc<Self>,
+        t: &ActivityTask,
+        call: &ActivityCall,
+        started_at: Timestamp,
+    ) -> Result<Value, ActivityError> {
+        let Some(f) = self.registry.find_activity(&call.name).cloned() else {
+            return Err(ActivityError::permanent(format!(
+                "activity {:?} is not registered on this worker",
+                call.name
+            ))
+            .with_kind("unknown_activity"));
+        };
+        let mut budget = call.options.start_to_close;
+        let mut budget_kind = "start_to_close";
+        if let Some(stc) = call.options.schedule_to_close {
+            let left = call.scheduled_at.add(stc).since(started_at);
+            if left <= budget {
+                budget = left;
+                budget_kind = "schedule_to_close";
+            }
+        }
+        if budget.is_zero() {
+            return Err(ActivityError::timeout(budget_kind));
+        }
+        let token = CancellationToken::new();
+        let key = (t.activity_id, t.attempt);
+        self.running
+            .lock()
+            .entry(t.workflow_id.clone())
+            .or_default()
+            .push((key, token.clone()));
+        let ctx = ActivityContext::new(
+            Some(self.clone()),
+            t.workflow_id.clone(),
+            t.activity_id,
+            t.attempt,
+            call.name.clone(),
+            token.clone(),
+        );
+        let fut = AssertUnwindSafe(f(ctx.clone(), call.input.clone())).catch_unwind();
+        let heartbeat = call.options.heartbeat_timeout;
+        let watchdog = async {
+            let Some(hb) = heartbeat else {
+                return std::future::pending::<()>().await;
+            };
+            loop {
+                let due = ctx.last_heartbeat() + hb;
+                if tokio::time::Instant::now() >= due {
+                    return;
+                }
+                tokio::time::sleep_until(due).await;
+            }
+        };
+        let result = tokio::select! {
+            r = fut => match r {
+                Ok(r) => r,
+                Err(_) => Err(ActivityError::retryable("activity panicked").with_kind("panic")),
+            },
+            () = tokio::time::sleep(budget) => Err(ActivityError::timeout(budget_kind)),
+            () = watchdog => Err(ActivityError::timeout("heartbeat")),
+            () = token.cancelled() => Err(ActivityError::canceled()),
+        };
+        let mut running = self.running.lock();
+        if let Some(v) = running.get_mut(&t.workflow_id) {
+            v.retain(|(k, _)| *k != key);
+            if v.is_empty() {
+                running.remove(&t.workflow_id);
+            }
+        }
+        result
+    }
+
+    async fn record_outcome(
+        &self,
+        queue: &str,
+        t: &ActivityTask,
+        call: &ActivityCall,
+        started_at: Timestamp,
+        result: Result<Value, ActivityError>,
+    ) -> Result<(), EngineError> {
+        let now = self.clock.now();
+        let started = NewEvent::new(
+            started_at,
+            EventData::ActivityStarted {
+                activity_id: t.activity_id,
+                attempt: t.attempt,
+            },
+        );
+        let wf_owed = self.workflow_task_owed(&t.workflow_task_queue, now);
+        let (events, owed, follow_up) = match result {
+            Ok(output) => (
+                vec![
+                    started,
+                    NewEvent::new(
+                        now,
+                        EventData::ActivityCompleted {
+                            activity_id: t.activity_id,
+                            attempt: t.attempt,
+                            output,
+                        },
+                    ),
+                ],
+                OwedChanges::none().set(wf_owed),
+                (
+                    t.workflow_task_queue.clone(),
+                    OutgoingMessage::now(Task::Workflow {
+                        workflow_id: t.workflow_id.clone(),
+                    }),
+                ),
+            ),
+            Err(error) => {
+                let policy = &call.options.retry;
+                let delay = policy
+                    .backoff(t.attempt)
+                    .max(error.retry_after.unwrap_or_default());
+                let within_deadline = call
+                    .options
+                    .schedule_to_close
+                    .is_none_or(|stc| now.add(delay) < call.scheduled_at.add(stc));
+                let retry = error.retryable
+                    && policy.retries_kind(&error.kind)
+                    && policy.has_attempts_after(t.attempt)
+                    && within_deadline;
+                if retry {
+                    let next = ActivityTask {
+                        attempt: t.attempt + 1,
+                        call: t.call.clone(),
+                        ..t.clone()
+                    };
+                    (
+                        vec![
+                            started,
+                            NewEvent::new(
+                                now,
+                                EventData::ActivityRetrying {
+                                    activity_id: t.activity_id,
+                                    attempt: t.attempt,
+                                    error,
+                                    delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                                },
+                            ),
+                        ],
+                        OwedChanges::none().set(OwedEntry {
+                            kind: OwedKind::Activity {
+                                activity_id: t.activity_id,
+                                attempt: t.attempt + 1,
+                                scheduled_seq: t.scheduled_seq,
+                                redeliveries: 0,
+                            },
+                            task_queue: queue.to_string(),
+                            deadline: now
+                                .add(delay)
+                                .add(call.options.start_to_close)
+                                .add(self.config.activity_grace),
+                        }),
+                        (
+                            queue.to_string(),
+                            OutgoingMessage::now(Task::Activity(next)).delayed(delay),
+                        ),
+                    )
+                } else {
+                    (
+                        vec![
+                            started,
+                            NewEvent::new(
+                                now,
+                                EventData::ActivityFailed {
+                                    activity_id: t.activity_id,
+                                    attempt: t.attempt,
+                                    error,
+                                },
+                            ),
+                        ],
+                        OwedChanges::none().set(wf_owed),
+                        (
+                            t.workflow_task_queue.clone(),
+                            OutgoingMessage::now(Task::Workflow {
+                                workflow_id: t.workflow_id.clone(),
+                            }),
+                        ),
+                    )
+                }
+            }
+        };
+        let outcome = self
+            .store
+            .append_keyed(
+                &t.workflow_id,
+                KeyedAppend {
+                    key: None,
+                    requires: Some(activity_key(t.activity_id, t.attempt)),
+                    events,
+                    owed,
+                },
+            )
+            .await;
+        match outcome {
+            Ok(KeyedOutcome::Appended(_)) => {
+                self.enqueue(&follow_up.0, vec![follow_up.1]).await;
+                Ok(())
+            }
+            // A late or repeated result, or a finished workflow: dropped, as designed.
+            Ok(_) | Err(StoreError::NotFound(_)) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    async fn overdue(self: Arc<Self>, owed: Owed) -> Result<(), EngineError> {
+        let id = owed.workflow_id;
+        let now = self.clock.now();
+        match owed.entry.kind {
+            OwedKind::WorkflowTask => {
+                self.enqueue(
+                    &owed.entry.task_queue,
+                    vec![OutgoingMessage::now(Task::Workflow { workflow_id: id })],
+                )
+                .await;
+            }
+            OwedKind::Timer { timer_id } => {
+                // A timer's entry carries the workflow's own task queue.
+                let task_queue = owed.entry.task_queue.clone();
+                let outcome = self
+                    .store
+                    .append_keyed(
+                        &id,
+                        KeyedAppend {
+                            key: None,
+                            requires: Some(owed.entry.kind.key()),
+                            events: vec![NewEvent::new(now, EventData::TimerFired { timer_id })],
+                            owed: OwedChanges::none()
+                                .set(self.workflow_task_owed(&task_queue, now)),
+                        },
+                    )
+                    .await?;
+                if let KeyedOutcome::Appended(_) = outcome {
+                    self.enqueue(
+                        &task_queue,
+                        vec![OutgoingMessage::now(Task::Workflow { workflow_id: id })],
+                    )
+                    .await;
+                }
+            }
+            OwedKind::Activity {
+                activity_id,
+                attempt,
+                scheduled_seq,
+                redeliveries,
+            } => {
+                let Some(call) = self.load_call(&id, scheduled_seq).await? else {
+                    return Ok(());
+                };
+                let Some(summary) = self.store.get(&id).await? else {
+                    return Ok(());
+                };
+                let task = ActivityTask {
+                    workflow_id: id.clone(),
+                    activity_id,
+                    attempt,
+                    scheduled_seq,
+                    workflow_task_queue: summary.task_queue.clone(),
+                    call: None,
+                };
+                if redeliveries >= self.config.max_redeliveries {
+                    let error = ActivityError::retryable(format!(
+                        "attempt {attempt} was delivered {} times without a result (worker or task lost)",
+                        redeliveries + 1
+                    ))
+                    .with_kind("timeout.lost");
+                    return self
+                        .record_outcome(&owed.entry.task_queue, &task, &call, now, Err(error))
+                        .await;
+                }
+                let outcome = self
+                    .store
+                    .append_keyed(
+                        &id,
+                        KeyedAppend {
+                            key: None,
+                            requires: Some(owed.entry.kind.key()),
+                            events: Vec::new(),
+                            owed: OwedChanges::none().set(OwedEntry {
+                                kind: OwedKind::Activity {
+                                    activity_id,
+                                    attempt,
+                                    scheduled_seq,
+                                    redeliveries: redeliveries + 1,
+                                },
+                                task_queue: owed.entry.task_queue.clone(),
+                                deadline: now
+                                    .add(call.options.start_to_close)
+                                    .add(self.config.activity_grace),
+                            }),
+                        },
+                    )
+                    .await?;
+                if let KeyedOutcome::Appended(_) = outcome {
+                    tracing::warn!(workflow_id = %id, activity_id, attempt, "re-delivering an activity attempt whose task was lost");
+                    self.enqueue(
+                        &owed.entry.task_queue,
+                        vec![OutgoingMessage::now(Task::Activity(task))],
+                    )
+                    .await;
+                }
+            }
+        }
+        Ok(())
+    }
+}

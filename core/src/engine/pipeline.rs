@@ -1,0 +1,404 @@
+//! The declarative builder: sequential steps, parallel groups and steps fed by
+//! earlier outputs, compiled into an ordinary workflow function on the same engine.
+//!
+//! A step's `input` is a JSON template: a string `"$input"` or `"$input.a.b"`
+//! is replaced by (part of) the workflow input, `"$steps.NAME"` or
+//! `"$steps.NAME.path.0"` by (part of) an earlier step's output; `"$$x"` is the
+//! literal string `"$x"`. Everything else is copied as is.
+//!
+//! ```json
+//! {"steps": [
+//!   {"type": "activity", "name": "fetch", "activity": "http.get", "input": {"url": "$input.url"}},
+//!   {"type": "parallel", "steps": [
+//!     {"type": "activity", "name": "summary", "activity": "llm.chat", "input": {"prompt": "$steps.fetch.body"}},
+//!     {"type": "activity", "name": "keywords", "activity": "llm.chat", "input": {"prompt": "$steps.fetch.body"}}
+//!   ]}
+//! ], "output": {"summary": "$steps.summary", "keywords": "$steps.keywords"}}
+//! ```
+
+use futures::FutureExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::engine::context::WorkflowContext;
+use crate::engine::registry::WorkflowFn;
+use crate::model::{ActivityOptions, WorkflowError};
+
+/// Why a pipeline definition is invalid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// The pipeline has no steps.
+    #[error("a pipeline needs at least one step")]
+    Empty,
+    /// Two steps share a name.
+    #[error("step name {0:?} is used twice")]
+    DuplicateStep(String),
+    /// A step name or activity name is empty.
+    #[error("step {0:?}: names must not be empty")]
+    EmptyName(String),
+    /// A parallel group has no steps.
+    #[error("a parallel group needs at least one step")]
+    EmptyGroup,
+    /// A template refers to a step that does not run before it.
+    #[error("{at}: {reference:?} refers to a step that has not run before it")]
+    UnknownReference {
+        /// Where the reference is (a step name or `output`).
+        at: String,
+        /// The reference.
+        reference: String,
+    },
+    /// A template string starting with `$` is neither `$input…`, `$steps.…` nor `$$…`.
+    #[error(
+        "{at}: {reference:?} is not a valid reference ($input, $input.path, $steps.NAME, $steps.NAME.path or $$literal)"
+    )]
+    BadReference {
+        /// Where the reference is.
+        at: String,
+        /// The reference.
+        reference: String,
+    },
+}
+
+/// One step of a pipeline.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Step {
+    /// Call one activity; its output is kept under `name`.
+    Activity {
+        /// Step name, unique in the pipeline.
+        name: String,
+        /// Registered activity name.
+        activity: String,
+        /// Input template.
+        #[serde(default)]
+        input: Value,
+        /// Retry policy and timeouts.
+        #[serde(default)]
+        options: ActivityOptions,
+    },
+    /// Run activity steps in parallel; each sees only the steps before the group.
+    Parallel {
+        /// The steps of the group.
+        steps: Vec<Step>,
+    },
+}
+
+impl Step {
+    /// An activity step with default options.
+    pub fn activity(name: impl Into<String>, activity: impl Into<String>, input: Value) -> Self {
+        Step::Activity {
+            name: name.into(),
+            activity: activity.into(),
+            input,
+            options: ActivityOptions::default(),
+        }
+    }
+}
+
+/// A declarative workflow: steps in order, then an output template.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pipeline {
+    /// Steps, run in order.
+    pub steps: Vec<Step>,
+    /// Output template; by default an object of every step's output by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output: Option<Value>,
+}
+
+impl Pipeline {
+    /// An empty pipeline.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends an activity step with default options.
+    #[must_use]
+    pub fn step(mut self, name: &str, activity: &str, input: Value) -> Self {
+        self.steps.push(Step::activity(name, activity, input));
+        self
+    }
+
+    /// Appends an activity step with `options`.
+    #[must_use]
+    pub fn step_with(
+        mut self,
+        name: &str,
+        activity: &str,
+        input: Value,
+        options: ActivityOptions,
+    ) -> Self {
+        self.steps.push(Step::Activity {
+            name: name.into(),
+            activity: activity.into(),
+            input,
+            options,
+        });
+        self
+    }
+
+    /// Appends a parallel group.
+    #[must_use]
+    pub fn parallel(mut self, steps: Vec<Step>) -> Self {
+        self.steps.push(Step::Parallel { steps });
+        self
+    }
+
+    /// Sets the output template.
+    #[must_use]
+    pub fn output(mut self, template: Value) -> Self {
+        self.output = Some(template);
+        self
+    }
+
+    /// Checks names and references.
+    ///
+    /// # Errors
+    /// The first problem found.
+    pub fn validate(&self) -> Result<(), PipelineError> {
+        if self.steps.is_empty() {
+            return Err(PipelineError::Empty);
+        }
+        let mut done: HashSet<&str> = HashSet::new();
+        for step in &self.steps {
+            let group: Vec<&Step> = match step {
+                Step::Activity { .. } => vec![step],
+                Step::Parallel { steps } => {
+                    if steps.is_empty() {
+                        return Err(PipelineError::EmptyGroup);
+                    }
+                    steps.iter().collect()
+                }
+            };
+            let mut added = Vec::new();
+            for s in group {
+                let Step::Activity {
+                    name,
+                    activity,
+                    input,
+                    ..
+                } = s
+                else {
+                    return Err(PipelineError::BadReference {
+                        at: "parallel".into(),
+                        reference: "nested parallel groups are not supported".into(),
+                    });
+                };
+                if name.is_empty() || activity.is_empty() {
+                    return Err(PipelineError::EmptyName(name.clone()));
+                }
+                check_refs(input, name, &done)?;
+                if done.contains(name.as_str()) || added.contains(&name.as_str()) {
+                    return Err(PipelineError::DuplicateStep(name.clone()));
+                }
+                added.push(name.as_str());
+            }
+            done.extend(added);
+        }
+        if let Some(out) = &self.output {
+            check_refs(out, "output", &done)?;
+        }
+        Ok(())
+    }
+
+    /// Compiles the pipeline into a workflow function.
+    ///
+    /// # Errors
+    /// When [`Self::validate`] fails.
+    pub fn into_workflow(self) -> Result<WorkflowFn, PipelineError> {
+        self.validate()?;
+        let pipeline = Arc::new(self);
+        Ok(Arc::new(move |ctx: WorkflowContext, input: Value| {
+            let p = pipeline.clone();
+            async move { p.run(&ctx, input).await }.boxed()
+        }))
+    }
+
+    async fn run(&self, ctx: &WorkflowContext, input: Value) -> Result<Value, WorkflowError> {
+        let mut outputs = Map::new();
+        for step in &self.steps {
+            match step {
+                Step::Activity {
+                    name,
+                    activity,
+                    input: template,
+                    options,
+                } => {
+                    let arg = render(template, &input, &outputs);
+                    let out: Value = ctx.activity_with(activity, &arg, options.clone()).await?;
+                    outputs.insert(name.clone(), out);
+                }
+                Step::Parallel { steps } => {
+                    let mut names = Vec::new();
+                    let mut calls = Vec::new();
+                    for s in steps {
+                        if let Step::Activity {
+                            name,
+                            activity,
+                            input: template,
+                            options,
+                        } = s
+                        {
+                            let arg = render(template, &input, &outputs);
+                            names.push(name.clone());
+                            calls.push(ctx.activity_with::<_, Value>(
+                                activity,
+                                &arg,
+                                options.clone(),
+                            ));
+                        }
+                    }
+                    let results = futures::future::try_join_all(calls).await?;
+                    for (name, out) in names.into_iter().zip(results) {
+                        outputs.insert(name, out);
+                    }
+                }
+            }
+        }
+        Ok(match &self.output {
+            Some(t) => render(t, &input, &outputs),
+            None => Value::Object(outputs),
+        })
+    }
+}
+
+/// A parsed `$` reference.
+enum Ref<'a> {
+    Input(Vec<&'a str>),
+    Step(&'a str, Vec<&'a str>),
+    Literal(&'a str),
+}
+
+fn parse_ref(s: &str) -> Option<Result<Ref<'_>, ()>> {
+    let rest = s.strip_prefix('$')?;
+    if let Some(lit) = rest.strip_prefix('$') {
+        return Some(Ok(Ref::Literal(lit)));
+    }
+    let mut parts = rest.split('.');
+    Some(match parts.next() {
+        Some("input") => Ok(Ref::Input(parts.collect())),
+        Some("steps") => match parts.next() {
+            Some(name) if !name.is_empty() => Ok(Ref::Step(name, parts.collect())),
+            _ => Err(()),
+        },
+        _ => Err(()),
+    })
+}
+
+fn check_refs(template: &Value, at: &str, done: &HashSet<&str>) -> Result<(), PipelineError> {
+    match template {
+        Value::String(s) => match parse_ref(s) {
+            None | Some(Ok(Ref::Input(_) | Ref::Literal(_))) => Ok(()),
+            Some(Ok(Ref::Step(name, _))) if done.contains(name) => Ok(()),
+            Some(Ok(Ref::Step(..))) => Err(PipelineError::UnknownReference {
+                at: at.to_string(),
+                reference: s.clone(),
+            }),
+            Some(Err(())) => Err(PipelineError::BadReference {
+                at: at.to_string(),
+                reference: s.clone(),
+            }),
+        },
+        Value::Array(a) => a.iter().try_for_each(|v| check_refs(v, at, done)),
+        Value::Object(o) => o.values().try_for_each(|v| check_refs(v, at, done)),
+        _ => Ok(()),
+    }
+}
+
+fn pick(mut v: &Value, path: &[&str]) -> Value {
+    for p in path {
+        let next = match v {
+            Value::Object(o) => o.get(*p),
+            Value::Array(a) => p.parse::<usize>().ok().and_then(|i| a.get(i)),
+            _ => None,
+        };
+        match next {
+            Some(n) => v = n,
+            None => return Value::Null,
+        }
+    }
+    v.clone()
+}
+
+fn render(template: &Value, input: &Value, outputs: &Map<String, Value>) -> Value {
+    match template {
+        Value::String(s) => match parse_ref(s) {
+            None | Some(Err(())) => template.clone(),
+            Some(Ok(Ref::Literal(l))) => Value::String(format!("${l}")),
+            Some(Ok(Ref::Input(path))) => pick(input, &path),
+            Some(Ok(Ref::Step(name, path))) => {
+                outputs.get(name).map_or(Value::Null, |o| pick(o, &path))
+            }
+        },
+        Value::Array(a) => Value::Array(a.iter().map(|v| render(v, input, outputs)).collect()),
+        Value::Object(o) => Value::Object(
+            o.iter()
+                .map(|(k, v)| (k.clone(), render(v, input, outputs)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn validation_catches_bad_references() {
+        let ok = Pipeline::new()
+            .step("a", "x", json!({"v": "$input.v"}))
+            .parallel(vec![
+                Step::activity("b", "y", json!("$steps.a.z")),
+                Step::activity("c", "y", json!(["$steps.a", "$$lit"])),
+            ])
+            .output(json!({"b": "$steps.b", "c": "$steps.c"}));
+        assert_eq!(ok.validate(), Ok(()));
+        let sibling = Pipeline::new().parallel(vec![
+            Step::activity("b", "y", json!(1)),
+            Step::activity("c", "y", json!("$steps.b")),
+        ]);
+        assert!(matches!(
+            sibling.validate(),
+            Err(PipelineError::UnknownReference { .. })
+        ));
+        let dup = Pipeline::new()
+            .step("a", "x", json!(1))
+            .step("a", "x", json!(1));
+        assert_eq!(
+            dup.validate(),
+            Err(PipelineError::DuplicateStep("a".into()))
+        );
+        let bad = Pipeline::new().step("a", "x", json!("$nope"));
+        assert!(matches!(
+            bad.validate(),
+            Err(PipelineError::BadReference { .. })
+        ));
+        assert_eq!(Pipeline::new().validate(), Err(PipelineError::Empty));
+    }
+
+    #[test]
+    fn templates_render_paths() {
+        let mut outputs = Map::new();
+        outputs.insert("a".into(), json!({"z": [10, 20]}));
+        let t = json!({"x": "$input.k", "y": "$steps.a.z.1", "l": "$$input", "n": 5});
+        let v = render(&t, &json!({"k": "v"}), &outputs);
+        assert_eq!(v, json!({"x": "v", "y": 20, "l": "$input", "n": 5}));
+    }
+
+    #[test]
+    fn pipelines_parse_from_json() {
+        let p: Pipeline = serde_json::from_value(json!({"steps": [
+            {"type": "activity", "name": "a", "activity": "echo", "input": "$input"},
+            {"type": "parallel", "steps": [{"type": "activity", "name": "b", "activity": "echo"}]}
+        ]}))
+        .unwrap();
+        assert_eq!(p.validate(), Ok(()));
+        assert!(serde_json::from_value::<Pipeline>(json!({"steps": [{"type": "nope"}]})).is_err());
+    }
+}

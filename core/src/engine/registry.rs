@@ -1,0 +1,149 @@
+//! Typed registration of workflows and activities by name.
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use crate::engine::activity::ActivityContext;
+use crate::engine::context::WorkflowContext;
+use crate::model::{ActivityError, WorkflowError};
+
+/// A registered workflow function on JSON values.
+pub type WorkflowFn = Arc<
+    dyn Fn(WorkflowContext, Value) -> BoxFuture<'static, Result<Value, WorkflowError>>
+        + Send
+        + Sync,
+>;
+
+/// A registered activity function on JSON values.
+pub type ActivityFn = Arc<
+    dyn Fn(ActivityContext, Value) -> BoxFuture<'static, Result<Value, ActivityError>>
+        + Send
+        + Sync,
+>;
+
+/// The workflows and activities a replica can run, by name.
+#[derive(Clone, Default)]
+pub struct Registry {
+    workflows: BTreeMap<String, WorkflowFn>,
+    activities: BTreeMap<String, ActivityFn>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("workflows", &self.workflows.keys().collect::<Vec<_>>())
+            .field("activities", &self.activities.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// An empty registry.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers workflow `name`: `async fn(WorkflowContext, I) -> Result<O, WorkflowError>`.
+    ///
+    /// Input that does not deserialize into `I` fails the workflow with a `serialization` error.
+    pub fn workflow<I, O, F, Fut>(&mut self, name: impl Into<String>, f: F) -> &mut Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, WorkflowError>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let wrapped: WorkflowFn = Arc::new(move |ctx, input: Value| {
+            let f = f.clone();
+            async move {
+                let input: I = serde_json::from_value(input)?;
+                let out = f(ctx, input).await?;
+                Ok(serde_json::to_value(out)?)
+            }
+            .boxed()
+        });
+        self.workflows.insert(name.into(), wrapped);
+        self
+    }
+
+    /// Registers a workflow already working on JSON values.
+    pub fn workflow_fn(&mut self, name: impl Into<String>, f: WorkflowFn) -> &mut Self {
+        self.workflows.insert(name.into(), f);
+        self
+    }
+
+    /// Registers activity `name`: `async fn(ActivityContext, I) -> Result<O, ActivityError>`.
+    ///
+    /// Input that does not deserialize into `I` is a permanent `serialization` failure.
+    pub fn activity<I, O, F, Fut>(&mut self, name: impl Into<String>, f: F) -> &mut Self
+    where
+        I: DeserializeOwned + Send + 'static,
+        O: Serialize + Send + 'static,
+        F: Fn(ActivityContext, I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, ActivityError>> + Send + 'static,
+    {
+        let f = Arc::new(f);
+        let wrapped: ActivityFn = Arc::new(move |ctx, input: Value| {
+            let f = f.clone();
+            async move {
+                let input: I = serde_json::from_value(input)?;
+                let out = f(ctx, input).await?;
+                Ok(serde_json::to_value(out)?)
+            }
+            .boxed()
+        });
+        self.activities.insert(name.into(), wrapped);
+        self
+    }
+
+    /// Registers an activity already working on JSON values.
+    pub fn activity_fn(&mut self, name: impl Into<String>, f: ActivityFn) -> &mut Self {
+        self.activities.insert(name.into(), f);
+        self
+    }
+
+    /// The workflow registered as `name`.
+    #[must_use]
+    pub fn find_workflow(&self, name: &str) -> Option<&WorkflowFn> {
+        self.workflows.get(name)
+    }
+
+    /// The activity registered as `name`.
+    #[must_use]
+    pub fn find_activity(&self, name: &str) -> Option<&ActivityFn> {
+        self.activities.get(name)
+    }
+
+    /// Names of the registered workflows, sorted.
+    pub fn workflow_names(&self) -> impl Iterator<Item = &str> {
+        self.workflows.keys().map(String::as_str)
+    }
+
+    /// Names of the registered activities, sorted.
+    pub fn activity_names(&self) -> impl Iterator<Item = &str> {
+        self.activities.keys().map(String::as_str)
+    }
+}
+
+impl Registry {
+    /// Registers a declarative [`crate::Pipeline`] as workflow `name`.
+    ///
+    /// # Errors
+    /// When the pipeline is invalid.
+    pub fn pipeline(
+        &mut self,
+        name: impl Into<String>,
+        pipeline: crate::Pipeline,
+    ) -> Result<&mut Self, crate::PipelineError> {
+        let f = pipeline.into_workflow()?;
+        Ok(self.workflow_fn(name, f))
+    }
+}

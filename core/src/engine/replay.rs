@@ -1,0 +1,377 @@
+//! Replay: runs workflow code against its recorded history, one workflow task at a time.
+//!
+//! The history is cut into workflow tasks by `workflow_task_completed` markers.
+//! Inputs recorded before a marker are delivered together, the code is polled,
+//! and the commands it issues must be exactly the command events that follow
+//! the marker. Feeding is incremental, so a cached instance continues from
+//! where it stopped and ends in the same state as a replay from event 1.
+
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use serde_json::Value;
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+
+use crate::engine::context::{Command, WorkflowContext};
+use crate::engine::registry::WorkflowFn;
+use crate::model::{Event, EventData, Seq, Timestamp, WorkflowError, WorkflowId};
+
+/// Why a workflow task could not run the code; recorded as `workflow_task_failed`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct TaskFailure {
+    pub(crate) kind: &'static str,
+    pub(crate) message: String,
+}
+
+impl TaskFailure {
+    fn non_determinism(message: String) -> Self {
+        Self {
+            kind: "non_determinism",
+            message,
+        }
+    }
+}
+
+/// How the workflow code ended, once it has.
+#[derive(Debug, Clone)]
+pub(crate) enum Outcome {
+    Completed(Value),
+    Failed(WorkflowError),
+}
+
+struct FlagWaker(AtomicBool);
+
+impl Wake for FlagWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.store(true, Ordering::Release);
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Most polls one batch of inputs may take before the code is considered stuck.
+const MAX_POLLS_PER_BATCH: usize = 10_000;
+
+/// One workflow's code in memory, fed its history.
+pub(crate) struct Instance {
+    pub(crate) id: WorkflowId,
+    pub(crate) task_queue: String,
+    ctx: WorkflowContext,
+    future: Option<BoxFuture<'static, Result<Value, WorkflowError>>>,
+    outcome: Option<Outcome>,
+    /// Last event fed.
+    pub(crate) applied: Seq,
+    /// Inputs fed since the last marker, not yet delivered to the code.
+    pending_inputs: Vec<EventData>,
+    /// Commands the code issued at the last marker that the history has not matched yet.
+    unmatched: VecDeque<Command>,
+    /// Whether the outcome issued at the last marker still awaits its terminal event.
+    outcome_unmatched: bool,
+    /// The history holds a terminal event.
+    pub(crate) finished: bool,
+    /// The last event is a `workflow_task_failed` with this message.
+    pub(crate) last_task_failure: Option<String>,
+}
+
+impl Instance {
+    /// Builds the instance from event 1 (which must be `workflow_started`).
+    pub(crate) fn start(
+        id: &WorkflowId,
+        first: &Event,
+        lookup: impl Fn(&str) -> Option<WorkflowFn>,
+    ) -> Result<Self, TaskFailure> {
+        let EventData::WorkflowStarted {
+            name,
+            input,
+            task_queue,
+            ..
+        } = &first.data
+        else {
+            return Err(TaskFailure {
+                kind: "corrupt_history",
+                message: format!(
+                    "event 1 is {}, not workflow_started",
+                    first.data.type_name()
+                ),
+            });
+        };
+        let Some(f) = lookup(name) else {
+            return Err(TaskFailure {
+                kind: "unknown_workflow",
+                message: format!("workflow {name:?} is not registered on this worker"),
+            });
+        };
+        let ctx = WorkflowContext::new(id.clone(), first.timestamp);
+        let future = f(ctx.clone(), input.clone());
+        let mut inst = Self {
+            id: id.clone(),
+            task_queue: task_queue.clone(),
+            ctx,
+            future: Some(future),
+            outcome: None,
+            applied: Seq::ZERO,
+            pending_inputs: Vec::new(),
+            unmatched: VecDeque::new(),
+            outcome_unmatched: false,
+            finished: false,
+            last_task_failure: None,
+        };
+        inst.feed(first)?;
+        Ok(inst)
+    }
+
+    /// Feeds the next recorded event.
+    pub(crate) fn feed(&mut self, e: &Event) -> Result<(), TaskFailure> {
+        if e.seq != self.applied.next() {
+            return Err(TaskFailure {
+                kind: "corrupt_history",
+                message: format!("expected event {}, got {}", self.applied.next(), e.seq),
+            });
+        }
+        self.applied = e.seq;
+        self.last_task_failure = None;
+        match &e.data {
+            EventData::WorkflowTaskCompleted {} => {
+                self.check_all_matched(e.seq)?;
+                self.run_batch(e.timestamp)?;
+            }
+            EventData::ActivityScheduled {
+                activity_id, name, ..
+            } => match self.unmatched.pop_front() {
+                Some(Command::Activity { id, name: n, .. }) if id == *activity_id && n == *name => {
+                }
+                other => return Err(mismatch(e, other.as_ref())),
+            },
+            EventData::TimerStarted { timer_id, .. } => match self.unmatched.pop_front() {
+                Some(Command::Timer { id, .. }) if id == *timer_id => {}
+                other => return Err(mismatch(e, other.as_ref())),
+            },
+            EventData::WorkflowCompleted { .. }
+            | EventData::WorkflowFailed { .. }
+            | EventData::WorkflowCanceled { .. } => {
+                if let Some(c) = self.unmatched.front() {
+                    return Err(mismatch(e, Some(c)));
+                }
+                let matches = match (&self.outcome, &e.data) {
+                    (Some(Outcome::Completed(_)), EventData::WorkflowCompleted { .. }) => true,
+                    (Some(Outcome::Failed(err)), EventData::WorkflowCanceled { .. }) => {
+                        err.is_canceled()
+                    }
+                    (Some(Outcome::Failed(err)), EventData::WorkflowFailed { .. }) => {
+                        !err.is_canceled()
+                    }
+                    _ => false,
+                };
+                if !matches || !self.outcome_unmatched {
+                    return Err(TaskFailure::non_determinism(format!(
+                        "history event {} is {} but the workflow code {}",
+                        e.seq,
+                        e.data.type_name(),
+                        match &self.outcome {
+                            None => "has not returned at that point".to_string(),
+                            Some(Outcome::Completed(_)) => "returned Ok".to_string(),
+                            Some(Outcome::Failed(err)) => format!("returned Err({err})"),
+                        }
+                    )));
+                }
+                self.outcome_unmatched = false;
+                self.finished = true;
+            }
+            EventData::WorkflowTaskFailed { message, kind } => {
+                self.last_task_failure = Some(format!("{kind}: {message}"));
+            }
+            data if data.is_input() => {
+                self.check_all_matched(e.seq)?;
+                self.pending_inputs.push(data.clone());
+            }
+            // activity_started, activity_retrying, progress: bookkeeping, not replayed.
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Whether there is input the code has not seen yet (a workflow task is due).
+    pub(crate) fn has_pending_input(&self) -> bool {
+        !self.pending_inputs.is_empty() && !self.finished
+    }
+
+    /// Runs the live step: delivers pending inputs at time `now` and returns the
+    /// events to append (marker, commands, terminal event), or `None` if nothing is due.
+    pub(crate) fn live_step(
+        &mut self,
+        now: Timestamp,
+    ) -> Result<Option<Vec<EventData>>, TaskFailure> {
+        self.check_all_matched(self.applied.next())?;
+        if !self.has_pending_input() {
+            return Ok(None);
+        }
+        let had_outcome = self.outcome.is_some();
+        let commands = self.run_batch(now)?;
+        let mut out = Vec::with_capacity(commands.len() + 2);
+        out.push(EventData::WorkflowTaskCompleted {});
+        for c in commands {
+            out.push(match c {
+                Command::Activity {
+                    id,
+                    name,
+                    input,
+                    options,
+                } => {
+                    let task_queue = options
+                        .task_queue
+                        .clone()
+                        .unwrap_or_else(|| self.task_queue.clone());
+                    EventData::ActivityScheduled {
+                        activity_id: id,
+                        name,
+                        input,
+                        options,
+                        task_queue,
+                    }
+                }
+                Command::Timer { id, fire_at } => EventData::TimerStarted {
+                    timer_id: id,
+                    fire_at,
+                },
+            });
+        }
+        if !had_outcome {
+            match &self.outcome {
+                Some(Outcome::Completed(v)) => {
+                    out.push(EventData::WorkflowCompleted { output: v.clone() });
+                }
+                Some(Outcome::Failed(err)) if err.is_canceled() => {
+                    out.push(EventData::WorkflowCanceled { error: err.clone() });
+                }
+                Some(Outcome::Failed(err)) => {
+                    out.push(EventData::WorkflowFailed { error: err.clone() });
+                }
+                None => {}
+            }
+        }
+        // The caller appends `out`; what it records is exactly what we issued.
+        self.unmatched.clear();
+        self.outcome_unmatched = false;
+        Ok(Some(out))
+    }
+
+    /// Marks the events returned by [`Self::live_step`] as recorded, ending at `last`.
+    pub(crate) fn committed(&mut self, last: Seq, terminal: bool) {
+        self.applied = last;
+        self.last_task_failure = None;
+        if terminal {
+            self.finished = true;
+        }
+    }
+
+    /// Whether the code has returned.
+    pub(crate) fn has_outcome(&self) -> bool {
+        self.outcome.is_some()
+    }
+
+    fn check_all_matched(&self, at: Seq) -> Result<(), TaskFailure> {
+        if let Some(c) = self.unmatched.front() {
+            return Err(TaskFailure::non_determinism(format!(
+                "the workflow code now issues {} which the history does not have before event {at}",
+                c.describe()
+            )));
+        }
+        if self.outcome_unmatched {
+            return Err(TaskFailure::non_determinism(format!(
+                "the workflow code now returns, but the history goes on at event {at}"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Delivers pending inputs, polls the code and returns the commands it issued.
+    fn run_batch(&mut self, now: Timestamp) -> Result<Vec<Command>, TaskFailure> {
+        let inputs = std::mem::take(&mut self.pending_inputs);
+        {
+            let mut st = self.ctx.state().lock();
+            st.now = now;
+            for input in inputs {
+                match input {
+                    EventData::ActivityCompleted {
+                        activity_id,
+                        output,
+                        ..
+                    } => st.resolve_activity(activity_id, Ok(output)),
+                    EventData::ActivityFailed {
+                        activity_id,
+                        attempt,
+                        error,
+                    } => {
+                        let name = st.activity_name(activity_id).unwrap_or("?").to_string();
+                        st.resolve_activity(
+                            activity_id,
+                            Err(WorkflowError::activity_failed(&name, attempt, &error)),
+                        );
+                    }
+                    EventData::TimerFired { timer_id } => st.resolve_timer(timer_id),
+                    EventData::SignalReceived { name, payload } => st.deliver_signal(name, payload),
+                    EventData::CancelRequested { reason } => st.deliver_cancel(reason),
+                    _ => {}
+                }
+            }
+        }
+        if let Some(fut) = self.future.as_mut() {
+            let flag = Arc::new(FlagWaker(AtomicBool::new(true)));
+            let waker = Waker::from(flag.clone());
+            let mut cx = Context::from_waker(&waker);
+            let mut polls = 0;
+            while flag.0.swap(false, Ordering::AcqRel) {
+                polls += 1;
+                if polls > MAX_POLLS_PER_BATCH {
+                    break;
+                }
+                match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll_unpin(&mut cx))) {
+                    Ok(Poll::Pending) => {}
+                    Ok(Poll::Ready(r)) => {
+                        self.outcome = Some(match r {
+                            Ok(v) => Outcome::Completed(v),
+                            Err(e) => Outcome::Failed(e),
+                        });
+                        self.outcome_unmatched = true;
+                        self.future = None;
+                        break;
+                    }
+                    Err(panic) => {
+                        let msg = panic
+                            .downcast_ref::<&str>()
+                            .map(|s| (*s).to_string())
+                            .or_else(|| panic.downcast_ref::<String>().cloned())
+                            .unwrap_or_else(|| "workflow code panicked".to_string());
+                        self.future = None;
+                        return Err(TaskFailure {
+                            kind: "panic",
+                            message: format!("workflow code panicked: {msg}"),
+                        });
+                    }
+                }
+            }
+        }
+        let commands = std::mem::take(&mut self.ctx.state().lock().commands);
+        self.unmatched = commands.iter().cloned().collect();
+        Ok(commands)
+    }
+}
+
+fn mismatch(e: &Event, issued: Option<&Command>) -> TaskFailure {
+    let recorded = match &e.data {
+        EventData::ActivityScheduled {
+            activity_id, name, ..
+        } => format!("activity {name:?} (command {activity_id})"),
+        EventData::TimerStarted { timer_id, .. } => format!("timer (command {timer_id})"),
+        other => other.type_name().to_string(),
+    };
+    TaskFailure::non_determinism(format!(
+        "history event {} records {recorded} but the workflow code now issues {}",
+        e.seq,
+        issued.map_or_else(|| "nothing there".to_string(), Command::describe)
+    ))
+}

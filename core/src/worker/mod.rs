@@ -1,0 +1,340 @@
+//! Workers: receive tasks from the queue with bounded concurrency per task
+//! queue, run them on the engine, sweep overdue work (timers, lost tasks) and
+//! shut down gracefully.
+
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::engine::Engine;
+use crate::queue::Delivery;
+
+/// One task queue a worker serves, and how many of its tasks may run at once.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSpec {
+    /// Task queue name.
+    pub name: String,
+    /// Most tasks of this queue running at once on this worker.
+    pub concurrency: usize,
+}
+
+/// Tunables of a worker; every field has a documented default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// Task queues served. Default: `default` with concurrency 64.
+    pub queues: Vec<QueueSpec>,
+    /// Most messages asked for per receive. Default 10 (SQS's limit).
+    pub receive_batch: usize,
+    /// Longest a receive waits for a message. Default 5 s.
+    #[serde(with = "crate::model::duration_ms", rename = "poll_wait_ms")]
+    pub poll_wait: Duration,
+    /// Visibility timeout of received messages; extended while a task runs. Default 30 s.
+    #[serde(with = "crate::model::duration_ms", rename = "visibility_ms")]
+    pub visibility: Duration,
+    /// Run the sweeper (timers and recovery of lost tasks) on this worker. Default true.
+    pub sweeper: bool,
+    /// How often the sweeper looks for due timers and overdue work. Default 200 ms.
+    #[serde(with = "crate::model::duration_ms", rename = "sweep_interval_ms")]
+    pub sweep_interval: Duration,
+    /// Most overdue entries claimed per sweep. Default 256.
+    pub sweep_batch: usize,
+    /// How long in-flight tasks may finish after shutdown begins. Default 30 s.
+    #[serde(with = "crate::model::duration_ms", rename = "shutdown_grace_ms")]
+    pub shutdown_grace: Duration,
+    /// How often dead-lettered tasks are drained and reported. Default 30 s.
+    #[serde(with = "crate::model::duration_ms", rename = "dead_letter_interval_ms")]
+    pub dead_letter_interval: Duration,
+    /// Finished workflows are deleted this long after they close; `None` keeps them. Default none.
+    #[serde(
+        with = "crate::model::duration_ms::option",
+        rename = "retention_ms",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub retention: Option<Duration>,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        Self {
+            queues: vec![QueueSpec {
+                name: "default".to_string(),
+                concurrency: 64,
+            }],
+            receive_batch: 10,
+            poll_wait: Duration::from_secs(5),
+            visibility: Duration::from_secs(30),
+            sweeper: true,
+            sweep_interval: Duration::from_millis(200),
+            sweep_batch: 256,
+            shutdown_grace: Duration::from_secs(30),
+            dead_letter_interval: Duration::from_secs(30),
+            retention: None,
+        }
+    }
+}
+
+/// What a graceful shutdown did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ShutdownReport {
+    /// Tasks that were running when shutdown began and finished within the grace period.
+    pub finished: usize,
+    /// Tasks still running after the grace period, stopped and handed back to the queue.
+    pub handed_back: usize,
+}
+
+#[derive(Default)]
+struct Counters {
+    in_flight: AtomicUsize,
+    handed_back: AtomicUsize,
+}
+
+/// A running worker; dropping it does not stop it, [`Worker::shutdown`] does.
+pub struct Worker {
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+    loops: TaskTracker,
+    counters: Arc<Counters>,
+    grace: Duration,
+}
+
+impl Worker {
+    /// Starts receiving and sweeping on the current tokio runtime.
+    #[must_use]
+    pub fn start(engine: Engine, config: WorkerConfig) -> Worker {
+        let stop = CancellationToken::new();
+        let hard_stop = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let loops = TaskTracker::new();
+        let counters = Arc::new(Counters::default());
+        let config = Arc::new(config);
+        for spec in &config.queues {
+            loops.spawn(receive_loop(
+                engine.clone(),
+                spec.clone(),
+                config.clone(),
+                stop.clone(),
+                hard_stop.clone(),
+                tracker.clone(),
+                counters.clone(),
+            ));
+        }
+        if config.sweeper {
+            loops.spawn(sweep_loop(engine.clone(), config.clone(), stop.clone()));
+        }
+        loops.spawn(maintenance_loop(engine, config.clone(), stop.clone()));
+        loops.close();
+        Worker {
+            stop,
+            hard_stop,
+            tracker,
+            loops,
+            counters,
+            grace: config.shutdown_grace,
+        }
+    }
+
+    /// Tasks running right now.
+    #[must_use]
+    pub fn in_flight(&self) -> usize {
+        self.counters.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Stops receiving, lets in-flight tasks finish within the grace period, then
+    /// stops the rest and hands their messages back to the queue for another replica.
+    pub async fn shutdown(self) -> ShutdownReport {
+        self.stop.cancel();
+        self.loops.wait().await;
+        let running = self.counters.in_flight.load(Ordering::Relaxed);
+        self.tracker.close();
+        if tokio::time::timeout(self.grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            self.hard_stop.cancel();
+            self.tracker.wait().await;
+        }
+        let handed_back = self.counters.handed_back.load(Ordering::Relaxed);
+        ShutdownReport {
+            finished: running.saturating_sub(handed_back),
+            handed_back,
+        }
+    }
+}
+
+async fn receive_loop(
+    engine: Engine,
+    spec: QueueSpec,
+    config: Arc<WorkerConfig>,
+    stop: CancellationToken,
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+    counters: Arc<Counters>,
+) {
+    let sem = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let first = tokio::select! {
+            p = sem.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            () = stop.cancelled() => return,
+        };
+        let mut permits = vec![first];
+        while permits.len() < config.receive_batch.max(1) {
+            match sem.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let received = tokio::select! {
+            r = engine.queue().receive(&spec.name, permits.len(), config.poll_wait, config.visibility) => r,
+            () = stop.cancelled() => return,
+        };
+        let deliveries = match received {
+            Ok(d) => {
+                backoff = Duration::from_millis(100);
+                d
+            }
+            Err(e) => {
+                tracing::warn!(queue = %spec.name, error = %e, "receive failed; retrying in {backoff:?}");
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => {}
+                    () = stop.cancelled() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(10));
+                continue;
+            }
+        };
+        for d in deliveries {
+            let Some(permit) = permits.pop() else {
+                // A queue returned more than asked for: hand the extra back.
+                let _ = engine
+                    .queue()
+                    .nack(&spec.name, &d.receipt, Duration::ZERO)
+                    .await;
+                continue;
+            };
+            counters.in_flight.fetch_add(1, Ordering::Relaxed);
+            let engine = engine.clone();
+            let name = spec.name.clone();
+            let config = config.clone();
+            let hard_stop = hard_stop.clone();
+            let counters = counters.clone();
+            tracker.spawn(async move {
+                run_delivery(&engine, &name, &config, d, &hard_stop, &counters).await;
+                counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+                drop(permit);
+            });
+        }
+    }
+}
+
+async fn run_delivery(
+    engine: &Engine,
+    queue: &str,
+    config: &WorkerConfig,
+    d: Delivery,
+    hard_stop: &CancellationToken,
+    counters: &Counters,
+) {
+    let receipt = d.receipt.clone();
+    let extend = async {
+        let every = (config.visibility / 2).max(Duration::from_millis(500));
+        loop {
+            tokio::time::sleep(every).await;
+            if let Err(e) = engine
+                .queue()
+                .extend(queue, &receipt, config.visibility)
+                .await
+            {
+                tracing::warn!(queue, error = %e, "could not extend a task's visibility");
+            }
+        }
+    };
+    let work = engine.handle(queue, d.task);
+    let result = tokio::select! {
+        biased;
+        r = work => Some(r),
+        () = extend => None,
+        () = hard_stop.cancelled() => None,
+    };
+    match result {
+        Some(Ok(())) => {
+            if let Err(e) = engine.queue().ack(queue, vec![receipt]).await {
+                tracing::warn!(queue, error = %e, "ack failed; the task will be delivered again");
+            }
+        }
+        Some(Err(e)) => {
+            let delay = Duration::from_secs(u64::from(d.receive_count.min(60)));
+            tracing::warn!(queue, error = %e, "task failed; handing it back for {delay:?}");
+            let _ = engine.queue().nack(queue, &receipt, delay).await;
+        }
+        None => {
+            counters.handed_back.fetch_add(1, Ordering::Relaxed);
+            let _ = engine.queue().nack(queue, &receipt, Duration::ZERO).await;
+        }
+    }
+}
+
+async fn sweep_loop(engine: Engine, config: Arc<WorkerConfig>, stop: CancellationToken) {
+    loop {
+        let claimed = match engine.sweep(config.sweep_batch).await {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "sweep failed");
+                0
+            }
+        };
+        if claimed >= config.sweep_batch {
+            continue;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(config.sweep_interval) => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+async fn maintenance_loop(engine: Engine, config: Arc<WorkerConfig>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(config.dead_letter_interval) => {}
+            () = stop.cancelled() => return,
+        }
+        for spec in &config.queues {
+            match engine.queue().drain_dead_letters(&spec.name, 100).await {
+                Ok(tasks) => {
+                    for task in tasks {
+                        tracing::error!(
+                            queue = %spec.name,
+                            workflow_id = %task.workflow_id(),
+                            ?task,
+                            "task was dead-lettered after too many deliveries; its owed work is re-delivered by the sweeper"
+                        );
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(queue = %spec.name, error = %e, "draining dead letters failed")
+                }
+            }
+        }
+        if let Some(retention) = config.retention {
+            let cutoff = Timestamp(
+                engine
+                    .now()
+                    .as_millis()
+                    .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX)),
+            );
+            if let Err(e) = engine.store().purge_closed(cutoff, 1000).await {
+                tracing::warn!(error = %e, "purging finished workflows failed");
+            }
+        }
+    }
+}
+
+use crate::model::Timestamp;

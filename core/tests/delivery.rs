@@ -1,0 +1,189 @@
+//! Property: whatever order tasks are delivered in, however often, and on
+//! whichever of two replicas, every activity completion is recorded exactly
+//! once and the workflow ends with the same result.
+
+use async_trait::async_trait;
+use marathon_core::memory::MemoryStore;
+use marathon_core::{
+    ActivityContext, ActivityError, Delivery, Engine, EventData, OutgoingMessage, Queue,
+    QueueError, Receipt, Seq, StartWorkflow, Store, Task, WorkflowContext, WorkflowStatus,
+};
+use parking_lot::Mutex;
+use proptest::prelude::*;
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// A queue the test delivers from by hand: enqueued tasks pile up in `pending`.
+#[derive(Default)]
+struct HandQueue {
+    pending: Mutex<Vec<(String, Task)>>,
+}
+
+#[async_trait]
+impl Queue for HandQueue {
+    async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+        let mut p = self.pending.lock();
+        for m in messages {
+            p.push((queue.to_string(), m.task));
+        }
+        Ok(())
+    }
+    async fn receive(
+        &self,
+        _: &str,
+        _: usize,
+        _: Duration,
+        _: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        Ok(Vec::new())
+    }
+    async fn ack(&self, _: &str, _: Vec<Receipt>) -> Result<(), QueueError> {
+        Ok(())
+    }
+    async fn nack(&self, _: &str, _: &Receipt, _: Duration) -> Result<(), QueueError> {
+        Ok(())
+    }
+    async fn extend(&self, _: &str, _: &Receipt, _: Duration) -> Result<(), QueueError> {
+        Ok(())
+    }
+    async fn depth(&self, _: &str) -> Result<u64, QueueError> {
+        Ok(self.pending.lock().len() as u64)
+    }
+    async fn drain_dead_letters(&self, _: &str, _: usize) -> Result<Vec<Task>, QueueError> {
+        Ok(Vec::new())
+    }
+    fn max_message_bytes(&self) -> usize {
+        usize::MAX
+    }
+    async fn ping(&self) -> Result<(), QueueError> {
+        Ok(())
+    }
+}
+
+fn engine(store: &Arc<dyn Store>, queue: &Arc<HandQueue>, runs: &Arc<AtomicU32>) -> Engine {
+    let runs = runs.clone();
+    Engine::builder()
+        .store(store.clone())
+        .queue(queue.clone())
+        .workflow("fan", |ctx: WorkflowContext, (): ()| async move {
+            let (a, b) = futures::join!(
+                ctx.activity::<_, u32>("double", &1u32),
+                ctx.activity::<_, u32>("double", &2u32)
+            );
+            let c: u32 = ctx.activity("double", &(a? + b?)).await?;
+            let d: u32 = ctx.activity("double", &c).await?;
+            Ok(d)
+        })
+        .activity("double", move |_c: ActivityContext, x: u32| {
+            let runs = runs.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, ActivityError>(x * 2)
+            }
+        })
+        .build()
+}
+
+/// One step of a schedule: which pending task, delivered on which replica, kept for a duplicate or not.
+#[derive(Debug, Clone)]
+struct Step {
+    pick: usize,
+    replica: bool,
+    duplicate: bool,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    (any::<usize>(), any::<bool>(), prop::bool::weighted(0.3)).prop_map(
+        |(pick, replica, duplicate)| Step {
+            pick,
+            replica,
+            duplicate,
+        },
+    )
+}
+
+async fn run_schedule(schedule: Vec<Step>) -> Result<(), TestCaseError> {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let queue = Arc::new(HandQueue::default());
+    let runs = Arc::new(AtomicU32::new(0));
+    let replicas = [engine(&store, &queue, &runs), engine(&store, &queue, &runs)];
+    let id = replicas[0]
+        .start(StartWorkflow::new("fan", json!(null)))
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?
+        .summary
+        .id;
+    let mut steps = schedule.into_iter();
+    for _ in 0..500 {
+        let next = {
+            let mut pending = queue.pending.lock();
+            if pending.is_empty() {
+                break;
+            }
+            let s = steps.next().unwrap_or(Step {
+                pick: 0,
+                replica: false,
+                duplicate: false,
+            });
+            let i = s.pick % pending.len();
+            let task = if s.duplicate {
+                pending[i].clone()
+            } else {
+                pending.remove(i)
+            };
+            (task, s.replica)
+        };
+        let ((q, task), replica) = next;
+        replicas[usize::from(replica)]
+            .handle(&q, task)
+            .await
+            .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    }
+    prop_assert!(queue.pending.lock().is_empty(), "deliveries never ran dry");
+    let s = replicas[0]
+        .get(&id)
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    prop_assert_eq!(s.status, WorkflowStatus::Completed, "{:?}", s);
+    prop_assert_eq!(s.output, Some(json!(24)));
+    let events = store
+        .read(&id, Seq::ZERO, 10_000)
+        .await
+        .map_err(|e| TestCaseError::fail(e.to_string()))?;
+    for (i, e) in events.iter().enumerate() {
+        prop_assert_eq!(e.seq, Seq(i as u64 + 1));
+    }
+    for activity in 1..=4u32 {
+        let completions = events
+            .iter()
+            .filter(|e| matches!(e.data, EventData::ActivityCompleted { activity_id, .. } if activity_id == activity))
+            .count();
+        prop_assert_eq!(
+            completions,
+            1,
+            "activity {} completed {} times",
+            activity,
+            completions
+        );
+        let scheduled = events
+            .iter()
+            .filter(|e| matches!(e.data, EventData::ActivityScheduled { activity_id, .. } if activity_id == activity))
+            .count();
+        prop_assert_eq!(scheduled, 1);
+    }
+    prop_assert_eq!(events.iter().filter(|e| e.data.is_terminal()).count(), 1);
+    prop_assert!(runs.load(Ordering::SeqCst) >= 4);
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+
+    #[test]
+    fn duplicate_and_reordered_deliveries_never_double_record(schedule in prop::collection::vec(step(), 0..60)) {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(run_schedule(schedule))?;
+    }
+}

@@ -1,0 +1,811 @@
+//! End-to-end behaviour of the engine on the in-memory backends: durability,
+//! retries, timeouts, timers, signals, cancellation, idempotency, non-determinism.
+
+mod common;
+
+use common::*;
+use futures::future::{Either, join_all, select};
+use marathon_core::{
+    ActivityContext, ActivityError, ActivityOptions, EventData, Pipeline, RetryPolicy,
+    StartWorkflow, Worker, WorkflowContext, WorkflowError, WorkflowId, WorkflowStatus,
+};
+use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+fn fast_retry(max: u32) -> RetryPolicy {
+    RetryPolicy {
+        initial_interval: Duration::from_millis(100),
+        backoff_coefficient: 2.0,
+        maximum_interval: Duration::from_secs(1),
+        maximum_attempts: max,
+        non_retryable_kinds: vec!["bad_request".into()],
+    }
+}
+
+async fn three_steps(ctx: WorkflowContext, n: i64) -> Result<i64, WorkflowError> {
+    let a: i64 = ctx.activity("add", &(n, 1)).await?;
+    let b: i64 = ctx.activity("add", &(a, 10)).await?;
+    let c: i64 = ctx.activity("add", &(b, 100)).await?;
+    Ok(c)
+}
+
+#[tokio::test(start_paused = true)]
+async fn sequential_activities_complete_with_a_clean_history() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("three", three_steps)
+        .activity("add", |_ctx: ActivityContext, (a, b): (i64, i64)| async move {
+            Ok::<_, ActivityError>(a + b)
+        })
+        .build();
+    let w = worker(&engine);
+    let started = engine
+        .start(StartWorkflow::new("three", json!(1)))
+        .await
+        .unwrap();
+    let s = finished(&engine, &started.summary.id).await;
+    assert_eq!(s.status, WorkflowStatus::Completed);
+    assert_eq!(s.output, Some(json!(112)));
+    let h = history(&engine, &s.id).await;
+    assert_eq!(
+        types(&h),
+        [
+            "workflow_started",
+            "workflow_task_completed",
+            "activity_scheduled",
+            "activity_started",
+            "activity_completed",
+            "workflow_task_completed",
+            "activity_scheduled",
+            "activity_started",
+            "activity_completed",
+            "workflow_task_completed",
+            "activity_scheduled",
+            "activity_started",
+            "activity_completed",
+            "workflow_task_completed",
+            "workflow_completed",
+        ]
+    );
+    assert_eq!(s.last_seq, h.last().unwrap().seq);
+    w.shutdown().await;
+}
+
+/// The first engine runs step 1, then dies while step 2 is running; a second
+/// engine on the same store finishes the workflow without running step 1 again.
+async fn survives_engine_loss(lose_queue: bool) {
+    let (store, queue) = backends();
+    let runs: Arc<[AtomicU32; 3]> = Arc::new(Default::default());
+    let register = |hang_on_step_2: bool, runs: Arc<[AtomicU32; 3]>| {
+        builder(&store, &queue)
+            .workflow("steps", |ctx: WorkflowContext, (): ()| async move {
+                let mut out = Vec::new();
+                for i in 0..3u32 {
+                    out.push(ctx.activity::<_, u32>("step", &i).await?);
+                }
+                Ok(out)
+            })
+            .activity("step", move |_ctx: ActivityContext, i: u32| {
+                let runs = runs.clone();
+                async move {
+                    runs[i as usize].fetch_add(1, Ordering::SeqCst);
+                    if i == 1 && hang_on_step_2 {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok::<_, ActivityError>(i * 10)
+                }
+            })
+    };
+    let first = register(true, runs.clone()).build();
+    let w1 = worker(&first);
+    let id = first
+        .start(StartWorkflow::new("steps", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    while runs[1].load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Crash: stop the worker without letting step 2 finish.
+    let report = w1.shutdown().await;
+    assert_eq!(report.handed_back, 1);
+    drop(first);
+
+    let second = if lose_queue {
+        // A broker restart: the queue comes back empty; the store's owed work recovers it.
+        let (_, empty) = backends();
+        builder(&store, &empty)
+    } else {
+        register(false, runs.clone())
+    };
+    let second = if lose_queue {
+        let runs = runs.clone();
+        second
+            .workflow("steps", |ctx: WorkflowContext, (): ()| async move {
+                let mut out = Vec::new();
+                for i in 0..3u32 {
+                    out.push(ctx.activity::<_, u32>("step", &i).await?);
+                }
+                Ok(out)
+            })
+            .activity("step", move |_ctx: ActivityContext, i: u32| {
+                let runs = runs.clone();
+                async move {
+                    runs[i as usize].fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, ActivityError>(i * 10)
+                }
+            })
+            .build()
+    } else {
+        second.build()
+    };
+    let w2 = worker(&second);
+    let s = finished(&second, &id).await;
+    assert_eq!(s.status, WorkflowStatus::Completed, "{s:?}");
+    assert_eq!(s.output, Some(json!([0, 10, 20])));
+    assert_eq!(
+        runs[0].load(Ordering::SeqCst),
+        1,
+        "a completed activity ran again"
+    );
+    assert_eq!(runs[2].load(Ordering::SeqCst), 1);
+    let h = history(&second, &id).await;
+    assert_eq!(
+        count(&h, |d| matches!(d, EventData::ActivityCompleted { .. })),
+        3
+    );
+    w2.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_workflow_survives_its_engine_being_dropped() {
+    survives_engine_loss(false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_workflow_survives_losing_the_queue_too() {
+    survives_engine_loss(true).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn retries_back_off_and_honour_retry_after() {
+    let (store, queue) = backends();
+    let attempts = Arc::new(AtomicU32::new(0));
+    let a = attempts.clone();
+    let engine = builder(&store, &queue)
+        .workflow("flaky", |ctx: WorkflowContext, (): ()| async move {
+            ctx.activity_with::<_, String>(
+                "flaky",
+                &(),
+                ActivityOptions::default().retry(fast_retry(5)),
+            )
+            .await
+        })
+        .activity("flaky", move |ctx: ActivityContext, (): ()| {
+            let a = a.clone();
+            async move {
+                a.fetch_add(1, Ordering::SeqCst);
+                match ctx.attempt() {
+                    1 | 2 => Err(ActivityError::retryable("503 from provider")),
+                    3 => Err(ActivityError::retryable("429")
+                        .with_kind("rate_limited")
+                        .with_retry_after(Duration::from_secs(7))),
+                    _ => Ok(format!("ok on attempt {}", ctx.attempt())),
+                }
+            }
+        })
+        .build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("flaky", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    let s = finished(&engine, &id).await;
+    assert_eq!(s.output, Some(json!("ok on attempt 4")));
+    assert_eq!(attempts.load(Ordering::SeqCst), 4);
+    let h = history(&engine, &id).await;
+    let delays: Vec<u64> = h
+        .iter()
+        .filter_map(|e| match &e.data {
+            EventData::ActivityRetrying { delay_ms, .. } => Some(*delay_ms),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        delays,
+        [100, 200, 7000],
+        "backoff, then the retry-after hint"
+    );
+    // The retry really waited: attempt 4 started at least 7.3 s after the start.
+    let started4 = h
+        .iter()
+        .find(|e| matches!(e.data, EventData::ActivityStarted { attempt: 4, .. }))
+        .unwrap();
+    assert!(started4.timestamp.since(h[0].timestamp) >= Duration::from_millis(7300));
+    w.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn non_retryable_errors_and_exhausted_attempts_fail_the_call() {
+    let (store, queue) = backends();
+    let calls = Arc::new(AtomicU32::new(0));
+    let c = calls.clone();
+    let engine = builder(&store, &queue)
+        .workflow("wf", |ctx: WorkflowContext, kind: String| async move {
+            let r = ctx
+                .activity_with::<_, ()>(
+                    "fail",
+                    &kind,
+                    ActivityOptions::default().retry(fast_retry(3)),
+                )
+                .await;
+            let e = r.expect_err("the activity always fails");
+            Ok(json!({"kind": e.kind, "inner": e.activity_error().map(|a| a.kind)}))
+        })
+        .activity("fail", move |_ctx: ActivityContext, kind: String| {
+            let c = c.clone();
+            async move {
+                c.fetch_add(1, Ordering::SeqCst);
+                Err::<(), _>(match kind.as_str() {
+                    "permanent" => ActivityError::permanent("nope"),
+                    "bad_request" => ActivityError::retryable("400").with_kind("bad_request"),
+                    _ => ActivityError::retryable("flaky"),
+                })
+            }
+        })
+        .build();
+    let w = worker(&engine);
+    for (kind, expected_calls) in [("permanent", 1), ("bad_request", 1), ("flaky", 3)] {
+        calls.store(0, Ordering::SeqCst);
+        let id = engine
+            .start(StartWorkflow::new("wf", json!(kind)))
+            .await
+            .unwrap()
+            .summary
+            .id;
+        let s = finished(&engine, &id).await;
+        assert_eq!(calls.load(Ordering::SeqCst), expected_calls, "{kind}");
+        assert_eq!(s.output.unwrap()["kind"], "activity_failed");
+        let h = history(&engine, &id).await;
+        assert_eq!(
+            count(&h, |d| matches!(d, EventData::ActivityFailed { .. })),
+            1
+        );
+    }
+    w.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_timeout_kind_fires() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow(
+            "timeouts",
+            |ctx: WorkflowContext, which: String| async move {
+                let no_retry = RetryPolicy::no_retries();
+                let opts = match which.as_str() {
+                    "start_to_close" => ActivityOptions::default()
+                        .retry(no_retry)
+                        .start_to_close(Duration::from_secs(2)),
+                    "heartbeat" => ActivityOptions::default()
+                        .retry(no_retry)
+                        .heartbeat_timeout(Duration::from_secs(1)),
+                    _ => ActivityOptions::default()
+                        .retry(fast_retry(0))
+                        .start_to_close(Duration::from_secs(2))
+                        .schedule_to_close(Duration::from_secs(5)),
+                };
+                let e = ctx
+                    .activity_with::<_, ()>("slow", &which, opts)
+                    .await
+                    .expect_err("times out");
+                Ok(e.activity_error().map(|a| a.kind))
+            },
+        )
+        .activity("slow", |ctx: ActivityContext, which: String| async move {
+            if which == "heartbeat" {
+                // Heartbeats twice, then goes silent.
+                for _ in 0..2 {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    ctx.heartbeat().await?;
+                }
+            }
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<_, ActivityError>(())
+        })
+        .build();
+    let w = worker(&engine);
+    for which in ["start_to_close", "heartbeat", "schedule_to_close"] {
+        let id = engine
+            .start(StartWorkflow::new("timeouts", json!(which)))
+            .await
+            .unwrap()
+            .summary
+            .id;
+        let s = finished(&engine, &id).await;
+        assert_eq!(s.output, Some(json!(format!("timeout.{which}"))), "{which}");
+        let h = history(&engine, &id).await;
+        let span = h.last().unwrap().timestamp.since(h[0].timestamp);
+        match which {
+            "start_to_close" => {
+                assert!(span >= Duration::from_secs(2) && span < Duration::from_secs(3))
+            }
+            "heartbeat" => assert!(span >= Duration::from_secs(2) && span < Duration::from_secs(3)),
+            _ => {
+                // Attempts of 2 s with short backoff until the 5 s budget runs out.
+                assert!(
+                    span >= Duration::from_secs(4) && span <= Duration::from_secs(6),
+                    "{span:?}"
+                );
+                assert!(count(&h, |d| matches!(d, EventData::ActivityRetrying { .. })) >= 1);
+            }
+        }
+    }
+    w.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn durable_sleep_uses_workflow_time() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("nap", |ctx: WorkflowContext, secs: u64| async move {
+            let before = ctx.now();
+            ctx.sleep(Duration::from_secs(secs)).await?;
+            Ok(ctx.now().since(before).as_secs())
+        })
+        .build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("nap", json!(3600)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    let s = finished(&engine, &id).await;
+    assert!(s.output.unwrap().as_u64().unwrap() >= 3600);
+    let h = history(&engine, &id).await;
+    assert_eq!(
+        count(&h, |d| matches!(d, EventData::TimerStarted { .. })),
+        1
+    );
+    assert_eq!(count(&h, |d| matches!(d, EventData::TimerFired { .. })), 1);
+    w.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn signals_are_delivered_in_order_and_buffered() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("approval", |ctx: WorkflowContext, (): ()| async move {
+            let first: String = ctx.signal("note").await?;
+            let second: String = ctx.signal("note").await?;
+            let ok: bool = ctx.signal("approve").await?;
+            Ok(json!([first, second, ok]))
+        })
+        .build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("approval", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    // "approve" arrives before the workflow waits for it: it is buffered.
+    engine
+        .signal(&id, "approve", json!(true), None)
+        .await
+        .unwrap();
+    engine
+        .signal(&id, "note", json!("a"), Some("k1".into()))
+        .await
+        .unwrap();
+    engine
+        .signal(&id, "note", json!("a"), Some("k1".into()))
+        .await
+        .unwrap(); // duplicate key
+    engine.signal(&id, "note", json!("b"), None).await.unwrap();
+    let s = finished(&engine, &id).await;
+    assert_eq!(s.output, Some(json!(["a", "b", true])));
+    let h = history(&engine, &id).await;
+    assert_eq!(
+        count(&h, |d| matches!(d, EventData::SignalReceived { .. })),
+        3
+    );
+    assert!(matches!(
+        engine.signal(&id, "note", json!(1), None).await,
+        Err(marathon_core::EngineError::Closed(_))
+    ));
+    w.shutdown().await;
+}
+
+async fn cancellation_reaches_running_activity(cross_replica: bool) {
+    let (store, queue) = backends();
+    let saw_cancel = Arc::new(AtomicU32::new(0));
+    let s2 = saw_cancel.clone();
+    let engine = builder(&store, &queue)
+        .workflow("long", |ctx: WorkflowContext, (): ()| async move {
+            ctx.activity::<_, ()>("long", &()).await?;
+            Ok(())
+        })
+        .activity("long", move |ctx: ActivityContext, (): ()| {
+            let s2 = s2.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    if let Err(e) = ctx.heartbeat().await {
+                        s2.fetch_add(1, Ordering::SeqCst);
+                        return Err::<(), _>(e);
+                    }
+                }
+            }
+        })
+        .build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("long", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    if cross_replica {
+        // An API replica with no worker shares only the store and the queue.
+        let api = builder(&store, &queue)
+            .workflow(
+                "long",
+                |_ctx: WorkflowContext, (): ()| async move { Ok(()) },
+            )
+            .build();
+        api.cancel(&id, Some("user asked".into())).await.unwrap();
+    } else {
+        engine.cancel(&id, Some("user asked".into())).await.unwrap();
+    }
+    let s = finished(&engine, &id).await;
+    assert_eq!(s.status, WorkflowStatus::Canceled, "{s:?}");
+    assert!(s.cancel_requested);
+    assert_eq!(s.error.unwrap().kind, "canceled");
+    if cross_replica {
+        // The heartbeat learned of it through the store.
+        while saw_cancel.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(w.in_flight(), 0, "the activity stopped");
+    w.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancellation_reaches_a_running_activity_locally() {
+    cancellation_reaches_running_activity(false).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn cancellation_reaches_a_running_activity_across_replicas() {
+    cancellation_reaches_running_activity(true).await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn start_is_idempotent_on_id_and_key() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow(
+            "noop",
+            |_ctx: WorkflowContext, (): ()| async move { Ok(()) },
+        )
+        .build();
+    let id = WorkflowId::parse("order-1").unwrap();
+    let a = engine
+        .start(StartWorkflow::new("noop", json!(null)).id(id.clone()))
+        .await
+        .unwrap();
+    let b = engine
+        .start(StartWorkflow::new("noop", json!(null)).id(id.clone()))
+        .await
+        .unwrap();
+    assert!(a.created && !b.created);
+    let k1 = engine
+        .start(StartWorkflow::new("noop", json!(null)).idempotency_key("req-7"))
+        .await
+        .unwrap();
+    let k2 = engine
+        .start(StartWorkflow::new("noop", json!(null)).idempotency_key("req-7"))
+        .await
+        .unwrap();
+    assert!(k1.created && !k2.created);
+    assert_eq!(k1.summary.id, k2.summary.id);
+    assert!(matches!(
+        engine
+            .start(StartWorkflow::new("missing", json!(null)))
+            .await,
+        Err(marathon_core::EngineError::UnknownWorkflow(_))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn non_determinism_is_reported_and_recovers_when_the_code_is_fixed() {
+    let (store, queue) = backends();
+    let v1 = |b: marathon_core::EngineBuilder| {
+        b.workflow("wf", |ctx: WorkflowContext, (): ()| async move {
+            let a: u32 = ctx.activity("a", &()).await?;
+            ctx.sleep(Duration::from_secs(10)).await?;
+            let b: u32 = ctx.activity("b", &()).await?;
+            Ok(a + b)
+        })
+        .activity("a", |_c: ActivityContext, (): ()| async {
+            Ok::<_, ActivityError>(1u32)
+        })
+        .activity("b", |_c: ActivityContext, (): ()| async {
+            Ok::<_, ActivityError>(2u32)
+        })
+    };
+    let old = v1(builder(&store, &queue)).build();
+    let w = worker(&old);
+    let id = old
+        .start(StartWorkflow::new("wf", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    // Wait until the timer is recorded, then "deploy" incompatible code.
+    loop {
+        let h = history(&old, &id).await;
+        if count(&h, |d| matches!(d, EventData::TimerStarted { .. })) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    w.shutdown().await;
+    let changed = builder(&store, &queue)
+        .workflow("wf", |ctx: WorkflowContext, (): ()| async move {
+            // Calls "b" where the history has "a".
+            let b: u32 = ctx.activity("b", &()).await?;
+            Ok(b)
+        })
+        .activity("b", |_c: ActivityContext, (): ()| async {
+            Ok::<_, ActivityError>(2u32)
+        })
+        .build();
+    let w = worker(&changed);
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let s = changed.get(&id).await.unwrap();
+    assert_eq!(
+        s.status,
+        WorkflowStatus::Running,
+        "a task failure does not end the workflow"
+    );
+    let failure = s
+        .task_failure
+        .expect("task failure is visible on the summary");
+    assert!(
+        failure.contains("non_determinism") && failure.contains("\"a\""),
+        "{failure}"
+    );
+    let h = history(&changed, &id).await;
+    // Retried several times, recorded once.
+    assert_eq!(
+        count(&h, |d| matches!(d, EventData::WorkflowTaskFailed { .. })),
+        1
+    );
+    w.shutdown().await;
+
+    let fixed = v1(builder(&store, &queue)).build();
+    let w = worker(&fixed);
+    let s = finished(&fixed, &id).await;
+    assert_eq!(s.output, Some(json!(3)));
+    assert_eq!(s.task_failure, None);
+    w.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn parallel_join_and_select() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("fanout", |ctx: WorkflowContext, n: u64| async move {
+            let calls: Vec<_> = (0..n).map(|i| ctx.activity::<_, u64>("square", &i)).collect();
+            let squares: Vec<u64> = join_all(calls)
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?;
+            // A race between a slow activity and a timer: the timer wins.
+            let slow = ctx.activity::<_, u64>("square", &1000);
+            let timer = ctx.sleep(Duration::from_millis(500));
+            let winner = match select(slow, timer).await {
+                Either::Left(_) => "activity",
+                Either::Right(_) => "timer",
+            };
+            Ok(json!({"sum": squares.iter().sum::<u64>(), "winner": winner, "id": ctx.uuid().to_string()}))
+        })
+        .activity("square", |_c: ActivityContext, i: u64| async move {
+            if i == 1000 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+            }
+            Ok::<_, ActivityError>(i * i)
+        })
+        .build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("fanout", json!(10)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    let s = finished(&engine, &id).await;
+    let out = s.output.unwrap();
+    assert_eq!(out["sum"], 285);
+    assert_eq!(out["winner"], "timer");
+    let h = history(&engine, &id).await;
+    // All ten calls were scheduled by the first workflow task, in parallel.
+    let first_task: Vec<_> = h
+        .iter()
+        .skip(2)
+        .take_while(|e| matches!(e.data, EventData::ActivityScheduled { .. }))
+        .collect();
+    assert_eq!(first_task.len(), 10);
+    // A fresh engine replaying the same history from event 1 reaches the same result.
+    let replayer = builder(&store, &queue)
+        .workflow("fanout", |ctx: WorkflowContext, _n: u64| async move {
+            Ok(ctx.uuid().to_string())
+        })
+        .build();
+    drop(replayer);
+    w.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn pipelines_run_steps_in_sequence_and_parallel() {
+    let (store, queue) = backends();
+    let pipeline: Pipeline = serde_json::from_value(json!({
+        "steps": [
+            {"type": "activity", "name": "upper", "activity": "upper", "input": "$input.text"},
+            {"type": "parallel", "steps": [
+                {"type": "activity", "name": "len", "activity": "len", "input": "$steps.upper"},
+                {"type": "activity", "name": "again", "activity": "upper", "input": "$input.text"}
+            ]}
+        ],
+        "output": {"upper": "$steps.upper", "len": "$steps.len", "same": ["$steps.again", "$$steps"]}
+    }))
+    .unwrap();
+    let mut registry = marathon_core::Registry::new();
+    registry
+        .activity("upper", |_c: ActivityContext, s: String| async move {
+            Ok::<_, ActivityError>(s.to_uppercase())
+        })
+        .activity("len", |_c: ActivityContext, s: String| async move {
+            Ok::<_, ActivityError>(s.len())
+        })
+        .pipeline("pipe", pipeline)
+        .unwrap();
+    let engine = builder(&store, &queue).registry(registry).build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("pipe", json!({"text": "hello"})))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    let s = finished(&engine, &id).await;
+    assert_eq!(
+        s.output,
+        Some(json!({"upper": "HELLO", "len": 5, "same": ["HELLO", "$steps"]}))
+    );
+    w.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_workflow_is_a_task_failure_not_a_crash() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("boom", |_ctx: WorkflowContext, (): ()| async move {
+            if true {
+                panic!("bug in workflow code");
+            }
+            Ok::<_, WorkflowError>(())
+        })
+        .build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("boom", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = engine.get(&id).await.unwrap();
+    assert_eq!(s.status, WorkflowStatus::Running);
+    assert!(s.task_failure.unwrap().contains("bug in workflow code"));
+    w.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_lets_short_tasks_finish_and_hands_back_long_ones() {
+    let (store, queue) = backends();
+    let make = |hang: bool| {
+        builder(&store, &queue)
+            .workflow("two", |ctx: WorkflowContext, (): ()| async move {
+                let (a, b) = futures::join!(
+                    ctx.activity::<_, u32>("quick", &()),
+                    ctx.activity::<_, u32>("slow", &())
+                );
+                Ok(a? + b?)
+            })
+            .activity("quick", |_c: ActivityContext, (): ()| async {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                Ok::<_, ActivityError>(1u32)
+            })
+            .activity("slow", move |_c: ActivityContext, (): ()| async move {
+                if hang {
+                    tokio::time::sleep(Duration::from_secs(60)).await;
+                }
+                Ok::<_, ActivityError>(2u32)
+            })
+            .build()
+    };
+    let first = make(true);
+    let w = worker(&first);
+    let id = first
+        .start(StartWorkflow::new("two", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(w.in_flight(), 2);
+    let report = w.shutdown().await;
+    assert_eq!(report.finished, 1, "{report:?}");
+    assert_eq!(report.handed_back, 1, "{report:?}");
+    let second = make(false);
+    let w = Worker::start(second.clone(), worker_config());
+    let s = finished(&second, &id).await;
+    assert_eq!(s.output, Some(json!(3)));
+    w.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn progress_events_are_recorded_and_streamed() {
+    use futures::StreamExt;
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("stream", |ctx: WorkflowContext, (): ()| async move {
+            ctx.activity::<_, String>("tokens", &()).await
+        })
+        .activity("tokens", |ctx: ActivityContext, (): ()| async move {
+            let mut text = String::new();
+            for t in ["Hel", "lo"] {
+                ctx.progress(&json!({"token": t})).await?;
+                text.push_str(t);
+            }
+            Ok::<_, ActivityError>(text)
+        })
+        .build();
+    let id = engine
+        .start(StartWorkflow::new("stream", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    let mut stream = engine
+        .subscribe(&id, marathon_core::Seq::ZERO)
+        .await
+        .unwrap();
+    let w = worker(&engine);
+    let mut tokens = Vec::new();
+    let mut last = None;
+    while let Some(e) = stream.next().await {
+        let e = e.unwrap();
+        if let EventData::Progress { data, .. } = &e.data {
+            tokens.push(data["token"].clone());
+        }
+        last = Some(e);
+    }
+    assert_eq!(tokens, [json!("Hel"), json!("lo")]);
+    assert!(
+        matches!(last.unwrap().data, EventData::WorkflowCompleted { ref output } if *output == Value::from("Hello"))
+    );
+    w.shutdown().await;
+}
