@@ -361,13 +361,13 @@ async fn durable_sleep_uses_workflow_time() {
         .build();
     let w = worker(&engine);
     let id = engine
-        .start(StartWorkflow::new("nap", json!(3600)))
+        .start(StartWorkflow::new("nap", json!(600)))
         .await
         .unwrap()
         .summary
         .id;
     let s = finished(&engine, &id).await;
-    assert!(s.output.unwrap().as_u64().unwrap() >= 3600);
+    assert!(s.output.unwrap().as_u64().unwrap() >= 600);
     let h = history(&engine, &id).await;
     assert_eq!(
         count(&h, |d| matches!(d, EventData::TimerStarted { .. })),
@@ -426,58 +426,64 @@ async fn signals_are_delivered_in_order_and_buffered() {
 async fn cancellation_reaches_running_activity(cross_replica: bool) {
     let (store, queue) = backends();
     let saw_cancel = Arc::new(AtomicU32::new(0));
-    let s2 = saw_cancel.clone();
-    let engine = builder(&store, &queue)
-        .workflow("long", |ctx: WorkflowContext, (): ()| async move {
-            ctx.activity::<_, ()>("long", &()).await?;
-            Ok(())
-        })
-        .activity("long", move |ctx: ActivityContext, (): ()| {
-            let s2 = s2.clone();
-            async move {
-                loop {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                    if let Err(e) = ctx.heartbeat().await {
-                        s2.fetch_add(1, Ordering::SeqCst);
-                        return Err::<(), _>(e);
+    let make = |saw: Arc<AtomicU32>| {
+        builder(&store, &queue)
+            .workflow("long", |ctx: WorkflowContext, (): ()| async move {
+                let opts = ActivityOptions::default().task_queue("activities");
+                ctx.activity_with::<_, ()>("long", &(), opts).await?;
+                Ok(())
+            })
+            .activity("long", move |ctx: ActivityContext, (): ()| {
+                let saw = saw.clone();
+                async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        if let Err(e) = ctx.heartbeat().await {
+                            saw.fetch_add(1, Ordering::SeqCst);
+                            return Err::<(), _>(e);
+                        }
                     }
                 }
-            }
-        })
-        .build();
-    let w = worker(&engine);
-    let id = engine
+            })
+            .build()
+    };
+    let serve = |engine: &marathon_core::Engine, queue: &str| {
+        let mut cfg = worker_config();
+        cfg.queues = vec![marathon_core::QueueSpec { name: queue.into(), concurrency: 8 }];
+        Worker::start(engine.clone(), cfg)
+    };
+    // Workflow tasks and activities on different replicas when `cross_replica`.
+    let workflows = make(saw_cancel.clone());
+    let activities = if cross_replica { make(saw_cancel.clone()) } else { workflows.clone() };
+    let w1 = serve(&workflows, "default");
+    let w2 = serve(&activities, "activities");
+    let id = workflows
         .start(StartWorkflow::new("long", json!(null)))
         .await
         .unwrap()
         .summary
         .id;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    if cross_replica {
-        // An API replica with no worker shares only the store and the queue.
-        let api = builder(&store, &queue)
-            .workflow(
-                "long",
-                |_ctx: WorkflowContext, (): ()| async move { Ok(()) },
-            )
-            .build();
-        api.cancel(&id, Some("user asked".into())).await.unwrap();
-    } else {
-        engine.cancel(&id, Some("user asked".into())).await.unwrap();
-    }
-    let s = finished(&engine, &id).await;
+    assert_eq!(w2.in_flight(), 1, "the activity is running");
+    // Cancel through the replica that runs workflow tasks (never the activity's own
+    // replica when `cross_replica`): the activity learns of it by heartbeat.
+    workflows.cancel(&id, Some("user asked".into())).await.unwrap();
+    let s = finished(&workflows, &id).await;
     assert_eq!(s.status, WorkflowStatus::Canceled, "{s:?}");
     assert!(s.cancel_requested);
     assert_eq!(s.error.unwrap().kind, "canceled");
-    if cross_replica {
-        // The heartbeat learned of it through the store.
-        while saw_cancel.load(Ordering::SeqCst) == 0 {
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while w2.in_flight() > 0 {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    })
+    .await
+    .expect("the activity stopped");
+    if cross_replica {
+        assert_eq!(saw_cancel.load(Ordering::SeqCst), 1, "the heartbeat reported the cancellation");
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(w.in_flight(), 0, "the activity stopped");
-    w.shutdown().await;
+    w1.shutdown().await;
+    w2.shutdown().await;
 }
 
 #[tokio::test(start_paused = true)]

@@ -50,13 +50,14 @@ enum Slot<T> {
 }
 
 impl<T> Slot<T> {
+    /// Resolves a pending slot; a slot already resolved (canceled, then a late
+    /// result) keeps its first resolution.
     fn resolve(&mut self, value: T) {
-        if let Slot::Pending(waker) = std::mem::replace(self, Slot::Ready(value)) {
-            if let Some(w) = waker {
+        if let Slot::Pending(waker) = self {
+            if let Some(w) = waker.take() {
                 w.wake();
             }
-        } else {
-            // Already resolved (e.g. canceled, then a late result): the first resolution stands.
+            *self = Slot::Ready(value);
         }
     }
 

@@ -511,13 +511,16 @@ impl Engine {
     /// # Errors
     /// [`EngineError::NotFound`], [`EngineError::Closed`] if it has finished, store errors.
     pub async fn cancel(&self, id: &WorkflowId, reason: Option<String>) -> Result<(), EngineError> {
-        self.inner.cancel_local(id);
+        // Record the request before stopping local attempts, so that the workflow
+        // sees the cancellation before any "activity canceled" failure.
         self.input_event(
             id,
             Some("cancel".to_string()),
             EventData::CancelRequested { reason },
         )
-        .await
+        .await?;
+        self.inner.cancel_local(id);
+        Ok(())
     }
 
     /// Sends signal `name` with `payload`; with `key`, a repeat with the same key is ignored.
