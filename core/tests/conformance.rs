@@ -15,3 +15,18 @@ async fn fresh_queue() -> MemoryQueue {
 
 marathon_core::store_conformance!(fresh_store());
 marathon_core::queue_conformance!(fresh_queue());
+
+/// The two-argument form: a teardown runs after every case, passed or failed.
+mod with_teardown {
+    use super::*;
+    use marathon_core::{Store, Timestamp};
+
+    async fn teardown(store: &MemoryStore) {
+        store
+            .purge_closed(Timestamp(u64::MAX), usize::MAX)
+            .await
+            .expect("purge in teardown");
+    }
+
+    marathon_core::store_conformance!(fresh_store(), teardown);
+}
