@@ -442,3 +442,173 @@ impl Queue for MemoryQueue {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::WorkflowId;
+
+    fn task() -> Task {
+        Task::Workflow {
+            workflow_id: WorkflowId::random(),
+        }
+    }
+
+    fn queue(max_receives: u32) -> Arc<MemoryQueue> {
+        Arc::new(MemoryQueue::new(MemoryQueueConfig { max_receives }))
+    }
+
+    const S: Duration = Duration::from_secs(1);
+
+    #[tokio::test(start_paused = true)]
+    async fn receive_waits_for_an_enqueue_without_polling() {
+        let q = queue(5);
+        let waiter = {
+            let q = q.clone();
+            tokio::spawn(async move { q.receive("a", 10, 60 * S, 30 * S).await })
+        };
+        tokio::time::sleep(5 * S).await;
+        let started = Instant::now();
+        let t = task();
+        q.enqueue("a", vec![OutgoingMessage::now(t.clone())])
+            .await
+            .unwrap();
+        let got = waiter.await.unwrap().unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].task, t);
+        assert_eq!(started.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn delayed_and_expired_messages_wake_sleeping_receivers() {
+        let q = queue(5);
+        let started = Instant::now();
+        q.enqueue("a", vec![OutgoingMessage::now(task()).delayed(3 * S)])
+            .await
+            .unwrap();
+        let got = q.receive("a", 10, 60 * S, 2 * S).await.unwrap();
+        assert_eq!((got.len(), started.elapsed()), (1, 3 * S));
+        let got = q.receive("a", 10, 60 * S, 2 * S).await.unwrap();
+        assert_eq!((got[0].receive_count, started.elapsed()), (2, 5 * S));
+        // A shorter delay enqueued while a receiver sleeps wakes it on time.
+        let waiter = {
+            let q = q.clone();
+            tokio::spawn(async move { q.receive("b", 10, 60 * S, 2 * S).await })
+        };
+        tokio::task::yield_now().await;
+        q.enqueue("b", vec![OutgoingMessage::now(task()).delayed(S)])
+            .await
+            .unwrap();
+        let before = Instant::now();
+        assert_eq!(waiter.await.unwrap().unwrap().len(), 1);
+        assert_eq!(before.elapsed(), S);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn receipts_expire_and_dead_letters_are_counted_once() {
+        let q = queue(2);
+        let t = task();
+        q.enqueue("a", vec![OutgoingMessage::now(t.clone())])
+            .await
+            .unwrap();
+        let d1 = q.receive("a", 1, S, S).await.unwrap().remove(0);
+        tokio::time::sleep(2 * S).await;
+        // Expired: no nack or extend, but an ack before the next delivery still works.
+        assert!(matches!(
+            q.extend("a", &d1.receipt, S).await,
+            Err(QueueError::InvalidReceipt)
+        ));
+        assert!(matches!(
+            q.nack("a", &d1.receipt, S).await,
+            Err(QueueError::InvalidReceipt)
+        ));
+        let d2 = q.receive("a", 1, S, S).await.unwrap().remove(0);
+        assert_eq!(d2.receive_count, 2);
+        // d1 is stale now that the message was delivered again.
+        q.ack("a", vec![d1.receipt.clone()]).await.unwrap();
+        assert_eq!(q.depth("a").await.unwrap(), 0);
+        q.nack("a", &d2.receipt, Duration::ZERO).await.unwrap();
+        assert_eq!(q.depth("a").await.unwrap(), 0, "dead-lettered, not waiting");
+        assert!(q.receive("a", 1, S, S).await.unwrap().is_empty());
+        assert_eq!(q.drain_dead_letters("a", 10).await.unwrap(), vec![t]);
+        for bad in ["", "x", "1.x", "99.99"] {
+            let r = Receipt(bad.into());
+            assert!(matches!(
+                q.nack("a", &r, S).await,
+                Err(QueueError::InvalidReceipt)
+            ));
+            q.ack("a", vec![r]).await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_expired_delivery_may_be_acked_until_delivered_again() {
+        let q = queue(5);
+        q.enqueue("a", vec![OutgoingMessage::now(task())])
+            .await
+            .unwrap();
+        let d = q.receive("a", 1, S, S).await.unwrap().remove(0);
+        tokio::time::sleep(2 * S).await;
+        assert_eq!(q.depth("a").await.unwrap(), 1);
+        q.ack("a", vec![d.receipt]).await.unwrap();
+        assert_eq!(q.depth("a").await.unwrap(), 0);
+        assert!(q.receive("a", 1, S, S).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn zero_max_receives_never_dead_letters() {
+        let q = queue(0);
+        q.enqueue("a", vec![OutgoingMessage::now(task())])
+            .await
+            .unwrap();
+        for n in 1..=20 {
+            let d = q.receive("a", 1, 5 * S, S).await.unwrap().remove(0);
+            assert_eq!(d.receive_count, n);
+        }
+        assert!(q.drain_dead_letters("a", 10).await.unwrap().is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acked_deliveries_do_not_pile_up_in_the_heaps() {
+        let q = queue(5);
+        for _ in 0..5 {
+            let batch = (0..1000).map(|_| OutgoingMessage::now(task())).collect();
+            q.enqueue("a", batch).await.unwrap();
+            let got = q.receive("a", 1000, S, 300 * S).await.unwrap();
+            q.ack("a", got.into_iter().map(|d| d.receipt).collect())
+                .await
+                .unwrap();
+        }
+        let named = q.named("a");
+        let st = named.state.lock();
+        assert!(st.in_flight.len() <= COMPACT_SLACK);
+        assert!(st.messages.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn concurrent_receivers_share_a_burst() {
+        let q = queue(5);
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let q = q.clone();
+            set.spawn(async move {
+                let mut n = 0;
+                loop {
+                    let got = q.receive("a", 3, 2 * S, 60 * S).await.unwrap();
+                    if got.is_empty() {
+                        return n;
+                    }
+                    n += got.len();
+                }
+            });
+        }
+        tokio::task::yield_now().await;
+        let batch = (0..50).map(|_| OutgoingMessage::now(task())).collect();
+        q.enqueue("a", batch).await.unwrap();
+        let mut total = 0;
+        while let Some(n) = set.join_next().await {
+            total += n.unwrap();
+        }
+        assert_eq!(total, 50);
+    }
+}

@@ -1,0 +1,32 @@
+//! The `Store` and `Queue` conformance suites against the in-memory backends.
+
+use marathon_core::memory::{MemoryQueue, MemoryQueueConfig, MemoryStore};
+use marathon_core::testkit::queue::MAX_RECEIVES;
+
+async fn fresh_store() -> MemoryStore {
+    MemoryStore::default()
+}
+
+async fn fresh_queue() -> MemoryQueue {
+    MemoryQueue::new(MemoryQueueConfig {
+        max_receives: MAX_RECEIVES,
+    })
+}
+
+marathon_core::store_conformance!(fresh_store());
+marathon_core::queue_conformance!(fresh_queue());
+
+/// The two-argument form: a teardown runs after every case, passed or failed.
+mod with_teardown {
+    use super::*;
+    use marathon_core::{Store, Timestamp};
+
+    async fn teardown(store: &MemoryStore) {
+        store
+            .purge_closed(Timestamp(u64::MAX), usize::MAX)
+            .await
+            .expect("purge in teardown");
+    }
+
+    marathon_core::store_conformance!(fresh_store(), teardown);
+}
