@@ -41,6 +41,10 @@ impl Keys {
         }
     }
 
+    pub(crate) fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
     pub(crate) fn shards(&self) -> u32 {
         self.shards
     }

@@ -171,6 +171,12 @@ impl RedisStore {
         Ok(store)
     }
 
+    /// The prefix of every key this store writes (from its config).
+    #[must_use]
+    pub fn key_prefix(&self) -> &str {
+        self.inner.keys.prefix()
+    }
+
     fn conn(&self) -> ConnectionManager {
         self.inner.conn.clone()
     }
