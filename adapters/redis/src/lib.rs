@@ -1,1 +1,8 @@
-//! Marathon's `Store` on Redis: histories, summaries, indexes, timers and owed work, each atomic step one Lua script on one hash slot. (Work in progress.)
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod keys;
+mod store;
+
+pub use config::RedisStoreConfig;
+pub use store::RedisStore;

@@ -1,0 +1,105 @@
+//! [`RedisStoreConfig`]: where the Redis store connects and how it lays out its keys.
+
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::time::Duration;
+
+use marathon_core::duration_ms;
+
+/// Configuration of a [`crate::RedisStore`]; plain data, no I/O.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisStoreConfig {
+    /// `redis://` or `rediss://` (TLS) URL; may embed credentials. Default `redis://127.0.0.1:6379`.
+    pub url: String,
+    /// Prefix of every key Marathon writes; must not contain `{` or `}`. Default `"marathon:"`.
+    pub key_prefix: String,
+    /// Fixed number of shards (hash slots used); never change it on a live store. Default 16.
+    pub shards: u32,
+    /// Timeout of establishing a connection, in ms. Default 2000.
+    #[serde(with = "duration_ms")]
+    pub connect_timeout: Duration,
+    /// Timeout of one command's response, in ms. Default 2000.
+    #[serde(with = "duration_ms")]
+    pub response_timeout: Duration,
+    /// When set, a finished workflow's keys expire this long (ms) after it closed. Default none.
+    #[serde(with = "duration_ms::option")]
+    pub retention: Option<Duration>,
+}
+
+impl Default for RedisStoreConfig {
+    fn default() -> Self {
+        Self {
+            url: "redis://127.0.0.1:6379".to_string(),
+            key_prefix: "marathon:".to_string(),
+            shards: 16,
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            retention: None,
+        }
+    }
+}
+
+impl fmt::Debug for RedisStoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStoreConfig")
+            .field("url", &masked_url(&self.url))
+            .field("key_prefix", &self.key_prefix)
+            .field("shards", &self.shards)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("retention", &self.retention)
+            .finish()
+    }
+}
+
+/// The URL with any password (or lone credential) replaced by `***`.
+pub(crate) fn masked_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let user = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        // `redis://secret@host` passes the secret as the password.
+        None => "***".to_string(),
+    };
+    format!("{scheme}://{user}@{host}{tail}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_masks_the_password() {
+        let cfg = RedisStoreConfig {
+            url: "rediss://app:s3cr3t@redis.example:6380/0".into(),
+            ..Default::default()
+        };
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("s3cr3t"), "{shown}");
+        assert!(
+            shown.contains("rediss://app:***@redis.example:6380/0"),
+            "{shown}"
+        );
+        assert_eq!(masked_url("redis://tok@h:1"), "redis://***@h:1");
+        assert_eq!(masked_url("redis://h:1"), "redis://h:1");
+    }
+
+    #[test]
+    fn config_defaults_and_rejects_unknown_fields() {
+        let cfg: RedisStoreConfig =
+            serde_json::from_str(r#"{"shards": 4, "retention": 60000}"#).expect("valid config");
+        assert_eq!(cfg.shards, 4);
+        assert_eq!(cfg.retention, Some(Duration::from_secs(60)));
+        assert_eq!(cfg.key_prefix, "marathon:");
+        assert!(serde_json::from_str::<RedisStoreConfig>(r#"{"shard": 4}"#).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+-- idem_release.lua: deletes an idempotency claim if it still names the workflow.
+-- KEYS: 1 idempotency key ('<prefix>{sN}:idem:<key>'), value '<workflow id>\n<NewWorkflow JSON>'
+-- ARGV: 1 workflow id
+-- Returns 1 if deleted, else 0.
+local v = redis.call('GET', KEYS[1])
+local head = ARGV[1] .. '\n'
+if v and string.sub(v, 1, #head) == head then
+  redis.call('DEL', KEYS[1])
+  return 1
+end
+return 0

@@ -1,0 +1,27 @@
+-- purge.lua: deletes finished workflows of one shard closed before a time.
+-- KEYS: 1 closed (shard zset, member JSON [id, status, name, idempotency key|false])
+-- ARGV: 1 shard base ('<prefix>{sN}'), 2 closed-before ms (exclusive), 3.. members
+-- Returns how many workflows were deleted.
+local n = 0
+for i = 3, #ARGV do
+  local member = ARGV[i]
+  local score = redis.call('ZSCORE', KEYS[1], member)
+  if score and tonumber(score) < tonumber(ARGV[2]) then
+    local m = cjson.decode(member)
+    local id, st, name = m[1], m[2], m[3]
+    local base = ARGV[1]
+    local wf = base .. ':wf:' .. id
+    local owed = redis.call('HKEYS', wf .. ':owed')
+    for _, k in ipairs(owed) do
+      redis.call('ZREM', base .. ':owed', id .. '|' .. k)
+    end
+    redis.call('DEL', wf .. ':sum', wf .. ':ev', wf .. ':owed', wf .. ':dk')
+    redis.call('ZREM', base .. ':idx:all', id)
+    redis.call('ZREM', base .. ':idx:st:' .. st, id)
+    redis.call('ZREM', base .. ':idx:nm:' .. name, id)
+    redis.call('ZREM', base .. ':idx:ns:' .. st .. ':' .. name, id)
+    redis.call('ZREM', KEYS[1], member)
+    n = n + 1
+  end
+end
+return n

@@ -1,0 +1,976 @@
+//! [`RedisStore`]: the [`Store`] trait on Redis, one Lua script per atomic step.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use marathon_core::{
+    Created, Event, EventData, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery,
+    NewEvent, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Seq, Store, StoreError,
+    SummaryPatch, Timestamp, WorkflowId, WorkflowStatus, WorkflowSummary,
+};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::streams::StreamReadReply;
+use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script, ServerErrorKind, Value};
+
+use crate::config::{RedisStoreConfig, masked_url};
+use crate::keys::{Keys, WfKeys};
+
+const COMMON: &str = include_str!("scripts/common.lua");
+const STREAM_MAXLEN: &str = "10000";
+const DEFAULT_LIST_LIMIT: usize = 100;
+const MAX_LIST_LIMIT: usize = 1000;
+const CURSOR_PREFIX: &str = "c1:";
+const SUBSCRIBE_BATCH: u64 = 256;
+const SUBSCRIBE_BLOCK: Duration = Duration::from_secs(10);
+const CLAIM_ROUNDS: usize = 4;
+
+/// Why a Redis reply or stored value could not be understood (a [`StoreError::Backend`]).
+#[derive(Debug, thiserror::Error)]
+enum DataError {
+    #[error("unexpected reply from Redis: {0}")]
+    Reply(String),
+    #[error("invalid JSON in Redis: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("invalid configuration: {0}")]
+    Config(String),
+}
+
+fn backend(e: impl Into<DataError>) -> StoreError {
+    StoreError::Backend(Box::new(e.into()))
+}
+
+fn bad_reply(what: impl Into<String>) -> StoreError {
+    backend(DataError::Reply(what.into()))
+}
+
+/// Classifies a client error once, at the boundary: transient ones are retryable.
+fn classify(e: RedisError) -> StoreError {
+    let transient = e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_cluster_error()
+        || matches!(
+            e.kind(),
+            ErrorKind::Io
+                | ErrorKind::ClusterConnectionNotFound
+                | ErrorKind::Server(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                )
+        );
+    if transient {
+        StoreError::Unavailable(Box::new(e))
+    } else {
+        StoreError::Backend(Box::new(e))
+    }
+}
+
+struct Scripts {
+    create: Script,
+    append: Script,
+    keyed: Script,
+    claim: Script,
+    purge: Script,
+    idem_release: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let with_common = |s: &str| Script::new(&format!("{COMMON}\n{s}"));
+        Self {
+            create: with_common(include_str!("scripts/create.lua")),
+            append: with_common(include_str!("scripts/append.lua")),
+            keyed: with_common(include_str!("scripts/append_keyed.lua")),
+            claim: Script::new(include_str!("scripts/claim.lua")),
+            purge: Script::new(include_str!("scripts/purge.lua")),
+            idem_release: Script::new(include_str!("scripts/idem_release.lua")),
+        }
+    }
+}
+
+struct Inner {
+    client: Client,
+    conn: ConnectionManager,
+    keys: Keys,
+    scripts: Scripts,
+    retention_ms: u64,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+}
+
+/// Marathon's [`Store`] on Redis: cheap to clone, shares one auto-reconnecting connection.
+#[derive(Clone)]
+pub struct RedisStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("keys", &self.inner.keys)
+            .finish_non_exhaustive()
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+impl RedisStore {
+    /// Connects to `cfg.url` and checks that Redis answers.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when Redis cannot be reached;
+    /// [`StoreError::Backend`] for an invalid URL or configuration, or failed auth.
+    pub async fn connect(cfg: RedisStoreConfig) -> Result<Self, StoreError> {
+        if cfg.key_prefix.contains(['{', '}']) {
+            return Err(backend(DataError::Config(
+                "key_prefix must not contain '{' or '}' (they delimit the shard hash tag)".into(),
+            )));
+        }
+        if cfg.shards == 0 {
+            return Err(backend(DataError::Config(
+                "shards must be at least 1".into(),
+            )));
+        }
+        if cfg.url.starts_with("rediss://") {
+            // rustls needs a process-wide crypto provider; another crate may have installed one.
+            let _ = rustls::crypto::ring::default_provider().install_default();
+        }
+        let client = Client::open(cfg.url.as_str()).map_err(|e| {
+            tracing::warn!(url = %masked_url(&cfg.url), "invalid Redis URL");
+            StoreError::Backend(Box::new(e))
+        })?;
+        let mcfg = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(cfg.connect_timeout))
+            .set_response_timeout(Some(cfg.response_timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = client
+            .get_connection_manager_with_config(mcfg)
+            .await
+            .map_err(classify)?;
+        let store = Self {
+            inner: Arc::new(Inner {
+                client,
+                conn,
+                keys: Keys::new(&cfg.key_prefix, cfg.shards),
+                scripts: Scripts::new(),
+                retention_ms: cfg.retention.map_or(0, ms),
+                connect_timeout: cfg.connect_timeout,
+                response_timeout: cfg.response_timeout,
+            }),
+        };
+        store.ping().await?;
+        Ok(store)
+    }
+
+    /// The prefix of every key this store writes (from its config).
+    #[must_use]
+    pub fn key_prefix(&self) -> &str {
+        self.inner.keys.prefix()
+    }
+
+    fn conn(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    fn keys(&self) -> &Keys {
+        &self.inner.keys
+    }
+
+    /// Best effort: lets an idempotency claim expire with its retained workflow.
+    async fn expire_idem(&self, key: &str) {
+        let r: Result<i64, RedisError> = redis::cmd("PEXPIRE")
+            .arg(self.keys().idem(key))
+            .arg(self.inner.retention_ms)
+            .query_async(&mut self.conn())
+            .await;
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "could not set the expiry of an idempotency claim");
+        }
+    }
+
+    async fn create_workflow(
+        &self,
+        new: &NewWorkflow,
+    ) -> Result<(WorkflowSummary, bool), StoreError> {
+        let wk = self.keys().workflow(new.id.as_str());
+        let event = NewEvent::new(
+            new.started_at,
+            EventData::WorkflowStarted {
+                name: new.name.clone(),
+                input: new.input.clone(),
+                task_queue: new.task_queue.clone(),
+                idempotency_key: new.idempotency_key.clone(),
+            },
+        );
+        let owed = OwedEntry {
+            kind: OwedKind::WorkflowTask,
+            task_queue: new.task_queue.clone(),
+            deadline: new.task_deadline,
+        };
+        let mut inv = self.inner.scripts.create.prepare_invoke();
+        inv.key(&wk.sum)
+            .key(&wk.ev)
+            .key(&wk.owed)
+            .key(&wk.zowed)
+            .key(&wk.stream)
+            .arg(new.id.as_str())
+            .arg(&new.name)
+            .arg(&new.task_queue)
+            .arg(new.idempotency_key.as_deref().unwrap_or(""))
+            .arg(new.started_at.0)
+            .arg(new.task_deadline.0)
+            .arg(serde_json::to_string(&event).map_err(backend)?)
+            .arg(serde_json::to_string(&owed).map_err(backend)?)
+            .arg(&wk.base)
+            .arg(STREAM_MAXLEN);
+        let reply: Vec<Value> = inv.invoke_async(&mut self.conn()).await.map_err(classify)?;
+        match reply.as_slice() {
+            [Value::Int(1)] => Ok((
+                WorkflowSummary {
+                    id: new.id.clone(),
+                    name: new.name.clone(),
+                    status: WorkflowStatus::Running,
+                    task_queue: new.task_queue.clone(),
+                    idempotency_key: new.idempotency_key.clone(),
+                    created_at: new.started_at,
+                    updated_at: new.started_at,
+                    closed_at: None,
+                    last_seq: Seq(1),
+                    cancel_requested: false,
+                    output: None,
+                    error: None,
+                    task_failure: None,
+                },
+                true,
+            )),
+            [Value::Int(0), fields] => {
+                let map: HashMap<String, String> =
+                    redis::from_redis_value_ref(fields).map_err(|e| bad_reply(e.to_string()))?;
+                let summary = summary_from(map)?
+                    .ok_or_else(|| bad_reply("create: existing workflow without summary"))?;
+                Ok((summary, false))
+            }
+            other => Err(bad_reply(format!("create: {other:?}"))),
+        }
+    }
+
+    /// The ARGV tail every append script shares (see `apply_batch` in common.lua).
+    fn batch_args(
+        &self,
+        id: &WorkflowId,
+        wk: &WfKeys,
+        events: &[NewEvent],
+        owed: &OwedChanges,
+    ) -> Result<Vec<String>, StoreError> {
+        let patch = SummaryPatch::of(events);
+        let json = |v: &dyn erased::Json| v.to_json().map_err(backend);
+        let mut a = vec![
+            id.as_str().to_string(),
+            wk.base.clone(),
+            self.inner.retention_ms.to_string(),
+            STREAM_MAXLEN.to_string(),
+            patch
+                .updated_at
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
+            patch
+                .status
+                .map(|s| s.as_str().to_string())
+                .unwrap_or_default(),
+            if patch.cancel_requested { "1" } else { "0" }.to_string(),
+            match &patch.output {
+                Some(o) => json(o)?,
+                None => String::new(),
+            },
+            match &patch.error {
+                Some(e) => json(e)?,
+                None => String::new(),
+            },
+        ];
+        match &patch.task_failure {
+            Some(Some(msg)) => a.extend(["set".to_string(), msg.clone()]),
+            Some(None) => a.extend(["clear".to_string(), String::new()]),
+            None => a.extend([String::new(), String::new()]),
+        }
+        a.push(events.len().to_string());
+        for e in events {
+            a.push(json(e)?);
+        }
+        a.push(owed.clear.len().to_string());
+        a.extend(owed.clear.iter().cloned());
+        a.push(owed.set.len().to_string());
+        for entry in &owed.set {
+            a.push(entry.kind.key());
+            a.push(entry.deadline.0.to_string());
+            a.push(json(entry)?);
+        }
+        Ok(a)
+    }
+
+    /// Runs an append script; returns its reply (`["ok", seq, ik]` or an outcome word).
+    async fn run_append(
+        &self,
+        script: &Script,
+        wk: &WfKeys,
+        head: &[&str],
+        tail: Vec<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut inv = script.prepare_invoke();
+        inv.key(&wk.sum)
+            .key(&wk.ev)
+            .key(&wk.owed)
+            .key(&wk.dk)
+            .key(&wk.zowed)
+            .key(&wk.stream)
+            .key(&wk.closed);
+        for a in head {
+            inv.arg(*a);
+        }
+        for a in tail {
+            inv.arg(a);
+        }
+        let reply: Vec<String> = inv.invoke_async(&mut self.conn()).await.map_err(classify)?;
+        if let [ok, _, ik] = reply.as_slice()
+            && ok == "ok"
+            && !ik.is_empty()
+        {
+            self.expire_idem(ik).await;
+        }
+        Ok(reply)
+    }
+
+    /// The status (`None`: no such workflow) and up to `limit` events after `after`, in one round trip.
+    async fn read_with_status(
+        &self,
+        wk: &WfKeys,
+        after: Seq,
+        limit: u64,
+    ) -> Result<(Option<String>, Vec<Event>), StoreError> {
+        let start = i64::try_from(after.0).unwrap_or(i64::MAX);
+        let stop = i64::try_from(after.0.saturating_add(limit).saturating_sub(1)).unwrap_or(-1);
+        let mut pipe = redis::pipe();
+        pipe.hget(&wk.sum, "st");
+        if limit > 0 {
+            pipe.lrange(
+                &wk.ev,
+                isize::try_from(start).unwrap_or(isize::MAX),
+                isize::try_from(stop).unwrap_or(-1),
+            );
+        }
+        let (st, raw): (Option<String>, Vec<String>) = if limit > 0 {
+            pipe.query_async(&mut self.conn()).await.map_err(classify)?
+        } else {
+            let (st,): (Option<String>,) =
+                pipe.query_async(&mut self.conn()).await.map_err(classify)?;
+            (st, Vec::new())
+        };
+        let events = raw
+            .iter()
+            .map(|s| serde_json::from_str::<Event>(s).map_err(backend))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok((st, events))
+    }
+}
+
+/// `serde_json::to_string` behind a trait object, so one closure serializes any field.
+mod erased {
+    pub(super) trait Json {
+        fn to_json(&self) -> Result<String, serde_json::Error>;
+    }
+    impl<T: serde::Serialize> Json for T {
+        fn to_json(&self) -> Result<String, serde_json::Error> {
+            serde_json::to_string(self)
+        }
+    }
+}
+
+fn parse_u64(s: &str, what: &str) -> Result<u64, StoreError> {
+    s.parse::<u64>()
+        .or_else(|_| {
+            // Sorted-set scores may come back as floats (`1e+15`).
+            s.parse::<f64>()
+                .ok()
+                .filter(|f| f.is_finite() && *f >= 0.0)
+                .map(|f| f as u64)
+                .ok_or(())
+        })
+        .map_err(|()| bad_reply(format!("{what}: not a number: {s:?}")))
+}
+
+fn workflow_id(s: &str) -> Result<WorkflowId, StoreError> {
+    WorkflowId::parse(s).map_err(|e| bad_reply(format!("stored workflow id {s:?}: {e}")))
+}
+
+/// Rebuilds a summary from its hash fields (`None` when the hash is empty).
+fn summary_from(mut m: HashMap<String, String>) -> Result<Option<WorkflowSummary>, StoreError> {
+    if m.is_empty() {
+        return Ok(None);
+    }
+    let mut take = |k: &str| m.remove(k);
+    let need =
+        |v: Option<String>, k: &str| v.ok_or_else(|| bad_reply(format!("summary lacks {k}")));
+    let id = workflow_id(&need(take("id"), "id")?)?;
+    let status = need(take("st"), "st")?
+        .parse::<WorkflowStatus>()
+        .map_err(bad_reply)?;
+    let summary = WorkflowSummary {
+        id,
+        name: need(take("name"), "name")?,
+        status,
+        task_queue: need(take("tq"), "tq")?,
+        idempotency_key: take("ik"),
+        created_at: Timestamp(parse_u64(&need(take("ca"), "ca")?, "ca")?),
+        updated_at: Timestamp(parse_u64(&need(take("ua"), "ua")?, "ua")?),
+        closed_at: take("cl")
+            .map(|s| parse_u64(&s, "cl"))
+            .transpose()?
+            .map(Timestamp),
+        last_seq: Seq(parse_u64(&need(take("ls"), "ls")?, "ls")?),
+        cancel_requested: take("cr").as_deref() == Some("1"),
+        output: take("out")
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(backend)?,
+        error: take("err")
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(backend)?,
+        task_failure: take("tf"),
+    };
+    Ok(Some(summary))
+}
+
+fn encode_cursor(created_at: u64, id: &str) -> String {
+    format!("{CURSOR_PREFIX}{created_at}:{id}")
+}
+
+fn decode_cursor(cursor: &str) -> Result<(u64, WorkflowId), StoreError> {
+    let invalid = || StoreError::InvalidCursor(cursor.to_string());
+    let rest = cursor.strip_prefix(CURSOR_PREFIX).ok_or_else(invalid)?;
+    let (ts, id) = rest.split_once(':').ok_or_else(invalid)?;
+    let ts = ts.parse::<u64>().map_err(|_| invalid())?;
+    let id = WorkflowId::parse(id).map_err(|_| invalid())?;
+    Ok((ts, id))
+}
+
+/// Splits a flat `[member, score, member, score, …]` reply.
+fn pairs(flat: Vec<String>, what: &str) -> Result<Vec<(String, u64)>, StoreError> {
+    if !flat.len().is_multiple_of(2) {
+        return Err(bad_reply(format!("{what}: odd WITHSCORES reply")));
+    }
+    let mut out = Vec::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let (Some(m), Some(s)) = (it.next(), it.next()) {
+        let score = parse_u64(&s, what)?;
+        out.push((m, score));
+    }
+    Ok(out)
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn create(&self, new: NewWorkflow) -> Result<Created, StoreError> {
+        let Some(key) = new.idempotency_key.clone() else {
+            let (summary, created) = self.create_workflow(&new).await?;
+            return Ok(Created { summary, created });
+        };
+        // The claim holds the whole request, so whoever finds it without its
+        // workflow (the claimant crashed or is between its two steps) can
+        // finish that creation: the key always ends up naming one workflow.
+        let claim = format!(
+            "{}\n{}",
+            new.id,
+            serde_json::to_string(&new).map_err(backend)?
+        );
+        let prev: Option<String> = redis::cmd("SET")
+            .arg(self.keys().idem(&key))
+            .arg(&claim)
+            .arg("NX")
+            .arg("GET")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(classify)?;
+        match prev {
+            None => {
+                let (summary, created) = self.create_workflow(&new).await?;
+                // Someone may have finished our creation for us: it is still ours.
+                let ours = summary.id == new.id && summary.idempotency_key.as_deref() == Some(&key);
+                Ok(Created {
+                    created: created || ours,
+                    summary,
+                })
+            }
+            Some(prev) => {
+                let (_, json) = prev
+                    .split_once('\n')
+                    .ok_or_else(|| bad_reply("malformed idempotency claim"))?;
+                let theirs: NewWorkflow = serde_json::from_str(json).map_err(backend)?;
+                if let Some(summary) = self.get(&theirs.id).await? {
+                    return Ok(Created {
+                        summary,
+                        created: false,
+                    });
+                }
+                let (summary, _) = self.create_workflow(&theirs).await?;
+                Ok(Created {
+                    summary,
+                    created: false,
+                })
+            }
+        }
+    }
+
+    async fn append(
+        &self,
+        id: &WorkflowId,
+        expected_last: Seq,
+        events: Vec<NewEvent>,
+        owed: OwedChanges,
+    ) -> Result<Seq, StoreError> {
+        let wk = self.keys().workflow(id.as_str());
+        let tail = self.batch_args(id, &wk, &events, &owed)?;
+        let expected = expected_last.0.to_string();
+        let reply = self
+            .run_append(&self.inner.scripts.append, &wk, &[&expected], tail)
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(Seq(parse_u64(reply.get(1).map_or("", |s| s), "seq")?)),
+            Some("notfound") => Err(StoreError::NotFound(id.clone())),
+            Some("closed") => Err(StoreError::Closed(id.clone())),
+            Some("conflict") => Err(StoreError::Conflict {
+                id: id.clone(),
+                expected: expected_last,
+                actual: Seq(parse_u64(reply.get(1).map_or("", |s| s), "actual")?),
+            }),
+            _ => Err(bad_reply(format!("append: {reply:?}"))),
+        }
+    }
+
+    async fn append_keyed(
+        &self,
+        id: &WorkflowId,
+        append: KeyedAppend,
+    ) -> Result<KeyedOutcome, StoreError> {
+        let wk = self.keys().workflow(id.as_str());
+        let tail = self.batch_args(id, &wk, &append.events, &append.owed)?;
+        let key = append.key.as_deref().unwrap_or("");
+        let requires = append.requires.as_deref().unwrap_or("");
+        let reply = self
+            .run_append(&self.inner.scripts.keyed, &wk, &[key, requires], tail)
+            .await?;
+        match reply.first().map(String::as_str) {
+            Some("ok") => Ok(KeyedOutcome::Appended(Seq(parse_u64(
+                reply.get(1).map_or("", |s| s),
+                "seq",
+            )?))),
+            Some("notfound") => Err(StoreError::NotFound(id.clone())),
+            Some("closed") => Ok(KeyedOutcome::Closed),
+            Some("duplicate") => Ok(KeyedOutcome::Duplicate),
+            Some("notowed") => Ok(KeyedOutcome::NotOwed),
+            _ => Err(bad_reply(format!("append_keyed: {reply:?}"))),
+        }
+    }
+
+    async fn read(
+        &self,
+        id: &WorkflowId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        let wk = self.keys().workflow(id.as_str());
+        let limit = u64::try_from(limit).unwrap_or(u64::MAX);
+        match self.read_with_status(&wk, after, limit).await? {
+            (None, _) => Err(StoreError::NotFound(id.clone())),
+            (Some(_), events) => Ok(events),
+        }
+    }
+
+    async fn subscribe(&self, id: &WorkflowId, after: Seq) -> Result<EventStream, StoreError> {
+        let wk = self.keys().workflow(id.as_str());
+        // The stream position is taken before the first read, so any append
+        // after that read is announced past this position.
+        let (exists, last): (bool, Vec<(String, HashMap<String, Value>)>) = redis::pipe()
+            .exists(&wk.sum)
+            .cmd("XREVRANGE")
+            .arg(&wk.stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(classify)?;
+        if !exists {
+            return Err(StoreError::NotFound(id.clone()));
+        }
+        let pos = last
+            .into_iter()
+            .next()
+            .map_or_else(|| "0-0".to_string(), |(id, _)| id);
+        let sub = Subscription {
+            store: self.clone(),
+            id: id.clone(),
+            wk,
+            after,
+            pos,
+            buf: VecDeque::new(),
+            listener: None,
+            done: false,
+        };
+        Ok(Box::pin(futures::stream::unfold(sub, Subscription::next)))
+    }
+
+    async fn get(&self, id: &WorkflowId) -> Result<Option<WorkflowSummary>, StoreError> {
+        let wk = self.keys().workflow(id.as_str());
+        let map: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(&wk.sum)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(classify)?;
+        summary_from(map)
+    }
+
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
+        let limit = match query.limit {
+            0 => DEFAULT_LIST_LIMIT,
+            n => n.min(MAX_LIST_LIMIT),
+        };
+        let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
+        let status = query.status.map(WorkflowStatus::as_str);
+        let shards = self.keys().shards();
+        let mut pipe = redis::pipe();
+        for shard in 0..shards {
+            let idx = self.keys().index(shard, status, query.name.as_deref());
+            let max = cursor
+                .as_ref()
+                .map_or("+inf".to_string(), |(ts, _)| format!("({ts}"));
+            pipe.cmd("ZREVRANGEBYSCORE")
+                .arg(&idx)
+                .arg(max)
+                .arg("-inf")
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit + 1);
+            if let Some((ts, _)) = &cursor {
+                // Workflows created in the cursor's millisecond (usually few).
+                pipe.cmd("ZRANGEBYSCORE")
+                    .arg(&idx)
+                    .arg(*ts)
+                    .arg(*ts)
+                    .arg("WITHSCORES");
+            }
+        }
+        let replies: Vec<Vec<String>> =
+            pipe.query_async(&mut self.conn()).await.map_err(classify)?;
+        let mut candidates: Vec<(u64, String)> = Vec::new();
+        for (i, flat) in replies.into_iter().enumerate() {
+            let same_ms = cursor.is_some() && i % 2 == 1;
+            for (member, score) in pairs(flat, "list")? {
+                if same_ms
+                    && let Some((_, cid)) = &cursor
+                    && member.as_str() >= cid.as_str()
+                {
+                    continue;
+                }
+                candidates.push((score, member));
+            }
+        }
+        candidates.sort_unstable_by(|a, b| b.cmp(a));
+        let more = candidates.len() > limit;
+        candidates.truncate(limit);
+        let next_cursor = more
+            .then(|| candidates.last().map(|(ts, id)| encode_cursor(*ts, id)))
+            .flatten();
+        if candidates.is_empty() {
+            return Ok(ListPage {
+                items: Vec::new(),
+                next_cursor,
+            });
+        }
+        let mut pipe = redis::pipe();
+        for (_, id) in &candidates {
+            pipe.hgetall(self.keys().workflow(id).sum);
+        }
+        let maps: Vec<HashMap<String, String>> =
+            pipe.query_async(&mut self.conn()).await.map_err(classify)?;
+        let mut items = Vec::with_capacity(maps.len());
+        for map in maps {
+            // Gone (purged or expired) or changed status since the index read: skip.
+            if let Some(s) = summary_from(map)?
+                && query.status.is_none_or(|st| st == s.status)
+            {
+                items.push(s);
+            }
+        }
+        Ok(ListPage { items, next_cursor })
+    }
+
+    async fn claim_overdue(
+        &self,
+        now: Timestamp,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<Owed>, StoreError> {
+        let until = now.add(lease);
+        let shards = self.keys().shards();
+        let mut claimed = Vec::new();
+        for _ in 0..CLAIM_ROUNDS {
+            let want = limit - claimed.len();
+            if want == 0 {
+                break;
+            }
+            let mut pipe = redis::pipe();
+            for shard in 0..shards {
+                pipe.cmd("ZRANGEBYSCORE")
+                    .arg(self.keys().zowed(shard))
+                    .arg("-inf")
+                    .arg(now.0)
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(want);
+            }
+            let replies: Vec<Vec<String>> =
+                pipe.query_async(&mut self.conn()).await.map_err(classify)?;
+            let mut candidates: Vec<(u64, String, u32)> = Vec::new();
+            for (shard, flat) in (0..shards).zip(replies) {
+                for (member, deadline) in pairs(flat, "claim")? {
+                    candidates.push((deadline, member, shard));
+                }
+            }
+            if candidates.is_empty() {
+                break;
+            }
+            // Oldest first across shards, as the memory store does.
+            candidates.sort_unstable();
+            candidates.truncate(want);
+            let picked = candidates.len();
+            let mut by_shard: BTreeMap<u32, Vec<(u64, String)>> = BTreeMap::new();
+            for (deadline, member, shard) in candidates {
+                by_shard.entry(shard).or_default().push((deadline, member));
+            }
+            let calls = by_shard.into_iter().map(|(shard, picks)| {
+                let mut conn = self.conn();
+                let mut inv = self.inner.scripts.claim.prepare_invoke();
+                inv.key(self.keys().zowed(shard))
+                    .arg(self.keys().wf_prefix(shard))
+                    .arg(until.0);
+                for (deadline, member) in &picks {
+                    inv.arg(member).arg(*deadline);
+                }
+                async move { inv.invoke_async::<Vec<String>>(&mut conn).await }
+            });
+            let mut got = 0;
+            let mut round = Vec::new();
+            for reply in futures::future::join_all(calls).await {
+                let flat = reply.map_err(classify)?;
+                let mut it = flat.into_iter();
+                while let (Some(member), Some(deadline), Some(json)) =
+                    (it.next(), it.next(), it.next())
+                {
+                    let (id, _) = member
+                        .split_once('|')
+                        .ok_or_else(|| bad_reply("owed member without '|'"))?;
+                    let mut entry: OwedEntry = serde_json::from_str(&json).map_err(backend)?;
+                    entry.deadline = Timestamp(parse_u64(&deadline, "deadline")?);
+                    round.push(Owed {
+                        workflow_id: workflow_id(id)?,
+                        entry,
+                    });
+                    got += 1;
+                }
+            }
+            round.sort_by_key(|o| o.entry.deadline);
+            claimed.extend(round);
+            if got == picked {
+                break;
+            }
+        }
+        Ok(claimed)
+    }
+
+    async fn purge_closed(
+        &self,
+        closed_before: Timestamp,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        if limit == 0 {
+            return Ok(0);
+        }
+        let shards = self.keys().shards();
+        let mut pipe = redis::pipe();
+        for shard in 0..shards {
+            pipe.cmd("ZRANGEBYSCORE")
+                .arg(self.keys().closed(shard))
+                .arg("-inf")
+                .arg(format!("({}", closed_before.0))
+                .arg("WITHSCORES")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit);
+        }
+        let replies: Vec<Vec<String>> =
+            pipe.query_async(&mut self.conn()).await.map_err(classify)?;
+        let mut victims: Vec<(u64, u32, String)> = Vec::new();
+        for (shard, flat) in (0..shards).zip(replies) {
+            for (member, closed_at) in pairs(flat, "purge")? {
+                victims.push((closed_at, shard, member));
+            }
+        }
+        victims.sort_unstable();
+        victims.truncate(limit);
+        let mut by_shard: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+        for (_, shard, member) in victims {
+            // Release the idempotency claim first: a claim without its workflow
+            // would be finished (re-created) by the next start with that key.
+            let m: Vec<serde_json::Value> = serde_json::from_str(&member).map_err(backend)?;
+            if let (Some(id), Some(ik)) = (
+                m.first().and_then(|v| v.as_str()),
+                m.get(3).and_then(|v| v.as_str()),
+            ) {
+                let mut inv = self.inner.scripts.idem_release.prepare_invoke();
+                inv.key(self.keys().idem(ik)).arg(id);
+                inv.invoke_async::<i64>(&mut self.conn())
+                    .await
+                    .map_err(classify)?;
+            }
+            by_shard.entry(shard).or_default().push(member);
+        }
+        let mut purged = 0;
+        for (shard, members) in by_shard {
+            let mut inv = self.inner.scripts.purge.prepare_invoke();
+            inv.key(self.keys().closed(shard))
+                .arg(self.keys().base(shard))
+                .arg(closed_before.0);
+            for m in &members {
+                inv.arg(m);
+            }
+            let n: usize = inv.invoke_async(&mut self.conn()).await.map_err(classify)?;
+            purged += n;
+        }
+        Ok(purged)
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        let pong: String = redis::cmd("PING")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(classify)?;
+        if pong == "PONG" {
+            Ok(())
+        } else {
+            Err(bad_reply(format!("PING answered {pong:?}")))
+        }
+    }
+}
+
+/// One live subscription: reads by sequence, waits on the shard's stream.
+struct Subscription {
+    store: RedisStore,
+    id: WorkflowId,
+    wk: WfKeys,
+    after: Seq,
+    /// Last stream entry seen.
+    pos: String,
+    buf: VecDeque<Event>,
+    /// A dedicated connection for blocking reads (the shared one has a short response timeout).
+    listener: Option<MultiplexedConnection>,
+    done: bool,
+}
+
+impl Subscription {
+    async fn next(mut self) -> Option<(Result<Event, StoreError>, Self)> {
+        loop {
+            if let Some(e) = self.buf.pop_front() {
+                if e.data.is_terminal() {
+                    self.done = true;
+                    self.buf.clear();
+                }
+                self.after = e.seq;
+                return Some((Ok(e), self));
+            }
+            if self.done {
+                return None;
+            }
+            match self
+                .store
+                .read_with_status(&self.wk, self.after, SUBSCRIBE_BATCH)
+                .await
+            {
+                // Purged or expired: the history is gone, the stream ends.
+                Ok((None, _)) => return None,
+                Ok((Some(_), events)) if !events.is_empty() => {
+                    self.buf.extend(events);
+                    continue;
+                }
+                Ok((Some(st), _)) if st != WorkflowStatus::Running.as_str() => return None,
+                Ok(_) => {}
+                Err(e) => {
+                    self.done = true;
+                    return Some((Err(e), self));
+                }
+            }
+            if let Err(e) = self.wait().await {
+                self.done = true;
+                return Some((Err(e), self));
+            }
+        }
+    }
+
+    /// Waits until an append to this workflow is announced (or the block times out).
+    async fn wait(&mut self) -> Result<(), StoreError> {
+        let inner = &self.store.inner;
+        let mut conn = match self.listener.take() {
+            Some(c) => c,
+            None => {
+                let cfg = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(inner.connect_timeout))
+                    .set_response_timeout(Some(SUBSCRIBE_BLOCK + inner.response_timeout));
+                inner
+                    .client
+                    .get_multiplexed_async_connection_with_config(&cfg)
+                    .await
+                    .map_err(classify)?
+            }
+        };
+        loop {
+            let reply: Option<StreamReadReply> = redis::cmd("XREAD")
+                .arg("COUNT")
+                .arg(100)
+                .arg("BLOCK")
+                .arg(ms(SUBSCRIBE_BLOCK))
+                .arg("STREAMS")
+                .arg(&self.wk.stream)
+                .arg(&self.pos)
+                .query_async(&mut conn)
+                .await
+                .map_err(classify)?;
+            let Some(reply) = reply else {
+                // Timed out: re-read anyway (cheap, and robust to a trimmed stream).
+                self.listener = Some(conn);
+                return Ok(());
+            };
+            let mut ours = false;
+            for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
+                if let Some(Value::BulkString(w)) = entry.map.get("w") {
+                    ours |= w.as_slice() == self.id.as_str().as_bytes();
+                }
+                self.pos = entry.id;
+            }
+            if ours {
+                self.listener = Some(conn);
+                return Ok(());
+            }
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! Helpers shared by the Redis store's integration tests.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use marathon_redis::{RedisStore, RedisStoreConfig};
+
+pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
+pub const HOW_TO_START: &str = "no Redis at MARATHON_TEST_REDIS_URL (default redis://127.0.0.1:6379); \
+start one with `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no`";
+
+pub fn url() -> String {
+    std::env::var("MARATHON_TEST_REDIS_URL").unwrap_or_else(|_| DEFAULT_URL.into())
+}
+
+pub fn prefix() -> String {
+    format!("marathon-test:{}:", uuid::Uuid::new_v4())
+}
+
+/// A store on a fresh random prefix; panics (never skips) without Redis.
+pub async fn fresh_on(key_prefix: String) -> RedisStore {
+    RedisStore::connect(RedisStoreConfig {
+        url: url(),
+        key_prefix,
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{HOW_TO_START}: {e}"))
+}
+
+pub async fn fresh() -> (RedisStore, String) {
+    let p = prefix();
+    (fresh_on(p.clone()).await, p)
+}
+
+/// Every key under `prefix` (SCAN MATCH).
+pub async fn keys_under(prefix: &str) -> Vec<String> {
+    let client = redis::Client::open(url()).expect("valid URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("{HOW_TO_START}: {e}"));
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .expect("SCAN");
+        keys.extend(batch);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes every key under `prefix` (SCAN MATCH + UNLINK); never FLUSHDB.
+pub async fn teardown(prefix: &str) {
+    let keys = keys_under(prefix).await;
+    if keys.is_empty() {
+        return;
+    }
+    let client = redis::Client::open(url()).expect("valid URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    for chunk in keys.chunks(500) {
+        let _: i64 = redis::cmd("UNLINK")
+            .arg(chunk)
+            .query_async(&mut conn)
+            .await
+            .expect("UNLINK");
+    }
+}

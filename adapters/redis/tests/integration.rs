@@ -1,0 +1,638 @@
+//! Redis-specific tests: behaviour, cluster key layout, a Redis restart, and
+//! two stores sharing one Redis. Conformance lives in `conformance.rs`.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use marathon_core::{
+    EventData, KeyedAppend, KeyedOutcome, ListQuery, NewEvent, NewWorkflow, OwedChanges, OwedEntry,
+    OwedKind, Seq, Store, StoreError, Timestamp, WorkflowId, WorkflowStatus,
+};
+use marathon_redis::{RedisStore, RedisStoreConfig};
+use serde_json::json;
+
+fn new_wf(id: &WorkflowId, name: &str, key: Option<&str>, at: u64) -> NewWorkflow {
+    NewWorkflow {
+        id: id.clone(),
+        name: name.into(),
+        input: json!({"big": 12345678901234567u64, "f": 0.1, "empty": [], "o": {}}),
+        task_queue: "tq".into(),
+        idempotency_key: key.map(Into::into),
+        started_at: Timestamp(at),
+        task_deadline: Timestamp(at + 1000),
+    }
+}
+
+fn signal(at: u64, n: u64) -> NewEvent {
+    NewEvent::new(
+        Timestamp(at),
+        EventData::SignalReceived {
+            name: "s".into(),
+            payload: json!(n),
+        },
+    )
+}
+
+fn done(at: u64) -> NewEvent {
+    NewEvent::new(
+        Timestamp(at),
+        EventData::WorkflowCompleted {
+            output: json!({"ok": true}),
+        },
+    )
+}
+
+fn timer(id: u32, at: u64) -> OwedEntry {
+    OwedEntry {
+        kind: OwedKind::Timer { timer_id: id },
+        task_queue: "tq".into(),
+        deadline: Timestamp(at),
+    }
+}
+
+#[tokio::test]
+async fn histories_summaries_and_appends() {
+    let (store, prefix) = common::fresh().await;
+    let id = WorkflowId::random();
+    let c = store.create(new_wf(&id, "n", None, 100)).await.unwrap();
+    assert!(c.created);
+    let again = store.create(new_wf(&id, "n", None, 999)).await.unwrap();
+    assert!(!again.created);
+    assert_eq!(again.summary, c.summary);
+    assert_eq!(store.get(&id).await.unwrap().unwrap(), c.summary);
+
+    // Conditional appends: seqs without gaps, conflicts write nothing.
+    let s = store
+        .append(
+            &id,
+            Seq(1),
+            vec![signal(101, 1), signal(102, 2)],
+            OwedChanges::none(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, Seq(3));
+    match store
+        .append(&id, Seq(1), vec![signal(103, 3)], OwedChanges::none())
+        .await
+    {
+        Err(StoreError::Conflict {
+            expected, actual, ..
+        }) => {
+            assert_eq!((expected, actual), (Seq(1), Seq(3)));
+        }
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let events = store.read(&id, Seq::ZERO, 100).await.unwrap();
+    assert_eq!(
+        events.iter().map(|e| e.seq.0).collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert!(
+        matches!(events[0].data, EventData::WorkflowStarted { ref input, .. } if input["big"] == json!(12345678901234567u64))
+    );
+    assert_eq!(store.read(&id, Seq(2), 1).await.unwrap()[0].seq, Seq(3));
+
+    // Keyed appends: requires, duplicate, not owed.
+    store
+        .append(&id, Seq(3), vec![], OwedChanges::none().set(timer(1, 50)))
+        .await
+        .unwrap();
+    let fire = |key: &str| KeyedAppend {
+        key: Some(key.into()),
+        requires: Some("t:1".into()),
+        events: vec![NewEvent::new(
+            Timestamp(104),
+            EventData::TimerFired { timer_id: 1 },
+        )],
+        owed: OwedChanges::none(),
+    };
+    let claimed = store
+        .claim_overdue(Timestamp(60), Duration::from_secs(5), 10)
+        .await
+        .unwrap();
+    let ours: Vec<_> = claimed.iter().filter(|o| o.workflow_id == id).collect();
+    assert_eq!(ours.len(), 1, "{claimed:?}");
+    assert_eq!(ours[0].entry.deadline, Timestamp(50));
+    assert!(
+        store
+            .claim_overdue(Timestamp(60), Duration::from_secs(5), 10)
+            .await
+            .unwrap()
+            .iter()
+            .all(|o| o.workflow_id != id)
+    );
+    assert_eq!(
+        store.append_keyed(&id, fire("k1")).await.unwrap(),
+        KeyedOutcome::Appended(Seq(4))
+    );
+    assert_eq!(
+        store.append_keyed(&id, fire("k1")).await.unwrap(),
+        KeyedOutcome::Duplicate
+    );
+    assert_eq!(
+        store.append_keyed(&id, fire("k2")).await.unwrap(),
+        KeyedOutcome::NotOwed
+    );
+
+    // Terminal: closed for both kinds, owed cleared, summary patched.
+    let s = store
+        .append(
+            &id,
+            Seq(4),
+            vec![done(200)],
+            OwedChanges::none().set(timer(2, 10)),
+        )
+        .await
+        .unwrap();
+    assert_eq!(s, Seq(5));
+    let sum = store.get(&id).await.unwrap().unwrap();
+    assert_eq!(sum.status, WorkflowStatus::Completed);
+    assert_eq!(sum.closed_at, Some(Timestamp(200)));
+    assert_eq!(sum.output, Some(json!({"ok": true})));
+    assert!(matches!(
+        store
+            .append(&id, Seq(5), vec![signal(1, 1)], OwedChanges::none())
+            .await,
+        Err(StoreError::Closed(_))
+    ));
+    assert_eq!(
+        store
+            .append_keyed(
+                &id,
+                KeyedAppend {
+                    events: vec![signal(1, 1)],
+                    ..Default::default()
+                }
+            )
+            .await
+            .unwrap(),
+        KeyedOutcome::Closed
+    );
+    assert!(
+        store
+            .claim_overdue(Timestamp(u64::MAX / 2), Duration::from_secs(1), 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    let missing = WorkflowId::random();
+    assert!(matches!(
+        store.read(&missing, Seq::ZERO, 10).await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert!(store.get(&missing).await.unwrap().is_none());
+
+    // Purge.
+    assert_eq!(store.purge_closed(Timestamp(200), 10).await.unwrap(), 0);
+    assert_eq!(store.purge_closed(Timestamp(201), 10).await.unwrap(), 1);
+    assert!(store.get(&id).await.unwrap().is_none());
+    assert!(
+        common::keys_under(&prefix)
+            .await
+            .iter()
+            .all(|k| !k.contains(id.as_str()))
+    );
+    common::teardown(&prefix).await;
+}
+
+#[tokio::test]
+async fn idempotency_keys_name_one_workflow() {
+    let (store, prefix) = common::fresh().await;
+    let store = Arc::new(store);
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let store = store.clone();
+        set.spawn(async move {
+            store
+                .create(new_wf(&WorkflowId::random(), "n", Some("key-1"), 5))
+                .await
+                .unwrap()
+        });
+    }
+    let results = set.join_all().await;
+    assert_eq!(results.iter().filter(|c| c.created).count(), 1);
+    let first = &results[0].summary.id;
+    assert!(results.iter().all(|c| &c.summary.id == first));
+    let listed = store.list(&ListQuery::default()).await.unwrap();
+    assert_eq!(listed.items.len(), 1);
+    common::teardown(&prefix).await;
+}
+
+#[tokio::test]
+async fn list_pages_newest_first_while_statuses_change() {
+    let (store, prefix) = common::fresh().await;
+    let mut ids = Vec::new();
+    for i in 0..25u64 {
+        let id = WorkflowId::parse(format!("wf-{i:02}")).unwrap();
+        // Several per millisecond, to exercise the (created_at, id) tie-break.
+        store
+            .create(new_wf(
+                &id,
+                if i % 2 == 0 { "even" } else { "odd" },
+                None,
+                1000 + i / 3,
+            ))
+            .await
+            .unwrap();
+        ids.push(id);
+    }
+    let mut seen = Vec::new();
+    let mut cursor = None;
+    loop {
+        let page = store
+            .list(&ListQuery {
+                status: Some(WorkflowStatus::Running),
+                cursor: cursor.clone(),
+                limit: 4,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        // Complete a workflow not yet seen: it leaves the filter, the rest must still come once.
+        if let Some(last) = page.items.last() {
+            let victim = &ids[0];
+            if victim != &last.id && !seen.contains(victim) && seen.len() == 4 {
+                store
+                    .append(victim, Seq(1), vec![done(5000)], OwedChanges::none())
+                    .await
+                    .unwrap();
+            }
+        }
+        seen.extend(page.items.iter().map(|s| s.id.clone()));
+        match page.next_cursor {
+            Some(c) => cursor = Some(c),
+            None => break,
+        }
+    }
+    let mut expected: Vec<_> = ids[1..].to_vec();
+    expected.sort_by_key(|id| {
+        std::cmp::Reverse((
+            1000 + id.as_str()[3..].parse::<u64>().unwrap() / 3,
+            id.clone(),
+        ))
+    });
+    assert_eq!(seen, expected);
+    let odd = store
+        .list(&ListQuery {
+            name: Some("odd".into()),
+            limit: 100,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(odd.items.len(), 12);
+    assert!(odd.next_cursor.is_none());
+    let done_even = store
+        .list(&ListQuery {
+            name: Some("even".into()),
+            status: Some(WorkflowStatus::Completed),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        done_even
+            .items
+            .iter()
+            .map(|s| s.id.clone())
+            .collect::<Vec<_>>(),
+        vec![ids[0].clone()]
+    );
+    assert!(matches!(
+        store
+            .list(&ListQuery {
+                cursor: Some("nope".into()),
+                ..Default::default()
+            })
+            .await,
+        Err(StoreError::InvalidCursor(_))
+    ));
+    common::teardown(&prefix).await;
+}
+
+/// CRC16/XMODEM of the key's hash tag (or the whole key): Redis Cluster's slot.
+fn slot(key: &str) -> u16 {
+    let b = key.as_bytes();
+    let tagged = b.iter().position(|&c| c == b'{').and_then(|s| {
+        b[s + 1..]
+            .iter()
+            .position(|&c| c == b'}')
+            .filter(|&l| l > 0)
+            .map(|l| &b[s + 1..s + 1 + l])
+    });
+    let mut crc: u16 = 0;
+    for &byte in tagged.unwrap_or(b) {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+#[tokio::test]
+async fn every_key_of_a_workflow_and_its_shard_shares_one_slot() {
+    assert_eq!(slot("123456789"), 0x31C3);
+    assert_eq!(slot("{user1000}.following"), slot("{user1000}.followers"));
+    let (store, prefix) = common::fresh().await;
+    let id = WorkflowId::random();
+    store.create(new_wf(&id, "layout", None, 10)).await.unwrap();
+    store
+        .append(
+            &id,
+            Seq(1),
+            vec![signal(11, 1)],
+            OwedChanges::none().set(timer(1, 5)),
+        )
+        .await
+        .unwrap();
+    store
+        .append_keyed(
+            &id,
+            KeyedAppend {
+                key: Some("k".into()),
+                events: vec![signal(12, 2)],
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    store
+        .append(&id, Seq(3), vec![done(13)], OwedChanges::none())
+        .await
+        .unwrap();
+    let keys = common::keys_under(&prefix).await;
+    let ours: Vec<_> = keys.iter().filter(|k| !k.contains(":idem:")).collect();
+    // sum ev dk; shard: owed(emptied), stream, closed, idx all/st/nm/ns.
+    for part in [
+        ":sum",
+        ":ev",
+        ":dk",
+        ":stream",
+        ":closed",
+        ":idx:all",
+        ":idx:st:completed",
+        ":idx:nm:layout",
+        ":idx:ns:completed:layout",
+    ] {
+        assert!(
+            ours.iter().any(|k| k.ends_with(part)),
+            "no key ending {part} in {ours:?}"
+        );
+    }
+    let slots: std::collections::BTreeSet<_> = ours.iter().map(|k| slot(k)).collect();
+    assert_eq!(slots.len(), 1, "keys over several slots: {ours:?}");
+    common::teardown(&prefix).await;
+}
+
+#[tokio::test]
+async fn two_stores_on_one_redis() {
+    let prefix = common::prefix();
+    let a = Arc::new(common::fresh_on(prefix.clone()).await);
+    let b = Arc::new(common::fresh_on(prefix.clone()).await);
+    let id = WorkflowId::random();
+    a.create(new_wf(&id, "two", None, 1)).await.unwrap();
+    assert!(!b.create(new_wf(&id, "two", None, 1)).await.unwrap().created);
+
+    let mut events = a.subscribe(&id, Seq::ZERO).await.unwrap();
+    assert_eq!(events.next().await.unwrap().unwrap().seq, Seq(1));
+
+    let barrier = Arc::new(tokio::sync::Barrier::new(8));
+    let mut set = tokio::task::JoinSet::new();
+    for i in 0..8u64 {
+        let store = if i % 2 == 0 { a.clone() } else { b.clone() };
+        let (barrier, id) = (barrier.clone(), id.clone());
+        set.spawn(async move {
+            barrier.wait().await;
+            store
+                .append(&id, Seq(1), vec![signal(2, i)], OwedChanges::none())
+                .await
+        });
+    }
+    let results = set.join_all().await;
+    assert_eq!(
+        results.iter().filter(|r| r.is_ok()).count(),
+        1,
+        "{results:?}"
+    );
+    assert!(
+        results
+            .iter()
+            .all(|r| matches!(r, Ok(Seq(2)) | Err(StoreError::Conflict { .. })))
+    );
+
+    // Events appended through b reach a's subscription without polling.
+    let got = tokio::time::timeout(Duration::from_secs(5), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(got.seq, Seq(2));
+    let bb = b.clone();
+    let id2 = id.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        bb.append(
+            &id2,
+            Seq(2),
+            vec![signal(3, 9), done(4)],
+            OwedChanges::none(),
+        )
+        .await
+        .unwrap();
+    });
+    let rest: Vec<_> = tokio::time::timeout(Duration::from_secs(5), events.collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert_eq!(
+        rest.iter()
+            .map(|e| e.as_ref().unwrap().seq.0)
+            .collect::<Vec<_>>(),
+        vec![3, 4]
+    );
+    common::teardown(&prefix).await;
+}
+
+#[tokio::test]
+async fn retention_expires_finished_workflows() {
+    let prefix = common::prefix();
+    let store = RedisStore::connect(RedisStoreConfig {
+        url: common::url(),
+        key_prefix: prefix.clone(),
+        retention: Some(Duration::from_millis(300)),
+        ..Default::default()
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{}: {e}", common::HOW_TO_START));
+    let id = WorkflowId::random();
+    store.create(new_wf(&id, "r", Some("rk"), 1)).await.unwrap();
+    store
+        .append(&id, Seq(1), vec![done(2)], OwedChanges::none())
+        .await
+        .unwrap();
+    assert!(store.get(&id).await.unwrap().is_some());
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(store.get(&id).await.unwrap().is_none());
+    assert!(
+        store
+            .list(&ListQuery::default())
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+    // The leftover index entries go with purge.
+    assert_eq!(store.purge_closed(Timestamp(3), 10).await.unwrap(), 1);
+    let left = common::keys_under(&prefix).await;
+    assert!(left.iter().all(|k| k.ends_with(":stream")), "{left:?}");
+    common::teardown(&prefix).await;
+}
+
+/// A private `redis-server` with an append-only file, so data survives a kill.
+struct PrivateRedis {
+    dir: std::path::PathBuf,
+    child: Option<tokio::process::Child>,
+}
+
+impl PrivateRedis {
+    async fn start(port: u16, dir: std::path::PathBuf) -> Self {
+        let child = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server on the PATH (apt-get install -y redis-server)");
+        // Probe until it answers, never a fixed sleep.
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            dir,
+            child: Some(child),
+        }
+    }
+
+    async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.expect("kill redis-server");
+        }
+    }
+}
+
+#[tokio::test]
+async fn survives_a_redis_restart() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = std::env::temp_dir().join(format!("marathon-redis-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = PrivateRedis::start(port, dir.clone()).await;
+    let store = RedisStore::connect(RedisStoreConfig {
+        url: format!("redis://127.0.0.1:{port}"),
+        connect_timeout: Duration::from_millis(300),
+        response_timeout: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await
+    .expect("private redis-server");
+    let id = WorkflowId::random();
+    store.create(new_wf(&id, "restart", None, 1)).await.unwrap();
+    let mut last = Seq(1);
+    for i in 0..20 {
+        last = store
+            .append(&id, last, vec![signal(i, i)], OwedChanges::none())
+            .await
+            .unwrap();
+    }
+    server.kill().await;
+    // While down: retryable errors, no panic.
+    for _ in 0..3 {
+        match store
+            .append(&id, last, vec![signal(50, 50)], OwedChanges::none())
+            .await
+        {
+            Err(e) => assert!(e.is_retryable(), "not retryable: {e:?}"),
+            Ok(s) => panic!("append succeeded with Redis down: {s}"),
+        }
+    }
+    assert!(store.ping().await.unwrap_err().is_retryable());
+    let server2 = PrivateRedis::start(port, server.dir.clone()).await;
+    // Works again after reconnecting (the manager reconnects in the background).
+    let mut ok = false;
+    for _ in 0..100 {
+        match store.ping().await {
+            Ok(()) => {
+                ok = true;
+                break;
+            }
+            Err(e) => {
+                assert!(e.is_retryable(), "{e:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    assert!(ok, "store did not recover after the restart");
+    let mut last = store
+        .get(&id)
+        .await
+        .unwrap()
+        .expect("history survived")
+        .last_seq;
+    for i in 0..10 {
+        loop {
+            match store
+                .append(&id, last, vec![signal(100 + i, i)], OwedChanges::none())
+                .await
+            {
+                Ok(s) => {
+                    last = s;
+                    break;
+                }
+                Err(StoreError::Conflict { actual, .. }) => last = actual,
+                Err(e) if e.is_retryable() => tokio::time::sleep(Duration::from_millis(50)).await,
+                Err(e) => panic!("{e:?}"),
+            }
+        }
+    }
+    let events = store.read(&id, Seq::ZERO, 1000).await.unwrap();
+    assert_eq!(events.len() as u64, last.0);
+    assert!(
+        events
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.seq.0 == i as u64 + 1),
+        "gap in history"
+    );
+    drop(server2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
