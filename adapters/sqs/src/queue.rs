@@ -693,3 +693,106 @@ fn receive_count(m: &Message) -> u32 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(1)
 }
+
+#[cfg(test)]
+mod tests {
+    //! The long-delay path on LocalStack, with the 15-minute threshold lowered to 1 s.
+    use super::*;
+    use aws_sdk_sqs::config::Credentials;
+    use marathon_core::WorkflowId;
+
+    async fn fresh() -> SqsQueue {
+        let endpoint = std::env::var("MARATHON_TEST_SQS_ENDPOINT")
+            .unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned());
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let cfg = SqsQueueConfig {
+            queue_prefix: format!("mt-{}-", &id[..12]),
+            create_if_missing: true,
+            max_receives: 2,
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(endpoint.clone()),
+            ..SqsQueueConfig::default()
+        };
+        let loader = aws_config::defaults(BehaviorVersion::latest())
+            .empty_test_environment()
+            .credentials_provider(Credentials::new(
+                "test",
+                "test",
+                None,
+                None,
+                "marathon-test",
+            ));
+        let mut q = SqsQueue::connect_with(cfg, loader)
+            .await
+            .expect("valid config");
+        if let Err(e) = q.ping().await {
+            panic!("no SQS at {endpoint} ({e:?}); run `scripts/localstack.sh start`");
+        }
+        q.set_max_native_delay(Duration::from_secs(1));
+        q
+    }
+
+    async fn teardown(q: &SqsQueue) {
+        let urls = q
+            .client
+            .list_queues()
+            .queue_name_prefix(&q.cfg.queue_prefix)
+            .send()
+            .await
+            .expect("list")
+            .queue_urls
+            .unwrap_or_default();
+        for url in urls {
+            q.client
+                .delete_queue()
+                .queue_url(url)
+                .send()
+                .await
+                .expect("delete");
+        }
+    }
+
+    #[tokio::test]
+    async fn delays_beyond_the_native_limit_are_deferred_without_using_up_receives() {
+        let q = fresh().await;
+        let task = Task::Workflow {
+            workflow_id: WorkflowId::random(),
+        };
+        let start = std::time::Instant::now();
+        // 4 s with a native limit of 1 s: sent with 1 s, then re-sent up to 3 times.
+        q.enqueue(
+            "d",
+            vec![OutgoingMessage::now(task.clone()).delayed(Duration::from_secs(4))],
+        )
+        .await
+        .expect("enqueue");
+        let mut got = Vec::new();
+        while got.is_empty() && start.elapsed() < Duration::from_secs(15) {
+            got = q
+                .receive("d", 10, Duration::from_secs(1), Duration::from_secs(30))
+                .await
+                .expect("receive");
+            assert_eq!(q.depth("d").await.expect("depth") + got.len() as u64, 1);
+        }
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(3900),
+            "delivered early: {elapsed:?}"
+        );
+        assert!(
+            elapsed < Duration::from_secs(8),
+            "delivered late: {elapsed:?}"
+        );
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].task, task);
+        // Early receives did not count: max_receives is 2 and it was received several times.
+        assert_eq!(got[0].receive_count, 1);
+        assert!(
+            q.drain_dead_letters("d", 10)
+                .await
+                .expect("drain")
+                .is_empty()
+        );
+        teardown(&q).await;
+    }
+}
