@@ -303,7 +303,7 @@ async fn batches_respect_the_total_size_limit() {
 async fn fifo_round_trip_keeps_order_and_never_merges() {
     let q = common::fresh(3, true).await;
     // Same workflow, equal tasks: both delivered, in order with the rest.
-    let msgs = vec![wf("g1"), wf("g1"), wf("g2")];
+    let msgs = [wf("g1"), wf("g1"), wf("g2")];
     let mut tagged: Vec<OutgoingMessage> = msgs.iter().cloned().map(OutgoingMessage::now).collect();
     for (i, m) in tagged.iter_mut().enumerate() {
         m.trace_context = Some(format!("00-{:032x}-{:016x}-01", i + 1, i + 1));
