@@ -45,6 +45,8 @@ pub struct SqsQueue {
     max_native_delay: Duration,
     urls: RwLock<HashMap<String, String>>,
     dlq_urls: RwLock<HashMap<String, String>>,
+    /// Visibility deadlines of this process's deliveries, by receipt handle.
+    leases: Leases,
 }
 
 impl std::fmt::Debug for SqsQueue {
@@ -109,6 +111,7 @@ impl SqsQueue {
             max_native_delay,
             urls: RwLock::default(),
             dlq_urls: RwLock::default(),
+            leases: Leases::default(),
         })
     }
 
@@ -471,22 +474,92 @@ impl SqsQueue {
         }
     }
 
+    /// Changes the visibility of a live delivery; `release` ends its lease (nack).
     async fn change_visibility(
         &self,
         queue: &str,
         receipt: &Receipt,
         visibility: Duration,
+        release: bool,
     ) -> Result<(), QueueError> {
+        let start = Instant::now();
+        if self.leases.expired(&receipt.0, start) {
+            return Err(QueueError::InvalidReceipt);
+        }
         let url = self.url(queue).await?;
-        self.client
+        let res = self
+            .client
             .change_message_visibility()
             .queue_url(url)
             .receipt_handle(&receipt.0)
             .visibility_timeout(secs_i32(visibility, MAX_VISIBILITY))
             .send()
             .await
-            .map_err(|e| classify("change_message_visibility", true, e))?;
-        Ok(())
+            .map_err(|e| classify("change_message_visibility", true, e));
+        match (&res, release) {
+            (Err(QueueError::InvalidReceipt), _) | (Ok(_), true) => self.leases.remove(&receipt.0),
+            (Ok(_), false) => self.leases.renew(&receipt.0, start + visibility),
+            (Err(_), _) => {}
+        }
+        res.map(|_| ())
+    }
+}
+
+/// Visibility deadlines of deliveries received by this process. SQS (LocalStack
+/// at least) lets an expired receipt handle change visibility; the contract says
+/// an expired receipt is invalid, so extend and nack check here first. Receipts
+/// of other processes are unknown here and left to SQS. Deadlines are counted
+/// from before the receive request, so they err on the early side.
+#[derive(Default)]
+struct Leases {
+    map: parking_lot::Mutex<LeaseMap>,
+}
+
+#[derive(Default)]
+struct LeaseMap {
+    deadlines: HashMap<String, Instant>,
+    /// Size after the last sweep of expired entries.
+    swept: usize,
+}
+
+impl Leases {
+    fn insert(&self, receipts: impl IntoIterator<Item = String>, until: Instant) {
+        let mut m = self.map.lock();
+        for r in receipts {
+            m.deadlines.insert(r, until);
+        }
+        // Deliveries never acked nor nacked leave entries behind: sweep them
+        // whenever the map has doubled, so the cost stays amortized O(1).
+        if m.deadlines.len() > 2 * m.swept + 1024 {
+            let now = Instant::now();
+            m.deadlines.retain(|_, t| *t > now);
+            m.swept = m.deadlines.len();
+        }
+    }
+
+    fn expired(&self, receipt: &str, now: Instant) -> bool {
+        self.map
+            .lock()
+            .deadlines
+            .get(receipt)
+            .is_some_and(|t| *t <= now)
+    }
+
+    fn renew(&self, receipt: &str, until: Instant) {
+        if let Some(t) = self.map.lock().deadlines.get_mut(receipt) {
+            *t = until;
+        }
+    }
+
+    fn remove(&self, receipt: &str) {
+        self.map.lock().deadlines.remove(receipt);
+    }
+
+    fn remove_all<'a>(&self, receipts: impl IntoIterator<Item = &'a String>) {
+        let mut m = self.map.lock();
+        for r in receipts {
+            m.deadlines.remove(r);
+        }
     }
 }
 
@@ -534,7 +607,8 @@ impl Queue for SqsQueue {
         let url = self.url(queue).await?;
         let deadline = Instant::now() + wait;
         loop {
-            let left = deadline.saturating_duration_since(Instant::now());
+            let sent_at = Instant::now();
+            let left = deadline.saturating_duration_since(sent_at);
             let out = self
                 .client
                 .receive_message()
@@ -572,6 +646,10 @@ impl Queue for SqsQueue {
                     }
                 }
             }
+            self.leases.insert(
+                deliveries.iter().map(|d| d.receipt.0.clone()),
+                sent_at + visibility.min(MAX_VISIBILITY),
+            );
             if !early.is_empty() {
                 self.defer(&url, early).await;
             }
@@ -586,8 +664,9 @@ impl Queue for SqsQueue {
             return Ok(());
         }
         let url = self.url(queue).await?;
-        self.delete_batches(&url, receipts.into_iter().map(|r| r.0).collect())
-            .await
+        let receipts: Vec<String> = receipts.into_iter().map(|r| r.0).collect();
+        self.leases.remove_all(&receipts);
+        self.delete_batches(&url, receipts).await
     }
 
     async fn nack(
@@ -597,7 +676,7 @@ impl Queue for SqsQueue {
         delay: Duration,
     ) -> Result<(), QueueError> {
         // SQS caps visibility at 12 h from the receive; a longer delay comes back after 12 h.
-        self.change_visibility(queue, receipt, delay).await
+        self.change_visibility(queue, receipt, delay, true).await
     }
 
     async fn extend(
@@ -606,7 +685,8 @@ impl Queue for SqsQueue {
         receipt: &Receipt,
         visibility: Duration,
     ) -> Result<(), QueueError> {
-        self.change_visibility(queue, receipt, visibility).await
+        self.change_visibility(queue, receipt, visibility, false)
+            .await
     }
 
     async fn depth(&self, queue: &str) -> Result<u64, QueueError> {

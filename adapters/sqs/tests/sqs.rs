@@ -416,3 +416,39 @@ async fn unreachable_endpoint_is_retryable() {
     let err = q.ping().await.expect_err("nothing listens on port 9");
     assert!(err.is_retryable(), "{err:?}");
 }
+
+#[tokio::test]
+async fn expired_and_spent_receipts_are_invalid() {
+    let q = common::fresh(5, false).await;
+    q.enqueue(Q, vec![OutgoingMessage::now(wf("e"))])
+        .await
+        .expect("enqueue");
+    let d = receive_n(&q, 1, Duration::from_secs(1)).await.remove(0);
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // Expired (even before anyone received it again): it can no longer be extended.
+    assert!(matches!(
+        q.extend(Q, &d.receipt, Duration::from_secs(5)).await,
+        Err(QueueError::InvalidReceipt)
+    ));
+    let d2 = receive_n(&q, 1, VIS).await.remove(0);
+    assert!(matches!(
+        q.nack(Q, &d.receipt, Duration::ZERO).await,
+        Err(QueueError::InvalidReceipt)
+    ));
+    q.extend(Q, &d2.receipt, Duration::from_secs(60))
+        .await
+        .expect("live receipt extends");
+    q.ack(Q, vec![d2.receipt.clone()]).await.expect("ack");
+    q.ack(Q, vec![d2.receipt.clone()])
+        .await
+        .expect("ack is idempotent");
+    assert!(matches!(
+        q.extend(Q, &d2.receipt, Duration::from_secs(5)).await,
+        Err(QueueError::InvalidReceipt)
+    ));
+    assert!(matches!(
+        q.nack(Q, &d2.receipt, Duration::ZERO).await,
+        Err(QueueError::InvalidReceipt)
+    ));
+    common::teardown(&q).await;
+}
