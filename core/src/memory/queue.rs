@@ -1,0 +1,444 @@
+//! [`MemoryQueue`]: the in-memory [`Queue`].
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::model::Task;
+use crate::queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
+
+/// Stale heap entries tolerated before a heap is compacted.
+const COMPACT_SLACK: usize = 1024;
+
+/// Configuration of a [`MemoryQueue`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MemoryQueueConfig {
+    /// Deliveries of one message before it goes to the dead-letter list; 0 never
+    /// dead-letters. Default 5.
+    pub max_receives: u32,
+}
+
+impl Default for MemoryQueueConfig {
+    fn default() -> Self {
+        Self { max_receives: 5 }
+    }
+}
+
+/// The in-memory [`Queue`]: named queues, created on first use, in one process.
+///
+/// Each named queue has its own lock; receivers wait on a [`Notify`] and a timer
+/// (tokio time, so paused-clock tests work), never by polling.
+pub struct MemoryQueue {
+    cfg: MemoryQueueConfig,
+    queues: RwLock<HashMap<String, Arc<NamedQueue>>>,
+    /// Message ids and delivery ids, unique across all queues.
+    next_id: AtomicU64,
+}
+
+impl MemoryQueue {
+    /// A queue with `cfg`.
+    #[must_use]
+    pub fn new(cfg: MemoryQueueConfig) -> Self {
+        Self {
+            cfg,
+            queues: RwLock::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+        }
+    }
+
+    fn named(&self, name: &str) -> Arc<NamedQueue> {
+        if let Some(q) = self.queues.read().get(name) {
+            return q.clone();
+        }
+        self.queues
+            .write()
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                Arc::new(NamedQueue {
+                    state: Mutex::new(QueueState::new(self.cfg.max_receives)),
+                    notify: Notify::new(),
+                })
+            })
+            .clone()
+    }
+
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+impl Default for MemoryQueue {
+    fn default() -> Self {
+        Self::new(MemoryQueueConfig::default())
+    }
+}
+
+impl std::fmt::Debug for MemoryQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryQueue")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+struct NamedQueue {
+    state: Mutex<QueueState>,
+    notify: Notify,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Ready,
+    Delayed(Instant),
+    InFlight { until: Instant, delivery: u64 },
+}
+
+struct Message {
+    task: Task,
+    trace_context: Option<String>,
+    receive_count: u32,
+    phase: Phase,
+    /// The delivery whose receipt may still ack it (0: none).
+    last_delivery: u64,
+}
+
+struct QueueState {
+    max_receives: u32,
+    messages: HashMap<u64, Message>,
+    /// Ids of ready messages, oldest first (entries of acked messages are skipped).
+    ready: VecDeque<u64>,
+    /// Delayed messages by due time; entries that no longer match are skipped.
+    delayed: BinaryHeap<Reverse<(Instant, u64)>>,
+    /// In-flight messages by visibility expiry; entries that no longer match are skipped.
+    in_flight: BinaryHeap<Reverse<(Instant, u64)>>,
+    in_flight_count: usize,
+    delayed_count: usize,
+    dead: VecDeque<Task>,
+}
+
+fn parse_receipt(r: &Receipt) -> Option<(u64, u64)> {
+    let (id, delivery) = r.0.split_once('.')?;
+    Some((id.parse().ok()?, delivery.parse().ok()?))
+}
+
+impl QueueState {
+    fn new(max_receives: u32) -> Self {
+        Self {
+            max_receives,
+            messages: HashMap::new(),
+            ready: VecDeque::new(),
+            delayed: BinaryHeap::new(),
+            in_flight: BinaryHeap::new(),
+            in_flight_count: 0,
+            delayed_count: 0,
+            dead: VecDeque::new(),
+        }
+    }
+
+    /// Makes message `id` ready, or dead-letters it if it was received too often.
+    /// Returns whether it became ready.
+    fn make_ready(&mut self, id: u64) -> bool {
+        let Some(m) = self.messages.get_mut(&id) else {
+            return false;
+        };
+        if self.max_receives > 0 && m.receive_count >= self.max_receives {
+            if let Some(m) = self.messages.remove(&id) {
+                self.dead.push_back(m.task);
+            }
+            return false;
+        }
+        m.phase = Phase::Ready;
+        self.ready.push_back(id);
+        true
+    }
+
+    /// Moves due delayed messages and expired deliveries to ready; returns how many became ready.
+    fn promote(&mut self, now: Instant) -> usize {
+        let mut n = 0;
+        while let Some(&Reverse((t, id))) = self.delayed.peek() {
+            if t > now {
+                break;
+            }
+            self.delayed.pop();
+            if self
+                .messages
+                .get(&id)
+                .is_some_and(|m| m.phase == Phase::Delayed(t))
+            {
+                self.delayed_count -= 1;
+                n += usize::from(self.make_ready(id));
+            }
+        }
+        while let Some(&Reverse((t, id))) = self.in_flight.peek() {
+            if t > now {
+                break;
+            }
+            self.in_flight.pop();
+            if self
+                .messages
+                .get(&id)
+                .is_some_and(|m| matches!(m.phase, Phase::InFlight { until, .. } if until == t))
+            {
+                self.in_flight_count -= 1;
+                n += usize::from(self.make_ready(id));
+            }
+        }
+        n
+    }
+
+    /// When the next delayed message is due or delivery expires (perhaps earlier).
+    fn next_wake(&self) -> Option<Instant> {
+        let d = self.delayed.peek().map(|Reverse((t, _))| *t);
+        let f = self.in_flight.peek().map(|Reverse((t, _))| *t);
+        match (d, f) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn delay(&mut self, id: u64, until: Instant) {
+        if let Some(m) = self.messages.get_mut(&id) {
+            m.phase = Phase::Delayed(until);
+            self.delayed.push(Reverse((until, id)));
+            self.delayed_count += 1;
+        }
+    }
+
+    /// The message of a live delivery: in flight under `receipt` and not expired.
+    fn live(&mut self, receipt: &Receipt, now: Instant) -> Option<(u64, &mut Message)> {
+        let (id, delivery) = parse_receipt(receipt)?;
+        let m = self.messages.get_mut(&id)?;
+        match m.phase {
+            Phase::InFlight { until, delivery: d } if d == delivery && until > now => Some((id, m)),
+            _ => None,
+        }
+    }
+
+    /// Drops stale heap entries once they outnumber live ones (acks leave them behind).
+    fn compact(&mut self) {
+        if self.in_flight.len() > 2 * self.in_flight_count + COMPACT_SLACK {
+            let messages = &self.messages;
+            self.in_flight.retain(|Reverse((t, id))| {
+                messages.get(id).is_some_and(
+                    |m| matches!(m.phase, Phase::InFlight { until, .. } if until == *t),
+                )
+            });
+        }
+        if self.delayed.len() > 2 * self.delayed_count + COMPACT_SLACK {
+            let messages = &self.messages;
+            self.delayed.retain(|Reverse((t, id))| {
+                messages
+                    .get(id)
+                    .is_some_and(|m| m.phase == Phase::Delayed(*t))
+            });
+        }
+    }
+}
+
+#[async_trait]
+impl Queue for MemoryQueue {
+    async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+        let q = self.named(queue);
+        let now = Instant::now();
+        let (mut ready, mut delayed) = (0usize, false);
+        {
+            let mut st = q.state.lock();
+            for m in messages {
+                let id = self.id();
+                st.messages.insert(
+                    id,
+                    Message {
+                        task: m.task,
+                        trace_context: m.trace_context,
+                        receive_count: 0,
+                        phase: Phase::Ready,
+                        last_delivery: 0,
+                    },
+                );
+                if m.delay.is_zero() {
+                    st.ready.push_back(id);
+                    ready += 1;
+                } else {
+                    st.delay(id, now + m.delay);
+                    delayed = true;
+                }
+            }
+        }
+        if delayed {
+            // Sleeping receivers recompute when to wake.
+            q.notify.notify_waiters();
+        }
+        for _ in 0..ready {
+            q.notify.notify_one();
+        }
+        Ok(())
+    }
+
+    async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let q = self.named(queue);
+        let deadline = Instant::now() + wait;
+        loop {
+            let notified = q.notify.notified();
+            tokio::pin!(notified);
+            // Registered before the state is checked, so no enqueue is missed.
+            notified.as_mut().enable();
+            let now = Instant::now();
+            let until = now + visibility;
+            let mut out = Vec::new();
+            let (wake, leftover) = {
+                let mut st = q.state.lock();
+                st.promote(now);
+                while out.len() < max {
+                    let Some(id) = st.ready.pop_front() else {
+                        break;
+                    };
+                    let delivery = self.id();
+                    let Some(m) = st.messages.get_mut(&id) else {
+                        continue;
+                    };
+                    if m.phase != Phase::Ready {
+                        continue;
+                    }
+                    m.receive_count += 1;
+                    m.phase = Phase::InFlight { until, delivery };
+                    m.last_delivery = delivery;
+                    out.push(Delivery {
+                        receipt: Receipt(format!("{id}.{delivery}")),
+                        task: m.task.clone(),
+                        receive_count: m.receive_count,
+                        trace_context: m.trace_context.clone(),
+                    });
+                    st.in_flight.push(Reverse((until, id)));
+                    st.in_flight_count += 1;
+                }
+                (st.next_wake(), !st.ready.is_empty())
+            };
+            if !out.is_empty() {
+                if leftover {
+                    q.notify.notify_one();
+                }
+                return Ok(out);
+            }
+            if max == 0 || now >= deadline {
+                return Ok(out);
+            }
+            let sleep_until = wake.map_or(deadline, |w| w.min(deadline));
+            tokio::select! {
+                () = &mut notified => {}
+                () = tokio::time::sleep_until(sleep_until) => {}
+            }
+        }
+    }
+
+    async fn ack(&self, queue: &str, receipts: Vec<Receipt>) -> Result<(), QueueError> {
+        let q = self.named(queue);
+        let mut st = q.state.lock();
+        for r in &receipts {
+            let Some((id, delivery)) = parse_receipt(r) else {
+                continue;
+            };
+            // A delivery that expired but was not delivered again may still be acked.
+            let Some(m) = st.messages.get(&id) else {
+                continue;
+            };
+            if m.last_delivery != delivery || delivery == 0 {
+                continue;
+            }
+            let phase = m.phase;
+            st.messages.remove(&id);
+            match phase {
+                Phase::InFlight { .. } => st.in_flight_count -= 1,
+                Phase::Delayed(_) => st.delayed_count -= 1,
+                Phase::Ready => {}
+            }
+        }
+        st.compact();
+        Ok(())
+    }
+
+    async fn nack(
+        &self,
+        queue: &str,
+        receipt: &Receipt,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        let q = self.named(queue);
+        let now = Instant::now();
+        let ready = {
+            let mut st = q.state.lock();
+            let (id, m) = st.live(receipt, now).ok_or(QueueError::InvalidReceipt)?;
+            // The receipt is spent: it can no longer ack the message.
+            m.last_delivery = 0;
+            st.in_flight_count -= 1;
+            let ready = if delay.is_zero() {
+                st.make_ready(id)
+            } else {
+                st.delay(id, now + delay);
+                false
+            };
+            st.compact();
+            ready
+        };
+        if ready {
+            q.notify.notify_one();
+        } else {
+            q.notify.notify_waiters();
+        }
+        Ok(())
+    }
+
+    async fn extend(
+        &self,
+        queue: &str,
+        receipt: &Receipt,
+        visibility: Duration,
+    ) -> Result<(), QueueError> {
+        let q = self.named(queue);
+        let now = Instant::now();
+        let mut st = q.state.lock();
+        let (id, m) = st.live(receipt, now).ok_or(QueueError::InvalidReceipt)?;
+        let Phase::InFlight { delivery, .. } = m.phase else {
+            return Err(QueueError::InvalidReceipt);
+        };
+        let until = now + visibility;
+        m.phase = Phase::InFlight { until, delivery };
+        st.in_flight.push(Reverse((until, id)));
+        st.compact();
+        Ok(())
+    }
+
+    async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
+        let q = self.named(queue);
+        let mut st = q.state.lock();
+        st.promote(Instant::now());
+        let waiting = st.messages.len() - st.in_flight_count;
+        Ok(u64::try_from(waiting).unwrap_or(u64::MAX))
+    }
+
+    async fn drain_dead_letters(&self, queue: &str, max: usize) -> Result<Vec<Task>, QueueError> {
+        let q = self.named(queue);
+        let mut st = q.state.lock();
+        st.promote(Instant::now());
+        let n = max.min(st.dead.len());
+        Ok(st.dead.drain(..n).collect())
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        Ok(())
+    }
+}
