@@ -102,9 +102,24 @@ pub(crate) fn due_in(
     attributes: Option<&HashMap<String, MessageAttributeValue>>,
     now: SystemTime,
 ) -> Option<Duration> {
-    let due_ms: u64 = attributes?.get(DUE_AT)?.string_value()?.parse().ok()?;
+    let due_ms = due_ms(attributes)?;
     let now_ms = unix_ms(now);
     (due_ms > now_ms).then(|| Duration::from_millis(due_ms - now_ms))
+}
+
+/// The due time (Unix ms) a long-delayed message carries.
+pub(crate) fn due_ms(attributes: Option<&HashMap<String, MessageAttributeValue>>) -> Option<u64> {
+    attributes?.get(DUE_AT)?.string_value()?.parse().ok()
+}
+
+/// Receives a FIFO message spent hidden before its due time: it was hidden for
+/// at most 12 h at a time from its first receive until `due_ms`.
+pub(crate) fn early_receives(due_ms: u64, first_receive_ms: u64) -> u32 {
+    if first_receive_ms >= due_ms {
+        return 0;
+    }
+    let max_ms = u64::try_from(MAX_VISIBILITY.as_millis()).unwrap_or(u64::MAX);
+    u32::try_from((due_ms - first_receive_ms).div_ceil(max_ms)).unwrap_or(u32::MAX)
 }
 
 /// The trace context a message was sent with.
@@ -200,6 +215,17 @@ mod tests {
             10,
         );
         assert!(matches!(e, Err(QueueError::TooLarge { limit: 10, .. })));
+    }
+
+    #[test]
+    fn early_receives_count_twelve_hour_hides() {
+        let h = 3_600_000;
+        assert_eq!(early_receives(1000, 1000), 0);
+        assert_eq!(early_receives(1000, 2000), 0);
+        assert_eq!(early_receives(3000, 1000), 1);
+        assert_eq!(early_receives(12 * h, 0), 1);
+        assert_eq!(early_receives(12 * h + 1, 0), 2);
+        assert_eq!(early_receives(30 * h, 0), 3);
     }
 
     #[test]

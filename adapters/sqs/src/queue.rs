@@ -617,6 +617,9 @@ impl Queue for SqsQueue {
                 .wait_time_seconds(secs_i32(left.min(self.cfg.wait_time), MAX_WAIT))
                 .visibility_timeout(secs_i32(visibility, MAX_VISIBILITY))
                 .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+                .message_system_attribute_names(
+                    MessageSystemAttributeName::ApproximateFirstReceiveTimestamp,
+                )
                 .message_attribute_names("All")
                 .send()
                 .await
@@ -637,7 +640,7 @@ impl Queue for SqsQueue {
                     Ok(task) => deliveries.push(Delivery {
                         receipt: Receipt(receipt),
                         task,
-                        receive_count: receive_count(&m),
+                        receive_count: receive_count(&m, self.cfg.fifo),
                         trace_context: message::trace_context(m.message_attributes.as_ref()),
                     }),
                     // Left alone, it comes back until it is dead-lettered.
@@ -767,11 +770,21 @@ fn entry_size(e: &SendMessageBatchRequestEntry) -> usize {
         })
 }
 
-fn receive_count(m: &Message) -> u32 {
-    m.attributes()
-        .and_then(|a| a.get(&MessageSystemAttributeName::ApproximateReceiveCount))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
+/// The receive count of a delivery. On FIFO queues, receives spent hiding a
+/// long-delayed message before its due time are not counted (SQS still counts
+/// them towards the dead-letter limit).
+fn receive_count(m: &Message, fifo: bool) -> u32 {
+    let attr = |name: MessageSystemAttributeName| -> Option<u64> {
+        m.attributes()?.get(&name)?.parse().ok()
+    };
+    let count = attr(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(1);
+    let count = u32::try_from(count).unwrap_or(u32::MAX);
+    let early = match (fifo, message::due_ms(m.message_attributes.as_ref())) {
+        (true, Some(due)) => attr(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp)
+            .map_or(0, |first| message::early_receives(due, first)),
+        _ => 0,
+    };
+    count.saturating_sub(early).max(1)
 }
 
 #[cfg(test)]
