@@ -819,7 +819,7 @@ mod tests {
             .await
             .expect("valid config");
         if let Err(e) = q.ping().await {
-            panic!("no SQS at {endpoint} ({e:?}); run `scripts/localstack.sh start`");
+            panic!("no SQS at {endpoint} ({e}); run `scripts/localstack.sh start`");
         }
         q.set_max_native_delay(Duration::from_secs(1));
         q

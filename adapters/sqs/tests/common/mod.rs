@@ -57,7 +57,7 @@ pub async fn connect(cfg: SqsQueueConfig) -> SqsQueue {
         .expect("valid config");
     if let Err(e) = q.ping().await {
         panic!(
-            "no SQS at {} ({e:?}); run `scripts/localstack.sh start` \
+            "no SQS at {} ({e}); run `scripts/localstack.sh start` \
              (or set MARATHON_TEST_SQS_ENDPOINT)",
             endpoint()
         );
