@@ -1,1 +1,9 @@
-//! Marathon's `Queue` on AWS SQS: long polling, batching, visibility extension, dead-letter redrive. (Work in progress.)
+#![doc = include_str!("../README.md")]
+
+mod config;
+mod error;
+mod message;
+mod queue;
+
+pub use config::SqsQueueConfig;
+pub use queue::SqsQueue;

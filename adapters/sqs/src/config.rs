@@ -1,0 +1,68 @@
+//! Configuration of [`crate::SqsQueue`].
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use marathon_core::model::duration_ms;
+use serde::{Deserialize, Serialize};
+
+/// How Marathon finds or creates its SQS queues. Plain data, no I/O.
+///
+/// Credentials are not part of it: the AWS SDK's own chain provides them
+/// (environment, profile, web identity, ECS/EC2 roles).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SqsQueueConfig {
+    /// Prefix of every SQS queue name: logical queue `default` is SQS queue
+    /// `<queue_prefix>default`. Default `"marathon-"`.
+    pub queue_prefix: String,
+    /// Explicit queue URLs by logical name; they win over `queue_prefix`. Default empty.
+    pub queue_urls: BTreeMap<String, String>,
+    /// Creates a missing queue and its dead-letter queue `<name>-dlq` on first use
+    /// (needs `sqs:CreateQueue`, `sqs:GetQueueAttributes`). Default `false`.
+    pub create_if_missing: bool,
+    /// Receives after which a message moves to the dead-letter queue (the
+    /// `maxReceiveCount` of the queues this crate creates). Default 5.
+    pub max_receives: u32,
+    /// AWS region; `None` uses the SDK's chain (`AWS_REGION`, profile). Default `None`.
+    pub region: Option<String>,
+    /// Endpoint override, e.g. `http://127.0.0.1:4566` for LocalStack. Default `None`.
+    pub endpoint_url: Option<String>,
+    /// Longest single long poll; SQS allows at most 20 s. Default 20 s.
+    #[serde(with = "duration_ms", rename = "wait_time_ms")]
+    pub wait_time: Duration,
+    /// Uses FIFO queues (`<name>.fifo`), grouped by workflow id. Default `false`.
+    pub fifo: bool,
+}
+
+impl Default for SqsQueueConfig {
+    fn default() -> Self {
+        Self {
+            queue_prefix: "marathon-".into(),
+            queue_urls: BTreeMap::new(),
+            create_if_missing: false,
+            max_receives: 5,
+            region: None,
+            endpoint_url: None,
+            wait_time: Duration::from_secs(20),
+            fifo: false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partial_config_fills_defaults_and_rejects_unknown_fields() {
+        let cfg: SqsQueueConfig =
+            serde_json::from_str(r#"{"queue_prefix":"p-","fifo":true,"wait_time_ms":5000}"#)
+                .expect("valid config");
+        assert_eq!(cfg.queue_prefix, "p-");
+        assert!(cfg.fifo);
+        assert_eq!(cfg.wait_time, Duration::from_secs(5));
+        assert_eq!(cfg.max_receives, 5);
+        assert!(serde_json::from_str::<SqsQueueConfig>(r#"{"queue_prefx":"p-"}"#).is_err());
+    }
+}

@@ -1,0 +1,891 @@
+//! [`SqsQueue`]: the core's [`Queue`] on AWS SQS.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use aws_config::{BehaviorVersion, ConfigLoader, Region};
+use aws_sdk_sqs::Client;
+use aws_sdk_sqs::types::{
+    ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, Message,
+    MessageSystemAttributeName, QueueAttributeName, SendMessageBatchRequestEntry,
+};
+use futures::{StreamExt, TryStreamExt};
+use marathon_core::{Delivery, OutgoingMessage, Queue, QueueError, Receipt, Task};
+use parking_lot::RwLock;
+use tokio::time::Instant;
+
+use crate::config::SqsQueueConfig;
+use crate::error::{SqsError, classify, classify_entry};
+use crate::message::{
+    self, Encoded, MAX_NATIVE_DELAY, MAX_VISIBILITY, decode, due_in, encode, secs_i32,
+};
+
+/// Most entries SQS takes in one batch request, and most messages one receive returns.
+const MAX_BATCH: usize = 10;
+/// Longest long poll SQS allows.
+const MAX_WAIT: Duration = Duration::from_secs(20);
+/// Longest `MessageGroupId` SQS accepts.
+const MAX_GROUP_ID: usize = 128;
+/// Batch requests one `enqueue` or `ack` keeps in flight at once.
+const BATCH_CONCURRENCY: usize = 8;
+/// How long messages read off a dead-letter queue stay hidden before they are deleted.
+const DRAIN_VISIBILITY: i32 = 30;
+/// Retention of the dead-letter queues this crate creates: 14 days, SQS's maximum.
+const DLQ_RETENTION_SECS: &str = "1209600";
+
+/// Marathon's [`Queue`] on AWS SQS (standard or FIFO queues), safe to share.
+///
+/// Logical queue `name` is SQS queue `<queue_prefix><name>` (plus `.fifo`), or
+/// the URL given for it in `queue_urls`; URLs are looked up once and cached.
+pub struct SqsQueue {
+    client: Client,
+    cfg: SqsQueueConfig,
+    /// Longest delay sent as `DelaySeconds`; longer ones carry a due time.
+    max_native_delay: Duration,
+    urls: RwLock<HashMap<String, String>>,
+    dlq_urls: RwLock<HashMap<String, String>>,
+    /// Visibility deadlines of this process's deliveries, by receipt handle.
+    leases: Leases,
+}
+
+impl std::fmt::Debug for SqsQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqsQueue")
+            .field("cfg", &self.cfg)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqsQueue {
+    /// Builds a client from the SDK's default chain (`aws_config::defaults`)
+    /// with `cfg`'s region and endpoint overrides. Sends no request.
+    ///
+    /// # Errors
+    /// [`QueueError::Backend`] if `cfg` is invalid (`max_receives` of 0).
+    pub async fn connect(cfg: SqsQueueConfig) -> Result<Self, QueueError> {
+        Self::connect_with(cfg, aws_config::defaults(BehaviorVersion::latest())).await
+    }
+
+    /// Like [`SqsQueue::connect`] from a prepared loader (e.g. with static
+    /// credentials for LocalStack); `cfg`'s region and endpoint still override it.
+    ///
+    /// # Errors
+    /// [`QueueError::Backend`] if `cfg` is invalid (`max_receives` of 0).
+    pub async fn connect_with(
+        cfg: SqsQueueConfig,
+        mut loader: ConfigLoader,
+    ) -> Result<Self, QueueError> {
+        if let Some(region) = &cfg.region {
+            loader = loader.region(Region::new(region.clone()));
+        }
+        if let Some(endpoint) = &cfg.endpoint_url {
+            loader = loader.endpoint_url(endpoint);
+        }
+        let sdk = loader.load().await;
+        Self::from_client(cfg, Client::new(&sdk))
+    }
+
+    /// Wraps an existing SDK client; `cfg`'s region and endpoint are not applied.
+    ///
+    /// # Errors
+    /// [`QueueError::Backend`] if `cfg` is invalid (`max_receives` of 0).
+    pub fn from_client(mut cfg: SqsQueueConfig, client: Client) -> Result<Self, QueueError> {
+        if cfg.max_receives == 0 {
+            return Err(QueueError::Backend(Box::new(SqsError::new(
+                "connect",
+                "max_receives must be at least 1",
+            ))));
+        }
+        // A long poll of 0 s would spin; SQS allows at most 20 s.
+        cfg.wait_time = cfg.wait_time.clamp(Duration::from_secs(1), MAX_WAIT);
+        let max_native_delay = if cfg.fifo {
+            // FIFO queues refuse per-message DelaySeconds.
+            Duration::ZERO
+        } else {
+            MAX_NATIVE_DELAY
+        };
+        Ok(Self {
+            client,
+            cfg,
+            max_native_delay,
+            urls: RwLock::default(),
+            dlq_urls: RwLock::default(),
+            leases: Leases::default(),
+        })
+    }
+
+    /// The underlying SDK client, for administration and tests.
+    #[must_use]
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The configuration in force (`wait_time` clamped to 1..=20 s).
+    #[must_use]
+    pub fn config(&self) -> &SqsQueueConfig {
+        &self.cfg
+    }
+
+    /// Lowers the longest native delay (tests of the long-delay path).
+    #[cfg(test)]
+    pub(crate) fn set_max_native_delay(&mut self, d: Duration) {
+        if !self.cfg.fifo {
+            self.max_native_delay = d;
+        }
+    }
+
+    fn fifo_suffix(&self) -> &'static str {
+        if self.cfg.fifo { ".fifo" } else { "" }
+    }
+
+    /// SQS name of logical queue `name`.
+    fn sqs_name(&self, name: &str) -> String {
+        format!("{}{name}{}", self.cfg.queue_prefix, self.fifo_suffix())
+    }
+
+    /// SQS name of the dead-letter queue of logical queue `name`.
+    fn dlq_name(&self, name: &str) -> String {
+        format!("{}{name}-dlq{}", self.cfg.queue_prefix, self.fifo_suffix())
+    }
+
+    /// The URL of logical queue `name`, creating the queue if configured to.
+    async fn url(&self, name: &str) -> Result<String, QueueError> {
+        if let Some(url) = self.cfg.queue_urls.get(name) {
+            return Ok(url.clone());
+        }
+        if let Some(url) = self.urls.read().get(name) {
+            return Ok(url.clone());
+        }
+        let sqs_name = self.sqs_name(name);
+        let url = match self
+            .client
+            .get_queue_url()
+            .queue_name(&sqs_name)
+            .send()
+            .await
+        {
+            Ok(out) => out
+                .queue_url
+                .ok_or_else(|| no_url("get_queue_url", &sqs_name))?,
+            Err(e)
+                if self.cfg.create_if_missing
+                    && e.as_service_error()
+                        .is_some_and(|s| s.is_queue_does_not_exist()) =>
+            {
+                self.create(name).await?
+            }
+            Err(e) => return Err(classify("get_queue_url", false, e)),
+        };
+        self.urls.write().insert(name.to_owned(), url.clone());
+        Ok(url)
+    }
+
+    /// Creates the dead-letter queue, then the queue redriving to it. Both calls
+    /// are idempotent, so replicas racing to create are fine.
+    async fn create(&self, name: &str) -> Result<String, QueueError> {
+        let mut dlq_attrs = HashMap::from([(
+            QueueAttributeName::MessageRetentionPeriod,
+            DLQ_RETENTION_SECS.to_owned(),
+        )]);
+        let mut attrs = HashMap::new();
+        if self.cfg.fifo {
+            dlq_attrs.insert(QueueAttributeName::FifoQueue, "true".to_owned());
+            attrs.insert(QueueAttributeName::FifoQueue, "true".to_owned());
+        }
+        let dlq_name = self.dlq_name(name);
+        let dlq_url = self
+            .client
+            .create_queue()
+            .queue_name(&dlq_name)
+            .set_attributes(Some(dlq_attrs))
+            .send()
+            .await
+            .map_err(|e| classify("create_queue", false, e))?
+            .queue_url
+            .ok_or_else(|| no_url("create_queue", &dlq_name))?;
+        let dlq_arn = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&dlq_url)
+            .attribute_names(QueueAttributeName::QueueArn)
+            .send()
+            .await
+            .map_err(|e| classify("get_queue_attributes", false, e))?
+            .attributes
+            .and_then(|mut a| a.remove(&QueueAttributeName::QueueArn))
+            .ok_or_else(|| {
+                backend(
+                    "get_queue_attributes",
+                    format!("no QueueArn for {dlq_name}"),
+                )
+            })?;
+        let redrive = serde_json::json!({
+            "deadLetterTargetArn": dlq_arn,
+            "maxReceiveCount": self.cfg.max_receives,
+        });
+        attrs.insert(QueueAttributeName::RedrivePolicy, redrive.to_string());
+        let sqs_name = self.sqs_name(name);
+        let url = self
+            .client
+            .create_queue()
+            .queue_name(&sqs_name)
+            .set_attributes(Some(attrs))
+            .send()
+            .await
+            .map_err(|e| classify("create_queue", false, e))?
+            .queue_url
+            .ok_or_else(|| no_url("create_queue", &sqs_name))?;
+        tracing::info!(queue = %sqs_name, dlq = %dlq_name, "created SQS queues");
+        self.dlq_urls.write().insert(name.to_owned(), dlq_url);
+        Ok(url)
+    }
+
+    /// The URL of the dead-letter queue of `name`, read from its `RedrivePolicy`
+    /// (so explicit `queue_urls` work too).
+    async fn dlq_url(&self, name: &str) -> Result<String, QueueError> {
+        if let Some(url) = self.dlq_urls.read().get(name) {
+            return Ok(url.clone());
+        }
+        let url = self.url(name).await?;
+        let policy = self
+            .client
+            .get_queue_attributes()
+            .queue_url(&url)
+            .attribute_names(QueueAttributeName::RedrivePolicy)
+            .send()
+            .await
+            .map_err(|e| classify("get_queue_attributes", false, e))?
+            .attributes
+            .and_then(|mut a| a.remove(&QueueAttributeName::RedrivePolicy))
+            .ok_or_else(|| {
+                backend(
+                    "drain_dead_letters",
+                    format!("queue {name} has no RedrivePolicy"),
+                )
+            })?;
+        let policy: serde_json::Value = serde_json::from_str(&policy)
+            .map_err(|e| backend("drain_dead_letters", format!("bad RedrivePolicy: {e}")))?;
+        let arn = policy
+            .get("deadLetterTargetArn")
+            .and_then(serde_json::Value::as_str)
+            .ok_or_else(|| {
+                backend(
+                    "drain_dead_letters",
+                    "RedrivePolicy without deadLetterTargetArn",
+                )
+            })?;
+        // arn:aws:sqs:<region>:<account>:<name>
+        let mut parts = arn.rsplitn(3, ':');
+        let (Some(dlq_name), Some(account)) = (parts.next(), parts.next()) else {
+            return Err(backend(
+                "drain_dead_letters",
+                format!("bad dead-letter ARN {arn}"),
+            ));
+        };
+        let dlq_url = self
+            .client
+            .get_queue_url()
+            .queue_name(dlq_name)
+            .queue_owner_aws_account_id(account)
+            .send()
+            .await
+            .map_err(|e| classify("get_queue_url", false, e))?
+            .queue_url
+            .ok_or_else(|| no_url("get_queue_url", dlq_name))?;
+        self.dlq_urls
+            .write()
+            .insert(name.to_owned(), dlq_url.clone());
+        Ok(dlq_url)
+    }
+
+    fn send_entry(
+        &self,
+        id: usize,
+        e: Encoded,
+        task: &Task,
+    ) -> Result<SendMessageBatchRequestEntry, QueueError> {
+        let mut b = SendMessageBatchRequestEntry::builder()
+            .id(id.to_string())
+            .message_body(e.body)
+            .set_message_attributes((!e.attributes.is_empty()).then_some(e.attributes));
+        if e.delay_seconds > 0 {
+            b = b.delay_seconds(e.delay_seconds);
+        }
+        if self.cfg.fifo {
+            let wf = task.workflow_id().as_str();
+            b = b
+                .message_group_id(&wf[..wf.len().min(MAX_GROUP_ID)])
+                // Random: two equal tasks are two deliveries, never merged.
+                .message_deduplication_id(uuid::Uuid::new_v4().simple().to_string());
+        }
+        b.build().map_err(|e| QueueError::Backend(Box::new(e)))
+    }
+
+    /// Sends entries in batches of at most ten and at most `max_message_bytes` in all.
+    async fn send_batches(
+        &self,
+        url: &str,
+        entries: Vec<(usize, SendMessageBatchRequestEntry)>,
+    ) -> Result<(), QueueError> {
+        let limit = self.max_message_bytes();
+        let mut batches: Vec<Vec<SendMessageBatchRequestEntry>> = Vec::new();
+        let mut size = 0;
+        for (entry_size, mut entry) in entries {
+            match batches.last_mut() {
+                Some(b) if b.len() < MAX_BATCH && size + entry_size <= limit => {
+                    size += entry_size;
+                    // Ids only need to be unique within one request.
+                    entry.id = b.len().to_string();
+                    b.push(entry);
+                }
+                _ => {
+                    size = entry_size;
+                    entry.id = "0".to_owned();
+                    batches.push(vec![entry]);
+                }
+            }
+        }
+        futures::stream::iter(batches)
+            .map(|batch| async move {
+                let out = self
+                    .client
+                    .send_message_batch()
+                    .queue_url(url)
+                    .set_entries(Some(batch))
+                    .send()
+                    .await
+                    .map_err(|e| classify("send_message_batch", false, e))?;
+                match out.failed.first() {
+                    Some(f) => Err(classify_entry(
+                        "send_message_batch",
+                        false,
+                        f.code(),
+                        f.message(),
+                        f.sender_fault(),
+                    )),
+                    None => Ok(()),
+                }
+            })
+            .buffer_unordered(BATCH_CONCURRENCY)
+            .try_collect::<()>()
+            .await
+    }
+
+    /// Deletes by receipt in batches of ten.
+    async fn delete_batches(&self, url: &str, receipts: Vec<String>) -> Result<(), QueueError> {
+        let batches: Vec<Vec<String>> =
+            receipts.chunks(MAX_BATCH).map(<[String]>::to_vec).collect();
+        futures::stream::iter(batches)
+            .map(|batch| async move {
+                let entries = batch
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, r)| {
+                        DeleteMessageBatchRequestEntry::builder()
+                            .id(i.to_string())
+                            .receipt_handle(r)
+                            .build()
+                            .map_err(|e| QueueError::Backend(Box::new(e)))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                let out = self
+                    .client
+                    .delete_message_batch()
+                    .queue_url(url)
+                    .set_entries(Some(entries))
+                    .send()
+                    .await
+                    .map_err(|e| classify("delete_message_batch", true, e))?;
+                match out.failed.first() {
+                    Some(f) => Err(classify_entry(
+                        "delete_message_batch",
+                        true,
+                        f.code(),
+                        f.message(),
+                        f.sender_fault(),
+                    )),
+                    None => Ok(()),
+                }
+            })
+            .buffer_unordered(BATCH_CONCURRENCY)
+            .try_collect::<()>()
+            .await
+    }
+
+    /// Puts back messages received before their due time. Standard queues get
+    /// a fresh copy delayed by up to 15 minutes and lose the original, so the
+    /// copy's receive count starts again at zero (a hidden message must not use
+    /// up the receives that lead to the dead-letter queue). FIFO queues cannot
+    /// delay single messages: there the message is hidden again (up to 12 h).
+    /// Failures are only logged: the message then reappears after its visibility
+    /// timeout and is checked again.
+    async fn defer(&self, url: &str, early: Vec<(Message, Duration)>) {
+        if self.cfg.fifo {
+            let entries: Vec<_> = early
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (m, left))| {
+                    ChangeMessageVisibilityBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .set_receipt_handle(m.receipt_handle.clone())
+                        .visibility_timeout(secs_i32(*left, MAX_VISIBILITY))
+                        .build()
+                        .ok()
+                })
+                .collect();
+            let res = self
+                .client
+                .change_message_visibility_batch()
+                .queue_url(url)
+                .set_entries(Some(entries))
+                .send()
+                .await;
+            if let Err(e) = res {
+                tracing::warn!(error = %classify("change_message_visibility_batch", true, e), "could not hide an early message again");
+            }
+            return;
+        }
+        let mut copies = Vec::with_capacity(early.len());
+        let mut receipts = Vec::with_capacity(early.len());
+        for (i, (m, left)) in early.into_iter().enumerate() {
+            let entry = SendMessageBatchRequestEntry::builder()
+                .id(i.to_string())
+                .set_message_body(m.body)
+                .set_message_attributes(m.message_attributes)
+                .delay_seconds(secs_i32(left.min(self.max_native_delay), MAX_NATIVE_DELAY))
+                .build();
+            match (entry, m.receipt_handle) {
+                (Ok(entry), Some(r)) => {
+                    copies.push((entry_size(&entry), entry));
+                    receipts.push(r);
+                }
+                (Err(e), _) => tracing::warn!(error = %e, "could not copy an early message"),
+                (_, None) => tracing::warn!("early message without a receipt handle"),
+            }
+        }
+        // Copy first, delete after: a crash in between duplicates, never loses.
+        if let Err(e) = self.send_batches(url, copies).await {
+            tracing::warn!(error = %e, "could not re-send early messages");
+            return;
+        }
+        if let Err(e) = self.delete_batches(url, receipts).await {
+            tracing::warn!(error = %e, "could not delete early messages after re-sending them");
+        }
+    }
+
+    /// Changes the visibility of a live delivery; `release` ends its lease (nack).
+    async fn change_visibility(
+        &self,
+        queue: &str,
+        receipt: &Receipt,
+        visibility: Duration,
+        release: bool,
+    ) -> Result<(), QueueError> {
+        let start = Instant::now();
+        if self.leases.expired(&receipt.0, start) {
+            return Err(QueueError::InvalidReceipt);
+        }
+        let url = self.url(queue).await?;
+        let res = self
+            .client
+            .change_message_visibility()
+            .queue_url(url)
+            .receipt_handle(&receipt.0)
+            .visibility_timeout(secs_i32(visibility, MAX_VISIBILITY))
+            .send()
+            .await
+            .map_err(|e| classify("change_message_visibility", true, e));
+        match (&res, release) {
+            (Err(QueueError::InvalidReceipt), _) | (Ok(_), true) => self.leases.remove(&receipt.0),
+            (Ok(_), false) => self.leases.renew(&receipt.0, start + visibility),
+            (Err(_), _) => {}
+        }
+        res.map(|_| ())
+    }
+}
+
+/// Visibility deadlines of deliveries received by this process. SQS (LocalStack
+/// at least) lets an expired receipt handle change visibility; the contract says
+/// an expired receipt is invalid, so extend and nack check here first. Receipts
+/// of other processes are unknown here and left to SQS. Deadlines are counted
+/// from before the receive request, so they err on the early side.
+#[derive(Default)]
+struct Leases {
+    map: parking_lot::Mutex<LeaseMap>,
+}
+
+#[derive(Default)]
+struct LeaseMap {
+    deadlines: HashMap<String, Instant>,
+    /// Size after the last sweep of expired entries.
+    swept: usize,
+}
+
+impl Leases {
+    fn insert(&self, receipts: impl IntoIterator<Item = String>, until: Instant) {
+        let mut m = self.map.lock();
+        for r in receipts {
+            m.deadlines.insert(r, until);
+        }
+        // Deliveries never acked nor nacked leave entries behind: sweep them
+        // whenever the map has doubled, so the cost stays amortized O(1).
+        if m.deadlines.len() > 2 * m.swept + 1024 {
+            let now = Instant::now();
+            m.deadlines.retain(|_, t| *t > now);
+            m.swept = m.deadlines.len();
+        }
+    }
+
+    fn expired(&self, receipt: &str, now: Instant) -> bool {
+        self.map
+            .lock()
+            .deadlines
+            .get(receipt)
+            .is_some_and(|t| *t <= now)
+    }
+
+    fn renew(&self, receipt: &str, until: Instant) {
+        if let Some(t) = self.map.lock().deadlines.get_mut(receipt) {
+            *t = until;
+        }
+    }
+
+    fn remove(&self, receipt: &str) {
+        self.map.lock().deadlines.remove(receipt);
+    }
+
+    fn remove_all<'a>(&self, receipts: impl IntoIterator<Item = &'a String>) {
+        let mut m = self.map.lock();
+        for r in receipts {
+            m.deadlines.remove(r);
+        }
+    }
+}
+
+fn backend(op: &'static str, detail: impl Into<String>) -> QueueError {
+    QueueError::Backend(Box::new(SqsError::new(op, detail)))
+}
+
+fn no_url(op: &'static str, name: &str) -> QueueError {
+    backend(op, format!("no QueueUrl returned for {name}"))
+}
+
+fn clamp_i32(n: usize) -> i32 {
+    i32::try_from(n).unwrap_or(i32::MAX)
+}
+
+#[async_trait]
+impl Queue for SqsQueue {
+    async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let limit = self.max_message_bytes();
+        let now = SystemTime::now();
+        // Encode everything first: a message too large sends nothing.
+        let mut entries = Vec::with_capacity(messages.len());
+        for (i, m) in messages.iter().enumerate() {
+            let e = encode(m, now, self.max_native_delay, limit)?;
+            let size = e.size;
+            entries.push((size, self.send_entry(i, e, &m.task)?));
+        }
+        let url = self.url(queue).await?;
+        self.send_batches(&url, entries).await
+    }
+
+    async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let url = self.url(queue).await?;
+        let deadline = Instant::now() + wait;
+        loop {
+            let sent_at = Instant::now();
+            let left = deadline.saturating_duration_since(sent_at);
+            let out = self
+                .client
+                .receive_message()
+                .queue_url(&url)
+                .max_number_of_messages(clamp_i32(max.min(MAX_BATCH)))
+                .wait_time_seconds(secs_i32(left.min(self.cfg.wait_time), MAX_WAIT))
+                .visibility_timeout(secs_i32(visibility, MAX_VISIBILITY))
+                .message_system_attribute_names(MessageSystemAttributeName::ApproximateReceiveCount)
+                .message_system_attribute_names(
+                    MessageSystemAttributeName::ApproximateFirstReceiveTimestamp,
+                )
+                .message_attribute_names("All")
+                .send()
+                .await
+                .map_err(|e| classify("receive_message", false, e))?;
+            let now = SystemTime::now();
+            let mut deliveries = Vec::new();
+            let mut early = Vec::new();
+            for m in out.messages.unwrap_or_default() {
+                if let Some(left) = due_in(m.message_attributes.as_ref(), now) {
+                    early.push((m, left));
+                    continue;
+                }
+                let Some(receipt) = m.receipt_handle.clone() else {
+                    tracing::warn!(message_id = ?m.message_id, "message without a receipt handle");
+                    continue;
+                };
+                match decode(m.body().unwrap_or_default()) {
+                    Ok(task) => deliveries.push(Delivery {
+                        receipt: Receipt(receipt),
+                        task,
+                        receive_count: receive_count(&m, self.cfg.fifo),
+                        trace_context: message::trace_context(m.message_attributes.as_ref()),
+                    }),
+                    // Left alone, it comes back until it is dead-lettered.
+                    Err(e) => {
+                        tracing::warn!(message_id = ?m.message_id, error = %e, "undecodable message")
+                    }
+                }
+            }
+            self.leases.insert(
+                deliveries.iter().map(|d| d.receipt.0.clone()),
+                sent_at + visibility.min(MAX_VISIBILITY),
+            );
+            if !early.is_empty() {
+                self.defer(&url, early).await;
+            }
+            if !deliveries.is_empty() || Instant::now() >= deadline {
+                return Ok(deliveries);
+            }
+        }
+    }
+
+    async fn ack(&self, queue: &str, receipts: Vec<Receipt>) -> Result<(), QueueError> {
+        if receipts.is_empty() {
+            return Ok(());
+        }
+        let url = self.url(queue).await?;
+        let receipts: Vec<String> = receipts.into_iter().map(|r| r.0).collect();
+        self.leases.remove_all(&receipts);
+        self.delete_batches(&url, receipts).await
+    }
+
+    async fn nack(
+        &self,
+        queue: &str,
+        receipt: &Receipt,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        // SQS caps visibility at 12 h from the receive; a longer delay comes back after 12 h.
+        self.change_visibility(queue, receipt, delay, true).await
+    }
+
+    async fn extend(
+        &self,
+        queue: &str,
+        receipt: &Receipt,
+        visibility: Duration,
+    ) -> Result<(), QueueError> {
+        self.change_visibility(queue, receipt, visibility, false)
+            .await
+    }
+
+    async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
+        let url = self.url(queue).await?;
+        let attrs = self
+            .client
+            .get_queue_attributes()
+            .queue_url(url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+            .send()
+            .await
+            .map_err(|e| classify("get_queue_attributes", false, e))?
+            .attributes
+            .unwrap_or_default();
+        let count = |name: &QueueAttributeName| -> u64 {
+            attrs.get(name).and_then(|v| v.parse().ok()).unwrap_or(0)
+        };
+        Ok(count(&QueueAttributeName::ApproximateNumberOfMessages)
+            + count(&QueueAttributeName::ApproximateNumberOfMessagesDelayed))
+    }
+
+    async fn drain_dead_letters(&self, queue: &str, max: usize) -> Result<Vec<Task>, QueueError> {
+        let url = self.dlq_url(queue).await?;
+        let mut tasks = Vec::new();
+        while tasks.len() < max {
+            let out = self
+                .client
+                .receive_message()
+                .queue_url(&url)
+                .max_number_of_messages(clamp_i32((max - tasks.len()).min(MAX_BATCH)))
+                .wait_time_seconds(0)
+                .visibility_timeout(DRAIN_VISIBILITY)
+                .send()
+                .await
+                .map_err(|e| classify("receive_message", false, e))?;
+            let messages = out.messages.unwrap_or_default();
+            if messages.is_empty() {
+                break;
+            }
+            let mut receipts = Vec::with_capacity(messages.len());
+            for m in messages {
+                match decode(m.body().unwrap_or_default()) {
+                    Ok(task) => {
+                        tasks.push(task);
+                        receipts.extend(m.receipt_handle);
+                    }
+                    // Kept on the dead-letter queue for a human to look at.
+                    Err(e) => {
+                        tracing::warn!(message_id = ?m.message_id, error = %e, "undecodable dead letter left in place")
+                    }
+                }
+            }
+            self.delete_batches(&url, receipts).await?;
+        }
+        Ok(tasks)
+    }
+
+    async fn ping(&self) -> Result<(), QueueError> {
+        let mut req = self.client.list_queues().max_results(1);
+        if !self.cfg.queue_prefix.is_empty() {
+            req = req.queue_name_prefix(&self.cfg.queue_prefix);
+        }
+        req.send()
+            .await
+            .map_err(|e| classify("list_queues", false, e))?;
+        Ok(())
+    }
+}
+
+/// Size of a copied entry as SQS counts it (body and attributes).
+fn entry_size(e: &SendMessageBatchRequestEntry) -> usize {
+    e.message_body.len()
+        + e.message_attributes.as_ref().map_or(0, |a| {
+            a.iter()
+                .map(|(k, v)| k.len() + v.data_type().len() + v.string_value().map_or(0, str::len))
+                .sum()
+        })
+}
+
+/// The receive count of a delivery. On FIFO queues, receives spent hiding a
+/// long-delayed message before its due time are not counted (SQS still counts
+/// them towards the dead-letter limit).
+fn receive_count(m: &Message, fifo: bool) -> u32 {
+    let attr = |name: MessageSystemAttributeName| -> Option<u64> {
+        m.attributes()?.get(&name)?.parse().ok()
+    };
+    let count = attr(MessageSystemAttributeName::ApproximateReceiveCount).unwrap_or(1);
+    let count = u32::try_from(count).unwrap_or(u32::MAX);
+    let early = match (fifo, message::due_ms(m.message_attributes.as_ref())) {
+        (true, Some(due)) => attr(MessageSystemAttributeName::ApproximateFirstReceiveTimestamp)
+            .map_or(0, |first| message::early_receives(due, first)),
+        _ => 0,
+    };
+    count.saturating_sub(early).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The long-delay path on LocalStack, with the 15-minute threshold lowered to 1 s.
+    use super::*;
+    use aws_sdk_sqs::config::Credentials;
+    use marathon_core::WorkflowId;
+
+    async fn fresh() -> SqsQueue {
+        let endpoint = std::env::var("MARATHON_TEST_SQS_ENDPOINT")
+            .unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned());
+        let id = uuid::Uuid::new_v4().simple().to_string();
+        let cfg = SqsQueueConfig {
+            queue_prefix: format!("mt-{}-", &id[..12]),
+            create_if_missing: true,
+            max_receives: 2,
+            region: Some("us-east-1".into()),
+            endpoint_url: Some(endpoint.clone()),
+            ..SqsQueueConfig::default()
+        };
+        let loader = aws_config::defaults(BehaviorVersion::latest())
+            .empty_test_environment()
+            .credentials_provider(Credentials::new(
+                "test",
+                "test",
+                None,
+                None,
+                "marathon-test",
+            ));
+        let mut q = SqsQueue::connect_with(cfg, loader)
+            .await
+            .expect("valid config");
+        if let Err(e) = q.ping().await {
+            panic!("no SQS at {endpoint} ({e}); run `scripts/localstack.sh start`");
+        }
+        q.set_max_native_delay(Duration::from_secs(1));
+        q
+    }
+
+    async fn teardown(q: &SqsQueue) {
+        let urls = q
+            .client
+            .list_queues()
+            .queue_name_prefix(&q.cfg.queue_prefix)
+            .send()
+            .await
+            .expect("list")
+            .queue_urls
+            .unwrap_or_default();
+        for url in urls {
+            q.client
+                .delete_queue()
+                .queue_url(url)
+                .send()
+                .await
+                .expect("delete");
+        }
+    }
+
+    #[tokio::test]
+    async fn delays_beyond_the_native_limit_are_deferred_without_using_up_receives() {
+        let q = fresh().await;
+        let task = Task::Workflow {
+            workflow_id: WorkflowId::random(),
+        };
+        let start = std::time::Instant::now();
+        // 4 s with a native limit of 1 s: sent with 1 s, then re-sent up to 3 times.
+        q.enqueue(
+            "d",
+            vec![OutgoingMessage::now(task.clone()).delayed(Duration::from_secs(4))],
+        )
+        .await
+        .expect("enqueue");
+        let mut got = Vec::new();
+        while got.is_empty() && start.elapsed() < Duration::from_secs(15) {
+            got = q
+                .receive("d", 10, Duration::from_secs(1), Duration::from_secs(30))
+                .await
+                .expect("receive");
+            assert_eq!(q.depth("d").await.expect("depth") + got.len() as u64, 1);
+        }
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_millis(3900),
+            "delivered early: {elapsed:?}"
+        );
+        assert!(
+            elapsed < Duration::from_secs(8),
+            "delivered late: {elapsed:?}"
+        );
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].task, task);
+        // Early receives did not count: max_receives is 2 and it was received several times.
+        assert_eq!(got[0].receive_count, 1);
+        assert!(
+            q.drain_dead_letters("d", 10)
+                .await
+                .expect("drain")
+                .is_empty()
+        );
+        teardown(&q).await;
+    }
+}
