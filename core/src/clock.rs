@@ -47,7 +47,7 @@ impl Default for TokioClock {
 
 impl Clock for TokioClock {
     fn now(&self) -> Timestamp {
-        self.base.add(self.start.elapsed())
+        self.base.plus(self.start.elapsed())
     }
 }
 

@@ -9,7 +9,7 @@ use marathon_core::{
     ActivityContext, ActivityError, ActivityOptions, EventData, Pipeline, RetryPolicy,
     StartWorkflow, Worker, WorkflowContext, WorkflowError, WorkflowId, WorkflowStatus,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
@@ -449,12 +449,19 @@ async fn cancellation_reaches_running_activity(cross_replica: bool) {
     };
     let serve = |engine: &marathon_core::Engine, queue: &str| {
         let mut cfg = worker_config();
-        cfg.queues = vec![marathon_core::QueueSpec { name: queue.into(), concurrency: 8 }];
+        cfg.queues = vec![marathon_core::QueueSpec {
+            name: queue.into(),
+            concurrency: 8,
+        }];
         Worker::start(engine.clone(), cfg)
     };
     // Workflow tasks and activities on different replicas when `cross_replica`.
     let workflows = make(saw_cancel.clone());
-    let activities = if cross_replica { make(saw_cancel.clone()) } else { workflows.clone() };
+    let activities = if cross_replica {
+        make(saw_cancel.clone())
+    } else {
+        workflows.clone()
+    };
     let w1 = serve(&workflows, "default");
     let w2 = serve(&activities, "activities");
     let id = workflows
@@ -467,7 +474,10 @@ async fn cancellation_reaches_running_activity(cross_replica: bool) {
     assert_eq!(w2.in_flight(), 1, "the activity is running");
     // Cancel through the replica that runs workflow tasks (never the activity's own
     // replica when `cross_replica`): the activity learns of it by heartbeat.
-    workflows.cancel(&id, Some("user asked".into())).await.unwrap();
+    workflows
+        .cancel(&id, Some("user asked".into()))
+        .await
+        .unwrap();
     let s = finished(&workflows, &id).await;
     assert_eq!(s.status, WorkflowStatus::Canceled, "{s:?}");
     assert!(s.cancel_requested);
@@ -480,7 +490,11 @@ async fn cancellation_reaches_running_activity(cross_replica: bool) {
     .await
     .expect("the activity stopped");
     if cross_replica {
-        assert_eq!(saw_cancel.load(Ordering::SeqCst), 1, "the heartbeat reported the cancellation");
+        assert_eq!(
+            saw_cancel.load(Ordering::SeqCst),
+            1,
+            "the heartbeat reported the cancellation"
+        );
     }
     w1.shutdown().await;
     w2.shutdown().await;
@@ -811,7 +825,7 @@ async fn progress_events_are_recorded_and_streamed() {
     }
     assert_eq!(tokens, [json!("Hel"), json!("lo")]);
     assert!(
-        matches!(last.unwrap().data, EventData::WorkflowCompleted { ref output } if *output == Value::from("Hello"))
+        matches!(last.unwrap().data, EventData::WorkflowCompleted { ref output } if *output == "Hello")
     );
     w.shutdown().await;
 }

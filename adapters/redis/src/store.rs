@@ -721,7 +721,7 @@ impl Store for RedisStore {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<Owed>, StoreError> {
-        let until = now.add(lease);
+        let until = now.plus(lease);
         let shards = self.keys().shards();
         let mut claimed = Vec::new();
         for _ in 0..CLAIM_ROUNDS {

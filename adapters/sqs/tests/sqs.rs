@@ -253,6 +253,7 @@ async fn too_large_is_refused_and_nothing_is_sent() {
         activity_id: 1,
         attempt: 1,
         scheduled_seq: Seq(3),
+        workflow_task_queue: "default".into(),
         call: Some(ActivityCall {
             name: "big".into(),
             input: serde_json::Value::String("x".repeat(q.max_message_bytes())),
@@ -285,6 +286,7 @@ async fn batches_respect_the_total_size_limit() {
                 activity_id: i,
                 attempt: 1,
                 scheduled_seq: Seq(1),
+                workflow_task_queue: "default".into(),
                 call: Some(ActivityCall {
                     name: "mid".into(),
                     input: serde_json::Value::String("y".repeat(60 * 1024)),

@@ -260,7 +260,7 @@ impl WorkflowContext {
         }
         let id = st.next_command;
         st.next_command += 1;
-        let fire_at = st.now.add(duration);
+        let fire_at = st.now.plus(duration);
         st.timers.insert(id, Slot::Pending(None));
         st.commands.push(Command::Timer { id, fire_at });
         drop(st);

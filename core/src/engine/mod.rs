@@ -320,6 +320,9 @@ impl Cache {
     }
 }
 
+/// A running activity attempt of this process: (activity id, attempt) and its cancellation.
+type RunningAttempt = ((u32, u32), CancellationToken);
+
 pub(crate) struct EngineInner {
     pub(crate) store: Arc<dyn Store>,
     pub(crate) queue: Arc<dyn Queue>,
@@ -327,7 +330,7 @@ pub(crate) struct EngineInner {
     pub(crate) config: EngineConfig,
     pub(crate) clock: SharedClock,
     cache: Cache,
-    running: Mutex<HashMap<WorkflowId, Vec<((u32, u32), CancellationToken)>>>,
+    running: Mutex<HashMap<WorkflowId, Vec<RunningAttempt>>>,
 }
 
 /// The durable workflow engine: cheap to clone, shared by the API and the workers.
@@ -413,7 +416,7 @@ impl Engine {
                 task_queue: task_queue.clone(),
                 idempotency_key: req.idempotency_key,
                 started_at: now,
-                task_deadline: now.add(inner.config.workflow_task_deadline),
+                task_deadline: now.plus(inner.config.workflow_task_deadline),
             })
             .await?;
         if created.created {
@@ -650,7 +653,7 @@ impl EngineInner {
         OwedEntry {
             kind: OwedKind::WorkflowTask,
             task_queue: task_queue.to_string(),
-            deadline: now.add(self.config.workflow_task_deadline),
+            deadline: now.plus(self.config.workflow_task_deadline),
         }
     }
 
@@ -820,8 +823,8 @@ impl EngineInner {
                             },
                             task_queue: task_queue.clone(),
                             deadline: now
-                                .add(options.start_to_close)
-                                .add(self.config.activity_grace),
+                                .plus(options.start_to_close)
+                                .plus(self.config.activity_grace),
                         });
                         let inline = self.queue.max_message_bytes() == usize::MAX
                             || serde_json::to_vec(input).map_or(0, |v| v.len()) <= inline_limit;
@@ -917,7 +920,7 @@ impl EngineInner {
         let owed = OwedChanges::none().set(OwedEntry {
             kind: OwedKind::WorkflowTask,
             task_queue: task_queue.to_string(),
-            deadline: now.add(self.config.task_failure_retry),
+            deadline: now.plus(self.config.task_failure_retry),
         });
         match self.store.append(id, last, events, owed).await {
             Ok(_)
@@ -989,7 +992,7 @@ impl EngineInner {
         let mut budget = call.options.start_to_close;
         let mut budget_kind = "start_to_close";
         if let Some(stc) = call.options.schedule_to_close {
-            let left = call.scheduled_at.add(stc).since(started_at);
+            let left = call.scheduled_at.plus(stc).since(started_at);
             if left <= budget {
                 budget = left;
                 budget_kind = "schedule_to_close";
@@ -1092,7 +1095,7 @@ impl EngineInner {
                 let within_deadline = call
                     .options
                     .schedule_to_close
-                    .is_none_or(|stc| now.add(delay) < call.scheduled_at.add(stc));
+                    .is_none_or(|stc| now.plus(delay) < call.scheduled_at.plus(stc));
                 let retry = error.retryable
                     && policy.retries_kind(&error.kind)
                     && policy.has_attempts_after(t.attempt)
@@ -1125,9 +1128,9 @@ impl EngineInner {
                             },
                             task_queue: queue.to_string(),
                             deadline: now
-                                .add(delay)
-                                .add(call.options.start_to_close)
-                                .add(self.config.activity_grace),
+                                .plus(delay)
+                                .plus(call.options.start_to_close)
+                                .plus(self.config.activity_grace),
                         }),
                         (
                             queue.to_string(),
@@ -1263,8 +1266,8 @@ impl EngineInner {
                                 },
                                 task_queue: owed.entry.task_queue.clone(),
                                 deadline: now
-                                    .add(call.options.start_to_close)
-                                    .add(self.config.activity_grace),
+                                    .plus(call.options.start_to_close)
+                                    .plus(self.config.activity_grace),
                             }),
                         },
                     )

@@ -503,7 +503,7 @@ impl Store for MemoryStore {
         lease: Duration,
         limit: usize,
     ) -> Result<Vec<Owed>, StoreError> {
-        let until = now.add(lease);
+        let until = now.plus(lease);
         let mut claimed = Vec::new();
         for _ in 0..CLAIM_ROUNDS {
             let want = limit - claimed.len();

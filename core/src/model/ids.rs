@@ -127,7 +127,7 @@ impl Timestamp {
 
     /// This time plus `d`, saturating.
     #[must_use]
-    pub fn add(self, d: Duration) -> Self {
+    pub fn plus(self, d: Duration) -> Self {
         Timestamp(
             self.0
                 .saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
@@ -144,6 +144,13 @@ impl Timestamp {
     #[must_use]
     pub fn as_millis(self) -> u64 {
         self.0
+    }
+}
+
+impl std::ops::Add<Duration> for Timestamp {
+    type Output = Timestamp;
+    fn add(self, d: Duration) -> Timestamp {
+        self.plus(d)
     }
 }
 

@@ -6,6 +6,10 @@ use crate::model::{ActivityOptions, Seq, Timestamp, WorkflowId};
 /// A unit of work carried by the [`crate::Queue`]: a notification, not the record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a task is built once per message and moved, never stored in bulk"
+)]
 pub enum Task {
     /// Run the workflow code against its history and record what it does next.
     Workflow {

@@ -314,6 +314,7 @@ pub async fn trace_context_round_trips(q: Arc<dyn Queue>) {
         activity_id: 3,
         attempt: 2,
         scheduled_seq: Seq(7),
+        workflow_task_queue: "default".into(),
         call: Some(ActivityCall {
             name: "chat".into(),
             input: json!({"messages": [{"role": "user", "content": "héllo \"world\""}]}),

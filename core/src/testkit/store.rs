@@ -40,7 +40,7 @@ fn new_workflow(name: &str, started_at: Timestamp) -> NewWorkflow {
         task_queue: "tq".to_string(),
         idempotency_key: None,
         started_at,
-        task_deadline: started_at.add(Duration::from_secs(30)),
+        task_deadline: started_at.plus(Duration::from_secs(30)),
     }
 }
 
@@ -798,7 +798,7 @@ pub async fn claim_overdue_leases_entries(store: Arc<dyn Store>) {
             .is_empty(),
         "claimed entries are leased"
     );
-    let just_before = Timestamp(now.add(LEASE).0 - 1);
+    let just_before = Timestamp(now.plus(LEASE).0 - 1);
     assert!(
         store
             .claim_overdue(just_before, LEASE, 10)
@@ -806,7 +806,7 @@ pub async fn claim_overdue_leases_entries(store: Arc<dyn Store>) {
             .expect("claim")
             .is_empty()
     );
-    let later = now.add(LEASE);
+    let later = now.plus(LEASE);
     let mut again = store.claim_overdue(later, LEASE, 10).await.expect("claim");
     again.sort_by(|x, y| x.workflow_id.cmp(&y.workflow_id));
     let mut expected = vec![
@@ -828,7 +828,7 @@ pub async fn claim_overdue_leases_entries(store: Arc<dyn Store>) {
     let far = at(20_000_000);
     let one = store.claim_overdue(far, LEASE, 1).await.expect("claim");
     assert_eq!(one.len(), 1);
-    assert_eq!(one[0].entry.deadline, later.add(LEASE));
+    assert_eq!(one[0].entry.deadline, later.plus(LEASE));
     let rest = store.claim_overdue(far, LEASE, 10).await.expect("claim");
     assert_eq!(rest.len(), 2);
     assert!(rest.iter().any(|o| o.workflow_id == c));
