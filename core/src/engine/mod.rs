@@ -299,6 +299,10 @@ impl Cache {
         slots.insert(id.clone(), s.clone());
         let mut order = self.order.lock();
         order.push_back(id.clone());
+        if order.len() > 2 * capacity.max(1) + 1024 {
+            // Ids of finished (removed) workflows pile up here; drop them.
+            order.retain(|id| slots.contains_key(id));
+        }
         // Evict the oldest idle slots beyond capacity; a busy one goes to the back.
         let mut scanned = 0;
         while slots.len() > capacity.max(1) && scanned < order.len() {
@@ -601,9 +605,12 @@ impl Engine {
     /// # Errors
     /// Store and queue errors; the caller hands the task back to be delivered again.
     pub async fn handle(&self, queue: &str, task: Task) -> Result<(), EngineError> {
+        // Boxed: these state machines are large, and moving them around costs more than one allocation.
         match task {
-            Task::Workflow { workflow_id } => self.inner.workflow_task(&workflow_id).await,
-            Task::Activity(t) => self.inner.clone().activity_task(queue, t).await,
+            Task::Workflow { workflow_id } => {
+                Box::pin(self.inner.workflow_task(&workflow_id)).await
+            }
+            Task::Activity(t) => Box::pin(self.inner.clone().activity_task(queue, t)).await,
         }
     }
 
@@ -1031,6 +1038,7 @@ impl EngineInner {
             }
         };
         let result = tokio::select! {
+            biased;
             r = fut => match r {
                 Ok(r) => r,
                 Err(_) => Err(ActivityError::retryable("activity panicked").with_kind("panic")),
