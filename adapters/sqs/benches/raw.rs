@@ -28,9 +28,9 @@ fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
 }
 
 fn body() -> anyhow::Result<String> {
-    Ok(serde_json::to_string(&Task::Workflow {
-        workflow_id: WorkflowId::random(),
-    })?)
+    Ok(serde_json::to_string(
+        &Task::workflow(WorkflowId::random()),
+    )?)
 }
 
 /// Sends `total` messages in batches of ten from `tasks` concurrent senders.
@@ -152,11 +152,7 @@ async fn through_queue(
                 .is_ok()
             {
                 let msgs = (0..BATCH)
-                    .map(|_| {
-                        OutgoingMessage::now(Task::Workflow {
-                            workflow_id: WorkflowId::random(),
-                        })
-                    })
+                    .map(|_| OutgoingMessage::now(Task::workflow(WorkflowId::random())))
                     .collect();
                 q.enqueue("bench", msgs).await?;
             }

@@ -146,9 +146,7 @@ mod tests {
     use marathon_core::WorkflowId;
 
     fn task() -> Task {
-        Task::Workflow {
-            workflow_id: WorkflowId::parse("wf-1").expect("valid id"),
-        }
+        Task::workflow(WorkflowId::parse("wf-1").expect("valid id"))
     }
 
     const LIMIT: usize = 256 * 1024;

@@ -848,9 +848,7 @@ mod tests {
     #[tokio::test]
     async fn delays_beyond_the_native_limit_are_deferred_without_using_up_receives() {
         let q = fresh().await;
-        let task = Task::Workflow {
-            workflow_id: WorkflowId::random(),
-        };
+        let task = Task::workflow(WorkflowId::random());
         let start = std::time::Instant::now();
         // 4 s with a native limit of 1 s: sent with 1 s, then re-sent up to 3 times.
         q.enqueue(

@@ -14,15 +14,11 @@ const Q: &str = "work";
 const VIS: Duration = Duration::from_secs(30);
 
 fn wf(id: &str) -> Task {
-    Task::Workflow {
-        workflow_id: WorkflowId::parse(id).expect("valid id"),
-    }
+    Task::workflow(WorkflowId::parse(id).expect("valid id"))
 }
 
 fn random_task() -> Task {
-    Task::Workflow {
-        workflow_id: WorkflowId::random(),
-    }
+    Task::workflow(WorkflowId::random())
 }
 
 async fn receive_n(q: &SqsQueue, n: usize, vis: Duration) -> Vec<marathon_core::Delivery> {

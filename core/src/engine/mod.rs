@@ -411,12 +411,13 @@ impl Engine {
             ));
         }
         let now = inner.clock.now();
+        let req_input = req.input;
         let created = inner
             .store
             .create(NewWorkflow {
                 id: req.id.unwrap_or_else(WorkflowId::random),
                 name: req.name,
-                input: req.input,
+                input: req_input.clone(),
                 task_queue: task_queue.clone(),
                 idempotency_key: req.idempotency_key,
                 started_at: now,
@@ -424,11 +425,24 @@ impl Engine {
             })
             .await?;
         if created.created {
+            let tail = inner.tail(
+                vec![NewEvent::new(
+                    now,
+                    EventData::WorkflowStarted {
+                        name: created.summary.name.clone(),
+                        input: req_input,
+                        task_queue: task_queue.clone(),
+                        idempotency_key: created.summary.idempotency_key.clone(),
+                    },
+                )],
+                Seq(1),
+            );
             inner
                 .enqueue(
                     &task_queue,
                     vec![OutgoingMessage::now(Task::Workflow {
                         workflow_id: created.summary.id.clone(),
+                        tail,
                     })],
                 )
                 .await;
@@ -569,6 +583,7 @@ impl Engine {
             return Err(EngineError::Closed(id.clone()));
         }
         let now = inner.clock.now();
+        let event = NewEvent::new(now, data);
         let outcome = inner
             .store
             .append_keyed(
@@ -576,7 +591,7 @@ impl Engine {
                 KeyedAppend {
                     key,
                     requires: None,
-                    events: vec![NewEvent::new(now, data)],
+                    events: vec![event.clone()],
                     owed: OwedChanges::none()
                         .set(inner.workflow_task_owed(&summary.task_queue, now)),
                 },
@@ -584,12 +599,14 @@ impl Engine {
             .await
             .map_err(|e| not_found(e, id))?;
         match outcome {
-            KeyedOutcome::Appended(_) => {
+            KeyedOutcome::Appended(last) => {
+                let tail = inner.tail(vec![event], last);
                 inner
                     .enqueue(
                         &summary.task_queue,
                         vec![OutgoingMessage::now(Task::Workflow {
                             workflow_id: id.clone(),
+                            tail,
                         })],
                     )
                     .await;
@@ -607,8 +624,8 @@ impl Engine {
     pub async fn handle(&self, queue: &str, task: Task) -> Result<(), EngineError> {
         // Boxed: these state machines are large, and moving them around costs more than one allocation.
         match task {
-            Task::Workflow { workflow_id } => {
-                Box::pin(self.inner.workflow_task(&workflow_id)).await
+            Task::Workflow { workflow_id, tail } => {
+                Box::pin(self.inner.workflow_task(&workflow_id, tail)).await
             }
             Task::Activity(t) => Box::pin(self.inner.clone().activity_task(queue, t)).await,
         }
@@ -672,6 +689,32 @@ impl EngineInner {
         }
         if let Err(e) = self.queue.enqueue(queue, messages).await {
             tracing::warn!(queue, error = %e, "enqueue failed; the sweeper re-enqueues owed work");
+        }
+    }
+
+    /// The events just appended (ending at `last`) as a workflow task's tail,
+    /// or nothing when they would make the message too large.
+    fn tail(&self, events: Vec<NewEvent>, last: Seq) -> Vec<Event> {
+        let first = last.0 + 1 - events.len() as u64;
+        let tail: Vec<Event> = events
+            .into_iter()
+            .enumerate()
+            .map(|(i, e)| Event {
+                seq: Seq(first + i as u64),
+                timestamp: e.timestamp,
+                data: e.data,
+            })
+            .collect();
+        if self.queue.max_message_bytes() == usize::MAX {
+            return tail;
+        }
+        let limit = self
+            .config
+            .inline_input_limit
+            .min(self.queue.max_message_bytes() / 2);
+        match serde_json::to_vec(&tail) {
+            Ok(v) if v.len() <= limit => tail,
+            _ => Vec::new(),
         }
     }
 
@@ -740,6 +783,21 @@ impl EngineInner {
         Ok(Prepared::Ready(inst))
     }
 
+    /// Feeds events that directly follow what `inst` has seen.
+    fn feed_tail(mut inst: Instance, tail: &[Event]) -> Prepared {
+        for e in tail {
+            if let Err(failure) = inst.feed(e) {
+                return Prepared::Failed {
+                    failure,
+                    last: tail.last().map_or(e.seq, |l| l.seq),
+                    repeated: false,
+                    task_queue: inst.task_queue.clone(),
+                };
+            }
+        }
+        Prepared::Ready(inst)
+    }
+
     /// Brings a cached instance up to date with the store.
     async fn catch_up(&self, mut inst: Instance) -> Result<Prepared, StoreError> {
         let events = self.read_all(&inst.id, inst.applied).await?;
@@ -757,12 +815,26 @@ impl EngineInner {
         Ok(Prepared::Ready(inst))
     }
 
-    async fn workflow_task(&self, id: &WorkflowId) -> Result<(), EngineError> {
+    async fn workflow_task(&self, id: &WorkflowId, tail: Vec<Event>) -> Result<(), EngineError> {
         let slot = self.cache.slot(id, self.config.cache_capacity);
         let mut cached = slot.lock().await;
+        let mut tail = Some(tail);
         for _ in 0..MAX_CONFLICTS {
+            // The tail continues the cached instance (or starts the history) without
+            // a read; anything after it is read by the conflict that follows.
+            let tail = tail.take().unwrap_or_default();
             let prepared = match cached.take() {
+                Some(inst) if tail.first().is_some_and(|e| e.seq == inst.applied.next()) => {
+                    Self::feed_tail(inst, &tail)
+                }
                 Some(inst) => self.catch_up(inst).await?,
+                None if tail.first().is_some_and(|e| e.seq == Seq(1)) => {
+                    match Instance::start(id, &tail[0], |n| self.registry.find_workflow(n).cloned())
+                    {
+                        Ok(inst) => Self::feed_tail(inst, &tail[1..]),
+                        Err(_) => self.replay(id).await?,
+                    }
+                }
                 None => self.replay(id).await?,
             };
             let mut inst = match prepared {
@@ -1090,9 +1162,7 @@ impl EngineInner {
                 OwedChanges::none().set(wf_owed),
                 (
                     t.workflow_task_queue.clone(),
-                    OutgoingMessage::now(Task::Workflow {
-                        workflow_id: t.workflow_id.clone(),
-                    }),
+                    OutgoingMessage::now(Task::workflow(t.workflow_id.clone())),
                 ),
             ),
             Err(error) => {
@@ -1161,14 +1231,13 @@ impl EngineInner {
                         OwedChanges::none().set(wf_owed),
                         (
                             t.workflow_task_queue.clone(),
-                            OutgoingMessage::now(Task::Workflow {
-                                workflow_id: t.workflow_id.clone(),
-                            }),
+                            OutgoingMessage::now(Task::workflow(t.workflow_id.clone())),
                         ),
                     )
                 }
             }
         };
+        let tail_events = events.clone();
         let outcome = self
             .store
             .append_keyed(
@@ -1182,8 +1251,16 @@ impl EngineInner {
             )
             .await;
         match outcome {
-            Ok(KeyedOutcome::Appended(_)) => {
-                self.enqueue(&follow_up.0, vec![follow_up.1]).await;
+            Ok(KeyedOutcome::Appended(last)) => {
+                let (queue, message) = follow_up;
+                let message = match message.task {
+                    Task::Workflow { workflow_id, .. } => OutgoingMessage::now(Task::Workflow {
+                        workflow_id,
+                        tail: self.tail(tail_events, last),
+                    }),
+                    _ => message,
+                };
+                self.enqueue(&queue, vec![message]).await;
                 Ok(())
             }
             // A late or repeated result, or a finished workflow: dropped, as designed.
@@ -1199,13 +1276,14 @@ impl EngineInner {
             OwedKind::WorkflowTask => {
                 self.enqueue(
                     &owed.entry.task_queue,
-                    vec![OutgoingMessage::now(Task::Workflow { workflow_id: id })],
+                    vec![OutgoingMessage::now(Task::workflow(id))],
                 )
                 .await;
             }
             OwedKind::Timer { timer_id } => {
                 // A timer's entry carries the workflow's own task queue.
                 let task_queue = owed.entry.task_queue.clone();
+                let fired = NewEvent::new(now, EventData::TimerFired { timer_id });
                 let outcome = self
                     .store
                     .append_keyed(
@@ -1213,16 +1291,20 @@ impl EngineInner {
                         KeyedAppend {
                             key: None,
                             requires: Some(owed.entry.kind.key()),
-                            events: vec![NewEvent::new(now, EventData::TimerFired { timer_id })],
+                            events: vec![fired.clone()],
                             owed: OwedChanges::none()
                                 .set(self.workflow_task_owed(&task_queue, now)),
                         },
                     )
                     .await?;
-                if let KeyedOutcome::Appended(_) = outcome {
+                if let KeyedOutcome::Appended(last) = outcome {
+                    let tail = self.tail(vec![fired], last);
                     self.enqueue(
                         &task_queue,
-                        vec![OutgoingMessage::now(Task::Workflow { workflow_id: id })],
+                        vec![OutgoingMessage::now(Task::Workflow {
+                            workflow_id: id,
+                            tail,
+                        })],
                     )
                     .await;
                 }

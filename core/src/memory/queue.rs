@@ -449,9 +449,7 @@ mod tests {
     use crate::model::WorkflowId;
 
     fn task() -> Task {
-        Task::Workflow {
-            workflow_id: WorkflowId::random(),
-        }
+        Task::workflow(WorkflowId::random())
     }
 
     fn queue(max_receives: u32) -> Arc<MemoryQueue> {

@@ -1,7 +1,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use crate::model::{ActivityOptions, Seq, Timestamp, WorkflowId};
+use crate::model::{ActivityOptions, Event, Seq, Timestamp, WorkflowId};
 
 /// A unit of work carried by the [`crate::Queue`]: a notification, not the record.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -15,17 +15,31 @@ pub enum Task {
     Workflow {
         /// The workflow.
         workflow_id: WorkflowId,
+        /// The events just appended that made this task due, when small: a
+        /// replica that has the workflow cached up to the event before them
+        /// continues without reading the history.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        tail: Vec<Event>,
     },
     /// Run one attempt of an activity.
     Activity(ActivityTask),
 }
 
 impl Task {
+    /// A workflow task without a tail.
+    #[must_use]
+    pub fn workflow(workflow_id: WorkflowId) -> Self {
+        Task::Workflow {
+            workflow_id,
+            tail: Vec::new(),
+        }
+    }
+
     /// The workflow this task belongs to.
     #[must_use]
     pub fn workflow_id(&self) -> &WorkflowId {
         match self {
-            Task::Workflow { workflow_id } => workflow_id,
+            Task::Workflow { workflow_id, .. } => workflow_id,
             Task::Activity(a) => &a.workflow_id,
         }
     }

@@ -27,9 +27,7 @@ fn secs(n: u64) -> Duration {
 }
 
 fn task() -> Task {
-    Task::Workflow {
-        workflow_id: WorkflowId::random(),
-    }
+    Task::workflow(WorkflowId::random())
 }
 
 async fn enqueue(q: &Arc<dyn Queue>, name: &str, messages: Vec<OutgoingMessage>) {
