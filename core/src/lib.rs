@@ -4,6 +4,7 @@ pub mod clock;
 pub mod engine;
 pub mod memory;
 pub mod model;
+pub mod observe;
 pub mod queue;
 pub mod store;
 #[cfg(feature = "testkit")]
@@ -17,6 +18,7 @@ pub use engine::{
     StartWorkflow, Started, WorkflowContext,
 };
 pub use model::*;
+pub use observe::{AttemptOutcome, NoopObserver, Observer, TaskOutcome};
 pub use queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
 pub use store::{
     Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed,

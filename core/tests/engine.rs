@@ -829,3 +829,92 @@ async fn progress_events_are_recorded_and_streamed() {
     );
     w.shutdown().await;
 }
+
+/// Records what the engine reports, and hands out a fixed trace context.
+#[derive(Default)]
+struct Recorder {
+    log: parking_lot::Mutex<Vec<String>>,
+}
+
+impl marathon_core::Observer for Recorder {
+    fn workflow_started(&self, name: &str) {
+        self.log.lock().push(format!("started {name}"));
+    }
+    fn workflow_closed(&self, name: &str, status: WorkflowStatus, _d: Duration) {
+        self.log.lock().push(format!("closed {name} {status}"));
+    }
+    fn activity_attempt(
+        &self,
+        name: &str,
+        outcome: marathon_core::AttemptOutcome,
+        _d: Duration,
+        kind: Option<&str>,
+    ) {
+        self.log.lock().push(format!(
+            "attempt {name} {} {}",
+            outcome.as_str(),
+            kind.unwrap_or("-")
+        ));
+    }
+    fn task_span(
+        &self,
+        kind: &'static str,
+        _id: &WorkflowId,
+        trace_context: Option<&str>,
+    ) -> tracing::Span {
+        self.log
+            .lock()
+            .push(format!("task {kind} {}", trace_context.unwrap_or("none")));
+        tracing::Span::none()
+    }
+    fn trace_context(&self) -> Option<String> {
+        Some("00-trace-span-01".into())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_observer_sees_workflows_attempts_and_trace_context() {
+    let (store, queue) = backends();
+    let rec = Arc::new(Recorder::default());
+    let engine = builder(&store, &queue)
+        .observer(rec.clone())
+        .workflow("wf", |ctx: WorkflowContext, (): ()| async move {
+            ctx.activity_with::<_, u32>(
+                "flaky",
+                &(),
+                ActivityOptions::default().retry(fast_retry(3)),
+            )
+            .await
+        })
+        .activity("flaky", |ctx: ActivityContext, (): ()| async move {
+            if ctx.attempt() == 1 {
+                Err(ActivityError::retryable("503").with_kind("unavailable"))
+            } else {
+                Ok(7u32)
+            }
+        })
+        .build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("wf", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    finished(&engine, &id).await;
+    w.shutdown().await;
+    let log = rec.log.lock().clone();
+    for expected in [
+        "started wf",
+        "attempt flaky retrying unavailable",
+        "attempt flaky completed -",
+        "closed wf completed",
+        "task workflow 00-trace-span-01",
+        "task activity 00-trace-span-01",
+    ] {
+        assert!(
+            log.iter().any(|l| l == expected),
+            "missing {expected:?} in {log:#?}"
+        );
+    }
+}

@@ -17,6 +17,7 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub use activity::ActivityContext;
 pub use context::{ActivityFuture, CancelledFuture, SignalFuture, TimerFuture, WorkflowContext};
@@ -28,6 +29,7 @@ use crate::model::{
     ActivityCall, ActivityError, ActivityTask, Event, EventData, NewEvent, Seq, Task, Timestamp,
     WorkflowId, WorkflowSummary,
 };
+use crate::observe::{AttemptOutcome, NoopObserver, Observer, TaskOutcome};
 use crate::queue::{OutgoingMessage, Queue, QueueError};
 use crate::store::{
     EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed, OwedChanges,
@@ -194,6 +196,7 @@ pub struct EngineBuilder {
     registry: Registry,
     config: EngineConfig,
     clock: Option<SharedClock>,
+    observer: Option<Arc<dyn Observer>>,
 }
 
 impl EngineBuilder {
@@ -215,6 +218,13 @@ impl EngineBuilder {
     #[must_use]
     pub fn clock(mut self, clock: SharedClock) -> Self {
         self.clock = Some(clock);
+        self
+    }
+
+    /// Reports metrics and carries trace context through `observer`.
+    #[must_use]
+    pub fn observer(mut self, observer: Arc<dyn Observer>) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -272,6 +282,7 @@ impl EngineBuilder {
                 registry: self.registry,
                 config: self.config,
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
+                observer: self.observer.unwrap_or_else(|| Arc::new(NoopObserver)),
                 cache: Cache::default(),
                 running: Mutex::new(HashMap::new()),
             }),
@@ -333,6 +344,7 @@ pub(crate) struct EngineInner {
     pub(crate) registry: Registry,
     pub(crate) config: EngineConfig,
     pub(crate) clock: SharedClock,
+    pub(crate) observer: Arc<dyn Observer>,
     cache: Cache,
     running: Mutex<HashMap<WorkflowId, Vec<RunningAttempt>>>,
 }
@@ -375,6 +387,12 @@ impl Engine {
     #[must_use]
     pub fn queue(&self) -> &Arc<dyn Queue> {
         &self.inner.queue
+    }
+
+    /// The engine's observer.
+    #[must_use]
+    pub fn observer(&self) -> &Arc<dyn Observer> {
+        &self.inner.observer
     }
 
     /// The engine's clock.
@@ -425,6 +443,7 @@ impl Engine {
             })
             .await?;
         if created.created {
+            inner.observer.workflow_started(&created.summary.name);
             let tail = inner.tail(
                 vec![NewEvent::new(
                     now,
@@ -625,9 +644,24 @@ impl Engine {
         // Boxed: these state machines are large, and moving them around costs more than one allocation.
         match task {
             Task::Workflow { workflow_id, tail } => {
-                Box::pin(self.inner.workflow_task(&workflow_id, tail)).await
+                let span =
+                    tracing::info_span!("marathon.workflow_task", workflow_id = %workflow_id);
+                Box::pin(self.inner.workflow_task(&workflow_id, tail))
+                    .instrument(span)
+                    .await
             }
-            Task::Activity(t) => Box::pin(self.inner.clone().activity_task(queue, t)).await,
+            Task::Activity(t) => {
+                let span = tracing::info_span!(
+                    "marathon.activity",
+                    workflow_id = %t.workflow_id,
+                    activity_id = t.activity_id,
+                    attempt = t.attempt,
+                    outcome = tracing::field::Empty,
+                );
+                Box::pin(self.inner.clone().activity_task(queue, t))
+                    .instrument(span)
+                    .await
+            }
         }
     }
 
@@ -683,9 +717,14 @@ impl EngineInner {
 
     /// Enqueues; a failure is logged, not returned: the owed work in the store
     /// makes the sweeper enqueue it again.
-    async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) {
+    async fn enqueue(&self, queue: &str, mut messages: Vec<OutgoingMessage>) {
         if messages.is_empty() {
             return;
+        }
+        if let Some(tc) = self.observer.trace_context() {
+            for m in &mut messages {
+                m.trace_context.get_or_insert_with(|| tc.clone());
+            }
         }
         if let Err(e) = self.queue.enqueue(queue, messages).await {
             tracing::warn!(queue, error = %e, "enqueue failed; the sweeper re-enqueues owed work");
@@ -823,6 +862,7 @@ impl EngineInner {
             // The tail continues the cached instance (or starts the history) without
             // a read; anything after it is read by the conflict that follows.
             let tail = tail.take().unwrap_or_default();
+            let started = std::time::Instant::now();
             let prepared = match cached.take() {
                 Some(inst) if tail.first().is_some_and(|e| e.seq == inst.applied.next()) => {
                     Self::feed_tail(inst, &tail)
@@ -859,13 +899,27 @@ impl EngineInner {
                 return Ok(());
             }
             let now = self.clock.now();
-            let datas = match inst.live_step(now) {
+            let stepped = inst.live_step(now);
+            let replay_time = started.elapsed();
+            let datas = match stepped {
                 Ok(Some(d)) => d,
                 Ok(None) => {
+                    self.observer.workflow_task(
+                        &inst.name,
+                        TaskOutcome::Nothing,
+                        replay_time,
+                        inst.applied.0,
+                    );
                     *cached = Some(inst);
                     return Ok(());
                 }
                 Err(failure) => {
+                    self.observer.workflow_task(
+                        &inst.name,
+                        TaskOutcome::Failed,
+                        replay_time,
+                        inst.applied.0,
+                    );
                     let repeated = inst.last_task_failure.as_deref()
                         == Some(&format!("{}: {}", failure.kind, failure.message));
                     let last = inst.applied;
@@ -937,6 +991,19 @@ impl EngineInner {
             match self.store.append(id, expected, events, owed).await {
                 Ok(last) => {
                     inst.committed(last, terminal);
+                    self.observer.workflow_task(
+                        &inst.name,
+                        TaskOutcome::Recorded,
+                        replay_time,
+                        last.0,
+                    );
+                    if terminal && let Some(status) = inst.final_status() {
+                        self.observer.workflow_closed(
+                            &inst.name,
+                            status,
+                            now.since(inst.started_at),
+                        );
+                    }
                     for (queue, msgs) in activities {
                         self.enqueue(&queue, msgs).await;
                     }
@@ -950,6 +1017,12 @@ impl EngineInner {
                     return Ok(());
                 }
                 Err(StoreError::Conflict { .. }) => {
+                    self.observer.workflow_task(
+                        &inst.name,
+                        TaskOutcome::Conflict,
+                        replay_time,
+                        expected.0,
+                    );
                     // Someone appended first; what we polled was never recorded, so replay afresh.
                     continue;
                 }
@@ -1050,9 +1123,19 @@ impl EngineInner {
             },
         };
         let started_at = self.clock.now();
+        let clock = std::time::Instant::now();
+        self.observer.activity_running(&call.name, 1);
         let result = self.clone().run_attempt(&t, &call, started_at).await;
-        self.record_outcome(queue, &t, &call, started_at, result)
-            .await
+        self.observer.activity_running(&call.name, -1);
+        let duration = clock.elapsed();
+        let error_kind = result.as_ref().err().map(|e| e.kind.clone());
+        let outcome = self
+            .record_outcome(queue, &t, &call, started_at, result)
+            .await?;
+        tracing::Span::current().record("outcome", outcome.as_str());
+        self.observer
+            .activity_attempt(&call.name, outcome, duration, error_kind.as_deref());
+        Ok(())
     }
 
     async fn run_attempt(
@@ -1136,7 +1219,7 @@ impl EngineInner {
         call: &ActivityCall,
         started_at: Timestamp,
         result: Result<Value, ActivityError>,
-    ) -> Result<(), EngineError> {
+    ) -> Result<AttemptOutcome, EngineError> {
         let now = self.clock.now();
         let started = NewEvent::new(
             started_at,
@@ -1146,6 +1229,7 @@ impl EngineInner {
             },
         );
         let wf_owed = self.workflow_task_owed(&t.workflow_task_queue, now);
+        let mut recorded = AttemptOutcome::Completed;
         let (events, owed, follow_up) = match result {
             Ok(output) => (
                 vec![
@@ -1178,6 +1262,11 @@ impl EngineInner {
                     && policy.retries_kind(&error.kind)
                     && policy.has_attempts_after(t.attempt)
                     && within_deadline;
+                recorded = if retry {
+                    AttemptOutcome::Retrying
+                } else {
+                    AttemptOutcome::Failed
+                };
                 if retry {
                     let next = ActivityTask {
                         attempt: t.attempt + 1,
@@ -1261,10 +1350,10 @@ impl EngineInner {
                     _ => message,
                 };
                 self.enqueue(&queue, vec![message]).await;
-                Ok(())
+                Ok(recorded)
             }
             // A late or repeated result, or a finished workflow: dropped, as designed.
-            Ok(_) | Err(StoreError::NotFound(_)) => Ok(()),
+            Ok(_) | Err(StoreError::NotFound(_)) => Ok(AttemptOutcome::Dropped),
             Err(e) => Err(e.into()),
         }
     }
@@ -1272,6 +1361,11 @@ impl EngineInner {
     async fn overdue(self: Arc<Self>, owed: Owed) -> Result<(), EngineError> {
         let id = owed.workflow_id;
         let now = self.clock.now();
+        self.observer.overdue(match owed.entry.kind {
+            OwedKind::WorkflowTask => "workflow_task",
+            OwedKind::Timer { .. } => "timer",
+            OwedKind::Activity { .. } => "activity",
+        });
         match owed.entry.kind {
             OwedKind::WorkflowTask => {
                 self.enqueue(
@@ -1335,9 +1429,16 @@ impl EngineInner {
                         redeliveries + 1
                     ))
                     .with_kind("timeout.lost");
-                    return self
+                    let outcome = self
                         .record_outcome(&owed.entry.task_queue, &task, &call, now, Err(error))
-                        .await;
+                        .await?;
+                    self.observer.activity_attempt(
+                        &call.name,
+                        outcome,
+                        Duration::ZERO,
+                        Some("timeout.lost"),
+                    );
+                    return Ok(());
                 }
                 let outcome = self
                     .store

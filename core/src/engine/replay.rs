@@ -59,6 +59,8 @@ const MAX_POLLS_PER_BATCH: usize = 10_000;
 /// One workflow's code in memory, fed its history.
 pub(crate) struct Instance {
     pub(crate) id: WorkflowId,
+    pub(crate) name: String,
+    pub(crate) started_at: Timestamp,
     pub(crate) task_queue: String,
     ctx: WorkflowContext,
     future: Option<BoxFuture<'static, Result<Value, WorkflowError>>>,
@@ -109,6 +111,8 @@ impl Instance {
         let future = f(ctx.clone(), input.clone());
         let mut inst = Self {
             id: id.clone(),
+            name: name.clone(),
+            started_at: first.timestamp,
             task_queue: task_queue.clone(),
             ctx,
             future: Some(future),
@@ -271,6 +275,16 @@ impl Instance {
     /// Whether the code has returned.
     pub(crate) fn has_outcome(&self) -> bool {
         self.outcome.is_some()
+    }
+
+    /// The status the code's outcome ends the workflow with, once it has returned.
+    pub(crate) fn final_status(&self) -> Option<crate::model::WorkflowStatus> {
+        use crate::model::WorkflowStatus;
+        self.outcome.as_ref().map(|o| match o {
+            Outcome::Completed(_) => WorkflowStatus::Completed,
+            Outcome::Failed(e) if e.is_canceled() => WorkflowStatus::Canceled,
+            Outcome::Failed(_) => WorkflowStatus::Failed,
+        })
     }
 
     fn check_all_matched(&self, at: Seq) -> Result<(), TaskFailure> {

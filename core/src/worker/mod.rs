@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::engine::Engine;
 use crate::queue::Delivery;
+use tracing::Instrument;
 
 /// One task queue a worker serves, and how many of its tasks may run at once.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -47,7 +48,7 @@ pub struct WorkerConfig {
     /// How long in-flight tasks may finish after shutdown begins. Default 30 s.
     #[serde(with = "crate::model::duration_ms", rename = "shutdown_grace_ms")]
     pub shutdown_grace: Duration,
-    /// How often dead-lettered tasks are drained and reported. Default 30 s.
+    /// How often dead-lettered tasks are drained and reported and queue depth is sampled. Default 10 s.
     #[serde(with = "crate::model::duration_ms", rename = "dead_letter_interval_ms")]
     pub dead_letter_interval: Duration,
     /// Finished workflows are deleted this long after they close; `None` keeps them. Default none.
@@ -73,7 +74,7 @@ impl Default for WorkerConfig {
             sweep_interval: Duration::from_millis(200),
             sweep_batch: 256,
             shutdown_grace: Duration::from_secs(30),
-            dead_letter_interval: Duration::from_secs(30),
+            dead_letter_interval: Duration::from_secs(10),
             retention: None,
         }
     }
@@ -191,6 +192,7 @@ async fn receive_loop(
                 Err(_) => break,
             }
         }
+        let asked = std::time::Instant::now();
         let received = tokio::select! {
             r = engine.queue().receive(&spec.name, permits.len(), config.poll_wait, config.visibility) => r,
             () = stop.cancelled() => return,
@@ -198,6 +200,9 @@ async fn receive_loop(
         let deliveries = match received {
             Ok(d) => {
                 backoff = Duration::from_millis(100);
+                engine
+                    .observer()
+                    .queue_received(&spec.name, d.len(), asked.elapsed());
                 d
             }
             Err(e) => {
@@ -256,7 +261,14 @@ async fn run_delivery(
             }
         }
     };
-    let work = engine.handle(queue, d.task);
+    let kind = match &d.task {
+        crate::model::Task::Workflow { .. } => "workflow",
+        crate::model::Task::Activity(_) => "activity",
+    };
+    let span = engine
+        .observer()
+        .task_span(kind, d.task.workflow_id(), d.trace_context.as_deref());
+    let work = engine.handle(queue, d.task).instrument(span);
     let result = tokio::select! {
         biased;
         r = work => Some(r),
@@ -307,8 +319,14 @@ async fn maintenance_loop(engine: Engine, config: Arc<WorkerConfig>, stop: Cance
             () = stop.cancelled() => return,
         }
         for spec in &config.queues {
+            if let Ok(depth) = engine.queue().depth(&spec.name).await {
+                engine.observer().queue_depth(&spec.name, depth);
+            }
             match engine.queue().drain_dead_letters(&spec.name, 100).await {
                 Ok(tasks) => {
+                    if !tasks.is_empty() {
+                        engine.observer().dead_lettered(&spec.name, tasks.len());
+                    }
                     for task in tasks {
                         tracing::error!(
                             queue = %spec.name,

@@ -1,0 +1,126 @@
+//! Hooks through which the engine reports what it does, without depending on
+//! any exporter: `marathon-observability` implements [`Observer`] with
+//! Prometheus metrics and OpenTelemetry context propagation.
+
+use std::time::Duration;
+
+use crate::model::{WorkflowId, WorkflowStatus};
+
+/// How one activity attempt ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The activity returned a value.
+    Completed,
+    /// It failed and another attempt follows.
+    Retrying,
+    /// It failed for good.
+    Failed,
+    /// Its result was not recorded (a late or repeated attempt, or a finished workflow).
+    Dropped,
+}
+
+impl AttemptOutcome {
+    /// The outcome's label value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AttemptOutcome::Completed => "completed",
+            AttemptOutcome::Retrying => "retrying",
+            AttemptOutcome::Failed => "failed",
+            AttemptOutcome::Dropped => "dropped",
+        }
+    }
+}
+
+/// How one workflow task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskOutcome {
+    /// New events were recorded.
+    Recorded,
+    /// Nothing new to do (a duplicate delivery).
+    Nothing,
+    /// It lost a conditional append and replayed.
+    Conflict,
+    /// The code could not run (non-determinism, panic, unknown workflow).
+    Failed,
+}
+
+impl TaskOutcome {
+    /// The outcome's label value.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskOutcome::Recorded => "recorded",
+            TaskOutcome::Nothing => "nothing",
+            TaskOutcome::Conflict => "conflict",
+            TaskOutcome::Failed => "failed",
+        }
+    }
+}
+
+/// Receives the engine's measurements and carries trace context; every method has a no-op default.
+///
+/// Called on hot paths: implementations must not block.
+pub trait Observer: Send + Sync + 'static {
+    /// A workflow was created.
+    fn workflow_started(&self, _name: &str) {}
+
+    /// A workflow finished, `duration` after it started.
+    fn workflow_closed(&self, _name: &str, _status: WorkflowStatus, _duration: Duration) {}
+
+    /// A workflow task ran the code for `duration` over a history of `history_len` events.
+    fn workflow_task(
+        &self,
+        _name: &str,
+        _outcome: TaskOutcome,
+        _duration: Duration,
+        _history_len: u64,
+    ) {
+    }
+
+    /// An activity attempt began (`delta` = 1) or ended (`delta` = -1).
+    fn activity_running(&self, _name: &str, _delta: i64) {}
+
+    /// An activity attempt ended after `duration`; `error_kind` is set when it failed.
+    fn activity_attempt(
+        &self,
+        _name: &str,
+        _outcome: AttemptOutcome,
+        _duration: Duration,
+        _error_kind: Option<&str>,
+    ) {
+    }
+
+    /// The sweeper acted on overdue work of `kind` (`workflow_task`, `timer`, `activity`).
+    fn overdue(&self, _kind: &'static str) {}
+
+    /// A receive on `queue` returned `count` messages after `latency`.
+    fn queue_received(&self, _queue: &str, _count: usize, _latency: Duration) {}
+
+    /// The approximate depth of `queue`, sampled.
+    fn queue_depth(&self, _queue: &str, _depth: u64) {}
+
+    /// `count` tasks were found dead-lettered on `queue`.
+    fn dead_lettered(&self, _queue: &str, _count: usize) {}
+
+    /// The span a task runs in: a child of the trace context its message carried.
+    fn task_span(
+        &self,
+        kind: &'static str,
+        workflow_id: &WorkflowId,
+        _trace_context: Option<&str>,
+    ) -> tracing::Span {
+        tracing::info_span!("marathon.task", kind, workflow_id = %workflow_id)
+    }
+
+    /// The W3C `traceparent` of the current span, put into outgoing messages.
+    fn trace_context(&self) -> Option<String> {
+        None
+    }
+}
+
+/// The default observer: records nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoopObserver;
+
+impl Observer for NoopObserver {}
