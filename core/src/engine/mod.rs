@@ -695,6 +695,10 @@ fn not_found(e: StoreError, id: &WorkflowId) -> EngineError {
 }
 
 /// How a prepared workflow task stands.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "short-lived, built once per workflow task; boxing would allocate on the hot path"
+)]
 enum Prepared {
     Ready(Instance),
     Failed {
