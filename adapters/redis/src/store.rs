@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -96,6 +97,8 @@ impl Scripts {
 
 struct Inner {
     client: Client,
+    /// Round trips made on `conn` (see [`RedisStore::round_trips`]).
+    round_trips: AtomicU64,
     conn: ConnectionManager,
     keys: Keys,
     scripts: Scripts,
@@ -159,6 +162,7 @@ impl RedisStore {
         let store = Self {
             inner: Arc::new(Inner {
                 client,
+                round_trips: AtomicU64::new(0),
                 conn,
                 keys: Keys::new(&cfg.key_prefix, cfg.shards),
                 scripts: Scripts::new(),
@@ -177,7 +181,17 @@ impl RedisStore {
         self.inner.keys.prefix()
     }
 
+    /// Round trips this store (and its clones) made on its shared connection
+    /// since it connected: one per command, pipeline or script call. Blocking
+    /// stream reads of subscriptions (on their own connections) are not counted.
+    #[must_use]
+    pub fn round_trips(&self) -> u64 {
+        self.inner.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// The shared connection, for exactly one round trip (counted here).
     fn conn(&self) -> ConnectionManager {
+        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
         self.inner.conn.clone()
     }
 
