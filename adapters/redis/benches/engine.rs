@@ -14,15 +14,21 @@
 
 #![allow(missing_docs)]
 
+use async_trait::async_trait;
 use marathon_core::memory::MemoryQueue;
 use marathon_core::{
     ActivityContext, ActivityError, Engine, QueueSpec, StartWorkflow, Worker, WorkerConfig,
     WorkflowContext, WorkflowError,
 };
+use marathon_core::{
+    Created, Event, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewEvent,
+    NewWorkflow, Owed, OwedChanges, Seq, Store, StoreError, Timestamp, WorkflowId, WorkflowSummary,
+};
 use marathon_redis::{RedisStore, RedisStoreConfig};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
 
@@ -45,9 +51,110 @@ async fn steps(ctx: WorkflowContext, n: u32) -> Result<u32, WorkflowError> {
     Ok(acc)
 }
 
-fn engine(store: &RedisStore) -> Engine {
+/// Calls the engine makes on its store, by method.
+#[derive(Default)]
+struct Calls([AtomicU64; 8]);
+
+const METHODS: [&str; 8] = [
+    "create",
+    "append",
+    "append_keyed",
+    "read",
+    "get",
+    "subscribe",
+    "claim_overdue",
+    "other",
+];
+
+impl Calls {
+    fn bump(&self, i: usize) {
+        self.0[i].fetch_add(1, Ordering::Relaxed);
+    }
+    fn snapshot(&self) -> [u64; 8] {
+        std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
+    }
+}
+
+/// Counts the engine's store calls, then delegates to Redis.
+struct Counting {
+    inner: RedisStore,
+    calls: Arc<Calls>,
+}
+
+#[async_trait]
+impl Store for Counting {
+    async fn create(&self, new: NewWorkflow) -> Result<Created, StoreError> {
+        self.calls.bump(0);
+        self.inner.create(new).await
+    }
+    async fn append(
+        &self,
+        id: &WorkflowId,
+        expected_last: Seq,
+        events: Vec<NewEvent>,
+        owed: OwedChanges,
+    ) -> Result<Seq, StoreError> {
+        self.calls.bump(1);
+        self.inner.append(id, expected_last, events, owed).await
+    }
+    async fn append_keyed(
+        &self,
+        id: &WorkflowId,
+        append: KeyedAppend,
+    ) -> Result<KeyedOutcome, StoreError> {
+        self.calls.bump(2);
+        self.inner.append_keyed(id, append).await
+    }
+    async fn read(
+        &self,
+        id: &WorkflowId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<Event>, StoreError> {
+        self.calls.bump(3);
+        self.inner.read(id, after, limit).await
+    }
+    async fn subscribe(&self, id: &WorkflowId, after: Seq) -> Result<EventStream, StoreError> {
+        self.calls.bump(5);
+        self.inner.subscribe(id, after).await
+    }
+    async fn get(&self, id: &WorkflowId) -> Result<Option<WorkflowSummary>, StoreError> {
+        self.calls.bump(4);
+        self.inner.get(id).await
+    }
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
+        self.calls.bump(7);
+        self.inner.list(query).await
+    }
+    async fn claim_overdue(
+        &self,
+        now: Timestamp,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<Owed>, StoreError> {
+        self.calls.bump(6);
+        self.inner.claim_overdue(now, lease, limit).await
+    }
+    async fn purge_closed(
+        &self,
+        closed_before: Timestamp,
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        self.calls.bump(7);
+        self.inner.purge_closed(closed_before, limit).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.calls.bump(7);
+        self.inner.ping().await
+    }
+}
+
+fn engine(store: &RedisStore, calls: &Arc<Calls>) -> Engine {
     Engine::builder()
-        .store(Arc::new(store.clone()))
+        .store(Arc::new(Counting {
+            inner: store.clone(),
+            calls: calls.clone(),
+        }))
         .queue(Arc::new(MemoryQueue::default()))
         .workflow("steps", steps)
         .activity("noop", |_c: ActivityContext, i: u32| async move {
@@ -107,7 +214,8 @@ async fn throughput(
     total: usize,
     in_flight: usize,
 ) {
-    let engine = engine(store);
+    let calls = Arc::new(Calls::default());
+    let engine = engine(store, &calls);
     let w = worker(&engine);
     let sem = Arc::new(Semaphore::new(in_flight));
     let rt0 = store.round_trips();
@@ -141,6 +249,7 @@ async fn throughput(
     let elapsed = started.elapsed();
     let rts = store.round_trips() - rt0;
     let stats1 = commandstats(admin).await;
+    let by_method = calls.snapshot();
     w.shutdown().await;
     latencies.sort();
     println!(
@@ -156,6 +265,23 @@ async fn throughput(
         "{label}: store round trips {rts}: {:.2} per workflow, {:.2} per activity step (all, incl. start and result wait)",
         rts as f64 / wf,
         rts as f64 / step
+    );
+    let shown: Vec<String> = METHODS
+        .iter()
+        .zip(by_method)
+        .filter(|(_, n)| *n > 0)
+        .map(|(m, n)| format!("{m} {:.2}", n as f64 / wf))
+        .collect();
+    println!(
+        "{label}: engine store calls per workflow: {}",
+        shown.join(", ")
+    );
+    // Each of these is one round trip on Redis (create without an idempotency key included).
+    let hot = by_method[0] + by_method[1] + by_method[2] + by_method[3];
+    println!(
+        "{label}: hot path (create + append + append_keyed + workflow-task reads): {:.2} round trips per workflow, {:.2} per activity step",
+        hot as f64 / wf,
+        hot as f64 / step
     );
     let mut deltas: Vec<(String, u64)> = stats1
         .iter()
