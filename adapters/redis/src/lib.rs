@@ -2,6 +2,7 @@
 
 mod config;
 mod keys;
+mod notify;
 mod store;
 
 pub use config::RedisStoreConfig;

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -10,12 +11,12 @@ use marathon_core::{
     NewEvent, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Seq, Store, StoreError,
     SummaryPatch, Timestamp, WorkflowId, WorkflowStatus, WorkflowSummary,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
-use redis::streams::StreamReadReply;
-use redis::{AsyncConnectionConfig, Client, ErrorKind, RedisError, Script, ServerErrorKind, Value};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, ErrorKind, RedisError, Script, ServerErrorKind, Value};
 
 use crate::config::{RedisStoreConfig, masked_url};
 use crate::keys::{Keys, WfKeys};
+use crate::notify::{Notifier, Registration};
 
 const COMMON: &str = include_str!("scripts/common.lua");
 const STREAM_MAXLEN: &str = "10000";
@@ -46,7 +47,7 @@ fn bad_reply(what: impl Into<String>) -> StoreError {
 }
 
 /// Classifies a client error once, at the boundary: transient ones are retryable.
-fn classify(e: RedisError) -> StoreError {
+pub(crate) fn classify(e: RedisError) -> StoreError {
     let transient = e.is_io_error()
         || e.is_timeout()
         || e.is_connection_dropped()
@@ -95,13 +96,14 @@ impl Scripts {
 }
 
 struct Inner {
-    client: Client,
+    /// Round trips made on `conn` (see [`RedisStore::round_trips`]).
+    round_trips: AtomicU64,
     conn: ConnectionManager,
     keys: Keys,
     scripts: Scripts,
     retention_ms: u64,
-    connect_timeout: Duration,
-    response_timeout: Duration,
+    /// The shared reader of the shards' append streams (wakes subscriptions).
+    notifier: Arc<Notifier>,
 }
 
 /// Marathon's [`Store`] on Redis: cheap to clone, shares one auto-reconnecting connection.
@@ -156,15 +158,20 @@ impl RedisStore {
             .get_connection_manager_with_config(mcfg)
             .await
             .map_err(classify)?;
+        let keys = Keys::new(&cfg.key_prefix, cfg.shards);
         let store = Self {
             inner: Arc::new(Inner {
-                client,
+                round_trips: AtomicU64::new(0),
                 conn,
-                keys: Keys::new(&cfg.key_prefix, cfg.shards),
                 scripts: Scripts::new(),
                 retention_ms: cfg.retention.map_or(0, ms),
-                connect_timeout: cfg.connect_timeout,
-                response_timeout: cfg.response_timeout,
+                notifier: Arc::new(Notifier::new(
+                    client,
+                    (0..keys.shards()).map(|n| keys.stream(n)).collect(),
+                    cfg.connect_timeout,
+                    cfg.response_timeout,
+                )),
+                keys,
             }),
         };
         store.ping().await?;
@@ -177,7 +184,17 @@ impl RedisStore {
         self.inner.keys.prefix()
     }
 
+    /// Round trips this store (and its clones) made on its shared connection
+    /// since it connected: one per command, pipeline or script call. Blocking
+    /// stream reads of subscriptions (on their own connections) are not counted.
+    #[must_use]
+    pub fn round_trips(&self) -> u64 {
+        self.inner.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// The shared connection, for exactly one round trip (counted here).
     fn conn(&self) -> ConnectionManager {
+        self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
         self.inner.conn.clone()
     }
 
@@ -596,34 +613,21 @@ impl Store for RedisStore {
 
     async fn subscribe(&self, id: &WorkflowId, after: Seq) -> Result<EventStream, StoreError> {
         let wk = self.keys().workflow(id.as_str());
-        // The stream position is taken before the first read, so any append
-        // after that read is announced past this position.
-        let (exists, last): (bool, Vec<(String, HashMap<String, Value>)>) = redis::pipe()
-            .exists(&wk.sum)
-            .cmd("XREVRANGE")
-            .arg(&wk.stream)
-            .arg("+")
-            .arg("-")
-            .arg("COUNT")
-            .arg(1)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(classify)?;
-        if !exists {
+        // Registered before the first read, so any append after that read wakes us.
+        let reg = self.inner.notifier.register(id.as_str()).await?;
+        let (st, events) = self.read_with_status(&wk, after, SUBSCRIBE_BATCH).await?;
+        let Some(st) = st else {
             return Err(StoreError::NotFound(id.clone()));
-        }
-        let pos = last
-            .into_iter()
-            .next()
-            .map_or_else(|| "0-0".to_string(), |(id, _)| id);
+        };
+        let caught_up = (events.len() as u64) < SUBSCRIBE_BATCH;
         let sub = Subscription {
             store: self.clone(),
-            id: id.clone(),
             wk,
             after,
-            pos,
-            buf: VecDeque::new(),
-            listener: None,
+            buf: events.into(),
+            stale: !caught_up,
+            closed: caught_up && st != WorkflowStatus::Running.as_str(),
+            reg,
             done: false,
         };
         Ok(Box::pin(futures::stream::unfold(sub, Subscription::next)))
@@ -874,17 +878,17 @@ impl Store for RedisStore {
     }
 }
 
-/// One live subscription: reads by sequence, waits on the shard's stream.
+/// One live subscription: reads by sequence, waits for the shared reader's wake-ups.
 struct Subscription {
     store: RedisStore,
-    id: WorkflowId,
     wk: WfKeys,
     after: Seq,
-    /// Last stream entry seen.
-    pos: String,
     buf: VecDeque<Event>,
-    /// A dedicated connection for blocking reads (the shared one has a short response timeout).
-    listener: Option<MultiplexedConnection>,
+    /// Events may exist after `after` that are not in `buf` (read again before waiting).
+    stale: bool,
+    /// The workflow had finished when last read and every event was read: end after `buf`.
+    closed: bool,
+    reg: Registration,
     done: bool,
 }
 
@@ -899,8 +903,13 @@ impl Subscription {
                 self.after = e.seq;
                 return Some((Ok(e), self));
             }
-            if self.done {
+            if self.done || self.closed {
                 return None;
+            }
+            if !self.stale {
+                // Woken by an announced append to this workflow, or after a
+                // quiet period (re-read anyway: robust to a trimmed stream).
+                self.reg.wait(SUBSCRIBE_BLOCK).await;
             }
             match self
                 .store
@@ -909,67 +918,16 @@ impl Subscription {
             {
                 // Purged or expired: the history is gone, the stream ends.
                 Ok((None, _)) => return None,
-                Ok((Some(_), events)) if !events.is_empty() => {
+                Ok((Some(st), events)) => {
+                    let caught_up = (events.len() as u64) < SUBSCRIBE_BATCH;
+                    self.stale = !caught_up;
+                    self.closed = caught_up && st != WorkflowStatus::Running.as_str();
                     self.buf.extend(events);
-                    continue;
                 }
-                Ok((Some(st), _)) if st != WorkflowStatus::Running.as_str() => return None,
-                Ok(_) => {}
                 Err(e) => {
                     self.done = true;
                     return Some((Err(e), self));
                 }
-            }
-            if let Err(e) = self.wait().await {
-                self.done = true;
-                return Some((Err(e), self));
-            }
-        }
-    }
-
-    /// Waits until an append to this workflow is announced (or the block times out).
-    async fn wait(&mut self) -> Result<(), StoreError> {
-        let inner = &self.store.inner;
-        let mut conn = match self.listener.take() {
-            Some(c) => c,
-            None => {
-                let cfg = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(inner.connect_timeout))
-                    .set_response_timeout(Some(SUBSCRIBE_BLOCK + inner.response_timeout));
-                inner
-                    .client
-                    .get_multiplexed_async_connection_with_config(&cfg)
-                    .await
-                    .map_err(classify)?
-            }
-        };
-        loop {
-            let reply: Option<StreamReadReply> = redis::cmd("XREAD")
-                .arg("COUNT")
-                .arg(100)
-                .arg("BLOCK")
-                .arg(ms(SUBSCRIBE_BLOCK))
-                .arg("STREAMS")
-                .arg(&self.wk.stream)
-                .arg(&self.pos)
-                .query_async(&mut conn)
-                .await
-                .map_err(classify)?;
-            let Some(reply) = reply else {
-                // Timed out: re-read anyway (cheap, and robust to a trimmed stream).
-                self.listener = Some(conn);
-                return Ok(());
-            };
-            let mut ours = false;
-            for entry in reply.keys.into_iter().flat_map(|k| k.ids) {
-                if let Some(Value::BulkString(w)) = entry.map.get("w") {
-                    ours |= w.as_slice() == self.id.as_str().as_bytes();
-                }
-                self.pos = entry.id;
-            }
-            if ours {
-                self.listener = Some(conn);
-                return Ok(());
             }
         }
     }

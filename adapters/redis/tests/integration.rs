@@ -6,6 +6,7 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::PrivateRedis;
 use futures::StreamExt;
 use marathon_core::{
     EventData, KeyedAppend, KeyedOutcome, ListQuery, NewEvent, NewWorkflow, OwedChanges, OwedEntry,
@@ -495,56 +496,6 @@ async fn retention_expires_finished_workflows() {
     let left = common::keys_under(&prefix).await;
     assert!(left.iter().all(|k| k.ends_with(":stream")), "{left:?}");
     common::teardown(&prefix).await;
-}
-
-/// A private `redis-server` with an append-only file, so data survives a kill.
-struct PrivateRedis {
-    dir: std::path::PathBuf,
-    child: Option<tokio::process::Child>,
-}
-
-impl PrivateRedis {
-    async fn start(port: u16, dir: std::path::PathBuf) -> Self {
-        let child = tokio::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server on the PATH (apt-get install -y redis-server)");
-        // Probe until it answers, never a fixed sleep.
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Self {
-            dir,
-            child: Some(child),
-        }
-    }
-
-    async fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            c.kill().await.expect("kill redis-server");
-        }
-    }
 }
 
 #[tokio::test]

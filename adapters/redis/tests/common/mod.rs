@@ -2,6 +2,7 @@
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
 use marathon_redis::{RedisStore, RedisStoreConfig};
+use std::time::Duration;
 
 pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 pub const HOW_TO_START: &str = "no Redis at MARATHON_TEST_REDIS_URL (default redis://127.0.0.1:6379); \
@@ -76,4 +77,63 @@ pub async fn teardown(prefix: &str) {
             .await
             .expect("UNLINK");
     }
+}
+
+/// A private `redis-server` with an append-only file, so data survives a kill.
+pub struct PrivateRedis {
+    pub dir: std::path::PathBuf,
+    pub child: Option<tokio::process::Child>,
+}
+
+impl PrivateRedis {
+    pub async fn start(port: u16, dir: std::path::PathBuf) -> Self {
+        let child = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server on the PATH (apt-get install -y redis-server)");
+        // Probe until it answers, never a fixed sleep.
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self {
+            dir,
+            child: Some(child),
+        }
+    }
+
+    pub async fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.expect("kill redis-server");
+        }
+    }
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("local addr")
+        .port()
 }

@@ -1,0 +1,241 @@
+//! One shared reader of the shards' append streams per store: a single
+//! dedicated connection runs a blocking `XREAD` over every shard's stream and
+//! wakes the subscriptions of the workflows it sees. Subscriptions therefore
+//! cost no connection and no blocking command of their own.
+//!
+//! No announcement is lost: a subscription registers before its first read,
+//! and the reader's positions were taken before that registration completed,
+//! so every append after the read is announced past the reader's position.
+//! Announcements are only hints (subscriptions always read by sequence and
+//! re-read after a quiet period), so a trimmed stream or a Redis outage loses
+//! nothing either: on a read error the reader wakes every subscription.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use redis::aio::MultiplexedConnection;
+use redis::streams::StreamReadReply;
+use redis::{AsyncConnectionConfig, Client, Value};
+use tokio::sync::{Notify, OnceCell};
+
+use marathon_core::StoreError;
+
+/// How long one blocking read of the reader waits.
+const BLOCK: Duration = Duration::from_secs(2);
+/// Most entries read per stream per round.
+const COUNT: usize = 1000;
+
+type Waiters = HashMap<String, Vec<(u64, Arc<Notify>)>>;
+
+/// The shared reader of one store and the subscriptions waiting on it.
+pub(crate) struct Notifier {
+    client: Client,
+    streams: Vec<String>,
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    waiters: Mutex<(u64, Waiters)>,
+    started: OnceCell<()>,
+}
+
+/// A subscription's registration; dropping it unregisters.
+pub(crate) struct Registration {
+    notifier: Arc<Notifier>,
+    id: String,
+    key: u64,
+    notify: Arc<Notify>,
+}
+
+impl Registration {
+    /// Waits until an append to the workflow is announced since the last wait
+    /// (or registration), or until `max` has passed.
+    pub(crate) async fn wait(&self, max: Duration) {
+        let _ = tokio::time::timeout(max, self.notify.notified()).await;
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        let mut w = self.notifier.waiters.lock();
+        if let Some(v) = w.1.get_mut(&self.id) {
+            v.retain(|(k, _)| *k != self.key);
+            if v.is_empty() {
+                w.1.remove(&self.id);
+            }
+        }
+    }
+}
+
+impl Notifier {
+    pub(crate) fn new(
+        client: Client,
+        streams: Vec<String>,
+        connect_timeout: Duration,
+        response_timeout: Duration,
+    ) -> Self {
+        Self {
+            client,
+            streams,
+            connect_timeout,
+            response_timeout,
+            waiters: Mutex::new((0, HashMap::new())),
+            started: OnceCell::new(),
+        }
+    }
+
+    /// Registers interest in appends to workflow `id`, starting the reader if needed.
+    ///
+    /// # Errors
+    /// When the reader's connection cannot be opened (first call only).
+    pub(crate) async fn register(self: &Arc<Self>, id: &str) -> Result<Registration, StoreError> {
+        let notify = Arc::new(Notify::new());
+        let key = {
+            let mut w = self.waiters.lock();
+            w.0 += 1;
+            let key = w.0;
+            w.1.entry(id.to_string())
+                .or_default()
+                .push((key, notify.clone()));
+            key
+        };
+        let reg = Registration {
+            notifier: self.clone(),
+            id: id.to_string(),
+            key,
+            notify,
+        };
+        self.started
+            .get_or_try_init(|| self.start())
+            .await
+            .map(|()| reg)
+    }
+
+    async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(BLOCK + self.response_timeout));
+        self.client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(crate::store::classify)
+    }
+
+    /// Takes every stream's last id as the starting position and spawns the reader.
+    async fn start(self: &Arc<Self>) -> Result<(), StoreError> {
+        let mut conn = self.connect().await?;
+        let mut pipe = redis::pipe();
+        for s in &self.streams {
+            pipe.cmd("XREVRANGE")
+                .arg(s)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1);
+        }
+        let lasts: Vec<Vec<(String, HashMap<String, Value>)>> = pipe
+            .query_async(&mut conn)
+            .await
+            .map_err(crate::store::classify)?;
+        let positions = lasts
+            .into_iter()
+            .map(|l| {
+                l.into_iter()
+                    .next()
+                    .map_or_else(|| "0-0".to_string(), |(id, _)| id)
+            })
+            .collect();
+        tokio::spawn(run(
+            Arc::downgrade(self),
+            self.streams.clone(),
+            conn,
+            positions,
+        ));
+        Ok(())
+    }
+
+    fn wake(&self, id: &[u8]) {
+        let Ok(id) = std::str::from_utf8(id) else {
+            return;
+        };
+        if let Some(v) = self.waiters.lock().1.get(id) {
+            for (_, n) in v {
+                n.notify_one();
+            }
+        }
+    }
+
+    fn wake_all(&self) {
+        for v in self.waiters.lock().1.values() {
+            for (_, n) in v {
+                n.notify_one();
+            }
+        }
+    }
+}
+
+/// The reader loop; ends once the store and every subscription are gone.
+async fn run(
+    notifier: Weak<Notifier>,
+    streams: Vec<String>,
+    conn: MultiplexedConnection,
+    mut positions: Vec<String>,
+) {
+    let mut conn = Some(conn);
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let mut c = match conn.take() {
+            Some(c) => c,
+            None => {
+                let Some(n) = notifier.upgrade() else { return };
+                match n.connect().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "append reader cannot reconnect yet");
+                        n.wake_all();
+                        drop(n);
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                }
+            }
+        };
+        let reply: Result<Option<StreamReadReply>, _> = redis::cmd("XREAD")
+            .arg("COUNT")
+            .arg(COUNT)
+            .arg("BLOCK")
+            .arg(u64::try_from(BLOCK.as_millis()).unwrap_or(u64::MAX))
+            .arg("STREAMS")
+            .arg(&streams)
+            .arg(&positions)
+            .query_async(&mut c)
+            .await;
+        // Held only between reads, so that dropping the store ends the loop.
+        let Some(n) = notifier.upgrade() else { return };
+        match reply {
+            Ok(reply) => {
+                backoff = Duration::from_millis(100);
+                conn = Some(c);
+                for key in reply.map(|r| r.keys).unwrap_or_default() {
+                    let Some(i) = streams.iter().position(|s| *s == key.key) else {
+                        continue;
+                    };
+                    for entry in key.ids {
+                        if let Some(Value::BulkString(w)) = entry.map.get("w") {
+                            n.wake(w);
+                        }
+                        positions[i] = entry.id;
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "append reader failed; waking every subscription");
+                n.wake_all();
+                drop(n);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
