@@ -44,6 +44,10 @@ pub async fn queue(cfg: &QueueConfig) -> Result<Arc<dyn Queue>, ServerError> {
     }
 }
 
+#[cfg_attr(
+    all(feature = "redis", feature = "sqs"),
+    expect(dead_code, reason = "every backend is compiled in")
+)]
 fn not_compiled(what: &str, kind: &str) -> String {
     format!(
         "{what}.kind = {kind:?} but this binary was built without the `{kind}` feature \

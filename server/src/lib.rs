@@ -235,7 +235,6 @@ impl Server {
     }
 
     /// The axum app of this server's role (no worker is started).
-    #[must_use]
     pub fn router(&self) -> Router {
         api::router(api::AppState {
             engine: self.engine.clone(),

@@ -30,7 +30,12 @@ fn free_port() -> u16 {
 }
 
 /// A minimal HTTP/1.1 client: one request per connection.
-fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> std::io::Result<(u16, String)> {
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let body = body.map(Value::to_string).unwrap_or_default();
@@ -48,7 +53,10 @@ fn http(port: u16, method: &str, path: &str, body: Option<&Value>) -> std::io::R
         .nth(1)
         .and_then(|c| c.parse().ok())
         .unwrap_or(0);
-    let body = if head.to_ascii_lowercase().contains("transfer-encoding: chunked") {
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
         dechunk(rest)
     } else {
         rest.to_string()
@@ -97,7 +105,10 @@ fn serve(extra: &[&str]) -> Running {
         if let Ok((200, _)) = http(port, "GET", "/healthz", None) {
             return r;
         }
-        assert!(Instant::now() < deadline, "marathon did not answer /healthz");
+        assert!(
+            Instant::now() < deadline,
+            "marathon did not answer /healthz"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -121,20 +132,36 @@ fn serves_workflows_and_stops_on_sigterm_within_the_grace() {
         "--set",
         "worker.shutdown_grace_ms=3000",
     ]);
-    let (status, body) = http(m.port, "POST", "/v1/workflows", Some(&json!({"name": "echo", "id": "p-echo", "input": "hi"}))).expect("start");
+    let (status, body) = http(
+        m.port,
+        "POST",
+        "/v1/workflows",
+        Some(&json!({"name": "echo", "id": "p-echo", "input": "hi"})),
+    )
+    .expect("start");
     assert_eq!(status, 202, "{body}");
-    let (status, body) = http(m.port, "GET", "/v1/workflows/p-echo/result?wait=10s", None).expect("result");
+    let (status, body) =
+        http(m.port, "GET", "/v1/workflows/p-echo/result?wait=10s", None).expect("result");
     assert_eq!(status, 200, "{body}");
     let v: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(v["output"], "hi");
 
-    let (status, body) = http(m.port, "POST", "/v1/workflows", Some(&json!({"name": "sleep-then-echo", "id": "p-sleep", "input": {"ms": 600000}}))).expect("start");
+    let (status, body) = http(
+        m.port,
+        "POST",
+        "/v1/workflows",
+        Some(&json!({"name": "sleep-then-echo", "id": "p-sleep", "input": {"ms": 600000}})),
+    )
+    .expect("start");
     assert_eq!(status, 202, "{body}");
     let (status, _) = http(m.port, "GET", "/readyz", None).expect("readyz");
     assert_eq!(status, 200);
 
     let pid = m.child.id().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().expect("kill runs");
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
     assert!(killed.success());
     let started = Instant::now();
     let status = wait_exit(&mut m.child, Duration::from_secs(6)).expect("exits within the grace");
@@ -154,7 +181,14 @@ fn config_layers_file_env_flags_and_print_masks_secrets() {
     .expect("write config");
     let file = file.to_string_lossy().into_owned();
     let out = run(
-        &["config", "print", "--config", &file, "--listen", "127.0.0.1:3333"],
+        &[
+            "config",
+            "print",
+            "--config",
+            &file,
+            "--listen",
+            "127.0.0.1:3333",
+        ],
         &[
             ("MARATHON_LISTEN", "127.0.0.1:2222"),
             ("MARATHON_SERVER__BODY_LIMIT", "20"),
@@ -162,14 +196,30 @@ fn config_layers_file_env_flags_and_print_masks_secrets() {
         ],
     );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let cfg: toml::Table = toml::from_str(&text).expect("print is TOML");
-    assert_eq!(cfg["server"]["listen"].as_str(), Some("127.0.0.1:3333"), "{text}");
+    assert_eq!(
+        cfg["server"]["listen"].as_str(),
+        Some("127.0.0.1:3333"),
+        "{text}"
+    );
     assert_eq!(cfg["server"]["body_limit"].as_integer(), Some(20), "{text}");
-    assert_eq!(cfg["engine"]["cache_capacity"].as_integer(), Some(7), "{text}");
+    assert_eq!(
+        cfg["engine"]["cache_capacity"].as_integer(),
+        Some(7),
+        "{text}"
+    );
     assert_eq!(cfg["log"]["format"].as_str(), Some("json"), "{text}");
     assert!(!text.contains("secret"), "{text}");
-    assert_eq!(cfg["server"]["auth_tokens"].as_array().map(Vec::len), Some(2), "{text}");
+    assert_eq!(
+        cfg["server"]["auth_tokens"].as_array().map(Vec::len),
+        Some(2),
+        "{text}"
+    );
     assert!(text.contains("***"), "{text}");
 
     // MARATHON_CONFIG names the file too.
@@ -179,15 +229,26 @@ fn config_layers_file_env_flags_and_print_masks_secrets() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Arguments, environment, and a part of the expected message.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
 #[test]
 fn bad_configuration_exits_2_with_a_clear_message() {
-    let cases: &[(&[&str], &[(&str, &str)], &str)] = &[
-        (&["serve"], &[("MARATHON_SERVER__BODY_LIMIT", "lots")], "MARATHON_SERVER__BODY_LIMIT"),
+    let cases: &[Case<'_>] = &[
+        (
+            &["serve"],
+            &[("MARATHON_SERVER__BODY_LIMIT", "lots")],
+            "MARATHON_SERVER__BODY_LIMIT",
+        ),
         (&["serve", "--listen", "nowhere"], &[], "server.listen"),
         (&["serve", "--role", "api"], &[], "memory"),
         (&["serve", "--set", "server.colour=blue"], &[], "colour"),
         (&["serve", "--set", "nonsense"], &[], "KEY=VALUE"),
-        (&["config", "print", "--config", "/nonexistent/marathon.toml"], &[], "cannot read"),
+        (
+            &["config", "print", "--config", "/nonexistent/marathon.toml"],
+            &[],
+            "cannot read",
+        ),
         #[cfg(not(feature = "redis"))]
         (&["serve", "--store", "redis"], &[], "`redis` feature"),
         #[cfg(not(feature = "sqs"))]
