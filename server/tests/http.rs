@@ -768,3 +768,46 @@ async fn openapi_matches_the_routes() {
         );
     }
 }
+
+/// The same API over the Redis store (feature `redis`; Redis at `MARATHON_TEST_REDIS_URL`
+/// or 127.0.0.1:6379), in a namespace of its own.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn runs_on_the_redis_store() {
+    let url = std::env::var("MARATHON_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let mut cfg = Config::default();
+    cfg.store = marathon_server::StoreConfig::Redis(marathon_server::config::RedisSettings {
+        url,
+        key_prefix: format!("marathon-test:{}:", uuid::Uuid::new_v4()),
+        retention: Some(Duration::from_secs(60)),
+        ..Default::default()
+    });
+    let app = app_with(cfg).await;
+    assert_eq!(
+        call(&app, "GET", "/readyz", None).await.status,
+        StatusCode::OK
+    );
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "id": "r1", "input": [1, 2]})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let done = finished(&app, "r1").await;
+    assert_eq!(done["output"], json!([1, 2]));
+    let page = call(&app, "GET", "/v1/workflows?name=echo", None)
+        .await
+        .json();
+    assert_eq!(page["items"][0]["id"], "r1");
+    call(&app, "GET", "/v1/workflows?cursor=garbage", None)
+        .await
+        .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    let sse = call(&app, "GET", "/v1/workflows/r1/events/stream?after=2", None).await;
+    assert_eq!(
+        sse_frames(&sse.text).last().map(|f| f.1.as_str()),
+        Some("done")
+    );
+}
