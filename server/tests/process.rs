@@ -157,6 +157,12 @@ fn serves_workflows_and_stops_on_sigterm_within_the_grace() {
     let (status, _) = http(m.port, "GET", "/readyz", None).expect("readyz");
     assert_eq!(status, 200);
 
+    // An SSE stream open at shutdown ends with it.
+    let port = m.port;
+    let sse =
+        std::thread::spawn(move || http(port, "GET", "/v1/workflows/p-sleep/events/stream", None));
+    std::thread::sleep(Duration::from_millis(300));
+
     let pid = m.child.id().to_string();
     let killed = Command::new("kill")
         .args(["-TERM", &pid])
@@ -167,6 +173,9 @@ fn serves_workflows_and_stops_on_sigterm_within_the_grace() {
     let status = wait_exit(&mut m.child, Duration::from_secs(6)).expect("exits within the grace");
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
     assert!(started.elapsed() < Duration::from_secs(6));
+    let (status, body) = sse.join().expect("sse thread").expect("sse response");
+    assert_eq!(status, 200);
+    assert!(body.contains("event: workflow_started"), "{body}");
 }
 
 #[test]
