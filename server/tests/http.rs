@@ -776,13 +776,15 @@ async fn openapi_matches_the_routes() {
 async fn runs_on_the_redis_store() {
     let url = std::env::var("MARATHON_TEST_REDIS_URL")
         .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let mut cfg = Config::default();
-    cfg.store = marathon_server::StoreConfig::Redis(marathon_server::config::RedisSettings {
-        url,
-        key_prefix: format!("marathon-test:{}:", uuid::Uuid::new_v4()),
-        retention: Some(Duration::from_secs(60)),
+    let cfg = Config {
+        store: marathon_server::StoreConfig::Redis(marathon_server::config::RedisSettings {
+            url,
+            key_prefix: format!("marathon-test:{}:", uuid::Uuid::new_v4()),
+            retention: Some(Duration::from_secs(60)),
+            ..Default::default()
+        }),
         ..Default::default()
-    });
+    };
     let app = app_with(cfg).await;
     assert_eq!(
         call(&app, "GET", "/readyz", None).await.status,
