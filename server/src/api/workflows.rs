@@ -1,0 +1,532 @@
+//! `/v1/workflows`: start, get, list, cancel, signal, result, events and the SSE stream.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, JsonRejection, PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use futures::{Stream, StreamExt};
+use marathon_core::{
+    EventStream, ListQuery, Seq, StartWorkflow, WorkflowId, WorkflowStatus, WorkflowSummary,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use std::convert::Infallible;
+use std::time::Duration;
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::docs::{EventDoc, WorkflowSummaryDoc};
+use super::error::{ApiError, ErrorBody};
+
+/// Default page size of lists and event pages.
+const DEFAULT_PAGE: usize = 100;
+/// Largest page size of lists and event pages.
+const MAX_PAGE: usize = 1000;
+
+/// Body of `POST /v1/workflows`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StartRequest {
+    /// Registered workflow name (see `GET /v1/registry`).
+    name: String,
+    /// Input as any JSON value. Default `null`.
+    #[serde(default)]
+    input: Value,
+    /// Workflow id: 1 to 200 characters from `A-Z a-z 0-9 - _ . : @`; a random UUID when absent.
+    /// A second start with the same id returns the first workflow.
+    #[serde(default)]
+    id: Option<String>,
+    /// Task queue of the workflow's tasks; the engine's default when absent.
+    #[serde(default)]
+    task_queue: Option<String>,
+}
+
+/// Response of `POST /v1/workflows`.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct StartResponse {
+    /// The workflow id.
+    id: String,
+    /// Whether this call created the workflow (false for a repeat).
+    created: bool,
+    /// The workflow's summary.
+    #[schema(value_type = WorkflowSummaryDoc)]
+    workflow: WorkflowSummary,
+}
+
+/// Response of cancel and signal requests.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct AcceptedResponse {
+    /// The workflow id.
+    id: String,
+    /// Always true: the request was recorded (or was a repeat of one).
+    accepted: bool,
+}
+
+/// A page of workflows.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct ListResponse {
+    /// Workflows, newest first.
+    #[schema(value_type = Vec<WorkflowSummaryDoc>)]
+    items: Vec<WorkflowSummary>,
+    /// Pass as `cursor` to get the next page; absent on the last page.
+    next_cursor: Option<String>,
+}
+
+/// A page of events.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct EventsResponse {
+    /// Events in sequence order.
+    #[schema(value_type = Vec<EventDoc>)]
+    events: Vec<marathon_core::Event>,
+    /// Pass as `after` to get the next page (the last returned sequence, or `after` when none).
+    next_after: u64,
+}
+
+/// Optional body of `POST /v1/workflows/{id}/cancel`.
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct CancelRequest {
+    /// Why; recorded in the `cancel_requested` event.
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+/// Query of `GET /v1/workflows`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListParams {
+    /// Only workflows in this status: `running`, `completed`, `failed`, `canceled`.
+    status: Option<String>,
+    /// Only workflows with this name.
+    name: Option<String>,
+    /// `next_cursor` of the previous page.
+    cursor: Option<String>,
+    /// Page size, 1 to 1000. Default 100.
+    limit: Option<usize>,
+}
+
+/// Query of `GET /v1/workflows/{id}/result`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ResultParams {
+    /// How long to wait for the workflow to finish: `30s`, `500ms`, `2m` or a number of seconds.
+    /// Capped at the server's maximum (default 60 s). Default 0 (answer at once).
+    wait: Option<String>,
+}
+
+/// Query of `GET /v1/workflows/{id}/events`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct EventsParams {
+    /// Only events with a sequence greater than this. Default 0.
+    after: Option<u64>,
+    /// Page size, 1 to 1000. Default 100.
+    limit: Option<usize>,
+}
+
+/// Query of `GET /v1/workflows/{id}/events/stream`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct StreamParams {
+    /// Stream events after this sequence; the `Last-Event-ID` header wins over it. Default 0.
+    after: Option<u64>,
+}
+
+fn workflow_id(path: Result<Path<String>, PathRejection>) -> Result<WorkflowId, ApiError> {
+    let Path(id) = path?;
+    Ok(WorkflowId::parse(id)?)
+}
+
+fn header(headers: &HeaderMap, name: &str) -> Result<Option<String>, ApiError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(|s| Some(s.to_string()))
+            .map_err(|_| ApiError::invalid(format!("header {name} must be visible ASCII"))),
+    }
+}
+
+fn page_size(limit: Option<usize>) -> Result<usize, ApiError> {
+    match limit {
+        None => Ok(DEFAULT_PAGE),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::invalid(format!(
+            "limit {n} is out of range; use 1 to {MAX_PAGE}"
+        ))),
+    }
+}
+
+/// Parses `30s`, `500ms`, `2m` or a plain number of seconds.
+pub(crate) fn parse_wait(s: &str) -> Result<Duration, ApiError> {
+    let s = s.trim();
+    let bad = || {
+        ApiError::invalid(format!(
+            "wait {s:?} is not a duration like 30s, 500ms or 2m"
+        ))
+    };
+    let (num, unit_ms) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 1)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1000)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60_000)
+    } else {
+        (s, 1000)
+    };
+    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    Ok(Duration::from_millis(n.saturating_mul(unit_ms)))
+}
+
+/// Starts a workflow.
+#[utoipa::path(
+    post, path = "/v1/workflows", tag = "workflows",
+    request_body = StartRequest,
+    params(("Idempotency-Key" = Option<String>, Header, description = "A repeat with the same key returns the first workflow (at most 256 bytes)")),
+    responses(
+        (status = 202, description = "Started", body = StartResponse),
+        (status = 200, description = "A repeat (same id or idempotency key): the existing workflow", body = StartResponse),
+        (status = 400, description = "Malformed body, unknown workflow, bad id or input", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+    )
+)]
+pub(crate) async fn start(
+    State(st): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Json<StartRequest>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(req) = body?;
+    if let Some(check) = st.validators.get(&req.name) {
+        check(&req.input, st.engine.registry()).map_err(ApiError::invalid)?;
+    }
+    let mut start = StartWorkflow::new(req.name, req.input);
+    if let Some(id) = req.id {
+        start = start.id(WorkflowId::parse(id)?);
+    }
+    if let Some(q) = req.task_queue {
+        if q.is_empty() {
+            return Err(ApiError::invalid("task_queue must not be empty"));
+        }
+        start = start.task_queue(q);
+    }
+    if let Some(key) = header(&headers, "idempotency-key")? {
+        start = start.idempotency_key(key);
+    }
+    let started = st.engine.start(start).await?;
+    let status = if started.created {
+        StatusCode::ACCEPTED
+    } else {
+        StatusCode::OK
+    };
+    Ok((
+        status,
+        Json(StartResponse {
+            id: started.summary.id.to_string(),
+            created: started.created,
+            workflow: started.summary,
+        }),
+    )
+        .into_response())
+}
+
+/// A workflow's summary.
+#[utoipa::path(
+    get, path = "/v1/workflows/{id}", tag = "workflows",
+    params(("id" = String, Path, description = "Workflow id")),
+    responses(
+        (status = 200, description = "The summary", body = WorkflowSummaryDoc),
+        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+    )
+)]
+pub(crate) async fn get(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Json<WorkflowSummary>, ApiError> {
+    let id = workflow_id(path)?;
+    Ok(Json(st.engine.get(&id).await?))
+}
+
+/// Lists workflows newest first, one page at a time.
+#[utoipa::path(
+    get, path = "/v1/workflows", tag = "workflows",
+    params(ListParams),
+    responses(
+        (status = 200, description = "A page", body = ListResponse),
+        (status = 400, description = "Bad status, limit or cursor", body = ErrorBody),
+    )
+)]
+pub(crate) async fn list(
+    State(st): State<AppState>,
+    query: Result<Query<ListParams>, QueryRejection>,
+) -> Result<Json<ListResponse>, ApiError> {
+    let Query(p) = query?;
+    let status = match p.status.as_deref() {
+        None => None,
+        Some(s) => Some(s.parse::<WorkflowStatus>().map_err(ApiError::invalid)?),
+    };
+    let page = st
+        .engine
+        .list(&ListQuery {
+            status,
+            name: p.name,
+            cursor: p.cursor,
+            limit: page_size(p.limit)?,
+        })
+        .await?;
+    Ok(Json(ListResponse {
+        items: page.items,
+        next_cursor: page.next_cursor,
+    }))
+}
+
+/// Requests cancellation of a running workflow.
+#[utoipa::path(
+    post, path = "/v1/workflows/{id}/cancel", tag = "workflows",
+    params(("id" = String, Path, description = "Workflow id")),
+    request_body(content = Option<CancelRequest>, description = "Optional reason"),
+    responses(
+        (status = 202, description = "Recorded", body = AcceptedResponse),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+        (status = 409, description = "The workflow has already finished", body = ErrorBody),
+    )
+)]
+pub(crate) async fn cancel(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<AcceptedResponse>), ApiError> {
+    let id = workflow_id(path)?;
+    let body = body?;
+    let req: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        CancelRequest::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid(format!("invalid cancel body: {e}")))?
+    };
+    st.engine.cancel(&id, req.reason).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(AcceptedResponse {
+            id: id.to_string(),
+            accepted: true,
+        }),
+    ))
+}
+
+/// Sends a signal with a JSON payload (the body; empty means `null`).
+#[utoipa::path(
+    post, path = "/v1/workflows/{id}/signals/{name}", tag = "workflows",
+    params(
+        ("id" = String, Path, description = "Workflow id"),
+        ("name" = String, Path, description = "Signal name, 1 to 200 bytes"),
+        ("Idempotency-Key" = Option<String>, Header, description = "A repeat with the same key is ignored"),
+    ),
+    request_body(content = Option<Object>, description = "Payload: any JSON value"),
+    responses(
+        (status = 202, description = "Recorded (or a repeat)", body = AcceptedResponse),
+        (status = 400, description = "Malformed payload or bad name", body = ErrorBody),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+        (status = 409, description = "The workflow has already finished", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+    )
+)]
+pub(crate) async fn signal(
+    State(st): State<AppState>,
+    path: Result<Path<(String, String)>, PathRejection>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<(StatusCode, Json<AcceptedResponse>), ApiError> {
+    let Path((id, name)) = path?;
+    let id = WorkflowId::parse(id)?;
+    let body = body?;
+    let payload: Value = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::invalid(format!("signal payload is not valid JSON: {e}")))?
+    };
+    let key = header(&headers, "idempotency-key")?;
+    st.engine.signal(&id, &name, payload, key).await?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(AcceptedResponse {
+            id: id.to_string(),
+            accepted: true,
+        }),
+    ))
+}
+
+/// Waits (long poll) up to `wait` for the workflow to finish and returns its summary.
+#[utoipa::path(
+    get, path = "/v1/workflows/{id}/result", tag = "workflows",
+    params(("id" = String, Path, description = "Workflow id"), ResultParams),
+    responses(
+        (status = 200, description = "Finished: the summary with output or error", body = WorkflowSummaryDoc),
+        (status = 202, description = "Still running after the wait", body = WorkflowSummaryDoc),
+        (status = 400, description = "Bad id or wait", body = ErrorBody),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+    )
+)]
+pub(crate) async fn result(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<ResultParams>, QueryRejection>,
+) -> Result<(StatusCode, Json<WorkflowSummary>), ApiError> {
+    let id = workflow_id(path)?;
+    let Query(p) = query?;
+    let wait = match p.wait.as_deref() {
+        None => Duration::ZERO,
+        Some(w) => parse_wait(w)?.min(st.config.server.result_wait_max),
+    };
+    let summary = tokio::select! {
+        r = st.engine.result(&id, wait) => r?,
+        // Shutdown ends long polls early with the current state.
+        () = st.shutdown.cancelled() => st.engine.get(&id).await?,
+    };
+    let status = if summary.status.is_terminal() {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(summary)))
+}
+
+/// A page of the workflow's event history.
+#[utoipa::path(
+    get, path = "/v1/workflows/{id}/events", tag = "events",
+    params(("id" = String, Path, description = "Workflow id"), EventsParams),
+    responses(
+        (status = 200, description = "Events after `after`", body = EventsResponse),
+        (status = 400, description = "Bad id, after or limit", body = ErrorBody),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+    )
+)]
+pub(crate) async fn events(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<EventsParams>, QueryRejection>,
+) -> Result<Json<EventsResponse>, ApiError> {
+    let id = workflow_id(path)?;
+    let Query(p) = query?;
+    let after = p.after.unwrap_or(0);
+    let limit = page_size(p.limit)?;
+    let events = st.engine.events(&id, Seq(after), limit).await?;
+    let next_after = events.last().map_or(after, |e| e.seq.0);
+    Ok(Json(EventsResponse { events, next_after }))
+}
+
+enum StreamState {
+    Live(EventStream),
+    Finish,
+    End,
+}
+
+/// Live events as Server-Sent Events; ends with `event: done` after the terminal event.
+#[utoipa::path(
+    get, path = "/v1/workflows/{id}/events/stream", tag = "events",
+    params(
+        ("id" = String, Path, description = "Workflow id"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "Resume after this sequence (wins over `after`)"),
+        StreamParams,
+    ),
+    responses(
+        (status = 200, description = "`text/event-stream`: `id:` the sequence, `event:` the type, `data:` the event JSON; \
+            `: heartbeat` comments; a final `event: done`", content_type = "text/event-stream", body = String),
+        (status = 400, description = "Bad id, after or Last-Event-ID", body = ErrorBody),
+        (status = 404, description = "No such workflow", body = ErrorBody),
+    )
+)]
+pub(crate) async fn stream(
+    State(st): State<AppState>,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<StreamParams>, QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let id = workflow_id(path)?;
+    let Query(p) = query?;
+    let after = match header(&headers, "last-event-id")? {
+        Some(v) => v
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| ApiError::invalid("Last-Event-ID must be an event sequence number"))?,
+        None => p.after.unwrap_or(0),
+    };
+    let summary = st.engine.get(&id).await?;
+    let first = if summary.status.is_terminal() && after >= summary.last_seq.0 {
+        StreamState::Finish
+    } else {
+        StreamState::Live(st.engine.subscribe(&id, Seq(after)).await?)
+    };
+    let engine = st.engine.clone();
+    let events = futures::stream::unfold(first, move |state| {
+        let engine = engine.clone();
+        let id = id.clone();
+        async move {
+            match state {
+                StreamState::Live(mut events) => match events.next().await {
+                    Some(Ok(e)) => {
+                        let next = if e.data.is_terminal() {
+                            StreamState::Finish
+                        } else {
+                            StreamState::Live(events)
+                        };
+                        let sse = SseEvent::default()
+                            .id(e.seq.to_string())
+                            .event(e.data.type_name())
+                            .data(serde_json::to_string(&e).unwrap_or_default());
+                        Some((sse, next))
+                    }
+                    Some(Err(err)) => {
+                        tracing::warn!(error = %err, workflow = %id, "event stream failed");
+                        let data = json!({"error": {"code": "unavailable", "message": "the event stream failed; reconnect with Last-Event-ID"}});
+                        Some((SseEvent::default().event("error").data(data.to_string()), StreamState::End))
+                    }
+                    // The store's stream ended without a terminal event in view
+                    // (resumed past it): say done only if the workflow has finished.
+                    None => match engine.get(&id).await {
+                        Ok(s) if s.status.is_terminal() => {
+                            Some((done_event(&engine, &id).await, StreamState::End))
+                        }
+                        _ => None,
+                    },
+                },
+                StreamState::Finish => Some((done_event(&engine, &id).await, StreamState::End)),
+                StreamState::End => None,
+            }
+        }
+    })
+    .take_until(st.shutdown.clone().cancelled_owned())
+    .map(Ok::<_, Infallible>);
+    Ok(Sse::new(events).keep_alive(
+        KeepAlive::new()
+            .interval(st.config.server.sse_heartbeat)
+            .text("heartbeat"),
+    ))
+}
+
+async fn done_event(engine: &marathon_core::Engine, id: &WorkflowId) -> SseEvent {
+    let data = match engine.get(id).await {
+        Ok(s) => json!({"id": s.id, "status": s.status, "last_seq": s.last_seq}),
+        Err(_) => json!({"id": id}),
+    };
+    SseEvent::default().event("done").data(data.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waits_parse() {
+        assert_eq!(parse_wait("30s").ok(), Some(Duration::from_secs(30)));
+        assert_eq!(parse_wait("500ms").ok(), Some(Duration::from_millis(500)));
+        assert_eq!(parse_wait("2m").ok(), Some(Duration::from_secs(120)));
+        assert_eq!(parse_wait("7").ok(), Some(Duration::from_secs(7)));
+        assert!(parse_wait("soon").is_err());
+        assert!(parse_wait("-1s").is_err());
+    }
+}

@@ -1,0 +1,669 @@
+//! The server's configuration: plain serde data with documented defaults, read
+//! from a TOML file, then `MARATHON_*` environment variables, then flags (each
+//! layer wins over the one before), and validated before anything starts.
+//!
+//! Environment variables name a key by its TOML path, upper-cased, with `__`
+//! between the levels: `MARATHON_STORE__KEY_PREFIX` sets `[store] key_prefix`,
+//! `MARATHON_SERVER__BODY_LIMIT` sets `[server] body_limit`. Short aliases:
+//! `MARATHON_LISTEN` (`server.listen`), `MARATHON_ROLE` (`server.role`),
+//! `MARATHON_AUTH_TOKENS` (`server.auth_tokens`, comma-separated) and
+//! `MARATHON_LOG` (`log.filter`). Variables without `__` (other than the
+//! aliases and `MARATHON_CONFIG`) are ignored.
+
+use marathon_core::{EngineConfig, WorkerConfig, duration_ms};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+/// Why a configuration could not be loaded or is invalid.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The configuration file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The configuration file is not valid TOML.
+    #[error("config file {path} is not valid TOML: {message}")]
+    Parse {
+        /// The file.
+        path: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A value from the environment or a flag does not fit its key.
+    #[error("{source_name}: {message}")]
+    Override {
+        /// The variable or flag.
+        source_name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// A key has a value of the wrong type or an unknown key was given.
+    #[error("invalid configuration at `{path}`: {message}")]
+    Invalid {
+        /// Dotted path of the key.
+        path: String,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The whole configuration of a `marathon` process.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// `[server]`: HTTP listener, role, auth and limits.
+    pub server: ServerConfig,
+    /// `[engine]`: the core engine's tunables.
+    pub engine: EngineConfig,
+    /// `[worker]`: the core worker's tunables (task queues, sweeper, grace).
+    pub worker: WorkerConfig,
+    /// `[store]`: which store and its settings.
+    pub store: StoreConfig,
+    /// `[queue]`: which queue and its settings.
+    pub queue: QueueConfig,
+    /// `[log]`: log format and filter.
+    pub log: LogConfig,
+}
+
+/// What a process runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The HTTP API only; no worker.
+    Api,
+    /// Workers and the sweeper; only `/healthz`, `/readyz` and `/metrics` on HTTP.
+    Worker,
+    /// Both (the default).
+    #[default]
+    All,
+}
+
+impl Role {
+    /// Whether this role serves the `/v1` API.
+    #[must_use]
+    pub fn runs_api(self) -> bool {
+        matches!(self, Role::Api | Role::All)
+    }
+
+    /// Whether this role runs workers and the sweeper.
+    #[must_use]
+    pub fn runs_worker(self) -> bool {
+        matches!(self, Role::Worker | Role::All)
+    }
+
+    /// The `snake_case` name.
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Api => "api",
+            Role::Worker => "worker",
+            Role::All => "all",
+        }
+    }
+}
+
+/// `[server]`: the HTTP side of the process.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    pub listen: String,
+    /// What this process runs. Default `all`.
+    pub role: Role,
+    /// Bearer tokens accepted; empty turns auth off. Default empty.
+    pub auth_tokens: Vec<String>,
+    /// Largest accepted request body, in bytes. Default 1 MiB.
+    pub body_limit: usize,
+    /// How long in-flight requests may finish after shutdown begins. Default 30 s.
+    #[serde(with = "duration_ms", rename = "shutdown_grace_ms")]
+    pub shutdown_grace: Duration,
+    /// Longest `?wait=` of `GET /v1/workflows/{id}/result`. Default 60 s.
+    #[serde(with = "duration_ms", rename = "result_wait_max_ms")]
+    pub result_wait_max: Duration,
+    /// Interval of SSE heartbeat comments. Default 15 s.
+    #[serde(with = "duration_ms", rename = "sse_heartbeat_ms")]
+    pub sse_heartbeat: Duration,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:8080".into(),
+            role: Role::All,
+            auth_tokens: Vec::new(),
+            body_limit: 1024 * 1024,
+            shutdown_grace: Duration::from_secs(30),
+            result_wait_max: Duration::from_secs(60),
+            sse_heartbeat: Duration::from_secs(15),
+        }
+    }
+}
+
+impl fmt::Debug for ServerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerConfig")
+            .field("listen", &self.listen)
+            .field("role", &self.role)
+            .field(
+                "auth_tokens",
+                &format!("[{} masked]", self.auth_tokens.len()),
+            )
+            .field("body_limit", &self.body_limit)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .field("result_wait_max", &self.result_wait_max)
+            .field("sse_heartbeat", &self.sse_heartbeat)
+            .finish()
+    }
+}
+
+/// Settings of the Redis store (`marathon_redis::RedisStoreConfig` when built
+/// with the `redis` feature; kept as raw TOML otherwise, so that the variant exists in every build).
+#[cfg(feature = "redis")]
+pub type RedisSettings = marathon_redis::RedisStoreConfig;
+/// Settings of the Redis store (raw TOML: this build has no `redis` feature).
+#[cfg(not(feature = "redis"))]
+pub type RedisSettings = toml::Table;
+
+/// Settings of the SQS queue (`marathon_sqs::SqsQueueConfig` with the `sqs` feature).
+#[cfg(feature = "sqs")]
+pub type SqsSettings = marathon_sqs::SqsQueueConfig;
+/// Settings of the SQS queue (raw TOML: this build has no `sqs` feature).
+#[cfg(not(feature = "sqs"))]
+pub type SqsSettings = toml::Table;
+
+/// `[store]`: `kind = "memory"` (default) or `kind = "redis"` with the Redis settings beside it.
+#[derive(Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum StoreConfig {
+    /// In-process store; nothing is shared or kept across restarts.
+    #[default]
+    Memory,
+    /// Redis (feature `redis`): `url`, `key_prefix`, `shards`, timeouts, `retention`.
+    Redis(RedisSettings),
+}
+
+impl fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreConfig::Memory => f.write_str("Memory"),
+            #[cfg(feature = "redis")]
+            StoreConfig::Redis(c) => f.debug_tuple("Redis").field(c).finish(),
+            #[cfg(not(feature = "redis"))]
+            StoreConfig::Redis(_) => f.write_str("Redis(..)"),
+        }
+    }
+}
+
+/// `[queue]`: `kind = "memory"` (default) or `kind = "sqs"` with the SQS settings beside it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum QueueConfig {
+    /// In-process queue (`max_receives`); nothing is shared between processes.
+    Memory(marathon_core::memory::MemoryQueueConfig),
+    /// AWS SQS (feature `sqs`): `queue_prefix`, `queue_urls`, `region`, `endpoint_url`, ….
+    Sqs(SqsSettings),
+}
+
+impl Default for QueueConfig {
+    fn default() -> Self {
+        QueueConfig::Memory(Default::default())
+    }
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// Human-readable lines (default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[log]`: how the process logs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogConfig {
+    /// `text` or `json`. Default `text`.
+    pub format: LogFormat,
+    /// A `tracing` filter (`RUST_LOG` syntax). Default `info`.
+    pub filter: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            format: LogFormat::Text,
+            filter: "info".into(),
+        }
+    }
+}
+
+/// Environment variables that are short names for a key.
+const ENV_ALIASES: &[(&str, &str)] = &[
+    ("MARATHON_LISTEN", "server.listen"),
+    ("MARATHON_ROLE", "server.role"),
+    ("MARATHON_AUTH_TOKENS", "server.auth_tokens"),
+    ("MARATHON_LOG", "log.filter"),
+];
+
+/// The configuration's sources, lowest precedence first.
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// Contents of the TOML file and its name, if one was given.
+    pub file: Option<(String, String)>,
+    /// Environment variables (all of them; those not for Marathon are ignored).
+    pub env: Vec<(String, String)>,
+    /// Overrides from flags: `(dotted.key, value)`.
+    pub flags: Vec<(String, String)>,
+}
+
+impl Sources {
+    /// Reads `file` (if any) and takes the process environment.
+    ///
+    /// # Errors
+    /// [`ConfigError::Read`] when the file cannot be read.
+    pub fn from_process(
+        file: Option<&Path>,
+        flags: Vec<(String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let file = match file {
+            Some(p) => Some((
+                p.display().to_string(),
+                std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?,
+            )),
+            None => None,
+        };
+        Ok(Self {
+            file,
+            env: std::env::vars().collect(),
+            flags,
+        })
+    }
+}
+
+impl Config {
+    /// Loads and validates the configuration: file, then environment, then flags.
+    ///
+    /// # Errors
+    /// A [`ConfigError`] naming the source and key of the first bad value.
+    pub fn load(sources: &Sources) -> Result<Self, ConfigError> {
+        let mut table = match &sources.file {
+            Some((path, text)) => {
+                toml::from_str::<toml::Table>(text).map_err(|e| ConfigError::Parse {
+                    path: path.clone(),
+                    message: e.to_string(),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let template = template();
+        let mut env: Vec<(&String, &String)> = sources.env.iter().map(|(a, b)| (a, b)).collect();
+        env.sort();
+        for (name, value) in env {
+            let Some(path) = env_key(name) else { continue };
+            set_path(&mut table, &template, &path, value).map_err(|message| {
+                ConfigError::Override {
+                    source_name: format!("environment variable {name}"),
+                    message,
+                }
+            })?;
+        }
+        for (key, value) in &sources.flags {
+            set_path(&mut table, &template, key, value).map_err(|message| {
+                ConfigError::Override {
+                    source_name: format!("flag setting {key}"),
+                    message,
+                }
+            })?;
+        }
+        let config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
+                ConfigError::Invalid {
+                    path: e.path().to_string(),
+                    message: e.inner().to_string(),
+                }
+            })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks values that types alone cannot: addresses, limits, and backends that share nothing.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] for the first bad value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |path: &str, message: String| {
+            Err(ConfigError::Invalid {
+                path: path.into(),
+                message,
+            })
+        };
+        if self.server.listen.parse::<SocketAddr>().is_err() {
+            return bad(
+                "server.listen",
+                format!(
+                    "{:?} is not an address like 127.0.0.1:8080",
+                    self.server.listen
+                ),
+            );
+        }
+        if self.server.body_limit == 0 {
+            return bad("server.body_limit", "must be at least 1 byte".into());
+        }
+        if self.server.auth_tokens.iter().any(|t| t.trim().is_empty()) {
+            return bad("server.auth_tokens", "tokens must not be empty".into());
+        }
+        if self.server.result_wait_max.is_zero() {
+            return bad("server.result_wait_max_ms", "must be at least 1 ms".into());
+        }
+        if self.server.sse_heartbeat.is_zero() {
+            return bad("server.sse_heartbeat_ms", "must be at least 1 ms".into());
+        }
+        if self.engine.default_task_queue.is_empty() {
+            return bad("engine.default_task_queue", "must not be empty".into());
+        }
+        if self.server.role.runs_worker() {
+            if self.worker.queues.is_empty() {
+                return bad(
+                    "worker.queues",
+                    "a worker needs at least one task queue".into(),
+                );
+            }
+            if let Some(q) = self
+                .worker
+                .queues
+                .iter()
+                .find(|q| q.concurrency == 0 || q.name.is_empty())
+            {
+                return bad(
+                    "worker.queues",
+                    format!(
+                        "queue {:?} needs a name and a concurrency of at least 1",
+                        q.name
+                    ),
+                );
+            }
+        }
+        if self.server.role != Role::All {
+            if matches!(self.store, StoreConfig::Memory) {
+                return bad(
+                    "store.kind",
+                    format!(
+                        "role {} with the memory store shares nothing with other processes; use role all or a shared store (redis)",
+                        self.server.role.as_str()
+                    ),
+                );
+            }
+            if matches!(self.queue, QueueConfig::Memory(_)) {
+                return bad(
+                    "queue.kind",
+                    format!(
+                        "role {} with the memory queue shares nothing with other processes; use role all or a shared queue (sqs)",
+                        self.server.role.as_str()
+                    ),
+                );
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
+            return bad("log.filter", e.to_string());
+        }
+        crate::backends::check_compiled(self).map_err(|e| ConfigError::Invalid {
+            path: e.0.into(),
+            message: e.1,
+        })
+    }
+
+    /// The configuration as TOML, with secrets (auth tokens, passwords in URLs) shown as `***`.
+    #[must_use]
+    pub fn to_masked_toml(&self) -> String {
+        let mut value = match toml::Value::try_from(self) {
+            Ok(v) => v,
+            Err(e) => return format!("# cannot show the configuration: {e}\n"),
+        };
+        if let Some(server) = value.get_mut("server").and_then(toml::Value::as_table_mut)
+            && let Some(toml::Value::Array(tokens)) = server.get_mut("auth_tokens")
+        {
+            for t in tokens.iter_mut() {
+                *t = toml::Value::String("***".into());
+            }
+        }
+        for section in ["store", "queue"] {
+            if let Some(t) = value.get_mut(section).and_then(toml::Value::as_table_mut) {
+                for (_, v) in t.iter_mut() {
+                    if let toml::Value::String(s) = v
+                        && s.contains("://")
+                    {
+                        *s = masked_url(s);
+                    }
+                }
+            }
+        }
+        toml::to_string_pretty(&value)
+            .unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"))
+    }
+}
+
+/// The URL with any password (or lone credential) replaced by `***`.
+#[must_use]
+pub fn masked_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let user = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    format!("{scheme}://{user}@{host}{tail}")
+}
+
+/// The dotted key an environment variable sets, if it is one of Marathon's.
+fn env_key(name: &str) -> Option<String> {
+    if let Some((_, key)) = ENV_ALIASES.iter().find(|(n, _)| *n == name) {
+        return Some((*key).to_string());
+    }
+    let rest = name.strip_prefix("MARATHON_")?;
+    if !rest.contains("__") {
+        return None;
+    }
+    Some(
+        rest.split("__")
+            .map(str::to_ascii_lowercase)
+            .collect::<Vec<_>>()
+            .join("."),
+    )
+}
+
+/// The default configuration with every backend's settings, as TOML: the
+/// types of its values say how to read a string from the environment or a flag.
+fn template() -> toml::Table {
+    #[cfg_attr(
+        not(any(feature = "redis", feature = "sqs")),
+        expect(unused_mut, reason = "only backends' settings extend it")
+    )]
+    let mut t = toml::Value::try_from(Config::default())
+        .ok()
+        .and_then(|v| v.as_table().cloned())
+        .unwrap_or_default();
+    #[cfg(feature = "redis")]
+    if let Ok(toml::Value::Table(r)) = toml::Value::try_from(StoreConfig::Redis(Default::default()))
+        && let Some(toml::Value::Table(s)) = t.get_mut("store")
+    {
+        s.extend(r.into_iter().filter(|(k, _)| k != "kind"));
+    }
+    #[cfg(feature = "sqs")]
+    if let Ok(toml::Value::Table(r)) = toml::Value::try_from(QueueConfig::Sqs(Default::default()))
+        && let Some(toml::Value::Table(s)) = t.get_mut("queue")
+    {
+        s.extend(r.into_iter().filter(|(k, _)| k != "kind"));
+    }
+    t
+}
+
+/// Sets `path` (dotted) in `table` to `raw`, read as the type the template has there.
+fn set_path(
+    table: &mut toml::Table,
+    template: &toml::Table,
+    path: &str,
+    raw: &str,
+) -> Result<(), String> {
+    let parts: Vec<&str> = path.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("`{path}` is not a valid key"));
+    }
+    let (last, parents) = parts.split_last().ok_or_else(|| "empty key".to_string())?;
+    let mut t = table;
+    let mut tpl = Some(template);
+    for p in parents {
+        let entry = t
+            .entry((*p).to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        t = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{p}` is not a section"))?;
+        tpl = tpl.and_then(|x| x.get(*p)).and_then(toml::Value::as_table);
+    }
+    let value = typed(tpl.and_then(|x| x.get(*last)), raw).map_err(|e| format!("`{path}`: {e}"))?;
+    t.insert((*last).to_string(), value);
+    Ok(())
+}
+
+/// Reads `raw` as the type of `like`, or guesses when there is no example.
+fn typed(like: Option<&toml::Value>, raw: &str) -> Result<toml::Value, String> {
+    use toml::Value as V;
+    match like {
+        Some(V::String(_)) => Ok(V::String(raw.to_string())),
+        Some(V::Integer(_)) => raw
+            .trim()
+            .parse::<i64>()
+            .map(V::Integer)
+            .map_err(|_| format!("{raw:?} is not an integer")),
+        Some(V::Float(_)) => raw
+            .trim()
+            .parse::<f64>()
+            .map(V::Float)
+            .map_err(|_| format!("{raw:?} is not a number")),
+        Some(V::Boolean(_)) => match raw.trim() {
+            "true" | "1" => Ok(V::Boolean(true)),
+            "false" | "0" => Ok(V::Boolean(false)),
+            _ => Err(format!("{raw:?} is not true or false")),
+        },
+        Some(V::Array(a)) if !raw.trim_start().starts_with('[') => {
+            let item = a.first().cloned().unwrap_or(V::String(String::new()));
+            raw.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(|s| typed(Some(&item), s))
+                .collect::<Result<Vec<_>, _>>()
+                .map(V::Array)
+        }
+        Some(V::Table(_)) => Err("is a section, not a value".into()),
+        _ => {
+            // No example: a TOML literal (number, bool, array, inline table) or else a string.
+            match toml::from_str::<toml::Table>(&format!("v = {raw}")) {
+                Ok(mut t) => Ok(t.remove("v").unwrap_or(V::String(raw.to_string()))),
+                Err(_) => Ok(V::String(raw.to_string())),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+        vars.iter()
+            .map(|(a, b)| ((*a).into(), (*b).into()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load(&Sources::default()).expect("defaults load");
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let sources = Sources {
+            file: Some((
+                "f.toml".into(),
+                "[server]\nlisten = \"127.0.0.1:1\"\nbody_limit = 10\n[engine]\ncache_capacity = 5\n".into(),
+            )),
+            env: env(&[
+                ("MARATHON_SERVER__BODY_LIMIT", "20"),
+                ("MARATHON_LISTEN", "127.0.0.1:2"),
+                ("MARATHON_AUTH_TOKENS", "a, b"),
+                ("MARATHON_TEST_REDIS_URL", "ignored"),
+                ("HOME", "/root"),
+            ]),
+            flags: vec![("server.listen".into(), "127.0.0.1:3".into())],
+        };
+        let c = Config::load(&sources).expect("loads");
+        assert_eq!(c.server.listen, "127.0.0.1:3");
+        assert_eq!(c.server.body_limit, 20);
+        assert_eq!(c.engine.cache_capacity, 5);
+        assert_eq!(c.server.auth_tokens, vec!["a".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let e = Config::load(&Sources {
+            env: env(&[("MARATHON_SERVER__BODY_LIMIT", "lots")]),
+            ..Default::default()
+        })
+        .expect_err("bad int");
+        assert!(e.to_string().contains("MARATHON_SERVER__BODY_LIMIT"), "{e}");
+        let e = Config::load(&Sources {
+            file: Some(("f".into(), "[server]\nlisten = \"nowhere\"\n".into())),
+            ..Default::default()
+        })
+        .expect_err("bad addr");
+        assert!(e.to_string().contains("server.listen"), "{e}");
+        let e = Config::load(&Sources {
+            file: Some(("f".into(), "[server]\nlisen = \"x\"\n".into())),
+            ..Default::default()
+        })
+        .expect_err("unknown key");
+        assert!(e.to_string().contains("lisen"), "{e}");
+        let e = Config::load(&Sources {
+            flags: vec![("server.role".into(), "api".into())],
+            ..Default::default()
+        })
+        .expect_err("memory with api role");
+        assert!(e.to_string().contains("memory"), "{e}");
+    }
+
+    #[test]
+    fn print_masks_secrets() {
+        let mut c = Config::default();
+        c.server.auth_tokens = vec!["s3cret-token".into()];
+        let shown = c.to_masked_toml();
+        assert!(!shown.contains("s3cret-token"), "{shown}");
+        assert!(shown.contains("***"), "{shown}");
+        assert_eq!(masked_url("redis://u:pw@h:1/0"), "redis://u:***@h:1/0");
+        assert_eq!(masked_url("redis://pw@h:1"), "redis://***@h:1");
+        assert_eq!(masked_url("redis://h:1"), "redis://h:1");
+    }
+}

@@ -1,0 +1,163 @@
+//! The `marathon` binary: `marathon serve` and `marathon config print`.
+
+use clap::{Args, Parser, Subcommand};
+use marathon_server::{Config, LogFormat, Role, Server, ServerError, Sources};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Exit code of a configuration error.
+const EXIT_CONFIG: u8 = 2;
+
+#[derive(Parser)]
+#[command(
+    name = "marathon",
+    version,
+    about = "Marathon: durable workflows for AI agents"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the HTTP API, workers and the timer sweeper (see --role).
+    Serve(ConfigArgs),
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Prints the effective configuration as TOML, secrets masked.
+    Print(ConfigArgs),
+}
+
+/// Flags shared by every command that reads the configuration; they win over
+/// the environment, which wins over the file.
+#[derive(Args)]
+struct ConfigArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "MARATHON_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Address to listen on (`server.listen`; env MARATHON_LISTEN). Default 127.0.0.1:8080.
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// What to run (`server.role`; env MARATHON_ROLE). Default all.
+    #[arg(long, value_enum)]
+    role: Option<Role>,
+    /// Store backend (`store.kind`): memory or redis.
+    #[arg(long, value_name = "KIND")]
+    store: Option<String>,
+    /// Queue backend (`queue.kind`): memory or sqs.
+    #[arg(long, value_name = "KIND")]
+    queue: Option<String>,
+    /// Log format (`log.format`).
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+    /// Log filter (`log.filter`; env MARATHON_LOG), e.g. `info,marathon_core=debug`.
+    #[arg(long, value_name = "FILTER")]
+    log_filter: Option<String>,
+    /// Any key: `--set engine.cache_capacity=100` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    sets: Vec<String>,
+}
+
+impl ConfigArgs {
+    fn load(&self) -> Result<Config, ServerError> {
+        let mut flags = Vec::new();
+        let mut push = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                flags.push((k.to_string(), v));
+            }
+        };
+        push("server.listen", self.listen.clone());
+        push("server.role", self.role.map(|r| r.as_str().to_string()));
+        push("store.kind", self.store.clone());
+        push("queue.kind", self.queue.clone());
+        push(
+            "log.format",
+            self.log_format.map(|f| match f {
+                LogFormat::Text => "text".to_string(),
+                LogFormat::Json => "json".to_string(),
+            }),
+        );
+        push("log.filter", self.log_filter.clone());
+        for s in &self.sets {
+            let Some((k, v)) = s.split_once('=') else {
+                return Err(ServerError::Config(format!(
+                    "--set {s:?}: expected KEY=VALUE, e.g. --set server.body_limit=2097152"
+                )));
+            };
+            flags.push((k.trim().to_string(), v.to_string()));
+        }
+        let sources = Sources::from_process(self.config.as_deref(), flags)?;
+        Ok(Config::load(&sources)?)
+    }
+}
+
+fn init_logging(cfg: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.filter)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match cfg.log.format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+fn fail(e: &ServerError) -> ExitCode {
+    eprintln!("marathon: {e}");
+    match e {
+        ServerError::Config(_) => ExitCode::from(EXIT_CONFIG),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::Print(args),
+        } => match args.load() {
+            Ok(cfg) => {
+                print!("{}", cfg.to_masked_toml());
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        Command::Serve(args) => {
+            let cfg = match args.load() {
+                Ok(c) => c,
+                Err(e) => return fail(&e),
+            };
+            init_logging(&cfg);
+            let run = async {
+                Server::builder()
+                    .builtins()
+                    .config(cfg)
+                    .build()
+                    .await?
+                    .serve()
+                    .await
+            };
+            match run.await {
+                Ok(()) => {
+                    tracing::info!("stopped");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "marathon failed");
+                    fail(&e)
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,815 @@
+//! HTTP tests: every route and every error class, through `oneshot` on the router.
+
+use axum::Router;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use marathon_core::Worker;
+use marathon_server::{Config, Role, Server, api};
+use serde_json::{Value, json};
+use std::collections::BTreeSet;
+use std::time::Duration;
+use tower::ServiceExt;
+
+struct App {
+    router: Router,
+    _worker: Worker,
+}
+
+async fn app_with(cfg: Config) -> App {
+    let server = Server::builder()
+        .builtins()
+        .config(cfg)
+        .build()
+        .await
+        .expect("server builds");
+    let worker = Worker::start(server.engine().clone(), server.config().worker.clone());
+    App {
+        router: server.router(),
+        _worker: worker,
+    }
+}
+
+async fn app() -> App {
+    app_with(Config::default()).await
+}
+
+struct Resp {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    text: String,
+}
+
+impl Resp {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.text).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text))
+    }
+
+    /// Asserts the error shape and code.
+    fn error(&self, status: StatusCode, code: &str) {
+        assert_eq!(self.status, status, "{}", self.text);
+        let v = self.json();
+        assert_eq!(v["error"]["code"], code, "{}", self.text);
+        assert!(
+            v["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{}",
+            self.text
+        );
+    }
+}
+
+async fn send(app: &App, req: Request<Body>) -> Resp {
+    let resp = app.router.clone().oneshot(req).await.expect("infallible");
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let bytes = axum::body::to_bytes(resp.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    Resp {
+        status,
+        headers,
+        text: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+async fn call(app: &App, method: &str, uri: &str, body: Option<Value>) -> Resp {
+    call_with(app, method, uri, body, &[]).await
+}
+
+async fn call_with(
+    app: &App,
+    method: &str,
+    uri: &str,
+    body: Option<Value>,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let mut req = Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = match body {
+        Some(b) => req
+            .header("content-type", "application/json")
+            .body(Body::from(b.to_string())),
+        None => req.body(Body::empty()),
+    }
+    .expect("request");
+    send(app, req).await
+}
+
+async fn raw(app: &App, method: &str, uri: &str, content_type: Option<&str>, body: &str) -> Resp {
+    let mut req = Request::builder().method(method).uri(uri);
+    if let Some(ct) = content_type {
+        req = req.header("content-type", ct);
+    }
+    send(
+        app,
+        req.body(Body::from(body.to_string())).expect("request"),
+    )
+    .await
+}
+
+async fn finished(app: &App, id: &str) -> Value {
+    let r = call(
+        app,
+        "GET",
+        &format!("/v1/workflows/{id}/result?wait=10s"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    r.json()
+}
+
+#[tokio::test]
+async fn start_is_idempotent_and_runs() {
+    let app = app().await;
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "input": {"x": 1}, "id": "wf-1"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    assert_eq!(r.json()["id"], "wf-1");
+    assert_eq!(r.json()["created"], true);
+    let again = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "input": {"x": 1}, "id": "wf-1"})),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(again.json()["created"], false);
+
+    let k = [("idempotency-key", "key-1")];
+    let a = call_with(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "input": 1})),
+        &k,
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::ACCEPTED);
+    let b = call_with(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "input": 1})),
+        &k,
+    )
+    .await;
+    assert_eq!(b.status, StatusCode::OK);
+    assert_eq!(a.json()["id"], b.json()["id"]);
+
+    let done = finished(&app, "wf-1").await;
+    assert_eq!(done["status"], "completed");
+    assert_eq!(done["output"], json!({"x": 1}));
+    let got = call(&app, "GET", "/v1/workflows/wf-1", None).await;
+    assert_eq!(got.status, StatusCode::OK);
+    assert_eq!(got.json()["name"], "echo");
+}
+
+#[tokio::test]
+async fn bad_requests_are_json_4xx() {
+    let app = app_with(Config {
+        server: marathon_server::config::ServerConfig {
+            body_limit: 1024,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let bad = StatusCode::BAD_REQUEST;
+    raw(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some("application/json"),
+        "{\"name\":",
+    )
+    .await
+    .error(bad, "invalid_argument");
+    call(&app, "POST", "/v1/workflows", Some(json!({"name": 5})))
+        .await
+        .error(bad, "invalid_argument");
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "extra": 1})),
+    )
+    .await
+    .error(bad, "invalid_argument");
+    call(&app, "POST", "/v1/workflows", Some(json!({"name": "nope"})))
+        .await
+        .error(bad, "invalid_argument");
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "id": "a/b"})),
+    )
+    .await
+    .error(bad, "invalid_argument");
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "id": "x".repeat(201)})),
+    )
+    .await
+    .error(bad, "invalid_argument");
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "task_queue": ""})),
+    )
+    .await
+    .error(bad, "invalid_argument");
+    call_with(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo"})),
+        &[("idempotency-key", &"k".repeat(300))],
+    )
+    .await
+    .error(bad, "invalid_argument");
+    raw(&app, "POST", "/v1/workflows", None, "{\"name\":\"echo\"}")
+        .await
+        .error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    let big = json!({"name": "echo", "input": "x".repeat(2000)}).to_string();
+    raw(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some("application/json"),
+        &big,
+    )
+    .await
+    .error(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+
+    call(&app, "GET", "/v1/workflows/bad%20id", None)
+        .await
+        .error(bad, "invalid_argument");
+    call(
+        &app,
+        "GET",
+        &format!("/v1/workflows/{}", "y".repeat(201)),
+        None,
+    )
+    .await
+    .error(bad, "invalid_argument");
+    call(&app, "GET", "/v1/workflows/missing", None)
+        .await
+        .error(StatusCode::NOT_FOUND, "not_found");
+    call(&app, "GET", "/v1/workflows?status=sleeping", None)
+        .await
+        .error(bad, "invalid_argument");
+    call(&app, "GET", "/v1/workflows?limit=0", None)
+        .await
+        .error(bad, "invalid_argument");
+    call(&app, "GET", "/v1/workflows?limit=1001", None)
+        .await
+        .error(bad, "invalid_argument");
+    call(&app, "GET", "/v1/workflows?limit=abc", None)
+        .await
+        .error(bad, "invalid_argument");
+    call(&app, "GET", "/v1/workflows?cursor=garbage", None)
+        .await
+        .error(bad, "invalid_argument");
+    call(&app, "GET", "/v1/workflows/missing/result?wait=soon", None)
+        .await
+        .error(bad, "invalid_argument");
+    call(&app, "GET", "/v1/workflows/missing/events?after=-1", None)
+        .await
+        .error(bad, "invalid_argument");
+    call(&app, "GET", "/v1/workflows/missing/events", None)
+        .await
+        .error(StatusCode::NOT_FOUND, "not_found");
+    call_with(
+        &app,
+        "GET",
+        "/v1/workflows/missing/events/stream",
+        None,
+        &[("last-event-id", "x")],
+    )
+    .await
+    .error(bad, "invalid_argument");
+    call(&app, "GET", "/v1/workflows/missing/events/stream", None)
+        .await
+        .error(StatusCode::NOT_FOUND, "not_found");
+    call(&app, "POST", "/v1/workflows/missing/cancel", None)
+        .await
+        .error(StatusCode::NOT_FOUND, "not_found");
+    call(&app, "POST", "/v1/workflows/missing/signals/go", None)
+        .await
+        .error(StatusCode::NOT_FOUND, "not_found");
+    call(&app, "GET", "/v1/nothing", None)
+        .await
+        .error(StatusCode::NOT_FOUND, "not_found");
+    call(&app, "DELETE", "/v1/workflows", None)
+        .await
+        .error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed");
+}
+
+#[tokio::test]
+async fn list_filters_and_pages() {
+    let app = app().await;
+    for i in 0..3 {
+        call(
+            &app,
+            "POST",
+            "/v1/workflows",
+            Some(json!({"name": "echo", "id": format!("e{i}")})),
+        )
+        .await;
+    }
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "sleep-then-echo", "id": "s0", "input": {"ms": 600000}})),
+    )
+    .await;
+    for i in 0..3 {
+        finished(&app, &format!("e{i}")).await;
+    }
+    let mut seen = BTreeSet::new();
+    let mut cursor: Option<String> = None;
+    loop {
+        let uri = match &cursor {
+            Some(c) => format!("/v1/workflows?name=echo&limit=1&cursor={c}"),
+            None => "/v1/workflows?name=echo&limit=1".to_string(),
+        };
+        let page = call(&app, "GET", &uri, None).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.text);
+        let v = page.json();
+        let items = v["items"].as_array().expect("items").clone();
+        assert!(items.len() <= 1);
+        for it in items {
+            seen.insert(it["id"].as_str().expect("id").to_string());
+        }
+        match v["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seen,
+        ["e0", "e1", "e2"].into_iter().map(String::from).collect()
+    );
+    let running = call(&app, "GET", "/v1/workflows?status=running", None)
+        .await
+        .json();
+    let ids: Vec<&str> = running["items"]
+        .as_array()
+        .expect("items")
+        .iter()
+        .filter_map(|i| i["id"].as_str())
+        .collect();
+    assert_eq!(ids, vec!["s0"]);
+}
+
+#[tokio::test]
+async fn signal_cancel_and_result() {
+    let app = app().await;
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "sleep-then-echo", "id": "long", "input": {"ms": 600000, "value": 1}})),
+    )
+    .await;
+    let r = call(&app, "GET", "/v1/workflows/long/result", None).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert_eq!(r.json()["status"], "running");
+    let r = call(&app, "GET", "/v1/workflows/long/result?wait=100ms", None).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+
+    let s = call_with(
+        &app,
+        "POST",
+        "/v1/workflows/long/signals/go",
+        Some(json!({"ok": true})),
+        &[("idempotency-key", "s1")],
+    )
+    .await;
+    assert_eq!(s.status, StatusCode::ACCEPTED, "{}", s.text);
+    let s = call(&app, "POST", "/v1/workflows/long/signals/empty", None).await;
+    assert_eq!(s.status, StatusCode::ACCEPTED, "{}", s.text);
+    raw(
+        &app,
+        "POST",
+        "/v1/workflows/long/signals/go",
+        Some("application/json"),
+        "{nope",
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    call(
+        &app,
+        "POST",
+        &format!("/v1/workflows/long/signals/{}", "n".repeat(201)),
+        None,
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    let events = call(&app, "GET", "/v1/workflows/long/events", None)
+        .await
+        .json();
+    let signals = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter(|e| e["type"] == "signal_received")
+        .count();
+    assert_eq!(signals, 2);
+
+    let c = call(
+        &app,
+        "POST",
+        "/v1/workflows/long/cancel",
+        Some(json!({"reason": "test"})),
+    )
+    .await;
+    assert_eq!(c.status, StatusCode::ACCEPTED, "{}", c.text);
+    let done = finished(&app, "long").await;
+    assert_eq!(done["status"], "canceled");
+    call(&app, "POST", "/v1/workflows/long/cancel", None)
+        .await
+        .error(StatusCode::CONFLICT, "conflict");
+    call(
+        &app,
+        "POST",
+        "/v1/workflows/long/signals/go",
+        Some(json!(1)),
+    )
+    .await
+    .error(StatusCode::CONFLICT, "conflict");
+}
+
+#[tokio::test]
+async fn events_page_by_seq() {
+    let app = app().await;
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "id": "ev", "input": "hi"})),
+    )
+    .await;
+    let done = finished(&app, "ev").await;
+    let last = done["last_seq"].as_u64().expect("last_seq");
+    let mut after = 0;
+    let mut seqs = Vec::new();
+    loop {
+        let page = call(
+            &app,
+            "GET",
+            &format!("/v1/workflows/ev/events?after={after}&limit=2"),
+            None,
+        )
+        .await
+        .json();
+        let events = page["events"].as_array().expect("events").clone();
+        if events.is_empty() {
+            assert_eq!(page["next_after"], after);
+            break;
+        }
+        assert!(events.len() <= 2);
+        seqs.extend(events.iter().map(|e| e["seq"].as_u64().expect("seq")));
+        after = page["next_after"].as_u64().expect("next_after");
+    }
+    assert_eq!(seqs, (1..=last).collect::<Vec<_>>());
+}
+
+fn sse_frames(text: &str) -> Vec<(Option<u64>, String, String)> {
+    text.split("\n\n")
+        .filter(|f| f.lines().any(|l| l.starts_with("event:")))
+        .map(|f| {
+            let mut id = None;
+            let mut event = String::new();
+            let mut data = String::new();
+            for l in f.lines() {
+                if let Some(v) = l.strip_prefix("id:") {
+                    id = v.trim().parse().ok();
+                } else if let Some(v) = l.strip_prefix("event:") {
+                    event = v.trim().to_string();
+                } else if let Some(v) = l.strip_prefix("data:") {
+                    data = v.trim().to_string();
+                }
+            }
+            (id, event, data)
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn sse_resumes_and_ends_with_done() {
+    let app = app().await;
+    // A live stream, opened before the workflow finishes.
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "sleep-then-echo", "id": "sse", "input": {"ms": 300, "value": "v"}})),
+    )
+    .await;
+    let live = tokio::time::timeout(
+        Duration::from_secs(20),
+        call(&app, "GET", "/v1/workflows/sse/events/stream", None),
+    )
+    .await
+    .expect("stream ends after the terminal event");
+    assert_eq!(live.status, StatusCode::OK);
+    assert!(
+        live.headers["content-type"]
+            .to_str()
+            .is_ok_and(|c| c.starts_with("text/event-stream"))
+    );
+    let frames = sse_frames(&live.text);
+    let (_, last_event, last_data) = frames.last().expect("frames").clone();
+    assert_eq!(last_event, "done");
+    assert!(last_data.contains("completed"), "{last_data}");
+    let ids: Vec<u64> = frames.iter().filter_map(|f| f.0).collect();
+    let last = *ids.last().expect("ids");
+    assert_eq!(ids, (1..=last).collect::<Vec<_>>());
+    let (_, ty, data) = &frames[frames.len() - 2];
+    assert_eq!(ty, "workflow_completed");
+    let ev: Value = serde_json::from_str(data).expect("event JSON");
+    assert_eq!(ev["seq"], last);
+
+    // Resume with Last-Event-ID (wins over ?after=).
+    let resumed = call_with(
+        &app,
+        "GET",
+        "/v1/workflows/sse/events/stream?after=1",
+        None,
+        &[("last-event-id", "3")],
+    )
+    .await;
+    let ids: Vec<u64> = sse_frames(&resumed.text)
+        .iter()
+        .filter_map(|f| f.0)
+        .collect();
+    assert_eq!(ids, (4..=last).collect::<Vec<_>>());
+    let resumed = call(&app, "GET", "/v1/workflows/sse/events/stream?after=5", None).await;
+    let ids: Vec<u64> = sse_frames(&resumed.text)
+        .iter()
+        .filter_map(|f| f.0)
+        .collect();
+    assert_eq!(ids, (6..=last).collect::<Vec<_>>());
+    // Past the end: only done.
+    let past = call(
+        &app,
+        "GET",
+        &format!("/v1/workflows/sse/events/stream?after={last}"),
+        None,
+    )
+    .await;
+    let frames = sse_frames(&past.text);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].1, "done");
+}
+
+#[tokio::test]
+async fn pipeline_runs_and_is_validated_at_start() {
+    let app = app().await;
+    let p = json!({"steps": [
+        {"type": "activity", "name": "up", "activity": "upper", "input": "$input.text"},
+        {"type": "parallel", "steps": [
+            {"type": "activity", "name": "a", "activity": "echo", "input": "$steps.up"},
+            {"type": "activity", "name": "b", "activity": "upper", "input": ["$steps.up", "x"]}
+        ]}
+    ], "output": {"a": "$steps.a", "b": "$steps.b"}});
+    let r = call(&app, "POST", "/v1/workflows", Some(json!({"name": "pipeline", "id": "p1", "input": {"pipeline": p, "input": {"text": "hi"}}}))).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let done = finished(&app, "p1").await;
+    assert_eq!(
+        done["output"],
+        json!({"a": "HI", "b": ["HI", "X"]}),
+        "{done}"
+    );
+
+    let unknown = json!({"steps": [{"type": "activity", "name": "a", "activity": "nope"}]});
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "pipeline", "input": {"pipeline": unknown}})),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    let bad_ref = json!({"steps": [{"type": "activity", "name": "a", "activity": "echo", "input": "$steps.z"}]});
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "pipeline", "input": {"pipeline": bad_ref}})),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "pipeline", "input": 3})),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST, "invalid_argument");
+}
+
+#[tokio::test]
+async fn probes_registry_and_metrics() {
+    let app = app().await;
+    let h = call(&app, "GET", "/healthz", None).await;
+    assert_eq!(h.status, StatusCode::OK);
+    let r = call(&app, "GET", "/readyz", None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.json()["store"], "ok");
+    let m = call(&app, "GET", "/metrics", None).await;
+    assert_eq!(m.status, StatusCode::OK);
+    assert!(
+        m.headers["content-type"]
+            .to_str()
+            .is_ok_and(|c| c.starts_with("text/plain"))
+    );
+    assert!(m.text.starts_with('#'));
+    let reg = call(&app, "GET", "/v1/registry", None).await.json();
+    assert_eq!(
+        reg["workflows"],
+        json!(["echo", "pipeline", "sleep-then-echo"])
+    );
+    assert_eq!(reg["activities"], json!(["echo", "sleep", "upper"]));
+}
+
+#[tokio::test]
+async fn auth_when_configured() {
+    let mut cfg = Config::default();
+    cfg.server.auth_tokens = vec!["t0ken".into(), "other".into()];
+    let app = app_with(cfg).await;
+    call(&app, "GET", "/v1/registry", None)
+        .await
+        .error(StatusCode::UNAUTHORIZED, "unauthorized");
+    call_with(
+        &app,
+        "GET",
+        "/v1/registry",
+        None,
+        &[("authorization", "Bearer wrong")],
+    )
+    .await
+    .error(StatusCode::UNAUTHORIZED, "unauthorized");
+    call_with(
+        &app,
+        "GET",
+        "/v1/registry",
+        None,
+        &[("authorization", "Basic t0ken")],
+    )
+    .await
+    .error(StatusCode::UNAUTHORIZED, "unauthorized");
+    call(&app, "POST", "/v1/workflows", Some(json!({"name": "echo"})))
+        .await
+        .error(StatusCode::UNAUTHORIZED, "unauthorized");
+    let ok = call_with(
+        &app,
+        "GET",
+        "/v1/registry",
+        None,
+        &[("authorization", "Bearer other")],
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(
+        call(&app, "GET", "/healthz", None).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(&app, "GET", "/readyz", None).await.status,
+        StatusCode::OK
+    );
+    // Without tokens, no auth.
+    let open = app_with(Config::default()).await;
+    assert_eq!(
+        call(&open, "GET", "/v1/registry", None).await.status,
+        StatusCode::OK
+    );
+}
+
+#[tokio::test]
+async fn worker_role_serves_probes_only() {
+    let mut cfg = Config::default();
+    cfg.server.role = Role::Worker;
+    // The memory store is refused for a split role; the router itself can still be built.
+    assert!(Server::builder().config(cfg.clone()).build().await.is_err());
+    let routes = api::route_table(Role::Worker);
+    let paths: BTreeSet<&str> = routes.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["/healthz", "/metrics", "/readyz"].into_iter().collect()
+    );
+}
+
+#[tokio::test]
+async fn openapi_matches_the_routes() {
+    let app = app().await;
+    let doc = call(&app, "GET", "/openapi.json", None).await;
+    assert_eq!(doc.status, StatusCode::OK);
+    let doc = doc.json();
+    assert!(doc["openapi"].as_str().is_some_and(|v| v.starts_with("3.")));
+    assert_eq!(doc, api::openapi_json());
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "id": "doc", "input": 1})),
+    )
+    .await;
+    finished(&app, "doc").await;
+
+    let mut documented = BTreeSet::new();
+    for (path, item) in doc["paths"].as_object().expect("paths") {
+        for method in item.as_object().expect("item").keys() {
+            documented.insert((path.clone(), method.clone()));
+        }
+    }
+    let routes: BTreeSet<(String, String)> = api::route_table(Role::All).into_iter().collect();
+    assert_eq!(
+        documented, routes,
+        "documented routes differ from the router's"
+    );
+    for (path, method) in &documented {
+        let uri = path.replace("{id}", "doc").replace("{name}", "go");
+        let body = (method == "post" && path == "/v1/workflows")
+            .then(|| json!({"name": "echo", "input": 2}));
+        let r = call(&app, &method.to_uppercase(), &uri, body).await;
+        assert!(
+            r.status != StatusCode::NOT_FOUND && r.status != StatusCode::METHOD_NOT_ALLOWED,
+            "{method} {uri}: {} {}",
+            r.status,
+            r.text
+        );
+    }
+    // Documented summary fields are the ones a real summary has.
+    let real = call(&app, "GET", "/v1/workflows/doc", None).await.json();
+    let props = &doc["components"]["schemas"]["WorkflowSummaryDoc"]["properties"];
+    for key in real.as_object().expect("summary").keys() {
+        assert!(
+            props.get(key).is_some(),
+            "summary field {key} is not documented"
+        );
+    }
+}
+
+/// The same API over the Redis store (feature `redis`; Redis at `MARATHON_TEST_REDIS_URL`
+/// or 127.0.0.1:6379), in a namespace of its own.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn runs_on_the_redis_store() {
+    let url = std::env::var("MARATHON_TEST_REDIS_URL")
+        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let cfg = Config {
+        store: marathon_server::StoreConfig::Redis(marathon_server::config::RedisSettings {
+            url,
+            key_prefix: format!("marathon-test:{}:", uuid::Uuid::new_v4()),
+            retention: Some(Duration::from_secs(60)),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let app = app_with(cfg).await;
+    assert_eq!(
+        call(&app, "GET", "/readyz", None).await.status,
+        StatusCode::OK
+    );
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "id": "r1", "input": [1, 2]})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let done = finished(&app, "r1").await;
+    assert_eq!(done["output"], json!([1, 2]));
+    let page = call(&app, "GET", "/v1/workflows?name=echo", None)
+        .await
+        .json();
+    assert_eq!(page["items"][0]["id"], "r1");
+    call(&app, "GET", "/v1/workflows?cursor=garbage", None)
+        .await
+        .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    let sse = call(&app, "GET", "/v1/workflows/r1/events/stream?after=2", None).await;
+    assert_eq!(
+        sse_frames(&sse.text).last().map(|f| f.1.as_str()),
+        Some("done")
+    );
+}

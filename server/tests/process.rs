@@ -1,0 +1,273 @@
+//! Tests of the built `marathon` binary: serving, graceful shutdown, config layering and errors.
+
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_marathon");
+
+/// The binary with a clean environment (no inherited `MARATHON_*`).
+fn marathon(args: &[&str], env: &[(&str, &str)]) -> Command {
+    let mut c = Command::new(BIN);
+    c.env_clear().args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c
+}
+
+fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
+    marathon(args, env).output().expect("marathon runs")
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A minimal HTTP/1.1 client: one request per connection.
+fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let body = body.map(Value::to_string).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        dechunk(rest)
+    } else {
+        rest.to_string()
+    };
+    Ok((status, body))
+}
+
+fn dechunk(mut s: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, rest)) = s.split_once("\r\n") {
+        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
+        if n == 0 || rest.len() < n {
+            break;
+        }
+        out.push_str(&rest[..n]);
+        s = rest[n..].trim_start_matches("\r\n");
+    }
+    out
+}
+
+struct Running {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(extra: &[&str]) -> Running {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut args = vec!["serve", "--listen", &listen];
+    args.extend_from_slice(extra);
+    let child = marathon(&args, &[("MARATHON_LOG", "info")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("marathon starts");
+    let r = Running { child, port };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok((200, _)) = http(port, "GET", "/healthz", None) {
+            return r;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "marathon did not answer /healthz"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn serves_workflows_and_stops_on_sigterm_within_the_grace() {
+    let mut m = serve(&[
+        "--set",
+        "server.shutdown_grace_ms=3000",
+        "--set",
+        "worker.shutdown_grace_ms=3000",
+    ]);
+    let (status, body) = http(
+        m.port,
+        "POST",
+        "/v1/workflows",
+        Some(&json!({"name": "echo", "id": "p-echo", "input": "hi"})),
+    )
+    .expect("start");
+    assert_eq!(status, 202, "{body}");
+    let (status, body) =
+        http(m.port, "GET", "/v1/workflows/p-echo/result?wait=10s", None).expect("result");
+    assert_eq!(status, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(v["output"], "hi");
+
+    let (status, body) = http(
+        m.port,
+        "POST",
+        "/v1/workflows",
+        Some(&json!({"name": "sleep-then-echo", "id": "p-sleep", "input": {"ms": 600000}})),
+    )
+    .expect("start");
+    assert_eq!(status, 202, "{body}");
+    let (status, _) = http(m.port, "GET", "/readyz", None).expect("readyz");
+    assert_eq!(status, 200);
+
+    // An SSE stream open at shutdown ends with it.
+    let port = m.port;
+    let sse =
+        std::thread::spawn(move || http(port, "GET", "/v1/workflows/p-sleep/events/stream", None));
+    std::thread::sleep(Duration::from_millis(300));
+
+    let pid = m.child.id().to_string();
+    let killed = Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let started = Instant::now();
+    let status = wait_exit(&mut m.child, Duration::from_secs(6)).expect("exits within the grace");
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+    let (status, body) = sse.join().expect("sse thread").expect("sse response");
+    assert_eq!(status, 200);
+    assert!(body.contains("event: workflow_started"), "{body}");
+}
+
+#[test]
+fn config_layers_file_env_flags_and_print_masks_secrets() {
+    let dir = std::env::temp_dir().join(format!("marathon-test-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let file = dir.join("marathon.toml");
+    std::fs::write(
+        &file,
+        "[server]\nlisten = \"127.0.0.1:1111\"\nbody_limit = 10\nauth_tokens = [\"file-secret\"]\n[engine]\ncache_capacity = 7\n[log]\nformat = \"json\"\n",
+    )
+    .expect("write config");
+    let file = file.to_string_lossy().into_owned();
+    let out = run(
+        &[
+            "config",
+            "print",
+            "--config",
+            &file,
+            "--listen",
+            "127.0.0.1:3333",
+        ],
+        &[
+            ("MARATHON_LISTEN", "127.0.0.1:2222"),
+            ("MARATHON_SERVER__BODY_LIMIT", "20"),
+            ("MARATHON_AUTH_TOKENS", "env-secret-1,env-secret-2"),
+        ],
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cfg: toml::Table = toml::from_str(&text).expect("print is TOML");
+    assert_eq!(
+        cfg["server"]["listen"].as_str(),
+        Some("127.0.0.1:3333"),
+        "{text}"
+    );
+    assert_eq!(cfg["server"]["body_limit"].as_integer(), Some(20), "{text}");
+    assert_eq!(
+        cfg["engine"]["cache_capacity"].as_integer(),
+        Some(7),
+        "{text}"
+    );
+    assert_eq!(cfg["log"]["format"].as_str(), Some("json"), "{text}");
+    assert!(!text.contains("secret"), "{text}");
+    assert_eq!(
+        cfg["server"]["auth_tokens"].as_array().map(Vec::len),
+        Some(2),
+        "{text}"
+    );
+    assert!(text.contains("***"), "{text}");
+
+    // MARATHON_CONFIG names the file too.
+    let out = run(&["config", "print"], &[("MARATHON_CONFIG", &file)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("127.0.0.1:1111"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Arguments, environment, and a part of the expected message.
+type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+
+#[test]
+fn bad_configuration_exits_2_with_a_clear_message() {
+    let cases: &[Case<'_>] = &[
+        (
+            &["serve"],
+            &[("MARATHON_SERVER__BODY_LIMIT", "lots")],
+            "MARATHON_SERVER__BODY_LIMIT",
+        ),
+        (&["serve", "--listen", "nowhere"], &[], "server.listen"),
+        (&["serve", "--role", "api"], &[], "memory"),
+        (&["serve", "--set", "server.colour=blue"], &[], "colour"),
+        (&["serve", "--set", "nonsense"], &[], "KEY=VALUE"),
+        (
+            &["config", "print", "--config", "/nonexistent/marathon.toml"],
+            &[],
+            "cannot read",
+        ),
+        #[cfg(not(feature = "redis"))]
+        (&["serve", "--store", "redis"], &[], "`redis` feature"),
+        #[cfg(not(feature = "sqs"))]
+        (&["serve", "--queue", "sqs"], &[], "`sqs` feature"),
+    ];
+    for (args, env, expected) in cases {
+        let out = run(args, env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expected), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
