@@ -1,6 +1,6 @@
 //! [`InstrumentedStore`] and [`InstrumentedQueue`]: any backend, timed per operation.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -10,7 +10,7 @@ use marathon_core::store::{
     Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed,
     OwedChanges, Store, StoreError,
 };
-use prometheus::HistogramVec;
+use prometheus::{Histogram, HistogramVec};
 
 use crate::Metrics;
 
@@ -21,7 +21,7 @@ use crate::Metrics;
 pub struct InstrumentedStore<S: ?Sized> {
     inner: Arc<S>,
     backend: &'static str,
-    ops: HistogramVec,
+    ops: Table,
 }
 
 impl<S: ?Sized> std::fmt::Debug for InstrumentedStore<S> {
@@ -39,7 +39,7 @@ impl<S: Store + ?Sized> InstrumentedStore<S> {
         Self {
             inner,
             backend,
-            ops: metrics.store_ops.clone(),
+            ops: Table::new(&metrics.store_ops, backend, STORE_OPS, STORE_OUTCOMES),
         }
     }
 
@@ -62,46 +62,127 @@ impl InstrumentedStore<dyn Store> {
     }
 }
 
-/// Records one call; `outcome` is a bounded label value.
-fn observe(ops: &HistogramVec, operation: &str, backend: &str, outcome: &str, started: Instant) {
-    ops.with_label_values(&[operation, backend, outcome])
-        .observe(started.elapsed().as_secs_f64());
+const STORE_OPS: &[&str] = &[
+    "create",
+    "append",
+    "append_keyed",
+    "read",
+    "subscribe",
+    "get",
+    "list",
+    "claim_overdue",
+    "purge_closed",
+    "ping",
+];
+const STORE_OUTCOMES: &[&str] = &["ok", "conflict", "not_found", "closed", "error"];
+const QUEUE_OPS: &[&str] = &[
+    "enqueue",
+    "receive",
+    "ack",
+    "nack",
+    "extend",
+    "depth",
+    "drain_dead_letters",
+    "ping",
+];
+const QUEUE_OUTCOMES: &[&str] = &["ok", "invalid_receipt", "error"];
+
+/// One histogram per (operation, outcome) of one backend, each resolved on first use:
+/// the hot path then indexes an array instead of hashing label values, and the
+/// exposition holds only series that were used.
+struct Table {
+    vec: HistogramVec,
+    backend: &'static str,
+    ops: &'static [&'static str],
+    outcomes: &'static [&'static str],
+    cells: Vec<OnceLock<Histogram>>,
 }
 
-fn store_outcome<T>(r: &Result<T, StoreError>) -> &'static str {
-    match r {
-        Ok(_) => "ok",
-        Err(StoreError::Conflict { .. }) => "conflict",
-        Err(StoreError::NotFound(_)) => "not_found",
-        Err(StoreError::Closed(_)) => "closed",
-        Err(_) => "error",
+impl Table {
+    fn new(
+        vec: &HistogramVec,
+        backend: &'static str,
+        ops: &'static [&'static str],
+        outcomes: &'static [&'static str],
+    ) -> Table {
+        Table {
+            vec: vec.clone(),
+            backend,
+            ops,
+            outcomes,
+            cells: (0..ops.len() * outcomes.len())
+                .map(|_| OnceLock::new())
+                .collect(),
+        }
+    }
+
+    fn observe(&self, op: usize, outcome: usize, started: Instant) {
+        let Some(cell) = self.cells.get(op * self.outcomes.len() + outcome) else {
+            return;
+        };
+        cell.get_or_init(|| {
+            self.vec
+                .with_label_values(&[self.ops[op], self.backend, self.outcomes[outcome]])
+        })
+        .observe(started.elapsed().as_secs_f64());
     }
 }
 
-fn queue_outcome<T>(r: &Result<T, QueueError>) -> &'static str {
+fn store_outcome<T>(r: &Result<T, StoreError>) -> usize {
     match r {
-        Ok(_) => "ok",
-        Err(QueueError::InvalidReceipt) => "invalid_receipt",
-        Err(_) => "error",
+        Ok(_) => 0,
+        Err(StoreError::Conflict { .. }) => 1,
+        Err(StoreError::NotFound(_)) => 2,
+        Err(StoreError::Closed(_)) => 3,
+        Err(_) => 4,
+    }
+}
+
+fn queue_outcome<T>(r: &Result<T, QueueError>) -> usize {
+    match r {
+        Ok(_) => 0,
+        Err(QueueError::InvalidReceipt) => 1,
+        Err(_) => 2,
     }
 }
 
 macro_rules! timed_store {
     ($self:ident, $op:literal, $call:expr) => {{
+        const OP: usize = match_op(STORE_OPS, $op);
         let started = Instant::now();
         let r = $call.await;
-        observe(&$self.ops, $op, $self.backend, store_outcome(&r), started);
+        $self.ops.observe(OP, store_outcome(&r), started);
         r
     }};
 }
 
 macro_rules! timed_queue {
     ($self:ident, $op:literal, $call:expr) => {{
+        const OP: usize = match_op(QUEUE_OPS, $op);
         let started = Instant::now();
         let r = $call.await;
-        observe(&$self.ops, $op, $self.backend, queue_outcome(&r), started);
+        $self.ops.observe(OP, queue_outcome(&r), started);
         r
     }};
+}
+
+/// The index of `op` in `ops`, at compile time (a typo fails the build).
+const fn match_op(ops: &[&str], op: &str) -> usize {
+    let mut i = 0;
+    while i < ops.len() {
+        if ops[i].len() == op.len() {
+            let (a, b) = (ops[i].as_bytes(), op.as_bytes());
+            let mut j = 0;
+            while j < a.len() && a[j] == b[j] {
+                j += 1;
+            }
+            if j == a.len() {
+                return i;
+            }
+        }
+        i += 1;
+    }
+    panic!("unknown operation")
 }
 
 #[async_trait]
@@ -191,7 +272,7 @@ impl<S: Store + ?Sized> Store for InstrumentedStore<S> {
 pub struct InstrumentedQueue<Q: ?Sized> {
     inner: Arc<Q>,
     backend: &'static str,
-    ops: HistogramVec,
+    ops: Table,
 }
 
 impl<Q: ?Sized> std::fmt::Debug for InstrumentedQueue<Q> {
@@ -209,7 +290,7 @@ impl<Q: Queue + ?Sized> InstrumentedQueue<Q> {
         Self {
             inner,
             backend,
-            ops: metrics.queue_ops.clone(),
+            ops: Table::new(&metrics.queue_ops, backend, QUEUE_OPS, QUEUE_OUTCOMES),
         }
     }
 

@@ -169,6 +169,9 @@ impl Drop for TelemetryGuard {
 pub fn init_tracing(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
     let (dispatch, guard) = tracing_dispatch(config, std::io::stdout)?;
     tracing::dispatcher::set_global_default(dispatch)?;
+    // Setting the global default does not revisit callsites already hit (cached as
+    // uninteresting while no subscriber was set, or while the dispatch was being built).
+    tracing::callsite::rebuild_interest_cache();
     Ok(guard)
 }
 
