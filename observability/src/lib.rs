@@ -1,1 +1,11 @@
-//! Marathon's observability: Prometheus metrics, OpenTelemetry traces and structured logs. (Work in progress: see the observability issue.)
+#![doc = include_str!("../README.md")]
+
+mod instrumented;
+mod metrics;
+mod tracing;
+
+pub use instrumented::{InstrumentedQueue, InstrumentedStore};
+pub use metrics::{CONTENT_TYPE, Metrics, MetricsError};
+pub use tracing::{
+    LogFormat, TelemetryConfig, TelemetryError, TelemetryGuard, init_tracing, tracing_dispatch,
+};

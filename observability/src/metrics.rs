@@ -1,0 +1,472 @@
+//! [`Metrics`]: Marathon's Prometheus metrics, fed by the engine through [`Observer`].
+
+use std::time::Duration;
+
+use marathon_core::{AttemptOutcome, Observer, TaskOutcome, WorkflowId, WorkflowStatus};
+use prometheus::{
+    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Errors of this crate's metrics.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MetricsError {
+    /// A metric could not be created or registered (a name clash in a shared registry).
+    #[error("registering a metric failed: {0}")]
+    Register(#[from] prometheus::Error),
+}
+
+/// The text exposition's content type, for the `Content-Type` of a `/metrics` response.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Buckets of whole-workflow durations: 10 ms to a day.
+const WORKFLOW_BUCKETS: &[f64] = &[
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+    14400.0, 86400.0,
+];
+/// Buckets of activity attempts: 1 ms to an hour.
+const ACTIVITY_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0, 900.0, 3600.0,
+];
+/// Buckets of in-process work (replay) and backend calls: 50 µs to 10 s.
+const FAST_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0,
+];
+/// Buckets of queue receives, which long-poll: 1 ms to 30 s.
+const RECEIVE_BUCKETS: &[f64] = &[
+    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0,
+];
+/// Buckets of history lengths, in events.
+const HISTORY_BUCKETS: &[f64] = &[
+    1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 50000.0,
+];
+
+/// Timeout kinds reported as such; any other `timeout.*` kind is counted as `other`,
+/// so that user-chosen error kinds cannot grow the label set.
+const TIMEOUT_KINDS: &[&str] = &["start_to_close", "schedule_to_close", "heartbeat", "lost"];
+
+/// Marathon's Prometheus metrics in their own [`Registry`].
+///
+/// Implements [`Observer`]: give it to the engine with
+/// `Engine::builder().observer(metrics.clone())` (as `Arc<Metrics>`), wrap the
+/// backends in [`crate::InstrumentedStore`] / [`crate::InstrumentedQueue`], and serve
+/// [`Metrics::render`] on `/metrics`. Every name starts with `marathon_`; labels
+/// carry registered names (workflow, activity, queue), outcomes and backends, never ids.
+///
+/// With the `otel` feature, [`Observer::task_span`] and [`Observer::trace_context`]
+/// carry W3C trace context through queue messages (see [`crate::init_tracing`]).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub(crate) workflows_started: IntCounterVec,
+    workflows_closed: IntCounterVec,
+    workflow_duration: HistogramVec,
+    workflow_tasks: IntCounterVec,
+    workflow_task_duration: HistogramVec,
+    workflow_history: HistogramVec,
+    activity_attempts: IntCounterVec,
+    activity_duration: HistogramVec,
+    activity_retries: IntCounterVec,
+    activity_timeouts: IntCounterVec,
+    activities_in_flight: IntGaugeVec,
+    overdue: IntCounterVec,
+    queue_depth: IntGaugeVec,
+    queue_receive: HistogramVec,
+    queue_received: IntCounterVec,
+    dead_lettered: IntCounterVec,
+    pub(crate) store_ops: HistogramVec,
+    pub(crate) queue_ops: HistogramVec,
+    llm_tokens: IntCounterVec,
+}
+
+fn counter(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntCounterVec, MetricsError> {
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+fn gauge(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> Result<IntGaugeVec, MetricsError> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
+fn histogram(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+    buckets: &[f64],
+) -> Result<HistogramVec, MetricsError> {
+    let h = HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )?;
+    r.register(Box::new(h.clone()))?;
+    Ok(h)
+}
+
+impl Metrics {
+    /// All of Marathon's metrics in a new registry of their own.
+    ///
+    /// # Errors
+    /// Never in practice: the names are fixed and the registry is new.
+    pub fn new() -> Result<Metrics, MetricsError> {
+        Metrics::with_registry(Registry::new())
+    }
+
+    /// All of Marathon's metrics, registered in `registry` (which may hold others too).
+    ///
+    /// # Errors
+    /// [`MetricsError::Register`] if `registry` already has a metric of one of these names.
+    pub fn with_registry(registry: Registry) -> Result<Metrics, MetricsError> {
+        let r = &registry;
+        Ok(Metrics {
+            workflows_started: counter(
+                r,
+                "marathon_workflows_started_total",
+                "Workflows created, by workflow name.",
+                &["workflow"],
+            )?,
+            workflows_closed: counter(
+                r,
+                "marathon_workflows_closed_total",
+                "Workflows finished, by workflow name and final status (completed, failed, canceled).",
+                &["workflow", "status"],
+            )?,
+            workflow_duration: histogram(
+                r,
+                "marathon_workflow_duration_seconds",
+                "Time from a workflow's start to its close, by workflow name and final status.",
+                &["workflow", "status"],
+                WORKFLOW_BUCKETS,
+            )?,
+            workflow_tasks: counter(
+                r,
+                "marathon_workflow_tasks_total",
+                "Workflow tasks run, by workflow name and outcome (recorded, nothing, conflict, failed).",
+                &["workflow", "outcome"],
+            )?,
+            workflow_task_duration: histogram(
+                r,
+                "marathon_workflow_task_seconds",
+                "Time a workflow task spent running (replaying) the workflow code, by workflow name.",
+                &["workflow"],
+                FAST_BUCKETS,
+            )?,
+            workflow_history: histogram(
+                r,
+                "marathon_workflow_history_events",
+                "History length in events after each workflow task, by workflow name.",
+                &["workflow"],
+                HISTORY_BUCKETS,
+            )?,
+            activity_attempts: counter(
+                r,
+                "marathon_activity_attempts_total",
+                "Activity attempts ended, by activity name and outcome (completed, retrying, failed, dropped).",
+                &["activity", "outcome"],
+            )?,
+            activity_duration: histogram(
+                r,
+                "marathon_activity_attempt_seconds",
+                "Duration of activity attempts, by activity name and outcome.",
+                &["activity", "outcome"],
+                ACTIVITY_BUCKETS,
+            )?,
+            activity_retries: counter(
+                r,
+                "marathon_activity_retries_total",
+                "Activity attempts that failed and were scheduled to run again, by activity name.",
+                &["activity"],
+            )?,
+            activity_timeouts: counter(
+                r,
+                "marathon_activity_timeouts_total",
+                "Activity attempts that timed out, by activity name and timeout (start_to_close, schedule_to_close, heartbeat, lost, other).",
+                &["activity", "timeout"],
+            )?,
+            activities_in_flight: gauge(
+                r,
+                "marathon_activities_in_flight",
+                "Activity attempts running on this replica now, by activity name.",
+                &["activity"],
+            )?,
+            overdue: counter(
+                r,
+                "marathon_overdue_total",
+                "Owed work the sweeper found overdue and acted on, by kind (workflow_task: a lost task re-enqueued; timer: a timer fired; activity: a lost attempt re-delivered).",
+                &["kind"],
+            )?,
+            queue_depth: gauge(
+                r,
+                "marathon_queue_depth",
+                "Approximate number of tasks waiting on a task queue, sampled periodically.",
+                &["queue"],
+            )?,
+            queue_receive: histogram(
+                r,
+                "marathon_queue_receive_seconds",
+                "Latency of a worker's receive on a task queue (includes long-poll waiting).",
+                &["queue"],
+                RECEIVE_BUCKETS,
+            )?,
+            queue_received: counter(
+                r,
+                "marathon_queue_received_tasks_total",
+                "Tasks received from a task queue.",
+                &["queue"],
+            )?,
+            dead_lettered: counter(
+                r,
+                "marathon_dead_lettered_total",
+                "Tasks found on a task queue's dead-letter queue after too many deliveries.",
+                &["queue"],
+            )?,
+            store_ops: histogram(
+                r,
+                "marathon_store_operation_seconds",
+                "Latency of Store calls, by operation, backend and outcome (ok, conflict, not_found, closed, error).",
+                &["operation", "backend", "outcome"],
+                FAST_BUCKETS,
+            )?,
+            queue_ops: histogram(
+                r,
+                "marathon_queue_operation_seconds",
+                "Latency of Queue calls, by operation, backend and outcome (ok, error).",
+                &["operation", "backend", "outcome"],
+                QUEUE_OP_BUCKETS,
+            )?,
+            llm_tokens: counter(
+                r,
+                "marathon_llm_tokens_total",
+                "LLM tokens used, by provider, model and kind (input, output, ...).",
+                &["provider", "model", "kind"],
+            )?,
+            registry,
+        })
+    }
+
+    /// The registry holding these metrics (to register more, or to gather them).
+    #[must_use]
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The Prometheus text exposition of every metric in the registry; serve it
+    /// on `/metrics` with `Content-Type: ` [`CONTENT_TYPE`].
+    #[must_use]
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec fails only on a metric family without metrics, which
+        // `gather` never returns; an empty exposition is the safe answer then.
+        if TextEncoder::new()
+            .encode(&self.registry.gather(), &mut buf)
+            .is_err()
+        {
+            return String::new();
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Counts `n` LLM tokens of `kind` (`input`, `output`, `cached_input`, ...) used
+    /// with `model` of `provider`. Called by the AI layer after each completion.
+    pub fn record_llm_tokens(&self, provider: &str, model: &str, kind: &str, n: u64) {
+        self.llm_tokens
+            .with_label_values(&[provider, model, kind])
+            .inc_by(n);
+    }
+}
+
+/// Buckets of queue calls other than receive (enqueue, ack, ...), which may also long-poll.
+const QUEUE_OP_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 20.0, 30.0,
+];
+
+fn status_label(status: WorkflowStatus) -> &'static str {
+    match status {
+        WorkflowStatus::Running => "running",
+        WorkflowStatus::Completed => "completed",
+        WorkflowStatus::Failed => "failed",
+        WorkflowStatus::Canceled => "canceled",
+    }
+}
+
+impl Observer for Metrics {
+    fn workflow_started(&self, name: &str) {
+        self.workflows_started.with_label_values(&[name]).inc();
+    }
+
+    fn workflow_closed(&self, name: &str, status: WorkflowStatus, duration: Duration) {
+        let status = status_label(status);
+        self.workflows_closed
+            .with_label_values(&[name, status])
+            .inc();
+        self.workflow_duration
+            .with_label_values(&[name, status])
+            .observe(duration.as_secs_f64());
+    }
+
+    fn workflow_task(
+        &self,
+        name: &str,
+        outcome: TaskOutcome,
+        duration: Duration,
+        history_len: u64,
+    ) {
+        self.workflow_tasks
+            .with_label_values(&[name, outcome.as_str()])
+            .inc();
+        self.workflow_task_duration
+            .with_label_values(&[name])
+            .observe(duration.as_secs_f64());
+        #[expect(
+            clippy::cast_precision_loss,
+            reason = "history lengths stay far below 2^52"
+        )]
+        self.workflow_history
+            .with_label_values(&[name])
+            .observe(history_len as f64);
+    }
+
+    fn activity_running(&self, name: &str, delta: i64) {
+        self.activities_in_flight
+            .with_label_values(&[name])
+            .add(delta);
+    }
+
+    fn activity_attempt(
+        &self,
+        name: &str,
+        outcome: AttemptOutcome,
+        duration: Duration,
+        error_kind: Option<&str>,
+    ) {
+        let o = outcome.as_str();
+        self.activity_attempts.with_label_values(&[name, o]).inc();
+        self.activity_duration
+            .with_label_values(&[name, o])
+            .observe(duration.as_secs_f64());
+        if outcome == AttemptOutcome::Retrying {
+            self.activity_retries.with_label_values(&[name]).inc();
+        }
+        if let Some(which) = error_kind.and_then(|k| k.strip_prefix("timeout.")) {
+            let which = TIMEOUT_KINDS
+                .iter()
+                .find(|k| **k == which)
+                .copied()
+                .unwrap_or("other");
+            self.activity_timeouts
+                .with_label_values(&[name, which])
+                .inc();
+        }
+    }
+
+    fn overdue(&self, kind: &'static str) {
+        self.overdue.with_label_values(&[kind]).inc();
+    }
+
+    fn queue_received(&self, queue: &str, count: usize, latency: Duration) {
+        self.queue_receive
+            .with_label_values(&[queue])
+            .observe(latency.as_secs_f64());
+        self.queue_received
+            .with_label_values(&[queue])
+            .inc_by(count as u64);
+    }
+
+    fn queue_depth(&self, queue: &str, depth: u64) {
+        self.queue_depth
+            .with_label_values(&[queue])
+            .set(i64::try_from(depth).unwrap_or(i64::MAX));
+    }
+
+    fn dead_lettered(&self, queue: &str, count: usize) {
+        self.dead_lettered
+            .with_label_values(&[queue])
+            .inc_by(count as u64);
+    }
+
+    fn task_span(
+        &self,
+        kind: &'static str,
+        workflow_id: &WorkflowId,
+        trace_context: Option<&str>,
+    ) -> tracing::Span {
+        crate::tracing::task_span(kind, workflow_id, trace_context)
+    }
+
+    fn trace_context(&self) -> Option<String> {
+        crate::tracing::current_trace_context()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timeouts_are_bounded_and_retries_counted() {
+        let m = Metrics::new().unwrap();
+        m.activity_attempt(
+            "a",
+            AttemptOutcome::Retrying,
+            Duration::from_millis(3),
+            Some("timeout.start_to_close"),
+        );
+        m.activity_attempt(
+            "a",
+            AttemptOutcome::Failed,
+            Duration::from_millis(3),
+            Some("timeout.made_up"),
+        );
+        m.activity_attempt(
+            "a",
+            AttemptOutcome::Failed,
+            Duration::from_millis(3),
+            Some("bad_request"),
+        );
+        assert_eq!(m.activity_retries.with_label_values(&["a"]).get(), 1);
+        assert_eq!(
+            m.activity_timeouts
+                .with_label_values(&["a", "start_to_close"])
+                .get(),
+            1
+        );
+        assert_eq!(
+            m.activity_timeouts.with_label_values(&["a", "other"]).get(),
+            1
+        );
+        assert_eq!(
+            m.activity_attempts
+                .with_label_values(&["a", "failed"])
+                .get(),
+            2
+        );
+        let text = m.render();
+        assert!(text.contains("# TYPE marathon_activity_attempt_seconds histogram"));
+    }
+
+    #[test]
+    fn llm_tokens_add_up() {
+        let m = Metrics::new().unwrap();
+        m.record_llm_tokens("openai", "gpt-x", "input", 10);
+        m.record_llm_tokens("openai", "gpt-x", "input", 5);
+        assert!(m.render().contains(
+            "marathon_llm_tokens_total{kind=\"input\",model=\"gpt-x\",provider=\"openai\"} 15"
+        ));
+    }
+}

@@ -1,0 +1,503 @@
+//! Logs and traces: [`init_tracing`] installs a `tracing` subscriber that writes
+//! human-readable or JSON logs and, with the `otel` feature, exports spans over OTLP.
+
+use std::time::Duration;
+
+use marathon_core::WorkflowId;
+use serde::{Deserialize, Serialize};
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::layer::SubscriberExt;
+
+/// How log lines look.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// One human-readable line per event. The default.
+    #[default]
+    Text,
+    /// One JSON object per line, with `trace_id` and `span_id` when a span is exported.
+    Json,
+}
+
+/// Logging and tracing settings; plain data, no I/O. The OTLP exporter itself is
+/// configured by the standard `OTEL_*` environment variables.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Log line format. Default [`LogFormat::Text`].
+    pub log_format: LogFormat,
+    /// Which events and spans to keep, in `RUST_LOG` syntax (`info,marathon_core=debug`).
+    /// Default `info`.
+    pub log_filter: String,
+    /// OTLP/HTTP base URL (`http://127.0.0.1:4318`; `/v1/traces` is appended), overriding
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`. Default none: export only when
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT` or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set.
+    /// Needs the `otel` feature.
+    pub otlp_endpoint: Option<String>,
+    /// `service.name` when neither `OTEL_SERVICE_NAME` nor `OTEL_RESOURCE_ATTRIBUTES`
+    /// names one. Default `marathon`.
+    pub service_name: String,
+    /// Longest the guard's shutdown waits for spans to be flushed. Default 5 s.
+    #[serde(with = "millis", rename = "shutdown_timeout_ms")]
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        Self {
+            log_format: LogFormat::Text,
+            log_filter: "info".to_string(),
+            otlp_endpoint: None,
+            service_name: "marathon".to_string(),
+            shutdown_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+mod millis {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::time::Duration;
+
+    pub(super) fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        u64::deserialize(d).map(Duration::from_millis)
+    }
+}
+
+/// Errors of [`init_tracing`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TelemetryError {
+    /// `log_filter` is not a valid filter.
+    #[error("invalid log filter {filter:?}: {source}")]
+    Filter {
+        /// The filter given.
+        filter: String,
+        /// Why it was rejected.
+        #[source]
+        source: tracing_subscriber::filter::ParseError,
+    },
+    /// A global subscriber was installed before.
+    #[error("a global tracing subscriber is already installed")]
+    AlreadyInstalled(#[from] tracing::subscriber::SetGlobalDefaultError),
+    /// The OTLP exporter could not be built (an invalid endpoint).
+    #[cfg(feature = "otel")]
+    #[error("building the OTLP exporter failed: {0}")]
+    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+}
+
+/// Keeps the span exporter alive; dropping it (or [`TelemetryGuard::shutdown`]) flushes
+/// buffered spans, waiting at most the configured shutdown timeout.
+#[must_use = "dropping the guard stops exporting spans"]
+pub struct TelemetryGuard {
+    #[cfg(feature = "otel")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+    #[cfg_attr(
+        not(feature = "otel"),
+        expect(dead_code, reason = "used by the exporter only")
+    )]
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for TelemetryGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TelemetryGuard")
+            .field("exporting", &self.exporting())
+            .finish_non_exhaustive()
+    }
+}
+
+impl TelemetryGuard {
+    /// Whether spans are exported over OTLP.
+    #[must_use]
+    pub fn exporting(&self) -> bool {
+        #[cfg(feature = "otel")]
+        return self.provider.is_some();
+        #[cfg(not(feature = "otel"))]
+        false
+    }
+
+    /// Sends buffered spans now, without stopping (blocking; call it from a blocking context).
+    pub fn flush(&self) {
+        #[cfg(feature = "otel")]
+        if let Some(p) = &self.provider
+            && let Err(e) = p.force_flush()
+        {
+            tracing::warn!(error = %e, "flushing spans failed");
+        }
+    }
+
+    /// Flushes buffered spans and stops exporting, waiting at most the configured timeout.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        #[cfg(feature = "otel")]
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown_with_timeout(self.timeout)
+        {
+            // The subscriber may be gone by now: stderr is the one place left.
+            eprintln!("marathon: flushing spans at shutdown failed: {e}");
+        }
+    }
+}
+
+impl Drop for TelemetryGuard {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Installs the global `tracing` subscriber: logs to stdout as configured and, with the
+/// `otel` feature and an OTLP endpoint configured (see [`TelemetryConfig::otlp_endpoint`]),
+/// spans exported over OTLP/HTTP (protobuf) through a batch processor on its own thread,
+/// so a slow or absent collector never delays a workflow (spans beyond its queue are dropped).
+///
+/// The exporter follows the standard variables: `OTEL_EXPORTER_OTLP_ENDPOINT`,
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_EXPORTER_OTLP_HEADERS`,
+/// `OTEL_EXPORTER_OTLP_TIMEOUT`, `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+/// `OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`, `OTEL_BSP_*`; `OTEL_SDK_DISABLED=true`
+/// or `OTEL_TRACES_EXPORTER=none` turn exporting off.
+///
+/// # Errors
+/// An invalid filter, an invalid endpoint, or a subscriber installed before.
+pub fn init_tracing(config: &TelemetryConfig) -> Result<TelemetryGuard, TelemetryError> {
+    let (dispatch, guard) = tracing_dispatch(config, std::io::stdout)?;
+    tracing::dispatcher::set_global_default(dispatch)?;
+    // Setting the global default does not revisit callsites already hit (cached as
+    // uninteresting while no subscriber was set, or while the dispatch was being built).
+    tracing::callsite::rebuild_interest_cache();
+    Ok(guard)
+}
+
+/// What [`init_tracing`] installs, without installing it: the subscriber writing logs to
+/// `writer`, and its guard. For tests and for embedding (`tracing::dispatcher::set_default`).
+///
+/// # Errors
+/// An invalid filter or endpoint.
+pub fn tracing_dispatch<W>(
+    config: &TelemetryConfig,
+    writer: W,
+) -> Result<(tracing::Dispatch, TelemetryGuard), TelemetryError>
+where
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    let filter =
+        EnvFilter::try_new(&config.log_filter).map_err(|source| TelemetryError::Filter {
+            filter: config.log_filter.clone(),
+            source,
+        })?;
+    #[cfg(feature = "otel")]
+    {
+        let provider = otel::provider(config)?;
+        let otel_layer = provider.as_ref().map(|p| {
+            use opentelemetry::trace::TracerProvider as _;
+            tracing_opentelemetry::layer().with_tracer(p.tracer("marathon"))
+        });
+        let subscriber = tracing_subscriber::registry()
+            .with(filter)
+            .with(otel_layer)
+            .with(log_layer(config.log_format, writer));
+        let guard = TelemetryGuard {
+            provider,
+            timeout: config.shutdown_timeout,
+        };
+        Ok((tracing::Dispatch::new(subscriber), guard))
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        let subscriber = tracing_subscriber::registry()
+            .with(filter)
+            .with(log_layer(config.log_format, writer));
+        let guard = TelemetryGuard {
+            timeout: config.shutdown_timeout,
+        };
+        Ok((tracing::Dispatch::new(subscriber), guard))
+    }
+}
+
+/// The fmt layer, boxed so that both formats have one type.
+fn log_layer<S, W>(
+    format: LogFormat,
+    writer: W,
+) -> Box<dyn tracing_subscriber::Layer<S> + Send + Sync>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
+    W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+{
+    match format {
+        LogFormat::Text => Box::new(tracing_subscriber::fmt::layer().with_writer(writer)),
+        LogFormat::Json => Box::new(json::layer(writer)),
+    }
+}
+
+/// The span a task runs in (see [`marathon_core::Observer::task_span`]): with the
+/// `otel` feature, a child of the W3C `traceparent` the task's message carried.
+pub(crate) fn task_span(
+    kind: &'static str,
+    workflow_id: &WorkflowId,
+    trace_context: Option<&str>,
+) -> tracing::Span {
+    let span = tracing::info_span!("marathon.task", kind, workflow_id = %workflow_id);
+    #[cfg(feature = "otel")]
+    if let Some(tp) = trace_context {
+        otel::set_parent(&span, tp);
+    }
+    #[cfg(not(feature = "otel"))]
+    let _ = trace_context;
+    span
+}
+
+/// The W3C `traceparent` of the current span, when spans are exported.
+pub(crate) fn current_trace_context() -> Option<String> {
+    #[cfg(feature = "otel")]
+    return otel::current_traceparent();
+    #[cfg(not(feature = "otel"))]
+    None
+}
+
+#[cfg(feature = "otel")]
+mod otel {
+    use std::collections::HashMap;
+
+    use opentelemetry::propagation::TextMapPropagator;
+    use opentelemetry::trace::TraceContextExt;
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    use super::{TelemetryConfig, TelemetryError};
+
+    fn env(name: &str) -> Option<String> {
+        std::env::var(name).ok().filter(|v| !v.trim().is_empty())
+    }
+
+    /// The tracer provider, or `None` when exporting is not configured or turned off.
+    pub(super) fn provider(
+        config: &TelemetryConfig,
+    ) -> Result<Option<SdkTracerProvider>, TelemetryError> {
+        let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
+        let configured = config.otlp_endpoint.is_some()
+            || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
+            || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();
+        if disabled || !configured {
+            return Ok(None);
+        }
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
+        if let Some(base) = &config.otlp_endpoint {
+            let base = base.trim_end_matches('/');
+            let url = if base.ends_with("/v1/traces") {
+                base.to_string()
+            } else {
+                format!("{base}/v1/traces")
+            };
+            exporter = exporter.with_endpoint(url);
+        }
+        let exporter = exporter.build()?;
+        // The SDK's detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES;
+        // our default name applies only when neither names the service.
+        let named = env("OTEL_SERVICE_NAME").is_some()
+            || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
+        let mut resource = opentelemetry_sdk::Resource::builder();
+        if !named {
+            resource = resource.with_service_name(config.service_name.clone());
+        }
+        // The sampler comes from OTEL_TRACES_SAMPLER / _ARG (the SDK's default config);
+        // the batch processor runs on its own thread and drops spans when its queue is full.
+        Ok(Some(
+            SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource.build())
+                .build(),
+        ))
+    }
+
+    pub(super) fn set_parent(span: &tracing::Span, traceparent: &str) {
+        let carrier = HashMap::from([("traceparent".to_string(), traceparent.to_string())]);
+        let cx = TraceContextPropagator::new().extract(&carrier);
+        if cx.span().span_context().is_valid() {
+            // Fails only when no OpenTelemetry layer is installed: then there is nothing to link.
+            let _ = span.set_parent(cx);
+        }
+    }
+
+    pub(super) fn current_traceparent() -> Option<String> {
+        let cx = tracing::Span::current().context();
+        if !cx.span().span_context().is_valid() {
+            return None;
+        }
+        let mut carrier = HashMap::new();
+        TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+        carrier.remove("traceparent")
+    }
+
+    /// The OpenTelemetry trace and span ids of `span`, as lowercase hex.
+    pub(crate) fn ids(
+        id: &tracing::span::Id,
+        dispatch: &tracing::Dispatch,
+    ) -> Option<(String, String)> {
+        let cx = tracing_opentelemetry::get_otel_context(id, dispatch)?;
+        let span = cx.span();
+        let sc = span.span_context();
+        sc.is_valid()
+            .then(|| (sc.trace_id().to_string(), sc.span_id().to_string()))
+    }
+}
+
+mod json {
+    //! JSON log lines: tracing-subscriber's JSON format, plus `trace_id` and `span_id`
+    //! of the current span when it is exported over OpenTelemetry.
+
+    use std::fmt;
+    use std::sync::{Arc, OnceLock};
+
+    use tracing::{Event, Subscriber};
+    use tracing_subscriber::fmt::format::{self, FormatEvent, FormatFields, JsonFields, Writer};
+    use tracing_subscriber::fmt::{FmtContext, MakeWriter};
+    use tracing_subscriber::layer::{Context, Layer};
+    use tracing_subscriber::registry::LookupSpan;
+
+    /// The dispatcher the layer ends up in, needed to ask the OpenTelemetry layer for ids.
+    type Slot = Arc<OnceLock<tracing::dispatcher::WeakDispatch>>;
+
+    pub(super) struct JsonWithIds {
+        inner: format::Format<format::Json>,
+        #[cfg_attr(
+            not(feature = "otel"),
+            expect(dead_code, reason = "ids come from OpenTelemetry")
+        )]
+        dispatch: Slot,
+    }
+
+    pub(super) struct DispatchSlot<L> {
+        inner: L,
+        slot: Slot,
+    }
+
+    pub(super) fn layer<S, W>(writer: W) -> impl Layer<S> + Send + Sync
+    where
+        S: Subscriber + for<'a> LookupSpan<'a> + Send + Sync,
+        W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
+    {
+        let slot: Slot = Arc::default();
+        let fmt = tracing_subscriber::fmt::layer()
+            .fmt_fields(JsonFields::new())
+            .event_format(JsonWithIds {
+                inner: format::format()
+                    .json()
+                    .with_current_span(true)
+                    .with_span_list(true),
+                dispatch: slot.clone(),
+            })
+            .with_writer(writer);
+        DispatchSlot { inner: fmt, slot }
+    }
+
+    impl<S: Subscriber, L: Layer<S>> Layer<S> for DispatchSlot<L> {
+        fn on_register_dispatch(&self, subscriber: &tracing::Dispatch) {
+            let _ = self.slot.set(subscriber.downgrade());
+            self.inner.on_register_dispatch(subscriber);
+        }
+        fn on_layer(&mut self, subscriber: &mut S) {
+            self.inner.on_layer(subscriber);
+        }
+        fn register_callsite(
+            &self,
+            m: &'static tracing::Metadata<'static>,
+        ) -> tracing::subscriber::Interest {
+            self.inner.register_callsite(m)
+        }
+        fn enabled(&self, m: &tracing::Metadata<'_>, cx: Context<'_, S>) -> bool {
+            self.inner.enabled(m, cx)
+        }
+        fn on_new_span(
+            &self,
+            a: &tracing::span::Attributes<'_>,
+            id: &tracing::span::Id,
+            cx: Context<'_, S>,
+        ) {
+            self.inner.on_new_span(a, id, cx);
+        }
+        fn on_record(
+            &self,
+            id: &tracing::span::Id,
+            v: &tracing::span::Record<'_>,
+            cx: Context<'_, S>,
+        ) {
+            self.inner.on_record(id, v, cx);
+        }
+        fn on_follows_from(
+            &self,
+            id: &tracing::span::Id,
+            f: &tracing::span::Id,
+            cx: Context<'_, S>,
+        ) {
+            self.inner.on_follows_from(id, f, cx);
+        }
+        fn on_event(&self, e: &Event<'_>, cx: Context<'_, S>) {
+            self.inner.on_event(e, cx);
+        }
+        fn on_enter(&self, id: &tracing::span::Id, cx: Context<'_, S>) {
+            self.inner.on_enter(id, cx);
+        }
+        fn on_exit(&self, id: &tracing::span::Id, cx: Context<'_, S>) {
+            self.inner.on_exit(id, cx);
+        }
+        fn on_close(&self, id: tracing::span::Id, cx: Context<'_, S>) {
+            self.inner.on_close(id, cx);
+        }
+        fn on_id_change(
+            &self,
+            old: &tracing::span::Id,
+            new: &tracing::span::Id,
+            cx: Context<'_, S>,
+        ) {
+            self.inner.on_id_change(old, new, cx);
+        }
+    }
+
+    impl<S, N> FormatEvent<S, N> for JsonWithIds
+    where
+        S: Subscriber + for<'a> LookupSpan<'a>,
+        N: for<'a> FormatFields<'a> + 'static,
+    {
+        fn format_event(
+            &self,
+            ctx: &FmtContext<'_, S, N>,
+            mut writer: Writer<'_>,
+            event: &Event<'_>,
+        ) -> fmt::Result {
+            // Ask for the ids first, holding no span extensions: the OpenTelemetry layer locks them.
+            #[cfg(feature = "otel")]
+            let ids = ctx.lookup_current().and_then(|span| {
+                let dispatch = self.dispatch.get()?.upgrade()?;
+                super::otel::ids(&span.id(), &dispatch)
+            });
+            #[cfg(not(feature = "otel"))]
+            let ids: Option<(String, String)> = None;
+            let Some((trace_id, span_id)) = ids else {
+                return self.inner.format_event(ctx, writer, event);
+            };
+            let mut line = String::new();
+            self.inner
+                .format_event(ctx, Writer::new(&mut line), event)?;
+            let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_str(line.trim_end())
+            else {
+                return writer.write_str(&line);
+            };
+            obj.insert("trace_id".into(), trace_id.into());
+            obj.insert("span_id".into(), span_id.into());
+            let out = serde_json::to_string(&obj).map_err(|_| fmt::Error)?;
+            writeln!(writer, "{out}")
+        }
+    }
+}

@@ -1,0 +1,457 @@
+//! The metrics of a known run, read back through a real exposition parser and
+//! linted by `promtool check metrics`.
+
+mod common;
+
+use common::*;
+use marathon_core::{Observer, StartWorkflow};
+use marathon_observability::Metrics;
+use prometheus_parse::{Scrape, Value};
+use serde_json::json;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+fn parse(text: &str) -> Scrape {
+    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("exposition parses")
+}
+
+/// The value of the one sample of `name` whose labels are exactly `labels`.
+fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let found: Vec<f64> = s
+        .samples
+        .iter()
+        .filter(|x| {
+            x.metric == name
+                && x.labels.len() == labels.len()
+                && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v))
+        })
+        .map(|x| match &x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
+            Value::Histogram(b) => b
+                .iter()
+                .find(|b| b.less_than.is_infinite())
+                .map_or(f64::NAN, |b| b.count),
+            Value::Summary(_) => f64::NAN,
+        })
+        .collect();
+    assert!(
+        found.len() <= 1,
+        "{name}{labels:?} matches {} samples",
+        found.len()
+    );
+    found.first().copied()
+}
+
+#[track_caller]
+fn exact(s: &Scrape, name: &str, labels: &[(&str, &str)], want: f64) {
+    assert_eq!(value(s, name, labels), Some(want), "{name}{labels:?}");
+}
+
+/// A histogram's `_count`, checked against its `+Inf` bucket.
+#[track_caller]
+fn count(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let c = value(s, &format!("{name}_count"), labels)
+        .unwrap_or_else(|| panic!("{name}_count{labels:?} missing"));
+    assert_eq!(
+        value(s, name, labels),
+        Some(c),
+        "{name}{labels:?}: +Inf bucket != _count"
+    );
+    c
+}
+
+fn sum_of(s: &Scrape, name: &str, label: (&str, &str)) -> f64 {
+    s.samples
+        .iter()
+        .filter(|x| x.metric == name && x.labels.get(label.0) == Some(label.1))
+        .map(|x| match x.value {
+            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_run_yields_exact_counts() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let engine = engine(&metrics);
+    let w = worker(&engine);
+    run_known_set(&engine).await;
+    // Let the depth sampler run at least once more.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    w.shutdown().await;
+    metrics.record_llm_tokens("openai", "gpt-test", "input", 120);
+    metrics.record_llm_tokens("openai", "gpt-test", "output", 30);
+    metrics.record_llm_tokens("openai", "gpt-test", "input", 5);
+
+    let text = metrics.render();
+    let s = parse(&text);
+
+    exact(
+        &s,
+        "marathon_workflows_started_total",
+        &[("workflow", "ok")],
+        3.0,
+    );
+    exact(
+        &s,
+        "marathon_workflows_started_total",
+        &[("workflow", "flaky")],
+        1.0,
+    );
+    exact(
+        &s,
+        "marathon_workflows_started_total",
+        &[("workflow", "waiter")],
+        1.0,
+    );
+    let closed = "marathon_workflows_closed_total";
+    exact(
+        &s,
+        closed,
+        &[("workflow", "ok"), ("status", "completed")],
+        3.0,
+    );
+    exact(
+        &s,
+        closed,
+        &[("workflow", "flaky"), ("status", "failed")],
+        1.0,
+    );
+    exact(
+        &s,
+        closed,
+        &[("workflow", "waiter"), ("status", "canceled")],
+        1.0,
+    );
+    assert_eq!(
+        s.samples.iter().filter(|x| x.metric == closed).count(),
+        3,
+        "no other closes"
+    );
+    let dur = "marathon_workflow_duration_seconds";
+    assert_eq!(
+        count(&s, dur, &[("workflow", "ok"), ("status", "completed")]),
+        3.0
+    );
+    assert_eq!(
+        count(&s, dur, &[("workflow", "flaky"), ("status", "failed")]),
+        1.0
+    );
+    assert_eq!(
+        count(&s, dur, &[("workflow", "waiter"), ("status", "canceled")]),
+        1.0
+    );
+
+    // Activities: 3 × 3 adds; boom times out, fails, fails for good.
+    let att = "marathon_activity_attempts_total";
+    exact(
+        &s,
+        att,
+        &[("activity", "add"), ("outcome", "completed")],
+        9.0,
+    );
+    exact(
+        &s,
+        att,
+        &[("activity", "boom"), ("outcome", "retrying")],
+        2.0,
+    );
+    exact(&s, att, &[("activity", "boom"), ("outcome", "failed")], 1.0);
+    assert_eq!(
+        s.samples.iter().filter(|x| x.metric == att).count(),
+        3,
+        "no dropped attempts"
+    );
+    let ad = "marathon_activity_attempt_seconds";
+    assert_eq!(
+        count(&s, ad, &[("activity", "add"), ("outcome", "completed")]),
+        9.0
+    );
+    assert_eq!(
+        count(&s, ad, &[("activity", "boom"), ("outcome", "retrying")]),
+        2.0
+    );
+    assert_eq!(
+        count(&s, ad, &[("activity", "boom"), ("outcome", "failed")]),
+        1.0
+    );
+    exact(
+        &s,
+        "marathon_activity_retries_total",
+        &[("activity", "boom")],
+        2.0,
+    );
+    exact(
+        &s,
+        "marathon_activity_timeouts_total",
+        &[("activity", "boom"), ("timeout", "start_to_close")],
+        1.0,
+    );
+    exact(
+        &s,
+        "marathon_activities_in_flight",
+        &[("activity", "add")],
+        0.0,
+    );
+    exact(
+        &s,
+        "marathon_activities_in_flight",
+        &[("activity", "boom")],
+        0.0,
+    );
+
+    // Workflow tasks: each `ok` records 4 (3 schedules and the completion); every
+    // task, whatever its outcome, is one replay and one history observation.
+    exact(
+        &s,
+        "marathon_workflow_tasks_total",
+        &[("workflow", "ok"), ("outcome", "recorded")],
+        12.0,
+    );
+    for wf in ["ok", "flaky", "waiter"] {
+        let tasks = sum_of(&s, "marathon_workflow_tasks_total", ("workflow", wf));
+        assert!(tasks >= 2.0, "{wf}: {tasks} tasks");
+        assert_eq!(
+            count(&s, "marathon_workflow_task_seconds", &[("workflow", wf)]),
+            tasks,
+            "{wf}"
+        );
+        assert_eq!(
+            count(&s, "marathon_workflow_history_events", &[("workflow", wf)]),
+            tasks,
+            "{wf}"
+        );
+    }
+    assert!(
+        value(
+            &s,
+            "marathon_workflow_tasks_total",
+            &[("workflow", "flaky"), ("outcome", "failed")]
+        )
+        .is_none(),
+        "no task failed to run"
+    );
+
+    // Store and queue calls through the wrappers.
+    let store = "marathon_store_operation_seconds";
+    assert_eq!(
+        count(
+            &s,
+            store,
+            &[
+                ("operation", "create"),
+                ("backend", "memory"),
+                ("outcome", "ok")
+            ]
+        ),
+        5.0
+    );
+    assert!(
+        count(
+            &s,
+            store,
+            &[
+                ("operation", "append"),
+                ("backend", "memory"),
+                ("outcome", "ok")
+            ]
+        ) >= 12.0 + 2.0 + 2.0
+    );
+    assert!(
+        count(
+            &s,
+            store,
+            &[
+                ("operation", "claim_overdue"),
+                ("backend", "memory"),
+                ("outcome", "ok")
+            ]
+        ) >= 1.0
+    );
+    let queue = "marathon_queue_operation_seconds";
+    // 5 first workflow tasks, 9 + 3 activity tasks, and a workflow task after each result and the cancel.
+    assert!(
+        count(
+            &s,
+            queue,
+            &[
+                ("operation", "enqueue"),
+                ("backend", "memory"),
+                ("outcome", "ok")
+            ]
+        ) >= 5.0 + 12.0
+    );
+    assert!(
+        count(
+            &s,
+            queue,
+            &[
+                ("operation", "receive"),
+                ("backend", "memory"),
+                ("outcome", "ok")
+            ]
+        ) >= 1.0
+    );
+    assert!(
+        count(
+            &s,
+            queue,
+            &[
+                ("operation", "ack"),
+                ("backend", "memory"),
+                ("outcome", "ok")
+            ]
+        ) >= 1.0
+    );
+    // Every task received was counted, and each receive timed.
+    let received = value(
+        &s,
+        "marathon_queue_received_tasks_total",
+        &[("queue", "default")],
+    )
+    .unwrap();
+    assert!(received >= 5.0 + 12.0, "{received}");
+    assert!(
+        count(
+            &s,
+            "marathon_queue_receive_seconds",
+            &[("queue", "default")]
+        ) >= 1.0
+    );
+    exact(&s, "marathon_queue_depth", &[("queue", "default")], 0.0);
+
+    exact(
+        &s,
+        "marathon_llm_tokens_total",
+        &[
+            ("provider", "openai"),
+            ("model", "gpt-test"),
+            ("kind", "input"),
+        ],
+        125.0,
+    );
+    exact(
+        &s,
+        "marathon_llm_tokens_total",
+        &[
+            ("provider", "openai"),
+            ("model", "gpt-test"),
+            ("kind", "output"),
+        ],
+        30.0,
+    );
+
+    // Nothing was overdue or dead-lettered, and no label carries a workflow id.
+    assert!(!text.contains("marathon_overdue_total{"));
+    assert!(!text.contains("marathon_dead_lettered_total{"));
+    for sample in &s.samples {
+        for (k, _) in sample.labels.iter() {
+            assert!(
+                [
+                    "workflow",
+                    "status",
+                    "outcome",
+                    "activity",
+                    "timeout",
+                    "kind",
+                    "queue",
+                    "operation",
+                    "backend",
+                    "provider",
+                    "model",
+                    "le"
+                ]
+                .contains(&k.as_str()),
+                "unexpected label {k} on {}",
+                sample.metric
+            );
+        }
+    }
+
+    promtool_check(&text);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sweeper_and_dead_letter_hooks_count_by_kind() {
+    let metrics = Metrics::new().unwrap();
+    metrics.overdue("timer");
+    metrics.overdue("timer");
+    metrics.overdue("workflow_task");
+    metrics.dead_lettered("default", 3);
+    metrics.queue_depth("default", 42);
+    let s = parse(&metrics.render());
+    exact(&s, "marathon_overdue_total", &[("kind", "timer")], 2.0);
+    exact(
+        &s,
+        "marathon_overdue_total",
+        &[("kind", "workflow_task")],
+        1.0,
+    );
+    exact(
+        &s,
+        "marathon_dead_lettered_total",
+        &[("queue", "default")],
+        3.0,
+    );
+    exact(&s, "marathon_queue_depth", &[("queue", "default")], 42.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_timer_fired_by_the_sweeper_is_counted_as_overdue() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let engine = marathon_core::Engine::builder()
+        .observer(metrics.clone())
+        .workflow(
+            "nap",
+            |ctx: marathon_core::WorkflowContext, (): ()| async move {
+                ctx.sleep(Duration::from_millis(100)).await?;
+                Ok::<_, marathon_core::WorkflowError>(())
+            },
+        )
+        .build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("nap", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    finish(&engine, &id).await;
+    w.shutdown().await;
+    let s = parse(&metrics.render());
+    exact(&s, "marathon_overdue_total", &[("kind", "timer")], 1.0);
+    exact(
+        &s,
+        "marathon_workflows_closed_total",
+        &[("workflow", "nap"), ("status", "completed")],
+        1.0,
+    );
+}
+
+/// `promtool check metrics` must accept the exposition without a lint.
+fn promtool_check(text: &str) {
+    let mut child = Command::new(promtool())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool runs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics failed ({}):\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

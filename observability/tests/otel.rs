@@ -1,0 +1,322 @@
+//! Traces over OTLP/HTTP: parent links follow a workflow from the request that started
+//! it through queue hops to its activity attempts; a real collector (rotel) receives
+//! them; JSON logs carry the ids; a collector that is down costs workflows nothing.
+
+mod common;
+
+use common::*;
+use marathon_core::{Engine, StartWorkflow};
+use marathon_observability::{LogFormat, Metrics, TelemetryConfig, tracing_dispatch};
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use prost::Message;
+use serde_json::json;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::Instrument;
+
+#[derive(Debug, Clone)]
+struct Span {
+    name: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent: Vec<u8>,
+    service: Option<String>,
+}
+
+/// An in-process OTLP/HTTP receiver: every span it was sent.
+fn receiver() -> (u16, Arc<Mutex<Vec<Span>>>) {
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let seen = spans.clone();
+    let port = serve(move |req| {
+        assert_eq!(req.method, "POST");
+        assert_eq!(req.path, "/v1/traces");
+        let msg = ExportTraceServiceRequest::decode(req.body.as_slice()).expect("OTLP protobuf");
+        let mut out = seen.lock().unwrap();
+        for rs in msg.resource_spans {
+            let service = rs.resource.as_ref().and_then(|r| {
+                r.attributes
+                    .iter()
+                    .find(|a| a.key == "service.name")
+                    .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                            s,
+                        ) => Some(s.clone()),
+                        _ => None,
+                    })
+            });
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    out.push(Span {
+                        name: s.name,
+                        trace_id: s.trace_id,
+                        span_id: s.span_id,
+                        parent: s.parent_span_id,
+                        service: service.clone(),
+                    });
+                }
+            }
+        }
+        (200, "application/x-protobuf", Vec::new())
+    });
+    (port, spans)
+}
+
+/// Logs captured in memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+fn config(endpoint: Option<String>, format: LogFormat) -> TelemetryConfig {
+    TelemetryConfig {
+        log_format: format,
+        log_filter: "info".into(),
+        otlp_endpoint: endpoint,
+        service_name: "marathon-test".into(),
+        shutdown_timeout: Duration::from_secs(5),
+    }
+}
+
+/// One `ok` workflow started inside a root span standing in for the HTTP request.
+async fn one_traced_workflow(engine: &Engine) {
+    let root = tracing::info_span!("http.request", method = "POST");
+    let id = async {
+        tracing::info!("starting a workflow");
+        engine
+            .start(StartWorkflow::new("ok", json!(1)))
+            .await
+            .unwrap()
+            .summary
+            .id
+    }
+    .instrument(root)
+    .await;
+    finish(engine, &id).await;
+}
+
+/// Tracing subscribers here are per thread (`set_default`), so these tests run on a
+/// current-thread runtime: engine, worker and activities all see the test's subscriber.
+#[test]
+fn a_workflow_is_one_trace_from_request_to_activity_attempts() {
+    let (port, spans) = receiver();
+    let logs = Captured::default();
+    let (dispatch, guard) = tracing_dispatch(
+        &config(Some(format!("http://127.0.0.1:{port}")), LogFormat::Json),
+        logs.clone(),
+    )
+    .unwrap();
+    assert!(guard.exporting());
+    let metrics = Arc::new(Metrics::new().unwrap());
+    tracing::dispatcher::with_default(&dispatch, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let engine = engine(&metrics);
+            let w = worker(&engine);
+            one_traced_workflow(&engine).await;
+            w.shutdown().await;
+        });
+    });
+    guard.shutdown();
+
+    let spans = spans.lock().unwrap().clone();
+    let by_id = |id: &[u8]| spans.iter().find(|s| s.span_id == id);
+    let root = spans
+        .iter()
+        .find(|s| s.name == "http.request")
+        .expect("root span exported");
+    assert!(root.parent.is_empty(), "the request span is a root");
+    assert_eq!(root.service.as_deref(), Some("marathon-test"));
+    let attempts: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == "marathon.activity")
+        .collect();
+    assert_eq!(attempts.len(), 3, "three activity attempts: {spans:#?}");
+    for a in attempts {
+        assert_eq!(a.trace_id, root.trace_id, "one trace per workflow");
+        // Walk up: activity → task (activity message) → workflow task → task (workflow message) → ... → root.
+        let mut chain = vec![a.name.clone()];
+        let mut cur = a;
+        while !cur.parent.is_empty() {
+            cur =
+                by_id(&cur.parent).unwrap_or_else(|| panic!("parent of {} not exported", cur.name));
+            assert_eq!(cur.trace_id, root.trace_id);
+            chain.push(cur.name.clone());
+        }
+        assert_eq!(
+            cur.span_id, root.span_id,
+            "chain ends at the request: {chain:?}"
+        );
+        assert_eq!(
+            &chain[..4],
+            [
+                "marathon.activity",
+                "marathon.task",
+                "marathon.workflow_task",
+                "marathon.task"
+            ],
+            "{chain:?}"
+        );
+        assert!(chain.len() >= 5, "{chain:?}");
+    }
+    let tasks = spans
+        .iter()
+        .filter(|s| s.name == "marathon.workflow_task")
+        .count();
+    assert!(tasks >= 4, "{tasks} workflow tasks");
+
+    // JSON log lines carry the ids of the span they were logged in.
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("starting a workflow"))
+        .expect("the log line");
+    let v: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+    assert_eq!(v["trace_id"], hex(&root.trace_id), "{line}");
+    assert_eq!(v["span_id"], hex(&root.span_id), "{line}");
+    assert_eq!(v["span"]["name"], "http.request", "{line}");
+}
+
+#[test]
+fn spans_reach_a_real_collector() {
+    let http = free_port();
+    let grpc = free_port();
+    let dir = temp_dir("rotel");
+    let log = dir.join("rotel.log");
+    let child = std::process::Command::new(rotel())
+        .args(["start", "--exporter", "blackhole", "--debug-log", "traces"])
+        .args(["--debug-log-verbosity", "detailed"])
+        .args(["--otlp-http-endpoint", &format!("127.0.0.1:{http}")])
+        .args(["--otlp-grpc-endpoint", &format!("127.0.0.1:{grpc}")])
+        .stdout(std::fs::File::create(&log).unwrap())
+        .stderr(std::fs::File::create(dir.join("rotel.err")).unwrap())
+        .spawn()
+        .expect("rotel-agent starts");
+    let _rotel = Killed(child);
+    wait_listening(http, Duration::from_secs(20));
+
+    let (dispatch, guard) = tracing_dispatch(
+        &config(Some(format!("http://127.0.0.1:{http}")), LogFormat::Text),
+        std::io::sink,
+    )
+    .unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    tracing::dispatcher::with_default(&dispatch, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let engine = engine(&metrics);
+            let w = worker(&engine);
+            one_traced_workflow(&engine).await;
+            w.shutdown().await;
+        });
+    });
+    guard.shutdown();
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let out = std::fs::read_to_string(&log).unwrap_or_default()
+            + &std::fs::read_to_string(dir.join("rotel.err")).unwrap_or_default();
+        if [
+            "http.request",
+            "marathon.workflow_task",
+            "marathon.activity",
+        ]
+        .iter()
+        .all(|n| out.contains(n))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "rotel did not print our spans:\n{out}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn timed_run(endpoint: Option<String>, n: usize) -> Duration {
+    let (dispatch, guard) =
+        tracing_dispatch(&config(endpoint, LogFormat::Text), std::io::sink).unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let took = tracing::dispatcher::with_default(&dispatch, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let engine = engine(&metrics);
+            let w = worker(&engine);
+            let started = Instant::now();
+            for i in 0..n {
+                let root = tracing::info_span!("http.request");
+                let id = engine
+                    .start(StartWorkflow::new("ok", json!(i)))
+                    .instrument(root)
+                    .await
+                    .unwrap()
+                    .summary
+                    .id;
+                finish(&engine, &id).await;
+            }
+            let took = started.elapsed();
+            w.shutdown().await;
+            took
+        })
+    });
+    let stopping = Instant::now();
+    guard.shutdown();
+    assert!(
+        stopping.elapsed() < Duration::from_secs(7),
+        "shutdown is bounded"
+    );
+    took
+}
+
+#[test]
+fn a_collector_that_is_down_does_not_slow_workflows() {
+    let closed = free_port(); // bound and released: nothing listens there
+    let n = 40;
+    let baseline = timed_run(None, n);
+    let down = timed_run(Some(format!("http://127.0.0.1:{closed}")), n);
+    eprintln!(
+        "{n} workflows: {baseline:?} without an exporter, {down:?} exporting to a closed port"
+    );
+    assert!(
+        down < baseline * 2 + Duration::from_secs(1),
+        "exporting to a dead collector slowed workflows: {down:?} vs {baseline:?}"
+    );
+}
+
+#[test]
+fn without_an_endpoint_nothing_is_exported_and_no_context_is_sent() {
+    use marathon_core::Observer;
+    let (dispatch, guard) =
+        tracing_dispatch(&config(None, LogFormat::Json), std::io::sink).unwrap();
+    assert!(!guard.exporting());
+    let metrics = Metrics::new().unwrap();
+    tracing::dispatcher::with_default(&dispatch, || {
+        let _s = tracing::info_span!("x").entered();
+        assert_eq!(metrics.trace_context(), None);
+    });
+}

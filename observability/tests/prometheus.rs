@@ -1,0 +1,227 @@
+//! A real Prometheus server scrapes a live metrics endpoint; the shipped alerting rules
+//! and Grafana dashboard use only metrics the exposition has.
+
+mod common;
+
+use common::*;
+use marathon_core::Observer;
+use marathon_observability::{CONTENT_TYPE, Metrics};
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn repo_file(rel: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/..")).join(rel)
+}
+
+/// Serves `metrics.render()` on `/metrics`, as the server's handler does.
+fn metrics_endpoint(metrics: Arc<Metrics>) -> u16 {
+    serve(move |req| {
+        if req.method == "GET" && req.path == "/metrics" {
+            (200, CONTENT_TYPE, metrics.render().into_bytes())
+        } else {
+            (404, "text/plain", b"not found".to_vec())
+        }
+    })
+}
+
+/// Polls `GET path` on Prometheus until `ok(body)`, or fails after `timeout`.
+fn poll_prometheus(
+    port: u16,
+    path: &str,
+    timeout: Duration,
+    ok: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + timeout;
+    let mut last = String::new();
+    loop {
+        if let Ok((200, body)) = http_get(port, path) {
+            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&body)
+                && ok(&v)
+            {
+                return v;
+            }
+            last = body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never answered {path} as expected; last: {last}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_scrapes_the_metrics_endpoint() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let port = metrics_endpoint(metrics.clone());
+    let engine = engine(&metrics);
+    let w = worker(&engine);
+
+    let dir = temp_dir("prometheus");
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n\
+             rule_files:\n  - {}\n\
+             scrape_configs:\n  - job_name: marathon\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n",
+            repo_file("deploy/prometheus/marathon-rules.yml").display()
+        ),
+    )
+    .unwrap();
+    let prom_port = free_port();
+    let child = Command::new(prometheus())
+        .arg(format!("--config.file={}", config.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(std::fs::File::create(dir.join("prometheus.log")).unwrap())
+        .stderr(std::fs::File::create(dir.join("prometheus.err")).unwrap())
+        .spawn()
+        .expect("prometheus starts");
+    let _prom = Killed(child);
+
+    // Workflows run while Prometheus comes up and scrapes.
+    run_known_set(&engine).await;
+
+    let wait = Duration::from_secs(60);
+    tokio::task::spawn_blocking(move || {
+        wait_listening(prom_port, wait);
+        poll_prometheus(prom_port, "/api/v1/targets", wait, |v| {
+            v["data"]["activeTargets"].as_array().is_some_and(|t| {
+                t.iter()
+                    .any(|t| t["health"] == "up" && t["labels"]["job"] == "marathon")
+            })
+        });
+        let q = format!(
+            "/api/v1/query?query={}",
+            urlencode("marathon_workflows_started_total{workflow=\"ok\"}")
+        );
+        let v = poll_prometheus(prom_port, &q, wait, |v| {
+            v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|s| s["value"][1] == "3"))
+        });
+        assert_eq!(v["status"], "success");
+        let q = format!(
+            "/api/v1/query?query={}",
+            urlencode("sum(marathon_workflows_closed_total)")
+        );
+        poll_prometheus(prom_port, &q, wait, |v| {
+            v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|s| s["value"][1] == "5"))
+        });
+        // The shipped rules loaded and evaluate against the live series.
+        poll_prometheus(prom_port, "/api/v1/rules", wait, |v| {
+            let groups = v["data"]["groups"].as_array().cloned().unwrap_or_default();
+            let rules: Vec<serde_json::Value> = groups
+                .iter()
+                .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+                .collect();
+            rules.len() == 10 && rules.iter().all(|r| r["health"] == "ok")
+        });
+    })
+    .await
+    .unwrap();
+    w.shutdown().await;
+}
+
+/// Metric names (with `_bucket`, `_sum`, `_count` for histograms) in an exposition.
+fn exposed_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let mut parts = rest.split_whitespace();
+            let (Some(name), Some(kind)) = (parts.next(), parts.next()) else {
+                continue;
+            };
+            names.insert(name.to_string());
+            if kind == "histogram" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    names
+}
+
+/// Every `marathon_*` identifier in `text`.
+fn used_names(text: &str) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("marathon_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        // Skip words that merely contain the prefix (e.g. `xmarathon_`).
+        let before = rest[..i].chars().last();
+        if !before.is_some_and(|c| c.is_ascii_alphanumeric() || c == '_') {
+            out.insert(tail[..end].to_string());
+        }
+        rest = &tail[end..];
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_and_dashboard_use_only_exposed_metrics() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let engine = engine(&metrics);
+    let w = worker(&engine);
+    run_known_set(&engine).await;
+    w.shutdown().await;
+    // Series that only appear when something goes wrong or an LLM is called.
+    metrics.dead_lettered("default", 1);
+    metrics.overdue("workflow_task");
+    metrics.record_llm_tokens("openai", "m", "input", 1);
+    let exposed = exposed_names(&metrics.render());
+
+    let rules_path = repo_file("deploy/prometheus/marathon-rules.yml");
+    let rules = std::fs::read_to_string(&rules_path).unwrap();
+    let dashboard_text =
+        std::fs::read_to_string(repo_file("deploy/grafana/marathon-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&dashboard_text).expect("dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    let mut exprs = String::new();
+    for p in panels {
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        for t in targets {
+            exprs.push_str(t["expr"].as_str().expect("expr"));
+            exprs.push('\n');
+        }
+    }
+    exprs.push_str(&dashboard["templating"].to_string());
+
+    for (what, text) in [("rules", &rules), ("dashboard", &exprs)] {
+        let used = used_names(text);
+        assert!(used.len() >= 8, "{what} uses {used:?}");
+        let missing: Vec<_> = used.difference(&exposed).collect();
+        assert!(
+            missing.is_empty(),
+            "{what} uses metrics the exposition lacks: {missing:?}"
+        );
+    }
+
+    let out = Command::new(promtool())
+        .args(["check", "rules"])
+        .arg(&rules_path)
+        .output()
+        .expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check rules: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
