@@ -213,6 +213,26 @@ pub enum QueueConfig {
     Sqs(SqsSettings),
 }
 
+impl StoreConfig {
+    /// The backend's name, as the `backend` label of store metrics.
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            StoreConfig::Memory => "memory",
+            StoreConfig::Redis(_) => "redis",
+        }
+    }
+}
+
+impl QueueConfig {
+    /// The backend's name, as the `backend` label of queue metrics.
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            QueueConfig::Memory(_) => "memory",
+            QueueConfig::Sqs(_) => "sqs",
+        }
+    }
+}
+
 impl Default for QueueConfig {
     fn default() -> Self {
         QueueConfig::Memory(Default::default())

@@ -157,22 +157,38 @@ impl ServerBuilder {
     /// [`ServerError::Config`], [`ServerError::Backend`].
     pub async fn build(self) -> Result<Server, ServerError> {
         self.config.validate()?;
-        let store = match self.store {
-            Some(s) => s,
-            None => backends::store(&self.config.store).await?,
+        let (store, store_backend) = match self.store {
+            Some(s) => (s, "custom"),
+            None => (
+                backends::store(&self.config.store).await?,
+                self.config.store.backend_name(),
+            ),
         };
-        let queue = match self.queue {
-            Some(q) => q,
-            None => backends::queue(&self.config.queue).await?,
+        let (queue, queue_backend) = match self.queue {
+            Some(q) => (q, "custom"),
+            None => (
+                backends::queue(&self.config.queue).await?,
+                self.config.queue.backend_name(),
+            ),
         };
+        let metrics = Arc::new(
+            marathon_observability::Metrics::new()
+                .map_err(|e| ServerError::Config(format!("metrics: {e}")))?,
+        );
+        let store =
+            marathon_observability::InstrumentedStore::boxed(store, store_backend, &metrics);
+        let queue =
+            marathon_observability::InstrumentedQueue::boxed(queue, queue_backend, &metrics);
         let engine = Engine::builder()
             .store(store)
             .queue(queue)
+            .observer(metrics.clone())
             .config(self.config.engine.clone())
             .registry(self.registry)
             .build();
         Ok(Server {
             engine,
+            metrics,
             config: Arc::new(self.config),
             validators: Arc::new(self.validators),
             shutdown: CancellationToken::new(),
@@ -199,6 +215,7 @@ impl ServerBuilder {
 /// A built server: the engine, its configuration and the HTTP app.
 pub struct Server {
     engine: Engine,
+    metrics: Arc<marathon_observability::Metrics>,
     config: Arc<Config>,
     validators: Arc<HashMap<String, StartValidator>>,
     shutdown: CancellationToken,
@@ -238,6 +255,7 @@ impl Server {
     pub fn router(&self) -> Router {
         api::router(api::AppState {
             engine: self.engine.clone(),
+            metrics: self.metrics.clone(),
             config: self.config.clone(),
             validators: self.validators.clone(),
             shutdown: self.shutdown.clone(),

@@ -1,6 +1,7 @@
 //! The `marathon` binary: `marathon serve` and `marathon config print`.
 
 use clap::{Args, Parser, Subcommand};
+use marathon_observability::{TelemetryConfig, TelemetryGuard, init_tracing};
 use marathon_server::{Config, LogFormat, Role, Server, ServerError, Sources};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -99,17 +100,16 @@ impl ConfigArgs {
     }
 }
 
-fn init_logging(cfg: &Config) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&cfg.log.filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match cfg.log.format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+fn init_telemetry(cfg: &Config) -> Result<TelemetryGuard, ServerError> {
+    init_tracing(&TelemetryConfig {
+        log_format: match cfg.log.format {
+            LogFormat::Text => marathon_observability::LogFormat::Text,
+            LogFormat::Json => marathon_observability::LogFormat::Json,
+        },
+        log_filter: cfg.log.filter.clone(),
+        ..TelemetryConfig::default()
+    })
+    .map_err(|e| ServerError::Config(format!("log/tracing: {e}")))
 }
 
 fn fail(e: &ServerError) -> ExitCode {
@@ -119,6 +119,9 @@ fn fail(e: &ServerError) -> ExitCode {
         _ => ExitCode::FAILURE,
     }
 }
+
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -138,7 +141,10 @@ async fn main() -> ExitCode {
                 Ok(c) => c,
                 Err(e) => return fail(&e),
             };
-            init_logging(&cfg);
+            let telemetry = match init_telemetry(&cfg) {
+                Ok(t) => t,
+                Err(e) => return fail(&e),
+            };
             let run = async {
                 Server::builder()
                     .builtins()
@@ -148,7 +154,7 @@ async fn main() -> ExitCode {
                     .serve()
                     .await
             };
-            match run.await {
+            let code = match run.await {
                 Ok(()) => {
                     tracing::info!("stopped");
                     ExitCode::SUCCESS
@@ -157,7 +163,10 @@ async fn main() -> ExitCode {
                     tracing::error!(error = %e, "marathon failed");
                     fail(&e)
                 }
-            }
+            };
+            // Flushes buffered spans, within the exporter's shutdown timeout.
+            telemetry.shutdown();
+            code
         }
     }
 }

@@ -271,3 +271,72 @@ fn bad_configuration_exits_2_with_a_clear_message() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// The value of the sample of `name` whose labels include every `labels` pair.
+fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let rest = line.strip_prefix(name)?;
+        let (label_part, value) = match rest.strip_prefix('{') {
+            Some(r) => r.split_once("} ")?,
+            None => ("", rest.strip_prefix(' ')?),
+        };
+        labels
+            .iter()
+            .all(|(k, v)| label_part.split(',').any(|p| p == format!("{k}=\"{v}\"")))
+            .then(|| value.trim().parse().ok())?
+    })
+}
+
+#[test]
+fn metrics_count_what_the_server_ran() {
+    let m = serve(&[]);
+    for i in 0..3 {
+        let id = format!("m-echo-{i}");
+        let (status, body) = http(
+            m.port,
+            "POST",
+            "/v1/workflows",
+            Some(&json!({"name": "echo", "id": id, "input": i})),
+        )
+        .expect("start");
+        assert_eq!(status, 202, "{body}");
+        let (status, body) = http(
+            m.port,
+            "GET",
+            &format!("/v1/workflows/{id}/result?wait=10s"),
+            None,
+        )
+        .expect("result");
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, text) = http(m.port, "GET", "/metrics", None).expect("metrics");
+    assert_eq!(status, 200);
+    let started = sample(
+        &text,
+        "marathon_workflows_started_total",
+        &[("workflow", "echo")],
+    );
+    assert_eq!(started, Some(3.0), "{text}");
+    let closed = sample(
+        &text,
+        "marathon_workflows_closed_total",
+        &[("workflow", "echo"), ("status", "completed")],
+    );
+    assert_eq!(closed, Some(3.0), "{text}");
+    let attempts = sample(
+        &text,
+        "marathon_activity_attempts_total",
+        &[("activity", "echo"), ("outcome", "completed")],
+    );
+    assert_eq!(attempts, Some(3.0), "{text}");
+    let creates = sample(
+        &text,
+        "marathon_store_operation_seconds_count",
+        &[("operation", "create"), ("backend", "memory")],
+    );
+    assert_eq!(creates, Some(3.0), "{text}");
+    assert!(
+        text.contains("# TYPE marathon_workflow_duration_seconds histogram"),
+        "{text}"
+    );
+}

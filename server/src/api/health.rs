@@ -82,16 +82,13 @@ pub(crate) async fn readyz(State(st): State<AppState>) -> impl IntoResponse {
     )
 }
 
-/// Prometheus metrics (a placeholder until the observability crate fills it).
+/// Prometheus metrics in the text exposition format (see `docs/OBSERVABILITY.md`).
 #[utoipa::path(get, path = "/metrics", tag = "probes",
     responses((status = 200, description = "Prometheus text exposition", content_type = "text/plain", body = String)))]
-pub(crate) async fn metrics() -> impl IntoResponse {
+pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        "# Marathon metrics are not exported yet.\n",
+        [(header::CONTENT_TYPE, marathon_observability::CONTENT_TYPE)],
+        state.metrics.render(),
     )
 }
 

@@ -25,6 +25,8 @@ pub use error::ApiError;
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub(crate) engine: Engine,
+    /// The Prometheus registry behind `/metrics`.
+    pub(crate) metrics: Arc<marathon_observability::Metrics>,
     pub(crate) config: Arc<Config>,
     pub(crate) validators: Arc<HashMap<String, StartValidator>>,
     /// Cancelled when shutdown begins: long polls and SSE streams end.
@@ -178,7 +180,23 @@ pub(crate) fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.server.body_limit))
+        .layer(middleware::from_fn(request_span))
         .with_state(state)
+}
+
+/// Runs each request in an `http.request` span: the root of the trace of a
+/// workflow it starts (the span's context travels on in queue messages).
+async fn request_span(req: Request, next: middleware::Next) -> axum::response::Response {
+    use tracing::Instrument;
+    let span = tracing::info_span!(
+        "http.request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        status = tracing::field::Empty,
+    );
+    let response = next.run(req).instrument(span.clone()).await;
+    span.record("status", response.status().as_u16());
+    response
 }
 
 /// Whether `given` equals one of `tokens`, in time independent of where they differ.
