@@ -51,6 +51,8 @@ pub struct SqsQueue {
     /// Longest delay sent as `DelaySeconds`; longer ones carry a due time.
     max_native_delay: Duration,
     urls: RwLock<HashMap<String, String>>,
+    /// Serializes the lookup of each logical queue's URL.
+    resolving: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     dlq_urls: RwLock<HashMap<String, String>>,
     /// Visibility deadlines of this process's deliveries, by receipt handle.
     leases: Leases,
@@ -121,6 +123,7 @@ impl SqsQueue {
             cfg,
             max_native_delay,
             urls: RwLock::default(),
+            resolving: Mutex::default(),
             dlq_urls: RwLock::default(),
             leases: Leases::default(),
             senders: Mutex::default(),
@@ -167,6 +170,18 @@ impl SqsQueue {
         if let Some(url) = self.cfg.queue_urls.get(name) {
             return Ok(url.clone());
         }
+        if let Some(url) = self.urls.read().get(name) {
+            return Ok(url.clone());
+        }
+        // One lookup (or creation) per name at a time: the first use is often
+        // many concurrent calls, which would each look up and create the queue.
+        let lock = self
+            .resolving
+            .lock()
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        let _resolving = lock.lock().await;
         if let Some(url) = self.urls.read().get(name) {
             return Ok(url.clone());
         }
