@@ -89,6 +89,12 @@ impl<E: Send + 'static> Batcher<E> {
         Self { tx }
     }
 
+    /// Whether the background task has stopped (its runtime shut down); a
+    /// stopped batcher answers every entry with [`Failure::Unavailable`].
+    pub(crate) fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
     /// Hands `entry` (of `size` bytes) to the next batch; resolves when its request is answered.
     pub(crate) fn submit(
         &self,
@@ -213,5 +219,19 @@ mod tests {
         let t0 = Instant::now();
         b.submit(9, 1).await.expect("flushed");
         assert_eq!(t0.elapsed(), Duration::from_millis(5));
+    }
+
+    #[test]
+    fn a_batcher_started_on_a_finished_runtime_reports_closed() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let flush: FlushFn<u32> =
+            Arc::new(|e: Vec<u32>| Box::pin(async move { e.iter().map(|_| Ok(())).collect() }));
+        let b = rt.block_on(async { Batcher::start(flush, Duration::ZERO, 1, 10) });
+        assert!(!b.is_closed());
+        drop(rt);
+        assert!(b.is_closed());
     }
 }

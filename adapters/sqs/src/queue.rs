@@ -247,7 +247,7 @@ impl SqsQueue {
     ) -> Vec<Result<(), Failure>> {
         let waits: Vec<_> = {
             let mut senders = self.senders.lock();
-            let b = senders.entry(url.to_owned()).or_insert_with(|| {
+            let start = || {
                 // One request at a time on FIFO queues keeps a group's messages in order.
                 let in_flight = if self.cfg.fifo { 1 } else { BATCH_CONCURRENCY };
                 Batcher::start(
@@ -256,7 +256,12 @@ impl SqsQueue {
                     in_flight,
                     self.max_message_bytes(),
                 )
-            });
+            };
+            let b = senders.entry(url.to_owned()).or_insert_with(start);
+            // Started on a runtime that has since shut down (a queue shared across runtimes).
+            if b.is_closed() {
+                *b = start();
+            }
             entries
                 .iter()
                 .map(|(size, e)| b.submit(e.clone(), *size))
@@ -269,14 +274,18 @@ impl SqsQueue {
     async fn delete_coalesced(&self, url: &str, receipts: Vec<String>) -> Vec<Result<(), Failure>> {
         let waits: Vec<_> = {
             let mut deleters = self.deleters.lock();
-            let b = deleters.entry(url.to_owned()).or_insert_with(|| {
+            let start = || {
                 Batcher::start(
                     delete_flush(self.client.clone(), url.to_owned()),
                     self.cfg.batch_window,
                     BATCH_CONCURRENCY,
                     usize::MAX,
                 )
-            });
+            };
+            let b = deleters.entry(url.to_owned()).or_insert_with(start);
+            if b.is_closed() {
+                *b = start();
+            }
             receipts.into_iter().map(|r| b.submit(r, 0)).collect()
         };
         futures::future::join_all(waits).await
