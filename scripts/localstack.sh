@@ -6,18 +6,21 @@
 #   scripts/localstack.sh stop      stop the instance this script started
 #   scripts/localstack.sh status    say whether it answers
 #
-# Environment: PYTHON (default python3, 3.11 works), LOCALSTACK_PORT (default 4566),
+# Environment: PYTHON (default python3, 3.11 works), LOCALSTACK_PORT (default 4566;
+# any other port gets its own instance with state in .localstack/port-<PORT>/),
 # LOCALSTACK_START_TIMEOUT seconds (default 60).
 # Pins from /work/shared/SERVICES.md: newer LocalStack needs Python 3.12.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$ROOT/.venv-localstack"
-STATE="$ROOT/.localstack"
-PIDFILE="$STATE/localstack.pid"
-LOGFILE="$STATE/localstack.log"
 PYTHON="${PYTHON:-python3}"
 PORT="${LOCALSTACK_PORT:-4566}"
+# One state directory (pid, log, data) per port, so a private instance on
+# another port (an end-to-end test restarting "its" SQS) never touches 4566's.
+if [[ "$PORT" == 4566 ]]; then STATE="$ROOT/.localstack"; else STATE="$ROOT/.localstack/port-$PORT"; fi
+PIDFILE="$STATE/localstack.pid"
+LOGFILE="$STATE/localstack.log"
 ADDR="127.0.0.1:$PORT"
 TIMEOUT="${LOCALSTACK_START_TIMEOUT:-60}"
 

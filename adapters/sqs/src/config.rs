@@ -33,6 +33,11 @@ pub struct SqsQueueConfig {
     pub wait_time: Duration,
     /// Uses FIFO queues (`<name>.fifo`), grouped by workflow id. Default `false`.
     pub fifo: bool,
+    /// How long a single send or ack waits for others to share its batch
+    /// request (SendMessageBatch, DeleteMessageBatch); 0 only batches what is
+    /// already waiting. Default 5 ms.
+    #[serde(with = "duration_ms", rename = "batch_window_ms")]
+    pub batch_window: Duration,
 }
 
 impl Default for SqsQueueConfig {
@@ -46,6 +51,7 @@ impl Default for SqsQueueConfig {
             endpoint_url: None,
             wait_time: Duration::from_secs(20),
             fifo: false,
+            batch_window: Duration::from_millis(5),
         }
     }
 }
@@ -63,6 +69,7 @@ mod tests {
         assert!(cfg.fifo);
         assert_eq!(cfg.wait_time, Duration::from_secs(5));
         assert_eq!(cfg.max_receives, 5);
+        assert_eq!(cfg.batch_window, Duration::from_millis(5));
         assert!(serde_json::from_str::<SqsQueueConfig>(r#"{"queue_prefx":"p-"}"#).is_err());
     }
 }

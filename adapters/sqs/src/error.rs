@@ -25,12 +25,21 @@ const BAD_RECEIPT: &[&str] = &[
     "AWS.SimpleQueueService.ReceiptHandleIsInvalid",
 ];
 
+/// Error codes meaning the queue does not exist (deleted, or lost with a broker restart).
+const MISSING_QUEUE: &[&str] = &[
+    "QueueDoesNotExist",
+    "AWS.SimpleQueueService.NonExistentQueue",
+    "NonExistentQueue",
+];
+
 /// What went wrong, with the operation and the SDK's full error chain.
 #[derive(Debug, thiserror::Error)]
 #[error("SQS {op}: {detail}")]
 pub(crate) struct SqsError {
     op: &'static str,
     detail: String,
+    /// The queue addressed does not exist (any more).
+    missing_queue: bool,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
@@ -41,8 +50,28 @@ impl SqsError {
         Self {
             op,
             detail: detail.into(),
+            missing_queue: false,
             source: None,
         }
+    }
+
+    /// The error of addressing a queue that does not exist.
+    pub(crate) fn missing_queue(op: &'static str, detail: impl Into<String>) -> Self {
+        Self {
+            missing_queue: true,
+            ..Self::new(op, detail)
+        }
+    }
+}
+
+/// Whether `e` says the queue addressed does not exist (it was deleted, or lost
+/// with a broker restart), so a cached URL is stale.
+pub(crate) fn is_missing_queue(e: &QueueError) -> bool {
+    match e {
+        QueueError::Backend(b) => b
+            .downcast_ref::<SqsError>()
+            .is_some_and(|s| s.missing_queue),
+        _ => false,
     }
 }
 
@@ -65,12 +94,14 @@ pub(crate) fn classify<E>(op: &'static str, receipt_op: bool, err: SdkError<E>) 
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
+    let mut missing_queue = false;
     let retryable = match &err {
         SdkError::DispatchFailure(_) | SdkError::TimeoutError(_) | SdkError::ResponseError(_) => {
             true
         }
         SdkError::ServiceError(se) => {
             let code = se.err().code().unwrap_or_default();
+            missing_queue = MISSING_QUEUE.contains(&code);
             let message = se.err().message().unwrap_or_default();
             if receipt_op && is_bad_receipt(code, message) {
                 return QueueError::InvalidReceipt;
@@ -82,6 +113,7 @@ where
     let e = SqsError {
         op,
         detail: DisplayErrorContext(&err).to_string(),
+        missing_queue,
         source: Some(Box::new(err)),
     };
     if retryable {
@@ -104,6 +136,12 @@ pub(crate) fn classify_entry(
         return QueueError::InvalidReceipt;
     }
     let e = Box::new(SqsError::new(op, format!("{code}: {message}")));
+    if MISSING_QUEUE.contains(&code) {
+        return QueueError::Backend(Box::new(SqsError::missing_queue(
+            op,
+            format!("{code}: {message}"),
+        )));
+    }
     if !sender_fault || is_throttling(code) {
         QueueError::Unavailable(e)
     } else {
@@ -130,5 +168,14 @@ mod tests {
         assert!(
             !classify_entry("enqueue", false, "InvalidMessageContents", None, true).is_retryable()
         );
+        let missing = classify_entry("enqueue", false, "QueueDoesNotExist", None, true);
+        assert!(is_missing_queue(&missing) && !missing.is_retryable());
+        assert!(!is_missing_queue(&classify_entry(
+            "enqueue",
+            false,
+            "InternalError",
+            None,
+            false
+        )));
     }
 }

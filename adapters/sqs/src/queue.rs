@@ -1,6 +1,7 @@
 //! [`SqsQueue`]: the core's [`Queue`] on AWS SQS.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -12,17 +13,18 @@ use aws_sdk_sqs::types::{
 };
 use futures::{StreamExt, TryStreamExt};
 use marathon_core::{Delivery, OutgoingMessage, Queue, QueueError, Receipt, Task};
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 
+use crate::batch::{Batcher, Failure, FlushFn};
 use crate::config::SqsQueueConfig;
-use crate::error::{SqsError, classify, classify_entry};
+use crate::error::{SqsError, classify, classify_entry, is_missing_queue};
 use crate::message::{
     self, Encoded, MAX_NATIVE_DELAY, MAX_VISIBILITY, decode, due_in, encode, secs_i32,
 };
 
 /// Most entries SQS takes in one batch request, and most messages one receive returns.
-const MAX_BATCH: usize = 10;
+const MAX_BATCH: usize = crate::batch::MAX_BATCH;
 /// Longest long poll SQS allows.
 const MAX_WAIT: Duration = Duration::from_secs(20);
 /// Longest `MessageGroupId` SQS accepts.
@@ -33,6 +35,11 @@ const BATCH_CONCURRENCY: usize = 8;
 const DRAIN_VISIBILITY: i32 = 30;
 /// Retention of the dead-letter queues this crate creates: 14 days, SQS's maximum.
 const DLQ_RETENTION_SECS: &str = "1209600";
+/// How soon an undecodable message is received again, so that SQS's redrive
+/// moves it to the dead-letter queue after `max_receives` receives.
+const POISON_RETRY_SECS: i32 = 1;
+/// Most bytes of an undecodable body quoted in a log line.
+const POISON_PREVIEW: usize = 256;
 
 /// Marathon's [`Queue`] on AWS SQS (standard or FIFO queues), safe to share.
 ///
@@ -44,9 +51,15 @@ pub struct SqsQueue {
     /// Longest delay sent as `DelaySeconds`; longer ones carry a due time.
     max_native_delay: Duration,
     urls: RwLock<HashMap<String, String>>,
+    /// Serializes the lookup of each logical queue's URL.
+    resolving: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     dlq_urls: RwLock<HashMap<String, String>>,
     /// Visibility deadlines of this process's deliveries, by receipt handle.
     leases: Leases,
+    /// Coalesces concurrent enqueues into SendMessageBatch, by queue URL.
+    senders: Mutex<HashMap<String, Batcher<SendMessageBatchRequestEntry>>>,
+    /// Coalesces concurrent acks into DeleteMessageBatch, by queue URL.
+    deleters: Mutex<HashMap<String, Batcher<String>>>,
 }
 
 impl std::fmt::Debug for SqsQueue {
@@ -110,8 +123,11 @@ impl SqsQueue {
             cfg,
             max_native_delay,
             urls: RwLock::default(),
+            resolving: Mutex::default(),
             dlq_urls: RwLock::default(),
             leases: Leases::default(),
+            senders: Mutex::default(),
+            deleters: Mutex::default(),
         })
     }
 
@@ -157,6 +173,18 @@ impl SqsQueue {
         if let Some(url) = self.urls.read().get(name) {
             return Ok(url.clone());
         }
+        // One lookup (or creation) per name at a time: the first use is often
+        // many concurrent calls, which would each look up and create the queue.
+        let lock = self
+            .resolving
+            .lock()
+            .entry(name.to_owned())
+            .or_default()
+            .clone();
+        let _resolving = lock.lock().await;
+        if let Some(url) = self.urls.read().get(name) {
+            return Ok(url.clone());
+        }
         let sqs_name = self.sqs_name(name);
         let url = match self
             .client
@@ -179,6 +207,128 @@ impl SqsQueue {
         };
         self.urls.write().insert(name.to_owned(), url.clone());
         Ok(url)
+    }
+
+    /// Forgets the cached URLs of `name` after SQS said its queue does not exist
+    /// (deleted, or lost with a broker restart such as LocalStack's). Returns
+    /// whether the caller may call [`Self::url`] again to recreate it: only with
+    /// `create_if_missing` and no explicit URL for it.
+    fn recover(&self, name: &str) -> bool {
+        self.urls.write().remove(name);
+        self.dlq_urls.write().remove(name);
+        let recreate = self.cfg.create_if_missing && !self.cfg.queue_urls.contains_key(name);
+        tracing::warn!(
+            queue = %self.sqs_name(name),
+            recreate,
+            "SQS queue does not exist (deleted or lost with a broker restart)"
+        );
+        recreate
+    }
+
+    /// Runs `op` on the URL of `name`; if the queue turns out missing, recreates
+    /// it (when allowed, see [`Self::recover`]) and runs `op` once more.
+    async fn on_queue<T, F, Fut>(&self, name: &str, op: F) -> Result<T, QueueError>
+    where
+        F: Fn(String) -> Fut,
+        Fut: Future<Output = Result<T, QueueError>>,
+    {
+        let url = self.url(name).await?;
+        match op(url).await {
+            Err(e) if is_missing_queue(&e) && self.recover(name) => op(self.url(name).await?).await,
+            r => r,
+        }
+    }
+
+    /// Hands each entry to the send batcher of `url`; one outcome per entry.
+    async fn send_coalesced(
+        &self,
+        url: &str,
+        entries: &[(usize, SendMessageBatchRequestEntry)],
+    ) -> Vec<Result<(), Failure>> {
+        let waits: Vec<_> = {
+            let mut senders = self.senders.lock();
+            let start = || {
+                // One request at a time on FIFO queues keeps a group's messages in order.
+                let in_flight = if self.cfg.fifo { 1 } else { BATCH_CONCURRENCY };
+                Batcher::start(
+                    send_flush(self.client.clone(), url.to_owned()),
+                    self.cfg.batch_window,
+                    in_flight,
+                    self.max_message_bytes(),
+                )
+            };
+            let b = senders.entry(url.to_owned()).or_insert_with(start);
+            // Started on a runtime that has since shut down (a queue shared across runtimes).
+            if b.is_closed() {
+                *b = start();
+            }
+            entries
+                .iter()
+                .map(|(size, e)| b.submit(e.clone(), *size))
+                .collect()
+        };
+        futures::future::join_all(waits).await
+    }
+
+    /// Hands each receipt to the delete batcher of `url`; one outcome per receipt.
+    async fn delete_coalesced(&self, url: &str, receipts: Vec<String>) -> Vec<Result<(), Failure>> {
+        let waits: Vec<_> = {
+            let mut deleters = self.deleters.lock();
+            let start = || {
+                Batcher::start(
+                    delete_flush(self.client.clone(), url.to_owned()),
+                    self.cfg.batch_window,
+                    BATCH_CONCURRENCY,
+                    usize::MAX,
+                )
+            };
+            let b = deleters.entry(url.to_owned()).or_insert_with(start);
+            if b.is_closed() {
+                *b = start();
+            }
+            receipts.into_iter().map(|r| b.submit(r, 0)).collect()
+        };
+        futures::future::join_all(waits).await
+    }
+
+    /// Makes undecodable messages visible again soon, so that SQS's redrive
+    /// moves them to the dead-letter queue after `max_receives` receives
+    /// (instead of each hiding for a whole visibility timeout). They are never
+    /// deleted here: a body Marathon cannot read may still matter to someone.
+    async fn poisoned(&self, queue: &str, url: &str, poison: Vec<(Message, serde_json::Error)>) {
+        let mut entries = Vec::with_capacity(poison.len());
+        for (i, (m, e)) in poison.into_iter().enumerate() {
+            tracing::warn!(
+                queue,
+                message_id = ?m.message_id,
+                receive_count = receive_count(&m, self.cfg.fifo),
+                max_receives = self.cfg.max_receives,
+                error = %e,
+                body = %preview(m.body().unwrap_or_default()),
+                "undecodable message (not a Marathon task); it goes to the dead-letter queue after max_receives receives"
+            );
+            if let Ok(entry) = ChangeMessageVisibilityBatchRequestEntry::builder()
+                .id(i.to_string())
+                .set_receipt_handle(m.receipt_handle)
+                .visibility_timeout(POISON_RETRY_SECS)
+                .build()
+            {
+                entries.push(entry);
+            }
+        }
+        if entries.is_empty() {
+            return;
+        }
+        if let Err(e) = self
+            .client
+            .change_message_visibility_batch()
+            .queue_url(url)
+            .set_entries(Some(entries))
+            .send()
+            .await
+        {
+            tracing::warn!(queue, error = %classify("change_message_visibility_batch", true, e), "could not shorten an undecodable message's visibility");
+        }
     }
 
     /// Creates the dead-letter queue, then the queue redriving to it. Both calls
@@ -495,7 +645,16 @@ impl SqsQueue {
             .visibility_timeout(secs_i32(visibility, MAX_VISIBILITY))
             .send()
             .await
-            .map_err(|e| classify("change_message_visibility", true, e));
+            .map_err(|e| classify("change_message_visibility", true, e))
+            .map_err(|e| {
+                if is_missing_queue(&e) {
+                    // The delivery went with its queue.
+                    self.recover(queue);
+                    QueueError::InvalidReceipt
+                } else {
+                    e
+                }
+            });
         match (&res, release) {
             (Err(QueueError::InvalidReceipt), _) | (Ok(_), true) => self.leases.remove(&receipt.0),
             (Ok(_), false) => self.leases.renew(&receipt.0, start + visibility),
@@ -575,6 +734,131 @@ fn clamp_i32(n: usize) -> i32 {
     i32::try_from(n).unwrap_or(i32::MAX)
 }
 
+/// The start of a body, for logs, cut on a character boundary.
+fn preview(body: &str) -> &str {
+    let mut end = body.len().min(POISON_PREVIEW);
+    while !body.is_char_boundary(end) {
+        end -= 1;
+    }
+    &body[..end]
+}
+
+/// Outcomes of a batch request: all fail with `whole`, or each failed entry
+/// (`(id, failure)`) fails alone.
+fn outcomes(
+    n: usize,
+    whole: Option<Failure>,
+    failed: impl IntoIterator<Item = (String, Failure)>,
+) -> Vec<Result<(), Failure>> {
+    if let Some(f) = whole {
+        return vec![Err(f); n];
+    }
+    let mut res = vec![Ok(()); n];
+    for (id, f) in failed {
+        if let Some(r) = id.parse::<usize>().ok().and_then(|i| res.get_mut(i)) {
+            *r = Err(f);
+        }
+    }
+    res
+}
+
+/// One SendMessageBatch for the send batcher of `url`.
+fn send_flush(client: Client, url: String) -> FlushFn<SendMessageBatchRequestEntry> {
+    Arc::new(move |entries: Vec<SendMessageBatchRequestEntry>| {
+        let (client, url) = (client.clone(), url.clone());
+        Box::pin(async move {
+            let n = entries.len();
+            let entries = entries
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut e)| {
+                    // Ids only need to be unique within one request.
+                    e.id = i.to_string();
+                    e
+                })
+                .collect();
+            match client
+                .send_message_batch()
+                .queue_url(url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+            {
+                Err(e) => outcomes(
+                    n,
+                    Some(Failure::of(&classify("send_message_batch", false, e))),
+                    [],
+                ),
+                Ok(out) => outcomes(
+                    n,
+                    None,
+                    out.failed.into_iter().map(|f| {
+                        let e = classify_entry(
+                            "send_message_batch",
+                            false,
+                            f.code(),
+                            f.message(),
+                            f.sender_fault(),
+                        );
+                        (f.id, Failure::of(&e))
+                    }),
+                ),
+            }
+        })
+    })
+}
+
+/// One DeleteMessageBatch for the delete batcher of `url`.
+fn delete_flush(client: Client, url: String) -> FlushFn<String> {
+    Arc::new(move |receipts: Vec<String>| {
+        let (client, url) = (client.clone(), url.clone());
+        Box::pin(async move {
+            let n = receipts.len();
+            let entries = receipts
+                .into_iter()
+                .enumerate()
+                .map(|(i, r)| {
+                    DeleteMessageBatchRequestEntry::builder()
+                        .id(i.to_string())
+                        .receipt_handle(r)
+                        .build()
+                })
+                .collect::<Result<Vec<_>, _>>();
+            let entries = match entries {
+                Ok(e) => e,
+                Err(e) => return outcomes(n, Some(Failure::Backend(e.to_string())), []),
+            };
+            match client
+                .delete_message_batch()
+                .queue_url(url)
+                .set_entries(Some(entries))
+                .send()
+                .await
+            {
+                Err(e) => outcomes(
+                    n,
+                    Some(Failure::of(&classify("delete_message_batch", true, e))),
+                    [],
+                ),
+                Ok(out) => outcomes(
+                    n,
+                    None,
+                    out.failed.into_iter().map(|f| {
+                        let e = classify_entry(
+                            "delete_message_batch",
+                            true,
+                            f.code(),
+                            f.message(),
+                            f.sender_fault(),
+                        );
+                        (f.id, Failure::of(&e))
+                    }),
+                ),
+            }
+        })
+    })
+}
+
 #[async_trait]
 impl Queue for SqsQueue {
     async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
@@ -590,8 +874,34 @@ impl Queue for SqsQueue {
             let size = e.size;
             entries.push((size, self.send_entry(i, e, &m.task)?));
         }
-        let url = self.url(queue).await?;
-        self.send_batches(&url, entries).await
+        let mut recreated = false;
+        loop {
+            let url = self.url(queue).await?;
+            let results = self.send_coalesced(&url, &entries).await;
+            let mut missing = Vec::new();
+            let mut failure = None;
+            for (entry, r) in entries.into_iter().zip(results) {
+                match r {
+                    Ok(()) => {}
+                    Err(f @ Failure::MissingQueue(_)) => {
+                        missing.push(entry);
+                        failure.get_or_insert(f);
+                    }
+                    Err(f) => {
+                        failure = Some(f);
+                    }
+                }
+            }
+            match failure {
+                None => return Ok(()),
+                // Only a missing queue left: recreate it once and send what it refused.
+                Some(Failure::MissingQueue(_)) if !recreated && self.recover(queue) => {
+                    recreated = true;
+                    entries = missing;
+                }
+                Some(f) => return Err(f.into_error("enqueue")),
+            }
+        }
     }
 
     async fn receive(
@@ -604,12 +914,13 @@ impl Queue for SqsQueue {
         if max == 0 {
             return Ok(Vec::new());
         }
-        let url = self.url(queue).await?;
+        let mut url = self.url(queue).await?;
+        let mut recreated = false;
         let deadline = Instant::now() + wait;
         loop {
             let sent_at = Instant::now();
             let left = deadline.saturating_duration_since(sent_at);
-            let out = self
+            let out = match self
                 .client
                 .receive_message()
                 .queue_url(&url)
@@ -623,10 +934,20 @@ impl Queue for SqsQueue {
                 .message_attribute_names("All")
                 .send()
                 .await
-                .map_err(|e| classify("receive_message", false, e))?;
+                .map_err(|e| classify("receive_message", false, e))
+            {
+                Ok(out) => out,
+                Err(e) if is_missing_queue(&e) && !recreated && self.recover(queue) => {
+                    recreated = true;
+                    url = self.url(queue).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let now = SystemTime::now();
             let mut deliveries = Vec::new();
             let mut early = Vec::new();
+            let mut poison = Vec::new();
             for m in out.messages.unwrap_or_default() {
                 if let Some(left) = due_in(m.message_attributes.as_ref(), now) {
                     early.push((m, left));
@@ -643,10 +964,7 @@ impl Queue for SqsQueue {
                         receive_count: receive_count(&m, self.cfg.fifo),
                         trace_context: message::trace_context(m.message_attributes.as_ref()),
                     }),
-                    // Left alone, it comes back until it is dead-lettered.
-                    Err(e) => {
-                        tracing::warn!(message_id = ?m.message_id, error = %e, "undecodable message")
-                    }
+                    Err(e) => poison.push((m, e)),
                 }
             }
             self.leases.insert(
@@ -655,6 +973,9 @@ impl Queue for SqsQueue {
             );
             if !early.is_empty() {
                 self.defer(&url, early).await;
+            }
+            if !poison.is_empty() {
+                self.poisoned(queue, &url, poison).await;
             }
             if !deliveries.is_empty() || Instant::now() >= deadline {
                 return Ok(deliveries);
@@ -669,7 +990,20 @@ impl Queue for SqsQueue {
         let url = self.url(queue).await?;
         let receipts: Vec<String> = receipts.into_iter().map(|r| r.0).collect();
         self.leases.remove_all(&receipts);
-        self.delete_batches(&url, receipts).await
+        let mut failure = None;
+        for r in self.delete_coalesced(&url, receipts).await {
+            match r {
+                Ok(()) => {}
+                // The messages went with their queue: deleted for good, as asked.
+                Err(Failure::MissingQueue(_)) => {
+                    self.recover(queue);
+                }
+                Err(f) => {
+                    failure.get_or_insert(f);
+                }
+            }
+        }
+        failure.map_or(Ok(()), |f| Err(f.into_error("ack")))
     }
 
     async fn nack(
@@ -693,16 +1027,18 @@ impl Queue for SqsQueue {
     }
 
     async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
-        let url = self.url(queue).await?;
         let attrs = self
-            .client
-            .get_queue_attributes()
-            .queue_url(url)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
-            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
-            .send()
-            .await
-            .map_err(|e| classify("get_queue_attributes", false, e))?
+            .on_queue(queue, |url| async move {
+                self.client
+                    .get_queue_attributes()
+                    .queue_url(url)
+                    .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+                    .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesDelayed)
+                    .send()
+                    .await
+                    .map_err(|e| classify("get_queue_attributes", false, e))
+            })
+            .await?
             .attributes
             .unwrap_or_default();
         let count = |name: &QueueAttributeName| -> u64 {
@@ -713,10 +1049,14 @@ impl Queue for SqsQueue {
     }
 
     async fn drain_dead_letters(&self, queue: &str, max: usize) -> Result<Vec<Task>, QueueError> {
-        let url = self.dlq_url(queue).await?;
+        let mut url = match self.dlq_url(queue).await {
+            Err(e) if is_missing_queue(&e) && self.recover(queue) => self.dlq_url(queue).await?,
+            r => r?,
+        };
+        let mut recreated = false;
         let mut tasks = Vec::new();
         while tasks.len() < max {
-            let out = self
+            let out = match self
                 .client
                 .receive_message()
                 .queue_url(&url)
@@ -725,7 +1065,16 @@ impl Queue for SqsQueue {
                 .visibility_timeout(DRAIN_VISIBILITY)
                 .send()
                 .await
-                .map_err(|e| classify("receive_message", false, e))?;
+                .map_err(|e| classify("receive_message", false, e))
+            {
+                Ok(out) => out,
+                Err(e) if is_missing_queue(&e) && !recreated && self.recover(queue) => {
+                    recreated = true;
+                    url = self.dlq_url(queue).await?;
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             let messages = out.messages.unwrap_or_default();
             if messages.is_empty() {
                 break;
@@ -737,9 +1086,16 @@ impl Queue for SqsQueue {
                         tasks.push(task);
                         receipts.extend(m.receipt_handle);
                     }
-                    // Kept on the dead-letter queue for a human to look at.
+                    // Reported, and kept on the dead-letter queue for a human to look at.
                     Err(e) => {
-                        tracing::warn!(message_id = ?m.message_id, error = %e, "undecodable dead letter left in place")
+                        tracing::error!(
+                            queue,
+                            dlq = %self.dlq_name(queue),
+                            message_id = ?m.message_id,
+                            error = %e,
+                            body = %preview(m.body().unwrap_or_default()),
+                            "undecodable message in the dead-letter queue (not a Marathon task); left there for an operator"
+                        );
                     }
                 }
             }
