@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Runs Marathon's whole test suite, starting the services it needs:
-# Redis on 127.0.0.1:6379 (started if nothing answers there) and LocalStack's
+# Redis on 127.0.0.1:6379 (started if nothing answers there), LocalStack's
 # SQS on 127.0.0.1:4566 (installed into .venv-localstack and started by
-# scripts/localstack.sh). Extra arguments go to `cargo test`.
+# scripts/localstack.sh), and the observability tools (promtool, prometheus,
+# rotel; scripts/observability-tools.sh). Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,9 +38,11 @@ ensure_redis() {
 
 mkdir -p target
 ensure_redis
-if [[ -x scripts/localstack.sh ]]; then
-  scripts/localstack.sh start
-fi
+scripts/localstack.sh start
+# promtool, prometheus and rotel for the observability tests.
+scripts/observability-tools.sh
+# The SDK must never probe an instance-metadata address from tests.
+export AWS_EC2_METADATA_DISABLED=true
 # redis-server is needed on PATH by the Redis restart test even when Redis already runs.
 command -v redis-server >/dev/null || {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null

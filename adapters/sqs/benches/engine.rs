@@ -219,9 +219,7 @@ async fn raw_cycle(client: &Client, url: &str, total: usize) -> anyhow::Result<f
             {
                 let entries = (0..10)
                     .map(|i| {
-                        let body = serde_json::to_string(&Task::Workflow {
-                            workflow_id: WorkflowId::random(),
-                        })?;
+                        let body = serde_json::to_string(&Task::workflow(WorkflowId::random()))?;
                         Ok(SendMessageBatchRequestEntry::builder()
                             .id(i.to_string())
                             .message_body(body)
