@@ -125,6 +125,12 @@ where JSON Schema can express them).
 {{- if and $v.auth.enabled (not $v.auth.tokens) (not $v.auth.existingSecret) }}
 {{- fail "auth.enabled=true needs auth.tokens or auth.existingSecret" }}
 {{- end }}
+{{- $managed := list "server.listen" "server.role" "server.auth_tokens" "server.shutdown_grace_ms" "worker.shutdown_grace_ms" "worker.queues" "log.filter" "log.format" "store.kind" "store.url" "store.key_prefix" "store.shards" "store.retention" "queue.kind" "queue.queue_prefix" "queue.create_if_missing" "queue.max_receives" "queue.fifo" "queue.region" "queue.endpoint_url" }}
+{{- range $key, $_ := $v.config }}
+{{- if or (has $key $managed) (hasPrefix "queue.queue_urls." $key) }}
+{{- fail (printf "config.%s is set by the chart from its own values; use those instead" $key) }}
+{{- end }}
+{{- end }}
 {{- if lt (int $v.shutdownGraceSeconds) 1 }}
 {{- fail "shutdownGraceSeconds must be at least 1" }}
 {{- end }}
