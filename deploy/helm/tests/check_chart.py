@@ -337,7 +337,7 @@ def check_chart(server: Server, tmp: Path) -> list[dict]:
         if f and f.name == "memory-values.yaml":
             memory_docs = docs
         notes = [v for k, v in rendered.items() if k.endswith("NOTES.txt")]
-        if not notes or "/metrics" not in notes[0] or "port-forward" not in notes[0] and "http" not in notes[0]:
+        if not notes or "/metrics" not in notes[0] or not ("port-forward" in notes[0] or "://" in notes[0]):
             fail(f"{name}: NOTES.txt does not say how to reach the API and /metrics")
         for i, d in enumerate(docs):
             if d["kind"] in CRD_KINDS:
