@@ -216,36 +216,35 @@ def check_objects(name: str, docs: list[dict], server: Server) -> None:
         dups = {n for n in names_set if names_set.count(n) > 1}
         if dups:
             fail(f"{where}: env set twice: {sorted(dups)}")
-        printed = server.check_env(where, env)
-        if printed is None:
-            continue
-        # Port: the container port is the server's effective listen port.
-        listen = printed["server"]["listen"]
-        port = int(listen.rsplit(":", 1)[1])
-        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
-        if ports.get("http") != port:
-            fail(f"{where}: containerPort http={ports.get('http')} but the server listens on {listen}")
-        if not listen.startswith("0.0.0.0:"):
-            fail(f"{where}: server.listen {listen} is not reachable from outside the pod")
         # Probes.
         for probe, path in (("livenessProbe", "/healthz"), ("readinessProbe", "/readyz")):
             got = c.get(probe, {}).get("httpGet", {})
-            if got.get("path") != path or got.get("port") not in ("http", port):
+            if got.get("path") != path or got.get("port") != "http":
                 fail(f"{where}: {probe} is {got}, want GET {path} on port http")
-        # Role.
-        role = printed["server"]["role"]
-        comp = dep["metadata"]["labels"].get("app.kubernetes.io/component")
-        if role != comp:
-            fail(f"{where}: server role {role} but component label {comp}")
-        # Shutdown: Kubernetes must wait longer than the server's grace (HTTP and worker drain concurrently).
-        grace_ms = max(printed["server"]["shutdown_grace_ms"], printed["worker"]["shutdown_grace_ms"])
-        tgps = spec.get("terminationGracePeriodSeconds", 30)
-        pre = 0
-        cmd = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
-        if cmd:
-            pre = int(cmd[-1])
-        if not tgps * 1000 > grace_ms + pre * 1000:
-            fail(f"{where}: terminationGracePeriodSeconds {tgps} <= preStop {pre}s + server grace {grace_ms} ms")
+        printed = server.check_env(where, env)
+        if printed is not None:
+            # Port: the container port is the server's effective listen port.
+            listen = printed["server"]["listen"]
+            port = int(listen.rsplit(":", 1)[1])
+            ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+            if ports.get("http") != port:
+                fail(f"{where}: containerPort http={ports.get('http')} but the server listens on {listen}")
+            if not listen.startswith("0.0.0.0:"):
+                fail(f"{where}: server.listen {listen} is not reachable from outside the pod")
+            # Role.
+            role = printed["server"]["role"]
+            comp = dep["metadata"]["labels"].get("app.kubernetes.io/component")
+            if role != comp:
+                fail(f"{where}: server role {role} but component label {comp}")
+            # Shutdown: Kubernetes must wait longer than the server's grace (HTTP and worker drain concurrently).
+            grace_ms = max(printed["server"]["shutdown_grace_ms"], printed["worker"]["shutdown_grace_ms"])
+            tgps = spec.get("terminationGracePeriodSeconds", 30)
+            pre = 0
+            cmd = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
+            if cmd:
+                pre = int(cmd[-1])
+            if not tgps * 1000 > grace_ms + pre * 1000:
+                fail(f"{where}: terminationGracePeriodSeconds {tgps} <= preStop {pre}s + server grace {grace_ms} ms")
         # Security.
         psc, csc = spec.get("securityContext", {}), c.get("securityContext", {})
         want = [
