@@ -2,7 +2,7 @@
 # The `marathon` binary (HTTP API, workers, timer sweeper) in a small runtime image.
 #
 #   docker build -t marathon:0.1.0 .
-#   docker build --build-arg FEATURES=redis,sqs,otel -t marathon:0.1.0 .   # once `otel` exists
+#   docker build --build-arg FEATURES=redis,sqs -t marathon:0.1.0 .   # without OpenTelemetry export
 #
 # Runs as the numeric non-root user 65532 and writes nothing but /tmp, so it works
 # with a read-only root filesystem (mount an emptyDir or tmpfs on /tmp).
@@ -12,7 +12,7 @@ ARG DEBIAN_RELEASE=bookworm
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 # Cargo features of marathon-server compiled in: the backends the binary can pick at run time.
-ARG FEATURES=redis,sqs
+ARG FEATURES=redis,sqs,otel
 # aws-lc-sys (TLS of the AWS SDK) builds C code; cmake covers its fallback build.
 RUN apt-get update \
     && apt-get install -y --no-install-recommends cmake \

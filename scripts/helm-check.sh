@@ -45,4 +45,12 @@ if [[ -z "$BIN" ]]; then
   BIN=target/debug/marathon
 fi
 
+echo "== alerting rules"
+# The chart ships the same rules as deploy/prometheus (Helm reads files only inside the chart).
+if ! cmp -s deploy/prometheus/marathon-rules.yml deploy/helm/marathon/files/marathon-rules.yml; then
+  echo "helm-check: deploy/helm/marathon/files/marathon-rules.yml differs from deploy/prometheus/marathon-rules.yml; copy it" >&2
+  exit 1
+fi
+echo "  ok   chart rules are deploy/prometheus/marathon-rules.yml"
+
 "$VENV/bin/python" deploy/helm/tests/check_chart.py "$BIN"

@@ -48,3 +48,6 @@ command -v redis-server >/dev/null || {
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
 }
 cargo test --workspace --all-features "$@"
+# The Helm chart: lint, render, schema validation, assertions against the server's
+# real configuration keys (reuses the binary the tests just built).
+MARATHON_BIN="$PWD/target/debug/marathon" scripts/helm-check.sh

@@ -342,6 +342,12 @@ def check_chart(server: Server, tmp: Path) -> list[dict]:
             if d["kind"] in CRD_KINDS:
                 if d.get("apiVersion") != "monitoring.coreos.com/v1":
                     fail(f"{name}: {d['kind']} apiVersion {d.get('apiVersion')}")
+                if d["kind"] == "PrometheusRule":
+                    shipped = yaml.safe_load((CHART / "files/marathon-rules.yml").read_text())
+                    want = {r["alert"] for g in shipped["groups"] for r in g["rules"]}
+                    have = {r.get("alert") for g in d["spec"]["groups"] for r in g["rules"]}
+                    if not want <= have:
+                        fail(f"{name}: PrometheusRule lacks {sorted(want - have)}")
                 continue
             p = tmp / f"{name.replace(' ', '-')}-{i:02d}-{d['kind']}.yaml"
             p.write_text(yaml.safe_dump(d))
