@@ -774,12 +774,55 @@ async fn openapi_matches_the_routes() {
 #[cfg(feature = "redis")]
 #[tokio::test]
 async fn runs_on_the_redis_store() {
+    use futures::FutureExt;
     let url = std::env::var("MARATHON_TEST_REDIS_URL")
         .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("marathon-test:{}:", uuid::Uuid::new_v4());
+    let outcome = std::panic::AssertUnwindSafe(redis_api(url.clone(), prefix.clone()))
+        .catch_unwind()
+        .await;
+    // Leave nothing behind in the shared Redis, whatever the outcome.
+    let client = redis::Client::open(url.as_str()).expect("valid Redis URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis answers");
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .expect("SCAN");
+        keys.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    for chunk in keys.chunks(500) {
+        let _: i64 = redis::cmd("UNLINK")
+            .arg(chunk)
+            .query_async(&mut conn)
+            .await
+            .expect("UNLINK");
+    }
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+#[cfg(feature = "redis")]
+async fn redis_api(url: String, key_prefix: String) {
     let cfg = Config {
         store: marathon_server::StoreConfig::Redis(marathon_server::config::RedisSettings {
             url,
-            key_prefix: format!("marathon-test:{}:", uuid::Uuid::new_v4()),
+            key_prefix,
             retention: Some(Duration::from_secs(60)),
             ..Default::default()
         }),
