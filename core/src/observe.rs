@@ -103,19 +103,45 @@ pub trait Observer: Send + Sync + 'static {
     /// `count` tasks were found dead-lettered on `queue`.
     fn dead_lettered(&self, _queue: &str, _count: usize) {}
 
-    /// The span a task runs in: a child of the trace context its message carried.
+    /// The span a task runs in (see [`task_span`]): a child of the trace context its message carried.
     fn task_span(
         &self,
         kind: &'static str,
         workflow_id: &WorkflowId,
         _trace_context: Option<&str>,
     ) -> tracing::Span {
-        tracing::info_span!("marathon.task", kind, workflow_id = %workflow_id)
+        task_span(kind, workflow_id)
     }
 
     /// The W3C `traceparent` of the current span, put into outgoing messages.
     fn trace_context(&self) -> Option<String> {
         None
+    }
+}
+
+/// The one span of a task: `marathon.workflow_task` (fields `workflow_id`,
+/// `workflow`, `outcome`) for `kind` = `"workflow"`, `marathon.activity`
+/// (`workflow_id`, `activity`, `activity_id`, `attempt`, `outcome`) for
+/// `"activity"`. The engine records the empty fields as it learns them.
+#[must_use]
+pub fn task_span(kind: &'static str, workflow_id: &WorkflowId) -> tracing::Span {
+    use tracing::field::Empty;
+    if kind == "activity" {
+        tracing::info_span!(
+            "marathon.activity",
+            workflow_id = %workflow_id,
+            activity = Empty,
+            activity_id = Empty,
+            attempt = Empty,
+            outcome = Empty,
+        )
+    } else {
+        tracing::info_span!(
+            "marathon.workflow_task",
+            workflow_id = %workflow_id,
+            workflow = Empty,
+            outcome = Empty,
+        )
     }
 }
 

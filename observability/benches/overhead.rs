@@ -3,6 +3,9 @@
 //! plus instrumented store and queue), and with metrics and traces sampled at 100 %
 //! exported over OTLP/HTTP to a live in-process receiver.
 //!
+//! `MARATHON_BENCH_STORE=redis` runs the same on the Redis store (Redis at
+//! `MARATHON_TEST_REDIS_URL` or 127.0.0.1:6379, a fresh key prefix per round, deleted after).
+//!
 //! Run with: `cargo bench -p marathon-observability --all-features --bench overhead`
 //! (`MARATHON_BENCH_WORKFLOWS`, default 10000; `MARATHON_BENCH_IN_FLIGHT`, default 64;
 //! `MARATHON_BENCH_ROUNDS`, default 3: the median counts; plain and metrics alternate,
@@ -51,7 +54,64 @@ enum Variant {
     MetricsAndTraces,
 }
 
-fn engine(metrics: Option<&Arc<Metrics>>) -> Engine {
+fn redis_url() -> String {
+    std::env::var("MARATHON_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// The store of one round: in memory, or on Redis under a fresh prefix.
+async fn store() -> (Arc<dyn marathon_core::Store>, &'static str, Option<String>) {
+    if std::env::var("MARATHON_BENCH_STORE").as_deref() == Ok("redis") {
+        let prefix = format!("marathon-bench:{}:", uuid::Uuid::new_v4());
+        let s = marathon_redis::RedisStore::connect(marathon_redis::RedisStoreConfig {
+            url: redis_url(),
+            key_prefix: prefix.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("no Redis at MARATHON_TEST_REDIS_URL");
+        (Arc::new(s), "redis", Some(prefix))
+    } else {
+        (Arc::new(MemoryStore::default()), "memory", None)
+    }
+}
+
+/// Deletes every key under `prefix` (SCAN + UNLINK; never FLUSHALL).
+async fn delete_prefix(prefix: &str) {
+    let client = redis::Client::open(redis_url()).expect("valid URL");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await
+            .expect("SCAN");
+        if !keys.is_empty() {
+            let _: i64 = redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async(&mut conn)
+                .await
+                .expect("UNLINK");
+        }
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+}
+
+fn engine(
+    metrics: Option<&Arc<Metrics>>,
+    store: Arc<dyn marathon_core::Store>,
+    backend: &'static str,
+) -> Engine {
     let mut b = Engine::builder()
         .config(EngineConfig {
             cache_capacity: 10_000,
@@ -63,17 +123,15 @@ fn engine(metrics: Option<&Arc<Metrics>>) -> Engine {
         });
     if let Some(m) = metrics {
         b = b
-            .store(InstrumentedStore::boxed(
-                Arc::new(MemoryStore::default()),
-                "memory",
-                m,
-            ))
+            .store(InstrumentedStore::boxed(store, backend, m))
             .queue(InstrumentedQueue::boxed(
                 Arc::new(MemoryQueue::default()),
                 "memory",
                 m,
             ))
             .observer(m.clone());
+    } else {
+        b = b.store(store);
     }
     b.build()
 }
@@ -81,7 +139,8 @@ fn engine(metrics: Option<&Arc<Metrics>>) -> Engine {
 /// W3: workflows per second.
 async fn w3(variant: Variant, total: usize, in_flight: usize) -> f64 {
     let metrics = (variant != Variant::Plain).then(|| Arc::new(Metrics::new().expect("metrics")));
-    let engine = engine(metrics.as_ref());
+    let (store, backend, prefix) = store().await;
+    let engine = engine(metrics.as_ref(), store, backend);
     let w = Worker::start(
         engine.clone(),
         WorkerConfig {
@@ -121,6 +180,9 @@ async fn w3(variant: Variant, total: usize, in_flight: usize) -> f64 {
     }
     let rate = total as f64 / started.elapsed().as_secs_f64();
     w.shutdown().await;
+    if let Some(prefix) = prefix {
+        delete_prefix(&prefix).await;
+    }
     if let Some(m) = metrics {
         assert!(m.render().contains("marathon_workflows_closed_total"));
     }
@@ -195,7 +257,8 @@ fn main() {
     guard.shutdown();
     let base = median(results[0].1.clone());
     println!(
-        "W3, {total} workflows, {in_flight} in flight, {rounds} rounds (median), {} CPUs",
+        "W3 on the {} store, {total} workflows, {in_flight} in flight, {rounds} rounds (median), {} CPUs",
+        std::env::var("MARATHON_BENCH_STORE").unwrap_or_else(|_| "memory".into()),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     for (variant, rates) in &results {

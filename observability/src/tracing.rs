@@ -243,7 +243,7 @@ pub(crate) fn task_span(
     workflow_id: &WorkflowId,
     trace_context: Option<&str>,
 ) -> tracing::Span {
-    let span = tracing::info_span!("marathon.task", kind, workflow_id = %workflow_id);
+    let span = marathon_core::observe::task_span(kind, workflow_id);
     #[cfg(feature = "otel")]
     if let Some(tp) = trace_context {
         otel::set_parent(&span, tp);

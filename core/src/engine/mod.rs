@@ -17,7 +17,6 @@ use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
 
 pub use activity::ActivityContext;
 pub use context::{ActivityFuture, CancelledFuture, SignalFuture, TimerFuture, WorkflowContext};
@@ -643,25 +642,11 @@ impl Engine {
     pub async fn handle(&self, queue: &str, task: Task) -> Result<(), EngineError> {
         // Boxed: these state machines are large, and moving them around costs more than one allocation.
         match task {
+            // Workers run this inside the observer's task span (one span per task).
             Task::Workflow { workflow_id, tail } => {
-                let span =
-                    tracing::info_span!("marathon.workflow_task", workflow_id = %workflow_id);
-                Box::pin(self.inner.workflow_task(&workflow_id, tail))
-                    .instrument(span)
-                    .await
+                Box::pin(self.inner.workflow_task(&workflow_id, tail)).await
             }
-            Task::Activity(t) => {
-                let span = tracing::info_span!(
-                    "marathon.activity",
-                    workflow_id = %t.workflow_id,
-                    activity_id = t.activity_id,
-                    attempt = t.attempt,
-                    outcome = tracing::field::Empty,
-                );
-                Box::pin(self.inner.clone().activity_task(queue, t))
-                    .instrument(span)
-                    .await
-            }
+            Task::Activity(t) => Box::pin(self.inner.clone().activity_task(queue, t)).await,
         }
     }
 
@@ -733,6 +718,15 @@ impl EngineInner {
         if let Err(e) = self.queue.enqueue(queue, messages).await {
             tracing::warn!(queue, error = %e, "enqueue failed; the sweeper re-enqueues owed work");
         }
+    }
+
+    /// Reports a workflow task's outcome to the observer and on the task's span.
+    fn task_done(&self, name: &str, outcome: TaskOutcome, replay: Duration, history_len: u64) {
+        let span = tracing::Span::current();
+        span.record("workflow", name);
+        span.record("outcome", outcome.as_str());
+        self.observer
+            .workflow_task(name, outcome, replay, history_len);
     }
 
     /// The events just appended (ending at `last`) as a workflow task's tail,
@@ -908,7 +902,7 @@ impl EngineInner {
             let datas = match stepped {
                 Ok(Some(d)) => d,
                 Ok(None) => {
-                    self.observer.workflow_task(
+                    self.task_done(
                         &inst.name,
                         TaskOutcome::Nothing,
                         replay_time,
@@ -918,12 +912,7 @@ impl EngineInner {
                     return Ok(());
                 }
                 Err(failure) => {
-                    self.observer.workflow_task(
-                        &inst.name,
-                        TaskOutcome::Failed,
-                        replay_time,
-                        inst.applied.0,
-                    );
+                    self.task_done(&inst.name, TaskOutcome::Failed, replay_time, inst.applied.0);
                     let repeated = inst.last_task_failure.as_deref()
                         == Some(&format!("{}: {}", failure.kind, failure.message));
                     let last = inst.applied;
@@ -995,12 +984,7 @@ impl EngineInner {
             match self.store.append(id, expected, events, owed).await {
                 Ok(last) => {
                     inst.committed(last, terminal);
-                    self.observer.workflow_task(
-                        &inst.name,
-                        TaskOutcome::Recorded,
-                        replay_time,
-                        last.0,
-                    );
+                    self.task_done(&inst.name, TaskOutcome::Recorded, replay_time, last.0);
                     if terminal && let Some(status) = inst.final_status() {
                         self.observer.workflow_closed(
                             &inst.name,
@@ -1021,12 +1005,7 @@ impl EngineInner {
                     return Ok(());
                 }
                 Err(StoreError::Conflict { .. }) => {
-                    self.observer.workflow_task(
-                        &inst.name,
-                        TaskOutcome::Conflict,
-                        replay_time,
-                        expected.0,
-                    );
+                    self.task_done(&inst.name, TaskOutcome::Conflict, replay_time, expected.0);
                     // Someone appended first; what we polled was never recorded, so replay afresh.
                     continue;
                 }
@@ -1126,6 +1105,10 @@ impl EngineInner {
                 None => return Ok(()),
             },
         };
+        let span = tracing::Span::current();
+        span.record("activity", call.name.as_str());
+        span.record("activity_id", t.activity_id);
+        span.record("attempt", t.attempt);
         let started_at = self.clock.now();
         let clock = std::time::Instant::now();
         self.observer.activity_running(&call.name, 1);
@@ -1136,7 +1119,7 @@ impl EngineInner {
         let outcome = self
             .record_outcome(queue, &t, &call, started_at, result)
             .await?;
-        tracing::Span::current().record("outcome", outcome.as_str());
+        span.record("outcome", outcome.as_str());
         self.observer
             .activity_attempt(&call.name, outcome, duration, error_kind.as_deref());
         Ok(())
