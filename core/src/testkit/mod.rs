@@ -81,6 +81,7 @@ macro_rules! store_conformance {
                 keyed_append_at_most_once_per_key,
                 keyed_append_requires_and_consumes_owed_entry,
                 keyed_append_closed_after_terminal,
+                empty_keyed_append_swaps_owed_work,
                 summary_follows_events,
                 claim_overdue_leases_entries,
                 owed_entries_follow_appends,

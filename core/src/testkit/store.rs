@@ -592,6 +592,58 @@ pub async fn keyed_append_requires_and_consumes_owed_entry(store: Arc<dyn Store>
     assert_eq!(summary(&store, &id).await.last_seq, Seq(5));
 }
 
+/// A keyed append without events swaps owed work (the sweeper re-delivering an
+/// activity attempt): it consumes `requires`, applies `owed` and writes no event.
+pub async fn empty_keyed_append_swaps_owed_work(store: Arc<dyn Store>) {
+    let id = start(&store, "redeliver", at(0)).await;
+    store
+        .append(
+            &id,
+            Seq(1),
+            vec![ev(at(1), EventData::WorkflowTaskCompleted {})],
+            OwedChanges::none().clear("wf").set(activity(1, 1, at(100))),
+        )
+        .await
+        .expect("schedule");
+    let before = summary(&store, &id).await;
+    let swap = |deadline| KeyedAppend {
+        key: None,
+        requires: Some("a:1:1".into()),
+        events: Vec::new(),
+        owed: OwedChanges::none().set(activity(1, 1, deadline)),
+    };
+    assert_eq!(
+        keyed(&store, &id, swap(at(500))).await,
+        KeyedOutcome::Appended(Seq(2))
+    );
+    assert_eq!(seqs(&all_events(&store, &id).await), vec![1, 2]);
+    let after = summary(&store, &id).await;
+    assert_eq!(after.last_seq, Seq(2));
+    assert_eq!(after.status, before.status);
+    // The entry now falls due at the new deadline, not the old one.
+    assert!(claim_all(&store, at(200)).await.is_empty());
+    assert_eq!(
+        claim_all(&store, at(500)).await,
+        vec![Owed {
+            workflow_id: id.clone(),
+            entry: activity(1, 1, at(500)),
+        }]
+    );
+    // A swap that requires a missing entry writes nothing.
+    assert_eq!(
+        keyed(
+            &store,
+            &id,
+            KeyedAppend {
+                requires: Some("a:9:9".into()),
+                ..swap(at(900))
+            }
+        )
+        .await,
+        KeyedOutcome::NotOwed
+    );
+}
+
 /// A keyed terminal append clears owed work; later keyed appends report `Closed`.
 pub async fn keyed_append_closed_after_terminal(store: Arc<dyn Store>) {
     let id = start(&store, "cancel", at(0)).await;
