@@ -25,6 +25,10 @@ pub struct RedisStoreConfig {
     /// When set, a finished workflow's keys expire this long (ms) after it closed. Default none.
     #[serde(with = "duration_ms::option")]
     pub retention: Option<Duration>,
+    /// PEM file of the certificate authority that signed the server's TLS
+    /// certificate, for `rediss://` with a private CA; default: the public web roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca_file: Option<String>,
 }
 
 impl Default for RedisStoreConfig {
@@ -36,6 +40,7 @@ impl Default for RedisStoreConfig {
             connect_timeout: Duration::from_secs(2),
             response_timeout: Duration::from_secs(2),
             retention: None,
+            tls_ca_file: None,
         }
     }
 }
@@ -49,6 +54,7 @@ impl fmt::Debug for RedisStoreConfig {
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("retention", &self.retention)
+            .field("tls_ca_file", &self.tls_ca_file)
             .finish()
     }
 }

@@ -145,8 +145,23 @@ impl RedisStore {
             // rustls needs a process-wide crypto provider; another crate may have installed one.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = Client::open(cfg.url.as_str()).map_err(|e| {
-            tracing::warn!(url = %masked_url(&cfg.url), "invalid Redis URL");
+        let client = match &cfg.tls_ca_file {
+            None => Client::open(cfg.url.as_str()),
+            Some(path) => {
+                let root_cert = std::fs::read(path).map_err(|e| {
+                    backend(DataError::Config(format!("tls_ca_file {path:?}: {e}")))
+                })?;
+                Client::build_with_tls(
+                    cfg.url.as_str(),
+                    redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(root_cert),
+                    },
+                )
+            }
+        }
+        .map_err(|e| {
+            tracing::warn!(url = %masked_url(&cfg.url), "invalid Redis URL or TLS settings");
             StoreError::Backend(Box::new(e))
         })?;
         let mcfg = ConnectionManagerConfig::new()
