@@ -340,3 +340,120 @@ fn metrics_count_what_the_server_ran() {
         "{text}"
     );
 }
+
+/// A tool the test needs: `$env` or `default` on the PATH (`scripts/observability-tools.sh` installs them).
+fn tool(env: &str, default: &str) -> String {
+    std::env::var(env).unwrap_or_else(|_| default.to_string())
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// A real Prometheus scrapes the running binary, and `promtool` accepts its exposition.
+#[test]
+fn a_real_prometheus_scrapes_a_running_marathon() {
+    let m = serve(&[]);
+    for i in 0..2 {
+        let id = format!("prom-{i}");
+        let (status, body) = http(
+            m.port,
+            "POST",
+            "/v1/workflows",
+            Some(&json!({"name": "echo", "id": id, "input": i})),
+        )
+        .expect("start");
+        assert_eq!(status, 202, "{body}");
+        let (status, _) = http(
+            m.port,
+            "GET",
+            &format!("/v1/workflows/{id}/result?wait=10s"),
+            None,
+        )
+        .expect("result");
+        assert_eq!(status, 200);
+    }
+    let (_, exposition) = http(m.port, "GET", "/metrics", None).expect("metrics");
+    let mut check = Command::new(tool("MARATHON_PROMTOOL", "promtool"))
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool on the PATH (scripts/observability-tools.sh installs it)");
+    check
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(exposition.as_bytes())
+        .expect("write");
+    let out = check.wait_with_output().expect("promtool runs");
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let dir = std::env::temp_dir().join(format!("marathon-prom-{}", m.port));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(
+        dir.join("prometheus.yml"),
+        format!(
+            "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: marathon\n    static_configs:\n      - targets: ['127.0.0.1:{}']\n",
+            m.port
+        ),
+    )
+    .expect("config");
+    let prom_port = free_port();
+    let mut prom = Command::new(tool("MARATHON_PROMETHEUS", "prometheus"))
+        .arg(format!(
+            "--config.file={}",
+            dir.join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("prometheus on the PATH (scripts/observability-tools.sh installs it)");
+    let query = format!(
+        "/api/v1/query?query={}",
+        urlencode("marathon_workflows_started_total{workflow=\"echo\",job=\"marathon\"}")
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last = String::new();
+    let found = loop {
+        if let Ok((200, body)) = http(prom_port, "GET", &query, None) {
+            let v: Value = serde_json::from_str(&body).unwrap_or_default();
+            if v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|s| s["value"][1] == "2"))
+            {
+                break true;
+            }
+            last = body;
+        }
+        if Instant::now() > deadline {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = prom.kill();
+    let _ = prom.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        found,
+        "Prometheus never saw 2 started echo workflows; last answer: {last}"
+    );
+}
