@@ -61,6 +61,10 @@ pub enum EngineError {
     /// The queue failed.
     #[error(transparent)]
     Queue(#[from] QueueError),
+    /// A workflow task lost every one of its conditional appends to other writers;
+    /// its task is handed back and runs again.
+    #[error("workflow {0}: too many concurrent appends; the workflow task will run again")]
+    Contended(WorkflowId),
 }
 
 impl EngineError {
@@ -70,6 +74,7 @@ impl EngineError {
         match self {
             EngineError::Store(e) => e.is_retryable(),
             EngineError::Queue(e) => e.is_retryable(),
+            EngineError::Contended(_) => true,
             _ => false,
         }
     }
@@ -1017,11 +1022,7 @@ impl EngineInner {
                 Err(e) => return Err(e.into()),
             }
         }
-        Err(EngineError::Store(StoreError::Conflict {
-            id: id.clone(),
-            expected: Seq::ZERO,
-            actual: Seq::ZERO,
-        }))
+        Err(EngineError::Contended(id.clone()))
     }
 
     async fn record_task_failure(
