@@ -1,10 +1,13 @@
 //! [`Metrics`]: Marathon's Prometheus metrics, fed by the engine through [`Observer`].
 
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use marathon_core::{AttemptOutcome, Observer, TaskOutcome, WorkflowId, WorkflowStatus};
 use prometheus::{
-    Encoder, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Errors of this crate's metrics.
@@ -79,6 +82,73 @@ pub struct Metrics {
     pub(crate) store_ops: HistogramVec,
     pub(crate) queue_ops: HistogramVec,
     llm_tokens: IntCounterVec,
+    /// Label children resolved once per workflow or activity name (the hot path's lookups).
+    series: Arc<SeriesCache>,
+}
+
+/// One workflow name's series, resolved on first use.
+#[derive(Debug, Default)]
+struct WorkflowSeries {
+    started: OnceLock<IntCounter>,
+    tasks: [OnceLock<IntCounter>; 4],
+    task_duration: OnceLock<Histogram>,
+    history: OnceLock<Histogram>,
+    closed: [OnceLock<(IntCounter, Histogram)>; 4],
+}
+
+/// One activity name's series, resolved on first use.
+#[derive(Debug, Default)]
+struct ActivitySeries {
+    attempts: [OnceLock<(IntCounter, Histogram)>; 4],
+    retries: OnceLock<IntCounter>,
+    timeouts: [OnceLock<IntCounter>; 5],
+    in_flight: OnceLock<IntGauge>,
+}
+
+/// Per-name series, so that an observer call costs one map lookup instead of one
+/// label-hashing lookup per metric.
+#[derive(Debug, Default)]
+struct SeriesCache {
+    workflows: RwLock<HashMap<String, Arc<WorkflowSeries>>>,
+    activities: RwLock<HashMap<String, Arc<ActivitySeries>>>,
+}
+
+fn series_of<T: Default>(map: &RwLock<HashMap<String, Arc<T>>>, name: &str) -> Arc<T> {
+    if let Some(s) = map.read().ok().and_then(|m| m.get(name).cloned()) {
+        return s;
+    }
+    match map.write() {
+        Ok(mut m) => m.entry(name.to_string()).or_default().clone(),
+        // A poisoned lock only means another thread panicked mid-insert: go on uncached.
+        Err(_) => Arc::new(T::default()),
+    }
+}
+
+fn task_index(o: TaskOutcome) -> usize {
+    match o {
+        TaskOutcome::Recorded => 0,
+        TaskOutcome::Nothing => 1,
+        TaskOutcome::Conflict => 2,
+        TaskOutcome::Failed => 3,
+    }
+}
+
+fn attempt_index(o: AttemptOutcome) -> usize {
+    match o {
+        AttemptOutcome::Completed => 0,
+        AttemptOutcome::Retrying => 1,
+        AttemptOutcome::Failed => 2,
+        AttemptOutcome::Dropped => 3,
+    }
+}
+
+fn status_index(s: WorkflowStatus) -> usize {
+    match s {
+        WorkflowStatus::Running => 0,
+        WorkflowStatus::Completed => 1,
+        WorkflowStatus::Failed => 2,
+        WorkflowStatus::Canceled => 3,
+    }
 }
 
 fn counter(
@@ -255,6 +325,7 @@ impl Metrics {
                 "LLM tokens used, by provider, model and kind (input, output, ...).",
                 &["provider", "model", "kind"],
             )?,
+            series: Arc::default(),
             registry,
         })
     }
@@ -305,19 +376,36 @@ fn status_label(status: WorkflowStatus) -> &'static str {
     }
 }
 
+impl Metrics {
+    fn workflow_series(&self, name: &str) -> Arc<WorkflowSeries> {
+        series_of(&self.series.workflows, name)
+    }
+
+    fn activity_series(&self, name: &str) -> Arc<ActivitySeries> {
+        series_of(&self.series.activities, name)
+    }
+}
+
 impl Observer for Metrics {
     fn workflow_started(&self, name: &str) {
-        self.workflows_started.with_label_values(&[name]).inc();
+        self.workflow_series(name)
+            .started
+            .get_or_init(|| self.workflows_started.with_label_values(&[name]))
+            .inc();
     }
 
     fn workflow_closed(&self, name: &str, status: WorkflowStatus, duration: Duration) {
-        let status = status_label(status);
-        self.workflows_closed
-            .with_label_values(&[name, status])
-            .inc();
-        self.workflow_duration
-            .with_label_values(&[name, status])
-            .observe(duration.as_secs_f64());
+        let (closed, hist) = self.workflow_series(name).closed[status_index(status)]
+            .get_or_init(|| {
+                let status = status_label(status);
+                (
+                    self.workflows_closed.with_label_values(&[name, status]),
+                    self.workflow_duration.with_label_values(&[name, status]),
+                )
+            })
+            .clone();
+        closed.inc();
+        hist.observe(duration.as_secs_f64());
     }
 
     fn workflow_task(
@@ -327,24 +415,29 @@ impl Observer for Metrics {
         duration: Duration,
         history_len: u64,
     ) {
-        self.workflow_tasks
-            .with_label_values(&[name, outcome.as_str()])
+        let s = self.workflow_series(name);
+        s.tasks[task_index(outcome)]
+            .get_or_init(|| {
+                self.workflow_tasks
+                    .with_label_values(&[name, outcome.as_str()])
+            })
             .inc();
-        self.workflow_task_duration
-            .with_label_values(&[name])
+        s.task_duration
+            .get_or_init(|| self.workflow_task_duration.with_label_values(&[name]))
             .observe(duration.as_secs_f64());
         #[expect(
             clippy::cast_precision_loss,
             reason = "history lengths stay far below 2^52"
         )]
-        self.workflow_history
-            .with_label_values(&[name])
+        s.history
+            .get_or_init(|| self.workflow_history.with_label_values(&[name]))
             .observe(history_len as f64);
     }
 
     fn activity_running(&self, name: &str, delta: i64) {
-        self.activities_in_flight
-            .with_label_values(&[name])
+        self.activity_series(name)
+            .in_flight
+            .get_or_init(|| self.activities_in_flight.with_label_values(&[name]))
             .add(delta);
     }
 
@@ -355,22 +448,31 @@ impl Observer for Metrics {
         duration: Duration,
         error_kind: Option<&str>,
     ) {
-        let o = outcome.as_str();
-        self.activity_attempts.with_label_values(&[name, o]).inc();
-        self.activity_duration
-            .with_label_values(&[name, o])
-            .observe(duration.as_secs_f64());
+        let s = self.activity_series(name);
+        let (attempts, hist) = s.attempts[attempt_index(outcome)]
+            .get_or_init(|| {
+                let o = outcome.as_str();
+                (
+                    self.activity_attempts.with_label_values(&[name, o]),
+                    self.activity_duration.with_label_values(&[name, o]),
+                )
+            })
+            .clone();
+        attempts.inc();
+        hist.observe(duration.as_secs_f64());
         if outcome == AttemptOutcome::Retrying {
-            self.activity_retries.with_label_values(&[name]).inc();
+            s.retries
+                .get_or_init(|| self.activity_retries.with_label_values(&[name]))
+                .inc();
         }
         if let Some(which) = error_kind.and_then(|k| k.strip_prefix("timeout.")) {
-            let which = TIMEOUT_KINDS
+            let i = TIMEOUT_KINDS
                 .iter()
-                .find(|k| **k == which)
-                .copied()
-                .unwrap_or("other");
-            self.activity_timeouts
-                .with_label_values(&[name, which])
+                .position(|k| *k == which)
+                .unwrap_or(TIMEOUT_KINDS.len());
+            let label = TIMEOUT_KINDS.get(i).copied().unwrap_or("other");
+            s.timeouts[i]
+                .get_or_init(|| self.activity_timeouts.with_label_values(&[name, label]))
                 .inc();
         }
     }
