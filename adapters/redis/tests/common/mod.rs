@@ -1,6 +1,8 @@
 //! Helpers shared by the Redis store's integration tests.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
+pub mod cluster;
+
 use marathon_redis::{RedisStore, RedisStoreConfig};
 use std::time::Duration;
 
