@@ -124,20 +124,29 @@ impl Notifier {
     }
 
     /// Spawns the readers: one over every stream on a single node, one per
-    /// stream (hence per slot) on a cluster.
+    /// stream (hence per slot) on a cluster. Either every reader starts or
+    /// none does (a later registration then tries again).
     async fn start(self: &Arc<Self>) -> Result<(), StoreError> {
         let groups: Vec<Vec<String>> = if self.target.is_cluster() {
             self.streams.iter().map(|s| vec![s.clone()]).collect()
         } else {
             vec![self.streams.clone()]
         };
-        let started =
-            futures::future::join_all(groups.into_iter().map(|g| self.start_reader(g))).await;
-        started.into_iter().collect()
+        let ready = futures::future::join_all(groups.into_iter().map(|g| self.prepare(g)))
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        for (streams, conn, positions) in ready {
+            tokio::spawn(run(Arc::downgrade(self), streams, conn, positions));
+        }
+        Ok(())
     }
 
-    /// Takes every stream's last id as the starting position and spawns a reader of `streams`.
-    async fn start_reader(self: &Arc<Self>, streams: Vec<String>) -> Result<(), StoreError> {
+    /// Opens a reader's connection and takes every stream's last id as its starting position.
+    async fn prepare(
+        &self,
+        streams: Vec<String>,
+    ) -> Result<(Vec<String>, Conn, Vec<String>), StoreError> {
         let mut conn = self.connect().await?;
         let mut pipe = redis::pipe();
         for s in &streams {
@@ -160,8 +169,7 @@ impl Notifier {
                     .map_or_else(|| "0-0".to_string(), |(id, _)| id)
             })
             .collect();
-        tokio::spawn(run(Arc::downgrade(self), streams, conn, positions));
-        Ok(())
+        Ok((streams, conn, positions))
     }
 
     fn wake(&self, id: &[u8]) {

@@ -177,7 +177,8 @@ impl RedisStore {
     }
 
     /// Round trips this store (and its clones) made on its shared connection
-    /// since it connected: one per command, pipeline or script call. Blocking
+    /// since it connected: one per command, pipeline or script call (in
+    /// cluster mode a multi-shard read counts one per shard pipeline). Blocking
     /// stream reads of subscriptions (on their own connections) are not counted.
     #[must_use]
     pub fn round_trips(&self) -> u64 {
