@@ -18,6 +18,8 @@ use marathon_redis::{RedisStore, RedisStoreConfig};
 pub struct LocalCluster {
     pub ports: Vec<u16>,
     pub dir: PathBuf,
+    /// TLS only: the password every node requires (the CA is `dir/ca.pem`).
+    pub tls_password: Option<String>,
     watchdogs: Vec<Child>,
 }
 
@@ -31,8 +33,9 @@ fn cluster_port() -> u16 {
     }
 }
 
-fn cli(port: u16, args: &[&str]) -> Option<String> {
+fn cli(conn: &[String], port: u16, args: &[&str]) -> Option<String> {
     let out = Command::new("redis-cli")
+        .args(conn)
         .arg("-p")
         .arg(port.to_string())
         .args(args)
@@ -42,6 +45,21 @@ fn cli(port: u16, args: &[&str]) -> Option<String> {
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// The `redis-cli` connection options: none, or TLS with the cluster's CA and password.
+fn cli_conn(dir: &std::path::Path, tls_password: Option<&str>) -> Vec<String> {
+    match tls_password {
+        None => Vec::new(),
+        Some(pw) => vec![
+            "--tls".into(),
+            "--cacert".into(),
+            dir.join("ca.pem").to_string_lossy().into_owned(),
+            "--no-auth-warning".into(),
+            "-a".into(),
+            pw.into(),
+        ],
+    }
 }
 
 /// Probes every `interval` until `ok()` or panics after `within`.
@@ -57,8 +75,27 @@ impl LocalCluster {
     /// Starts three masters and creates the cluster; returns once every node
     /// reports `cluster_state:ok` and knows the other two.
     pub fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// Like [`Self::start`]; with `Some(password)` every node speaks TLS only
+    /// (clients and cluster bus, certificates from a private CA made in the
+    /// cluster dir) and requires that password.
+    pub fn start_with(tls_password: Option<&str>) -> Self {
         let dir = std::env::temp_dir().join(format!("marathon-cluster-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).expect("create the cluster dir");
+        let server_args = match tls_password {
+            None => "--port {port}".to_string(),
+            Some(pw) => {
+                super::certificates(&dir);
+                format!(
+                    "--port 0 --tls-port {{port}} --tls-cluster yes --tls-cert-file server.pem \
+                     --tls-key-file server.key --tls-ca-cert-file ca.pem --tls-auth-clients no \
+                     --requirepass {pw} --masterauth {pw}"
+                )
+            }
+        };
+        let conn = cli_conn(&dir, tls_password);
         let me = std::process::id();
         let mut ports = Vec::new();
         let mut watchdogs = Vec::new();
@@ -68,12 +105,13 @@ impl LocalCluster {
             // The watchdog stops its server once the test process is gone.
             // It then removes its node file and, being the last, the empty dir.
             let script = format!(
-                "redis-server --cluster-enabled yes --cluster-config-file {conf} --port {port} \
+                "redis-server --cluster-enabled yes --cluster-config-file {conf} {} \
                  --bind 127.0.0.1 --save '' --appendonly no & r=$!; \
                  cleanup() {{ kill $r 2>/dev/null; wait $r; rm -f {conf}; rmdir \"$PWD\" 2>/dev/null; }}; \
                  trap 'cleanup; exit 0' TERM INT; \
                  while kill -0 {me} 2>/dev/null && kill -0 $r 2>/dev/null; do sleep 0.5; done; \
-                 cleanup"
+                 cleanup",
+                server_args.replace("{port}", &port.to_string())
             );
             let child = Command::new("sh")
                 .arg("-c")
@@ -88,8 +126,10 @@ impl LocalCluster {
         let cluster = Self {
             ports,
             dir,
+            tls_password: tls_password.map(String::from),
             watchdogs,
         };
+        let cli = |port: u16, args: &[&str]| cli(&conn, port, args);
         for &p in &cluster.ports {
             probe(
                 &format!("redis-server on {p}"),
@@ -98,20 +138,38 @@ impl LocalCluster {
             );
         }
         let mut create = Command::new("redis-cli");
-        create.arg("--cluster").arg("create");
+        create.args(&conn).arg("--cluster").arg("create");
         for p in &cluster.ports {
             create.arg(format!("127.0.0.1:{p}"));
         }
-        let out = create
+        // Bounded: `--cluster create` waits forever if the nodes cannot meet.
+        let log = cluster.dir.join("create.log");
+        let mut child = create
             .args(["--cluster-replicas", "0", "--cluster-yes"])
-            .output()
+            .stdout(std::fs::File::create(&log).expect("create.log"))
+            .stderr(Stdio::null())
+            .spawn()
             .expect("redis-cli --cluster create");
+        let t0 = Instant::now();
+        let status = loop {
+            match child.try_wait() {
+                Ok(Some(s)) => break Some(s),
+                Ok(None) if t0.elapsed() < Duration::from_secs(30) => {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    break None;
+                }
+            }
+        };
         assert!(
-            out.status.success(),
-            "cluster create failed: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
+            status.is_some_and(|s| s.success()),
+            "cluster create failed: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
         );
+        let _ = std::fs::remove_file(&log);
         for &p in &cluster.ports {
             probe(
                 &format!("cluster_state:ok on {p}"),
@@ -128,19 +186,23 @@ impl LocalCluster {
         cluster
     }
 
-    /// `redis://127.0.0.1:<port>` of every master.
+    /// `redis://127.0.0.1:<port>` (`rediss://:<password>@…` with TLS) of every master.
     pub fn urls(&self) -> Vec<String> {
         self.ports
             .iter()
-            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .map(|p| match &self.tls_password {
+                None => format!("redis://127.0.0.1:{p}"),
+                Some(pw) => format!("rediss://:{pw}@127.0.0.1:{p}"),
+            })
             .collect()
     }
 }
 
 impl Drop for LocalCluster {
     fn drop(&mut self) {
+        let conn = cli_conn(&self.dir, self.tls_password.as_deref());
         for &p in &self.ports {
-            let _ = cli(p, &["SHUTDOWN", "NOSAVE"]);
+            let _ = cli(&conn, p, &["SHUTDOWN", "NOSAVE"]);
         }
         for w in &mut self.watchdogs {
             let _ = w.kill();
