@@ -11,7 +11,14 @@ use marathon_core::duration_ms;
 #[serde(default, deny_unknown_fields)]
 pub struct RedisStoreConfig {
     /// `redis://` or `rediss://` (TLS) URL; may embed credentials. Default `redis://127.0.0.1:6379`.
+    /// Ignored in cluster mode (see `cluster_nodes`).
     pub url: String,
+    /// Seed node URLs of a Redis Cluster (`redis://` or `rediss://`, same
+    /// credentials on each); non-empty selects cluster mode and `url` is then
+    /// ignored. A few masters are enough: the client discovers the others.
+    /// Default empty: single-node mode on `url`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub cluster_nodes: Vec<String>,
     /// Prefix of every key Marathon writes; must not contain `{` or `}`. Default `"marathon:"`.
     pub key_prefix: String,
     /// Fixed number of shards (hash slots used); never change it on a live store. Default 16.
@@ -31,10 +38,19 @@ pub struct RedisStoreConfig {
     pub tls_ca_file: Option<String>,
 }
 
+impl RedisStoreConfig {
+    /// Whether this config selects a Redis Cluster (`cluster_nodes` is not empty).
+    #[must_use]
+    pub fn is_cluster(&self) -> bool {
+        !self.cluster_nodes.is_empty()
+    }
+}
+
 impl Default for RedisStoreConfig {
     fn default() -> Self {
         Self {
             url: "redis://127.0.0.1:6379".to_string(),
+            cluster_nodes: Vec::new(),
             key_prefix: "marathon:".to_string(),
             shards: 16,
             connect_timeout: Duration::from_secs(2),
@@ -49,6 +65,14 @@ impl fmt::Debug for RedisStoreConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RedisStoreConfig")
             .field("url", &masked_url(&self.url))
+            .field(
+                "cluster_nodes",
+                &self
+                    .cluster_nodes
+                    .iter()
+                    .map(|u| masked_url(u))
+                    .collect::<Vec<_>>(),
+            )
             .field("key_prefix", &self.key_prefix)
             .field("shards", &self.shards)
             .field("connect_timeout", &self.connect_timeout)
@@ -97,6 +121,13 @@ mod tests {
         );
         assert_eq!(masked_url("redis://tok@h:1"), "redis://***@h:1");
         assert_eq!(masked_url("redis://h:1"), "redis://h:1");
+        let cluster = RedisStoreConfig {
+            cluster_nodes: vec!["redis://:pw1@a:7000".into(), "redis://:pw1@b:7001".into()],
+            ..Default::default()
+        };
+        let shown = format!("{cluster:?}");
+        assert!(!shown.contains("pw1"), "{shown}");
+        assert!(shown.contains("redis://:***@b:7001"), "{shown}");
     }
 
     #[test]
@@ -106,6 +137,11 @@ mod tests {
         assert_eq!(cfg.shards, 4);
         assert_eq!(cfg.retention, Some(Duration::from_secs(60)));
         assert_eq!(cfg.key_prefix, "marathon:");
+        assert!(!cfg.is_cluster());
+        let cfg: RedisStoreConfig =
+            serde_json::from_str(r#"{"cluster_nodes": ["redis://127.0.0.1:7000"]}"#)
+                .expect("valid config");
+        assert!(cfg.is_cluster());
         assert!(serde_json::from_str::<RedisStoreConfig>(r#"{"shard": 4}"#).is_err());
     }
 }

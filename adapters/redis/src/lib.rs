@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod config;
+mod conn;
 mod keys;
 mod notify;
 mod store;

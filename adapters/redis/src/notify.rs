@@ -3,6 +3,11 @@
 //! wakes the subscriptions of the workflows it sees. Subscriptions therefore
 //! cost no connection and no blocking command of their own.
 //!
+//! On a Redis Cluster one command cannot read streams of different slots, and
+//! a blocked command holds its whole connection, so there is one reader per
+//! shard stream instead, each on its own dedicated cluster connection (routed
+//! to the node owning that shard's slot, following it when slots move).
+//!
 //! No announcement is lost: a subscription registers before its first read,
 //! and the reader's positions were taken before that registration completed,
 //! so every append after the read is announced past the reader's position.
@@ -15,12 +20,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use redis::aio::MultiplexedConnection;
+use redis::Value;
 use redis::streams::StreamReadReply;
-use redis::{AsyncConnectionConfig, Client, Value};
 use tokio::sync::{Notify, OnceCell};
 
 use marathon_core::StoreError;
+
+use crate::conn::{Conn, Target};
 
 /// How long one blocking read of the reader waits.
 const BLOCK: Duration = Duration::from_secs(2);
@@ -31,7 +37,7 @@ type Waiters = HashMap<String, Vec<(u64, Arc<Notify>)>>;
 
 /// The shared reader of one store and the subscriptions waiting on it.
 pub(crate) struct Notifier {
-    client: Client,
+    target: Target,
     streams: Vec<String>,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -69,13 +75,13 @@ impl Drop for Registration {
 
 impl Notifier {
     pub(crate) fn new(
-        client: Client,
+        target: Target,
         streams: Vec<String>,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Self {
         Self {
-            client,
+            target,
             streams,
             connect_timeout,
             response_timeout,
@@ -111,21 +117,39 @@ impl Notifier {
             .map(|()| reg)
     }
 
-    async fn connect(&self) -> Result<MultiplexedConnection, StoreError> {
-        let cfg = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(self.connect_timeout))
-            .set_response_timeout(Some(BLOCK + self.response_timeout));
-        self.client
-            .get_multiplexed_async_connection_with_config(&cfg)
+    async fn connect(&self) -> Result<Conn, StoreError> {
+        self.target
+            .dedicated(self.connect_timeout, BLOCK + self.response_timeout)
             .await
-            .map_err(crate::store::classify)
     }
 
-    /// Takes every stream's last id as the starting position and spawns the reader.
+    /// Spawns the readers: one over every stream on a single node, one per
+    /// stream (hence per slot) on a cluster. Either every reader starts or
+    /// none does (a later registration then tries again).
     async fn start(self: &Arc<Self>) -> Result<(), StoreError> {
+        let groups: Vec<Vec<String>> = if self.target.is_cluster() {
+            self.streams.iter().map(|s| vec![s.clone()]).collect()
+        } else {
+            vec![self.streams.clone()]
+        };
+        let ready = futures::future::join_all(groups.into_iter().map(|g| self.prepare(g)))
+            .await
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?;
+        for (streams, conn, positions) in ready {
+            tokio::spawn(run(Arc::downgrade(self), streams, conn, positions));
+        }
+        Ok(())
+    }
+
+    /// Opens a reader's connection and takes every stream's last id as its starting position.
+    async fn prepare(
+        &self,
+        streams: Vec<String>,
+    ) -> Result<(Vec<String>, Conn, Vec<String>), StoreError> {
         let mut conn = self.connect().await?;
         let mut pipe = redis::pipe();
-        for s in &self.streams {
+        for s in &streams {
             pipe.cmd("XREVRANGE")
                 .arg(s)
                 .arg("+")
@@ -145,13 +169,7 @@ impl Notifier {
                     .map_or_else(|| "0-0".to_string(), |(id, _)| id)
             })
             .collect();
-        tokio::spawn(run(
-            Arc::downgrade(self),
-            self.streams.clone(),
-            conn,
-            positions,
-        ));
-        Ok(())
+        Ok((streams, conn, positions))
     }
 
     fn wake(&self, id: &[u8]) {
@@ -178,7 +196,7 @@ impl Notifier {
 async fn run(
     notifier: Weak<Notifier>,
     streams: Vec<String>,
-    conn: MultiplexedConnection,
+    conn: Conn,
     mut positions: Vec<String>,
 ) {
     let mut conn = Some(conn);

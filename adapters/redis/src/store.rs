@@ -11,10 +11,12 @@ use marathon_core::{
     NewEvent, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Seq, Store, StoreError,
     SummaryPatch, Timestamp, WorkflowId, WorkflowStatus, WorkflowSummary,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, ErrorKind, RedisError, Script, ServerErrorKind, Value};
+use redis::aio::ConnectionManagerConfig;
+use redis::cluster::ClusterClientBuilder;
+use redis::{Client, Cmd, ErrorKind, FromRedisValue, RedisError, Script, ServerErrorKind, Value};
 
 use crate::config::{RedisStoreConfig, masked_url};
+use crate::conn::{Conn, Target};
 use crate::keys::{Keys, WfKeys};
 use crate::notify::{Notifier, Registration};
 
@@ -42,7 +44,7 @@ fn backend(e: impl Into<DataError>) -> StoreError {
     StoreError::Backend(Box::new(e.into()))
 }
 
-fn bad_reply(what: impl Into<String>) -> StoreError {
+pub(crate) fn bad_reply(what: impl Into<String>) -> StoreError {
     backend(DataError::Reply(what.into()))
 }
 
@@ -98,7 +100,8 @@ impl Scripts {
 struct Inner {
     /// Round trips made on `conn` (see [`RedisStore::round_trips`]).
     round_trips: AtomicU64,
-    conn: ConnectionManager,
+    /// The shared connection: a `ConnectionManager` or a cluster connection.
+    conn: Conn,
     keys: Keys,
     scripts: Scripts,
     retention_ms: u64,
@@ -125,7 +128,8 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl RedisStore {
-    /// Connects to `cfg.url` and checks that Redis answers.
+    /// Connects to `cfg.url` (or, when `cfg.cluster_nodes` is set, to that
+    /// Redis Cluster) and checks that Redis answers.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when Redis cannot be reached;
@@ -141,38 +145,11 @@ impl RedisStore {
                 "shards must be at least 1".into(),
             )));
         }
-        if cfg.url.starts_with("rediss://") {
-            // rustls needs a process-wide crypto provider; another crate may have installed one.
-            let _ = rustls::crypto::ring::default_provider().install_default();
-        }
-        let client = match &cfg.tls_ca_file {
-            None => Client::open(cfg.url.as_str()),
-            Some(path) => {
-                let root_cert = std::fs::read(path).map_err(|e| {
-                    backend(DataError::Config(format!("tls_ca_file {path:?}: {e}")))
-                })?;
-                Client::build_with_tls(
-                    cfg.url.as_str(),
-                    redis::TlsCertificates {
-                        client_tls: None,
-                        root_cert: Some(root_cert),
-                    },
-                )
-            }
-        }
-        .map_err(|e| {
-            tracing::warn!(url = %masked_url(&cfg.url), "invalid Redis URL or TLS settings");
-            StoreError::Backend(Box::new(e))
-        })?;
-        let mcfg = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(cfg.connect_timeout))
-            .set_response_timeout(Some(cfg.response_timeout))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = client
-            .get_connection_manager_with_config(mcfg)
-            .await
-            .map_err(classify)?;
+        let (conn, target) = if cfg.is_cluster() {
+            connect_cluster(&cfg).await?
+        } else {
+            connect_single(&cfg).await?
+        };
         let keys = Keys::new(&cfg.key_prefix, cfg.shards);
         let store = Self {
             inner: Arc::new(Inner {
@@ -181,7 +158,7 @@ impl RedisStore {
                 scripts: Scripts::new(),
                 retention_ms: cfg.retention.map_or(0, ms),
                 notifier: Arc::new(Notifier::new(
-                    client,
+                    target,
                     (0..keys.shards()).map(|n| keys.stream(n)).collect(),
                     cfg.connect_timeout,
                     cfg.response_timeout,
@@ -200,7 +177,8 @@ impl RedisStore {
     }
 
     /// Round trips this store (and its clones) made on its shared connection
-    /// since it connected: one per command, pipeline or script call. Blocking
+    /// since it connected: one per command, pipeline or script call (in
+    /// cluster mode a multi-shard read counts one per shard pipeline). Blocking
     /// stream reads of subscriptions (on their own connections) are not counted.
     #[must_use]
     pub fn round_trips(&self) -> u64 {
@@ -208,9 +186,20 @@ impl RedisStore {
     }
 
     /// The shared connection, for exactly one round trip (counted here).
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> Conn {
         self.inner.round_trips.fetch_add(1, Ordering::Relaxed);
         self.inner.conn.clone()
+    }
+
+    /// Runs commands on several shards: one pipeline on a single node, one
+    /// pipeline per shard (concurrently) on a cluster; replies in order.
+    async fn per_shard<T: FromRedisValue>(
+        &self,
+        cmds: Vec<(u32, Cmd)>,
+    ) -> Result<Vec<T>, StoreError> {
+        let (replies, trips) = self.inner.conn.query_per_shard(cmds).await?;
+        self.inner.round_trips.fetch_add(trips, Ordering::Relaxed);
+        Ok(replies)
     }
 
     fn keys(&self) -> &Keys {
@@ -411,6 +400,73 @@ impl RedisStore {
             .collect::<Result<Vec<_>, _>>()?;
         Ok((st, events))
     }
+}
+
+/// Reads the PEM CA file of `cfg.tls_ca_file`, if set.
+fn ca_file(cfg: &RedisStoreConfig) -> Result<Option<Vec<u8>>, StoreError> {
+    cfg.tls_ca_file
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path)
+                .map_err(|e| backend(DataError::Config(format!("tls_ca_file {path:?}: {e}"))))
+        })
+        .transpose()
+}
+
+/// Single-node mode: an auto-reconnecting `ConnectionManager` on `cfg.url`.
+async fn connect_single(cfg: &RedisStoreConfig) -> Result<(Conn, Target), StoreError> {
+    if cfg.url.starts_with("rediss://") {
+        // rustls needs a process-wide crypto provider; another crate may have installed one.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let client = match ca_file(cfg)? {
+        None => Client::open(cfg.url.as_str()),
+        Some(root_cert) => Client::build_with_tls(
+            cfg.url.as_str(),
+            redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            },
+        ),
+    }
+    .map_err(|e| {
+        tracing::warn!(url = %masked_url(&cfg.url), "invalid Redis URL or TLS settings");
+        StoreError::Backend(Box::new(e))
+    })?;
+    let mcfg = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(cfg.connect_timeout))
+        .set_response_timeout(Some(cfg.response_timeout))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_secs(2));
+    let conn = client
+        .get_connection_manager_with_config(mcfg)
+        .await
+        .map_err(classify)?;
+    Ok((Conn::Manager(conn), Target::Single(Box::new(client))))
+}
+
+/// Cluster mode: a cluster connection seeded by `cfg.cluster_nodes`; it
+/// follows MOVED/ASK redirections and reconnects by itself.
+async fn connect_cluster(cfg: &RedisStoreConfig) -> Result<(Conn, Target), StoreError> {
+    if cfg.cluster_nodes.iter().any(|u| u.starts_with("rediss://")) {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+    let masked: Vec<String> = cfg.cluster_nodes.iter().map(|u| masked_url(u)).collect();
+    let mut builder = ClusterClientBuilder::new(cfg.cluster_nodes.iter().map(String::as_str))
+        .connection_timeout(cfg.connect_timeout)
+        .response_timeout(cfg.response_timeout);
+    if let Some(root_cert) = ca_file(cfg)? {
+        builder = builder.certs(redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert),
+        });
+    }
+    let client = builder.build().map_err(|e| {
+        tracing::warn!(nodes = ?masked, "invalid Redis Cluster node URLs or TLS settings");
+        StoreError::Backend(Box::new(e))
+    })?;
+    let conn = client.get_async_connection().await.map_err(classify)?;
+    Ok((Conn::Cluster(conn), Target::Cluster(Box::new(client))))
 }
 
 /// `serde_json::to_string` behind a trait object, so one closure serializes any field.
@@ -666,31 +722,29 @@ impl Store for RedisStore {
         let cursor = query.cursor.as_deref().map(decode_cursor).transpose()?;
         let status = query.status.map(WorkflowStatus::as_str);
         let shards = self.keys().shards();
-        let mut pipe = redis::pipe();
+        let mut cmds = Vec::new();
         for shard in 0..shards {
             let idx = self.keys().index(shard, status, query.name.as_deref());
             let max = cursor
                 .as_ref()
                 .map_or("+inf".to_string(), |(ts, _)| format!("({ts}"));
-            pipe.cmd("ZREVRANGEBYSCORE")
-                .arg(&idx)
+            let mut c = redis::cmd("ZREVRANGEBYSCORE");
+            c.arg(&idx)
                 .arg(max)
                 .arg("-inf")
                 .arg("WITHSCORES")
                 .arg("LIMIT")
                 .arg(0)
                 .arg(limit + 1);
+            cmds.push((shard, c));
             if let Some((ts, _)) = &cursor {
                 // Workflows created in the cursor's millisecond (usually few).
-                pipe.cmd("ZRANGEBYSCORE")
-                    .arg(&idx)
-                    .arg(*ts)
-                    .arg(*ts)
-                    .arg("WITHSCORES");
+                let mut c = redis::cmd("ZRANGEBYSCORE");
+                c.arg(&idx).arg(*ts).arg(*ts).arg("WITHSCORES");
+                cmds.push((shard, c));
             }
         }
-        let replies: Vec<Vec<String>> =
-            pipe.query_async(&mut self.conn()).await.map_err(classify)?;
+        let replies: Vec<Vec<String>> = self.per_shard(cmds).await?;
         let mut candidates: Vec<(u64, String)> = Vec::new();
         for (i, flat) in replies.into_iter().enumerate() {
             let same_ms = cursor.is_some() && i % 2 == 1;
@@ -716,12 +770,15 @@ impl Store for RedisStore {
                 next_cursor,
             });
         }
-        let mut pipe = redis::pipe();
-        for (_, id) in &candidates {
-            pipe.hgetall(self.keys().workflow(id).sum);
-        }
-        let maps: Vec<HashMap<String, String>> =
-            pipe.query_async(&mut self.conn()).await.map_err(classify)?;
+        let cmds = candidates
+            .iter()
+            .map(|(_, id)| {
+                let mut c = redis::cmd("HGETALL");
+                c.arg(self.keys().workflow(id).sum);
+                (self.keys().shard_of(id), c)
+            })
+            .collect();
+        let maps: Vec<HashMap<String, String>> = self.per_shard(cmds).await?;
         let mut items = Vec::with_capacity(maps.len());
         for map in maps {
             // Gone (purged or expired) or changed status since the index read: skip.
@@ -748,19 +805,20 @@ impl Store for RedisStore {
             if want == 0 {
                 break;
             }
-            let mut pipe = redis::pipe();
-            for shard in 0..shards {
-                pipe.cmd("ZRANGEBYSCORE")
-                    .arg(self.keys().zowed(shard))
-                    .arg("-inf")
-                    .arg(now.0)
-                    .arg("WITHSCORES")
-                    .arg("LIMIT")
-                    .arg(0)
-                    .arg(want);
-            }
-            let replies: Vec<Vec<String>> =
-                pipe.query_async(&mut self.conn()).await.map_err(classify)?;
+            let cmds = (0..shards)
+                .map(|shard| {
+                    let mut c = redis::cmd("ZRANGEBYSCORE");
+                    c.arg(self.keys().zowed(shard))
+                        .arg("-inf")
+                        .arg(now.0)
+                        .arg("WITHSCORES")
+                        .arg("LIMIT")
+                        .arg(0)
+                        .arg(want);
+                    (shard, c)
+                })
+                .collect();
+            let replies: Vec<Vec<String>> = self.per_shard(cmds).await?;
             let mut candidates: Vec<(u64, String, u32)> = Vec::new();
             for (shard, flat) in (0..shards).zip(replies) {
                 for (member, deadline) in pairs(flat, "claim")? {
@@ -827,19 +885,20 @@ impl Store for RedisStore {
             return Ok(0);
         }
         let shards = self.keys().shards();
-        let mut pipe = redis::pipe();
-        for shard in 0..shards {
-            pipe.cmd("ZRANGEBYSCORE")
-                .arg(self.keys().closed(shard))
-                .arg("-inf")
-                .arg(format!("({}", closed_before.0))
-                .arg("WITHSCORES")
-                .arg("LIMIT")
-                .arg(0)
-                .arg(limit);
-        }
-        let replies: Vec<Vec<String>> =
-            pipe.query_async(&mut self.conn()).await.map_err(classify)?;
+        let cmds = (0..shards)
+            .map(|shard| {
+                let mut c = redis::cmd("ZRANGEBYSCORE");
+                c.arg(self.keys().closed(shard))
+                    .arg("-inf")
+                    .arg(format!("({}", closed_before.0))
+                    .arg("WITHSCORES")
+                    .arg("LIMIT")
+                    .arg(0)
+                    .arg(limit);
+                (shard, c)
+            })
+            .collect();
+        let replies: Vec<Vec<String>> = self.per_shard(cmds).await?;
         let mut victims: Vec<(u64, u32, String)> = Vec::new();
         for (shard, flat) in (0..shards).zip(replies) {
             for (member, closed_at) in pairs(flat, "purge")? {
