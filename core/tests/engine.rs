@@ -449,10 +449,7 @@ async fn cancellation_reaches_running_activity(cross_replica: bool) {
     };
     let serve = |engine: &marathon_core::Engine, queue: &str| {
         let mut cfg = worker_config();
-        cfg.queues = vec![marathon_core::QueueSpec {
-            name: queue.into(),
-            concurrency: 8,
-        }];
+        cfg.queues = vec![marathon_core::QueueSpec::new(queue, 8)];
         Worker::start(engine.clone(), cfg)
     };
     // Workflow tasks and activities on different replicas when `cross_replica`.
@@ -917,4 +914,53 @@ async fn the_observer_sees_workflows_attempts_and_trace_context() {
             "missing {expected:?} in {log:#?}"
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn several_receivers_share_one_concurrency_bound() {
+    let (store, queue) = backends();
+    let running = Arc::new(AtomicU32::new(0));
+    let peak = Arc::new(AtomicU32::new(0));
+    let (r, p) = (running.clone(), peak.clone());
+    let engine = builder(&store, &queue)
+        .workflow("one", |ctx: WorkflowContext, i: u32| async move {
+            ctx.activity::<_, u32>("slow", &i).await
+        })
+        .activity("slow", move |_c: ActivityContext, i: u32| {
+            let (r, p) = (r.clone(), p.clone());
+            async move {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                r.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, ActivityError>(i)
+            }
+        })
+        .build();
+    let mut cfg = worker_config();
+    cfg.queues = vec![marathon_core::QueueSpec {
+        receivers: 4,
+        ..marathon_core::QueueSpec::new("default", 2)
+    }];
+    let w = Worker::start(engine.clone(), cfg);
+    let mut ids = Vec::new();
+    for i in 0..10u32 {
+        ids.push(
+            engine
+                .start(StartWorkflow::new("one", json!(i)))
+                .await
+                .unwrap()
+                .summary
+                .id,
+        );
+    }
+    for (i, id) in ids.iter().enumerate() {
+        assert_eq!(finished(&engine, id).await.output, Some(json!(i)));
+    }
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        2,
+        "at most `concurrency` tasks at once"
+    );
+    w.shutdown().await;
 }

@@ -144,10 +144,7 @@ async fn w3(variant: Variant, total: usize, in_flight: usize) -> f64 {
     let w = Worker::start(
         engine.clone(),
         WorkerConfig {
-            queues: vec![QueueSpec {
-                name: "default".into(),
-                concurrency: 512,
-            }],
+            queues: vec![QueueSpec::new("default", 512)],
             ..WorkerConfig::default()
         },
     );

@@ -167,10 +167,7 @@ fn worker(engine: &Engine) -> Worker {
     Worker::start(
         engine.clone(),
         WorkerConfig {
-            queues: vec![QueueSpec {
-                name: "default".into(),
-                concurrency: 512,
-            }],
+            queues: vec![QueueSpec::new("default", 512)],
             ..WorkerConfig::default()
         },
     )

@@ -327,10 +327,7 @@ async fn throughput(
     let worker = Worker::start(
         engine.clone(),
         WorkerConfig {
-            queues: vec![QueueSpec {
-                name: "default".into(),
-                concurrency: 256,
-            }],
+            queues: vec![QueueSpec::new("default", 256)],
             poll_wait: Duration::from_secs(1),
             ..WorkerConfig::default()
         },

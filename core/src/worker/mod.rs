@@ -22,6 +22,25 @@ pub struct QueueSpec {
     pub name: String,
     /// Most tasks of this queue running at once on this worker.
     pub concurrency: usize,
+    /// Receive calls kept in flight at once on this queue, sharing `concurrency`
+    /// (several long polls hide a remote queue's round-trip latency). Default 1.
+    #[serde(default = "one")]
+    pub receivers: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+impl QueueSpec {
+    /// Serves `name` with at most `concurrency` tasks at once and one receiver.
+    pub fn new(name: impl Into<String>, concurrency: usize) -> Self {
+        Self {
+            name: name.into(),
+            concurrency,
+            receivers: 1,
+        }
+    }
 }
 
 /// Tunables of a worker; every field has a documented default.
@@ -63,10 +82,7 @@ pub struct WorkerConfig {
 impl Default for WorkerConfig {
     fn default() -> Self {
         Self {
-            queues: vec![QueueSpec {
-                name: "default".to_string(),
-                concurrency: 64,
-            }],
+            queues: vec![QueueSpec::new("default", 64)],
             receive_batch: 10,
             poll_wait: Duration::from_secs(5),
             visibility: Duration::from_secs(30),
@@ -116,15 +132,20 @@ impl Worker {
         let counters = Arc::new(Counters::default());
         let config = Arc::new(config);
         for spec in &config.queues {
-            loops.spawn(receive_loop(
-                engine.clone(),
-                spec.clone(),
-                config.clone(),
-                stop.clone(),
-                hard_stop.clone(),
-                tracker.clone(),
-                counters.clone(),
-            ));
+            // The receivers of one queue share its concurrency bound.
+            let sem = Arc::new(Semaphore::new(spec.concurrency.max(1)));
+            for _ in 0..spec.receivers.max(1) {
+                loops.spawn(receive_loop(
+                    engine.clone(),
+                    spec.clone(),
+                    sem.clone(),
+                    config.clone(),
+                    stop.clone(),
+                    hard_stop.clone(),
+                    tracker.clone(),
+                    counters.clone(),
+                ));
+            }
         }
         if config.sweeper {
             loops.spawn(sweep_loop(engine.clone(), config.clone(), stop.clone()));
@@ -169,16 +190,20 @@ impl Worker {
     }
 }
 
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one receive loop's fixed wiring, called from one place"
+)]
 async fn receive_loop(
     engine: Engine,
     spec: QueueSpec,
+    sem: Arc<Semaphore>,
     config: Arc<WorkerConfig>,
     stop: CancellationToken,
     hard_stop: CancellationToken,
     tracker: TaskTracker,
     counters: Arc<Counters>,
 ) {
-    let sem = Arc::new(Semaphore::new(spec.concurrency.max(1)));
     let mut backoff = Duration::from_millis(100);
     loop {
         let first = tokio::select! {
