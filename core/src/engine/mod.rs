@@ -448,25 +448,20 @@ impl Engine {
             .await?;
         if created.created {
             inner.observer.workflow_started(&created.summary.name);
-            let tail = inner.tail(
-                vec![NewEvent::new(
-                    now,
-                    EventData::WorkflowStarted {
-                        name: created.summary.name.clone(),
-                        input: req_input,
-                        task_queue: task_queue.clone(),
-                        idempotency_key: created.summary.idempotency_key.clone(),
-                    },
-                )],
-                Seq(1),
-            );
             inner
-                .enqueue(
+                .enqueue_workflow_task(
                     &task_queue,
-                    vec![OutgoingMessage::now(Task::Workflow {
-                        workflow_id: created.summary.id.clone(),
-                        tail,
-                    })],
+                    created.summary.id.clone(),
+                    vec![NewEvent::new(
+                        now,
+                        EventData::WorkflowStarted {
+                            name: created.summary.name.clone(),
+                            input: req_input,
+                            task_queue: task_queue.clone(),
+                            idempotency_key: created.summary.idempotency_key.clone(),
+                        },
+                    )],
+                    Seq(1),
                 )
                 .await;
         }
@@ -623,15 +618,8 @@ impl Engine {
             .map_err(|e| not_found(e, id))?;
         match outcome {
             KeyedOutcome::Appended(last) => {
-                let tail = inner.tail(vec![event], last);
                 inner
-                    .enqueue(
-                        &summary.task_queue,
-                        vec![OutgoingMessage::now(Task::Workflow {
-                            workflow_id: id.clone(),
-                            tail,
-                        })],
-                    )
+                    .enqueue_workflow_task(&summary.task_queue, id.clone(), vec![event], last)
                     .await;
                 Ok(())
             }
@@ -732,6 +720,23 @@ impl EngineInner {
         span.record("outcome", outcome.as_str());
         self.observer
             .workflow_task(name, outcome, replay, history_len);
+    }
+
+    /// Enqueues a workflow task for `workflow_id` carrying `appended`, the events
+    /// just appended ending at `last`, as its tail (when they are small enough).
+    async fn enqueue_workflow_task(
+        &self,
+        queue: &str,
+        workflow_id: WorkflowId,
+        appended: Vec<NewEvent>,
+        last: Seq,
+    ) {
+        let tail = self.tail(appended, last);
+        self.enqueue(
+            queue,
+            vec![OutgoingMessage::now(Task::Workflow { workflow_id, tail })],
+        )
+        .await;
     }
 
     /// The events just appended (ending at `last`) as a workflow task's tail,
@@ -1216,26 +1221,15 @@ impl EngineInner {
                 attempt: t.attempt,
             },
         );
-        let wf_owed = self.workflow_task_owed(&t.workflow_task_queue, now);
-        let mut recorded = AttemptOutcome::Completed;
-        let (events, owed, follow_up) = match result {
+        // The attempt's outcome event, and the backoff delay when another attempt follows.
+        let (outcome_event, retry_delay) = match result {
             Ok(output) => (
-                vec![
-                    started,
-                    NewEvent::new(
-                        now,
-                        EventData::ActivityCompleted {
-                            activity_id: t.activity_id,
-                            attempt: t.attempt,
-                            output,
-                        },
-                    ),
-                ],
-                OwedChanges::none().set(wf_owed),
-                (
-                    t.workflow_task_queue.clone(),
-                    OutgoingMessage::now(Task::workflow(t.workflow_id.clone())),
-                ),
+                EventData::ActivityCompleted {
+                    activity_id: t.activity_id,
+                    attempt: t.attempt,
+                    output,
+                },
+                None,
             ),
             Err(error) => {
                 let policy = &call.options.retry;
@@ -1250,71 +1244,66 @@ impl EngineInner {
                     && policy.retries_kind(&error.kind)
                     && policy.has_attempts_after(t.attempt)
                     && within_deadline;
-                recorded = if retry {
-                    AttemptOutcome::Retrying
-                } else {
-                    AttemptOutcome::Failed
-                };
                 if retry {
-                    let next = ActivityTask {
-                        attempt: t.attempt + 1,
-                        call: t.call.clone(),
-                        ..t.clone()
-                    };
+                    let delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
                     (
-                        vec![
-                            started,
-                            NewEvent::new(
-                                now,
-                                EventData::ActivityRetrying {
-                                    activity_id: t.activity_id,
-                                    attempt: t.attempt,
-                                    error,
-                                    delay_ms: u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
-                                },
-                            ),
-                        ],
-                        OwedChanges::none().set(OwedEntry {
-                            kind: OwedKind::Activity {
-                                activity_id: t.activity_id,
-                                attempt: t.attempt + 1,
-                                scheduled_seq: t.scheduled_seq,
-                                redeliveries: 0,
-                            },
-                            task_queue: queue.to_string(),
-                            deadline: now
-                                .plus(delay)
-                                .plus(call.options.start_to_close)
-                                .plus(self.config.activity_grace),
-                        }),
-                        (
-                            queue.to_string(),
-                            OutgoingMessage::now(Task::Activity(next)).delayed(delay),
-                        ),
+                        EventData::ActivityRetrying {
+                            activity_id: t.activity_id,
+                            attempt: t.attempt,
+                            error,
+                            delay_ms,
+                        },
+                        Some(delay),
                     )
                 } else {
                     (
-                        vec![
-                            started,
-                            NewEvent::new(
-                                now,
-                                EventData::ActivityFailed {
-                                    activity_id: t.activity_id,
-                                    attempt: t.attempt,
-                                    error,
-                                },
-                            ),
-                        ],
-                        OwedChanges::none().set(wf_owed),
-                        (
-                            t.workflow_task_queue.clone(),
-                            OutgoingMessage::now(Task::workflow(t.workflow_id.clone())),
-                        ),
+                        EventData::ActivityFailed {
+                            activity_id: t.activity_id,
+                            attempt: t.attempt,
+                            error,
+                        },
+                        None,
                     )
                 }
             }
         };
-        let tail_events = events.clone();
+        let recorded = match (&outcome_event, retry_delay) {
+            (_, Some(_)) => AttemptOutcome::Retrying,
+            (EventData::ActivityCompleted { .. }, None) => AttemptOutcome::Completed,
+            _ => AttemptOutcome::Failed,
+        };
+        let events = vec![started, NewEvent::new(now, outcome_event)];
+        // A retry owes the next attempt (delivered after the backoff); anything else owes
+        // the workflow a task, which gets the appended events as its tail.
+        let (owed, next_attempt) = match retry_delay {
+            Some(delay) => (
+                OwedChanges::none().set(OwedEntry {
+                    kind: OwedKind::Activity {
+                        activity_id: t.activity_id,
+                        attempt: t.attempt + 1,
+                        scheduled_seq: t.scheduled_seq,
+                        redeliveries: 0,
+                    },
+                    task_queue: queue.to_string(),
+                    deadline: now
+                        .plus(delay)
+                        .plus(call.options.start_to_close)
+                        .plus(self.config.activity_grace),
+                }),
+                Some(
+                    OutgoingMessage::now(Task::Activity(ActivityTask {
+                        attempt: t.attempt + 1,
+                        ..t.clone()
+                    }))
+                    .delayed(delay),
+                ),
+            ),
+            None => (
+                OwedChanges::none().set(self.workflow_task_owed(&t.workflow_task_queue, now)),
+                None,
+            ),
+        };
+        let tail_events = next_attempt.is_none().then(|| events.clone());
         let outcome = self
             .store
             .append_keyed(
@@ -1329,15 +1318,18 @@ impl EngineInner {
             .await;
         match outcome {
             Ok(KeyedOutcome::Appended(last)) => {
-                let (queue, message) = follow_up;
-                let message = match message.task {
-                    Task::Workflow { workflow_id, .. } => OutgoingMessage::now(Task::Workflow {
-                        workflow_id,
-                        tail: self.tail(tail_events, last),
-                    }),
-                    _ => message,
-                };
-                self.enqueue(&queue, vec![message]).await;
+                match next_attempt {
+                    Some(message) => self.enqueue(queue, vec![message]).await,
+                    None => {
+                        self.enqueue_workflow_task(
+                            &t.workflow_task_queue,
+                            t.workflow_id.clone(),
+                            tail_events.unwrap_or_default(),
+                            last,
+                        )
+                        .await;
+                    }
+                }
                 Ok(recorded)
             }
             // A late or repeated result, or a finished workflow: dropped, as designed.
@@ -1380,15 +1372,8 @@ impl EngineInner {
                     )
                     .await?;
                 if let KeyedOutcome::Appended(last) = outcome {
-                    let tail = self.tail(vec![fired], last);
-                    self.enqueue(
-                        &task_queue,
-                        vec![OutgoingMessage::now(Task::Workflow {
-                            workflow_id: id,
-                            tail,
-                        })],
-                    )
-                    .await;
+                    self.enqueue_workflow_task(&task_queue, id, vec![fired], last)
+                        .await;
                 }
             }
             OwedKind::Activity {
