@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use crate::model::{WorkflowId, WorkflowStatus};
+use crate::model::{Task, WorkflowStatus};
 
 /// How one activity attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,13 +104,8 @@ pub trait Observer: Send + Sync + 'static {
     fn dead_lettered(&self, _queue: &str, _count: usize) {}
 
     /// The span a task runs in (see [`task_span`]): a child of the trace context its message carried.
-    fn task_span(
-        &self,
-        kind: &'static str,
-        workflow_id: &WorkflowId,
-        _trace_context: Option<&str>,
-    ) -> tracing::Span {
-        task_span(kind, workflow_id)
+    fn task_span(&self, task: &Task, _trace_context: Option<&str>) -> tracing::Span {
+        task_span(task)
     }
 
     /// The W3C `traceparent` of the current span, put into outgoing messages.
@@ -120,28 +115,30 @@ pub trait Observer: Send + Sync + 'static {
 }
 
 /// The one span of a task: `marathon.workflow_task` (fields `workflow_id`,
-/// `workflow`, `outcome`) for `kind` = `"workflow"`, `marathon.activity`
-/// (`workflow_id`, `activity`, `activity_id`, `attempt`, `outcome`) for
-/// `"activity"`. The engine records the empty fields as it learns them.
+/// `workflow`, `outcome`) for a workflow task, `marathon.activity` (`workflow_id`,
+/// `activity`, `activity_id`, `attempt`, `outcome`) for an activity attempt.
+///
+/// Every field the task itself carries is set here, so that the engine records only
+/// what it learns while running the task (the outcome, and the workflow's name):
+/// each later record is another call into every layer of the subscriber.
 #[must_use]
-pub fn task_span(kind: &'static str, workflow_id: &WorkflowId) -> tracing::Span {
+pub fn task_span(task: &Task) -> tracing::Span {
     use tracing::field::Empty;
-    if kind == "activity" {
-        tracing::info_span!(
+    match task {
+        Task::Activity(t) => tracing::info_span!(
             "marathon.activity",
-            workflow_id = %workflow_id,
-            activity = Empty,
-            activity_id = Empty,
-            attempt = Empty,
+            workflow_id = %t.workflow_id,
+            activity = t.call.as_ref().map(|c| c.name.as_str()),
+            activity_id = t.activity_id,
+            attempt = t.attempt,
             outcome = Empty,
-        )
-    } else {
-        tracing::info_span!(
+        ),
+        Task::Workflow { workflow_id, .. } => tracing::info_span!(
             "marathon.workflow_task",
             workflow_id = %workflow_id,
             workflow = Empty,
             outcome = Empty,
-        )
+        ),
     }
 }
 

@@ -853,12 +853,11 @@ impl marathon_core::Observer for Recorder {
             kind.unwrap_or("-")
         ));
     }
-    fn task_span(
-        &self,
-        kind: &'static str,
-        _id: &WorkflowId,
-        trace_context: Option<&str>,
-    ) -> tracing::Span {
+    fn task_span(&self, task: &marathon_core::Task, trace_context: Option<&str>) -> tracing::Span {
+        let kind = match task {
+            marathon_core::Task::Workflow { .. } => "workflow",
+            marathon_core::Task::Activity(_) => "activity",
+        };
         self.log
             .lock()
             .push(format!("task {kind} {}", trace_context.unwrap_or("none")));

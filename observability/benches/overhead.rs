@@ -4,12 +4,24 @@
 //! exported over OTLP/HTTP to a live in-process receiver.
 //!
 //! `MARATHON_BENCH_STORE=redis` runs the same on the Redis store (Redis at
-//! `MARATHON_TEST_REDIS_URL` or 127.0.0.1:6379, a fresh key prefix per round, deleted after).
+//! `MARATHON_TEST_REDIS_URL` or 127.0.0.1:6379, a fresh key prefix per run, deleted after).
 //!
 //! Run with: `cargo bench -p marathon-observability --all-features --bench overhead`
 //! (`MARATHON_BENCH_WORKFLOWS`, default 10000; `MARATHON_BENCH_IN_FLIGHT`, default 64;
-//! `MARATHON_BENCH_ROUNDS`, default 3: the median counts; plain and metrics alternate,
-//! the traced variant runs last since its subscriber is global).
+//! `MARATHON_BENCH_ROUNDS`, default 5: the median counts; `MARATHON_BENCH_VARIANTS`,
+//! default `plain,metrics,traces`).
+//!
+//! Every run is a process of its own (this binary again, with `MARATHON_BENCH_CHILD`
+//! naming the variant), so that each has a global subscriber of its own or none, and
+//! a round runs the variants one after another: on a shared machine whose speed
+//! drifts, neighbouring runs compare fairly. Each run warms up on 1,000 workflows
+//! first.
+//!
+//! Besides throughput it prints the process CPU time per workflow (all threads,
+//! including the span exporter's, but not the receiver's), and how many of the spans
+//! the traced runs made reached the receiver: spans the batch processor drops would
+//! make tracing look cheaper than it is. The batch processor follows the standard
+//! `OTEL_BSP_*` variables.
 
 #![allow(missing_docs)]
 
@@ -136,8 +148,48 @@ fn engine(
     b.build()
 }
 
-/// W3: workflows per second.
-async fn w3(variant: Variant, total: usize, in_flight: usize) -> f64 {
+/// One run's result.
+#[derive(Clone, Copy, Debug)]
+struct Run {
+    /// Workflows per second.
+    rate: f64,
+    /// CPU time of the process per workflow, in µs, the receiver's excluded
+    /// (kernel clock ticks of 10 ms: runs of a second or more keep this within ~1 %).
+    cpu_us: f64,
+}
+
+/// User plus system CPU time in a `/proc/.../stat` file, in clock ticks (1/100 s).
+fn stat_ticks(path: &str) -> u64 {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces):
+    // utime and stime are the 12th and 13th of them.
+    let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    after
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|v| v.parse::<u64>().ok())
+        .sum()
+}
+
+/// CPU ticks the OTLP receiver's threads used so far, by thread (it stands for a
+/// collector on another machine, so its cost is not Marathon's).
+static RECEIVER_TICKS: std::sync::Mutex<Vec<(std::thread::ThreadId, u64)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Process CPU time (every thread, live or ended) less the receiver's.
+fn cpu_excluding_receiver() -> Duration {
+    let receiver: u64 = RECEIVER_TICKS
+        .lock()
+        .expect("not poisoned")
+        .iter()
+        .map(|(_, t)| t)
+        .sum();
+    Duration::from_millis(10 * stat_ticks("/proc/self/stat").saturating_sub(receiver))
+}
+
+/// W3: throughput and CPU per workflow.
+async fn w3(variant: Variant, total: usize, in_flight: usize) -> Run {
     let metrics = (variant != Variant::Plain).then(|| Arc::new(Metrics::new().expect("metrics")));
     let (store, backend, prefix) = store().await;
     let engine = engine(metrics.as_ref(), store, backend);
@@ -149,6 +201,7 @@ async fn w3(variant: Variant, total: usize, in_flight: usize) -> f64 {
         },
     );
     let sem = Arc::new(Semaphore::new(in_flight));
+    let cpu_before = cpu_excluding_receiver();
     let started = Instant::now();
     let mut handles = Vec::with_capacity(total);
     for _ in 0..total {
@@ -176,6 +229,7 @@ async fn w3(variant: Variant, total: usize, in_flight: usize) -> f64 {
         h.await.expect("join");
     }
     let rate = total as f64 / started.elapsed().as_secs_f64();
+    let cpu_us = (cpu_excluding_receiver() - cpu_before).as_secs_f64() * 1e6 / total as f64;
     w.shutdown().await;
     if let Some(prefix) = prefix {
         delete_prefix(&prefix).await;
@@ -183,93 +237,192 @@ async fn w3(variant: Variant, total: usize, in_flight: usize) -> f64 {
     if let Some(m) = metrics {
         assert!(m.render().contains("marathon_workflows_closed_total"));
     }
-    rate
+    Run { rate, cpu_us }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn main() {
-    let total = env_usize("MARATHON_BENCH_WORKFLOWS", 10_000);
-    let in_flight = env_usize("MARATHON_BENCH_IN_FLIGHT", 64);
-    let rounds = env_usize("MARATHON_BENCH_ROUNDS", 3).max(1);
-
-    // A live OTLP receiver that decodes what it is sent and counts spans.
-    let spans = Arc::new(AtomicU64::new(0));
-    let seen = spans.clone();
-    let port = common::serve(move |req| {
-        use prost::Message;
-        let msg =
-            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(
-                req.body.as_slice(),
-            )
-            .expect("OTLP protobuf");
-        let n: usize = msg
-            .resource_spans
-            .iter()
-            .flat_map(|r| &r.scope_spans)
-            .map(|s| s.spans.len())
-            .sum();
-        seen.fetch_add(n as u64, Ordering::Relaxed);
-        (200, "application/x-protobuf", Vec::new())
+/// The spans in an OTLP `ExportTraceServiceRequest`, counted by walking the protobuf
+/// wire format (resource_spans = 1, scope_spans = 2, spans = 2) without decoding them:
+/// the receiver stands for a collector on another machine and should cost little here.
+fn count_spans(buf: &[u8]) -> usize {
+    /// The length-delimited fields numbered `field` of one message.
+    fn each(mut buf: &[u8], field: u64, f: &mut dyn FnMut(&[u8])) {
+        fn varint(buf: &mut &[u8]) -> u64 {
+            let mut v = 0u64;
+            for shift in (0..64).step_by(7) {
+                let Some((&b, rest)) = buf.split_first() else {
+                    return v;
+                };
+                *buf = rest;
+                v |= u64::from(b & 0x7f) << shift;
+                if b < 0x80 {
+                    break;
+                }
+            }
+            v
+        }
+        while !buf.is_empty() {
+            let key = varint(&mut buf);
+            let len = match key & 7 {
+                0 => {
+                    varint(&mut buf);
+                    0
+                }
+                1 => 8,
+                2 => varint(&mut buf) as usize,
+                5 => 4,
+                _ => panic!("unexpected protobuf wire type in an OTLP export"),
+            };
+            let (value, rest) = buf.split_at(len.min(buf.len()));
+            if key & 7 == 2 && key >> 3 == field {
+                f(value);
+            }
+            buf = rest;
+        }
+    }
+    let mut n = 0;
+    each(buf, 1, &mut |resource_spans| {
+        each(resource_spans, 2, &mut |scope_spans| {
+            each(scope_spans, 2, &mut |_span| n += 1);
+        });
     });
-    let (dispatch, guard) = marathon_observability::tracing_dispatch(
-        &marathon_observability::TelemetryConfig {
-            otlp_endpoint: Some(format!("http://127.0.0.1:{port}")),
-            log_filter: "info".into(),
-            ..Default::default()
-        },
-        std::io::sink,
-    )
-    .expect("tracing");
+    n
+}
 
+const VARIANTS: [(&str, Variant); 3] = [
+    ("plain", Variant::Plain),
+    ("metrics", Variant::Metrics),
+    ("traces", Variant::MetricsAndTraces),
+];
+
+/// One run in this process: prints `RESULT <rate> <cpu µs> <spans received> <spans made>`.
+fn child(variant: Variant, total: usize, in_flight: usize) {
+    const WARMUP: usize = 1000;
+    // A live OTLP receiver that counts the spans it is sent.
+    let spans = Arc::new(AtomicU64::new(0));
+    let guard = (variant == Variant::MetricsAndTraces).then(|| {
+        let seen = spans.clone();
+        let port = common::serve(move |req| {
+            seen.fetch_add(count_spans(&req.body) as u64, Ordering::Relaxed);
+            let ticks = stat_ticks("/proc/thread-self/stat");
+            let me = std::thread::current().id();
+            let mut all = RECEIVER_TICKS.lock().expect("not poisoned");
+            match all.iter_mut().find(|(t, _)| *t == me) {
+                Some(entry) => entry.1 = ticks,
+                None => all.push((me, ticks)),
+            }
+            (200, "application/x-protobuf", Vec::new())
+        });
+        let (dispatch, guard) = marathon_observability::tracing_dispatch(
+            &marathon_observability::TelemetryConfig {
+                otlp_endpoint: Some(format!("http://127.0.0.1:{port}")),
+                ..Default::default()
+            },
+            std::io::sink,
+        )
+        .expect("tracing");
+        tracing::dispatcher::set_global_default(dispatch).expect("first subscriber");
+        guard
+    });
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .expect("runtime");
-    let mut results: Vec<(Variant, Vec<f64>)> =
-        [Variant::Plain, Variant::Metrics, Variant::MetricsAndTraces]
+    rt.block_on(w3(variant, WARMUP, in_flight));
+    let run = rt.block_on(w3(variant, total, in_flight));
+    // Flushes what the batch processor still holds.
+    drop(rt);
+    if let Some(guard) = guard {
+        guard.shutdown();
+    }
+    // Eight spans per W3 workflow: the request, four workflow tasks, three activities.
+    let made = if variant == Variant::MetricsAndTraces {
+        8 * (WARMUP + total) as u64
+    } else {
+        0
+    };
+    println!(
+        "RESULT {} {} {} {made}",
+        run.rate,
+        run.cpu_us,
+        spans.load(Ordering::Relaxed)
+    );
+}
+
+fn main() {
+    let total = env_usize("MARATHON_BENCH_WORKFLOWS", 10_000);
+    let in_flight = env_usize("MARATHON_BENCH_IN_FLIGHT", 64);
+    if let Ok(name) = std::env::var("MARATHON_BENCH_CHILD") {
+        let (_, variant) = VARIANTS
             .into_iter()
-            .map(|v| (v, Vec::new()))
-            .collect();
-    // Warm up allocator and code paths.
-    rt.block_on(w3(Variant::Plain, 1000, in_flight));
+            .find(|(n, _)| *n == name)
+            .expect("a known variant");
+        child(variant, total, in_flight);
+        return;
+    }
+    let rounds = env_usize("MARATHON_BENCH_ROUNDS", 5).max(1);
+    let wanted =
+        std::env::var("MARATHON_BENCH_VARIANTS").unwrap_or_else(|_| "plain,metrics,traces".into());
+    let variants: Vec<(&str, Variant)> = VARIANTS
+        .into_iter()
+        .filter(|(n, _)| wanted.split(',').any(|w| w.trim() == *n))
+        .collect();
+    let exe = std::env::current_exe().expect("own path");
+    let mut results: Vec<Vec<Run>> = vec![Vec::new(); variants.len()];
+    let (mut received, mut made) = (0u64, 0u64);
     for _ in 0..rounds {
-        for (variant, rates) in &mut results[..2] {
-            rates.push(rt.block_on(w3(*variant, total, in_flight)));
+        for (i, (name, _)) in variants.iter().enumerate() {
+            let out = std::process::Command::new(&exe)
+                .env("MARATHON_BENCH_CHILD", name)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .expect("run a child");
+            assert!(out.status.success(), "the {name} run failed");
+            let stdout = String::from_utf8_lossy(&out.stdout);
+            let line = stdout
+                .lines()
+                .find_map(|l| l.strip_prefix("RESULT "))
+                .expect("a RESULT line");
+            let v: Vec<f64> = line
+                .split_whitespace()
+                .map(|x| x.parse().expect("a number"))
+                .collect();
+            results[i].push(Run {
+                rate: v[0],
+                cpu_us: v[1],
+            });
+            received += v[2] as u64;
+            made += v[3] as u64;
         }
     }
-    // From here on every thread sees the exporting subscriber (a global one cannot be
-    // removed again, so the traced variant runs last).
-    tracing::dispatcher::set_global_default(dispatch).expect("first subscriber");
-    // Callsites first hit before this are cached as uninteresting: ask again.
-    tracing::callsite::rebuild_interest_cache();
-    for _ in 0..rounds {
-        let rate = rt.block_on(w3(Variant::MetricsAndTraces, total, in_flight));
-        results[2].1.push(rate);
-    }
-    guard.shutdown();
-    let base = median(results[0].1.clone());
+    let median = |runs: &[Run], f: fn(&Run) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let base_rate = median(&results[0], |r| r.rate);
+    let base_cpu = median(&results[0], |r| r.cpu_us);
     println!(
         "W3 on the {} store, {total} workflows, {in_flight} in flight, {rounds} rounds (median), {} CPUs",
         std::env::var("MARATHON_BENCH_STORE").unwrap_or_else(|_| "memory".into()),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
-    for (variant, rates) in &results {
-        let m = median(rates.clone());
+    for ((name, _), runs) in variants.iter().zip(&results) {
+        let rate = median(runs, |r| r.rate);
+        let cpu = median(runs, |r| r.cpu_us);
         println!(
-            "{:<20} {:>9.0} workflows/s  ({:+.1} % vs plain)  runs: {:?}",
-            format!("{variant:?}"),
-            m,
-            (m / base - 1.0) * 100.0,
-            rates.iter().map(|r| r.round() as u64).collect::<Vec<_>>()
+            "{name:<8} {rate:>7.0} workflows/s ({:+5.1} %)  {cpu:>6.1} µs CPU/workflow ({:+5.1} %)  rates: {:?}",
+            (rate / base_rate - 1.0) * 100.0,
+            (cpu / base_cpu - 1.0) * 100.0,
+            runs.iter()
+                .map(|r| r.rate.round() as u64)
+                .collect::<Vec<_>>()
         );
     }
-    println!(
-        "spans received by the OTLP receiver: {}",
-        spans.load(Ordering::Relaxed)
-    );
+    if made > 0 {
+        println!(
+            "spans: {received} of {made} reached the OTLP receiver ({:.1} %; the batch processor drops spans when its queue is full)",
+            received as f64 * 100.0 / made as f64
+        );
+    }
 }

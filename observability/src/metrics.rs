@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
-use marathon_core::{AttemptOutcome, Observer, TaskOutcome, WorkflowId, WorkflowStatus};
+use marathon_core::{AttemptOutcome, Observer, Task, TaskOutcome, WorkflowStatus};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
@@ -502,13 +502,8 @@ impl Observer for Metrics {
             .inc_by(count as u64);
     }
 
-    fn task_span(
-        &self,
-        kind: &'static str,
-        workflow_id: &WorkflowId,
-        trace_context: Option<&str>,
-    ) -> tracing::Span {
-        crate::tracing::task_span(kind, workflow_id, trace_context)
+    fn task_span(&self, task: &Task, trace_context: Option<&str>) -> tracing::Span {
+        crate::tracing::task_span(task, trace_context)
     }
 
     fn trace_context(&self) -> Option<String> {

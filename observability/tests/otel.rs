@@ -21,6 +21,8 @@ struct Span {
     span_id: Vec<u8>,
     parent: Vec<u8>,
     service: Option<String>,
+    /// Attributes, values as text.
+    attrs: std::collections::BTreeMap<String, String>,
 }
 
 /// An in-process OTLP/HTTP receiver: every span it was sent.
@@ -46,7 +48,23 @@ fn receiver() -> (u16, Arc<Mutex<Vec<Span>>>) {
             });
             for ss in rs.scope_spans {
                 for s in ss.spans {
+                    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+                    let attrs = s
+                        .attributes
+                        .iter()
+                        .map(|a| {
+                            let v = match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                Some(Value::StringValue(s)) => s.clone(),
+                                Some(Value::IntValue(i)) => i.to_string(),
+                                Some(Value::BoolValue(b)) => b.to_string(),
+                                Some(Value::DoubleValue(d)) => d.to_string(),
+                                other => format!("{other:?}"),
+                            };
+                            (a.key.clone(), v)
+                        })
+                        .collect();
                     out.push(Span {
+                        attrs,
                         name: s.name,
                         trace_id: s.trace_id,
                         span_id: s.span_id,
@@ -86,6 +104,7 @@ fn config(endpoint: Option<String>, format: LogFormat) -> TelemetryConfig {
     TelemetryConfig {
         log_format: format,
         log_filter: "info".into(),
+        trace_filter: "info".into(),
         otlp_endpoint: endpoint,
         service_name: "marathon-test".into(),
         shutdown_timeout: Duration::from_secs(5),
@@ -111,6 +130,51 @@ async fn one_traced_workflow(engine: &Engine) {
 
 /// Tracing subscribers here are per thread (`set_default`), so these tests run on a
 /// current-thread runtime: engine, worker and activities all see the test's subscriber.
+#[test]
+fn quiet_logs_do_not_silence_traces() {
+    let (port, spans) = receiver();
+    let logs = Captured::default();
+    let (dispatch, guard) = tracing_dispatch(
+        &TelemetryConfig {
+            log_filter: "warn".into(),
+            ..config(Some(format!("http://127.0.0.1:{port}")), LogFormat::Text)
+        },
+        logs.clone(),
+    )
+    .unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    tracing::dispatcher::with_default(&dispatch, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let engine = engine(&metrics);
+            let w = worker(&engine);
+            one_traced_workflow(&engine).await;
+            w.shutdown().await;
+        });
+    });
+    guard.shutdown();
+    let names: Vec<String> = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.name.clone())
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| *n == "marathon.activity").count(),
+        3,
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n == "http.request"), "{names:?}");
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        !logs.contains("starting a workflow"),
+        "info is not logged at warn: {logs}"
+    );
+}
+
 #[test]
 fn a_workflow_is_one_trace_from_request_to_activity_attempts() {
     let (port, spans) = receiver();
@@ -149,6 +213,43 @@ fn a_workflow_is_one_trace_from_request_to_activity_attempts() {
         .filter(|s| s.name == "marathon.activity")
         .collect();
     assert_eq!(attempts.len(), 3, "three activity attempts: {spans:#?}");
+    // What each span says of its task, and nothing a trace viewer does not need
+    // (no source location, thread or busy/idle timing attributes).
+    let workflow_id = attempts[0].attrs.get("workflow_id").cloned();
+    assert!(workflow_id.as_ref().is_some_and(|id| !id.is_empty()));
+    let mut ids: Vec<&str> = Vec::new();
+    for a in &attempts {
+        let keys: Vec<&str> = a.attrs.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "activity",
+                "activity_id",
+                "attempt",
+                "outcome",
+                "workflow_id"
+            ],
+            "{a:?}"
+        );
+        assert_eq!(a.attrs.get("workflow_id"), workflow_id.as_ref());
+        assert_eq!(a.attrs["activity"], "add");
+        assert_eq!(a.attrs["attempt"], "1");
+        assert_eq!(a.attrs["outcome"], "completed");
+        ids.push(&a.attrs["activity_id"]);
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    assert_eq!(ids.len(), 3, "three different calls: {ids:?}");
+    for t in spans.iter().filter(|s| s.name == "marathon.workflow_task") {
+        let keys: Vec<&str> = t.attrs.keys().map(String::as_str).collect();
+        assert_eq!(keys, ["outcome", "workflow", "workflow_id"], "{t:?}");
+        assert_eq!(t.attrs.get("workflow_id"), workflow_id.as_ref());
+        assert_eq!(t.attrs["workflow"], "ok");
+        assert!(
+            ["recorded", "nothing"].contains(&t.attrs["outcome"].as_str()),
+            "{t:?}"
+        );
+    }
     for a in attempts {
         assert_eq!(a.trace_id, root.trace_id, "one trace per workflow");
         // Walk up: activity → workflow task (that scheduled it) → activity → ... → root.

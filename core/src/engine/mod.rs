@@ -1104,17 +1104,18 @@ impl EngineInner {
         queue: &str,
         t: ActivityTask,
     ) -> Result<(), EngineError> {
+        let span = tracing::Span::current();
         let call = match t.call.clone() {
             Some(c) => c,
             None => match self.load_call(&t.workflow_id, t.scheduled_seq).await? {
-                Some(c) => c,
+                Some(c) => {
+                    // The task did not carry the call: its span learns the name now.
+                    span.record("activity", c.name.as_str());
+                    c
+                }
                 None => return Ok(()),
             },
         };
-        let span = tracing::Span::current();
-        span.record("activity", call.name.as_str());
-        span.record("activity_id", t.activity_id);
-        span.record("attempt", t.attempt);
         let started_at = self.clock.now();
         let clock = std::time::Instant::now();
         self.observer.activity_running(&call.name, 1);

@@ -286,13 +286,9 @@ async fn run_delivery(
             }
         }
     };
-    let kind = match &d.task {
-        crate::model::Task::Workflow { .. } => "workflow",
-        crate::model::Task::Activity(_) => "activity",
-    };
     let span = engine
         .observer()
-        .task_span(kind, d.task.workflow_id(), d.trace_context.as_deref());
+        .task_span(&d.task, d.trace_context.as_deref());
     let work = engine.handle(queue, d.task).instrument(span);
     let result = tokio::select! {
         biased;
