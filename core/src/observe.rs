@@ -127,7 +127,7 @@ pub fn task_span(task: &Task) -> tracing::Span {
     match task {
         Task::Activity(t) => tracing::info_span!(
             "marathon.activity",
-            workflow_id = %t.workflow_id,
+            workflow_id = t.workflow_id.as_str(),
             activity = t.call.as_ref().map(|c| c.name.as_str()),
             activity_id = t.activity_id,
             attempt = t.attempt,
@@ -135,7 +135,7 @@ pub fn task_span(task: &Task) -> tracing::Span {
         ),
         Task::Workflow { workflow_id, .. } => tracing::info_span!(
             "marathon.workflow_task",
-            workflow_id = %workflow_id,
+            workflow_id = workflow_id.as_str(),
             workflow = Empty,
             outcome = Empty,
         ),

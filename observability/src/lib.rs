@@ -1,5 +1,6 @@
 #![doc = include_str!("../README.md")]
 
+mod fields;
 mod instrumented;
 mod metrics;
 mod tracing;

@@ -256,6 +256,7 @@ where
         LogFormat::Text => Box::new(
             tracing_subscriber::fmt::layer()
                 .with_ansi(std::io::stdout().is_terminal())
+                .fmt_fields(crate::fields::PlainFields::default())
                 .with_writer(writer),
         ),
         LogFormat::Json => Box::new(json::layer(writer)),
@@ -387,24 +388,22 @@ mod otel {
     /// Written byte by byte: this runs for every message the engine enqueues, and
     /// `format!` with padded 128-bit hex costs several times as much.
     pub(super) fn format_traceparent(sc: &SpanContext) -> String {
-        fn push_hex(out: &mut String, bytes: &[u8]) {
+        fn hex(out: &mut [u8], bytes: &[u8]) {
             const HEX: &[u8; 16] = b"0123456789abcdef";
-            for b in bytes {
-                out.push(char::from(HEX[usize::from(b >> 4)]));
-                out.push(char::from(HEX[usize::from(b & 0xf)]));
+            for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
+                pair[0] = HEX[usize::from(b >> 4)];
+                pair[1] = HEX[usize::from(b & 0xf)];
             }
         }
-        let mut out = String::with_capacity(55);
-        out.push_str("00-");
-        push_hex(&mut out, &sc.trace_id().to_bytes());
-        out.push('-');
-        push_hex(&mut out, &sc.span_id().to_bytes());
-        out.push('-');
-        push_hex(
-            &mut out,
+        let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-00";
+        hex(&mut buf[3..35], &sc.trace_id().to_bytes());
+        hex(&mut buf[36..52], &sc.span_id().to_bytes());
+        hex(
+            &mut buf[53..55],
             &[(sc.trace_flags() & TraceFlags::SAMPLED).to_u8()],
         );
-        out
+        // Only ASCII hex digits and dashes: this never falls back.
+        String::from_utf8(buf.to_vec()).unwrap_or_default()
     }
 
     /// Parses a W3C `traceparent` header as the W3C Trace Context spec reads it:
