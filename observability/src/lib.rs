@@ -8,5 +8,6 @@ mod tracing;
 pub use instrumented::{InstrumentedQueue, InstrumentedStore};
 pub use metrics::{CONTENT_TYPE, Metrics, MetricsError};
 pub use tracing::{
-    LogFormat, TelemetryConfig, TelemetryError, TelemetryGuard, init_tracing, tracing_dispatch,
+    LogFormat, TelemetryConfig, TelemetryError, TelemetryGuard, continue_trace, init_tracing,
+    tracing_dispatch,
 };

@@ -276,6 +276,17 @@ pub(crate) fn task_span(task: &Task, trace_context: Option<&str>) -> tracing::Sp
     span
 }
 
+/// Makes `span` (an incoming request's span, not yet entered) a child of the W3C
+/// `traceparent` header the caller sent, so that the caller's trace continues through
+/// the request into the workflows it starts. An invalid header is ignored (the span
+/// stays a root), as is everything without the `otel` feature.
+pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
+    #[cfg(feature = "otel")]
+    otel::set_parent(span, traceparent);
+    #[cfg(not(feature = "otel"))]
+    let _ = (span, traceparent);
+}
+
 /// The W3C `traceparent` of the current span, when spans are exported.
 pub(crate) fn current_trace_context() -> Option<String> {
     #[cfg(feature = "otel")]

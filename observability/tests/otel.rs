@@ -113,7 +113,16 @@ fn config(endpoint: Option<String>, format: LogFormat) -> TelemetryConfig {
 
 /// One `ok` workflow started inside a root span standing in for the HTTP request.
 async fn one_traced_workflow(engine: &Engine) {
+    traced_workflow(engine, None).await;
+}
+
+/// One `ok` workflow started inside a root span standing in for the HTTP request, which
+/// continues the caller's trace when `traceparent` is given.
+async fn traced_workflow(engine: &Engine, traceparent: Option<&str>) {
     let root = tracing::info_span!("http.request", method = "POST");
+    if let Some(tp) = traceparent {
+        marathon_observability::continue_trace(&root, tp);
+    }
     let id = async {
         tracing::info!("starting a workflow");
         engine
@@ -173,6 +182,57 @@ fn quiet_logs_do_not_silence_traces() {
         !logs.contains("starting a workflow"),
         "info is not logged at warn: {logs}"
     );
+}
+
+#[test]
+fn a_callers_traceparent_is_continued() {
+    let (port, spans) = receiver();
+    let (dispatch, guard) = tracing_dispatch(
+        &config(Some(format!("http://127.0.0.1:{port}")), LogFormat::Text),
+        std::io::sink,
+    )
+    .unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    tracing::dispatcher::with_default(&dispatch, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let engine = engine(&metrics);
+            let w = worker(&engine);
+            traced_workflow(&engine, Some(caller)).await;
+            // A malformed header is ignored: the request span is a root of its own.
+            traced_workflow(&engine, Some("00-not-a-traceparent-01")).await;
+            w.shutdown().await;
+        });
+    });
+    guard.shutdown();
+    let spans = spans.lock().unwrap().clone();
+    let trace_id = hex_bytes("4bf92f3577b34da6a3ce929d0e0e4736");
+    let roots: Vec<&Span> = spans.iter().filter(|s| s.name == "http.request").collect();
+    assert_eq!(roots.len(), 2, "{spans:#?}");
+    let continued = roots
+        .iter()
+        .find(|r| r.trace_id == trace_id)
+        .expect("the request span joined the caller's trace");
+    assert_eq!(continued.parent, hex_bytes("00f067aa0ba902b7"));
+    let other = roots.iter().find(|r| r.trace_id != trace_id).unwrap();
+    assert!(other.parent.is_empty(), "{other:?}");
+    // The caller's trace runs on through the workflow's tasks.
+    let in_trace = spans
+        .iter()
+        .filter(|s| s.name == "marathon.activity" && s.trace_id == trace_id)
+        .count();
+    assert_eq!(in_trace, 3, "{spans:#?}");
+}
+
+fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 #[test]

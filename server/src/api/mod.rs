@@ -185,7 +185,8 @@ pub(crate) fn router(state: AppState) -> Router {
 }
 
 /// Runs each request in an `http.request` span: the root of the trace of a
-/// workflow it starts (the span's context travels on in queue messages).
+/// workflow it starts (the span's context travels on in queue messages), or, when the
+/// caller sent a W3C `traceparent` header, a child of the caller's span.
 async fn request_span(req: Request, next: middleware::Next) -> axum::response::Response {
     use tracing::Instrument;
     let span = tracing::info_span!(
@@ -194,6 +195,13 @@ async fn request_span(req: Request, next: middleware::Next) -> axum::response::R
         path = %req.uri().path(),
         status = tracing::field::Empty,
     );
+    if let Some(tp) = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+    {
+        marathon_observability::continue_trace(&span, tp);
+    }
     let response = next.run(req).instrument(span.clone()).await;
     span.record("status", response.status().as_u16());
     response
