@@ -105,12 +105,20 @@ struct ActivitySeries {
     in_flight: OnceLock<IntGauge>,
 }
 
+/// One queue's receive series, resolved on first use.
+#[derive(Debug, Default)]
+struct QueueSeries {
+    receive: OnceLock<Histogram>,
+    received: OnceLock<IntCounter>,
+}
+
 /// Per-name series, so that an observer call costs one map lookup instead of one
 /// label-hashing lookup per metric.
 #[derive(Debug, Default)]
 struct SeriesCache {
     workflows: RwLock<HashMap<String, Arc<WorkflowSeries>>>,
     activities: RwLock<HashMap<String, Arc<ActivitySeries>>>,
+    queues: RwLock<HashMap<String, Arc<QueueSeries>>>,
 }
 
 fn series_of<T: Default>(map: &RwLock<HashMap<String, Arc<T>>>, name: &str) -> Arc<T> {
@@ -482,11 +490,14 @@ impl Observer for Metrics {
     }
 
     fn queue_received(&self, queue: &str, count: usize, latency: Duration) {
-        self.queue_receive
-            .with_label_values(&[queue])
+        let series = series_of(&self.series.queues, queue);
+        series
+            .receive
+            .get_or_init(|| self.queue_receive.with_label_values(&[queue]))
             .observe(latency.as_secs_f64());
-        self.queue_received
-            .with_label_values(&[queue])
+        series
+            .received
+            .get_or_init(|| self.queue_received.with_label_values(&[queue]))
             .inc_by(count as u64);
     }
 
