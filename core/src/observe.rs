@@ -2,9 +2,15 @@
 //! any exporter: `marathon-observability` implements [`Observer`] with
 //! Prometheus metrics and OpenTelemetry context propagation.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::time::Duration;
 
+use crate::engine::EngineError;
 use crate::model::{Task, WorkflowStatus};
+
+/// The future that runs one task (see [`Observer::scope_task`]).
+pub type TaskFuture<'a> = Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send + 'a>>;
 
 /// How one activity attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,6 +114,13 @@ pub trait Observer: Send + Sync + 'static {
         task_span(task)
     }
 
+    /// Wraps the future that runs a task (already inside its [`Observer::task_span`]),
+    /// given the trace context its message carried: to make that context current while
+    /// the task runs, say. The default runs it as it is.
+    fn scope_task<'a>(&self, _trace_context: Option<&str>, work: TaskFuture<'a>) -> TaskFuture<'a> {
+        work
+    }
+
     /// The W3C `traceparent` of the current span, put into outgoing messages.
     fn trace_context(&self) -> Option<String> {
         None
@@ -123,24 +136,45 @@ pub trait Observer: Send + Sync + 'static {
 /// each later record is another call into every layer of the subscriber.
 #[must_use]
 pub fn task_span(task: &Task) -> tracing::Span {
-    use tracing::field::Empty;
-    match task {
-        Task::Activity(t) => tracing::info_span!(
-            "marathon.activity",
-            workflow_id = t.workflow_id.as_str(),
-            activity = t.call.as_ref().map(|c| c.name.as_str()),
-            activity_id = t.activity_id,
-            attempt = t.attempt,
-            outcome = Empty,
-        ),
-        Task::Workflow { workflow_id, .. } => tracing::info_span!(
-            "marathon.workflow_task",
-            workflow_id = workflow_id.as_str(),
-            workflow = Empty,
-            outcome = Empty,
-        ),
-    }
+    task_span_in!("marathon_core::observe", task)
 }
+
+/// The target of [`untraced_task_span`]: a subscriber's trace exporter leaves it out.
+pub const UNTRACED_TARGET: &str = "marathon::untraced";
+
+/// [`task_span`] with target [`UNTRACED_TARGET`], for a task whose trace is not
+/// sampled: logs still show it around what the task logs, and a trace exporter that
+/// filters the target out spends nothing on it.
+#[must_use]
+pub fn untraced_task_span(task: &Task) -> tracing::Span {
+    task_span_in!("marathon::untraced", task)
+}
+
+/// The span of `task` with the given target (a literal: each target is a callsite).
+macro_rules! task_span_in {
+    ($target:literal, $task:expr) => {{
+        use tracing::field::Empty;
+        match $task {
+            Task::Activity(t) => tracing::info_span!(
+                target: $target,
+                "marathon.activity",
+                workflow_id = t.workflow_id.as_str(),
+                activity = t.call.as_ref().map(|c| c.name.as_str()),
+                activity_id = t.activity_id,
+                attempt = t.attempt,
+                outcome = Empty,
+            ),
+            Task::Workflow { workflow_id, .. } => tracing::info_span!(
+                target: $target,
+                "marathon.workflow_task",
+                workflow_id = workflow_id.as_str(),
+                workflow = Empty,
+                outcome = Empty,
+            ),
+        }
+    }};
+}
+use task_span_in;
 
 /// The default observer: records nothing.
 #[derive(Debug, Clone, Copy, Default)]

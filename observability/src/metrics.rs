@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
+use marathon_core::observe::TaskFuture;
 use marathon_core::{AttemptOutcome, Observer, Task, TaskOutcome, WorkflowStatus};
 use prometheus::{
     Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
@@ -515,6 +516,10 @@ impl Observer for Metrics {
 
     fn task_span(&self, task: &Task, trace_context: Option<&str>) -> tracing::Span {
         crate::tracing::task_span(task, trace_context)
+    }
+
+    fn scope_task<'a>(&self, trace_context: Option<&str>, work: TaskFuture<'a>) -> TaskFuture<'a> {
+        crate::tracing::scope_task(trace_context, work)
     }
 
     fn trace_context(&self) -> Option<String> {

@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::time::Duration;
 
 use marathon_core::Task;
+use marathon_core::observe::TaskFuture;
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::Layer as _;
@@ -204,7 +205,15 @@ where
     let log_filter = parse(&config.log_filter)?;
     #[cfg(feature = "otel")]
     {
-        let trace_filter = parse(&config.trace_filter)?;
+        // Untraced task spans (their trace is not sampled) never reach the exporter.
+        let trace_filter = parse(&config.trace_filter)?.add_directive(
+            format!("{}=off", marathon_core::observe::UNTRACED_TARGET)
+                .parse()
+                .map_err(|source| TelemetryError::Filter {
+                    filter: config.trace_filter.clone(),
+                    source,
+                })?,
+        );
         let provider = otel::provider(config)?;
         let otel_layer = provider.as_ref().map(|p| {
             use opentelemetry::trace::TracerProvider as _;
@@ -264,16 +273,44 @@ where
 }
 
 /// The span a task runs in (see [`marathon_core::Observer::task_span`]): with the
-/// `otel` feature, a child of the W3C `traceparent` the task's message carried.
+/// `otel` feature, a child of the W3C `traceparent` the task's message carried; when
+/// that context is not sampled and the sampler follows the parent (the default), a span
+/// the trace exporter leaves out ([`marathon_core::observe::untraced_task_span`]), since
+/// nothing under it would be exported anyway.
 pub(crate) fn task_span(task: &Task, trace_context: Option<&str>) -> tracing::Span {
-    let span = marathon_core::observe::task_span(task);
     #[cfg(feature = "otel")]
-    if let Some(tp) = trace_context {
-        otel::set_parent(&span, tp);
+    if let Some(sc) = trace_context.and_then(otel::parse_traceparent) {
+        if !sc.is_sampled() && otel::parent_based() {
+            return marathon_core::observe::untraced_task_span(task);
+        }
+        let span = marathon_core::observe::task_span(task);
+        otel::set_parent_context(&span, sc);
+        return span;
     }
     #[cfg(not(feature = "otel"))]
     let _ = trace_context;
-    span
+    marathon_core::observe::task_span(task)
+}
+
+/// Runs an untraced task (see [`task_span`]) with the unsampled context it arrived
+/// with as the current OpenTelemetry context: the context then travels on in the
+/// messages the task sends, and spans opened inside it (the activity's own) are its
+/// unsampled children rather than new traces.
+pub(crate) fn scope_task<'a>(trace_context: Option<&str>, work: TaskFuture<'a>) -> TaskFuture<'a> {
+    #[cfg(feature = "otel")]
+    if let Some(sc) = trace_context.and_then(otel::parse_traceparent)
+        && !sc.is_sampled()
+        && otel::parent_based()
+    {
+        use opentelemetry::context::FutureExt as _;
+        use opentelemetry::trace::TraceContextExt as _;
+        return Box::pin(
+            work.with_context(opentelemetry::Context::new().with_remote_span_context(sc)),
+        );
+    }
+    #[cfg(not(feature = "otel"))]
+    let _ = trace_context;
+    work
 }
 
 /// Makes `span` (an incoming request's span, not yet entered) a child of the W3C
@@ -383,16 +420,40 @@ mod otel {
 
     pub(super) fn set_parent(span: &tracing::Span, traceparent: &str) {
         if let Some(sc) = parse_traceparent(traceparent) {
-            // Fails only when no OpenTelemetry layer is installed: then there is nothing to link.
-            let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
+            set_parent_context(span, sc);
         }
+    }
+
+    pub(super) fn set_parent_context(span: &tracing::Span, sc: SpanContext) {
+        // Fails only when no OpenTelemetry layer is installed: then there is nothing to link.
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
     }
 
     pub(super) fn current_traceparent() -> Option<String> {
         let cx = tracing::Span::current().context();
         let span = cx.span();
         let sc = span.span_context();
+        if sc.is_valid() {
+            return Some(format_traceparent(sc));
+        }
+        // An untraced task: the unsampled context it arrived with, made current by
+        // `scope_task`, goes on unchanged.
+        let cx = opentelemetry::Context::current();
+        let span = cx.span();
+        let sc = span.span_context();
         sc.is_valid().then(|| format_traceparent(sc))
+    }
+
+    /// Whether the configured sampler follows the parent's decision (the SDK's default,
+    /// `parentbased_always_on`, or any `parentbased_*`): then a task whose context is
+    /// not sampled needs no exported span. Read once from `OTEL_TRACES_SAMPLER`, as the
+    /// SDK reads it.
+    pub(super) fn parent_based() -> bool {
+        static PARENT_BASED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
+            env("OTEL_TRACES_SAMPLER")
+                .is_none_or(|s| s.trim().to_ascii_lowercase().starts_with("parentbased_"))
+        });
+        *PARENT_BASED
     }
 
     /// The W3C `traceparent` header of `sc` (version 00; trace state is not carried).
@@ -421,15 +482,30 @@ mod otel {
     /// lowercase hex fields, exactly four of them at version 00, non-zero ids, and only
     /// the sampled flag kept. `None` when it is not one.
     pub(super) fn parse_traceparent(header: &str) -> Option<SpanContext> {
-        fn hex(s: &str, len: usize) -> Option<&str> {
-            (s.len() == len && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-                .then_some(s)
+        /// Lowercase hex digits into bytes; `None` on anything else. By table, since
+        /// this runs for every task a worker receives.
+        fn hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
+            fn digit(c: u8) -> Option<u8> {
+                match c {
+                    b'0'..=b'9' => Some(c - b'0'),
+                    b'a'..=b'f' => Some(c - b'a' + 10),
+                    _ => None,
+                }
+            }
+            if s.len() != 2 * N {
+                return None;
+            }
+            let mut out = [0u8; N];
+            for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
+                *o = (digit(pair[0])? << 4) | digit(pair[1])?;
+            }
+            Some(out)
         }
-        let mut parts = header.trim().split('-');
-        let version = u8::from_str_radix(hex(parts.next()?, 2)?, 16).ok()?;
-        let trace_id = TraceId::from_hex(hex(parts.next()?, 32)?).ok()?;
-        let span_id = SpanId::from_hex(hex(parts.next()?, 16)?).ok()?;
-        let flags = u8::from_str_radix(hex(parts.next()?, 2)?, 16).ok()?;
+        let mut parts = header.trim().split('-').map(str::as_bytes);
+        let [version] = hex::<1>(parts.next()?)?;
+        let trace_id = TraceId::from_bytes(hex::<16>(parts.next()?)?);
+        let span_id = SpanId::from_bytes(hex::<8>(parts.next()?)?);
+        let [flags] = hex::<1>(parts.next()?)?;
         // Version ff is invalid; version 00 has exactly four fields, later ones may add more.
         if version == 0xff || (version == 0 && parts.next().is_some()) {
             return None;
@@ -620,6 +696,34 @@ mod tests {
         DEFAULT_EXPORT_BATCH_SIZE, DEFAULT_QUEUE_SIZE, batch_config, format_traceparent,
         parse_traceparent,
     };
+
+    #[test]
+    fn a_task_whose_trace_is_not_sampled_gets_an_untraced_span() {
+        use marathon_core::observe::UNTRACED_TARGET;
+        use marathon_core::{Task, WorkflowId};
+        let task = Task::workflow(WorkflowId::parse("w-1").unwrap());
+        let target = |tc: Option<&str>| {
+            tracing::subscriber::with_default(tracing_subscriber::registry(), || {
+                let span = super::task_span(&task, tc);
+                span.metadata().map(|m| m.target().to_string())
+            })
+        };
+        let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        // The default sampler (no OTEL_TRACES_SAMPLER here) follows the parent.
+        if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
+            assert_eq!(target(Some(unsampled)).as_deref(), Some(UNTRACED_TARGET));
+        }
+        assert_eq!(
+            target(Some(sampled)).as_deref(),
+            Some("marathon_core::observe")
+        );
+        assert_eq!(target(None).as_deref(), Some("marathon_core::observe"));
+        assert_eq!(
+            target(Some("garbage")).as_deref(),
+            Some("marathon_core::observe")
+        );
+    }
 
     #[test]
     fn batch_processor_sizes_default_to_marathons_and_yield_to_the_variables() {

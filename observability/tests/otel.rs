@@ -220,12 +220,79 @@ fn a_callers_traceparent_is_continued() {
     assert_eq!(continued.parent, hex_bytes("00f067aa0ba902b7"));
     let other = roots.iter().find(|r| r.trace_id != trace_id).unwrap();
     assert!(other.parent.is_empty(), "{other:?}");
-    // The caller's trace runs on through the workflow's tasks.
-    let in_trace = spans
+    // The caller's trace runs on through the workflow's tasks, and into the spans the
+    // activities open themselves.
+    let activities: Vec<&Span> = spans
         .iter()
         .filter(|s| s.name == "marathon.activity" && s.trace_id == trace_id)
-        .count();
-    assert_eq!(in_trace, 3, "{spans:#?}");
+        .collect();
+    assert_eq!(activities.len(), 3, "{spans:#?}");
+    let steps: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == "user.step" && s.trace_id == trace_id)
+        .collect();
+    assert_eq!(steps.len(), 3, "{spans:#?}");
+    for step in steps {
+        assert!(
+            activities.iter().any(|a| a.span_id == step.parent),
+            "a user span is a child of its activity's span: {step:?}"
+        );
+    }
+}
+
+/// A caller that did not sample its trace: nothing of the workflow is exported, yet the
+/// decision travels through every queue hop (a task without context would start a new,
+/// sampled trace) and covers the spans activities open themselves.
+#[test]
+fn an_unsampled_callers_trace_stays_unsampled_through_the_workflow() {
+    let (port, spans) = receiver();
+    let (dispatch, guard) = tracing_dispatch(
+        &config(Some(format!("http://127.0.0.1:{port}")), LogFormat::Text),
+        std::io::sink,
+    )
+    .unwrap();
+    let metrics = Arc::new(Metrics::new().unwrap());
+    tracing::dispatcher::with_default(&dispatch, || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let engine = engine(&metrics);
+            let w = worker(&engine);
+            traced_workflow(
+                &engine,
+                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
+            )
+            .await;
+            // A sampled one afterwards is exported as usual (the receiver works).
+            traced_workflow(&engine, None).await;
+            w.shutdown().await;
+        });
+    });
+    guard.shutdown();
+    let spans = spans.lock().unwrap().clone();
+    let unsampled = hex_bytes("4bf92f3577b34da6a3ce929d0e0e4736");
+    assert!(
+        spans.iter().all(|s| s.trace_id != unsampled),
+        "nothing of the unsampled trace is exported: {spans:#?}"
+    );
+    let names: Vec<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(
+        names.iter().filter(|n| **n == "http.request").count(),
+        1,
+        "only the sampled request's trace: {names:?}"
+    );
+    assert_eq!(
+        names.iter().filter(|n| **n == "marathon.activity").count(),
+        3,
+        "{names:?}"
+    );
+    assert_eq!(
+        names.iter().filter(|n| **n == "user.step").count(),
+        3,
+        "{names:?}"
+    );
 }
 
 fn hex_bytes(hex: &str) -> Vec<u8> {

@@ -286,10 +286,12 @@ async fn run_delivery(
             }
         }
     };
-    let span = engine
-        .observer()
-        .task_span(&d.task, d.trace_context.as_deref());
-    let work = engine.handle(queue, d.task).instrument(span);
+    let observer = engine.observer();
+    let span = observer.task_span(&d.task, d.trace_context.as_deref());
+    let work = observer.scope_task(
+        d.trace_context.as_deref(),
+        Box::pin(engine.handle(queue, d.task).instrument(span)),
+    );
     let result = tokio::select! {
         biased;
         r = work => Some(r),

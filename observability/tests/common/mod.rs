@@ -55,9 +55,14 @@ pub fn engine(metrics: &Arc<Metrics>) -> Engine {
             ctx.sleep(Duration::from_secs(3600)).await?;
             Ok::<_, WorkflowError>(())
         })
-        .activity("add", |_ctx: ActivityContext, (a, b): (i64, i64)| async move {
-            Ok::<_, ActivityError>(a + b)
-        })
+        .activity(
+            "add",
+            |_ctx: ActivityContext, (a, b): (i64, i64)| async move {
+                // A span of the activity's own, as user code opens them.
+                let _step = tracing::info_span!("user.step").entered();
+                Ok::<_, ActivityError>(a + b)
+            },
+        )
         .activity("boom", |ctx: ActivityContext, (): ()| async move {
             if ctx.attempt() == 1 {
                 // Outlives start_to_close: the first attempt times out.
