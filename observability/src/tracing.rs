@@ -482,8 +482,8 @@ mod otel {
     /// lowercase hex fields, exactly four of them at version 00, non-zero ids, and only
     /// the sampled flag kept. `None` when it is not one.
     pub(super) fn parse_traceparent(header: &str) -> Option<SpanContext> {
-        /// Lowercase hex digits into bytes; `None` on anything else. By table, since
-        /// this runs for every task a worker receives.
+        /// Lowercase hex digits into bytes; `None` on anything else. Digit by digit
+        /// rather than `from_str_radix`, since this runs for every task a worker receives.
         fn hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
             fn digit(c: u8) -> Option<u8> {
                 match c {
