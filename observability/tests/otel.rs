@@ -137,20 +137,21 @@ async fn traced_workflow(engine: &Engine, traceparent: Option<&str>) {
     finish(engine, &id).await;
 }
 
-/// Tracing subscribers here are per thread (`set_default`), so these tests run on a
-/// current-thread runtime: engine, worker and activities all see the test's subscriber.
-#[test]
-fn quiet_logs_do_not_silence_traces() {
+/// Runs `workflows` on an engine and worker (a current-thread runtime) under a
+/// subscriber exporting to a fresh in-process receiver, configured by `config` from a
+/// base that names the receiver, with logs to `logs`; returns every span received.
+fn exported<W>(
+    config: impl FnOnce(TelemetryConfig) -> TelemetryConfig,
+    logs: W,
+    workflows: impl for<'e> FnOnce(&'e Engine) -> futures::future::BoxFuture<'e, ()>,
+) -> Vec<Span>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let (port, spans) = receiver();
-    let logs = Captured::default();
-    let (dispatch, guard) = tracing_dispatch(
-        &TelemetryConfig {
-            log_filter: "warn".into(),
-            ..config(Some(format!("http://127.0.0.1:{port}")), LogFormat::Text)
-        },
-        logs.clone(),
-    )
-    .unwrap();
+    let base = self::config(Some(format!("http://127.0.0.1:{port}")), LogFormat::Text);
+    let (dispatch, guard) = tracing_dispatch(&config(base), logs).unwrap();
+    assert!(guard.exporting());
     let metrics = Arc::new(Metrics::new().unwrap());
     tracing::dispatcher::with_default(&dispatch, || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -160,17 +161,28 @@ fn quiet_logs_do_not_silence_traces() {
         rt.block_on(async {
             let engine = engine(&metrics);
             let w = worker(&engine);
-            one_traced_workflow(&engine).await;
+            workflows(&engine).await;
             w.shutdown().await;
         });
     });
     guard.shutdown();
-    let names: Vec<String> = spans
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|s| s.name.clone())
-        .collect();
+    spans.lock().unwrap().clone()
+}
+
+/// Tracing subscribers here are per thread (`set_default`), so these tests run on a
+/// current-thread runtime: engine, worker and activities all see the test's subscriber.
+#[test]
+fn quiet_logs_do_not_silence_traces() {
+    let logs = Captured::default();
+    let spans = exported(
+        |c| TelemetryConfig {
+            log_filter: "warn".into(),
+            ..c
+        },
+        logs.clone(),
+        |engine| Box::pin(one_traced_workflow(engine)),
+    );
+    let names: Vec<String> = spans.iter().map(|s| s.name.clone()).collect();
     assert_eq!(
         names.iter().filter(|n| *n == "marathon.activity").count(),
         3,
@@ -186,30 +198,18 @@ fn quiet_logs_do_not_silence_traces() {
 
 #[test]
 fn a_callers_traceparent_is_continued() {
-    let (port, spans) = receiver();
-    let (dispatch, guard) = tracing_dispatch(
-        &config(Some(format!("http://127.0.0.1:{port}")), LogFormat::Text),
+    let spans = exported(
+        |c| c,
         std::io::sink,
-    )
-    .unwrap();
-    let metrics = Arc::new(Metrics::new().unwrap());
-    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-    tracing::dispatcher::with_default(&dispatch, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let engine = engine(&metrics);
-            let w = worker(&engine);
-            traced_workflow(&engine, Some(caller)).await;
-            // A malformed header is ignored: the request span is a root of its own.
-            traced_workflow(&engine, Some("00-not-a-traceparent-01")).await;
-            w.shutdown().await;
-        });
-    });
-    guard.shutdown();
-    let spans = spans.lock().unwrap().clone();
+        |engine| {
+            Box::pin(async move {
+                let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+                traced_workflow(engine, Some(caller)).await;
+                // A malformed header is ignored: the request span is a root of its own.
+                traced_workflow(engine, Some("00-not-a-traceparent-01")).await;
+            })
+        },
+    );
     let trace_id = hex_bytes("4bf92f3577b34da6a3ce929d0e0e4736");
     let roots: Vec<&Span> = spans.iter().filter(|s| s.name == "http.request").collect();
     assert_eq!(roots.len(), 2, "{spans:#?}");
@@ -245,33 +245,18 @@ fn a_callers_traceparent_is_continued() {
 /// sampled trace) and covers the spans activities open themselves.
 #[test]
 fn an_unsampled_callers_trace_stays_unsampled_through_the_workflow() {
-    let (port, spans) = receiver();
-    let (dispatch, guard) = tracing_dispatch(
-        &config(Some(format!("http://127.0.0.1:{port}")), LogFormat::Text),
+    let spans = exported(
+        |c| c,
         std::io::sink,
-    )
-    .unwrap();
-    let metrics = Arc::new(Metrics::new().unwrap());
-    tracing::dispatcher::with_default(&dispatch, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let engine = engine(&metrics);
-            let w = worker(&engine);
-            traced_workflow(
-                &engine,
-                Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"),
-            )
-            .await;
-            // A sampled one afterwards is exported as usual (the receiver works).
-            traced_workflow(&engine, None).await;
-            w.shutdown().await;
-        });
-    });
-    guard.shutdown();
-    let spans = spans.lock().unwrap().clone();
+        |engine| {
+            Box::pin(async move {
+                let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+                traced_workflow(engine, Some(caller)).await;
+                // A sampled one afterwards is exported as usual (the receiver works).
+                traced_workflow(engine, None).await;
+            })
+        },
+    );
     let unsampled = hex_bytes("4bf92f3577b34da6a3ce929d0e0e4736");
     assert!(
         spans.iter().all(|s| s.trace_id != unsampled),
@@ -304,30 +289,15 @@ fn hex_bytes(hex: &str) -> Vec<u8> {
 
 #[test]
 fn a_workflow_is_one_trace_from_request_to_activity_attempts() {
-    let (port, spans) = receiver();
     let logs = Captured::default();
-    let (dispatch, guard) = tracing_dispatch(
-        &config(Some(format!("http://127.0.0.1:{port}")), LogFormat::Json),
+    let spans = exported(
+        |c| TelemetryConfig {
+            log_format: LogFormat::Json,
+            ..c
+        },
         logs.clone(),
-    )
-    .unwrap();
-    assert!(guard.exporting());
-    let metrics = Arc::new(Metrics::new().unwrap());
-    tracing::dispatcher::with_default(&dispatch, || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async {
-            let engine = engine(&metrics);
-            let w = worker(&engine);
-            one_traced_workflow(&engine).await;
-            w.shutdown().await;
-        });
-    });
-    guard.shutdown();
-
-    let spans = spans.lock().unwrap().clone();
+        |engine| Box::pin(one_traced_workflow(engine)),
+    );
     let by_id = |id: &[u8]| spans.iter().find(|s| s.span_id == id);
     let root = spans
         .iter()
