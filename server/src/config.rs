@@ -258,6 +258,9 @@ pub struct LogConfig {
     pub format: LogFormat,
     /// A `tracing` filter (`RUST_LOG` syntax). Default `info`.
     pub filter: String,
+    /// Which spans are exported over OTLP (same syntax; needs the `otel` feature and an
+    /// OTLP endpoint), independently of `filter`. Default `info`.
+    pub trace_filter: String,
 }
 
 impl Default for LogConfig {
@@ -265,6 +268,7 @@ impl Default for LogConfig {
         Self {
             format: LogFormat::Text,
             filter: "info".into(),
+            trace_filter: "info".into(),
         }
     }
 }
@@ -440,6 +444,9 @@ impl Config {
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return bad("log.filter", e.to_string());
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.trace_filter) {
+            return bad("log.trace_filter", e.to_string());
         }
         crate::backends::check_compiled(self).map_err(|e| ConfigError::Invalid {
             path: e.0.into(),
@@ -673,6 +680,18 @@ mod tests {
         })
         .expect_err("memory with api role");
         assert!(e.to_string().contains("memory"), "{e}");
+        let e = Config::load(&Sources {
+            env: env(&[("MARATHON_LOG__TRACE_FILTER", "info,[=")]),
+            ..Default::default()
+        })
+        .expect_err("bad trace filter");
+        assert!(e.to_string().contains("log.trace_filter"), "{e}");
+        let ok = Config::load(&Sources {
+            env: env(&[("MARATHON_LOG__TRACE_FILTER", "debug")]),
+            ..Default::default()
+        })
+        .expect("a trace filter from the environment");
+        assert_eq!(ok.log.trace_filter, "debug");
     }
 
     #[test]

@@ -107,6 +107,7 @@ fn init_telemetry(cfg: &Config) -> Result<TelemetryGuard, ServerError> {
             LogFormat::Json => marathon_observability::LogFormat::Json,
         },
         log_filter: cfg.log.filter.clone(),
+        trace_filter: cfg.log.trace_filter.clone(),
         ..TelemetryConfig::default()
     })
     .map_err(|e| ServerError::Config(format!("log/tracing: {e}")))
