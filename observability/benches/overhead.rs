@@ -89,34 +89,9 @@ async fn store() -> (Arc<dyn marathon_core::Store>, &'static str, Option<String>
 
 /// Deletes every key under `prefix` (SCAN + UNLINK; never FLUSHALL).
 async fn delete_prefix(prefix: &str) {
-    let client = redis::Client::open(redis_url()).expect("valid URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
+    marathon_redis::testkit::delete_prefix(&redis_url(), prefix)
         .await
-        .expect("connect");
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .expect("SCAN");
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await
-                .expect("UNLINK");
-        }
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
+        .expect("delete the run's keys");
 }
 
 fn engine(

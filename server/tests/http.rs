@@ -782,36 +782,9 @@ async fn runs_on_the_redis_store() {
         .catch_unwind()
         .await;
     // Leave nothing behind in the shared Redis, whatever the outcome.
-    let client = redis::Client::open(url.as_str()).expect("valid Redis URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
+    marathon_redis::testkit::delete_prefix(&url, &prefix)
         .await
-        .expect("Redis answers");
-    let mut keys: Vec<String> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .expect("SCAN");
-        keys.extend(batch);
-        cursor = next;
-        if cursor == 0 {
-            break;
-        }
-    }
-    for chunk in keys.chunks(500) {
-        let _: i64 = redis::cmd("UNLINK")
-            .arg(chunk)
-            .query_async(&mut conn)
-            .await
-            .expect("UNLINK");
-    }
+        .expect("delete the run's keys");
     if let Err(panic) = outcome {
         std::panic::resume_unwind(panic);
     }

@@ -297,34 +297,9 @@ async fn throughput(
 }
 
 async fn teardown(prefix: &str) {
-    let client = redis::Client::open(url()).expect("valid URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
+    marathon_redis::testkit::delete_prefix(&url(), prefix)
         .await
-        .expect("connect");
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .expect("SCAN");
-        if !batch.is_empty() {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(&batch)
-                .query_async(&mut conn)
-                .await
-                .expect("UNLINK");
-        }
-        if next == 0 {
-            return;
-        }
-        cursor = next;
-    }
+        .expect("delete the run's keys");
 }
 
 fn main() {

@@ -5,6 +5,8 @@ mod conn;
 mod keys;
 mod notify;
 mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use config::RedisStoreConfig;
 pub use store::RedisStore;

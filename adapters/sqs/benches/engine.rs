@@ -412,30 +412,8 @@ async fn redis_store() -> anyhow::Result<(Arc<dyn Store>, String)> {
 async fn redis_cleanup(prefix: &str) -> anyhow::Result<()> {
     let url = std::env::var("MARATHON_TEST_REDIS_URL")
         .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    let mut conn = redis::Client::open(url)?
-        .get_multiplexed_async_connection()
-        .await?;
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await?;
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await?;
-        }
-        if next == 0 {
-            return Ok(());
-        }
-        cursor = next;
-    }
+    marathon_redis::testkit::delete_prefix(&url, prefix).await?;
+    Ok(())
 }
 
 async fn bench(

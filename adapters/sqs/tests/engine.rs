@@ -52,34 +52,9 @@ async fn redis_store() -> RedisStore {
 /// Deletes every key under `prefix` (SCAN MATCH + UNLINK; never FLUSHALL).
 async fn redis_teardown(prefix: &str) {
     assert!(prefix.starts_with("marathon-test:"), "refusing {prefix:?}");
-    let client = redis::Client::open(redis_url()).expect("valid URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
+    marathon_redis::testkit::delete_prefix(&redis_url(), prefix)
         .await
-        .expect("connect to Redis");
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .expect("SCAN");
-        if !keys.is_empty() {
-            let _: i64 = redis::cmd("UNLINK")
-                .arg(&keys)
-                .query_async(&mut conn)
-                .await
-                .expect("UNLINK");
-        }
-        if next == 0 {
-            return;
-        }
-        cursor = next;
-    }
+        .expect("delete the run's keys");
 }
 
 /// Engine settings for tests: quick recovery of lost work.

@@ -240,48 +240,17 @@ pub async fn fresh() -> (RedisStore, String) {
 
 /// Every key under `prefix` on the master at `port` (SCAN MATCH).
 pub async fn keys_on(port: u16, prefix: &str) -> Vec<String> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("valid URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
+    marathon_redis::testkit::keys_under(&format!("redis://127.0.0.1:{port}"), prefix)
         .await
-        .expect("connect to a master");
-    let mut cursor: u64 = 0;
-    let mut keys = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .expect("SCAN");
-        keys.extend(batch);
-        if next == 0 {
-            return keys;
-        }
-        cursor = next;
-    }
+        .expect("SCAN a master")
 }
 
 /// Deletes every key under `prefix` on every master (SCAN + UNLINK per key,
 /// since one UNLINK cannot span slots); never FLUSHALL.
 pub async fn teardown(prefix: &str) {
     for &port in &shared().ports {
-        let keys = keys_on(port, prefix).await;
-        if keys.is_empty() {
-            continue;
-        }
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).expect("valid URL");
-        let mut conn = client
-            .get_multiplexed_async_connection()
+        marathon_redis::testkit::delete_prefix(&format!("redis://127.0.0.1:{port}"), prefix)
             .await
-            .expect("connect to a master");
-        let mut pipe = redis::pipe();
-        for k in &keys {
-            pipe.cmd("UNLINK").arg(k).ignore();
-        }
-        let () = pipe.query_async(&mut conn).await.expect("UNLINK");
+            .expect("delete the run's keys on a master");
     }
 }

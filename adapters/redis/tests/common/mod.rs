@@ -38,49 +38,16 @@ pub async fn fresh() -> (RedisStore, String) {
 
 /// Every key under `prefix` (SCAN MATCH).
 pub async fn keys_under(prefix: &str) -> Vec<String> {
-    let client = redis::Client::open(url()).expect("valid URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
+    marathon_redis::testkit::keys_under(&url(), prefix)
         .await
-        .unwrap_or_else(|e| panic!("{HOW_TO_START}: {e}"));
-    let mut cursor: u64 = 0;
-    let mut keys = Vec::new();
-    loop {
-        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{prefix}*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(&mut conn)
-            .await
-            .expect("SCAN");
-        keys.extend(batch);
-        if next == 0 {
-            return keys;
-        }
-        cursor = next;
-    }
+        .unwrap_or_else(|e| panic!("{HOW_TO_START}: {e}"))
 }
 
 /// Deletes every key under `prefix` (SCAN MATCH + UNLINK); never FLUSHDB.
 pub async fn teardown(prefix: &str) {
-    let keys = keys_under(prefix).await;
-    if keys.is_empty() {
-        return;
-    }
-    let client = redis::Client::open(url()).expect("valid URL");
-    let mut conn = client
-        .get_multiplexed_async_connection()
+    marathon_redis::testkit::delete_prefix(&url(), prefix)
         .await
-        .expect("connect");
-    for chunk in keys.chunks(500) {
-        let _: i64 = redis::cmd("UNLINK")
-            .arg(chunk)
-            .query_async(&mut conn)
-            .await
-            .expect("UNLINK");
-    }
+        .expect("delete the run's keys");
 }
 
 /// A private `redis-server` with an append-only file, so data survives a kill.

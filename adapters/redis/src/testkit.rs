@@ -1,0 +1,56 @@
+//! Helpers for tests and benchmarks that run against a shared Redis (feature `testkit`):
+//! each run works under a key prefix of its own and deletes it afterwards, never with
+//! `FLUSHALL`/`FLUSHDB`.
+
+use redis::RedisResult;
+
+/// Every key under `prefix` on the Redis (or the one cluster node) at `url` (`SCAN MATCH`).
+///
+/// # Errors
+/// The connection or a `SCAN` failed.
+pub async fn keys_under(url: &str, prefix: &str) -> RedisResult<Vec<String>> {
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    let mut cursor: u64 = 0;
+    let mut keys = Vec::new();
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(&mut conn)
+            .await?;
+        keys.extend(batch);
+        if next == 0 {
+            return Ok(keys);
+        }
+        cursor = next;
+    }
+}
+
+/// Deletes every key under `prefix` on the Redis (or the one cluster node) at `url`
+/// and returns how many there were. One `UNLINK` per key, pipelined, so that keys of
+/// different hash slots on a cluster node are fine too.
+///
+/// # Errors
+/// The connection, a `SCAN` or an `UNLINK` failed.
+pub async fn delete_prefix(url: &str, prefix: &str) -> RedisResult<usize> {
+    let keys = keys_under(url, prefix).await?;
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let mut conn = redis::Client::open(url)?
+        .get_multiplexed_async_connection()
+        .await?;
+    for chunk in keys.chunks(1000) {
+        let mut pipe = redis::pipe();
+        for k in chunk {
+            pipe.cmd("UNLINK").arg(k).ignore();
+        }
+        let () = pipe.query_async(&mut conn).await?;
+    }
+    Ok(keys.len())
+}
