@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use activity::ActivityContext;
 pub use context::{ActivityFuture, CancelledFuture, SignalFuture, TimerFuture, WorkflowContext};
-pub use registry::{ActivityFn, Registry, WorkflowFn};
+pub use registry::{ActivityFn, JsonFn, Registry, WorkflowFn};
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::memory::{MemoryQueue, MemoryStore};

@@ -13,19 +13,38 @@ use crate::engine::activity::ActivityContext;
 use crate::engine::context::WorkflowContext;
 use crate::model::{ActivityError, WorkflowError};
 
+/// A registered function on JSON values, taking a context `C` and failing with `E`.
+pub type JsonFn<C, E> = Arc<dyn Fn(C, Value) -> BoxFuture<'static, Result<Value, E>> + Send + Sync>;
+
 /// A registered workflow function on JSON values.
-pub type WorkflowFn = Arc<
-    dyn Fn(WorkflowContext, Value) -> BoxFuture<'static, Result<Value, WorkflowError>>
-        + Send
-        + Sync,
->;
+pub type WorkflowFn = JsonFn<WorkflowContext, WorkflowError>;
 
 /// A registered activity function on JSON values.
-pub type ActivityFn = Arc<
-    dyn Fn(ActivityContext, Value) -> BoxFuture<'static, Result<Value, ActivityError>>
-        + Send
-        + Sync,
->;
+pub type ActivityFn = JsonFn<ActivityContext, ActivityError>;
+
+/// `f`, typed on its input and output, as a function on JSON values (the shape of
+/// [`WorkflowFn`] and [`ActivityFn`]): input that does not deserialize into `I`, or
+/// output that does not serialize, is a `serialization` error `E`.
+fn on_json<C, I, O, E, F, Fut>(f: F) -> JsonFn<C, E>
+where
+    C: Send + 'static,
+    I: DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
+    E: From<serde_json::Error> + Send + 'static,
+    F: Fn(C, I) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, E>> + Send + 'static,
+{
+    let f = Arc::new(f);
+    Arc::new(move |ctx, input: Value| {
+        let f = f.clone();
+        async move {
+            let input: I = serde_json::from_value(input)?;
+            let out = f(ctx, input).await?;
+            Ok(serde_json::to_value(out)?)
+        }
+        .boxed()
+    })
+}
 
 /// The workflows and activities a replica can run, by name.
 #[derive(Clone, Default)]
@@ -60,17 +79,7 @@ impl Registry {
         F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<O, WorkflowError>> + Send + 'static,
     {
-        let f = Arc::new(f);
-        let wrapped: WorkflowFn = Arc::new(move |ctx, input: Value| {
-            let f = f.clone();
-            async move {
-                let input: I = serde_json::from_value(input)?;
-                let out = f(ctx, input).await?;
-                Ok(serde_json::to_value(out)?)
-            }
-            .boxed()
-        });
-        self.workflows.insert(name.into(), wrapped);
+        self.workflows.insert(name.into(), on_json(f));
         self
     }
 
@@ -90,17 +99,7 @@ impl Registry {
         F: Fn(ActivityContext, I) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<O, ActivityError>> + Send + 'static,
     {
-        let f = Arc::new(f);
-        let wrapped: ActivityFn = Arc::new(move |ctx, input: Value| {
-            let f = f.clone();
-            async move {
-                let input: I = serde_json::from_value(input)?;
-                let out = f(ctx, input).await?;
-                Ok(serde_json::to_value(out)?)
-            }
-            .boxed()
-        });
-        self.activities.insert(name.into(), wrapped);
+        self.activities.insert(name.into(), on_json(f));
         self
     }
 
