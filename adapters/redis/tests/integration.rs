@@ -587,3 +587,47 @@ async fn survives_a_redis_restart() {
     drop(server2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Batches larger than one Redis command takes in a script (the scripts write them in
+/// chunks): thousands of events and owed entries in one append, then cleared in one.
+#[tokio::test]
+async fn batches_of_thousands_of_events_and_owed_entries() {
+    let (store, prefix) = common::fresh().await;
+    let id = WorkflowId::random();
+    store.create(new_wf(&id, "n", None, 100)).await.unwrap();
+    let events: Vec<NewEvent> = (0..5_000).map(|n| signal(101, n)).collect();
+    let mut set = OwedChanges::none();
+    for t in 0..4_500 {
+        set = set.set(timer(t, 50));
+    }
+    // Creation owes a workflow task ("wf"); this batch replaces nothing of it.
+    let last = store.append(&id, Seq(1), events, set).await.unwrap();
+    assert_eq!(last, Seq(5_001));
+    let mut seqs = Vec::new();
+    let mut after = Seq::ZERO;
+    loop {
+        let page = store.read(&id, after, 1_000).await.unwrap();
+        let Some(e) = page.last() else { break };
+        after = e.seq;
+        seqs.extend(page.iter().map(|e| e.seq.0));
+    }
+    assert_eq!(seqs, (1..=5_001).collect::<Vec<_>>());
+    let mut clear = OwedChanges::none();
+    for t in 0..4_500 {
+        clear.clear.push(timer(t, 50).kind.key());
+    }
+    store
+        .append(&id, last, vec![signal(102, 0)], clear)
+        .await
+        .unwrap();
+    // Only the workflow task is owed now.
+    let owed = store
+        .claim_overdue(Timestamp(10_000), Duration::from_secs(30), 10_000)
+        .await
+        .unwrap();
+    assert_eq!(
+        owed.iter().map(|o| o.entry.kind.key()).collect::<Vec<_>>(),
+        vec!["wf".to_string()]
+    );
+    common::teardown(&prefix).await;
+}

@@ -6,5 +6,5 @@ local f = redis.call('HMGET', KEYS[1], 'ls', 'st')
 if not f[1] then return {'notfound'} end
 if f[2] ~= 'running' then return {'closed'} end
 if tonumber(f[1]) ~= tonumber(ARGV[1]) then return {'conflict', f[1]} end
-local r = apply_batch(KEYS, ARGV, 2)
+local r = apply_batch(KEYS, ARGV, 2, tonumber(f[1]))
 return {'ok', r[1], r[2]}

@@ -4,13 +4,14 @@
 -- ARGV: 1 dedupe key ('' = none), 2 required owed key ('' = none),
 --       3.. the batch as described at apply_batch (common.lua)
 -- Returns {'ok', last seq, ik to expire} | {'notfound'} | {'closed'} | {'duplicate'} | {'notowed'}.
-local st = redis.call('HGET', KEYS[1], 'st')
+local f = redis.call('HMGET', KEYS[1], 'st', 'ls')
+local st = f[1]
 if not st then return {'notfound'} end
 if st ~= 'running' then return {'closed'} end
 local key, req = ARGV[1], ARGV[2]
 if key ~= '' and redis.call('SISMEMBER', KEYS[4], key) == 1 then return {'duplicate'} end
 if req ~= '' and redis.call('HEXISTS', KEYS[3], req) == 0 then return {'notowed'} end
 if key ~= '' then redis.call('SADD', KEYS[4], key) end
-if req ~= '' then owed_remove(KEYS[3], KEYS[5], ARGV[3], req) end
-local r = apply_batch(KEYS, ARGV, 3)
+if req ~= '' then owed_remove(KEYS[3], KEYS[5], ARGV[3], {req}) end
+local r = apply_batch(KEYS, ARGV, 3, tonumber(f[2]))
 return {'ok', r[1], r[2]}

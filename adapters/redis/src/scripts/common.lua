@@ -7,17 +7,29 @@
 -- Summary hash fields: id name st tq ik ca ua cl ls cr out err tf
 -- Owed zset member: <workflow id>|<owed key> (ids never contain '|').
 
-local function owed_remove(owed, zowed, id, key)
-  if redis.call('HDEL', owed, key) == 1 then
-    redis.call('ZREM', zowed, id .. '|' .. key)
+local unpack = table.unpack or unpack
+
+-- Calls `cmd key args...` once per chunk of `args` (each chunk a multiple of `per`
+-- arguments, so tuples stay whole): one command for many values, within the Lua
+-- stack's limit on unpacked arguments.
+local function call_many(cmd, key, args, per)
+  local step = 4000 - (4000 % per)
+  for s = 1, #args, step do
+    redis.call(cmd, key, unpack(args, s, math.min(s + step - 1, #args)))
   end
 end
 
+-- Removes owed entries `keys` (a list) of workflow `id`: one HDEL and one ZREM.
+local function owed_remove(owed, zowed, id, keys)
+  if #keys == 0 then return end
+  local members = {}
+  for k, key in ipairs(keys) do members[k] = id .. '|' .. key end
+  call_many('HDEL', owed, keys, 1)
+  call_many('ZREM', zowed, members, 1)
+end
+
 local function owed_clear_all(owed, zowed, id)
-  local keys = redis.call('HKEYS', owed)
-  for _, k in ipairs(keys) do
-    redis.call('ZREM', zowed, id .. '|' .. k)
-  end
+  owed_remove(owed, zowed, id, redis.call('HKEYS', owed))
   redis.call('DEL', owed)
 end
 
@@ -36,48 +48,62 @@ end
 --   n events, event JSON (NewEvent, starting with '{') x n,
 --   n clear, owed key x n,
 --   n set, (owed key, deadline ms, OwedEntry JSON) x n
--- Requires the caller to have checked existence and status.
+-- Requires the caller to have checked existence and status, and read `last`, the
+-- workflow's last sequence number (summary field 'ls').
 -- Returns {last seq, idempotency key to expire or ''}.
-local function apply_batch(K, A, i)
+local function apply_batch(K, A, i, last)
   local id, base, retention, maxlen = A[i], A[i + 1], tonumber(A[i + 2]), A[i + 3]
   local p = i + 4
   local nev = tonumber(A[p + 7])
   local e0 = p + 8
-  local last = tonumber(redis.call('HGET', K[1], 'ls'))
+  -- One command per kind of write: RPUSH of every event, HDEL/ZREM of every cleared
+  -- owed entry, HSET/ZADD of every set one, HSET of every summary field.
+  local events = {}
   for k = 0, nev - 1 do
     last = last + 1
-    local body = A[e0 + k]
-    redis.call('RPUSH', K[2], '{"seq":' .. string.format('%d', last) .. ',' .. string.sub(body, 2))
+    events[k + 1] = '{"seq":' .. string.format('%d', last) .. ',' .. string.sub(A[e0 + k], 2)
   end
+  if nev > 0 then call_many('RPUSH', K[2], events, 1) end
   local c = e0 + nev
   local nclear = tonumber(A[c])
-  for k = 1, nclear do
-    owed_remove(K[3], K[5], id, A[c + k])
-  end
+  local cleared = {}
+  for k = 1, nclear do cleared[k] = A[c + k] end
+  owed_remove(K[3], K[5], id, cleared)
   local s = c + nclear + 1
   local nset = tonumber(A[s])
-  for k = 0, nset - 1 do
-    local key, deadline, json = A[s + 1 + 3 * k], A[s + 2 + 3 * k], A[s + 3 + 3 * k]
-    redis.call('HSET', K[3], key, json)
-    redis.call('ZADD', K[5], deadline, id .. '|' .. key)
+  if nset > 0 then
+    local fields, members = {}, {}
+    for k = 0, nset - 1 do
+      local key, deadline, json = A[s + 1 + 3 * k], A[s + 2 + 3 * k], A[s + 3 + 3 * k]
+      fields[2 * k + 1], fields[2 * k + 2] = key, json
+      members[2 * k + 1], members[2 * k + 2] = deadline, id .. '|' .. key
+    end
+    call_many('HSET', K[3], fields, 2)
+    call_many('ZADD', K[5], members, 2)
   end
   local expire_ik = ''
   if nev > 0 then
     local ua = A[p]
-    redis.call('HSET', K[1], 'ls', string.format('%d', last), 'ua', ua)
-    if A[p + 2] == '1' then redis.call('HSET', K[1], 'cr', '1') end
-    if A[p + 3] ~= '' then redis.call('HSET', K[1], 'out', A[p + 3]) end
-    if A[p + 4] ~= '' then redis.call('HSET', K[1], 'err', A[p + 4]) end
+    local fields = {'ls', string.format('%d', last), 'ua', ua}
+    local function put(f, v) fields[#fields + 1] = f; fields[#fields + 1] = v end
+    if A[p + 2] == '1' then put('cr', '1') end
+    if A[p + 3] ~= '' then put('out', A[p + 3]) end
+    if A[p + 4] ~= '' then put('err', A[p + 4]) end
     if A[p + 5] == 'set' then
-      redis.call('HSET', K[1], 'tf', A[p + 6])
+      put('tf', A[p + 6])
     elseif A[p + 5] == 'clear' then
       redis.call('HDEL', K[1], 'tf')
     end
     local st = A[p + 1]
+    local old, name, ca, ik
     if st ~= '' then
       local f = redis.call('HMGET', K[1], 'st', 'name', 'ca', 'ik')
-      local old, name, ca, ik = f[1], f[2], f[3], f[4]
-      redis.call('HSET', K[1], 'st', st, 'cl', ua)
+      old, name, ca, ik = f[1], f[2], f[3], f[4]
+      put('st', st)
+      put('cl', ua)
+    end
+    redis.call('HSET', K[1], unpack(fields))
+    if st ~= '' then
       redis.call('ZREM', base .. ':idx:st:' .. old, id)
       redis.call('ZREM', base .. ':idx:ns:' .. old .. ':' .. name, id)
       redis.call('ZADD', base .. ':idx:st:' .. st, ca, id)
