@@ -3,6 +3,8 @@
 mod fields;
 mod instrumented;
 mod metrics;
+#[cfg(feature = "otel")]
+mod otlp;
 mod tracing;
 
 pub use instrumented::{InstrumentedQueue, InstrumentedStore};

@@ -91,10 +91,16 @@ pub enum TelemetryError {
     /// A global subscriber was installed before.
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled(#[from] tracing::subscriber::SetGlobalDefaultError),
-    /// The OTLP exporter could not be built (an invalid endpoint).
+    /// The OTLP exporter could not be set up: an invalid endpoint, header, timeout,
+    /// or an unsupported protocol or compression.
     #[cfg(feature = "otel")]
-    #[error("building the OTLP exporter failed: {0}")]
-    Exporter(#[from] opentelemetry_otlp::ExporterBuildError),
+    #[error("invalid OTLP exporter setting {setting}: {reason}")]
+    Exporter {
+        /// The setting at fault: `otlp_endpoint` or an `OTEL_EXPORTER_OTLP_*` variable.
+        setting: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Keeps the span exporter alive; dropping it (or [`TelemetryGuard::shutdown`]) flushes
@@ -339,7 +345,6 @@ mod otel {
     use opentelemetry::trace::{
         SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
     };
-    use opentelemetry_otlp::WithExportConfig;
     use opentelemetry_sdk::trace::{
         BatchConfig, BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider,
     };
@@ -363,19 +368,10 @@ mod otel {
         if disabled || !configured {
             return Ok(None);
         }
-        let mut exporter = opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary);
-        if let Some(base) = &config.otlp_endpoint {
-            let base = base.trim_end_matches('/');
-            let url = if base.ends_with("/v1/traces") {
-                base.to_string()
-            } else {
-                format!("{base}/v1/traces")
-            };
-            exporter = exporter.with_endpoint(url);
-        }
-        let exporter = exporter.build()?;
+        let exporter = crate::otlp::OtlpExporter::new(crate::otlp::Settings::resolve(
+            config.otlp_endpoint.as_deref(),
+            env,
+        )?)?;
         // The SDK's detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES;
         // our default name applies only when neither names the service.
         let named = env("OTEL_SERVICE_NAME").is_some()
