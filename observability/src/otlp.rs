@@ -543,7 +543,7 @@ mod tests {
             SpanId::from(0x00f0_67aa_0ba9_02b7_u64 + i),
             TraceFlags::SAMPLED,
             false,
-            if i % 2 == 0 {
+            if i.is_multiple_of(2) {
                 TraceState::default()
             } else {
                 TraceState::from_key_value([("vendor", "x")]).expect("valid")
@@ -587,7 +587,7 @@ mod tests {
                 KeyValue::new("workflow_id", format!("wf-{i}{long}")),
                 KeyValue::new("attempt", i64::try_from(i).expect("small") - 2),
                 KeyValue::new("ratio", 0.5),
-                KeyValue::new("retry", i % 2 == 0),
+                KeyValue::new("retry", i.is_multiple_of(2)),
                 KeyValue::new("empty", ""),
                 KeyValue::new(
                     "names",
