@@ -139,6 +139,24 @@ pub fn task_span(task: &Task) -> tracing::Span {
     task_span_in!("marathon_core::observe", task)
 }
 
+/// Records a workflow task's `workflow` and `outcome` on its [`task_span`] in one call:
+/// every record is a call into each layer of the subscriber, and the log layer formats
+/// the fields again each time.
+pub(crate) fn record_workflow_task(span: &tracing::Span, workflow: &str, outcome: TaskOutcome) {
+    use tracing::field::Value;
+    let Some(meta) = span.metadata() else {
+        return;
+    };
+    let fields = meta.fields();
+    if let (Some(w), Some(o)) = (fields.field("workflow"), fields.field("outcome")) {
+        let outcome = outcome.as_str();
+        span.record_all(&fields.value_set(&[
+            (&w, Some(&workflow as &dyn Value)),
+            (&o, Some(&outcome as &dyn Value)),
+        ]));
+    }
+}
+
 /// The target of [`untraced_task_span`]: a subscriber's trace exporter leaves it out.
 pub const UNTRACED_TARGET: &str = "marathon::untraced";
 

@@ -715,9 +715,7 @@ impl EngineInner {
 
     /// Reports a workflow task's outcome to the observer and on the task's span.
     fn task_done(&self, name: &str, outcome: TaskOutcome, replay: Duration, history_len: u64) {
-        let span = tracing::Span::current();
-        span.record("workflow", name);
-        span.record("outcome", outcome.as_str());
+        crate::observe::record_workflow_task(&tracing::Span::current(), name, outcome);
         self.observer
             .workflow_task(name, outcome, replay, history_len);
     }
