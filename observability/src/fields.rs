@@ -31,23 +31,25 @@ impl<'writer> FormatFields<'writer> for PlainFields {
         if writer.has_ansi_escapes() {
             return self.fallback.format_fields(writer, fields);
         }
-        let mut check = Simple(true);
-        fields.record(&mut check);
-        if !check.0 {
-            return self.fallback.format_fields(writer, fields);
-        }
+        // One pass into a buffer on the stack, handed over in one write: the span's
+        // field text starts as an empty `String`, and writing field by field grew it
+        // four or five times per span.
         let mut out = Plain {
-            writer: &mut writer,
-            empty: true,
-            result: Ok(()),
+            buf: [0; CAPACITY],
+            len: 0,
+            simple: true,
         };
         fields.record(&mut out);
-        out.result
+        match out.text() {
+            Some(text) => writer.write_str(text),
+            None => self.fallback.format_fields(writer, fields),
+        }
     }
 }
 
-/// Whether every field is one [`Plain`] writes as [`DefaultFields`] would.
-struct Simple(bool);
+/// The longest field text written through the stack buffer; longer goes to the
+/// default formatter (same output).
+const CAPACITY: usize = 384;
 
 /// Whether `DefaultFields` writes `s` (as `{:?}`) as `"s"`: printable ASCII without
 /// quotes or backslashes.
@@ -62,72 +64,95 @@ fn special(field: &Field) -> bool {
     name == "message" || name.starts_with("r#") || name.starts_with("log.")
 }
 
-impl Visit for Simple {
-    fn record_str(&mut self, field: &Field, value: &str) {
-        self.0 &= !special(field) && plain_str(value);
-    }
-    fn record_u64(&mut self, field: &Field, _: u64) {
-        self.0 &= !special(field);
-    }
-    fn record_i64(&mut self, field: &Field, _: i64) {
-        self.0 &= !special(field);
-    }
-    fn record_bool(&mut self, field: &Field, _: bool) {
-        self.0 &= !special(field);
-    }
-    fn record_debug(&mut self, _: &Field, _: &dyn fmt::Debug) {
-        self.0 = false;
-    }
+/// Simple fields as `name=value`, space-separated, into a fixed buffer; `simple`
+/// turns false on a field [`DefaultFields`] writes differently, or when it is full.
+struct Plain {
+    buf: [u8; CAPACITY],
+    len: usize,
+    simple: bool,
 }
 
-/// Writes simple fields as `name=value`, space-separated.
-struct Plain<'a, 'w> {
-    writer: &'a mut Writer<'w>,
-    empty: bool,
-    result: fmt::Result,
-}
-
-impl Plain<'_, '_> {
-    fn name(&mut self, field: &Field) {
-        if self.result.is_err() {
-            return;
+impl Plain {
+    fn push(&mut self, bytes: &[u8]) {
+        match self.buf.get_mut(self.len..self.len + bytes.len()) {
+            Some(dst) => {
+                dst.copy_from_slice(bytes);
+                self.len += bytes.len();
+            }
+            None => self.simple = false,
         }
-        if !std::mem::take(&mut self.empty) {
-            self.result = self.writer.write_char(' ');
+    }
+
+    /// Starts a field: `false` (and nothing written) when it cannot be written here.
+    fn name(&mut self, field: &Field) -> bool {
+        self.simple &= !special(field);
+        if !self.simple {
+            return false;
         }
-        self.result = self
-            .result
-            .and_then(|()| self.writer.write_str(field.name()))
-            .and_then(|()| self.writer.write_char('='));
+        if self.len > 0 {
+            self.push(b" ");
+        }
+        self.push(field.name().as_bytes());
+        self.push(b"=");
+        self.simple
+    }
+
+    fn decimal(&mut self, mut v: u64) {
+        let mut digits = [0u8; 20];
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.push(&digits[i..]);
+    }
+
+    /// The text, when every field was simple and it fitted.
+    fn text(&self) -> Option<&str> {
+        if !self.simple {
+            return None;
+        }
+        // Only whole UTF-8 strings and ASCII were copied in.
+        std::str::from_utf8(&self.buf[..self.len]).ok()
     }
 }
 
-impl Visit for Plain<'_, '_> {
+impl Visit for Plain {
     fn record_str(&mut self, field: &Field, value: &str) {
-        self.name(field);
-        self.result = self
-            .result
-            .and_then(|()| self.writer.write_char('"'))
-            .and_then(|()| self.writer.write_str(value))
-            .and_then(|()| self.writer.write_char('"'));
+        if !plain_str(value) {
+            self.simple = false;
+        }
+        if self.name(field) {
+            self.push(b"\"");
+            self.push(value.as_bytes());
+            self.push(b"\"");
+        }
     }
     fn record_u64(&mut self, field: &Field, value: u64) {
-        self.name(field);
-        self.result = self.result.and_then(|()| write!(self.writer, "{value}"));
+        if self.name(field) {
+            self.decimal(value);
+        }
     }
     fn record_i64(&mut self, field: &Field, value: i64) {
-        self.name(field);
-        self.result = self.result.and_then(|()| write!(self.writer, "{value}"));
+        if self.name(field) {
+            if value < 0 {
+                self.push(b"-");
+            }
+            self.decimal(value.unsigned_abs());
+        }
     }
     fn record_bool(&mut self, field: &Field, value: bool) {
-        self.name(field);
-        let text = if value { "true" } else { "false" };
-        self.result = self.result.and_then(|()| self.writer.write_str(text));
+        if self.name(field) {
+            self.push(if value { b"true" } else { b"false" });
+        }
     }
-    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        // Never reached: `Simple` sent such records to the default formatter.
-        self.name(field);
-        self.result = self.result.and_then(|()| write!(self.writer, "{value:?}"));
+    fn record_debug(&mut self, _: &Field, _: &dyn fmt::Debug) {
+        // Messages, errors, `Debug` and `Display` values: the default formatter's.
+        self.simple = false;
     }
 }
 
@@ -138,7 +163,7 @@ mod tests {
     use tracing_subscriber::fmt::MakeWriter;
     use tracing_subscriber::fmt::format::DefaultFields;
 
-    use super::PlainFields;
+    use super::{CAPACITY, PlainFields};
 
     #[derive(Clone, Default)]
     struct Buf(Arc<Mutex<Vec<u8>>>);
@@ -199,6 +224,21 @@ mod tests {
                 r#type = "raw",
             );
             let _i = inner.enter();
+            let long = "x".repeat(CAPACITY + 10);
+            let edges = tracing::info_span!(
+                "edges",
+                big = u64::MAX,
+                small = i64::MIN,
+                zero = 0u64,
+                long = long.as_str(),
+            );
+            let _e = edges.enter();
+            tracing::info!(fits = 1u64, "in a span too long for the buffer");
+            drop(_e);
+            let short = tracing::info_span!("edges", big = u64::MAX, small = i64::MIN, zero = 0i64);
+            let _s = short.enter();
+            tracing::info!("numbers at their limits");
+            drop(_s);
             let err = std::io::Error::other("disk full");
             tracing::warn!(error = &err as &(dyn std::error::Error + 'static), "failed");
             tracing::info!(message = "explicit", empty = "", "ignored");
@@ -211,6 +251,10 @@ mod tests {
         let ours = log_lines(PlainFields::default());
         let theirs = log_lines(DefaultFields::new());
         assert_eq!(ours, theirs);
+        assert!(
+            ours.contains("edges{big=18446744073709551615 small=-9223372036854775808 zero=0}"),
+            "{ours}"
+        );
         // The fast path was taken for the simple span (its fields, unquoted numbers).
         assert!(
             ours.contains(
