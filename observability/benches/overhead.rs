@@ -1,7 +1,9 @@
 //! What observability costs: the core benchmark's W3 (three sequential no-op
-//! activities per workflow, in memory) without an observer, with [`Metrics`] (observer
-//! plus instrumented store and queue), and with metrics and traces sampled at 100 %
-//! exported over OTLP/HTTP to a live in-process receiver.
+//! activities per workflow, in memory) without an observer or subscriber (`plain`),
+//! with the log subscriber `marathon` installs when tracing is off (`logs`), with
+//! [`Metrics`] (observer plus instrumented store and queue, no subscriber), and with
+//! metrics, logs and traces sampled at 100 % exported over OTLP/HTTP to a live
+//! in-process receiver (`traces`).
 //!
 //! `MARATHON_BENCH_STORE=redis` runs the same on the Redis store (Redis at
 //! `MARATHON_TEST_REDIS_URL` or 127.0.0.1:6379, a fresh key prefix per run, deleted after).
@@ -9,7 +11,7 @@
 //! Run with: `cargo bench -p marathon-observability --all-features --bench overhead`
 //! (`MARATHON_BENCH_WORKFLOWS`, default 10000; `MARATHON_BENCH_IN_FLIGHT`, default 64;
 //! `MARATHON_BENCH_ROUNDS`, default 5: the median counts; `MARATHON_BENCH_VARIANTS`,
-//! default `plain,metrics,traces`).
+//! default `plain,logs,metrics,traces`).
 //!
 //! Every run is a process of its own (this binary again, with `MARATHON_BENCH_CHILD`
 //! naming the variant), so that each has a global subscriber of its own or none, and
@@ -62,6 +64,9 @@ async fn steps(ctx: WorkflowContext, n: u32) -> Result<u32, WorkflowError> {
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Variant {
     Plain,
+    /// No metrics, but the subscriber `marathon` installs with tracing off: text logs
+    /// at `info` (to a sink here), which still see every task span.
+    Logs,
     Metrics,
     MetricsAndTraces,
 }
@@ -165,7 +170,8 @@ fn cpu_excluding_receiver() -> Duration {
 
 /// W3: throughput and CPU per workflow.
 async fn w3(variant: Variant, total: usize, in_flight: usize) -> Run {
-    let metrics = (variant != Variant::Plain).then(|| Arc::new(Metrics::new().expect("metrics")));
+    let metrics = matches!(variant, Variant::Metrics | Variant::MetricsAndTraces)
+        .then(|| Arc::new(Metrics::new().expect("metrics")));
     let (store, backend, prefix) = store().await;
     let engine = engine(metrics.as_ref(), store, backend);
     let w = Worker::start(
@@ -263,8 +269,9 @@ fn count_spans(buf: &[u8]) -> usize {
     n
 }
 
-const VARIANTS: [(&str, Variant); 3] = [
+const VARIANTS: [(&str, Variant); 4] = [
     ("plain", Variant::Plain),
+    ("logs", Variant::Logs),
     ("metrics", Variant::Metrics),
     ("traces", Variant::MetricsAndTraces),
 ];
@@ -274,7 +281,7 @@ fn child(variant: Variant, total: usize, in_flight: usize) {
     const WARMUP: usize = 1000;
     // A live OTLP receiver that counts the spans it is sent.
     let spans = Arc::new(AtomicU64::new(0));
-    let guard = (variant == Variant::MetricsAndTraces).then(|| {
+    let endpoint = (variant == Variant::MetricsAndTraces).then(|| {
         let seen = spans.clone();
         let port = common::serve(move |req| {
             seen.fetch_add(count_spans(&req.body) as u64, Ordering::Relaxed);
@@ -287,14 +294,19 @@ fn child(variant: Variant, total: usize, in_flight: usize) {
             }
             (200, "application/x-protobuf", Vec::new())
         });
+        format!("http://127.0.0.1:{port}")
+    });
+    // Logs (and with an endpoint, traces) as `marathon` sets them up, written to a sink.
+    let guard = matches!(variant, Variant::Logs | Variant::MetricsAndTraces).then(|| {
         let (dispatch, guard) = marathon_observability::tracing_dispatch(
             &marathon_observability::TelemetryConfig {
-                otlp_endpoint: Some(format!("http://127.0.0.1:{port}")),
+                otlp_endpoint: endpoint,
                 ..Default::default()
             },
             std::io::sink,
         )
         .expect("tracing");
+        assert_eq!(guard.exporting(), variant == Variant::MetricsAndTraces);
         tracing::dispatcher::set_global_default(dispatch).expect("first subscriber");
         guard
     });
@@ -336,8 +348,8 @@ fn main() {
         return;
     }
     let rounds = env_usize("MARATHON_BENCH_ROUNDS", 5).max(1);
-    let wanted =
-        std::env::var("MARATHON_BENCH_VARIANTS").unwrap_or_else(|_| "plain,metrics,traces".into());
+    let wanted = std::env::var("MARATHON_BENCH_VARIANTS")
+        .unwrap_or_else(|_| "plain,logs,metrics,traces".into());
     let variants: Vec<(&str, Variant)> = VARIANTS
         .into_iter()
         .filter(|(n, _)| wanted.split(',').any(|w| w.trim() == *n))
@@ -349,6 +361,11 @@ fn main() {
         for (i, (name, _)) in variants.iter().enumerate() {
             let out = std::process::Command::new(&exe)
                 .env("MARATHON_BENCH_CHILD", name)
+                // Only the traces run exports, whatever the caller's environment says.
+                .env(
+                    "OTEL_TRACES_EXPORTER",
+                    if *name == "traces" { "otlp" } else { "none" },
+                )
                 .stderr(std::process::Stdio::inherit())
                 .output()
                 .expect("run a child");
@@ -382,11 +399,20 @@ fn main() {
         std::env::var("MARATHON_BENCH_STORE").unwrap_or_else(|_| "memory".into()),
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
+    // With the log-only run there, the cost of turning metrics and traces on in a
+    // deployment (which logs either way) is read against it too.
+    let logs = variants
+        .iter()
+        .position(|(n, _)| *n == "logs")
+        .map(|i| median(&results[i], |r| r.rate));
     for ((name, _), runs) in variants.iter().zip(&results) {
         let rate = median(runs, |r| r.rate);
         let cpu = median(runs, |r| r.cpu_us);
+        let vs_logs = logs.map_or(String::new(), |l| {
+            format!(" ({:+5.1} % vs logs)", (rate / l - 1.0) * 100.0)
+        });
         println!(
-            "{name:<8} {rate:>7.0} workflows/s ({:+5.1} %)  {cpu:>6.1} µs CPU/workflow ({:+5.1} %)  rates: {:?}",
+            "{name:<8} {rate:>7.0} workflows/s ({:+5.1} %){vs_logs}  {cpu:>6.1} µs CPU/workflow ({:+5.1} %)  rates: {:?}",
             (rate / base_rate - 1.0) * 100.0,
             (cpu / base_cpu - 1.0) * 100.0,
             runs.iter()
