@@ -427,11 +427,18 @@ mod otel {
     }
 
     pub(super) fn current_traceparent() -> Option<String> {
-        let cx = tracing::Span::current().context();
-        let span = cx.span();
-        let sc = span.span_context();
-        if sc.is_valid() {
-            return Some(format_traceparent(sc));
+        // The current span's id is enough: `Span::current()` would take a reference to
+        // the span (and release it again through every layer) just to ask this.
+        let cx = tracing::dispatcher::get_default(|d| {
+            let current = d.current_span();
+            tracing_opentelemetry::get_otel_context(current.id()?, d)
+        });
+        if let Some(cx) = cx {
+            let span = cx.span();
+            let sc = span.span_context();
+            if sc.is_valid() {
+                return Some(format_traceparent(sc));
+            }
         }
         // An untraced task: the unsampled context it arrived with, made current by
         // `scope_task`, goes on unchanged.
