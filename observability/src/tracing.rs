@@ -8,6 +8,7 @@ use marathon_core::Task;
 use marathon_core::observe::TaskFuture;
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
+#[cfg(feature = "otel")]
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::layer::SubscriberExt;
@@ -206,50 +207,60 @@ where
             source,
         })
     };
-    // One filter per layer: logs follow `log_filter`, exported spans `trace_filter`, so
-    // quiet logs (`warn`) do not silence traces and verbose logs do not flood them.
     let log_filter = parse(&config.log_filter)?;
     #[cfg(feature = "otel")]
     {
-        // Untraced task spans (their trace is not sampled) never reach the exporter.
-        let trace_filter = parse(&config.trace_filter)?.add_directive(
-            format!("{}=off", marathon_core::observe::UNTRACED_TARGET)
-                .parse()
-                .map_err(|source| TelemetryError::Filter {
-                    filter: config.trace_filter.clone(),
-                    source,
-                })?,
-        );
         let provider = otel::provider(config)?;
-        let otel_layer = provider.as_ref().map(|p| {
-            use opentelemetry::trace::TracerProvider as _;
-            // Per span, only what a trace viewer shows: no source location, thread or
-            // `target` attributes, no busy/idle timing and no OpenTelemetry context attached on
-            // every poll (parents come from the tracing span tree and from the
-            // `traceparent` a task carried). Each of these costs clock reads, locks or
-            // allocations on every enter and exit of a task's span.
-            tracing_opentelemetry::layer()
-                .with_tracer(p.tracer("marathon"))
-                .with_location(false)
-                .with_threads(false)
-                .with_target(false)
-                .with_tracked_inactivity(false)
-                .with_context_activation(false)
-                .with_filter(trace_filter)
-        });
-        let subscriber = tracing_subscriber::registry()
-            .with(otel_layer)
-            .with(log_layer(config.log_format, writer).with_filter(log_filter));
         let guard = TelemetryGuard {
-            provider,
+            provider: provider.clone(),
             timeout: config.shutdown_timeout,
         };
-        Ok((tracing::Dispatch::new(subscriber), guard))
+        let registry = tracing_subscriber::registry();
+        let dispatch = match provider {
+            None => tracing::Dispatch::new(
+                registry
+                    .with(log_filter)
+                    .with(log_layer(config.log_format, writer)),
+            ),
+            // One filter for both layers when they would filter alike: per-layer filters
+            // cost about 17 k instructions per W3 workflow (docs/OBSERVABILITY.md).
+            Some(p)
+                if !otel::untraced_spans()
+                    && config.log_filter.trim() == config.trace_filter.trim() =>
+            {
+                tracing::Dispatch::new(
+                    registry
+                        .with(log_filter)
+                        .with(otel::layer(&p))
+                        .with(log_layer(config.log_format, writer)),
+                )
+            }
+            // One filter per layer: logs follow `log_filter`, exported spans
+            // `trace_filter`, so quiet logs (`warn`) do not silence traces and verbose
+            // logs do not flood them; untraced task spans never reach the exporter.
+            Some(p) => {
+                let trace_filter = parse(&config.trace_filter)?.add_directive(
+                    format!("{}=off", marathon_core::observe::UNTRACED_TARGET)
+                        .parse()
+                        .map_err(|source| TelemetryError::Filter {
+                            filter: config.trace_filter.clone(),
+                            source,
+                        })?,
+                );
+                tracing::Dispatch::new(
+                    registry
+                        .with(otel::layer(&p).with_filter(trace_filter))
+                        .with(log_layer(config.log_format, writer).with_filter(log_filter)),
+                )
+            }
+        };
+        Ok((dispatch, guard))
     }
     #[cfg(not(feature = "otel"))]
     {
         let subscriber = tracing_subscriber::registry()
-            .with(log_layer(config.log_format, writer).with_filter(log_filter));
+            .with(log_filter)
+            .with(log_layer(config.log_format, writer));
         let guard = TelemetryGuard {
             timeout: config.shutdown_timeout,
         };
@@ -280,13 +291,14 @@ where
 
 /// The span a task runs in (see [`marathon_core::Observer::task_span`]): with the
 /// `otel` feature, a child of the W3C `traceparent` the task's message carried; when
-/// that context is not sampled and the sampler follows the parent (the default), a span
-/// the trace exporter leaves out ([`marathon_core::observe::untraced_task_span`]), since
-/// nothing under it would be exported anyway.
+/// that context is not sampled and the sampler follows the parent and may decline
+/// (`parentbased_traceidratio`), a span the trace exporter leaves out
+/// ([`marathon_core::observe::untraced_task_span`]), since nothing under it would be
+/// exported anyway.
 pub(crate) fn task_span(task: &Task, trace_context: Option<&str>) -> tracing::Span {
     #[cfg(feature = "otel")]
     if let Some(sc) = trace_context.and_then(otel::parse_traceparent) {
-        if !sc.is_sampled() && otel::parent_based() {
+        if !sc.is_sampled() && otel::untraced_spans() {
             return marathon_core::observe::untraced_task_span(task);
         }
         let span = marathon_core::observe::task_span(task);
@@ -308,7 +320,7 @@ pub(crate) fn scope_task<'a>(trace_context: Option<&str>, work: TaskFuture<'a>) 
         .filter(|tc| otel::maybe_unsampled(tc))
         .and_then(otel::parse_traceparent)
         && !sc.is_sampled()
-        && otel::parent_based()
+        && otel::untraced_spans()
     {
         use opentelemetry::context::FutureExt as _;
         use opentelemetry::trace::TraceContextExt as _;
@@ -448,16 +460,48 @@ mod otel {
         sc.is_valid().then(|| format_traceparent(sc))
     }
 
-    /// Whether the configured sampler follows the parent's decision (the SDK's default,
-    /// `parentbased_always_on`, or any `parentbased_*`): then a task whose context is
-    /// not sampled needs no exported span. Read once from `OTEL_TRACES_SAMPLER`, as the
-    /// SDK reads it.
-    pub(super) fn parent_based() -> bool {
-        static PARENT_BASED: std::sync::LazyLock<bool> = std::sync::LazyLock::new(|| {
-            env("OTEL_TRACES_SAMPLER")
-                .is_none_or(|s| s.trim().to_ascii_lowercase().starts_with("parentbased_"))
-        });
-        *PARENT_BASED
+    /// Whether a task whose incoming context is not sampled gets an untraced span
+    /// (see [`super::task_span`]): when the sampler follows the parent's decision and
+    /// may decline (`parentbased_traceidratio`, `parentbased_always_off`), so that most
+    /// tasks can arrive unsampled. Under the default `parentbased_always_on` only a
+    /// caller's unsampled `traceparent` does that, and the SDK's non-recording span
+    /// handles it; the subscriber then needs no per-layer filters. Read once from
+    /// `OTEL_TRACES_SAMPLER`, as the SDK reads it.
+    pub(super) fn untraced_spans() -> bool {
+        static UNTRACED: std::sync::LazyLock<bool> =
+            std::sync::LazyLock::new(|| untraced_for(env("OTEL_TRACES_SAMPLER").as_deref()));
+        *UNTRACED
+    }
+
+    /// [`untraced_spans`] for the sampler `OTEL_TRACES_SAMPLER` names.
+    pub(super) fn untraced_for(sampler: Option<&str>) -> bool {
+        sampler.is_some_and(|s| {
+            let s = s.trim().to_ascii_lowercase();
+            s.starts_with("parentbased_") && s != "parentbased_always_on"
+        })
+    }
+
+    /// The OpenTelemetry layer exporting through `provider`'s tracer.
+    ///
+    /// Per span, only what a trace viewer shows: no source location, thread or `target`
+    /// attributes, no busy/idle timing and no OpenTelemetry context attached on every
+    /// poll (parents come from the tracing span tree and from the `traceparent` a task
+    /// carried). Each of these costs clock reads, locks or allocations on every enter
+    /// and exit of a task's span.
+    pub(super) fn layer<S>(
+        provider: &SdkTracerProvider,
+    ) -> tracing_opentelemetry::OpenTelemetryLayer<S, opentelemetry_sdk::trace::SdkTracer>
+    where
+        S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer()
+            .with_tracer(provider.tracer("marathon"))
+            .with_location(false)
+            .with_threads(false)
+            .with_target(false)
+            .with_tracked_inactivity(false)
+            .with_context_activation(false)
     }
 
     /// The W3C `traceparent` header of `sc` (version 00; trace state is not carried).
@@ -734,9 +778,23 @@ mod tests {
         };
         let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
         let unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
-        // The default sampler (no OTEL_TRACES_SAMPLER here) follows the parent.
-        if std::env::var_os("OTEL_TRACES_SAMPLER").is_none() {
-            assert_eq!(target(Some(unsampled)).as_deref(), Some(UNTRACED_TARGET));
+        // Untraced under a ratio sampler (tests/otel.rs runs one in a child process);
+        // under the default one the SDK's non-recording span takes care of it.
+        let expected = if super::otel::untraced_spans() {
+            UNTRACED_TARGET
+        } else {
+            "marathon_core::observe"
+        };
+        assert_eq!(target(Some(unsampled)).as_deref(), Some(expected));
+        for (sampler, untraced) in [
+            (None, false),
+            (Some("parentbased_always_on"), false),
+            (Some(" ParentBased_TraceIdRatio "), true),
+            (Some("parentbased_always_off"), true),
+            (Some("traceidratio"), false),
+            (Some("always_on"), false),
+        ] {
+            assert_eq!(super::otel::untraced_for(sampler), untraced, "{sampler:?}");
         }
         assert_eq!(
             target(Some(sampled)).as_deref(),

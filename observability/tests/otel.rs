@@ -280,6 +280,30 @@ fn an_unsampled_callers_trace_stays_unsampled_through_the_workflow() {
     );
 }
 
+/// The same under a ratio sampler (`parentbased_traceidratio`, ratio 1 so that the
+/// sampled workflow is kept), where the task spans of unsampled traces are untraced
+/// spans kept from the exporter by its per-layer filter, and the unsampled context is
+/// made current around the task instead. The sampler comes from the environment, which
+/// a test cannot change in its own process: the test above runs again in a child.
+#[test]
+fn an_unsampled_callers_trace_stays_unsampled_under_a_ratio_sampler() {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "an_unsampled_callers_trace_stays_unsampled_through_the_workflow",
+        ])
+        .env("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
+        .env("OTEL_TRACES_SAMPLER_ARG", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn hex_bytes(hex: &str) -> Vec<u8> {
     (0..hex.len())
         .step_by(2)
