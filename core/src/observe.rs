@@ -178,8 +178,10 @@ macro_rules! task_span_in {
                 "marathon.activity",
                 workflow_id = t.workflow_id.as_str(),
                 activity = t.call.as_ref().map(|c| c.name.as_str()),
-                activity_id = t.activity_id,
-                attempt = t.attempt,
+                // As i64: the OpenTelemetry layer exports integers it gets as i64;
+                // a u32 would reach it through `Debug`, as text, via `format!`.
+                activity_id = i64::from(t.activity_id),
+                attempt = i64::from(t.attempt),
                 outcome = Empty,
             ),
             Task::Workflow { workflow_id, .. } => tracing::info_span!(

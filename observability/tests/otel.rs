@@ -23,6 +23,8 @@ struct Span {
     service: Option<String>,
     /// Attributes, values as text.
     attrs: std::collections::BTreeMap<String, String>,
+    /// The attributes whose value is an integer.
+    ints: std::collections::BTreeSet<String>,
 }
 
 /// An in-process OTLP/HTTP receiver: every span it was sent.
@@ -63,8 +65,20 @@ fn receiver() -> (u16, Arc<Mutex<Vec<Span>>>) {
                             (a.key.clone(), v)
                         })
                         .collect();
+                    let ints = s
+                        .attributes
+                        .iter()
+                        .filter(|a| {
+                            matches!(
+                                a.value.as_ref().and_then(|v| v.value.as_ref()),
+                                Some(Value::IntValue(_))
+                            )
+                        })
+                        .map(|a| a.key.clone())
+                        .collect();
                     out.push(Span {
                         attrs,
+                        ints,
                         name: s.name,
                         trace_id: s.trace_id,
                         span_id: s.span_id,
@@ -355,6 +369,12 @@ fn a_workflow_is_one_trace_from_request_to_activity_attempts() {
         assert_eq!(a.attrs.get("workflow_id"), workflow_id.as_ref());
         assert_eq!(a.attrs["activity"], "add");
         assert_eq!(a.attrs["attempt"], "1");
+        // Numbers are exported as numbers (a `u32` field would go through `Debug`).
+        assert_eq!(
+            a.ints.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["activity_id", "attempt"],
+            "{a:?}"
+        );
         assert_eq!(a.attrs["outcome"], "completed");
         ids.push(&a.attrs["activity_id"]);
     }
