@@ -36,12 +36,27 @@ fn http(
     path: &str,
     body: Option<&Value>,
 ) -> std::io::Result<(u16, String)> {
+    http_with(port, method, path, body, &[])
+}
+
+/// [`http`] with extra request headers.
+fn http_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+    headers: &[(&str, &str)],
+) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect(("127.0.0.1", port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let body = body.map(Value::to_string).unwrap_or_default();
+    let extra: String = headers
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}\r\n"))
+        .collect();
     write!(
         s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{extra}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut raw = Vec::new();
@@ -90,11 +105,18 @@ impl Drop for Running {
 }
 
 fn serve(extra: &[&str]) -> Running {
+    serve_with(extra, &[])
+}
+
+/// [`serve`] with extra environment variables.
+fn serve_with(extra: &[&str], env: &[(&str, &str)]) -> Running {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let mut args = vec!["serve", "--listen", &listen];
     args.extend_from_slice(extra);
-    let child = marathon(&args, &[("MARATHON_LOG", "info")])
+    let mut vars = vec![("MARATHON_LOG", "info")];
+    vars.extend_from_slice(env);
+    let child = marathon(&args, &vars)
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -456,4 +478,161 @@ fn a_real_prometheus_scrapes_a_running_marathon() {
         found,
         "Prometheus never saw 2 started echo workflows; last answer: {last}"
     );
+}
+
+/// One span an OTLP receiver got.
+#[cfg(feature = "otel")]
+#[derive(Debug, Clone)]
+struct ExportedSpan {
+    name: String,
+    trace_id: Vec<u8>,
+    span_id: Vec<u8>,
+    parent: Vec<u8>,
+}
+
+/// An OTLP/HTTP receiver on a free port, decoding every export with
+/// `opentelemetry-proto` (connections kept alive, as the exporter keeps them).
+#[cfg(feature = "otel")]
+fn otlp_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<ExportedSpan>>>) {
+    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+    use prost::Message as _;
+    use std::io::{BufRead, BufReader};
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = spans.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut stream = stream;
+                loop {
+                    let mut len = 0;
+                    let mut line = String::new();
+                    loop {
+                        line.clear();
+                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            len = v.trim().parse().unwrap_or(0);
+                        }
+                    }
+                    let mut body = vec![0; len];
+                    if reader.read_exact(&mut body).is_err() {
+                        return;
+                    }
+                    let req =
+                        ExportTraceServiceRequest::decode(body.as_slice()).expect("OTLP protobuf");
+                    let mut out = seen.lock().expect("not poisoned");
+                    for ss in req.resource_spans.into_iter().flat_map(|r| r.scope_spans) {
+                        out.extend(ss.spans.into_iter().map(|s| ExportedSpan {
+                            name: s.name,
+                            trace_id: s.trace_id,
+                            span_id: s.span_id,
+                            parent: s.parent_span_id,
+                        }));
+                    }
+                    drop(out);
+                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
+                }
+            });
+        }
+    });
+    (port, spans)
+}
+
+/// The `marathon` binary with tracing on: a request carrying a caller's `traceparent`
+/// continues that trace, through the workflow's tasks and a queue hop, to the activity.
+#[cfg(feature = "otel")]
+#[test]
+fn a_callers_trace_runs_through_the_server_to_the_activity() {
+    fn hex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
+            .collect()
+    }
+    let (otlp, spans) = otlp_receiver();
+    let endpoint = format!("http://127.0.0.1:{otlp}");
+    let m = serve_with(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let (trace, caller) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+    let (status, body) = http_with(
+        m.port,
+        "POST",
+        "/v1/workflows",
+        Some(&json!({"name": "echo", "id": "traced-echo", "input": "hi"})),
+        &[("traceparent", &format!("00-{trace}-{caller}-01"))],
+    )
+    .expect("start");
+    assert_eq!(status, 202, "{body}");
+    let (status, body) = http(
+        m.port,
+        "GET",
+        "/v1/workflows/traced-echo/result?wait=10s",
+        None,
+    )
+    .expect("result");
+    assert_eq!(status, 200, "{body}");
+    // The batch processor sends every 100 ms here; the last workflow task ends after
+    // the result is stored.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ours = loop {
+        let ours: Vec<ExportedSpan> = spans
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|s| s.trace_id == hex(trace))
+            .cloned()
+            .collect();
+        let tasks = ours
+            .iter()
+            .filter(|s| s.name == "marathon.workflow_task")
+            .count();
+        if tasks >= 2 && ours.iter().any(|s| s.name == "marathon.activity") {
+            break ours;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "spans of the caller's trace: {ours:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let request = ours
+        .iter()
+        .find(|s| s.name == "http.request")
+        .expect("the request span joined the caller's trace");
+    assert_eq!(request.parent, hex(caller), "{request:?}");
+    // From the activity up through its parents: a workflow task (the queue hop) and
+    // then the request span.
+    let activity = ours
+        .iter()
+        .find(|s| s.name == "marathon.activity")
+        .expect("the activity's span");
+    let mut chain = vec![activity.name.clone()];
+    let mut at = activity;
+    while let Some(parent) = ours.iter().find(|s| s.span_id == at.parent) {
+        chain.push(parent.name.clone());
+        at = parent;
+    }
+    assert_eq!(
+        chain,
+        [
+            "marathon.activity",
+            "marathon.workflow_task",
+            "http.request"
+        ],
+        "{ours:#?}"
+    );
+    assert_eq!(at.parent, hex(caller));
 }
