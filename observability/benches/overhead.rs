@@ -71,16 +71,12 @@ enum Variant {
     MetricsAndTraces,
 }
 
-fn redis_url() -> String {
-    std::env::var("MARATHON_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
 /// The store of one round: in memory, or on Redis under a fresh prefix.
 async fn store() -> (Arc<dyn marathon_core::Store>, &'static str, Option<String>) {
     if std::env::var("MARATHON_BENCH_STORE").as_deref() == Ok("redis") {
         let prefix = format!("marathon-bench:{}:", uuid::Uuid::new_v4());
         let s = marathon_redis::RedisStore::connect(marathon_redis::RedisStoreConfig {
-            url: redis_url(),
+            url: marathon_redis::testkit::url(),
             key_prefix: prefix.clone(),
             ..Default::default()
         })
@@ -94,7 +90,7 @@ async fn store() -> (Arc<dyn marathon_core::Store>, &'static str, Option<String>
 
 /// Deletes every key under `prefix` (SCAN + UNLINK; never FLUSHALL).
 async fn delete_prefix(prefix: &str) {
-    marathon_redis::testkit::delete_prefix(&redis_url(), prefix)
+    marathon_redis::testkit::delete_prefix(&marathon_redis::testkit::url(), prefix)
         .await
         .expect("delete the run's keys");
 }

@@ -775,8 +775,7 @@ async fn openapi_matches_the_routes() {
 #[tokio::test]
 async fn runs_on_the_redis_store() {
     use futures::FutureExt;
-    let url = std::env::var("MARATHON_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = marathon_redis::testkit::url();
     let prefix = format!("marathon-test:{}:", uuid::Uuid::new_v4());
     let outcome = std::panic::AssertUnwindSafe(redis_api(url.clone(), prefix.clone()))
         .catch_unwind()

@@ -39,10 +39,6 @@ fn env_usize(name: &str, default: usize) -> usize {
         .unwrap_or(default)
 }
 
-fn url() -> String {
-    std::env::var("MARATHON_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
 async fn steps(ctx: WorkflowContext, n: u32) -> Result<u32, WorkflowError> {
     let mut acc = 0;
     for i in 0..n {
@@ -297,7 +293,7 @@ async fn throughput(
 }
 
 async fn teardown(prefix: &str) {
-    marathon_redis::testkit::delete_prefix(&url(), prefix)
+    marathon_redis::testkit::delete_prefix(&marathon_redis::testkit::url(), prefix)
         .await
         .expect("delete the run's keys");
 }
@@ -313,7 +309,7 @@ fn main() {
     rt.block_on(async {
         let prefix = format!("marathon-bench:{}:", uuid::Uuid::new_v4());
         let store = RedisStore::connect(RedisStoreConfig {
-            url: url(),
+            url: marathon_redis::testkit::url(),
             key_prefix: prefix.clone(),
             ..Default::default()
         })
@@ -321,7 +317,7 @@ fn main() {
         .unwrap_or_else(|e| {
             panic!("no Redis at MARATHON_TEST_REDIS_URL (default redis://127.0.0.1:6379): {e}")
         });
-        let mut admin = redis::Client::open(url())
+        let mut admin = redis::Client::open(marathon_redis::testkit::url())
             .expect("valid URL")
             .get_multiplexed_async_connection()
             .await

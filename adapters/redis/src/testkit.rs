@@ -4,6 +4,12 @@
 
 use redis::RedisResult;
 
+/// The Redis tests and benchmarks use: `MARATHON_TEST_REDIS_URL`, or the local default.
+#[must_use]
+pub fn url() -> String {
+    std::env::var("MARATHON_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 /// Every key under `prefix` on the Redis (or the one cluster node) at `url` (`SCAN MATCH`).
 ///
 /// # Errors

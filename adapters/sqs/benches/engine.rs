@@ -395,8 +395,7 @@ async fn throughput(
 }
 
 async fn redis_store() -> anyhow::Result<(Arc<dyn Store>, String)> {
-    let url = std::env::var("MARATHON_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = marathon_redis::testkit::url();
     let key_prefix = format!("marathon-bench:{}:", uuid::Uuid::new_v4());
     let store = RedisStore::connect(RedisStoreConfig {
         url: url.clone(),
@@ -410,8 +409,7 @@ async fn redis_store() -> anyhow::Result<(Arc<dyn Store>, String)> {
 
 /// Deletes the keys of a Redis run (SCAN MATCH + UNLINK).
 async fn redis_cleanup(prefix: &str) -> anyhow::Result<()> {
-    let url = std::env::var("MARATHON_TEST_REDIS_URL")
-        .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let url = marathon_redis::testkit::url();
     marathon_redis::testkit::delete_prefix(&url, prefix).await?;
     Ok(())
 }

@@ -27,15 +27,11 @@ use serde_json::json;
 
 // ---------------------------------------------------------------- fixtures
 
-fn redis_url() -> String {
-    std::env::var("MARATHON_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
-}
-
 /// A Redis store under a fresh key prefix; panics (never skips) without Redis.
 async fn redis_store() -> RedisStore {
     let key_prefix = format!("marathon-test:{}:", uuid::Uuid::new_v4());
     RedisStore::connect(RedisStoreConfig {
-        url: redis_url(),
+        url: marathon_redis::testkit::url(),
         key_prefix,
         ..RedisStoreConfig::default()
     })
@@ -44,7 +40,7 @@ async fn redis_store() -> RedisStore {
         panic!(
             "no Redis at {} ({e}); start one with `redis-server --daemonize yes --bind 127.0.0.1 \
              --port 6379 --save '' --appendonly no` (or set MARATHON_TEST_REDIS_URL)",
-            redis_url()
+            marathon_redis::testkit::url()
         )
     })
 }
@@ -52,7 +48,7 @@ async fn redis_store() -> RedisStore {
 /// Deletes every key under `prefix` (SCAN MATCH + UNLINK; never FLUSHALL).
 async fn redis_teardown(prefix: &str) {
     assert!(prefix.starts_with("marathon-test:"), "refusing {prefix:?}");
-    marathon_redis::testkit::delete_prefix(&redis_url(), prefix)
+    marathon_redis::testkit::delete_prefix(&marathon_redis::testkit::url(), prefix)
         .await
         .expect("delete the run's keys");
 }

@@ -8,12 +8,11 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-pub const DEFAULT_URL: &str = "redis://127.0.0.1:6379";
 pub const HOW_TO_START: &str = "no Redis at MARATHON_TEST_REDIS_URL (default redis://127.0.0.1:6379); \
 start one with `redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save '' --appendonly no`";
 
 pub fn url() -> String {
-    std::env::var("MARATHON_TEST_REDIS_URL").unwrap_or_else(|_| DEFAULT_URL.into())
+    marathon_redis::testkit::url()
 }
 
 pub fn prefix() -> String {
