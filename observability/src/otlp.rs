@@ -43,14 +43,15 @@ impl Settings {
     /// Resolves the settings: `base` (the config's `otlp_endpoint`, `/v1/traces`
     /// appended) over the traces endpoint variable (as is) over the general one
     /// (`/v1/traces` appended). `env` reads a variable (blank counts as unset).
+    /// `None` when no endpoint is given: nothing is exported.
     ///
     /// # Errors
-    /// No endpoint, an endpoint that is not an `http://` URL, a header or timeout
-    /// that cannot be read, compression or a protocol other than http/protobuf.
+    /// An endpoint that is not an `http://` URL, a header or timeout that cannot be
+    /// read, compression or a protocol other than http/protobuf.
     pub(crate) fn resolve(
         base: Option<&str>,
         env: impl Fn(&str) -> Option<String>,
-    ) -> Result<Self, TelemetryError> {
+    ) -> Result<Option<Self>, TelemetryError> {
         let invalid = |variable: &str, reason: String| TelemetryError::Exporter {
             setting: variable.to_string(),
             reason,
@@ -70,10 +71,7 @@ impl Settings {
         } else if let Some(base) = env("OTEL_EXPORTER_OTLP_ENDPOINT") {
             ("OTEL_EXPORTER_OTLP_ENDPOINT", traces_url(&base))
         } else {
-            return Err(invalid(
-                "OTEL_EXPORTER_OTLP_ENDPOINT",
-                "no OTLP endpoint is configured".into(),
-            ));
+            return Ok(None);
         };
         match reqwest::Url::parse(&url) {
             Ok(u) if u.scheme() == "http" && u.host().is_some() => {}
@@ -138,11 +136,11 @@ impl Settings {
                 format!("{p:?}: Marathon exports over `http/protobuf` only"),
             ));
         }
-        Ok(Self {
+        Ok(Some(Self {
             url,
             headers,
             timeout,
-        })
+        }))
     }
 }
 
@@ -710,7 +708,8 @@ mod tests {
             Some(&format!("http://127.0.0.1:{port}")),
             env(&[("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer%20abc")]),
         )
-        .expect("valid");
+        .expect("valid")
+        .expect("an endpoint");
         let exporter = OtlpExporter::new(settings).expect("exporter");
         let scope = InstrumentationScope::builder("marathon").build();
         let batch: Vec<SpanData> = (0..3).map(|i| span_data(i, &scope)).collect();
@@ -730,7 +729,9 @@ mod tests {
     fn failed_exports_are_errors_not_panics() {
         let (port, server) = serve_once(503);
         let exporter = OtlpExporter::new(
-            Settings::resolve(Some(&format!("http://127.0.0.1:{port}")), env(&[])).expect("valid"),
+            Settings::resolve(Some(&format!("http://127.0.0.1:{port}")), env(&[]))
+                .expect("valid")
+                .expect("an endpoint"),
         )
         .expect("exporter");
         let scope = InstrumentationScope::builder("marathon").build();
@@ -768,7 +769,8 @@ mod tests {
                 ("OTEL_EXPORTER_OTLP_COMPRESSION", "none"),
             ]),
         )
-        .expect("valid");
+        .expect("valid")
+        .expect("an endpoint");
         assert_eq!(
             s,
             Settings {
@@ -791,18 +793,22 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_TIMEOUT", "1"),
             ("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT", "3"),
         ];
-        let s = Settings::resolve(None, env(&vars)).expect("valid");
+        let s = Settings::resolve(None, env(&vars))
+            .expect("valid")
+            .expect("an endpoint");
         assert_eq!(s.url, "http://traces:4318/custom");
         assert_eq!(s.timeout, Duration::from_millis(3));
-        let s =
-            Settings::resolve(Some("http://127.0.0.1:4318/v1/traces"), env(&vars)).expect("valid");
+        let s = Settings::resolve(Some("http://127.0.0.1:4318/v1/traces"), env(&vars))
+            .expect("valid")
+            .expect("an endpoint");
         assert_eq!(s.url, "http://127.0.0.1:4318/v1/traces");
     }
 
     #[test]
     fn bad_settings_name_the_variable() {
+        // No endpoint: nothing to export, and no error.
+        assert_eq!(Settings::resolve(None, env(&[])).expect("valid"), None);
         for (vars, variable) in [
-            (vec![], "OTEL_EXPORTER_OTLP_ENDPOINT"),
             (
                 vec![("OTEL_EXPORTER_OTLP_ENDPOINT", "collector:4318")],
                 "OTEL_EXPORTER_OTLP_ENDPOINT",

@@ -372,16 +372,14 @@ mod otel {
     ) -> Result<Option<SdkTracerProvider>, TelemetryError> {
         let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
             || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
-        let configured = config.otlp_endpoint.is_some()
-            || env("OTEL_EXPORTER_OTLP_ENDPOINT").is_some()
-            || env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").is_some();
-        if disabled || !configured {
+        if disabled {
             return Ok(None);
         }
-        let exporter = crate::otlp::OtlpExporter::new(crate::otlp::Settings::resolve(
-            config.otlp_endpoint.as_deref(),
-            env,
-        )?)?;
+        let Some(settings) = crate::otlp::Settings::resolve(config.otlp_endpoint.as_deref(), env)?
+        else {
+            return Ok(None);
+        };
+        let exporter = crate::otlp::OtlpExporter::new(settings)?;
         // The SDK's detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES;
         // our default name applies only when neither names the service.
         let named = env("OTEL_SERVICE_NAME").is_some()
