@@ -380,29 +380,21 @@ fn any_value(buf: &mut Vec<u8>, v: &Value) {
             key(buf, 4, 1);
             buf.extend_from_slice(&f.to_le_bytes());
         }
-        Value::Array(a) => message(buf, 5, |b| match a {
-            Array::Bool(vs) => {
+        // ArrayValue { values = 1 }, each an AnyValue.
+        Value::Array(a) => message(buf, 5, |b| {
+            fn each<T>(b: &mut Vec<u8>, vs: &[T], one: impl Fn(&mut Vec<u8>, &T)) {
                 for v in vs {
-                    message(b, 1, |b| any_value(b, &Value::Bool(*v)));
+                    message(b, 1, |b| one(b, v));
                 }
             }
-            Array::I64(vs) => {
-                for v in vs {
-                    message(b, 1, |b| any_value(b, &Value::I64(*v)));
-                }
+            match a {
+                Array::Bool(vs) => each(b, vs, |b, v| any_value(b, &Value::Bool(*v))),
+                Array::I64(vs) => each(b, vs, |b, v| any_value(b, &Value::I64(*v))),
+                Array::F64(vs) => each(b, vs, |b, v| any_value(b, &Value::F64(*v))),
+                Array::String(vs) => each(b, vs, |b, v| bytes(b, 1, v.as_str().as_bytes())),
+                // A kind of array added after this was written: as its text.
+                other => message(b, 1, |b| bytes(b, 1, other.to_string().as_bytes())),
             }
-            Array::F64(vs) => {
-                for v in vs {
-                    message(b, 1, |b| any_value(b, &Value::F64(*v)));
-                }
-            }
-            Array::String(vs) => {
-                for v in vs {
-                    message(b, 1, |b| bytes(b, 1, v.as_str().as_bytes()));
-                }
-            }
-            // A kind of array added after this was written: as its text.
-            other => message(b, 1, |b| bytes(b, 1, other.to_string().as_bytes())),
         }),
         // A kind of value added after this was written: as its text.
         other => bytes(buf, 1, other.to_string().as_bytes()),
