@@ -2,11 +2,17 @@
 
 use serde_json::{Value, json};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_marathon");
+
+/// The observability tests' helpers: free ports, a tiny HTTP server, URL encoding and
+/// the external tools.
+#[path = "../../observability/tests/common/mod.rs"]
+mod common;
+use common::{dechunk, free_port, urlencode};
 
 /// The binary with a clean environment (no inherited `MARATHON_*`).
 fn marathon(args: &[&str], env: &[(&str, &str)]) -> Command {
@@ -20,13 +26,6 @@ fn marathon(args: &[&str], env: &[(&str, &str)]) -> Command {
 
 fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
     marathon(args, env).output().expect("marathon runs")
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
 }
 
 /// A minimal HTTP/1.1 client: one request per connection.
@@ -77,19 +76,6 @@ fn http_with(
         rest.to_string()
     };
     Ok((status, body))
-}
-
-fn dechunk(mut s: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = s.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).unwrap_or(0);
-        if n == 0 || rest.len() < n {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        s = rest[n..].trim_start_matches("\r\n");
-    }
-    out
 }
 
 struct Running {
@@ -363,22 +349,6 @@ fn metrics_count_what_the_server_ran() {
     );
 }
 
-/// A tool the test needs: `$env` or `default` on the PATH (`scripts/observability-tools.sh` installs them).
-fn tool(env: &str, default: &str) -> String {
-    std::env::var(env).unwrap_or_else(|_| default.to_string())
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// A real Prometheus scrapes the running binary, and `promtool` accepts its exposition.
 #[test]
 fn a_real_prometheus_scrapes_a_running_marathon() {
@@ -403,7 +373,7 @@ fn a_real_prometheus_scrapes_a_running_marathon() {
         assert_eq!(status, 200);
     }
     let (_, exposition) = http(m.port, "GET", "/metrics", None).expect("metrics");
-    let mut check = Command::new(tool("MARATHON_PROMTOOL", "promtool"))
+    let mut check = Command::new(common::promtool())
         .args(["check", "metrics"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -435,7 +405,7 @@ fn a_real_prometheus_scrapes_a_running_marathon() {
     )
     .expect("config");
     let prom_port = free_port();
-    let mut prom = Command::new(tool("MARATHON_PROMETHEUS", "prometheus"))
+    let mut prom = Command::new(common::prometheus())
         .arg(format!(
             "--config.file={}",
             dir.join("prometheus.yml").display()
@@ -491,57 +461,25 @@ struct ExportedSpan {
 }
 
 /// An OTLP/HTTP receiver on a free port, decoding every export with
-/// `opentelemetry-proto` (connections kept alive, as the exporter keeps them).
+/// `opentelemetry-proto`.
 #[cfg(feature = "otel")]
 fn otlp_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<ExportedSpan>>>) {
     use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
     use prost::Message as _;
-    use std::io::{BufRead, BufReader};
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    let port = listener.local_addr().expect("addr").port();
     let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = spans.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let seen = seen.clone();
-            std::thread::spawn(move || {
-                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-                let mut stream = stream;
-                loop {
-                    let mut len = 0;
-                    let mut line = String::new();
-                    loop {
-                        line.clear();
-                        if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            len = v.trim().parse().unwrap_or(0);
-                        }
-                    }
-                    let mut body = vec![0; len];
-                    if reader.read_exact(&mut body).is_err() {
-                        return;
-                    }
-                    let req =
-                        ExportTraceServiceRequest::decode(body.as_slice()).expect("OTLP protobuf");
-                    let mut out = seen.lock().expect("not poisoned");
-                    for ss in req.resource_spans.into_iter().flat_map(|r| r.scope_spans) {
-                        out.extend(ss.spans.into_iter().map(|s| ExportedSpan {
-                            name: s.name,
-                            trace_id: s.trace_id,
-                            span_id: s.span_id,
-                            parent: s.parent_span_id,
-                        }));
-                    }
-                    drop(out);
-                    let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n");
-                }
-            });
+    let port = common::serve(move |req| {
+        let req = ExportTraceServiceRequest::decode(req.body.as_slice()).expect("OTLP protobuf");
+        let mut out = seen.lock().expect("not poisoned");
+        for ss in req.resource_spans.into_iter().flat_map(|r| r.scope_spans) {
+            out.extend(ss.spans.into_iter().map(|s| ExportedSpan {
+                name: s.name,
+                trace_id: s.trace_id,
+                span_id: s.span_id,
+                parent: s.parent_span_id,
+            }));
         }
+        (200, "application/x-protobuf", Vec::new())
     });
     (port, spans)
 }
