@@ -32,8 +32,8 @@ impl<'writer> FormatFields<'writer> for PlainFields {
             return self.fallback.format_fields(writer, fields);
         }
         // One pass into a buffer on the stack, handed over in one write: the span's
-        // field text starts as an empty `String`, and writing field by field grew it
-        // four or five times per span.
+        // field text starts as an empty `String`, which writing field by field grows by
+        // doubling from 8 bytes: four or five allocations for a task span's 50–90 bytes.
         let mut out = Plain {
             buf: [0; CAPACITY],
             len: 0,

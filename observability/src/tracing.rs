@@ -528,7 +528,8 @@ mod otel {
     ///
     /// The fields sit at fixed offsets (`vv-<32>-<16>-ff`), so they are read in place
     /// through a digit table: this runs for every task a worker receives, and splitting
-    /// on `-` cost more than the rest of the parse under callgrind.
+    /// on `-` was half of the parse under callgrind (35 M of its 72 M instructions in
+    /// one overhead-bench child run, docs/BENCHMARKS.md).
     pub(super) fn parse_traceparent(header: &str) -> Option<SpanContext> {
         /// Each byte's value as a lowercase hex digit, or 0xff.
         const DIGITS: [u8; 256] = {
