@@ -318,13 +318,6 @@ fn an_unsampled_callers_trace_stays_unsampled_under_a_ratio_sampler() {
     );
 }
 
-fn hex_bytes(hex: &str) -> Vec<u8> {
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
-        .collect()
-}
-
 #[test]
 fn a_workflow_is_one_trace_from_request_to_activity_attempts() {
     let logs = Captured::default();

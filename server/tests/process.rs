@@ -489,12 +489,6 @@ fn otlp_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<ExportedSpan>>>)
 #[cfg(feature = "otel")]
 #[test]
 fn a_callers_trace_runs_through_the_server_to_the_activity() {
-    fn hex(s: &str) -> Vec<u8> {
-        (0..s.len())
-            .step_by(2)
-            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).expect("hex"))
-            .collect()
-    }
     let (otlp, spans) = otlp_receiver();
     let endpoint = format!("http://127.0.0.1:{otlp}");
     let m = serve_with(
@@ -530,7 +524,7 @@ fn a_callers_trace_runs_through_the_server_to_the_activity() {
             .lock()
             .expect("not poisoned")
             .iter()
-            .filter(|s| s.trace_id == hex(trace))
+            .filter(|s| s.trace_id == common::hex_bytes(trace))
             .cloned()
             .collect();
         let tasks = ours
@@ -550,7 +544,7 @@ fn a_callers_trace_runs_through_the_server_to_the_activity() {
         .iter()
         .find(|s| s.name == "http.request")
         .expect("the request span joined the caller's trace");
-    assert_eq!(request.parent, hex(caller), "{request:?}");
+    assert_eq!(request.parent, common::hex_bytes(caller), "{request:?}");
     // From the activity up through its parents: a workflow task (the queue hop) and
     // then the request span.
     let activity = ours
@@ -572,5 +566,5 @@ fn a_callers_trace_runs_through_the_server_to_the_activity() {
         ],
         "{ours:#?}"
     );
-    assert_eq!(at.parent, hex(caller));
+    assert_eq!(at.parent, common::hex_bytes(caller));
 }

@@ -274,6 +274,14 @@ pub fn dechunk(mut s: &str) -> String {
 }
 
 /// Percent-encodes a query parameter.
+/// Lowercase hex (a trace or span id) as bytes.
+pub fn hex_bytes(hex: &str) -> Vec<u8> {
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).expect("hex digits"))
+        .collect()
+}
+
 pub fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {
