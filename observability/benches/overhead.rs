@@ -19,6 +19,11 @@
 //! drifts, neighbouring runs compare fairly. Each run warms up on 1,000 workflows
 //! first.
 //!
+//! Each variant's cost is printed two ways: as the ratio of its median rate to the
+//! plain run's median, and as the median over rounds of each round's own ratio ("by
+//! round"), which cancels most of the drift of a shared machine's speed between
+//! minutes, since a round runs the variants back to back.
+//!
 //! Besides throughput it prints the process CPU time per workflow (all threads,
 //! including the span exporter's, but not the receiver's), and how many of the spans
 //! the traced runs made reached the receiver: spans the batch processor drops would
@@ -397,20 +402,36 @@ fn main() {
     );
     // With the log-only run there, the cost of turning metrics and traces on in a
     // deployment (which logs either way) is read against it too.
-    let logs = variants
+    let logs_runs = variants
         .iter()
         .position(|(n, _)| *n == "logs")
-        .map(|i| median(&results[i], |r| r.rate));
+        .map(|i| &results[i]);
+    let logs = logs_runs.map(|runs| median(runs, |r| r.rate));
+    // The machine's speed drifts between minutes; a round runs the variants back to
+    // back, so the median of each round's own ratio cancels most of that drift.
+    let paired = |runs: &[Run], base: &[Run]| {
+        let mut v: Vec<f64> = runs
+            .iter()
+            .zip(base)
+            .map(|(r, b)| (r.rate / b.rate - 1.0) * 100.0)
+            .collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+    };
     for ((name, _), runs) in variants.iter().zip(&results) {
         let rate = median(runs, |r| r.rate);
         let cpu = median(runs, |r| r.cpu_us);
         let vs_logs = logs.map_or(String::new(), |l| {
             format!(" ({:+5.1} % vs logs)", (rate / l - 1.0) * 100.0)
         });
+        let by_round = logs_runs.map_or(String::new(), |l| {
+            format!(", {:+5.1} % vs logs", paired(runs, l))
+        });
         println!(
-            "{name:<8} {rate:>7.0} workflows/s ({:+5.1} %){vs_logs}  {cpu:>6.1} µs CPU/workflow ({:+5.1} %)  rates: {:?}",
+            "{name:<8} {rate:>7.0} workflows/s ({:+5.1} %){vs_logs}  {cpu:>6.1} µs CPU/workflow ({:+5.1} %)  by round: {:+5.1} %{by_round}  rates: {:?}",
             (rate / base_rate - 1.0) * 100.0,
             (cpu / base_cpu - 1.0) * 100.0,
+            paired(runs, &results[0]),
             runs.iter()
                 .map(|r| r.rate.round() as u64)
                 .collect::<Vec<_>>()
