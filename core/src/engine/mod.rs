@@ -715,7 +715,7 @@ impl EngineInner {
 
     /// Reports a workflow task's outcome to the observer and on the task's span.
     fn task_done(&self, name: &str, outcome: TaskOutcome, replay: Duration, history_len: u64) {
-        crate::observe::record_workflow_task(&tracing::Span::current(), name, outcome);
+        crate::observe::record_current([("workflow", &name), ("outcome", &outcome.as_str())]);
         self.observer
             .workflow_task(name, outcome, replay, history_len);
     }
@@ -1102,13 +1102,12 @@ impl EngineInner {
         queue: &str,
         t: ActivityTask,
     ) -> Result<(), EngineError> {
-        let span = tracing::Span::current();
         let call = match t.call.clone() {
             Some(c) => c,
             None => match self.load_call(&t.workflow_id, t.scheduled_seq).await? {
                 Some(c) => {
                     // The task did not carry the call: its span learns the name now.
-                    span.record("activity", c.name.as_str());
+                    crate::observe::record_current([("activity", &c.name.as_str())]);
                     c
                 }
                 None => return Ok(()),
@@ -1124,7 +1123,7 @@ impl EngineInner {
         let outcome = self
             .record_outcome(queue, &t, &call, started_at, result)
             .await?;
-        span.record("outcome", outcome.as_str());
+        crate::observe::record_current([("outcome", &outcome.as_str())]);
         self.observer
             .activity_attempt(&call.name, outcome, duration, error_kind.as_deref());
         Ok(())
