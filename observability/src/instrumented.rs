@@ -3,6 +3,8 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::Metrics;
+use crate::sharded::{ShardedHistogram, ShardedHistogramVec};
 use async_trait::async_trait;
 use marathon_core::model::{Event, NewEvent, Seq, Task, Timestamp, WorkflowId, WorkflowSummary};
 use marathon_core::queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
@@ -10,9 +12,6 @@ use marathon_core::store::{
     Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed,
     OwedChanges, Store, StoreError,
 };
-use prometheus::{Histogram, HistogramVec};
-
-use crate::Metrics;
 
 /// A [`Store`] that records the latency of every call of the store it wraps in
 /// `marathon_store_operation_seconds{operation, backend, outcome}`.
@@ -91,16 +90,16 @@ const QUEUE_OUTCOMES: &[&str] = &["ok", "invalid_receipt", "error"];
 /// the hot path then indexes an array instead of hashing label values, and the
 /// exposition holds only series that were used.
 struct Table {
-    vec: HistogramVec,
+    vec: ShardedHistogramVec,
     backend: &'static str,
     ops: &'static [&'static str],
     outcomes: &'static [&'static str],
-    cells: Vec<OnceLock<Histogram>>,
+    cells: Vec<OnceLock<ShardedHistogram>>,
 }
 
 impl Table {
     fn new(
-        vec: &HistogramVec,
+        vec: &ShardedHistogramVec,
         backend: &'static str,
         ops: &'static [&'static str],
         outcomes: &'static [&'static str],

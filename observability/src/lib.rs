@@ -5,6 +5,7 @@ mod instrumented;
 mod metrics;
 #[cfg(feature = "otel")]
 mod otlp;
+mod sharded;
 mod tracing;
 
 pub use instrumented::{InstrumentedQueue, InstrumentedStore};

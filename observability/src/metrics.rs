@@ -1,15 +1,19 @@
 //! [`Metrics`]: Marathon's Prometheus metrics, fed by the engine through [`Observer`].
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use marathon_core::observe::TaskFuture;
 use marathon_core::{AttemptOutcome, Observer, Task, TaskOutcome, WorkflowStatus};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
+
+use crate::sharded::{ShardedHistogram, ShardedHistogramVec};
 
 /// Errors of this crate's metrics.
 #[derive(Debug, thiserror::Error)]
@@ -66,22 +70,22 @@ pub struct Metrics {
     registry: Registry,
     pub(crate) workflows_started: IntCounterVec,
     workflows_closed: IntCounterVec,
-    workflow_duration: HistogramVec,
+    workflow_duration: ShardedHistogramVec,
     workflow_tasks: IntCounterVec,
-    workflow_task_duration: HistogramVec,
-    workflow_history: HistogramVec,
+    workflow_task_duration: ShardedHistogramVec,
+    workflow_history: ShardedHistogramVec,
     activity_attempts: IntCounterVec,
-    activity_duration: HistogramVec,
+    activity_duration: ShardedHistogramVec,
     activity_retries: IntCounterVec,
     activity_timeouts: IntCounterVec,
     activities_in_flight: IntGaugeVec,
     overdue: IntCounterVec,
     queue_depth: IntGaugeVec,
-    queue_receive: HistogramVec,
+    queue_receive: ShardedHistogramVec,
     queue_received: IntCounterVec,
     dead_lettered: IntCounterVec,
-    pub(crate) store_ops: HistogramVec,
-    pub(crate) queue_ops: HistogramVec,
+    pub(crate) store_ops: ShardedHistogramVec,
+    pub(crate) queue_ops: ShardedHistogramVec,
     llm_tokens: IntCounterVec,
     /// Label children resolved once per workflow or activity name (the hot path's lookups).
     series: Arc<SeriesCache>,
@@ -92,15 +96,15 @@ pub struct Metrics {
 struct WorkflowSeries {
     started: OnceLock<IntCounter>,
     tasks: [OnceLock<IntCounter>; 4],
-    task_duration: OnceLock<Histogram>,
-    history: OnceLock<Histogram>,
-    closed: [OnceLock<(IntCounter, Histogram)>; 4],
+    task_duration: OnceLock<ShardedHistogram>,
+    history: OnceLock<ShardedHistogram>,
+    closed: [OnceLock<(IntCounter, ShardedHistogram)>; 4],
 }
 
 /// One activity name's series, resolved on first use.
 #[derive(Debug, Default)]
 struct ActivitySeries {
-    attempts: [OnceLock<(IntCounter, Histogram)>; 4],
+    attempts: [OnceLock<(IntCounter, ShardedHistogram)>; 4],
     retries: OnceLock<IntCounter>,
     timeouts: [OnceLock<IntCounter>; 5],
     in_flight: OnceLock<IntGauge>,
@@ -109,7 +113,7 @@ struct ActivitySeries {
 /// One queue's receive series, resolved on first use.
 #[derive(Debug, Default)]
 struct QueueSeries {
-    receive: OnceLock<Histogram>,
+    receive: OnceLock<ShardedHistogram>,
     received: OnceLock<IntCounter>,
 }
 
@@ -117,23 +121,38 @@ struct QueueSeries {
 /// label-hashing lookup per metric.
 #[derive(Debug, Default)]
 struct SeriesCache {
-    workflows: RwLock<Names<WorkflowSeries>>,
-    activities: RwLock<Names<ActivitySeries>>,
-    queues: RwLock<Names<QueueSeries>>,
+    workflows: Names<WorkflowSeries>,
+    activities: Names<ActivitySeries>,
+    queues: Names<QueueSeries>,
 }
 
-/// Series by workflow, activity or queue name, hashed with foldhash (seeded at random
-/// per process) rather than SipHash, which cost about 3 k instructions per W3 workflow.
-type Names<T> = HashMap<String, Arc<T>, foldhash::fast::RandomState>;
+/// Series by workflow, activity or queue name.
+///
+/// Read without locking: a lookup loads the current map (`ArcSwap`) and borrows the
+/// series from it, while a new name copies the map (names are few, and new ones rare).
+/// A read lock, and cloning the series' `Arc`, would each write to a cache line that
+/// every worker thread shares, on every observer call. Hashed with foldhash (seeded at
+/// random per process) rather than SipHash, which cost about 3 k instructions per W3
+/// workflow.
+#[derive(Debug, Default)]
+struct Names<T>(ArcSwap<HashMap<String, Arc<T>, foldhash::fast::RandomState>>);
 
-fn series_of<T: Default>(map: &RwLock<Names<T>>, name: &str) -> Arc<T> {
-    if let Some(s) = map.read().ok().and_then(|m| m.get(name).cloned()) {
-        return s;
-    }
-    match map.write() {
-        Ok(mut m) => m.entry(name.to_string()).or_default().clone(),
-        // A poisoned lock only means another thread panicked mid-insert: go on uncached.
-        Err(_) => Arc::new(T::default()),
+impl<T: Default> Names<T> {
+    /// Calls `f` with the series of `name`, created on first use.
+    fn with<R>(&self, name: &str, f: impl FnOnce(&T) -> R) -> R {
+        if let Some(s) = self.0.load().get(name) {
+            return f(s);
+        }
+        self.0.rcu(|names| {
+            let mut names = HashMap::clone(names);
+            names.entry(name.to_string()).or_default();
+            names
+        });
+        match self.0.load().get(name) {
+            Some(s) => f(s),
+            // Names are never removed, so this is not reached; uncached then.
+            None => f(&T::default()),
+        }
     }
 }
 
@@ -192,9 +211,9 @@ fn histogram(
     help: &str,
     labels: &[&str],
     buckets: &[f64],
-) -> Result<HistogramVec, MetricsError> {
-    let h = HistogramVec::new(
-        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+) -> Result<ShardedHistogramVec, MetricsError> {
+    let h = ShardedHistogramVec::new(
+        &HistogramOpts::new(name, help).buckets(buckets.to_vec()),
         labels,
     )?;
     r.register(Box::new(h.clone()))?;
@@ -389,36 +408,27 @@ fn status_label(status: WorkflowStatus) -> &'static str {
     }
 }
 
-impl Metrics {
-    fn workflow_series(&self, name: &str) -> Arc<WorkflowSeries> {
-        series_of(&self.series.workflows, name)
-    }
-
-    fn activity_series(&self, name: &str) -> Arc<ActivitySeries> {
-        series_of(&self.series.activities, name)
-    }
-}
-
 impl Observer for Metrics {
     fn workflow_started(&self, name: &str) {
-        self.workflow_series(name)
-            .started
-            .get_or_init(|| self.workflows_started.with_label_values(&[name]))
-            .inc();
+        self.series.workflows.with(name, |s| {
+            s.started
+                .get_or_init(|| self.workflows_started.with_label_values(&[name]))
+                .inc();
+        });
     }
 
     fn workflow_closed(&self, name: &str, status: WorkflowStatus, duration: Duration) {
-        let (closed, hist) = self.workflow_series(name).closed[status_index(status)]
-            .get_or_init(|| {
+        self.series.workflows.with(name, |s| {
+            let (closed, hist) = s.closed[status_index(status)].get_or_init(|| {
                 let status = status_label(status);
                 (
                     self.workflows_closed.with_label_values(&[name, status]),
                     self.workflow_duration.with_label_values(&[name, status]),
                 )
-            })
-            .clone();
-        closed.inc();
-        hist.observe(duration.as_secs_f64());
+            });
+            closed.inc();
+            hist.observe(duration.as_secs_f64());
+        });
     }
 
     fn workflow_task(
@@ -428,30 +438,32 @@ impl Observer for Metrics {
         duration: Duration,
         history_len: u64,
     ) {
-        let s = self.workflow_series(name);
-        s.tasks[task_index(outcome)]
-            .get_or_init(|| {
-                self.workflow_tasks
-                    .with_label_values(&[name, outcome.as_str()])
-            })
-            .inc();
-        s.task_duration
-            .get_or_init(|| self.workflow_task_duration.with_label_values(&[name]))
-            .observe(duration.as_secs_f64());
-        #[expect(
-            clippy::cast_precision_loss,
-            reason = "history lengths stay far below 2^52"
-        )]
-        s.history
-            .get_or_init(|| self.workflow_history.with_label_values(&[name]))
-            .observe(history_len as f64);
+        self.series.workflows.with(name, |s| {
+            s.tasks[task_index(outcome)]
+                .get_or_init(|| {
+                    self.workflow_tasks
+                        .with_label_values(&[name, outcome.as_str()])
+                })
+                .inc();
+            s.task_duration
+                .get_or_init(|| self.workflow_task_duration.with_label_values(&[name]))
+                .observe(duration.as_secs_f64());
+            #[expect(
+                clippy::cast_precision_loss,
+                reason = "history lengths stay far below 2^52"
+            )]
+            s.history
+                .get_or_init(|| self.workflow_history.with_label_values(&[name]))
+                .observe(history_len as f64);
+        });
     }
 
     fn activity_running(&self, name: &str, delta: i64) {
-        self.activity_series(name)
-            .in_flight
-            .get_or_init(|| self.activities_in_flight.with_label_values(&[name]))
-            .add(delta);
+        self.series.activities.with(name, |s| {
+            s.in_flight
+                .get_or_init(|| self.activities_in_flight.with_label_values(&[name]))
+                .add(delta);
+        });
     }
 
     fn activity_attempt(
@@ -461,33 +473,32 @@ impl Observer for Metrics {
         duration: Duration,
         error_kind: Option<&str>,
     ) {
-        let s = self.activity_series(name);
-        let (attempts, hist) = s.attempts[attempt_index(outcome)]
-            .get_or_init(|| {
+        self.series.activities.with(name, |s| {
+            let (attempts, hist) = s.attempts[attempt_index(outcome)].get_or_init(|| {
                 let o = outcome.as_str();
                 (
                     self.activity_attempts.with_label_values(&[name, o]),
                     self.activity_duration.with_label_values(&[name, o]),
                 )
-            })
-            .clone();
-        attempts.inc();
-        hist.observe(duration.as_secs_f64());
-        if outcome == AttemptOutcome::Retrying {
-            s.retries
-                .get_or_init(|| self.activity_retries.with_label_values(&[name]))
-                .inc();
-        }
-        if let Some(which) = error_kind.and_then(|k| k.strip_prefix("timeout.")) {
-            let i = TIMEOUT_KINDS
-                .iter()
-                .position(|k| *k == which)
-                .unwrap_or(TIMEOUT_KINDS.len());
-            let label = TIMEOUT_KINDS.get(i).copied().unwrap_or("other");
-            s.timeouts[i]
-                .get_or_init(|| self.activity_timeouts.with_label_values(&[name, label]))
-                .inc();
-        }
+            });
+            attempts.inc();
+            hist.observe(duration.as_secs_f64());
+            if outcome == AttemptOutcome::Retrying {
+                s.retries
+                    .get_or_init(|| self.activity_retries.with_label_values(&[name]))
+                    .inc();
+            }
+            if let Some(which) = error_kind.and_then(|k| k.strip_prefix("timeout.")) {
+                let i = TIMEOUT_KINDS
+                    .iter()
+                    .position(|k| *k == which)
+                    .unwrap_or(TIMEOUT_KINDS.len());
+                let label = TIMEOUT_KINDS.get(i).copied().unwrap_or("other");
+                s.timeouts[i]
+                    .get_or_init(|| self.activity_timeouts.with_label_values(&[name, label]))
+                    .inc();
+            }
+        });
     }
 
     fn overdue(&self, kind: &'static str) {
@@ -495,15 +506,14 @@ impl Observer for Metrics {
     }
 
     fn queue_received(&self, queue: &str, count: usize, latency: Duration) {
-        let series = series_of(&self.series.queues, queue);
-        series
-            .receive
-            .get_or_init(|| self.queue_receive.with_label_values(&[queue]))
-            .observe(latency.as_secs_f64());
-        series
-            .received
-            .get_or_init(|| self.queue_received.with_label_values(&[queue]))
-            .inc_by(count as u64);
+        self.series.queues.with(queue, |s| {
+            s.receive
+                .get_or_init(|| self.queue_receive.with_label_values(&[queue]))
+                .observe(latency.as_secs_f64());
+            s.received
+                .get_or_init(|| self.queue_received.with_label_values(&[queue]))
+                .inc_by(count as u64);
+        });
     }
 
     fn queue_depth(&self, queue: &str, depth: u64) {
@@ -534,6 +544,40 @@ impl Observer for Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_name_gets_one_series_when_threads_race_to_create_it() {
+        let names = Names::<OnceLock<usize>>::default();
+        let seen: Vec<Vec<usize>> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..8)
+                .map(|t| {
+                    let names = &names;
+                    s.spawn(move || {
+                        (0..50)
+                            .map(|i| {
+                                // Every thread creates the same 50 names, in different orders.
+                                let name = format!("n{}", (i * 7 + t) % 50);
+                                names.with(&name, |cell| {
+                                    cell.get_or_init(|| t * 1000 + i);
+                                });
+                                names.with(&name, |cell| std::ptr::from_ref(cell) as usize)
+                            })
+                            .collect()
+                    })
+                })
+                .collect();
+            threads.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        // Each name resolved to the same series on every thread, first set wins.
+        let all = names.0.load();
+        assert_eq!(all.len(), 50);
+        for (t, per_thread) in seen.iter().enumerate() {
+            for (i, addr) in per_thread.iter().enumerate() {
+                let name = format!("n{}", (i * 7 + t) % 50);
+                assert_eq!(*addr, std::ptr::from_ref(&*all[&name]) as usize, "{name}");
+            }
+        }
+    }
 
     #[test]
     fn timeouts_are_bounded_and_retries_counted() {
