@@ -3,8 +3,6 @@
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use crate::Metrics;
-use crate::sharded::{ShardedHistogram, ShardedHistogramVec};
 use async_trait::async_trait;
 use marathon_core::model::{Event, NewEvent, Seq, Task, Timestamp, WorkflowId, WorkflowSummary};
 use marathon_core::queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
@@ -12,6 +10,9 @@ use marathon_core::store::{
     Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed,
     OwedChanges, Store, StoreError,
 };
+
+use crate::Metrics;
+use crate::sharded::{ShardedHistogram, ShardedHistogramVec};
 
 /// A [`Store`] that records the latency of every call of the store it wraps in
 /// `marathon_store_operation_seconds{operation, backend, outcome}`.

@@ -2,10 +2,9 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
-
-use arc_swap::ArcSwap;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use marathon_core::observe::TaskFuture;
 use marathon_core::{AttemptOutcome, Observer, Task, TaskOutcome, WorkflowStatus};
 use prometheus::{
