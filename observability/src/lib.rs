@@ -1,6 +1,7 @@
 #![doc = include_str!("../README.md")]
 
 mod fields;
+mod filter;
 mod instrumented;
 mod metrics;
 #[cfg(feature = "otel")]

@@ -7,7 +7,8 @@ use std::time::Duration;
 use marathon_core::Task;
 use marathon_core::observe::TaskFuture;
 use serde::{Deserialize, Serialize};
-use tracing_subscriber::EnvFilter;
+
+use crate::filter::LogFilter;
 #[cfg(feature = "otel")]
 use tracing_subscriber::Layer as _;
 use tracing_subscriber::fmt::MakeWriter;
@@ -202,7 +203,7 @@ where
     W: for<'w> MakeWriter<'w> + Send + Sync + 'static,
 {
     let parse = |filter: &str| {
-        EnvFilter::try_new(filter).map_err(|source| TelemetryError::Filter {
+        LogFilter::parse(filter).map_err(|source| TelemetryError::Filter {
             filter: filter.to_string(),
             source,
         })
@@ -219,7 +220,7 @@ where
         let dispatch = match provider {
             None => tracing::Dispatch::new(
                 registry
-                    .with(log_filter)
+                    .with(log_filter.into_layer())
                     .with(log_layer(config.log_format, writer)),
             ),
             // One filter for both layers when they would filter alike: per-layer filters
@@ -230,7 +231,7 @@ where
             {
                 tracing::Dispatch::new(
                     registry
-                        .with(log_filter)
+                        .with(log_filter.into_layer())
                         .with(otel::layer(&p))
                         .with(log_layer(config.log_format, writer)),
                 )
@@ -239,18 +240,19 @@ where
             // `trace_filter`, so quiet logs (`warn`) do not silence traces and verbose
             // logs do not flood them; untraced task spans never reach the exporter.
             Some(p) => {
-                let trace_filter = parse(&config.trace_filter)?.add_directive(
-                    format!("{}=off", marathon_core::observe::UNTRACED_TARGET)
-                        .parse()
-                        .map_err(|source| TelemetryError::Filter {
-                            filter: config.trace_filter.clone(),
-                            source,
-                        })?,
-                );
+                let trace_filter = parse(&config.trace_filter)?
+                    .without(marathon_core::observe::UNTRACED_TARGET)
+                    .map_err(|source| TelemetryError::Filter {
+                        filter: config.trace_filter.clone(),
+                        source,
+                    })?;
                 tracing::Dispatch::new(
                     registry
-                        .with(otel::layer(&p).with_filter(trace_filter))
-                        .with(log_layer(config.log_format, writer).with_filter(log_filter)),
+                        .with(otel::layer(&p).with_filter(trace_filter.into_filter()))
+                        .with(
+                            log_layer(config.log_format, writer)
+                                .with_filter(log_filter.into_filter()),
+                        ),
                 )
             }
         };
@@ -259,7 +261,7 @@ where
     #[cfg(not(feature = "otel"))]
     {
         let subscriber = tracing_subscriber::registry()
-            .with(log_filter)
+            .with(log_filter.into_layer())
             .with(log_layer(config.log_format, writer));
         let guard = TelemetryGuard {
             timeout: config.shutdown_timeout,

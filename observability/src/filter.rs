@@ -1,0 +1,186 @@
+//! [`LogFilter`]: the subscriber's `RUST_LOG`-style filters, as [`Targets`] when that
+//! is enough.
+//!
+//! `EnvFilter` keeps a map of the spans it has seen, to apply span and field
+//! directives (`target[span{field=value}]=level`), and takes a lock on it on every
+//! span's creation, entry, exit, record and close, even when no directive needs it:
+//! with a workflow task's span entered on every poll, that is a write to a cache line
+//! every worker thread shares, many times per task (about 1 % of the traced W3's time
+//! under `perf`, and 2 k instructions per workflow). `Targets` reads the same plain
+//! `target=level` directives and decides once per callsite.
+
+use tracing::Subscriber;
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, ParseError, Targets};
+use tracing_subscriber::layer::{Filter, Layer};
+
+/// A parsed log or trace filter (see the module docs).
+#[derive(Debug)]
+pub(crate) enum LogFilter {
+    /// Only `target=level` and bare-level directives.
+    Targets(Box<Targets>),
+    /// Directives on spans or fields too.
+    Env(Box<EnvFilter>),
+}
+
+impl LogFilter {
+    /// Parses `RUST_LOG`-style directives, as `EnvFilter` reads them.
+    pub(crate) fn parse(spec: &str) -> Result<LogFilter, ParseError> {
+        // Span and field directives, and anything `Targets` does not read, go to
+        // `EnvFilter` (which also names what is wrong with an invalid filter).
+        let plain = !spec.contains(['[', ']', '{', '}', '"']);
+        if plain && let Ok(targets) = spec.trim().parse::<Targets>() {
+            return Ok(LogFilter::Targets(Box::new(targets)));
+        }
+        EnvFilter::try_new(spec).map(|e| LogFilter::Env(Box::new(e)))
+    }
+
+    /// The same filter with `target` (and the targets under it) turned off.
+    pub(crate) fn without(self, target: &'static str) -> Result<LogFilter, ParseError> {
+        Ok(match self {
+            LogFilter::Targets(t) => {
+                LogFilter::Targets(Box::new(t.with_target(target, LevelFilter::OFF)))
+            }
+            LogFilter::Env(e) => {
+                LogFilter::Env(Box::new(e.add_directive(format!("{target}=off").parse()?)))
+            }
+        })
+    }
+
+    /// As a layer filtering everything above it (one filter for every layer).
+    pub(crate) fn into_layer<S>(self) -> Box<dyn Layer<S> + Send + Sync>
+    where
+        S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        match self {
+            LogFilter::Targets(t) => t,
+            LogFilter::Env(e) => e,
+        }
+    }
+
+    /// As one layer's own filter.
+    pub(crate) fn into_filter<S>(self) -> Box<dyn Filter<S> + Send + Sync>
+    where
+        S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    {
+        match self {
+            LogFilter::Targets(t) => t,
+            LogFilter::Env(e) => e,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing::{Level, Subscriber};
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt as _};
+
+    use super::LogFilter;
+
+    /// The events and spans that got through, as `target level`.
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<String>>>);
+
+    impl<S: Subscriber> Layer<S> for Seen {
+        fn on_event(&self, e: &tracing::Event<'_>, _: Context<'_, S>) {
+            let m = e.metadata();
+            let mut seen = self.0.lock().expect("not poisoned");
+            seen.push(format!("event {} {}", m.target(), m.level()));
+        }
+        fn on_new_span(
+            &self,
+            a: &tracing::span::Attributes<'_>,
+            _: &tracing::span::Id,
+            _: Context<'_, S>,
+        ) {
+            let m = a.metadata();
+            let mut seen = self.0.lock().expect("not poisoned");
+            seen.push(format!("span {} {}", m.target(), m.level()));
+        }
+    }
+
+    macro_rules! each_level {
+        ($target:literal) => {
+            tracing::event!(target: $target, Level::TRACE, "x");
+            tracing::event!(target: $target, Level::DEBUG, "x");
+            tracing::event!(target: $target, Level::INFO, "x");
+            tracing::event!(target: $target, Level::WARN, "x");
+            tracing::event!(target: $target, Level::ERROR, "x");
+            let _ = tracing::span!(target: $target, Level::DEBUG, "s");
+            let _ = tracing::span!(target: $target, Level::INFO, "s");
+        };
+    }
+
+    /// What gets through `filter` of a fixed set of events and spans.
+    fn seen(filter: LogFilter) -> Vec<String> {
+        let seen = Seen::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(filter.into_layer())
+            .with(seen.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            each_level!("marathon_core::engine");
+            each_level!("marathon_core::observe");
+            each_level!("marathon::untraced");
+            each_level!("marathon_server");
+            each_level!("hyper::proto::h1");
+            each_level!("other");
+        });
+        seen.0.lock().expect("not poisoned").clone()
+    }
+
+    #[test]
+    fn plain_directives_are_read_by_targets_exactly_as_env_filter_reads_them() {
+        for spec in [
+            "info",
+            "warn",
+            "trace",
+            "off",
+            "debug,hyper=warn",
+            "marathon_core=debug",
+            "marathon=trace,info",
+            "info,marathon_core::engine=off",
+            "error,marathon_server=4",
+            "marathon_core",
+            "hyper=off,debug",
+        ] {
+            let ours = LogFilter::parse(spec).expect("valid");
+            assert!(matches!(ours, LogFilter::Targets(_)), "{spec}");
+            let env = tracing_subscriber::EnvFilter::try_new(spec).expect("valid");
+            let ours = seen(ours);
+            assert_eq!(ours.is_empty(), spec == "off", "{spec}: {ours:?}");
+            assert_eq!(ours, seen(LogFilter::Env(Box::new(env))), "{spec}");
+            // With a target turned off, as for the trace filter.
+            let ours = LogFilter::parse(spec)
+                .and_then(|f| f.without("marathon::untraced"))
+                .expect("valid");
+            let env = tracing_subscriber::EnvFilter::try_new(spec).expect("valid");
+            let env = LogFilter::Env(Box::new(env))
+                .without("marathon::untraced")
+                .expect("valid");
+            let ours = seen(ours);
+            assert!(
+                !ours.iter().any(|s| s.contains("marathon::untraced")),
+                "{spec}"
+            );
+            assert_eq!(ours, seen(env), "{spec}");
+        }
+    }
+
+    #[test]
+    fn span_and_field_directives_go_to_env_filter_and_bad_ones_are_errors() {
+        for spec in [
+            "info,marathon_core[marathon.activity]=debug",
+            "warn,[{outcome=failed}]=trace",
+        ] {
+            assert!(
+                matches!(LogFilter::parse(spec), Ok(LogFilter::Env(_))),
+                "{spec}"
+            );
+        }
+        for spec in ["info,marathon=loud", "a=b=c"] {
+            assert!(LogFilter::parse(spec).is_err(), "{spec}");
+        }
+    }
+}
