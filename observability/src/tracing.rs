@@ -230,10 +230,14 @@ where
                     && config.log_filter.trim() == config.trace_filter.trim() =>
             {
                 tracing::Dispatch::new(
+                    // The OpenTelemetry layer outermost: every outgoing `traceparent`
+                    // and parent link finds it by downcasting the subscriber, which
+                    // asks each layer from the outside in (1.5 k instructions per W3
+                    // workflow when the boxed log layer came first).
                     registry
                         .with(log_filter.into_layer())
-                        .with(otel::layer(&p))
-                        .with(log_layer(config.log_format, writer)),
+                        .with(log_layer(config.log_format, writer))
+                        .with(otel::layer(&p)),
                 )
             }
             // One filter per layer: logs follow `log_filter`, exported spans
@@ -247,12 +251,13 @@ where
                         source,
                     })?;
                 tracing::Dispatch::new(
+                    // The OpenTelemetry layer outermost, as above.
                     registry
-                        .with(otel::layer(&p).with_filter(trace_filter.into_filter()))
                         .with(
                             log_layer(config.log_format, writer)
                                 .with_filter(log_filter.into_filter()),
-                        ),
+                        )
+                        .with(otel::layer(&p).with_filter(trace_filter.into_filter())),
                 )
             }
         };
