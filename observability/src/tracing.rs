@@ -232,8 +232,9 @@ where
                 tracing::Dispatch::new(
                     // The OpenTelemetry layer outermost: every outgoing `traceparent`
                     // and parent link finds it by downcasting the subscriber, which
-                    // asks each layer from the outside in (1.5 k instructions per W3
-                    // workflow when the boxed log layer came first).
+                    // asks each layer from the outside in (downcasts took 2.7 k
+                    // instructions per W3 workflow with the boxed log layer first, 1.2 k
+                    // now; docs/BENCHMARKS.md).
                     registry
                         .with(log_filter.into_layer())
                         .with(log_layer(config.log_format, writer))
@@ -446,8 +447,9 @@ mod otel {
         // the span (and release it again through every layer) just to ask this.
         let cx = tracing::dispatcher::get_default(|d| {
             let (id, meta) = d.current_span().into_inner()?;
-            // An untraced task's span has no OpenTelemetry context to ask for (4 k
-            // instructions per W3 workflow at 1 %, to find that out).
+            // An untraced task's span has no OpenTelemetry context to ask for: asking
+            // took `get_otel_context` 4.0 k instructions per W3 workflow at 1 % to find
+            // that out (`current_traceparent` 8.1 k -> 5.9 k; docs/BENCHMARKS.md).
             if meta.target() == marathon_core::observe::UNTRACED_TARGET {
                 return None;
             }
@@ -549,8 +551,8 @@ mod otel {
     /// [`parse_traceparent`] for the header of a task a worker received, remembering
     /// the last such header of the thread: when unsampled tasks get untraced spans
     /// ([`untraced_spans`]), [`super::task_span`] and then [`super::scope_task`] read the
-    /// same header one after the other (3.7 k of the 34 k instructions per W3 workflow
-    /// that sampling 1 % cost above logs and metrics). A hit compares the 55 bytes, so a
+    /// same header one after the other (parsing took 7.4 k instructions per W3 workflow
+    /// at 1 %, half of it the second read; docs/BENCHMARKS.md). A hit compares the 55 bytes, so a
     /// stale entry is never taken for another header.
     pub(super) fn task_traceparent(header: &str) -> Option<SpanContext> {
         if untraced_spans() {
@@ -562,25 +564,21 @@ mod otel {
 
     /// [`parse_traceparent`], answered from the thread's last header when it is the same.
     pub(super) fn parse_traceparent_again(header: &str) -> Option<SpanContext> {
-        /// A version-00 header and what it parsed to.
-        type Entry = ([u8; 55], Option<(TraceId, SpanId, TraceFlags)>);
         thread_local! {
-            static LAST: std::cell::Cell<Option<Entry>> = const { std::cell::Cell::new(None) };
+            /// The last version-00 header parsed on this thread, and what it parsed to.
+            static LAST: std::cell::RefCell<Option<([u8; 55], Option<SpanContext>)>> =
+                const { std::cell::RefCell::new(None) };
         }
         let Ok(bytes) = <[u8; 55]>::try_from(header.as_bytes()) else {
             return parse_traceparent(header);
         };
-        let ids = match LAST.get() {
-            Some((last, ids)) if last == bytes => ids,
+        LAST.with_borrow_mut(|last| match last {
+            Some((seen, sc)) if *seen == bytes => sc.clone(),
             _ => {
-                let ids = parse_traceparent(header)
-                    .map(|sc| (sc.trace_id(), sc.span_id(), sc.trace_flags()));
-                LAST.set(Some((bytes, ids)));
-                ids
+                let sc = parse_traceparent(header);
+                *last = Some((bytes, sc.clone()));
+                sc
             }
-        };
-        ids.map(|(trace_id, span_id, flags)| {
-            SpanContext::new(trace_id, span_id, flags, true, TraceState::default())
         })
     }
 
