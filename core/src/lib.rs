@@ -18,7 +18,7 @@ pub use engine::{
     StartWorkflow, Started, WorkflowContext,
 };
 pub use model::*;
-pub use observe::{AttemptOutcome, NoopObserver, Observer, TaskOutcome};
+pub use observe::{AttemptOutcome, NoopObserver, Observer, TaskOutcome, TaskScope};
 pub use queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
 pub use store::{
     Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed,

@@ -9,8 +9,51 @@ use std::time::Duration;
 use crate::engine::EngineError;
 use crate::model::{Task, WorkflowStatus};
 
-/// The future that runs one task (see [`Observer::scope_task`]).
+/// The future that runs one task (see [`TaskScope`]).
 pub type TaskFuture<'a> = Pin<Box<dyn Future<Output = Result<(), EngineError>> + Send + 'a>>;
+
+/// Wraps the future that runs one task (see [`TaskScope::wrap`]).
+pub type WrapTask = Box<dyn for<'a> FnOnce(TaskFuture<'a>) -> TaskFuture<'a> + Send>;
+
+/// How one task runs, as [`Observer::task_scope`] sets it up from the task and the
+/// trace context its message carried: the span it runs in and, optionally, a wrapper
+/// around its future.
+pub struct TaskScope {
+    /// The span the task runs in (see [`task_span`]).
+    pub span: tracing::Span,
+    /// Wraps the task's future, which already runs inside `span`: to make the context
+    /// the message carried current while the task runs, say. `None` runs it as it is.
+    pub wrap: Option<WrapTask>,
+}
+
+impl TaskScope {
+    /// The task runs in `span`, its future as it is.
+    #[must_use]
+    pub fn new(span: tracing::Span) -> Self {
+        Self { span, wrap: None }
+    }
+
+    /// The task runs in `span`, its future wrapped by `wrap`.
+    #[must_use]
+    pub fn wrapped(
+        span: tracing::Span,
+        wrap: impl for<'a> FnOnce(TaskFuture<'a>) -> TaskFuture<'a> + Send + 'static,
+    ) -> Self {
+        Self {
+            span,
+            wrap: Some(Box::new(wrap)),
+        }
+    }
+}
+
+impl std::fmt::Debug for TaskScope {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TaskScope")
+            .field("span", &self.span)
+            .field("wrap", &self.wrap.is_some())
+            .finish()
+    }
+}
 
 /// How one activity attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,16 +152,12 @@ pub trait Observer: Send + Sync + 'static {
     /// `count` tasks were found dead-lettered on `queue`.
     fn dead_lettered(&self, _queue: &str, _count: usize) {}
 
-    /// The span a task runs in (see [`task_span`]): a child of the trace context its message carried.
-    fn task_span(&self, task: &Task, _trace_context: Option<&str>) -> tracing::Span {
-        task_span(task)
-    }
-
-    /// Wraps the future that runs a task (already inside its [`Observer::task_span`]),
-    /// given the trace context its message carried: to make that context current while
-    /// the task runs, say. The default runs it as it is.
-    fn scope_task<'a>(&self, _trace_context: Option<&str>, work: TaskFuture<'a>) -> TaskFuture<'a> {
-        work
+    /// How a task runs, given the trace context its message carried (a W3C
+    /// `traceparent`): the span it runs in, a child of that context, and anything its
+    /// future should run inside. Called once per task, so that the context is read
+    /// once. The default: [`task_span`], the future as it is.
+    fn task_scope(&self, task: &Task, _trace_context: Option<&str>) -> TaskScope {
+        TaskScope::new(task_span(task))
     }
 
     /// The W3C `traceparent` of the current span, put into outgoing messages.

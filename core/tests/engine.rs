@@ -853,7 +853,11 @@ impl marathon_core::Observer for Recorder {
             kind.unwrap_or("-")
         ));
     }
-    fn task_span(&self, task: &marathon_core::Task, trace_context: Option<&str>) -> tracing::Span {
+    fn task_scope(
+        &self,
+        task: &marathon_core::Task,
+        trace_context: Option<&str>,
+    ) -> marathon_core::TaskScope {
         let kind = match task {
             marathon_core::Task::Workflow { .. } => "workflow",
             marathon_core::Task::Activity(_) => "activity",
@@ -861,7 +865,7 @@ impl marathon_core::Observer for Recorder {
         self.log
             .lock()
             .push(format!("task {kind} {}", trace_context.unwrap_or("none")));
-        tracing::Span::none()
+        marathon_core::TaskScope::new(tracing::Span::none())
     }
     fn trace_context(&self) -> Option<String> {
         Some("00-trace-span-01".into())

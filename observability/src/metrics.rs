@@ -5,8 +5,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use marathon_core::observe::TaskFuture;
-use marathon_core::{AttemptOutcome, Observer, Task, TaskOutcome, WorkflowStatus};
+use marathon_core::{AttemptOutcome, Observer, Task, TaskOutcome, TaskScope, WorkflowStatus};
 use prometheus::{
     Encoder, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
     TextEncoder,
@@ -62,7 +61,7 @@ const TIMEOUT_KINDS: &[&str] = &["start_to_close", "schedule_to_close", "heartbe
 /// [`Metrics::render`] on `/metrics`. Every name starts with `marathon_`; labels
 /// carry registered names (workflow, activity, queue), outcomes and backends, never ids.
 ///
-/// With the `otel` feature, [`Observer::task_span`] and [`Observer::trace_context`]
+/// With the `otel` feature, [`Observer::task_scope`] and [`Observer::trace_context`]
 /// carry W3C trace context through queue messages (see [`crate::init_tracing`]).
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -527,12 +526,8 @@ impl Observer for Metrics {
             .inc_by(count as u64);
     }
 
-    fn task_span(&self, task: &Task, trace_context: Option<&str>) -> tracing::Span {
-        crate::tracing::task_span(task, trace_context)
-    }
-
-    fn scope_task<'a>(&self, trace_context: Option<&str>, work: TaskFuture<'a>) -> TaskFuture<'a> {
-        crate::tracing::scope_task(trace_context, work)
+    fn task_scope(&self, task: &Task, trace_context: Option<&str>) -> TaskScope {
+        crate::tracing::task_scope(task, trace_context)
     }
 
     fn trace_context(&self) -> Option<String> {

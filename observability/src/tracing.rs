@@ -4,8 +4,7 @@
 use std::io::IsTerminal;
 use std::time::Duration;
 
-use marathon_core::Task;
-use marathon_core::observe::TaskFuture;
+use marathon_core::{Task, TaskScope};
 use serde::{Deserialize, Serialize};
 
 use crate::filter::LogFilter;
@@ -297,46 +296,36 @@ where
     }
 }
 
-/// The span a task runs in (see [`marathon_core::Observer::task_span`]): with the
-/// `otel` feature, a child of the W3C `traceparent` the task's message carried; when
-/// that context is not sampled and the sampler follows the parent and may decline
-/// (`parentbased_traceidratio`), a span the trace exporter leaves out
+/// How a task runs (see [`marathon_core::Observer::task_scope`]): with the `otel`
+/// feature, in a span that is a child of the W3C `traceparent` its message carried.
+///
+/// When that context is not sampled and the sampler follows the parent and may decline
+/// (`parentbased_traceidratio`), the span is one the trace exporter leaves out
 /// ([`marathon_core::observe::untraced_task_span`]), since nothing under it would be
-/// exported anyway.
-pub(crate) fn task_span(task: &Task, trace_context: Option<&str>) -> tracing::Span {
+/// exported anyway, and the task runs with the unsampled context current: that context
+/// then travels on in the messages the task sends, and spans opened inside it (the
+/// activity's own) are its unsampled children rather than new traces.
+///
+/// The header is parsed once here, for both.
+pub(crate) fn task_scope(task: &Task, trace_context: Option<&str>) -> TaskScope {
     #[cfg(feature = "otel")]
-    if let Some(sc) = trace_context.and_then(otel::task_traceparent) {
+    if let Some(sc) = trace_context.and_then(otel::parse_traceparent) {
         if !sc.is_sampled() && otel::untraced_spans() {
-            return marathon_core::observe::untraced_task_span(task);
+            use opentelemetry::context::FutureExt as _;
+            use opentelemetry::trace::TraceContextExt as _;
+            let cx = opentelemetry::Context::new().with_remote_span_context(sc);
+            return TaskScope::wrapped(
+                marathon_core::observe::untraced_task_span(task),
+                move |work| Box::pin(work.with_context(cx)),
+            );
         }
         let span = marathon_core::observe::task_span(task);
         otel::set_parent_context(&span, sc);
-        return span;
+        return TaskScope::new(span);
     }
     #[cfg(not(feature = "otel"))]
     let _ = trace_context;
-    marathon_core::observe::task_span(task)
-}
-
-/// Runs an untraced task (see [`task_span`]) with the unsampled context it arrived
-/// with as the current OpenTelemetry context: the context then travels on in the
-/// messages the task sends, and spans opened inside it (the activity's own) are its
-/// unsampled children rather than new traces.
-pub(crate) fn scope_task<'a>(trace_context: Option<&str>, work: TaskFuture<'a>) -> TaskFuture<'a> {
-    #[cfg(feature = "otel")]
-    if otel::untraced_spans()
-        && let Some(sc) = trace_context.and_then(otel::task_traceparent)
-        && !sc.is_sampled()
-    {
-        use opentelemetry::context::FutureExt as _;
-        use opentelemetry::trace::TraceContextExt as _;
-        return Box::pin(
-            work.with_context(opentelemetry::Context::new().with_remote_span_context(sc)),
-        );
-    }
-    #[cfg(not(feature = "otel"))]
-    let _ = trace_context;
-    work
+    TaskScope::new(marathon_core::observe::task_span(task))
 }
 
 /// Makes `span` (an incoming request's span, not yet entered) a child of the W3C
@@ -463,7 +452,7 @@ mod otel {
             }
         }
         // An untraced task: the unsampled context it arrived with, made current by
-        // `scope_task`, goes on unchanged.
+        // its `task_scope`, goes on unchanged.
         let cx = opentelemetry::Context::current();
         let span = cx.span();
         let sc = span.span_context();
@@ -471,7 +460,7 @@ mod otel {
     }
 
     /// Whether a task whose incoming context is not sampled gets an untraced span
-    /// (see [`super::task_span`]): when the sampler follows the parent's decision and
+    /// (see [`super::task_scope`]): when the sampler follows the parent's decision and
     /// may decline (`parentbased_traceidratio`, `parentbased_always_off`), so that most
     /// tasks can arrive unsampled. Under the default `parentbased_always_on` only a
     /// caller's unsampled `traceparent` does that, and the SDK's non-recording span
@@ -546,40 +535,6 @@ mod otel {
         );
         // Only ASCII hex digits and dashes: this never falls back.
         String::from_utf8(buf.to_vec()).unwrap_or_default()
-    }
-
-    /// [`parse_traceparent`] for the header of a task a worker received, remembering
-    /// the last such header of the thread: when unsampled tasks get untraced spans
-    /// ([`untraced_spans`]), [`super::task_span`] and then [`super::scope_task`] read the
-    /// same header one after the other (parsing took 7.4 k instructions per W3 workflow
-    /// at 1 %, half of it the second read; docs/BENCHMARKS.md). A hit compares the 55 bytes, so a
-    /// stale entry is never taken for another header.
-    pub(super) fn task_traceparent(header: &str) -> Option<SpanContext> {
-        if untraced_spans() {
-            parse_traceparent_again(header)
-        } else {
-            parse_traceparent(header)
-        }
-    }
-
-    /// [`parse_traceparent`], answered from the thread's last header when it is the same.
-    pub(super) fn parse_traceparent_again(header: &str) -> Option<SpanContext> {
-        thread_local! {
-            /// The last version-00 header parsed on this thread, and what it parsed to.
-            static LAST: std::cell::RefCell<Option<([u8; 55], Option<SpanContext>)>> =
-                const { std::cell::RefCell::new(None) };
-        }
-        let Ok(bytes) = <[u8; 55]>::try_from(header.as_bytes()) else {
-            return parse_traceparent(header);
-        };
-        LAST.with_borrow_mut(|last| match last {
-            Some((seen, sc)) if *seen == bytes => sc.clone(),
-            _ => {
-                let sc = parse_traceparent(header);
-                *last = Some((bytes, sc.clone()));
-                sc
-            }
-        })
     }
 
     /// Parses a W3C `traceparent` header as the W3C Trace Context spec reads it:
@@ -812,7 +767,7 @@ mod tests {
 
     use super::otel::{
         DEFAULT_EXPORT_BATCH_SIZE, DEFAULT_QUEUE_SIZE, batch_config, format_traceparent,
-        parse_traceparent, parse_traceparent_again,
+        parse_traceparent,
     };
 
     #[test]
@@ -822,8 +777,11 @@ mod tests {
         let task = Task::workflow(WorkflowId::parse("w-1").unwrap());
         let target = |tc: Option<&str>| {
             tracing::subscriber::with_default(tracing_subscriber::registry(), || {
-                let span = super::task_span(&task, tc);
-                span.metadata().map(|m| m.target().to_string())
+                let scope = super::task_scope(&task, tc);
+                // Only an untraced task runs with its context made current.
+                let untraced = scope.span.metadata().map(|m| m.target()) == Some(UNTRACED_TARGET);
+                assert_eq!(scope.wrap.is_some(), untraced, "{tc:?}");
+                scope.span.metadata().map(|m| m.target().to_string())
             })
         };
         let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
@@ -946,39 +904,5 @@ mod tests {
         let sc = parse_traceparent(valid).expect("valid");
         assert!(sc.is_remote() && sc.is_sampled());
         assert_eq!(format_traceparent(&sc), valid);
-    }
-
-    #[test]
-    fn a_header_read_again_parses_as_it_did_the_first_time() {
-        let sampled = "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-01";
-        let unsampled = "00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-00";
-        let other = "00-1af7651916cd43dd8448eb211c80319c-10f067aa0ba902b7-00";
-        let invalid = "00-00000000000000000000000000000000-00f067aa0ba902b7-01";
-        let padded = " 00-0af7651916cd43dd8448eb211c80319c-00f067aa0ba902b7-0 ";
-        // Each twice in a row (the second answered from the thread's last header),
-        // then interleaved, and once more on another thread.
-        let headers = [
-            sampled, sampled, unsampled, unsampled, invalid, invalid, other, other, padded, padded,
-            sampled, other, unsampled, invalid, sampled,
-        ];
-        for header in headers {
-            assert_eq!(
-                parse_traceparent_again(header),
-                parse_traceparent(header),
-                "{header:?}"
-            );
-        }
-        std::thread::spawn(move || {
-            for header in headers.iter().rev() {
-                assert_eq!(parse_traceparent_again(header), parse_traceparent(header));
-            }
-        })
-        .join()
-        .expect("the other thread");
-        assert!(
-            !parse_traceparent_again(unsampled)
-                .expect("valid")
-                .is_sampled()
-        );
     }
 }

@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::engine::Engine;
+use crate::observe::{TaskFuture, TaskScope};
 use crate::queue::Delivery;
 
 /// One task queue a worker serves, and how many of its tasks may run at once.
@@ -286,14 +287,15 @@ async fn run_delivery(
         }
     };
     let observer = engine.observer();
-    let span = observer.task_span(&d.task, d.trace_context.as_deref());
-    let work = observer.scope_task(
-        d.trace_context.as_deref(),
-        Box::pin(InSpan {
-            span,
-            work: engine.handle(queue, d.task),
-        }),
-    );
+    let TaskScope { span, wrap } = observer.task_scope(&d.task, d.trace_context.as_deref());
+    let work: TaskFuture<'_> = Box::pin(InSpan {
+        span,
+        work: engine.handle(queue, d.task),
+    });
+    let work = match wrap {
+        Some(wrap) => wrap(work),
+        None => work,
+    };
     let result = tokio::select! {
         biased;
         r = work => Some(r),
