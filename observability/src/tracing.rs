@@ -312,8 +312,7 @@ pub(crate) fn task_scope(task: &Task, trace_context: Option<&str>) -> TaskScope 
     if let Some(sc) = trace_context.and_then(otel::parse_traceparent) {
         if !sc.is_sampled() && otel::untraced_spans() {
             use opentelemetry::context::FutureExt as _;
-            use opentelemetry::trace::TraceContextExt as _;
-            let cx = opentelemetry::Context::new().with_remote_span_context(sc);
+            let cx = otel::remote_context(sc);
             return TaskScope::wrapped(
                 marathon_core::observe::untraced_task_span(task),
                 move |work| Box::pin(work.with_context(cx)),
@@ -428,7 +427,12 @@ mod otel {
 
     pub(super) fn set_parent_context(span: &tracing::Span, sc: SpanContext) {
         // Fails only when no OpenTelemetry layer is installed: then there is nothing to link.
-        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(sc));
+        let _ = span.set_parent(remote_context(sc));
+    }
+
+    /// A context whose span is `sc`, received from elsewhere (a message, a caller).
+    pub(super) fn remote_context(sc: SpanContext) -> opentelemetry::Context {
+        opentelemetry::Context::new().with_remote_span_context(sc)
     }
 
     pub(super) fn current_traceparent() -> Option<String> {
