@@ -11,8 +11,8 @@
 
 use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::filter::{LevelFilter, ParseError, Targets};
-use tracing_subscriber::layer::{Filter, Layer};
+use tracing_subscriber::filter::{ParseError, Targets};
+use tracing_subscriber::layer::Layer;
 
 /// A parsed log or trace filter (see the module docs).
 #[derive(Debug)]
@@ -36,11 +36,12 @@ impl LogFilter {
     }
 
     /// The same filter with `target` (and the targets under it) turned off.
+    #[cfg(any(feature = "otel", test))]
     pub(crate) fn without(self, target: &'static str) -> Result<LogFilter, ParseError> {
         Ok(match self {
-            LogFilter::Targets(t) => {
-                LogFilter::Targets(Box::new(t.with_target(target, LevelFilter::OFF)))
-            }
+            LogFilter::Targets(t) => LogFilter::Targets(Box::new(
+                t.with_target(target, tracing_subscriber::filter::LevelFilter::OFF),
+            )),
             LogFilter::Env(e) => {
                 LogFilter::Env(Box::new(e.add_directive(format!("{target}=off").parse()?)))
             }
@@ -59,7 +60,10 @@ impl LogFilter {
     }
 
     /// As one layer's own filter.
-    pub(crate) fn into_filter<S>(self) -> Box<dyn Filter<S> + Send + Sync>
+    #[cfg(feature = "otel")]
+    pub(crate) fn into_filter<S>(
+        self,
+    ) -> Box<dyn tracing_subscriber::layer::Filter<S> + Send + Sync>
     where
         S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
