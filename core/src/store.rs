@@ -137,6 +137,11 @@ pub struct OwedEntry {
     pub task_queue: String,
     /// When it is overdue (for a timer: when it fires).
     pub deadline: Timestamp,
+    /// W3C `traceparent` of the task that owes it, for work only the sweeper delivers
+    /// (a timer firing, a failed workflow task's retry): the task it enqueues then
+    /// stays in the workflow's trace. `None` where a message carries the context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_context: Option<String>,
 }
 
 /// An overdue entry returned by [`Store::claim_overdue`].

@@ -5,7 +5,7 @@
 mod common;
 
 use common::*;
-use marathon_core::{Engine, StartWorkflow};
+use marathon_core::{Engine, StartWorkflow, WorkflowStatus};
 use marathon_observability::{LogFormat, Metrics, TelemetryConfig, tracing_dispatch};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
@@ -427,6 +427,87 @@ fn a_workflow_is_one_trace_from_request_to_activity_attempts() {
     assert_eq!(v["trace_id"], hex(&root.trace_id), "{line}");
     assert_eq!(v["span_id"], hex(&root.span_id), "{line}");
     assert_eq!(v["span"]["name"], "http.request", "{line}");
+}
+
+/// Work the sweeper delivers, outside any span, stays in the workflow's trace: the
+/// workflow task after a timer fires, and the retry of a failed workflow task, are
+/// children of the task that started the timer or failed.
+#[test]
+fn timers_and_task_retries_stay_in_the_workflows_trace() {
+    let spans = exported(
+        |c| c,
+        Captured::default(),
+        |engine| {
+            Box::pin(async move {
+                for name in ["napper", "stumbler"] {
+                    let root = tracing::info_span!("http.request", workflow = name);
+                    let id = engine
+                        .start(StartWorkflow::new(name, json!(1)))
+                        .instrument(root)
+                        .await
+                        .unwrap()
+                        .summary
+                        .id;
+                    assert_eq!(finish(engine, &id).await, WorkflowStatus::Completed);
+                }
+            })
+        },
+    );
+    for name in ["napper", "stumbler"] {
+        let root = spans
+            .iter()
+            .find(|s| {
+                s.name == "http.request"
+                    && s.attrs.get("workflow").map(String::as_str) == Some(name)
+            })
+            .unwrap_or_else(|| panic!("{name}: request span exported: {spans:#?}"));
+        let tasks: Vec<&Span> = spans
+            .iter()
+            .filter(|s| {
+                s.name == "marathon.workflow_task"
+                    && s.attrs.get("workflow").map(String::as_str) == Some(name)
+            })
+            .collect();
+        let expected = if name == "napper" {
+            // Schedule, start the timer, schedule after it fires, complete.
+            4
+        } else {
+            // Fail, then (retried) schedule, then complete.
+            3
+        };
+        assert!(
+            tasks.len() >= expected,
+            "{name}: {} workflow tasks: {spans:#?}",
+            tasks.len()
+        );
+        let workflow_id = &tasks[0].attrs["workflow_id"];
+        let mine: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.attrs.get("workflow_id") == Some(workflow_id))
+            .collect();
+        for s in &mine {
+            assert_eq!(
+                s.trace_id, root.trace_id,
+                "{name}: one trace per workflow: {s:?}"
+            );
+            // Every span's parent is exported, in the same trace: no task starts a new root.
+            let parent = spans
+                .iter()
+                .find(|p| p.span_id == s.parent)
+                .unwrap_or_else(|| panic!("{name}: parent of {s:?} not exported"));
+            assert_eq!(parent.trace_id, root.trace_id);
+        }
+        if name == "stumbler" {
+            let failed = tasks
+                .iter()
+                .find(|t| t.attrs["outcome"] == "failed")
+                .unwrap_or_else(|| panic!("a failed workflow task: {tasks:#?}"));
+            assert!(
+                tasks.iter().any(|t| t.parent == failed.span_id),
+                "the retry is the failed task's child: {tasks:#?}"
+            );
+        }
+    }
 }
 
 #[test]

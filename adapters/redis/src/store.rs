@@ -236,6 +236,7 @@ impl RedisStore {
             kind: OwedKind::WorkflowTask,
             task_queue: new.task_queue.clone(),
             deadline: new.task_deadline,
+            trace_context: None,
         };
         let mut inv = self.inner.scripts.create.prepare_invoke();
         inv.key(&wk.sum)

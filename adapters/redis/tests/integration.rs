@@ -51,6 +51,7 @@ fn timer(id: u32, at: u64) -> OwedEntry {
         kind: OwedKind::Timer { timer_id: id },
         task_queue: "tq".into(),
         deadline: Timestamp(at),
+        trace_context: None,
     }
 }
 

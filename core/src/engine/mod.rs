@@ -694,6 +694,7 @@ impl EngineInner {
             kind: OwedKind::WorkflowTask,
             task_queue: task_queue.to_string(),
             deadline: now.plus(self.config.workflow_task_deadline),
+            trace_context: None,
         }
     }
 
@@ -959,6 +960,7 @@ impl EngineInner {
                             deadline: now
                                 .plus(options.start_to_close)
                                 .plus(self.config.activity_grace),
+                            trace_context: None,
                         });
                         let inline = self.queue.max_message_bytes() == usize::MAX
                             || serde_json::to_vec(input).map_or(0, |v| v.len()) <= inline_limit;
@@ -984,6 +986,9 @@ impl EngineInner {
                         },
                         task_queue: inst.task_queue.clone(),
                         deadline: *fire_at,
+                        // The sweeper fires it, outside any span: the task it enqueues
+                        // then continues this task's trace.
+                        trace_context: self.observer.trace_context(),
                     }),
                     _ => {}
                 }
@@ -1060,6 +1065,8 @@ impl EngineInner {
             kind: OwedKind::WorkflowTask,
             task_queue: task_queue.to_string(),
             deadline: now.plus(self.config.task_failure_retry),
+            // Only the sweeper delivers the retry; it stays in this task's trace.
+            trace_context: self.observer.trace_context(),
         });
         match self.store.append(id, last, events, owed).await {
             Ok(_)
@@ -1287,6 +1294,7 @@ impl EngineInner {
                         .plus(delay)
                         .plus(call.options.start_to_close)
                         .plus(self.config.activity_grace),
+                    trace_context: None,
                 }),
                 Some(
                     OutgoingMessage::now(Task::Activity(ActivityTask {
@@ -1346,11 +1354,9 @@ impl EngineInner {
         });
         match owed.entry.kind {
             OwedKind::WorkflowTask => {
-                self.enqueue(
-                    &owed.entry.task_queue,
-                    vec![OutgoingMessage::now(Task::workflow(id))],
-                )
-                .await;
+                let mut message = OutgoingMessage::now(Task::workflow(id));
+                message.trace_context = owed.entry.trace_context;
+                self.enqueue(&owed.entry.task_queue, vec![message]).await;
             }
             OwedKind::Timer { timer_id } => {
                 // A timer's entry carries the workflow's own task queue.
@@ -1370,8 +1376,12 @@ impl EngineInner {
                     )
                     .await?;
                 if let KeyedOutcome::Appended(last) = outcome {
-                    self.enqueue_workflow_task(&task_queue, id, vec![fired], last)
-                        .await;
+                    let mut message = OutgoingMessage::now(Task::Workflow {
+                        workflow_id: id,
+                        tail: self.tail(vec![fired], last),
+                    });
+                    message.trace_context = owed.entry.trace_context;
+                    self.enqueue(&task_queue, vec![message]).await;
                 }
             }
             OwedKind::Activity {
@@ -1430,6 +1440,7 @@ impl EngineInner {
                                 deadline: now
                                     .plus(call.options.start_to_close)
                                     .plus(self.config.activity_grace),
+                                trace_context: None,
                             }),
                         },
                     )

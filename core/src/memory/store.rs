@@ -272,6 +272,7 @@ impl Store for MemoryStore {
             kind: OwedKind::WorkflowTask,
             task_queue: new.task_queue.clone(),
             deadline: new.task_deadline,
+            trace_context: None,
         };
         let state: SharedState = Arc::new(Mutex::new(WorkflowState {
             summary: summary.clone(),
@@ -734,6 +735,7 @@ mod tests {
             kind: OwedKind::Timer { timer_id: 1 },
             task_queue: "tq".into(),
             deadline: Timestamp(d),
+            trace_context: None,
         };
         store
             .append(

@@ -80,14 +80,20 @@ fn workflow_task(deadline: Timestamp) -> OwedEntry {
         kind: OwedKind::WorkflowTask,
         task_queue: "tq".into(),
         deadline,
+        trace_context: None,
     }
 }
+
+/// The `traceparent` every test timer carries.
+const TIMER_TRACEPARENT: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
 
 fn timer(timer_id: u32, deadline: Timestamp) -> OwedEntry {
     OwedEntry {
         kind: OwedKind::Timer { timer_id },
         task_queue: "tq".into(),
         deadline,
+        // Kept by every backend: a fired timer's task continues the trace it names.
+        trace_context: Some(TIMER_TRACEPARENT.into()),
     }
 }
 
@@ -101,6 +107,7 @@ fn activity(activity_id: u32, attempt: u32, deadline: Timestamp) -> OwedEntry {
         },
         task_queue: "tq".into(),
         deadline,
+        trace_context: None,
     }
 }
 

@@ -16,10 +16,15 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+/// Whether the `stumbler` workflow has failed its one workflow task yet.
+static STUMBLED: AtomicBool = AtomicBool::new(false);
+
 /// An engine on instrumented in-memory backends, reporting to `metrics`, with the
-/// workflows `ok` (three `add` activities), `flaky` (`boom`: a timeout, then two
+/// workflows `ok` (three `add` activities), `napper` (`add`, a 100 ms timer, `add`),
+/// `stumbler` (its first workflow task in the process panics, then one `add`), `flaky` (`boom`: a timeout, then two
 /// failures, then it gives up) and `waiter` (sleeps an hour; canceled by the tests).
 pub fn engine(metrics: &Arc<Metrics>) -> Engine {
     let store = InstrumentedStore::boxed(Arc::new(MemoryStore::default()), "memory", metrics);
@@ -50,6 +55,20 @@ pub fn engine(metrics: &Arc<Metrics>) -> Engine {
                 });
             ctx.activity_with::<_, ()>("boom", &(), opts).await?;
             Ok::<_, WorkflowError>(())
+        })
+        .workflow("napper", |ctx: WorkflowContext, n: i64| async move {
+            let a: i64 = ctx.activity("add", &(n, 1)).await?;
+            ctx.sleep(Duration::from_millis(100)).await?;
+            let b: i64 = ctx.activity("add", &(a, 10)).await?;
+            Ok::<_, WorkflowError>(b)
+        })
+        .workflow("stumbler", |ctx: WorkflowContext, n: i64| async move {
+            // The first workflow task of the process fails (a panic), its retry runs.
+            if !STUMBLED.swap(true, Ordering::SeqCst) {
+                panic!("the first workflow task stumbles");
+            }
+            let a: i64 = ctx.activity("add", &(n, 1)).await?;
+            Ok::<_, WorkflowError>(a)
         })
         .workflow("waiter", |ctx: WorkflowContext, (): ()| async move {
             ctx.sleep(Duration::from_secs(3600)).await?;
