@@ -345,7 +345,7 @@ impl Metrics {
             queue_ops: histogram(
                 r,
                 "marathon_queue_operation_seconds",
-                "Latency of Queue calls, by operation, backend and outcome (ok, error).",
+                "Latency of Queue calls, by operation, backend and outcome (ok, error, invalid_receipt).",
                 &["operation", "backend", "outcome"],
                 QUEUE_OP_BUCKETS,
             )?,

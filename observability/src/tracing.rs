@@ -102,6 +102,17 @@ pub enum TelemetryError {
         /// What is wrong with it.
         reason: String,
     },
+    /// `OTEL_TRACES_SAMPLER` names a sampler this build does not have, or a ratio
+    /// sampler's `OTEL_TRACES_SAMPLER_ARG` is missing or not a number from 0 to 1. (The
+    /// SDK would sample everything instead, without a word.)
+    #[cfg(feature = "otel")]
+    #[error("invalid trace sampler setting {setting}: {reason}")]
+    Sampler {
+        /// The variable at fault: `OTEL_TRACES_SAMPLER` or `OTEL_TRACES_SAMPLER_ARG`.
+        setting: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Keeps the span exporter alive; dropping it (or [`TelemetryGuard::shutdown`]) flushes
@@ -375,6 +386,10 @@ mod otel {
         else {
             return Ok(None);
         };
+        check_sampler(
+            env("OTEL_TRACES_SAMPLER").as_deref(),
+            env("OTEL_TRACES_SAMPLER_ARG").as_deref(),
+        )?;
         let exporter = crate::otlp::OtlpExporter::new(settings)?;
         // The SDK's detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES;
         // our default name applies only when neither names the service.
@@ -395,6 +410,52 @@ mod otel {
                 .with_resource(resource.build())
                 .build(),
         ))
+    }
+
+    /// Samplers the SDK builds from `OTEL_TRACES_SAMPLER`, spelled as it matches them.
+    const SAMPLERS: [&str; 6] = [
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ];
+
+    /// Rejects a sampler setting the SDK would quietly replace by sampling every trace:
+    /// an unknown or unsupported name (`jaeger_remote`, `xray`), or a ratio sampler
+    /// without a ratio from 0 to 1 in `OTEL_TRACES_SAMPLER_ARG`. Unset means the SDK's
+    /// default, `parentbased_always_on`.
+    pub(super) fn check_sampler(
+        sampler: Option<&str>,
+        arg: Option<&str>,
+    ) -> Result<(), TelemetryError> {
+        let Some(sampler) = sampler else {
+            return Ok(());
+        };
+        if !SAMPLERS.contains(&sampler) {
+            return Err(TelemetryError::Sampler {
+                setting: "OTEL_TRACES_SAMPLER",
+                reason: format!(
+                    "{sampler:?} is not one of {} (lowercase, as written)",
+                    SAMPLERS.join(", ")
+                ),
+            });
+        }
+        if sampler.ends_with("traceidratio") {
+            // Parsed as the SDK parses it (no trimming), or it samples everything.
+            let ratio = arg.and_then(|a| a.parse::<f64>().ok());
+            if !ratio.is_some_and(|r| (0.0..=1.0).contains(&r)) {
+                return Err(TelemetryError::Sampler {
+                    setting: "OTEL_TRACES_SAMPLER_ARG",
+                    reason: format!(
+                        "{sampler} needs the share of traces to sample, a number from 0 to 1 (e.g. 0.01); {}",
+                        arg.map_or_else(|| "it is not set".to_string(), |a| format!("got {a:?}"))
+                    ),
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Spans the batch processor holds before it drops new ones, unless
@@ -773,6 +834,61 @@ mod tests {
         DEFAULT_EXPORT_BATCH_SIZE, DEFAULT_QUEUE_SIZE, batch_config, format_traceparent,
         parse_traceparent,
     };
+
+    #[test]
+    fn sampler_settings_the_sdk_would_ignore_are_rejected() {
+        use super::otel::check_sampler;
+        for (sampler, arg) in [
+            (None, None),
+            (None, Some("junk")),
+            (Some("always_on"), None),
+            (Some("parentbased_always_off"), Some("ignored")),
+            (Some("traceidratio"), Some("0.25")),
+            (Some("parentbased_traceidratio"), Some("1")),
+            (Some("traceidratio"), Some("0")),
+        ] {
+            assert!(check_sampler(sampler, arg).is_ok(), "{sampler:?} {arg:?}");
+        }
+        for (sampler, arg, setting) in [
+            (Some("alwayson"), None, "OTEL_TRACES_SAMPLER"),
+            (Some("Always_On"), None, "OTEL_TRACES_SAMPLER"),
+            (Some("xray"), None, "OTEL_TRACES_SAMPLER"),
+            (
+                Some("parentbased_jaeger_remote"),
+                None,
+                "OTEL_TRACES_SAMPLER",
+            ),
+            (Some("traceidratio"), None, "OTEL_TRACES_SAMPLER_ARG"),
+            (
+                Some("parentbased_traceidratio"),
+                Some("1%"),
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+            (
+                Some("parentbased_traceidratio"),
+                Some("1.5"),
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+            (
+                Some("traceidratio"),
+                Some("-0.1"),
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+            (Some("traceidratio"), Some("NaN"), "OTEL_TRACES_SAMPLER_ARG"),
+            (
+                Some("traceidratio"),
+                Some(" 0.5"),
+                "OTEL_TRACES_SAMPLER_ARG",
+            ),
+        ] {
+            match check_sampler(sampler, arg) {
+                Err(super::TelemetryError::Sampler { setting: s, reason }) => {
+                    assert_eq!(s, setting, "{sampler:?} {arg:?}: {reason}");
+                }
+                other => panic!("{sampler:?} {arg:?}: {other:?}"),
+            }
+        }
+    }
 
     #[test]
     fn a_task_whose_trace_is_not_sampled_gets_an_untraced_span() {
