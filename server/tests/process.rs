@@ -567,4 +567,37 @@ fn a_callers_trace_runs_through_the_server_to_the_activity() {
         "{ours:#?}"
     );
     assert_eq!(at.parent, common::hex_bytes(caller));
+
+    // Scrapes and health probes make no spans; other requests (the result above, the
+    // registry below) each make a trace of their own.
+    for path in ["/metrics", "/healthz", "/readyz", "/metrics"] {
+        let (status, body) = http(m.port, "GET", path, None).expect(path);
+        assert_eq!(status, 200, "{path}: {body}");
+    }
+    let (status, body) = http(m.port, "GET", "/v1/registry", None).expect("registry");
+    assert_eq!(status, 200, "{body}");
+    let others = || {
+        spans
+            .lock()
+            .expect("not poisoned")
+            .iter()
+            .filter(|s| s.name == "http.request" && s.trace_id != common::hex_bytes(trace))
+            .count()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while others() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "{} other request spans",
+            others()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Give a probe's span, had there been one, time to follow.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        others(),
+        2,
+        "only the result and registry requests are traced"
+    );
 }

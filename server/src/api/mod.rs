@@ -184,11 +184,19 @@ pub(crate) fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
+/// Paths that Prometheus and orchestrators poll every few seconds: a trace of each
+/// would bury the workflows' traces (and cost a span per probe), so they get no span.
+const UNTRACED_PATHS: [&str; 3] = ["/metrics", "/healthz", "/readyz"];
+
 /// Runs each request in an `http.request` span: the root of the trace of a
 /// workflow it starts (the span's context travels on in queue messages), or, when the
-/// caller sent a W3C `traceparent` header, a child of the caller's span.
+/// caller sent a W3C `traceparent` header, a child of the caller's span. Scrapes and
+/// health probes ([`UNTRACED_PATHS`]) run without one.
 async fn request_span(req: Request, next: middleware::Next) -> axum::response::Response {
     use tracing::Instrument;
+    if UNTRACED_PATHS.contains(&req.uri().path()) {
+        return next.run(req).await;
+    }
     let span = tracing::info_span!(
         "http.request",
         method = %req.method(),
