@@ -152,6 +152,11 @@ pub trait Observer: Send + Sync + 'static {
     /// `count` tasks were found dead-lettered on `queue`.
     fn dead_lettered(&self, _queue: &str, _count: usize) {}
 
+    /// An activity used `count` LLM tokens of `kind` (`input`, `output`,
+    /// `cached_input`, ...) with `model` of `provider`
+    /// ([`ActivityContext::record_llm_tokens`](crate::ActivityContext::record_llm_tokens)).
+    fn llm_tokens(&self, _provider: &str, _model: &str, _kind: &str, _count: u64) {}
+
     /// How a task runs, given the trace context its message carried (a W3C
     /// `traceparent`): the span it runs in, a child of that context, and anything its
     /// future should run inside. Called once per task, so that the context is read

@@ -526,6 +526,10 @@ impl Observer for Metrics {
             .inc_by(count as u64);
     }
 
+    fn llm_tokens(&self, provider: &str, model: &str, kind: &str, count: u64) {
+        self.record_llm_tokens(provider, model, kind, count);
+    }
+
     fn task_scope(&self, task: &Task, trace_context: Option<&str>) -> TaskScope {
         crate::tracing::task_scope(task, trace_context)
     }

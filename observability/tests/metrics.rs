@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use marathon_core::{Observer, StartWorkflow};
+use marathon_core::{Observer, StartWorkflow, WorkflowStatus};
 use marathon_observability::Metrics;
 use prometheus_parse::{Scrape, Value};
 use serde_json::json;
@@ -429,6 +429,53 @@ async fn a_timer_fired_by_the_sweeper_is_counted_as_overdue() {
         &[("workflow", "nap"), ("status", "completed")],
         1.0,
     );
+}
+
+/// An activity reports the tokens its model call used through its context; they reach
+/// `marathon_llm_tokens_total` by provider, model and kind, once per attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_an_activity_reports_are_counted() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let engine = marathon_core::Engine::builder()
+        .observer(metrics.clone())
+        .workflow(
+            "ask",
+            |ctx: marathon_core::WorkflowContext, (): ()| async move {
+                let a: String = ctx.activity("complete", &"first").await?;
+                let b: String = ctx.activity("complete", &"second").await?;
+                Ok::<_, marathon_core::WorkflowError>(format!("{a} {b}"))
+            },
+        )
+        .activity(
+            "complete",
+            |ctx: marathon_core::ActivityContext, prompt: String| async move {
+                // A fake model's usage block: 12 prompt tokens, 7 completion tokens.
+                ctx.record_llm_tokens("fake", "m1", "input", 12);
+                ctx.record_llm_tokens("fake", "m1", "output", 7);
+                Ok::<_, marathon_core::ActivityError>(prompt.to_uppercase())
+            },
+        )
+        .build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("ask", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    assert_eq!(finish(&engine, &id).await, WorkflowStatus::Completed);
+    w.shutdown().await;
+    let text = metrics.render();
+    let s = parse(&text);
+    for (kind, n) in [("input", 24.0), ("output", 14.0)] {
+        exact(
+            &s,
+            "marathon_llm_tokens_total",
+            &[("provider", "fake"), ("model", "m1"), ("kind", kind)],
+            n,
+        );
+    }
+    promtool_check(&text);
 }
 
 /// `promtool check metrics` must accept the exposition without a lint.

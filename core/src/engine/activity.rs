@@ -72,6 +72,17 @@ impl ActivityContext {
         )
     }
 
+    /// Reports `count` LLM tokens of `kind` (`input`, `output`, `cached_input`, ...)
+    /// used with `model` of `provider`, e.g. from a completion's usage block, to the
+    /// engine's observer (`marathon_llm_tokens_total` on `/metrics`). Counted per call,
+    /// so an attempt that is retried counts the tokens every attempt used. Keep the
+    /// labels few: provider and model names, not prompts or ids.
+    pub fn record_llm_tokens(&self, provider: &str, model: &str, kind: &str, count: u64) {
+        if let Some(engine) = &self.inner.engine {
+            engine.observer.llm_tokens(provider, model, kind, count);
+        }
+    }
+
     /// The workflow that called this activity.
     #[must_use]
     pub fn workflow_id(&self) -> &WorkflowId {

@@ -51,6 +51,11 @@ async fn fake_model(
     for token in ["thinking", "…"] {
         ctx.progress(&json!({ "token": token })).await?;
     }
+    // What a real provider's usage block would say; with `marathon-observability`'s
+    // `Metrics` as the engine's observer this is `marathon_llm_tokens_total`.
+    let prompt_tokens: usize = history.iter().map(|m| m.content.len() / 4 + 1).sum();
+    ctx.record_llm_tokens("fake", "fake-model-1", "input", prompt_tokens as u64);
+    ctx.record_llm_tokens("fake", "fake-model-1", "output", 2);
     let tool_results: Vec<&Message> = history.iter().filter(|m| m.role == "tool").collect();
     Ok(if tool_results.is_empty() {
         ModelReply::ToolCalls {
