@@ -280,72 +280,111 @@ fn bad_configuration_exits_2_with_a_clear_message() {
     }
 }
 
-/// The value of the sample of `name` whose labels include every `labels` pair.
-fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    exposition.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        let (label_part, value) = match rest.strip_prefix('{') {
-            Some(r) => r.split_once("} ")?,
-            None => ("", rest.strip_prefix(' ')?),
-        };
-        labels
-            .iter()
-            .all(|(k, v)| label_part.split(',').any(|p| p == format!("{k}=\"{v}\"")))
-            .then(|| value.trim().parse().ok())?
-    })
+/// The value of the one sample of `name` whose labels include every `labels` pair, in
+/// an exposition parsed by `prometheus-parse` (a histogram's value: its `+Inf` count).
+fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    use prometheus_parse::Value as V;
+    let found: Vec<f64> = scrape
+        .samples
+        .iter()
+        .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+        .map(|x| match &x.value {
+            V::Counter(v) | V::Gauge(v) | V::Untyped(v) => *v,
+            V::Histogram(buckets) => buckets
+                .iter()
+                .find(|b| b.less_than.is_infinite())
+                .map_or(f64::NAN, |b| b.count),
+            V::Summary(_) => f64::NAN,
+        })
+        .collect();
+    assert!(
+        found.len() <= 1,
+        "{name}{labels:?}: {} samples",
+        found.len()
+    );
+    found.first().copied()
 }
 
+/// Starts workflow `id` and waits for it to close; returns its status.
+fn run_to_end(port: u16, body: &Value, cancel: bool) -> String {
+    let id = body["id"].as_str().expect("id");
+    let (status, text) = http(port, "POST", "/v1/workflows", Some(body)).expect("start");
+    assert_eq!(status, 202, "{text}");
+    if cancel {
+        let path = format!("/v1/workflows/{id}/cancel");
+        let (status, text) = http(port, "POST", &path, Some(&json!({}))).expect("cancel");
+        assert_eq!(status, 202, "{text}");
+    }
+    let path = format!("/v1/workflows/{id}/result?wait=20s");
+    let (status, text) = http(port, "GET", &path, None).expect("result");
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("JSON");
+    v["status"].as_str().expect("status").to_string()
+}
+
+/// `/metrics` of the running binary, parsed with a real exposition parser, after a known
+/// set of workflows: three completed, one failed, one canceled.
 #[test]
 fn metrics_count_what_the_server_ran() {
     let m = serve(&[]);
     for i in 0..3 {
-        let id = format!("m-echo-{i}");
-        let (status, body) = http(
-            m.port,
-            "POST",
-            "/v1/workflows",
-            Some(&json!({"name": "echo", "id": id, "input": i})),
-        )
-        .expect("start");
-        assert_eq!(status, 202, "{body}");
-        let (status, body) = http(
-            m.port,
-            "GET",
-            &format!("/v1/workflows/{id}/result?wait=10s"),
-            None,
-        )
-        .expect("result");
-        assert_eq!(status, 200, "{body}");
+        let body = json!({"name": "echo", "id": format!("m-echo-{i}"), "input": i});
+        assert_eq!(run_to_end(m.port, &body, false), "completed");
     }
+    // A pipeline whose one step gives `sleep` an input it cannot read: failed.
+    let failing = json!({"name": "pipeline", "id": "m-fail", "input": {
+        "pipeline": {"steps": [{"type": "activity", "name": "s", "activity": "sleep", "input": "abc"}]},
+        "input": null,
+    }});
+    assert_eq!(run_to_end(m.port, &failing, false), "failed");
+    let sleeper =
+        json!({"name": "sleep-then-echo", "id": "m-cancel", "input": {"ms": 60000, "value": 1}});
+    assert_eq!(run_to_end(m.port, &sleeper, true), "canceled");
+
     let (status, text) = http(m.port, "GET", "/metrics", None).expect("metrics");
     assert_eq!(status, 200);
-    let started = sample(
-        &text,
-        "marathon_workflows_started_total",
-        &[("workflow", "echo")],
-    );
-    assert_eq!(started, Some(3.0), "{text}");
-    let closed = sample(
-        &text,
-        "marathon_workflows_closed_total",
-        &[("workflow", "echo"), ("status", "completed")],
-    );
-    assert_eq!(closed, Some(3.0), "{text}");
-    let attempts = sample(
-        &text,
-        "marathon_activity_attempts_total",
-        &[("activity", "echo"), ("outcome", "completed")],
-    );
-    assert_eq!(attempts, Some(3.0), "{text}");
-    let creates = sample(
-        &text,
-        "marathon_store_operation_seconds_count",
-        &[("operation", "create"), ("backend", "memory")],
-    );
-    assert_eq!(creates, Some(3.0), "{text}");
-    assert!(
-        text.contains("# TYPE marathon_workflow_duration_seconds histogram"),
-        "{text}"
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("the exposition parses");
+    let exact = |name: &str, labels: &[(&str, &str)], want: f64| {
+        assert_eq!(
+            sample(&scrape, name, labels),
+            Some(want),
+            "{name}{labels:?}\n{text}"
+        );
+    };
+    for (workflow, status, n) in [
+        ("echo", "completed", 3.0),
+        ("pipeline", "failed", 1.0),
+        ("sleep-then-echo", "canceled", 1.0),
+    ] {
+        exact(
+            "marathon_workflows_started_total",
+            &[("workflow", workflow)],
+            n,
+        );
+        let closed = [("workflow", workflow), ("status", status)];
+        exact("marathon_workflows_closed_total", &closed, n);
+        // One duration observation per closed workflow: the `+Inf` bucket and `_count`.
+        exact("marathon_workflow_duration_seconds", &closed, n);
+        exact("marathon_workflow_duration_seconds_count", &closed, n);
+    }
+    let echo = [("activity", "echo"), ("outcome", "completed")];
+    let failed = [("activity", "sleep"), ("outcome", "failed")];
+    exact("marathon_activity_attempts_total", &echo, 3.0);
+    exact("marathon_activity_attempt_seconds_count", &echo, 3.0);
+    exact("marathon_activity_attempt_seconds_count", &failed, 1.0);
+    exact("marathon_activity_attempts_total", &failed, 1.0);
+    // Every start is one store `create`.
+    let creates = [
+        ("operation", "create"),
+        ("backend", "memory"),
+        ("outcome", "ok"),
+    ];
+    exact("marathon_store_operation_seconds_count", &creates, 5.0);
+    exact(
+        "marathon_activities_in_flight",
+        &[("activity", "echo")],
+        0.0,
     );
 }
 
