@@ -7,6 +7,8 @@ mod metrics;
 #[cfg(feature = "otel")]
 mod otlp;
 mod sharded;
+#[cfg(test)]
+mod test_support;
 mod tracing;
 
 pub use instrumented::{InstrumentedQueue, InstrumentedStore};

@@ -13,8 +13,9 @@
 //! (as is) or `OTEL_EXPORTER_OTLP_ENDPOINT` (plus `/v1/traces`), `…_HEADERS`,
 //! `…_TIMEOUT` (ms, default 10 s), each with its `TRACES_` form first.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{SpanContext, SpanKind, Status};
 use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
@@ -173,6 +174,86 @@ pub(crate) struct OtlpExporter {
     /// (growing copies it: 1.5 k instructions per W3 workflow when sized by the last
     /// body instead, as batches vary in length).
     span_len: AtomicUsize,
+    /// Failed exports, reported in the log (the SDK's own reports are compiled out).
+    health: ExportHealth,
+}
+
+/// How often, at most, a collector that keeps failing is reported in the log.
+const FAILURE_REPORT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Reports failed exports as warnings: the first failure at once, then at most one a
+/// [`FAILURE_REPORT_INTERVAL`] with the spans lost since the last report, and the first
+/// success after failures. A collector that is down thus shows in the log without a
+/// line per batch.
+#[derive(Debug, Default)]
+pub(crate) struct ExportHealth {
+    state: Mutex<HealthState>,
+}
+
+#[derive(Debug, Default)]
+struct HealthState {
+    /// Whether the last export failed.
+    failing: bool,
+    /// When a failure was last reported.
+    reported: Option<Instant>,
+    /// Spans lost since the last report.
+    lost_unreported: u64,
+    /// Spans lost since exports last succeeded.
+    lost: u64,
+}
+
+impl ExportHealth {
+    /// An export of `spans` spans failed with `error`; returns the spans lost that this
+    /// call reported, if it logged.
+    pub(crate) fn failed(&self, spans: usize, error: &OTelSdkError, url: &str) -> Option<u64> {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        st.failing = true;
+        st.lost += spans as u64;
+        st.lost_unreported += spans as u64;
+        let now = Instant::now();
+        if st
+            .reported
+            .is_some_and(|at| now.duration_since(at) < FAILURE_REPORT_INTERVAL)
+        {
+            return None;
+        }
+        let lost = std::mem::take(&mut st.lost_unreported);
+        st.reported = Some(now);
+        drop(st);
+        tracing::warn!(
+            target: "marathon::otlp",
+            url,
+            %error,
+            lost_spans = lost,
+            "exporting spans failed; those spans are lost, workflows are not affected (reported at most once a minute)"
+        );
+        Some(lost)
+    }
+
+    /// An export succeeded; returns the spans lost while it failed, if this call
+    /// logged the recovery.
+    pub(crate) fn succeeded(&self, url: &str) -> Option<u64> {
+        let mut st = self
+            .state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !std::mem::take(&mut st.failing) {
+            return None;
+        }
+        let lost = std::mem::take(&mut st.lost);
+        *st = HealthState::default();
+        drop(st);
+        tracing::info!(
+            target: "marathon::otlp",
+            url,
+            lost_spans = lost,
+            "exporting spans works again"
+        );
+        Some(lost)
+    }
 }
 
 impl std::fmt::Debug for OtlpExporter {
@@ -212,6 +293,7 @@ impl OtlpExporter {
             resource: Vec::new(),
             resource_schema: String::new(),
             span_len: AtomicUsize::new(256),
+            health: ExportHealth::default(),
         })
     }
 
@@ -232,6 +314,7 @@ impl SpanExporter for OtlpExporter {
             return Ok(());
         }
         let body = self.encode(&batch);
+        let spans = batch.len();
         drop(batch);
         let mut request = self
             .client
@@ -242,7 +325,7 @@ impl SpanExporter for OtlpExporter {
             request = request.header(k, v);
         }
         // The batch processor's own thread blocks here, never a workflow.
-        match request.send() {
+        let result = match request.send() {
             // Reading the (small) answer lets the connection be used again.
             Ok(mut r) if r.status().is_success() => {
                 r.copy_to(&mut std::io::sink()).map(drop).map_err(|e| {
@@ -262,7 +345,12 @@ impl SpanExporter for OtlpExporter {
                 "OTLP export to {} failed: {e}",
                 self.settings.url
             ))),
+        };
+        match &result {
+            Ok(()) => drop(self.health.succeeded(&self.settings.url)),
+            Err(e) => drop(self.health.failed(spans, e, &self.settings.url)),
         }
+        result
     }
 
     fn set_resource(&mut self, resource: &Resource) {
@@ -725,12 +813,7 @@ mod tests {
     #[test]
     fn failed_exports_are_errors_not_panics() {
         let (port, server) = serve_once(503);
-        let exporter = OtlpExporter::new(
-            Settings::resolve(Some(&format!("http://127.0.0.1:{port}")), env(&[]))
-                .expect("valid")
-                .expect("an endpoint"),
-        )
-        .expect("exporter");
+        let exporter = exporter_to(port);
         let scope = InstrumentationScope::builder("marathon").build();
         let err = block_on(exporter.export(vec![span_data(0, &scope)])).expect_err("503");
         assert!(err.to_string().contains("503"), "{err}");
@@ -740,6 +823,46 @@ mod tests {
         assert!(err.to_string().contains("failed"), "{err}");
         // Nothing to send, nothing sent.
         block_on(exporter.export(Vec::new())).expect("empty batch");
+    }
+
+    /// An exporter posting to `http://127.0.0.1:{port}`.
+    fn exporter_to(port: u16) -> OtlpExporter {
+        OtlpExporter::new(
+            Settings::resolve(Some(&format!("http://127.0.0.1:{port}")), env(&[]))
+                .expect("valid")
+                .expect("an endpoint"),
+        )
+        .expect("exporter")
+    }
+
+    /// Failed exports are reported once, then at most once a minute with the spans
+    /// lost since; the first success after them is reported with every span lost.
+    /// (What each call logged is checked through its return value: a log capture here
+    /// would race with other tests over `tracing`'s shared callsite interest.)
+    #[test]
+    fn a_failing_collector_is_reported_once_then_its_recovery() {
+        // Nobody listening: refused at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let exporter = exporter_to(port);
+        let scope = InstrumentationScope::builder("marathon").build();
+        for n in [3, 2] {
+            let batch = (0..n).map(|i| span_data(i, &scope)).collect();
+            block_on(exporter.export(batch)).expect_err("refused");
+        }
+        let health = &exporter.health;
+        let err = OTelSdkError::Timeout(DEFAULT_TIMEOUT);
+        // Both failed exports were counted; within the minute, no new report.
+        assert_eq!(health.failed(1, &err, "http://c"), None);
+        // The collector comes back: reported once, with all 6 spans lost meanwhile.
+        assert_eq!(health.succeeded("http://c"), Some(6));
+        assert_eq!(health.succeeded("http://c"), None);
+        // Failing again is reported again at once, then not within the minute.
+        assert_eq!(health.failed(4, &err, "http://c"), Some(4));
+        assert_eq!(health.failed(2, &err, "http://c"), None);
     }
 
     #[test]
