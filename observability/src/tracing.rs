@@ -197,7 +197,36 @@ pub fn init_tracing(config: &TelemetryConfig) -> Result<TelemetryGuard, Telemetr
     // Setting the global default does not revisit callsites already hit (cached as
     // uninteresting while no subscriber was set, or while the dispatch was being built).
     tracing::callsite::rebuild_interest_cache();
+    #[cfg(not(feature = "otel"))]
+    if let Some(setting) = ignored_export_setting(config, |k| std::env::var_os(k).is_some()) {
+        tracing::warn!(
+            setting,
+            "traces are not exported: this build has no `otel` feature (build with --features otel)"
+        );
+    }
     Ok(guard)
+}
+
+/// The setting that asks for span export, if any: `otlp_endpoint` or an
+/// `OTEL_EXPORTER_OTLP_*ENDPOINT` variable (`is_set` tells which variables are set). A
+/// build without the `otel` feature warns about it instead of ignoring it silently.
+#[cfg_attr(
+    all(feature = "otel", not(test)),
+    expect(dead_code, reason = "only a build without otel warns")
+)]
+fn ignored_export_setting(
+    config: &TelemetryConfig,
+    is_set: impl Fn(&str) -> bool,
+) -> Option<&'static str> {
+    if config.otlp_endpoint.is_some() {
+        return Some("otlp_endpoint");
+    }
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+    ]
+    .into_iter()
+    .find(|k| is_set(k))
 }
 
 /// What [`init_tracing`] installs, without installing it: the subscriber writing logs to
@@ -834,6 +863,24 @@ mod tests {
         DEFAULT_EXPORT_BATCH_SIZE, DEFAULT_QUEUE_SIZE, batch_config, format_traceparent,
         parse_traceparent,
     };
+
+    #[test]
+    fn export_settings_a_build_without_otel_ignores_are_named() {
+        use super::{TelemetryConfig, ignored_export_setting};
+        let none = |_: &str| false;
+        let cfg = TelemetryConfig::default();
+        assert_eq!(ignored_export_setting(&cfg, none), None);
+        let set = |k: &str| k == "OTEL_EXPORTER_OTLP_ENDPOINT";
+        assert_eq!(
+            ignored_export_setting(&cfg, set),
+            Some("OTEL_EXPORTER_OTLP_ENDPOINT")
+        );
+        let cfg = TelemetryConfig {
+            otlp_endpoint: Some("http://c:4318".into()),
+            ..TelemetryConfig::default()
+        };
+        assert_eq!(ignored_export_setting(&cfg, none), Some("otlp_endpoint"));
+    }
 
     #[test]
     fn sampler_settings_the_sdk_would_ignore_are_rejected() {
