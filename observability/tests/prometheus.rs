@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use marathon_core::Observer;
 use marathon_observability::{CONTENT_TYPE, Metrics};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Arc;
@@ -152,6 +152,95 @@ fn exposed_names(text: &str) -> BTreeSet<String> {
     names
 }
 
+/// The label names of each metric in an exposition, parsed by `prometheus-parse`; a
+/// histogram's `_bucket` series have `le` besides.
+fn exposed_labels(text: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("exposition parses");
+    let mut out: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for sample in &scrape.samples {
+        let names: BTreeSet<String> = sample.labels.keys().cloned().collect();
+        if let prometheus_parse::Value::Histogram(_) = sample.value {
+            let mut with_le = names.clone();
+            with_le.insert("le".into());
+            out.entry(format!("{}_bucket", sample.metric))
+                .or_default()
+                .extend(with_le);
+        }
+        out.entry(sample.metric.clone()).or_default().extend(names);
+    }
+    out
+}
+
+/// Label names that `text` (PromQL, or YAML holding it) uses on a `marathon_*` metric
+/// that lacks them: in selectors (`metric{label="value"}`) and in `by (label, ...)`
+/// clauses, checked against the first metric after the clause.
+fn unknown_labels(text: &str, labels: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
+    let metric_at = |at: &str| -> Option<(String, usize)> {
+        let i = at.find("marathon_")?;
+        let tail = &at[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        Some((tail[..end].to_string(), i + end))
+    };
+    let mut wrong = Vec::new();
+    let mut check = |metric: &str, label: &str, context: &str| {
+        let known = labels.get(metric).is_some_and(|l| l.contains(label));
+        if !known {
+            wrong.push(format!("{metric} has no label {label:?} ({context})"));
+        }
+    };
+    // Selectors.
+    let mut rest = text;
+    while let Some((metric, end)) = metric_at(rest) {
+        rest = &rest[end..];
+        if let Some(inner) = rest.strip_prefix('{').and_then(|r| r.split_once('}')) {
+            for matcher in inner.0.split(',').filter(|m| !m.trim().is_empty()) {
+                let name = matcher
+                    .split(['=', '!', '~'])
+                    .next()
+                    .unwrap_or_default()
+                    .trim();
+                check(&metric, name, matcher.trim());
+            }
+        }
+    }
+    // Aggregations.
+    let mut rest = text;
+    while let Some(i) = rest.find("by (") {
+        rest = &rest[i + 4..];
+        let Some((list, after)) = rest.split_once(')') else {
+            break;
+        };
+        let Some((metric, _)) = metric_at(after) else {
+            break;
+        };
+        for name in list.split(',').map(str::trim).filter(|n| !n.is_empty()) {
+            check(&metric, name, &format!("by ({list})"));
+        }
+    }
+    wrong
+}
+
+#[test]
+fn label_checks_catch_a_misspelt_label() {
+    let mut labels = BTreeMap::new();
+    labels.insert(
+        "marathon_x_total".to_string(),
+        BTreeSet::from(["workflow".to_string(), "status".to_string()]),
+    );
+    let good = r#"sum by (workflow) (rate(marathon_x_total{status="failed", workflow=~"$w"}[5m]))"#;
+    assert_eq!(unknown_labels(good, &labels), Vec::<String>::new());
+    let bad = r#"sum by (workflow, queue) (rate(marathon_x_total{stat="failed"}[5m]))"#;
+    assert_eq!(
+        unknown_labels(bad, &labels).len(),
+        2,
+        "{:?}",
+        unknown_labels(bad, &labels)
+    );
+}
+
 /// Every `marathon_*` identifier in `text`.
 fn used_names(text: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
@@ -182,7 +271,9 @@ async fn rules_and_dashboard_use_only_exposed_metrics() {
     metrics.dead_lettered("default", 1);
     metrics.overdue("workflow_task");
     metrics.record_llm_tokens("openai", "m", "input", 1);
-    let exposed = exposed_names(&metrics.render());
+    let text = metrics.render();
+    let exposed = exposed_names(&text);
+    let labels = exposed_labels(&text);
 
     let rules_path = repo_file("deploy/prometheus/marathon-rules.yml");
     let rules = std::fs::read_to_string(&rules_path).unwrap();
@@ -210,6 +301,11 @@ async fn rules_and_dashboard_use_only_exposed_metrics() {
         assert!(
             missing.is_empty(),
             "{what} uses metrics the exposition lacks: {missing:?}"
+        );
+        let wrong = unknown_labels(text, &labels);
+        assert!(
+            wrong.is_empty(),
+            "{what} uses labels its metrics lack: {wrong:#?}"
         );
     }
 
