@@ -65,6 +65,15 @@ impl OutgoingMessage {
         }
     }
 
+    /// The same message carrying `trace_context` (a W3C `traceparent`), when it has
+    /// one to carry; [`OutgoingMessage::now`] leaves it to the engine to fill in from
+    /// the current span.
+    #[must_use]
+    pub fn traced(mut self, trace_context: Option<String>) -> Self {
+        self.trace_context = trace_context;
+        self
+    }
+
     /// The same message delivered after `delay`.
     #[must_use]
     pub fn delayed(mut self, delay: Duration) -> Self {

@@ -198,11 +198,15 @@ pub fn init_tracing(config: &TelemetryConfig) -> Result<TelemetryGuard, Telemetr
     // uninteresting while no subscriber was set, or while the dispatch was being built).
     tracing::callsite::rebuild_interest_cache();
     #[cfg(not(feature = "otel"))]
-    if let Some(setting) = ignored_export_setting(config, |k| std::env::var_os(k).is_some()) {
-        tracing::warn!(
-            setting,
-            "traces are not exported: this build has no `otel` feature (build with --features otel)"
-        );
+    {
+        // Set and not blank, as the `otel` build reads these variables.
+        let is_set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+        if let Some(setting) = ignored_export_setting(config, is_set) {
+            tracing::warn!(
+                setting,
+                "traces are not exported: this build has no `otel` feature (build with --features otel)"
+            );
+        }
     }
     Ok(guard)
 }

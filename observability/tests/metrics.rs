@@ -4,10 +4,9 @@
 mod common;
 
 use common::*;
-use marathon_core::{Observer, StartWorkflow, WorkflowStatus};
+use marathon_core::{Observer, WorkflowStatus};
 use marathon_observability::Metrics;
 use prometheus_parse::{Scrape, Value};
-use serde_json::json;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -412,15 +411,7 @@ async fn a_timer_fired_by_the_sweeper_is_counted_as_overdue() {
             },
         )
         .build();
-    let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("nap", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
-    finish(&engine, &id).await;
-    w.shutdown().await;
+    run_one(&engine, "nap").await;
     let s = parse(&metrics.render());
     exact(&s, "marathon_overdue_total", &[("kind", "timer")], 1.0);
     exact(
@@ -456,15 +447,7 @@ async fn tokens_an_activity_reports_are_counted() {
             },
         )
         .build();
-    let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("ask", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
-    assert_eq!(finish(&engine, &id).await, WorkflowStatus::Completed);
-    w.shutdown().await;
+    assert_eq!(run_one(&engine, "ask").await, WorkflowStatus::Completed);
     let text = metrics.render();
     let s = parse(&text);
     for (kind, n) in [("input", 24.0), ("output", 14.0)] {

@@ -462,6 +462,7 @@ impl Engine {
                         },
                     )],
                     Seq(1),
+                    None,
                 )
                 .await;
         }
@@ -619,7 +620,7 @@ impl Engine {
         match outcome {
             KeyedOutcome::Appended(last) => {
                 inner
-                    .enqueue_workflow_task(&summary.task_queue, id.clone(), vec![event], last)
+                    .enqueue_workflow_task(&summary.task_queue, id.clone(), vec![event], last, None)
                     .await;
                 Ok(())
             }
@@ -722,20 +723,20 @@ impl EngineInner {
     }
 
     /// Enqueues a workflow task for `workflow_id` carrying `appended`, the events
-    /// just appended ending at `last`, as its tail (when they are small enough).
+    /// just appended ending at `last`, as its tail (when they are small enough), and
+    /// `trace_context` (`None`: the current span's, as for any message).
     async fn enqueue_workflow_task(
         &self,
         queue: &str,
         workflow_id: WorkflowId,
         appended: Vec<NewEvent>,
         last: Seq,
+        trace_context: Option<String>,
     ) {
         let tail = self.tail(appended, last);
-        self.enqueue(
-            queue,
-            vec![OutgoingMessage::now(Task::Workflow { workflow_id, tail })],
-        )
-        .await;
+        let message = OutgoingMessage::now(Task::Workflow { workflow_id, tail });
+        self.enqueue(queue, vec![message.traced(trace_context)])
+            .await;
     }
 
     /// The events just appended (ending at `last`) as a workflow task's tail,
@@ -935,6 +936,8 @@ impl EngineInner {
             let terminal = inst.has_outcome() && datas.iter().any(EventData::is_terminal);
             let mut owed = OwedChanges::none().clear("wf");
             let mut activities: HashMap<String, Vec<OutgoingMessage>> = HashMap::new();
+            // The task's `traceparent` for its timers, read once however many it starts.
+            let mut timer_trace: Option<Option<String>> = None;
             let inline_limit = self
                 .config
                 .inline_input_limit
@@ -988,7 +991,9 @@ impl EngineInner {
                         deadline: *fire_at,
                         // The sweeper fires it, outside any span: the task it enqueues
                         // then continues this task's trace.
-                        trace_context: self.observer.trace_context(),
+                        trace_context: timer_trace
+                            .get_or_insert_with(|| self.observer.trace_context())
+                            .clone(),
                     }),
                     _ => {}
                 }
@@ -1332,6 +1337,7 @@ impl EngineInner {
                             t.workflow_id.clone(),
                             tail_events.unwrap_or_default(),
                             last,
+                            None,
                         )
                         .await;
                     }
@@ -1354,9 +1360,12 @@ impl EngineInner {
         });
         match owed.entry.kind {
             OwedKind::WorkflowTask => {
-                let mut message = OutgoingMessage::now(Task::workflow(id));
-                message.trace_context = owed.entry.trace_context;
-                self.enqueue(&owed.entry.task_queue, vec![message]).await;
+                let message = OutgoingMessage::now(Task::workflow(id));
+                self.enqueue(
+                    &owed.entry.task_queue,
+                    vec![message.traced(owed.entry.trace_context)],
+                )
+                .await;
             }
             OwedKind::Timer { timer_id } => {
                 // A timer's entry carries the workflow's own task queue.
@@ -1376,12 +1385,14 @@ impl EngineInner {
                     )
                     .await?;
                 if let KeyedOutcome::Appended(last) = outcome {
-                    let mut message = OutgoingMessage::now(Task::Workflow {
-                        workflow_id: id,
-                        tail: self.tail(vec![fired], last),
-                    });
-                    message.trace_context = owed.entry.trace_context;
-                    self.enqueue(&task_queue, vec![message]).await;
+                    self.enqueue_workflow_task(
+                        &task_queue,
+                        id,
+                        vec![fired],
+                        last,
+                        owed.entry.trace_context,
+                    )
+                    .await;
                 }
             }
             OwedKind::Activity {

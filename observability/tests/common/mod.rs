@@ -119,6 +119,21 @@ pub async fn finish(engine: &Engine, id: &WorkflowId) -> WorkflowStatus {
     s.status
 }
 
+/// Runs one `name` workflow (input `null`) on `engine` with a worker of its own, to
+/// its end; returns how it ended.
+pub async fn run_one(engine: &Engine, name: &str) -> WorkflowStatus {
+    let w = worker(engine);
+    let id = engine
+        .start(StartWorkflow::new(name, json!(null)))
+        .await
+        .expect("start")
+        .summary
+        .id;
+    let status = finish(engine, &id).await;
+    w.shutdown().await;
+    status
+}
+
 /// Runs the known set: 3 `ok` completed, 1 `flaky` failed after retries, 1 `waiter` canceled.
 pub async fn run_known_set(engine: &Engine) {
     let mut ids = Vec::new();
