@@ -507,6 +507,79 @@ async fn cancellation_reaches_a_running_activity_across_replicas() {
     cancellation_reaches_running_activity(true).await;
 }
 
+/// A cancellation the workflow has not seen yet fails the next wait it starts, which is
+/// not recorded: one that arrives before the first workflow task runs ends a workflow
+/// that would otherwise sleep an hour. Once the workflow has seen it (a pending wait
+/// failed with it), the clean-up calls it makes run normally.
+#[tokio::test(start_paused = true)]
+async fn a_cancellation_the_workflow_has_not_seen_fails_its_next_wait() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("sleeper", |ctx: WorkflowContext, (): ()| async move {
+            ctx.sleep(Duration::from_secs(3600)).await?;
+            ctx.activity::<_, i64>("step", &1).await
+        })
+        .workflow("cleaner", |ctx: WorkflowContext, (): ()| async move {
+            match ctx.sleep(Duration::from_secs(3600)).await {
+                Err(e) if e.is_canceled() => {
+                    let cleaned: i64 = ctx.activity("step", &2).await?;
+                    assert_eq!(cleaned, 2);
+                    Err(e)
+                }
+                other => other.map(|()| json!(null)),
+            }
+        })
+        .activity("step", |_ctx: ActivityContext, n: i64| async move {
+            Ok::<_, ActivityError>(n)
+        })
+        .build();
+    // Canceled before any worker ran its first workflow task.
+    let id = engine
+        .start(StartWorkflow::new("sleeper", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    engine
+        .cancel(&id, Some("changed my mind".into()))
+        .await
+        .unwrap();
+    let w = worker(&engine);
+    let s = finished(&engine, &id).await;
+    assert_eq!(s.status, WorkflowStatus::Canceled, "{s:?}");
+    assert_eq!(
+        types(&history(&engine, &id).await),
+        [
+            "workflow_started",
+            "cancel_requested",
+            "workflow_task_completed",
+            "workflow_canceled"
+        ]
+    );
+
+    // Canceled while it sleeps: the timer fails, and the clean-up activity runs.
+    let id = engine
+        .start(StartWorkflow::new("cleaner", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    while !types(&history(&engine, &id).await).contains(&"timer_started") {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    engine.cancel(&id, None).await.unwrap();
+    let s = finished(&engine, &id).await;
+    assert_eq!(s.status, WorkflowStatus::Canceled, "{s:?}");
+    let h = history(&engine, &id).await;
+    assert_eq!(
+        count(&h, |d| matches!(d, EventData::ActivityCompleted { .. })),
+        1,
+        "{:?}",
+        types(&h)
+    );
+    w.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn start_is_idempotent_on_id_and_key() {
     let (store, queue) = backends();

@@ -83,6 +83,10 @@ pub(crate) struct WfState {
     signals: HashMap<String, VecDeque<Value>>,
     signal_waiters: Vec<Waker>,
     cancel: Option<Option<String>>,
+    /// Whether the code has learnt of the cancellation (a wait failed with it,
+    /// `cancelled()` resolved, `is_cancel_requested()` said so): calls it makes from
+    /// then on are clean-up work and run normally; until then, a new wait fails with it.
+    cancel_seen: bool,
     cancel_waiters: Vec<Waker>,
     pub(crate) commands: Vec<Command>,
 }
@@ -104,6 +108,7 @@ impl WfState {
             signals: HashMap::new(),
             signal_waiters: Vec::new(),
             cancel: None,
+            cancel_seen: false,
             cancel_waiters: Vec::new(),
             commands: Vec::new(),
         }
@@ -142,7 +147,8 @@ impl WfState {
         }
     }
 
-    /// Delivers a cancel request: every pending activity, timer and signal wait fails with `canceled`.
+    /// Delivers a cancel request: every pending activity, timer and signal wait fails
+    /// with `canceled`; with none pending, the next wait the code starts does.
     pub(crate) fn deliver_cancel(&mut self, reason: Option<String>) {
         if self.cancel.is_some() {
             return;
@@ -152,11 +158,13 @@ impl WfState {
         for (_, slot) in self.activities.values_mut() {
             if matches!(slot, Slot::Pending(_)) {
                 slot.resolve(Err(err.clone()));
+                self.cancel_seen = true;
             }
         }
         for slot in self.timers.values_mut() {
             if matches!(slot, Slot::Pending(_)) {
                 slot.resolve(Err(err.clone()));
+                self.cancel_seen = true;
             }
         }
         for w in self
@@ -166,6 +174,17 @@ impl WfState {
         {
             w.wake();
         }
+    }
+
+    /// The `canceled` error a wait started now fails with, without being recorded:
+    /// cancellation was requested and the code has not learnt of it yet (it arrived
+    /// before the first wait, or together with the result the code was waiting for).
+    /// The code learns of it through this error.
+    fn unseen_cancel(&mut self) -> Option<WorkflowError> {
+        let reason = self.cancel.as_ref().filter(|_| !self.cancel_seen)?;
+        let err = WorkflowError::canceled(reason.as_deref());
+        self.cancel_seen = true;
+        Some(err)
     }
 }
 
@@ -225,13 +244,18 @@ impl WorkflowContext {
             }
         };
         let mut st = self.state.lock();
+        if let Some(err) = st.unseen_cancel() {
+            return ActivityFuture {
+                state: self.state.clone(),
+                id: 0,
+                early: Some(Err(err)),
+                _out: PhantomData,
+            };
+        }
         let id = st.next_command;
         st.next_command += 1;
         st.activities
             .insert(id, (name.to_string(), Slot::Pending(None)));
-        if st.cancel.is_some() {
-            // Calls made after cancellation run normally (cleanup work); nothing to do here.
-        }
         st.commands.push(Command::Activity {
             id,
             name: name.to_string(),
@@ -256,6 +280,14 @@ impl WorkflowContext {
             return TimerFuture {
                 state: self.state.clone(),
                 id: 0,
+                early: None,
+            };
+        }
+        if let Some(err) = st.unseen_cancel() {
+            return TimerFuture {
+                state: self.state.clone(),
+                id: 0,
+                early: Some(err),
             };
         }
         let id = st.next_command;
@@ -267,6 +299,7 @@ impl WorkflowContext {
         TimerFuture {
             state: self.state.clone(),
             id,
+            early: None,
         }
     }
 
@@ -306,7 +339,10 @@ impl WorkflowContext {
     /// Whether cancellation of this workflow has been requested.
     #[must_use]
     pub fn is_cancel_requested(&self) -> bool {
-        self.state.lock().cancel.is_some()
+        let mut st = self.state.lock();
+        let requested = st.cancel.is_some();
+        st.cancel_seen |= requested;
+        requested
     }
 
     /// Resolves once cancellation is requested, with the reason given.
@@ -327,7 +363,9 @@ pub struct ActivityFuture<O> {
 }
 
 impl<O> ActivityFuture<O> {
-    /// The command id of this call (also its activity id in the history).
+    /// The command id of this call (also its activity id in the history); 0 for a
+    /// call that failed at once and was not recorded (an input that does not
+    /// serialize, or a cancellation the code had not seen yet).
     #[must_use]
     pub fn activity_id(&self) -> u32 {
         self.id
@@ -365,6 +403,8 @@ impl<O: DeserializeOwned> Future for ActivityFuture<O> {
 pub struct TimerFuture {
     state: Arc<Mutex<WfState>>,
     id: u32,
+    /// Set when it failed at once (a cancellation the code had not seen).
+    early: Option<WorkflowError>,
 }
 
 impl Future for TimerFuture {
@@ -372,7 +412,7 @@ impl Future for TimerFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if self.id == 0 {
-            return Poll::Ready(Ok(()));
+            return Poll::Ready(self.get_mut().early.take().map_or(Ok(()), Err));
         }
         let mut st = self.state.lock();
         let Some(slot) = st.timers.get_mut(&self.id) else {
@@ -403,7 +443,9 @@ impl<T: DeserializeOwned> Future for SignalFuture<T> {
             return Poll::Ready(serde_json::from_value(v).map_err(WorkflowError::from));
         }
         if let Some(reason) = &st.cancel {
-            return Poll::Ready(Err(WorkflowError::canceled(reason.as_deref())));
+            let err = WorkflowError::canceled(reason.as_deref());
+            st.cancel_seen = true;
+            return Poll::Ready(Err(err));
         }
         st.signal_waiters.push(cx.waker().clone());
         Poll::Pending
@@ -422,7 +464,11 @@ impl Future for CancelledFuture {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut st = self.state.lock();
         match &st.cancel {
-            Some(reason) => Poll::Ready(reason.clone()),
+            Some(reason) => {
+                let reason = reason.clone();
+                st.cancel_seen = true;
+                Poll::Ready(reason)
+            }
             None => {
                 st.cancel_waiters.push(cx.waker().clone());
                 Poll::Pending
