@@ -5,6 +5,8 @@ mod config;
 mod error;
 mod message;
 mod queue;
+#[cfg(any(test, feature = "testkit"))]
+pub mod testkit;
 
 pub use config::SqsQueueConfig;
 pub use queue::SqsQueue;

@@ -1147,34 +1147,16 @@ fn receive_count(m: &Message, fifo: bool) -> u32 {
 mod tests {
     //! The long-delay path on LocalStack, with the 15-minute threshold lowered to 1 s.
     use super::*;
-    use aws_sdk_sqs::config::Credentials;
+    use crate::testkit;
     use marathon_core::WorkflowId;
 
     async fn fresh() -> SqsQueue {
-        let endpoint = std::env::var("MARATHON_TEST_SQS_ENDPOINT")
-            .unwrap_or_else(|_| "http://127.0.0.1:4566".to_owned());
-        let id = uuid::Uuid::new_v4().simple().to_string();
-        let cfg = SqsQueueConfig {
-            queue_prefix: format!("mt-{}-", &id[..12]),
-            create_if_missing: true,
-            max_receives: 2,
-            region: Some("us-east-1".into()),
-            endpoint_url: Some(endpoint.clone()),
-            ..SqsQueueConfig::default()
-        };
-        let loader = aws_config::defaults(BehaviorVersion::latest())
-            .empty_test_environment()
-            .credentials_provider(Credentials::new(
-                "test",
-                "test",
-                None,
-                None,
-                "marathon-test",
-            ));
-        let mut q = SqsQueue::connect_with(cfg, loader)
+        let cfg = testkit::config(2, false);
+        let mut q = SqsQueue::connect_with(cfg, testkit::loader())
             .await
             .expect("valid config");
         if let Err(e) = q.ping().await {
+            let endpoint = testkit::endpoint();
             panic!("no SQS at {endpoint} ({e}); run `scripts/localstack.sh start`");
         }
         q.set_max_native_delay(Duration::from_secs(1));
@@ -1182,23 +1164,7 @@ mod tests {
     }
 
     async fn teardown(q: &SqsQueue) {
-        let urls = q
-            .client
-            .list_queues()
-            .queue_name_prefix(&q.cfg.queue_prefix)
-            .send()
-            .await
-            .expect("list")
-            .queue_urls
-            .unwrap_or_default();
-        for url in urls {
-            q.client
-                .delete_queue()
-                .queue_url(url)
-                .send()
-                .await
-                .expect("delete");
-        }
+        testkit::delete_queues(&q.client, &q.cfg.queue_prefix).await;
     }
 
     #[tokio::test]
