@@ -169,6 +169,11 @@ pub trait Observer: Send + Sync + 'static {
     fn trace_context(&self) -> Option<String> {
         None
     }
+
+    /// Links the current span to the span `trace_context` (a W3C `traceparent`)
+    /// names: the span of a signal or cancellation, which is a trace of its own, to
+    /// the run it reaches, whose trace the task it causes continues.
+    fn link(&self, _trace_context: &str) {}
 }
 
 /// The one span of a task: `marathon.workflow_task` (fields `workflow_id`,

@@ -67,6 +67,11 @@ pub struct NewWorkflow {
     pub started_at: Timestamp,
     /// Deadline of the owed first workflow task.
     pub task_deadline: Timestamp,
+    /// W3C `traceparent` of the span that started the run, when traced: kept in its
+    /// summary, so that what reaches the run later (signals, cancellation, the
+    /// sweeper's recovery of a lost first task) continues the run's trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_context: Option<String>,
 }
 
 /// The result of [`Store::create`].

@@ -537,6 +537,10 @@ impl Observer for Metrics {
     fn trace_context(&self) -> Option<String> {
         crate::tracing::current_trace_context()
     }
+
+    fn link(&self, trace_context: &str) {
+        crate::tracing::link_current(trace_context);
+    }
 }
 
 #[cfg(test)]

@@ -382,6 +382,17 @@ pub fn continue_trace(span: &tracing::Span, traceparent: &str) {
     let _ = (span, traceparent);
 }
 
+/// Adds to the current span a link to the span the W3C `traceparent` names (see
+/// [`marathon_core::Observer::link`]); an invalid header, or no `otel` feature, adds none.
+pub(crate) fn link_current(traceparent: &str) {
+    #[cfg(feature = "otel")]
+    if let Some(sc) = otel::parse_traceparent(traceparent) {
+        tracing_opentelemetry::OpenTelemetrySpanExt::add_link(&tracing::Span::current(), sc);
+    }
+    #[cfg(not(feature = "otel"))]
+    let _ = traceparent;
+}
+
 /// The W3C `traceparent` of the current span, when spans are exported.
 pub(crate) fn current_trace_context() -> Option<String> {
     #[cfg(feature = "otel")]

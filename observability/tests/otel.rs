@@ -25,6 +25,8 @@ struct Span {
     attrs: std::collections::BTreeMap<String, String>,
     /// The attributes whose value is an integer.
     ints: std::collections::BTreeSet<String>,
+    /// Links: the trace and span id each names.
+    links: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 /// An in-process OTLP/HTTP receiver: every span it was sent.
@@ -79,6 +81,11 @@ fn receiver() -> (u16, Arc<Mutex<Vec<Span>>>) {
                     out.push(Span {
                         attrs,
                         ints,
+                        links: s
+                            .links
+                            .into_iter()
+                            .map(|l| (l.trace_id, l.span_id))
+                            .collect(),
                         name: s.name,
                         trace_id: s.trace_id,
                         span_id: s.span_id,
@@ -508,6 +515,119 @@ fn timers_and_task_retries_stay_in_the_workflows_trace() {
             );
         }
     }
+}
+
+/// A signal or a cancellation arrives in a request of its own, which is a trace of its
+/// own: the workflow task it causes continues the run's trace (kept in the run's
+/// summary), and the request's span links to the run.
+#[test]
+fn signals_and_cancellation_continue_the_runs_trace() {
+    let runs = Arc::new(Mutex::new(Vec::new()));
+    let seen = runs.clone();
+    let spans = exported(
+        |c| c,
+        Captured::default(),
+        move |engine| {
+            Box::pin(async move {
+                for (name, input) in [("listener", json!(1)), ("waiter", json!(null))] {
+                    let root = tracing::info_span!("http.request", workflow = name);
+                    let started = engine
+                        .start(StartWorkflow::new(name, input))
+                        .instrument(root)
+                        .await
+                        .unwrap()
+                        .summary;
+                    // Let the first workflow task run (and the waiter's timer start).
+                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let root = tracing::info_span!("http.request", input_for = name);
+                    if name == "listener" {
+                        engine
+                            .signal(&started.id, "go", json!(10), None)
+                            .instrument(root)
+                            .await
+                    } else {
+                        engine.cancel(&started.id, None).instrument(root).await
+                    }
+                    .unwrap();
+                    let end = finish(engine, &started.id).await;
+                    let summary = engine.get(&started.id).await.unwrap();
+                    seen.lock().unwrap().push((name, end, summary));
+                }
+            })
+        },
+    );
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 2);
+    for (name, end, summary) in runs {
+        let want = if name == "listener" {
+            WorkflowStatus::Completed
+        } else {
+            WorkflowStatus::Canceled
+        };
+        assert_eq!(end, want, "{name}");
+        let request = |key: &str| {
+            spans
+                .iter()
+                .find(|s| {
+                    s.name == "http.request" && s.attrs.get(key).map(String::as_str) == Some(name)
+                })
+                .unwrap_or_else(|| panic!("{name}: {key} request span: {spans:#?}"))
+        };
+        let (start, input) = (request("workflow"), request("input_for"));
+        // The summary names the run's trace: the start request's span.
+        let tc = summary
+            .trace_context
+            .as_deref()
+            .expect("the run's trace context");
+        assert_eq!(
+            tc,
+            format!("00-{}-{}-01", hex(&start.trace_id), hex(&start.span_id)),
+            "{name}"
+        );
+        assert_ne!(input.trace_id, start.trace_id, "{name}: its own trace");
+        assert_eq!(
+            input.links,
+            vec![(start.trace_id.clone(), start.span_id.clone())],
+            "{name}: the request links to the run"
+        );
+        let mine: Vec<&Span> = spans
+            .iter()
+            .filter(|s| s.attrs.get("workflow_id").map(String::as_str) == Some(summary.id.as_str()))
+            .collect();
+        let tasks = mine
+            .iter()
+            .filter(|s| s.name == "marathon.workflow_task")
+            .count();
+        // listener: wait, then the signal's task (schedules `add`), then complete;
+        // waiter: start the timer, then the cancellation's task.
+        let expected = if name == "listener" { 3 } else { 2 };
+        assert!(
+            tasks >= expected,
+            "{name}: {tasks} workflow tasks: {mine:#?}"
+        );
+        for s in &mine {
+            assert_eq!(
+                s.trace_id, start.trace_id,
+                "{name}: one trace per run: {s:?}"
+            );
+            assert!(
+                spans
+                    .iter()
+                    .any(|p| p.span_id == s.parent && p.trace_id == start.trace_id),
+                "{name}: parent of {s:?} exported, in the run's trace"
+            );
+        }
+        // The signal's or cancellation's task is the start request's child.
+        assert!(
+            mine.iter().filter(|s| s.parent == start.span_id).count() >= 2,
+            "{name}: the first task and the input's task under the start: {mine:#?}"
+        );
+    }
+}
+
+/// Lowercase hex of `bytes`.
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]

@@ -322,70 +322,94 @@ fn run_to_end(port: u16, body: &Value, cancel: bool) -> String {
     v["status"].as_str().expect("status").to_string()
 }
 
-/// `/metrics` of the running binary, parsed with a real exposition parser, after a known
-/// set of workflows: three completed, one failed, one canceled.
-#[test]
-fn metrics_count_what_the_server_ran() {
-    let m = serve(&[]);
+/// Runs the known set on the server at `port`: three `echo` completed, one `pipeline`
+/// failed, one `sleep-then-echo` canceled (ids `{tag}-…`).
+fn run_known_set(port: u16, tag: &str) {
     for i in 0..3 {
-        let body = json!({"name": "echo", "id": format!("m-echo-{i}"), "input": i});
-        assert_eq!(run_to_end(m.port, &body, false), "completed");
+        let body = json!({"name": "echo", "id": format!("{tag}-echo-{i}"), "input": i});
+        assert_eq!(run_to_end(port, &body, false), "completed");
     }
     // A pipeline whose one step gives `sleep` an input it cannot read: failed.
-    let failing = json!({"name": "pipeline", "id": "m-fail", "input": {
+    let failing = json!({"name": "pipeline", "id": format!("{tag}-fail"), "input": {
         "pipeline": {"steps": [{"type": "activity", "name": "s", "activity": "sleep", "input": "abc"}]},
         "input": null,
     }});
-    assert_eq!(run_to_end(m.port, &failing, false), "failed");
-    let sleeper =
-        json!({"name": "sleep-then-echo", "id": "m-cancel", "input": {"ms": 60000, "value": 1}});
-    assert_eq!(run_to_end(m.port, &sleeper, true), "canceled");
+    assert_eq!(run_to_end(port, &failing, false), "failed");
+    let sleeper = json!({"name": "sleep-then-echo", "id": format!("{tag}-cancel"),
+        "input": {"ms": 60000, "value": 1}});
+    assert_eq!(run_to_end(port, &sleeper, true), "canceled");
+}
 
-    let (status, text) = http(m.port, "GET", "/metrics", None).expect("metrics");
-    assert_eq!(status, 200);
+/// `/metrics` of the server at `port`, parsed with a real exposition parser; the text too.
+fn scrape(port: u16) -> (prometheus_parse::Scrape, String) {
+    let (status, text) = http(port, "GET", "/metrics", None).expect("metrics");
+    assert_eq!(status, 200, "{text}");
     let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
         .expect("the exposition parses");
-    let exact = |name: &str, labels: &[(&str, &str)], want: f64| {
-        assert_eq!(
-            sample(&scrape, name, labels),
-            Some(want),
-            "{name}{labels:?}\n{text}"
-        );
-    };
+    (scrape, text)
+}
+
+/// Asserts `name{labels}` is exactly `want` in `scrape` (`text` is shown on failure).
+fn exact(
+    (scrape, text): &(prometheus_parse::Scrape, String),
+    name: &str,
+    labels: &[(&str, &str)],
+    want: f64,
+) {
+    assert_eq!(
+        sample(scrape, name, labels),
+        Some(want),
+        "{name}{labels:?}\n{text}"
+    );
+}
+
+/// The exact counts [`run_known_set`] leaves, on a server whose store is `store`.
+fn assert_known_set_counted(s: &(prometheus_parse::Scrape, String), store: &str) {
     for (workflow, status, n) in [
         ("echo", "completed", 3.0),
         ("pipeline", "failed", 1.0),
         ("sleep-then-echo", "canceled", 1.0),
     ] {
         exact(
+            s,
             "marathon_workflows_started_total",
             &[("workflow", workflow)],
             n,
         );
         let closed = [("workflow", workflow), ("status", status)];
-        exact("marathon_workflows_closed_total", &closed, n);
+        exact(s, "marathon_workflows_closed_total", &closed, n);
         // One duration observation per closed workflow: the `+Inf` bucket and `_count`.
-        exact("marathon_workflow_duration_seconds", &closed, n);
-        exact("marathon_workflow_duration_seconds_count", &closed, n);
+        exact(s, "marathon_workflow_duration_seconds", &closed, n);
+        exact(s, "marathon_workflow_duration_seconds_count", &closed, n);
     }
     let echo = [("activity", "echo"), ("outcome", "completed")];
     let failed = [("activity", "sleep"), ("outcome", "failed")];
-    exact("marathon_activity_attempts_total", &echo, 3.0);
-    exact("marathon_activity_attempt_seconds_count", &echo, 3.0);
-    exact("marathon_activity_attempt_seconds_count", &failed, 1.0);
-    exact("marathon_activity_attempts_total", &failed, 1.0);
+    exact(s, "marathon_activity_attempts_total", &echo, 3.0);
+    exact(s, "marathon_activity_attempt_seconds_count", &echo, 3.0);
+    exact(s, "marathon_activity_attempt_seconds_count", &failed, 1.0);
+    exact(s, "marathon_activity_attempts_total", &failed, 1.0);
     // Every start is one store `create`.
     let creates = [
         ("operation", "create"),
-        ("backend", "memory"),
+        ("backend", store),
         ("outcome", "ok"),
     ];
-    exact("marathon_store_operation_seconds_count", &creates, 5.0);
+    exact(s, "marathon_store_operation_seconds_count", &creates, 5.0);
     exact(
+        s,
         "marathon_activities_in_flight",
         &[("activity", "echo")],
         0.0,
     );
+}
+
+/// `/metrics` of the running binary, parsed with a real exposition parser, after a known
+/// set of workflows: three completed, one failed, one canceled.
+#[test]
+fn metrics_count_what_the_server_ran() {
+    let m = serve(&[]);
+    run_known_set(m.port, "m");
+    assert_known_set_counted(&scrape(m.port), "memory");
 }
 
 /// A real Prometheus scrapes the running binary, and `promtool` accepts its exposition.
@@ -523,38 +547,51 @@ fn otlp_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<ExportedSpan>>>)
     (port, spans)
 }
 
-/// The `marathon` binary with tracing on: a request carrying a caller's `traceparent`
-/// continues that trace, through the workflow's tasks and a queue hop, to the activity.
+/// Starts `echo` as `id` with a caller's `traceparent` in trace `trace`, waits for its
+/// result and its spans, and asserts they are one unbroken tree under the caller's span:
+/// the request span, and under it every workflow task and the activity, which follows
+/// the workflow task that scheduled it across the queue hop.
 #[cfg(feature = "otel")]
-#[test]
-fn a_callers_trace_runs_through_the_server_to_the_activity() {
-    let (otlp, spans) = otlp_receiver();
-    let endpoint = format!("http://127.0.0.1:{otlp}");
-    let m = serve_with(
-        &[],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ],
-    );
-    let (trace, caller) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
+fn traced_echo(
+    port: u16,
+    spans: &std::sync::Mutex<Vec<ExportedSpan>>,
+    id: &str,
+    trace: &str,
+) -> Vec<ExportedSpan> {
+    let caller = "00f067aa0ba902b7";
     let (status, body) = http_with(
-        m.port,
+        port,
         "POST",
         "/v1/workflows",
-        Some(&json!({"name": "echo", "id": "traced-echo", "input": "hi"})),
+        Some(&json!({"name": "echo", "id": id, "input": "hi"})),
         &[("traceparent", &format!("00-{trace}-{caller}-01"))],
     )
     .expect("start");
     assert_eq!(status, 202, "{body}");
-    let (status, body) = http(
-        m.port,
-        "GET",
-        "/v1/workflows/traced-echo/result?wait=10s",
-        None,
-    )
-    .expect("result");
+    let path = format!("/v1/workflows/{id}/result?wait=20s");
+    let (status, body) = http(port, "GET", &path, None).expect("result");
     assert_eq!(status, 200, "{body}");
+    // The run's summary names its trace.
+    let (status, body) = http(port, "GET", &format!("/v1/workflows/{id}"), None).expect("get");
+    assert_eq!(status, 200, "{body}");
+    let summary: Value = serde_json::from_str(&body).expect("JSON");
+    let tc = summary["trace_context"].as_str().unwrap_or_default();
+    assert!(tc.starts_with(&format!("00-{trace}-")), "{summary}");
+    let (trace, caller) = (common::hex_bytes(trace), common::hex_bytes(caller));
+    // The parent each span's chain must end at: the request's is the caller's span.
+    let rooted = |ours: &[ExportedSpan], s: &ExportedSpan| {
+        let mut at = s;
+        for _ in 0..ours.len() {
+            if at.parent == caller {
+                return at.name == "http.request";
+            }
+            match ours.iter().find(|p| p.span_id == at.parent) {
+                Some(p) => at = p,
+                None => return false,
+            }
+        }
+        false
+    };
     // The batch processor sends every 100 ms here; the last workflow task ends after
     // the result is stored.
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -563,14 +600,17 @@ fn a_callers_trace_runs_through_the_server_to_the_activity() {
             .lock()
             .expect("not poisoned")
             .iter()
-            .filter(|s| s.trace_id == common::hex_bytes(trace))
+            .filter(|s| s.trace_id == trace)
             .cloned()
             .collect();
         let tasks = ours
             .iter()
             .filter(|s| s.name == "marathon.workflow_task")
             .count();
-        if tasks >= 2 && ours.iter().any(|s| s.name == "marathon.activity") {
+        if tasks >= 2
+            && ours.iter().any(|s| s.name == "marathon.activity")
+            && ours.iter().all(|s| rooted(&ours, s))
+        {
             break ours;
         }
         assert!(
@@ -579,11 +619,8 @@ fn a_callers_trace_runs_through_the_server_to_the_activity() {
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let request = ours
-        .iter()
-        .find(|s| s.name == "http.request")
-        .expect("the request span joined the caller's trace");
-    assert_eq!(request.parent, common::hex_bytes(caller), "{request:?}");
+    let requests = ours.iter().filter(|s| s.name == "http.request").count();
+    assert_eq!(requests, 1, "one request span, the start: {ours:#?}");
     // From the activity up through its parents: a workflow task (the queue hop) and
     // then the request span.
     let activity = ours
@@ -605,10 +642,27 @@ fn a_callers_trace_runs_through_the_server_to_the_activity() {
         ],
         "{ours:#?}"
     );
-    assert_eq!(at.parent, common::hex_bytes(caller));
+    ours
+}
 
-    // Scrapes and health probes make no spans; other requests (the result above, the
-    // registry below) each make a trace of their own.
+/// The `marathon` binary with tracing on: a request carrying a caller's `traceparent`
+/// continues that trace, through the workflow's tasks and a queue hop, to the activity.
+#[cfg(feature = "otel")]
+#[test]
+fn a_callers_trace_runs_through_the_server_to_the_activity() {
+    let (otlp, spans) = otlp_receiver();
+    let endpoint = format!("http://127.0.0.1:{otlp}");
+    let m = serve_with(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    let trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    traced_echo(m.port, &spans, "traced-echo", trace);
+    // Scrapes and health probes make no spans; other requests (the result and the
+    // summary read by `traced_echo`, the registry below) each make a trace of their own.
     for path in ["/metrics", "/healthz", "/readyz", "/metrics"] {
         let (status, body) = http(m.port, "GET", path, None).expect(path);
         assert_eq!(status, 200, "{path}: {body}");
@@ -624,7 +678,7 @@ fn a_callers_trace_runs_through_the_server_to_the_activity() {
             .count()
     };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while others() < 2 {
+    while others() < 3 {
         assert!(
             Instant::now() < deadline,
             "{} other request spans",
@@ -636,7 +690,162 @@ fn a_callers_trace_runs_through_the_server_to_the_activity() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
         others(),
-        2,
-        "only the result and registry requests are traced"
+        3,
+        "only the result, summary and registry requests are traced"
     );
+}
+
+/// The run's own namespaces on the shared Redis and LocalStack, deleted when dropped
+/// (after the server, declared later, is killed), whatever the test's outcome.
+#[cfg(all(feature = "redis", feature = "sqs"))]
+struct Namespaces {
+    redis_url: String,
+    key_prefix: String,
+    queue_prefix: String,
+}
+
+#[cfg(all(feature = "redis", feature = "sqs"))]
+impl Namespaces {
+    fn new() -> Self {
+        Self {
+            redis_url: marathon_redis::testkit::url(),
+            key_prefix: format!("marathon-test:{}:", uuid::Uuid::new_v4()),
+            queue_prefix: marathon_sqs::testkit::prefix(),
+        }
+    }
+}
+
+#[cfg(all(feature = "redis", feature = "sqs"))]
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let client = marathon_sqs::testkit::client().await;
+            marathon_sqs::testkit::delete_queues(&client, &self.queue_prefix).await;
+            marathon_redis::testkit::delete_prefix(&self.redis_url, &self.key_prefix)
+                .await
+                .expect("delete the run's keys");
+        });
+    }
+}
+
+/// The binary on the production backends, the Redis store and the SQS queue (on
+/// LocalStack), with tracing on: the known set is counted exactly as in memory, store
+/// and queue operations carry their backend, queue depth and receive latency come
+/// from SQS, and a workflow's trace crosses the SQS hops unbroken (the `traceparent`
+/// travels in the messages' attributes).
+#[cfg(all(feature = "redis", feature = "sqs", feature = "otel"))]
+#[test]
+fn on_redis_and_sqs_metrics_count_and_a_trace_crosses_the_queue() {
+    let ns = Namespaces::new();
+    let (otlp, spans) = otlp_receiver();
+    let otlp = format!("http://127.0.0.1:{otlp}");
+    let sqs = marathon_sqs::testkit::endpoint();
+    let m = serve_with(
+        &[],
+        &[
+            ("MARATHON_STORE__KIND", "redis"),
+            ("MARATHON_STORE__URL", &ns.redis_url),
+            ("MARATHON_STORE__KEY_PREFIX", &ns.key_prefix),
+            ("MARATHON_QUEUE__KIND", "sqs"),
+            ("MARATHON_QUEUE__QUEUE_PREFIX", &ns.queue_prefix),
+            ("MARATHON_QUEUE__ENDPOINT_URL", &sqs),
+            ("MARATHON_QUEUE__REGION", "us-east-1"),
+            ("MARATHON_QUEUE__CREATE_IF_MISSING", "true"),
+            ("MARATHON_QUEUE__WAIT_TIME_MS", "1000"),
+            ("MARATHON_WORKER__DEAD_LETTER_INTERVAL_MS", "200"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    run_known_set(m.port, "prod");
+    assert_known_set_counted(&scrape(m.port), "redis");
+    let ours = traced_echo(
+        m.port,
+        &spans,
+        "prod-traced",
+        "0af7651916cd43dd8448eb211c80319c",
+    );
+    // Every task of the run went through SQS: each workflow task after the first was
+    // sent by the activity attempt that completed before it, and is its child.
+    let activity = ours
+        .iter()
+        .find(|s| s.name == "marathon.activity")
+        .expect("the activity's span");
+    assert!(
+        ours.iter()
+            .any(|s| s.name == "marathon.workflow_task" && s.parent == activity.span_id),
+        "the workflow task after the activity continues from it: {ours:#?}"
+    );
+
+    // The known set plus the traced echo: four `echo` runs.
+    let (s, text) = scrape(m.port);
+    let started = sample(
+        &s,
+        "marathon_workflows_started_total",
+        &[("workflow", "echo")],
+    );
+    assert_eq!(started, Some(4.0), "{text}");
+    let ok = |op| [("operation", op), ("backend", "sqs"), ("outcome", "ok")];
+    let sent = sample(&s, "marathon_queue_operation_seconds_count", &ok("enqueue"));
+    // At least one send per `echo` task: its start, its activity, the task after it.
+    assert!(sent.is_some_and(|n| n >= 12.0), "enqueues {sent:?}\n{text}");
+    for op in ["receive", "ack", "depth"] {
+        let n = sample(&s, "marathon_queue_operation_seconds_count", &ok(op));
+        assert!(n.is_some_and(|n| n >= 1.0), "{op}: {n:?}\n{text}");
+    }
+    let creates = [
+        ("operation", "create"),
+        ("backend", "redis"),
+        ("outcome", "ok"),
+    ];
+    assert_eq!(
+        sample(&s, "marathon_store_operation_seconds_count", &creates),
+        Some(6.0),
+        "{text}"
+    );
+    let received = sample(
+        &s,
+        "marathon_queue_received_tasks_total",
+        &[("queue", "default")],
+    );
+    assert!(
+        received.is_some_and(|n| n >= 12.0),
+        "received {received:?}\n{text}"
+    );
+    let receives = sample(
+        &s,
+        "marathon_queue_receive_seconds_count",
+        &[("queue", "default")],
+    );
+    assert!(receives.is_some_and(|n| n >= 1.0), "{receives:?}\n{text}");
+    // Sampled from SQS's ApproximateNumberOfMessages every 200 ms; nothing waits now.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (s, text) = scrape(m.port);
+        if sample(&s, "marathon_queue_depth", &[("queue", "default")]) == Some(0.0) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "queue depth\n{text}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // No other backend answered anything.
+    for (metric, memory) in [
+        ("marathon_store_operation_seconds_count", "memory"),
+        ("marathon_queue_operation_seconds_count", "memory"),
+    ] {
+        assert!(
+            !s.samples
+                .iter()
+                .any(|x| x.metric == metric && x.labels.get("backend") == Some(memory)),
+            "{metric} with backend={memory}\n{text}"
+        );
+    }
+    drop(m);
 }

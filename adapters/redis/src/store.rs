@@ -236,7 +236,7 @@ impl RedisStore {
             kind: OwedKind::WorkflowTask,
             task_queue: new.task_queue.clone(),
             deadline: new.task_deadline,
-            trace_context: None,
+            trace_context: new.trace_context.clone(),
         };
         let mut inv = self.inner.scripts.create.prepare_invoke();
         inv.key(&wk.sum)
@@ -253,7 +253,8 @@ impl RedisStore {
             .arg(serde_json::to_string(&event).map_err(backend)?)
             .arg(serde_json::to_string(&owed).map_err(backend)?)
             .arg(&wk.base)
-            .arg(STREAM_MAXLEN);
+            .arg(STREAM_MAXLEN)
+            .arg(new.trace_context.as_deref().unwrap_or(""));
         let reply: Vec<Value> = inv.invoke_async(&mut self.conn()).await.map_err(classify)?;
         match reply.as_slice() {
             [Value::Int(1)] => Ok((
@@ -271,6 +272,7 @@ impl RedisStore {
                     output: None,
                     error: None,
                     task_failure: None,
+                    trace_context: new.trace_context.clone(),
                 },
                 true,
             )),
@@ -534,6 +536,7 @@ fn summary_from(mut m: HashMap<String, String>) -> Result<Option<WorkflowSummary
             .transpose()
             .map_err(backend)?,
         task_failure: take("tf"),
+        trace_context: take("tc"),
     };
     Ok(Some(summary))
 }

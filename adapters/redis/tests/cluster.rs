@@ -144,6 +144,7 @@ async fn a_workflow_keys_share_one_slot_and_shards_spread_over_masters() {
                 idempotency_key: (i % 2 == 0).then(|| format!("ik-{i}")),
                 started_at: Timestamp(1_000 + i),
                 task_deadline: Timestamp(2_000 + i),
+                trace_context: None,
             })
             .await
             .unwrap();

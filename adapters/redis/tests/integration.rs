@@ -24,6 +24,7 @@ fn new_wf(id: &WorkflowId, name: &str, key: Option<&str>, at: u64) -> NewWorkflo
         idempotency_key: key.map(Into::into),
         started_at: Timestamp(at),
         task_deadline: Timestamp(at + 1000),
+        trace_context: None,
     }
 }
 

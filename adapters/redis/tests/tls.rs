@@ -80,6 +80,7 @@ async fn rediss_with_a_private_ca_and_a_password() {
             idempotency_key: None,
             started_at: t,
             task_deadline: t.plus(Duration::from_secs(30)),
+            trace_context: None,
         })
         .await
         .expect("create over TLS");

@@ -434,6 +434,9 @@ impl Engine {
         }
         let now = inner.clock.now();
         let req_input = req.input;
+        // The run's trace: the first task continues it, and the summary keeps it for
+        // what reaches the run later (signals, cancellation).
+        let trace_context = inner.observer.trace_context();
         let created = inner
             .store
             .create(NewWorkflow {
@@ -444,6 +447,7 @@ impl Engine {
                 idempotency_key: req.idempotency_key,
                 started_at: now,
                 task_deadline: now.plus(inner.config.workflow_task_deadline),
+                trace_context: trace_context.clone(),
             })
             .await?;
         if created.created {
@@ -462,7 +466,7 @@ impl Engine {
                         },
                     )],
                     Seq(1),
-                    None,
+                    trace_context,
                 )
                 .await;
         }
@@ -603,6 +607,14 @@ impl Engine {
         }
         let now = inner.clock.now();
         let event = NewEvent::new(now, data);
+        // The task it runs continues the run's trace, which the request's span links to.
+        if let Some(tc) = &summary.trace_context {
+            inner.observer.link(tc);
+        }
+        let owed = OwedEntry {
+            trace_context: summary.trace_context.clone(),
+            ..inner.workflow_task_owed(&summary.task_queue, now)
+        };
         let outcome = inner
             .store
             .append_keyed(
@@ -611,8 +623,7 @@ impl Engine {
                     key,
                     requires: None,
                     events: vec![event.clone()],
-                    owed: OwedChanges::none()
-                        .set(inner.workflow_task_owed(&summary.task_queue, now)),
+                    owed: OwedChanges::none().set(owed),
                 },
             )
             .await
@@ -620,7 +631,13 @@ impl Engine {
         match outcome {
             KeyedOutcome::Appended(last) => {
                 inner
-                    .enqueue_workflow_task(&summary.task_queue, id.clone(), vec![event], last, None)
+                    .enqueue_workflow_task(
+                        &summary.task_queue,
+                        id.clone(),
+                        vec![event],
+                        last,
+                        summary.trace_context,
+                    )
                     .await;
                 Ok(())
             }

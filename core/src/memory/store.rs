@@ -267,12 +267,13 @@ impl Store for MemoryStore {
             output: None,
             error: None,
             task_failure: None,
+            trace_context: new.trace_context.clone(),
         };
         let owed = OwedEntry {
             kind: OwedKind::WorkflowTask,
             task_queue: new.task_queue.clone(),
             deadline: new.task_deadline,
-            trace_context: None,
+            trace_context: new.trace_context,
         };
         let state: SharedState = Arc::new(Mutex::new(WorkflowState {
             summary: summary.clone(),
@@ -688,6 +689,7 @@ mod tests {
             idempotency_key: key.map(Into::into),
             started_at: Timestamp(10),
             task_deadline: Timestamp(20),
+            trace_context: None,
         }
     }
 

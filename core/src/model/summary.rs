@@ -98,6 +98,10 @@ pub struct WorkflowSummary {
     /// The last workflow-task failure (e.g. non-determinism) while it is unresolved.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_failure: Option<String>,
+    /// W3C `traceparent` of the span that started it, when it was traced: its trace
+    /// id names the run's trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace_context: Option<String>,
 }
 
 impl WorkflowSummary {

@@ -73,6 +73,7 @@ macro_rules! store_conformance {
                 create_is_idempotent_on_id,
                 create_is_idempotent_on_idempotency_key,
                 create_records_started_event_summary_and_owed_task,
+                create_keeps_the_runs_trace_context,
                 stale_append_writes_nothing,
                 one_of_concurrent_appenders_wins,
                 events_read_in_order_and_paged,

@@ -41,6 +41,7 @@ fn new_workflow(name: &str, started_at: Timestamp) -> NewWorkflow {
         idempotency_key: None,
         started_at,
         task_deadline: started_at.plus(Duration::from_secs(30)),
+        trace_context: None,
     }
 }
 
@@ -235,6 +236,48 @@ pub async fn create_records_started_event_summary_and_owed_task(store: Arc<dyn S
             entry: workflow_task(new.task_deadline),
         }]
     );
+}
+
+/// The run's trace context given to `create` is kept in its summary (also when a repeat
+/// create returns the existing workflow, and after appends), and the owed first
+/// workflow task carries it; without one, neither has any.
+pub async fn create_keeps_the_runs_trace_context(store: Arc<dyn Store>) {
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let new = NewWorkflow {
+        trace_context: Some(tp.into()),
+        ..new_workflow("greet", at(0))
+    };
+    let created = store.create(new.clone()).await.expect("create");
+    assert_eq!(created.summary.trace_context.as_deref(), Some(tp));
+    let again = store.create(new.clone()).await.expect("create again");
+    assert!(!again.created);
+    assert_eq!(again.summary.trace_context.as_deref(), Some(tp));
+    let owed = claim_all(&store, new.task_deadline).await;
+    assert_eq!(
+        owed,
+        vec![Owed {
+            workflow_id: new.id.clone(),
+            entry: OwedEntry {
+                trace_context: Some(tp.into()),
+                ..workflow_task(new.task_deadline)
+            },
+        }]
+    );
+    store
+        .append(&new.id, Seq(1), vec![signal(at(1), 1)], OwedChanges::none())
+        .await
+        .expect("append");
+    let s = summary(&store, &new.id).await;
+    assert_eq!((s.last_seq, s.trace_context.as_deref()), (Seq(2), Some(tp)));
+
+    let plain = new_workflow("greet", at(0));
+    let created = store.create(plain.clone()).await.expect("create");
+    assert_eq!(created.summary.trace_context, None);
+    assert_eq!(summary(&store, &plain.id).await.trace_context, None);
+    let owed = claim_all(&store, plain.task_deadline).await;
+    let ours: Vec<_> = owed.iter().filter(|o| o.workflow_id == plain.id).collect();
+    assert_eq!(ours.len(), 1, "{owed:?}");
+    assert_eq!(ours[0].entry.trace_context, None);
 }
 
 /// A conditional append after a stale sequence writes nothing and reports the actual one.

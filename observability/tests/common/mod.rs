@@ -25,7 +25,8 @@ static STUMBLED: AtomicBool = AtomicBool::new(false);
 /// An engine on instrumented in-memory backends, reporting to `metrics`, with the
 /// workflows `ok` (three `add` activities), `napper` (`add`, a 100 ms timer, `add`),
 /// `stumbler` (its first workflow task in the process panics, then one `add`), `flaky` (`boom`: a timeout, then two
-/// failures, then it gives up) and `waiter` (sleeps an hour; canceled by the tests).
+/// failures, then it gives up), `listener` (waits for signal `go`, then one `add`) and
+/// `waiter` (sleeps an hour; canceled by the tests).
 pub fn engine(metrics: &Arc<Metrics>) -> Engine {
     let store = InstrumentedStore::boxed(Arc::new(MemoryStore::default()), "memory", metrics);
     let queue = InstrumentedQueue::boxed(Arc::new(MemoryQueue::default()), "memory", metrics);
@@ -68,6 +69,11 @@ pub fn engine(metrics: &Arc<Metrics>) -> Engine {
                 panic!("the first workflow task stumbles");
             }
             let a: i64 = ctx.activity("add", &(n, 1)).await?;
+            Ok::<_, WorkflowError>(a)
+        })
+        .workflow("listener", |ctx: WorkflowContext, n: i64| async move {
+            let m: i64 = ctx.signal("go").await?;
+            let a: i64 = ctx.activity("add", &(n, m)).await?;
             Ok::<_, WorkflowError>(a)
         })
         .workflow("waiter", |ctx: WorkflowContext, (): ()| async move {

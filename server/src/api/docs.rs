@@ -42,6 +42,9 @@ pub(crate) struct WorkflowSummaryDoc {
     error: Option<WorkflowErrorDoc>,
     /// The last workflow-task failure (e.g. non-determinism) while it is unresolved.
     task_failure: Option<String>,
+    /// W3C `traceparent` of the span that started it, when traces are exported: the
+    /// run's trace id is its second field.
+    trace_context: Option<String>,
 }
 
 /// Why a workflow failed (`marathon_core::WorkflowError`).
