@@ -4,8 +4,13 @@
 
 mod common;
 
+use async_trait::async_trait;
 use common::*;
-use marathon_core::{Engine, StartWorkflow, WorkflowStatus};
+use marathon_core::memory::MemoryQueue;
+use marathon_core::{
+    Delivery, Engine, EngineConfig, EventData, OutgoingMessage, Queue, QueueError, Receipt,
+    StartWorkflow, Task, WorkflowStatus,
+};
 use marathon_observability::{LogFormat, Metrics, TelemetryConfig, tracing_dispatch};
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use prost::Message;
@@ -169,6 +174,19 @@ fn exported<W>(
 where
     W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
 {
+    exported_on(engine, config, logs, workflows)
+}
+
+/// [`exported`] on the engine `make` builds.
+fn exported_on<W>(
+    make: impl FnOnce(&Arc<Metrics>) -> Engine,
+    config: impl FnOnce(TelemetryConfig) -> TelemetryConfig,
+    logs: W,
+    workflows: impl for<'e> FnOnce(&'e Engine) -> futures::future::BoxFuture<'e, ()>,
+) -> Vec<Span>
+where
+    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+{
     let (port, spans) = receiver();
     let base = self::config(Some(format!("http://127.0.0.1:{port}")), LogFormat::Text);
     let (dispatch, guard) = tracing_dispatch(&config(base), logs).unwrap();
@@ -180,7 +198,7 @@ where
             .build()
             .unwrap();
         rt.block_on(async {
-            let engine = engine(&metrics);
+            let engine = make(&metrics);
             let w = worker(&engine);
             workflows(&engine).await;
             w.shutdown().await;
@@ -623,6 +641,182 @@ fn signals_and_cancellation_continue_the_runs_trace() {
             "{name}: the first task and the input's task under the start: {mine:#?}"
         );
     }
+}
+
+/// Which messages a [`LossyQueue`] loses.
+type Loses = dyn Fn(&Task) -> bool + Send + Sync;
+
+/// A queue that loses messages, as a crashed worker or a lost send would: each
+/// predicate loses the first message it matches, once; the owed work in the store
+/// makes the sweeper enqueue it again.
+struct LossyQueue {
+    inner: MemoryQueue,
+    losses: std::sync::Mutex<Vec<Box<Loses>>>,
+    /// The tasks lost, in order.
+    lost: std::sync::Mutex<Vec<Task>>,
+}
+
+impl LossyQueue {
+    /// An in-memory queue losing one message for each of `losses`.
+    fn new(losses: Vec<Box<Loses>>) -> Self {
+        Self {
+            inner: MemoryQueue::default(),
+            losses: std::sync::Mutex::new(losses),
+            lost: std::sync::Mutex::default(),
+        }
+    }
+}
+
+#[async_trait]
+impl Queue for LossyQueue {
+    async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+        let mut kept = Vec::new();
+        for m in messages {
+            let mut losses = self.losses.lock().expect("not poisoned");
+            match losses.iter().position(|lose| lose(&m.task)) {
+                Some(i) => {
+                    drop(losses.remove(i));
+                    self.lost.lock().expect("not poisoned").push(m.task);
+                }
+                None => kept.push(m),
+            }
+        }
+        self.inner.enqueue(queue, kept).await
+    }
+    async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        self.inner.receive(queue, max, wait, visibility).await
+    }
+    async fn ack(&self, queue: &str, receipts: Vec<Receipt>) -> Result<(), QueueError> {
+        self.inner.ack(queue, receipts).await
+    }
+    async fn nack(
+        &self,
+        queue: &str,
+        receipt: &Receipt,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        self.inner.nack(queue, receipt, delay).await
+    }
+    async fn extend(
+        &self,
+        queue: &str,
+        receipt: &Receipt,
+        visibility: Duration,
+    ) -> Result<(), QueueError> {
+        self.inner.extend(queue, receipt, visibility).await
+    }
+    async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
+        self.inner.depth(queue).await
+    }
+    async fn drain_dead_letters(&self, queue: &str, max: usize) -> Result<Vec<Task>, QueueError> {
+        self.inner.drain_dead_letters(queue, max).await
+    }
+    fn max_message_bytes(&self) -> usize {
+        self.inner.max_message_bytes()
+    }
+    async fn ping(&self) -> Result<(), QueueError> {
+        self.inner.ping().await
+    }
+}
+
+/// Work lost with a worker (here: two messages the queue loses) and enqueued again by
+/// the sweeper stays in the run's trace: the lost first attempt of an activity and the
+/// lost workflow task after the second activity run as children of the span that
+/// started the run.
+#[test]
+fn recovered_lost_work_stays_in_the_runs_trace() {
+    let lossy = Arc::new(LossyQueue::new(vec![
+        Box::new(|t: &Task| matches!(t, Task::Activity(a) if a.activity_id == 1 && a.attempt == 1)),
+        Box::new(|t: &Task| {
+            matches!(t, Task::Workflow { tail, .. } if tail.iter().any(|e| matches!(
+                e.data,
+                EventData::ActivityCompleted { activity_id: 2, .. }
+            )))
+        }),
+    ]));
+    let queue = lossy.clone();
+    let make = move |m: &Arc<Metrics>| {
+        let config = EngineConfig {
+            workflow_task_deadline: Duration::from_millis(300),
+            activity_grace: Duration::from_millis(100),
+            ..EngineConfig::default()
+        };
+        engine_with(m, queue, config)
+    };
+    let spans = exported_on(
+        make,
+        |c| c,
+        Captured::default(),
+        |engine| {
+            Box::pin(async move {
+                let root = tracing::info_span!("http.request", workflow = "hasty");
+                let id = engine
+                    .start(StartWorkflow::new("hasty", json!(1)))
+                    .instrument(root)
+                    .await
+                    .unwrap()
+                    .summary
+                    .id;
+                assert_eq!(finish(engine, &id).await, WorkflowStatus::Completed);
+            })
+        },
+    );
+    assert_eq!(
+        lossy.lost.lock().unwrap().len(),
+        2,
+        "both messages were lost"
+    );
+    let root = spans
+        .iter()
+        .find(|s| s.name == "http.request")
+        .unwrap_or_else(|| panic!("the request span: {spans:#?}"));
+    let mine: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.attrs.contains_key("workflow_id"))
+        .collect();
+    let attempts = mine
+        .iter()
+        .filter(|s| s.name == "marathon.activity")
+        .count();
+    assert_eq!(attempts, 2, "{mine:#?}");
+    for s in &mine {
+        assert_eq!(s.trace_id, root.trace_id, "one trace per run: {s:?}");
+        assert!(
+            spans
+                .iter()
+                .any(|p| p.span_id == s.parent && p.trace_id == root.trace_id),
+            "parent of {s:?} exported, in the run's trace"
+        );
+    }
+    // Under the start: the first workflow task, the re-delivered attempt and the
+    // recovered workflow task.
+    let under_start: Vec<&str> = mine
+        .iter()
+        .filter(|s| s.parent == root.span_id)
+        .map(|s| s.name.as_str())
+        .collect();
+    assert_eq!(
+        under_start
+            .iter()
+            .filter(|n| **n == "marathon.activity")
+            .count(),
+        1,
+        "{under_start:?}"
+    );
+    assert!(
+        under_start
+            .iter()
+            .filter(|n| **n == "marathon.workflow_task")
+            .count()
+            >= 2,
+        "{under_start:?}"
+    );
 }
 
 /// Lowercase hex of `bytes`.

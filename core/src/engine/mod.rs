@@ -1150,7 +1150,7 @@ impl EngineInner {
         let duration = clock.elapsed();
         let error_kind = result.as_ref().err().map(|e| e.kind.clone());
         let outcome = self
-            .record_outcome(queue, &t, &call, started_at, result)
+            .record_outcome(queue, &t, &call, started_at, result, None)
             .await?;
         crate::observe::record_current([("outcome", &outcome.as_str())]);
         self.observer
@@ -1232,6 +1232,8 @@ impl EngineInner {
         result
     }
 
+    /// Records an attempt's outcome and sends what it makes due (the next attempt or
+    /// a workflow task), continuing `trace_context` (`None`: the current span's).
     async fn record_outcome(
         &self,
         queue: &str,
@@ -1239,6 +1241,7 @@ impl EngineInner {
         call: &ActivityCall,
         started_at: Timestamp,
         result: Result<Value, ActivityError>,
+        trace_context: Option<String>,
     ) -> Result<AttemptOutcome, EngineError> {
         let now = self.clock.now();
         let started = NewEvent::new(
@@ -1347,14 +1350,17 @@ impl EngineInner {
         match outcome {
             Ok(KeyedOutcome::Appended(last)) => {
                 match next_attempt {
-                    Some(message) => self.enqueue(queue, vec![message]).await,
+                    Some(message) => {
+                        self.enqueue(queue, vec![message.traced(trace_context)])
+                            .await;
+                    }
                     None => {
                         self.enqueue_workflow_task(
                             &t.workflow_task_queue,
                             t.workflow_id.clone(),
                             tail_events.unwrap_or_default(),
                             last,
-                            None,
+                            trace_context,
                         )
                         .await;
                     }
@@ -1377,12 +1383,23 @@ impl EngineInner {
         });
         match owed.entry.kind {
             OwedKind::WorkflowTask => {
+                // The task continues the trace its entry names (a failed task's retry,
+                // the first task, one after a signal), else the run's: a lost task's
+                // span stays in the run's trace. Reading the summary is not worth
+                // failing the recovery for.
+                let trace_context = match owed.entry.trace_context {
+                    Some(tc) => Some(tc),
+                    None => self
+                        .store
+                        .get(&id)
+                        .await
+                        .ok()
+                        .flatten()
+                        .and_then(|s| s.trace_context),
+                };
                 let message = OutgoingMessage::now(Task::workflow(id));
-                self.enqueue(
-                    &owed.entry.task_queue,
-                    vec![message.traced(owed.entry.trace_context)],
-                )
-                .await;
+                self.enqueue(&owed.entry.task_queue, vec![message.traced(trace_context)])
+                    .await;
             }
             OwedKind::Timer { timer_id } => {
                 // A timer's entry carries the workflow's own task queue.
@@ -1439,7 +1456,14 @@ impl EngineInner {
                     ))
                     .with_kind("timeout.lost");
                     let outcome = self
-                        .record_outcome(&owed.entry.task_queue, &task, &call, now, Err(error))
+                        .record_outcome(
+                            &owed.entry.task_queue,
+                            &task,
+                            &call,
+                            now,
+                            Err(error),
+                            summary.trace_context,
+                        )
                         .await?;
                     self.observer.activity_attempt(
                         &call.name,
@@ -1475,11 +1499,10 @@ impl EngineInner {
                     .await?;
                 if let KeyedOutcome::Appended(_) = outcome {
                     tracing::warn!(workflow_id = %id, activity_id, attempt, "re-delivering an activity attempt whose task was lost");
-                    self.enqueue(
-                        &owed.entry.task_queue,
-                        vec![OutgoingMessage::now(Task::Activity(task))],
-                    )
-                    .await;
+                    // In the run's trace, under the span that started the run.
+                    let message =
+                        OutgoingMessage::now(Task::Activity(task)).traced(summary.trace_context);
+                    self.enqueue(&owed.entry.task_queue, vec![message]).await;
                 }
             }
         }

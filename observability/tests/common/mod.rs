@@ -5,7 +5,7 @@
 
 use marathon_core::memory::{MemoryQueue, MemoryStore};
 use marathon_core::{
-    ActivityContext, ActivityError, ActivityOptions, Engine, EngineConfig, RetryPolicy,
+    ActivityContext, ActivityError, ActivityOptions, Engine, EngineConfig, Queue, RetryPolicy,
     StartWorkflow, Worker, WorkerConfig, WorkflowContext, WorkflowError, WorkflowId,
     WorkflowStatus,
 };
@@ -25,19 +25,26 @@ static STUMBLED: AtomicBool = AtomicBool::new(false);
 /// An engine on instrumented in-memory backends, reporting to `metrics`, with the
 /// workflows `ok` (three `add` activities), `napper` (`add`, a 100 ms timer, `add`),
 /// `stumbler` (its first workflow task in the process panics, then one `add`), `flaky` (`boom`: a timeout, then two
-/// failures, then it gives up), `listener` (waits for signal `go`, then one `add`) and
+/// failures, then it gives up), `hasty` (two `add`s with a start-to-close of 300 ms),
+/// `listener` (waits for signal `go`, then one `add`) and
 /// `waiter` (sleeps an hour; canceled by the tests).
 pub fn engine(metrics: &Arc<Metrics>) -> Engine {
+    let config = EngineConfig {
+        task_failure_retry: Duration::from_millis(200),
+        ..EngineConfig::default()
+    };
+    engine_with(metrics, Arc::new(MemoryQueue::default()), config)
+}
+
+/// [`engine`] on `queue` (instrumented here) with `config`.
+pub fn engine_with(metrics: &Arc<Metrics>, queue: Arc<dyn Queue>, config: EngineConfig) -> Engine {
     let store = InstrumentedStore::boxed(Arc::new(MemoryStore::default()), "memory", metrics);
-    let queue = InstrumentedQueue::boxed(Arc::new(MemoryQueue::default()), "memory", metrics);
+    let queue = InstrumentedQueue::boxed(queue, "memory", metrics);
     Engine::builder()
         .store(store)
         .queue(queue)
         .observer(metrics.clone())
-        .config(EngineConfig {
-            task_failure_retry: Duration::from_millis(200),
-            ..EngineConfig::default()
-        })
+        .config(config)
         .workflow("ok", |ctx: WorkflowContext, n: i64| async move {
             let a: i64 = ctx.activity("add", &(n, 1)).await?;
             let b: i64 = ctx.activity("add", &(a, 10)).await?;
@@ -70,6 +77,12 @@ pub fn engine(metrics: &Arc<Metrics>) -> Engine {
             }
             let a: i64 = ctx.activity("add", &(n, 1)).await?;
             Ok::<_, WorkflowError>(a)
+        })
+        .workflow("hasty", |ctx: WorkflowContext, n: i64| async move {
+            let opts = ActivityOptions::default().start_to_close(Duration::from_millis(300));
+            let a: i64 = ctx.activity_with("add", &(n, 1), opts.clone()).await?;
+            let b: i64 = ctx.activity_with("add", &(a, 10), opts).await?;
+            Ok::<_, WorkflowError>(b)
         })
         .workflow("listener", |ctx: WorkflowContext, n: i64| async move {
             let m: i64 = ctx.signal("go").await?;
