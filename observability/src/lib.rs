@@ -1,5 +1,7 @@
 #![doc = include_str!("../README.md")]
 
+#[cfg(feature = "otel")]
+mod batch;
 mod fields;
 mod filter;
 mod instrumented;

@@ -1,7 +1,7 @@
 //! [`Metrics`]: Marathon's Prometheus metrics, fed by the engine through [`Observer`].
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, LazyLock, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -20,6 +20,43 @@ pub enum MetricsError {
     /// A metric could not be created or registered (a name clash in a shared registry).
     #[error("registering a metric failed: {0}")]
     Register(#[from] prometheus::Error),
+}
+
+/// Spans the trace pipeline lost, by reason: one process-wide counter (the pipeline is
+/// set up once per process, apart from any [`Metrics`]), registered in every
+/// [`Metrics`]' registry. Both reasons are present from the start, at 0.
+static SPANS_DROPPED: LazyLock<Result<IntCounterVec, prometheus::Error>> = LazyLock::new(|| {
+    let c = IntCounterVec::new(
+        Opts::new(
+            "marathon_trace_spans_dropped_total",
+            "Finished spans that never reached the collector, by reason (queue_full: the export queue was full; export_failed: the collector did not take the batch).",
+        ),
+        &["reason"],
+    )?;
+    for reason in ["queue_full", "export_failed"] {
+        c.with_label_values(&[reason]);
+    }
+    Ok(c)
+});
+
+/// Counts `n` spans the trace pipeline lost for `reason` (`queue_full`, `export_failed`).
+#[cfg_attr(
+    not(feature = "otel"),
+    expect(dead_code, reason = "only the otel pipeline drops spans")
+)]
+pub(crate) fn spans_dropped(reason: &str, n: u64) {
+    if let Ok(c) = &*SPANS_DROPPED {
+        c.with_label_values(&[reason]).inc_by(n);
+    }
+}
+
+/// Spans counted as lost for `reason` so far.
+#[cfg(all(test, feature = "otel"))]
+pub(crate) fn spans_dropped_so_far(reason: &str) -> u64 {
+    match &*SPANS_DROPPED {
+        Ok(c) => c.with_label_values(&[reason]).get(),
+        Err(_) => 0,
+    }
 }
 
 /// The text exposition's content type, for the `Content-Type` of a `/metrics` response.
@@ -233,6 +270,10 @@ impl Metrics {
     /// [`MetricsError::Register`] if `registry` already has a metric of one of these names.
     pub fn with_registry(registry: Registry) -> Result<Metrics, MetricsError> {
         let r = &registry;
+        match &*SPANS_DROPPED {
+            Ok(c) => r.register(Box::new(c.clone()))?,
+            Err(e) => return Err(prometheus::Error::Msg(e.to_string()).into()),
+        }
         Ok(Metrics {
             workflows_started: counter(
                 r,

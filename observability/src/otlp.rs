@@ -21,7 +21,9 @@ use opentelemetry::trace::{SpanContext, SpanKind, Status};
 use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::trace::SpanData;
+
+use crate::batch::BatchExporter;
 
 use crate::tracing::TelemetryError;
 
@@ -308,8 +310,8 @@ impl OtlpExporter {
     }
 }
 
-impl SpanExporter for OtlpExporter {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+impl BatchExporter for OtlpExporter {
+    fn export(&mut self, batch: Vec<SpanData>) -> OTelSdkResult {
         if batch.is_empty() {
             return Ok(());
         }
@@ -348,7 +350,10 @@ impl SpanExporter for OtlpExporter {
         };
         match &result {
             Ok(()) => drop(self.health.succeeded(&self.settings.url)),
-            Err(e) => drop(self.health.failed(spans, e, &self.settings.url)),
+            Err(e) => {
+                crate::metrics::spans_dropped("export_failed", spans as u64);
+                let _ = self.health.failed(spans, e, &self.settings.url);
+            }
         }
         result
     }
@@ -782,10 +787,6 @@ mod tests {
         (port, handle)
     }
 
-    fn block_on<F: std::future::Future>(f: F) -> F::Output {
-        futures::executor::block_on(f)
-    }
-
     #[test]
     fn exports_post_protobuf_with_the_configured_headers() {
         let (port, server) = serve_once(200);
@@ -795,11 +796,11 @@ mod tests {
         )
         .expect("valid")
         .expect("an endpoint");
-        let exporter = OtlpExporter::new(settings).expect("exporter");
+        let mut exporter = OtlpExporter::new(settings).expect("exporter");
         let scope = InstrumentationScope::builder("marathon").build();
         let batch: Vec<SpanData> = (0..3).map(|i| span_data(i, &scope)).collect();
         let expected = exporter.encode(&batch);
-        block_on(exporter.export(batch)).expect("exported");
+        exporter.export(batch).expect("exported");
         let (head, body) = server.join().expect("server");
         assert!(head.starts_with("post /v1/traces http/1.1"), "{head}");
         assert!(
@@ -813,16 +814,20 @@ mod tests {
     #[test]
     fn failed_exports_are_errors_not_panics() {
         let (port, server) = serve_once(503);
-        let exporter = exporter_to(port);
+        let mut exporter = exporter_to(port);
         let scope = InstrumentationScope::builder("marathon").build();
-        let err = block_on(exporter.export(vec![span_data(0, &scope)])).expect_err("503");
+        let err = exporter
+            .export(vec![span_data(0, &scope)])
+            .expect_err("503");
         assert!(err.to_string().contains("503"), "{err}");
         server.join().expect("server");
         // Nobody listening (the port was just freed).
-        let err = block_on(exporter.export(vec![span_data(0, &scope)])).expect_err("refused");
+        let err = exporter
+            .export(vec![span_data(0, &scope)])
+            .expect_err("refused");
         assert!(err.to_string().contains("failed"), "{err}");
         // Nothing to send, nothing sent.
-        block_on(exporter.export(Vec::new())).expect("empty batch");
+        exporter.export(Vec::new()).expect("empty batch");
     }
 
     /// An exporter posting to `http://127.0.0.1:{port}`.
@@ -847,11 +852,11 @@ mod tests {
             .local_addr()
             .unwrap()
             .port();
-        let exporter = exporter_to(port);
+        let mut exporter = exporter_to(port);
         let scope = InstrumentationScope::builder("marathon").build();
         for n in [3, 2] {
             let batch = (0..n).map(|i| span_data(i, &scope)).collect();
-            block_on(exporter.export(batch)).expect_err("refused");
+            exporter.export(batch).expect_err("refused");
         }
         let health = &exporter.health;
         let err = OTelSdkError::Timeout(DEFAULT_TIMEOUT);

@@ -406,9 +406,7 @@ mod otel {
     use opentelemetry::trace::{
         SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState,
     };
-    use opentelemetry_sdk::trace::{
-        BatchConfig, BatchConfigBuilder, BatchSpanProcessor, SdkTracerProvider,
-    };
+    use opentelemetry_sdk::trace::SdkTracerProvider;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
 
     use super::{TelemetryConfig, TelemetryError};
@@ -444,10 +442,12 @@ mod otel {
             resource = resource.with_service_name(config.service_name.clone());
         }
         // The sampler comes from OTEL_TRACES_SAMPLER / _ARG (the SDK's default config);
-        // the batch processor runs on its own thread and drops spans when its queue is full.
-        let processor = BatchSpanProcessor::builder(exporter)
-            .with_batch_config(batch_config(env))
-            .build();
+        // the batch processor runs on its own thread and drops (and counts) spans when
+        // its queue is full.
+        let processor = crate::batch::BatchProcessor::new(
+            exporter,
+            crate::batch::BatchSettings::from_env(env)?,
+        )?;
         Ok(Some(
             SdkTracerProvider::builder()
                 .with_span_processor(processor)
@@ -500,28 +500,6 @@ mod otel {
             }
         }
         Ok(())
-    }
-
-    /// Spans the batch processor holds before it drops new ones, unless
-    /// `OTEL_BSP_MAX_QUEUE_SIZE` says otherwise. With the spec's 2,048 the overhead
-    /// bench delivered 9.5–12 % of its spans; with this, 63 % (docs/BENCHMARKS.md).
-    pub(super) const DEFAULT_QUEUE_SIZE: usize = 16_384;
-    /// Spans per export request, unless `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` says otherwise:
-    /// larger than the spec's 512, so that the queue drains in fewer round trips.
-    pub(super) const DEFAULT_EXPORT_BATCH_SIZE: usize = 2_048;
-
-    /// The batch processor's settings: the standard `OTEL_BSP_*` variables, with
-    /// Marathon's defaults for the queue and batch sizes where they are not set.
-    pub(super) fn batch_config(env: impl Fn(&str) -> Option<String>) -> BatchConfig {
-        // The builder reads every OTEL_BSP_* variable itself; set only what they leave open.
-        let mut b = BatchConfigBuilder::default();
-        if env("OTEL_BSP_MAX_QUEUE_SIZE").is_none() {
-            b = b.with_max_queue_size(DEFAULT_QUEUE_SIZE);
-        }
-        if env("OTEL_BSP_MAX_EXPORT_BATCH_SIZE").is_none() {
-            b = b.with_max_export_batch_size(DEFAULT_EXPORT_BATCH_SIZE);
-        }
-        b.build()
     }
 
     pub(super) fn set_parent(span: &tracing::Span, traceparent: &str) {
@@ -874,10 +852,7 @@ mod tests {
     };
     use opentelemetry_sdk::propagation::TraceContextPropagator;
 
-    use super::otel::{
-        DEFAULT_EXPORT_BATCH_SIZE, DEFAULT_QUEUE_SIZE, batch_config, format_traceparent,
-        parse_traceparent,
-    };
+    use super::otel::{format_traceparent, parse_traceparent};
 
     #[test]
     fn export_settings_a_build_without_otel_ignores_are_named() {
@@ -995,30 +970,6 @@ mod tests {
             target(Some("garbage")).as_deref(),
             Some("marathon_core::observe")
         );
-    }
-
-    #[test]
-    fn batch_processor_sizes_default_to_marathons_and_yield_to_the_variables() {
-        let ours = format!("{:?}", batch_config(|_| None));
-        assert!(
-            ours.contains(&format!("max_queue_size: {DEFAULT_QUEUE_SIZE},"))
-                && ours.contains(&format!(
-                    "max_export_batch_size: {DEFAULT_EXPORT_BATCH_SIZE},"
-                )),
-            "{ours}"
-        );
-        // Where the variables are set, the SDK's reading of them stands (here: unset,
-        // so the spec's defaults).
-        if std::env::var_os("OTEL_BSP_MAX_QUEUE_SIZE").is_none()
-            && std::env::var_os("OTEL_BSP_MAX_EXPORT_BATCH_SIZE").is_none()
-        {
-            let theirs = format!("{:?}", batch_config(|_| Some("set".into())));
-            assert!(
-                theirs.contains("max_queue_size: 2048,")
-                    && theirs.contains("max_export_batch_size: 512,"),
-                "{theirs}"
-            );
-        }
     }
 
     /// What the SDK's own W3C propagator reads from `header`.

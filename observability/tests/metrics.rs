@@ -343,9 +343,18 @@ async fn a_known_run_yields_exact_counts() {
         30.0,
     );
 
-    // Nothing was overdue or dead-lettered, and no label carries a workflow id.
+    // Nothing was overdue or dead-lettered, no span was lost (nothing traces here: both
+    // reasons are shown at 0), and no label carries a workflow id.
     assert!(!text.contains("marathon_overdue_total{"));
     assert!(!text.contains("marathon_dead_lettered_total{"));
+    for reason in ["queue_full", "export_failed"] {
+        exact(
+            &s,
+            "marathon_trace_spans_dropped_total",
+            &[("reason", reason)],
+            0.0,
+        );
+    }
     for sample in &s.samples {
         for (k, _) in sample.labels.iter() {
             assert!(
@@ -361,6 +370,7 @@ async fn a_known_run_yields_exact_counts() {
                     "backend",
                     "provider",
                     "model",
+                    "reason",
                     "le"
                 ]
                 .contains(&k.as_str()),

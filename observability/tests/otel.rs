@@ -887,7 +887,7 @@ fn spans_reach_a_real_collector() {
 /// Runs `n` `ok` workflows one after another under a subscriber exporting to
 /// `endpoint`; returns how long they took and when they were done (before the
 /// subscriber's shutdown, which must be bounded).
-fn timed_run(endpoint: Option<String>, n: usize) -> (Duration, Instant) {
+fn timed_run(endpoint: Option<String>, n: usize) -> (Duration, Instant, Arc<Metrics>) {
     let (dispatch, guard) =
         tracing_dispatch(&config(endpoint, LogFormat::Text), std::io::sink).unwrap();
     let metrics = Arc::new(Metrics::new().unwrap());
@@ -923,7 +923,7 @@ fn timed_run(endpoint: Option<String>, n: usize) -> (Duration, Instant) {
         stopping.elapsed() < Duration::from_secs(7),
         "shutdown is bounded"
     );
-    (took, done)
+    (took, done, metrics)
 }
 
 /// A collector that accepts connections and never answers; returns its port and when
@@ -956,7 +956,7 @@ fn a_collector_that_is_down_does_not_slow_workflows() {
     let n = 300;
     // Against the same run exporting to a collector that answers: what a collector
     // being down adds, not what tracing costs.
-    let (baseline, _) = timed_run(Some(format!("http://127.0.0.1:{live}")), n);
+    let (baseline, _, _) = timed_run(Some(format!("http://127.0.0.1:{live}")), n);
     let requests = spans
         .lock()
         .unwrap()
@@ -964,8 +964,18 @@ fn a_collector_that_is_down_does_not_slow_workflows() {
         .filter(|s| s.name == "http.request")
         .count();
     assert_eq!(requests, n, "every trace reached the live collector");
-    let (refused, _) = timed_run(Some(format!("http://127.0.0.1:{closed}")), n);
-    let (hung, done) = timed_run(Some(format!("http://127.0.0.1:{hanging}")), n);
+    let (refused, _, metrics) = timed_run(Some(format!("http://127.0.0.1:{closed}")), n);
+    // The spans sent to the closed port are counted as lost (the counter is the
+    // process's, so at least these).
+    let text = metrics.render();
+    let lost = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("marathon_trace_spans_dropped_total{reason=\"export_failed\"} ")
+        })
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(lost.is_some_and(|n| n >= 300.0), "{lost:?}\n{text}");
+    let (hung, done, _) = timed_run(Some(format!("http://127.0.0.1:{hanging}")), n);
     eprintln!(
         "{n} workflows: {baseline:?} exporting to a live collector, {refused:?} to a closed port, {hung:?} to one that never answers"
     );
