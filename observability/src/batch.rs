@@ -206,9 +206,11 @@ impl SpanProcessor for BatchProcessor {
         if !span.span_context.is_sampled() {
             return;
         }
+        // Counted before it is sent, so that the count never falls below what the
+        // queue holds when the thread takes the span at once.
+        let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
         match self.spans.try_send(span) {
             Ok(()) => {
-                let queued = self.shared.queued.fetch_add(1, Ordering::Relaxed) + 1;
                 if queued >= self.max_export_batch_size
                     && !self.shared.export_requested.swap(true, Ordering::AcqRel)
                 {
@@ -217,11 +219,14 @@ impl SpanProcessor for BatchProcessor {
                 }
             }
             Err(TrySendError::Full(_)) => {
+                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
                 self.shared.dropped.fetch_add(1, Ordering::Relaxed);
                 crate::metrics::spans_dropped("queue_full", 1);
             }
             // After shutdown: nothing exports any more.
-            Err(TrySendError::Disconnected(_)) => {}
+            Err(TrySendError::Disconnected(_)) => {
+                self.shared.queued.fetch_sub(1, Ordering::Relaxed);
+            }
         }
     }
 

@@ -270,6 +270,15 @@ fn bad_configuration_exits_2_with_a_clear_message() {
         (&["serve", "--store", "redis"], &[], "`redis` feature"),
         #[cfg(not(feature = "sqs"))]
         (&["serve", "--queue", "sqs"], &[], "`sqs` feature"),
+        #[cfg(feature = "otel")]
+        (
+            &["serve"],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:4318"),
+                ("OTEL_BSP_MAX_QUEUE_SIZE", "64k"),
+            ],
+            "OTEL_BSP_MAX_QUEUE_SIZE",
+        ),
     ];
     for (args, env, expected) in cases {
         let out = run(args, env);
