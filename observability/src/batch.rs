@@ -531,6 +531,39 @@ mod tests {
     }
 
     #[test]
+    fn every_span_is_exported_once_or_counted_as_dropped_under_contention() {
+        let (exporter, seen) = recorder();
+        let p = Arc::new(
+            BatchProcessor::new(exporter, settings(256, 64, Duration::from_millis(1)))
+                .expect("processor"),
+        );
+        let threads: Vec<_> = (0..4_u64)
+            .map(|t| {
+                let p = p.clone();
+                std::thread::spawn(move || {
+                    for i in 0..5_000 {
+                        p.on_end(span(t * 5_000 + i, true));
+                        if i % 1_000 == 0 {
+                            p.force_flush().expect("flush");
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("thread");
+        }
+        p.force_flush().expect("flush");
+        let seen = seen.lock().unwrap();
+        let exported: Vec<&String> = seen.batches.iter().flatten().collect();
+        let unique: std::collections::HashSet<&&String> = exported.iter().collect();
+        assert_eq!(unique.len(), exported.len(), "a span exported twice");
+        assert_eq!(exported.len() as u64 + p.dropped(), 20_000);
+        assert!(seen.batches.iter().all(|b| b.len() <= 64));
+        assert_eq!(p.shared.queued.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
     fn shutdown_exports_the_rest_and_then_takes_nothing() {
         let (exporter, seen) = recorder();
         let p = BatchProcessor::new(exporter, settings(100, 50, Duration::from_secs(3600)))
