@@ -556,7 +556,21 @@ fn signals_and_cancellation_continue_the_runs_trace() {
                         .unwrap()
                         .summary;
                     // Let the first workflow task run (and the waiter's timer start).
-                    tokio::time::sleep(Duration::from_millis(300)).await;
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    loop {
+                        let events = engine
+                            .events(&started.id, marathon_core::Seq::ZERO, 100)
+                            .await
+                            .unwrap();
+                        if events
+                            .iter()
+                            .any(|e| e.data.type_name() == "workflow_task_completed")
+                        {
+                            break;
+                        }
+                        assert!(Instant::now() < deadline, "{name}: no first task");
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                     let root = tracing::info_span!("http.request", input_for = name);
                     if name == "listener" {
                         engine
