@@ -3,6 +3,7 @@
 //! once and the workflow ends with the same result.
 
 use async_trait::async_trait;
+use futures::future::{Either, select};
 use marathon_core::memory::MemoryStore;
 use marathon_core::{
     ActivityContext, ActivityError, Delivery, Engine, EventData, OutgoingMessage, Queue,
@@ -186,4 +187,82 @@ proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(run_schedule(schedule))?;
     }
+}
+
+/// Delivers the oldest pending task to `engine`; false when none is pending.
+async fn deliver_next(engine: &Engine, queue: &HandQueue) -> bool {
+    let next = {
+        let mut pending = queue.pending.lock();
+        if pending.is_empty() {
+            return false;
+        }
+        pending.remove(0)
+    };
+    engine.handle(&next.0, next.1).await.expect("task handled");
+    true
+}
+
+/// A cancellation that reaches the workflow in the same task as the result it awaited
+/// fails the next call, even when a timer the code had dropped (the losing side of a
+/// `select`) was failed by it: the code never polled that timer, so it has not seen the
+/// cancellation, and `ship` must not run.
+#[tokio::test]
+async fn a_cancel_that_arrives_with_a_result_fails_the_next_call_despite_a_dropped_timer() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let queue = Arc::new(HandQueue::default());
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    let engine = Engine::builder()
+        .store(store.clone())
+        .queue(queue.clone())
+        .workflow("shop", |ctx: WorkflowContext, (): ()| async move {
+            let approval = Box::pin(ctx.signal::<bool>("approve"));
+            let deadline = Box::pin(ctx.sleep(Duration::from_secs(86_400)));
+            match select(approval, deadline).await {
+                Either::Left((approved, _timer)) => approved?,
+                Either::Right((timed_out, _)) => {
+                    timed_out?;
+                    false
+                }
+            };
+            let charged: u32 = ctx.activity("double", &1u32).await?;
+            let shipped: u32 = ctx.activity("double", &charged).await?;
+            Ok(shipped)
+        })
+        .activity("double", move |_c: ActivityContext, x: u32| {
+            let runs = counted.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, ActivityError>(x * 2)
+            }
+        })
+        .build();
+    let id = engine
+        .start(StartWorkflow::new("shop", json!(null)))
+        .await
+        .expect("start")
+        .summary
+        .id;
+    // The first task starts the timer and waits for the signal.
+    assert!(deliver_next(&engine, &queue).await);
+    engine
+        .signal(&id, "approve", json!(true), None)
+        .await
+        .expect("signal");
+    // The signal's task: the signal wins, the timer future is dropped, `charge` is called.
+    assert!(deliver_next(&engine, &queue).await);
+    // `charge` runs; its result is recorded and owes a workflow task...
+    assert!(deliver_next(&engine, &queue).await);
+    // ...which runs only after the cancellation is recorded: one task sees both.
+    engine.cancel(&id, None).await.expect("cancel");
+    while deliver_next(&engine, &queue).await {}
+    let s = engine.get(&id).await.expect("get");
+    assert_eq!(s.status, WorkflowStatus::Canceled, "{s:?}");
+    assert_eq!(runs.load(Ordering::SeqCst), 1, "only `charge` ran");
+    let events = store.read(&id, Seq::ZERO, 1_000).await.expect("read");
+    let scheduled = events
+        .iter()
+        .filter(|e| matches!(e.data, EventData::ActivityScheduled { .. }))
+        .count();
+    assert_eq!(scheduled, 1, "{events:#?}");
 }

@@ -519,6 +519,13 @@ async fn a_cancellation_the_workflow_has_not_seen_fails_its_next_wait() {
             ctx.sleep(Duration::from_secs(3600)).await?;
             ctx.activity::<_, i64>("step", &1).await
         })
+        .workflow("pair", |ctx: WorkflowContext, (): ()| async move {
+            // Both calls are made before either is polled.
+            let a = ctx.activity::<_, i64>("step", &1);
+            let b = ctx.activity::<_, i64>("step", &2);
+            let (a, b) = futures::join!(a, b);
+            Ok(json!([a?, b?]))
+        })
         .workflow("cleaner", |ctx: WorkflowContext, (): ()| async move {
             match ctx.sleep(Duration::from_secs(3600)).await {
                 Err(e) if e.is_canceled() => {
@@ -544,6 +551,13 @@ async fn a_cancellation_the_workflow_has_not_seen_fails_its_next_wait() {
         .cancel(&id, Some("changed my mind".into()))
         .await
         .unwrap();
+    let pair = engine
+        .start(StartWorkflow::new("pair", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    engine.cancel(&pair, None).await.unwrap();
     let w = worker(&engine);
     let s = finished(&engine, &id).await;
     assert_eq!(s.status, WorkflowStatus::Canceled, "{s:?}");
@@ -555,6 +569,17 @@ async fn a_cancellation_the_workflow_has_not_seen_fails_its_next_wait() {
             "workflow_task_completed",
             "workflow_canceled"
         ]
+    );
+
+    // Two calls made before the code polls either: both fail, neither is recorded.
+    let s = finished(&engine, &pair).await;
+    assert_eq!(s.status, WorkflowStatus::Canceled, "{s:?}");
+    let h = history(&engine, &pair).await;
+    assert_eq!(
+        count(&h, |d| matches!(d, EventData::ActivityScheduled { .. })),
+        0,
+        "{:?}",
+        types(&h)
     );
 
     // Canceled while it sleeps: the timer fails, and the clean-up activity runs.

@@ -62,7 +62,7 @@ impl BatchSettings {
     ///
     /// # Errors
     /// [`TelemetryError::Exporter`] naming a variable that is not a positive whole
-    /// number (or, for the delay, a whole number of milliseconds).
+    /// number (the delay in milliseconds).
     pub(crate) fn from_env(env: impl Fn(&str) -> Option<String>) -> Result<Self, TelemetryError> {
         let number = |name: &str, default: usize, min: usize| -> Result<usize, TelemetryError> {
             let Some(raw) = env(name) else {
@@ -79,10 +79,11 @@ impl BatchSettings {
         let d = Self::default();
         let max_queue_size = number("OTEL_BSP_MAX_QUEUE_SIZE", d.max_queue_size, 1)?;
         let batch = number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", d.max_export_batch_size, 1)?;
+        // At least 1 ms: with 0 the export thread would spin.
         let delay_ms = number(
             "OTEL_BSP_SCHEDULE_DELAY",
             usize::try_from(d.schedule_delay.as_millis()).unwrap_or(usize::MAX),
-            0,
+            1,
         )?;
         Ok(Self {
             max_queue_size,
@@ -273,21 +274,21 @@ impl<E: BatchExporter> Worker<E> {
                     self.export_full_batches();
                 }
                 Ok(Control::Flush(reply)) => {
-                    let _ = reply.send(self.export_all());
+                    let _ = reply.send(self.export_queued());
                 }
                 Ok(Control::Shutdown(reply)) => {
-                    let _ = reply.send(self.export_all());
+                    let _ = reply.send(self.export_queued());
                     self.report_drops(true);
                     return;
                 }
                 Ok(Control::Resource(resource)) => self.exporter.set_resource(&resource),
                 Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.export_all();
+                    let _ = self.export_queued();
                     due = Instant::now() + self.settings.schedule_delay;
                 }
                 // The processor is gone without a shutdown: send what is left.
                 Err(RecvTimeoutError::Disconnected) => {
-                    let _ = self.export_all();
+                    let _ = self.export_queued();
                     self.report_drops(true);
                     return;
                 }
@@ -296,9 +297,8 @@ impl<E: BatchExporter> Worker<E> {
         }
     }
 
-    /// Takes up to a batch off the queue.
-    fn take_batch(&mut self) -> Vec<SpanData> {
-        let max = self.settings.max_export_batch_size;
+    /// Takes up to `max` spans off the queue.
+    fn take_batch(&mut self, max: usize) -> Vec<SpanData> {
         let mut batch = Vec::with_capacity(max.min(self.shared.queued.load(Ordering::Relaxed)));
         while batch.len() < max {
             match self.spans.try_recv() {
@@ -310,28 +310,50 @@ impl<E: BatchExporter> Worker<E> {
         batch
     }
 
-    /// Exports while a whole batch is queued.
+    /// Exports the whole batches queued now (not those that arrive meanwhile, so that
+    /// a flush or shutdown behind it is not held up by a steady stream).
     fn export_full_batches(&mut self) {
-        while self.shared.queued.load(Ordering::Relaxed) >= self.settings.max_export_batch_size {
-            let batch = self.take_batch();
+        let size = self.settings.max_export_batch_size;
+        for _ in 0..self.shared.queued.load(Ordering::Relaxed) / size {
+            let batch = self.take_batch(size);
             if batch.is_empty() {
                 return;
             }
-            let _ = self.exporter.export(batch);
+            let _ = self.export(batch);
         }
     }
 
-    /// Exports everything queued now; the first failure, if any.
-    fn export_all(&mut self) -> OTelSdkResult {
+    /// Exports the spans queued now (not those that arrive meanwhile); the first
+    /// failure, if any.
+    fn export_queued(&mut self) -> OTelSdkResult {
+        let mut left = self.shared.queued.load(Ordering::Relaxed);
         let mut result = Ok(());
-        loop {
-            let batch = self.take_batch();
+        while left > 0 {
+            let batch = self.take_batch(left.min(self.settings.max_export_batch_size));
             if batch.is_empty() {
-                return result;
+                break;
             }
-            let r = self.exporter.export(batch);
+            left -= batch.len();
+            let r = self.export(batch);
             if result.is_ok() {
                 result = r;
+            }
+        }
+        result
+    }
+
+    /// Sends one batch. An exporter that panics loses the batch (counted) but not the
+    /// thread, which would otherwise take every later span with it.
+    fn export(&mut self, batch: Vec<SpanData>) -> OTelSdkResult {
+        let spans = batch.len() as u64;
+        let exporter = &mut self.exporter;
+        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exporter.export(batch))) {
+            Ok(result) => result,
+            Err(_) => {
+                crate::metrics::spans_dropped("export_failed", spans);
+                Err(OTelSdkError::InternalFailure(
+                    "the span exporter panicked".into(),
+                ))
             }
         }
     }
@@ -416,6 +438,10 @@ mod tests {
         seen: Arc<Mutex<Seen>>,
         gate: Option<Receiver<()>>,
         entered: Option<SyncSender<()>>,
+        /// Time each export takes.
+        slow: Duration,
+        /// Panics in the first export.
+        panic_once: bool,
     }
 
     impl BatchExporter for Recorder {
@@ -426,6 +452,10 @@ mod tests {
             if let Some(gate) = self.gate.take() {
                 let _ = gate.recv();
             }
+            if std::mem::take(&mut self.panic_once) {
+                panic!("the exporter broke");
+            }
+            std::thread::sleep(self.slow);
             let names = batch.into_iter().map(|s| s.name.into_owned()).collect();
             self.seen.lock().unwrap().batches.push(names);
             Ok(())
@@ -442,6 +472,8 @@ mod tests {
             seen: seen.clone(),
             gate: None,
             entered: None,
+            slow: Duration::ZERO,
+            panic_once: false,
         };
         (r, seen)
     }
@@ -564,6 +596,55 @@ mod tests {
     }
 
     #[test]
+    fn a_flush_is_answered_while_spans_keep_coming_faster_than_they_export() {
+        let (mut exporter, _seen) = recorder();
+        exporter.slow = Duration::from_millis(1);
+        let p = Arc::new(
+            BatchProcessor::new(exporter, settings(256, 1, Duration::from_secs(3600)))
+                .expect("processor"),
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let producer = {
+            let (p, stop) = (p.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    p.on_end(span(i, true));
+                    i += 1;
+                }
+            })
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        let start = Instant::now();
+        let flushed = p.force_flush();
+        let took = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        producer.join().expect("producer");
+        flushed.expect("flush answered");
+        assert!(took < Duration::from_secs(10), "flush took {took:?}");
+        p.shutdown_with_timeout(Duration::from_secs(10))
+            .expect("shutdown answered");
+    }
+
+    #[test]
+    fn an_exporter_that_panics_loses_its_batch_not_the_thread() {
+        let (mut exporter, seen) = recorder();
+        exporter.panic_once = true;
+        let before = crate::metrics::spans_dropped_so_far("export_failed");
+        let p = BatchProcessor::new(exporter, settings(100, 10, Duration::from_secs(3600)))
+            .expect("processor");
+        p.on_end(span(1, true));
+        assert!(p.force_flush().is_err(), "the panicking export failed");
+        assert!(crate::metrics::spans_dropped_so_far("export_failed") > before);
+        p.on_end(span(2, true));
+        p.force_flush().expect("the thread exports again");
+        assert_eq!(
+            seen.lock().unwrap().batches,
+            vec![vec!["span 2".to_string()]]
+        );
+    }
+
+    #[test]
     fn shutdown_exports_the_rest_and_then_takes_nothing() {
         let (exporter, seen) = recorder();
         let p = BatchProcessor::new(exporter, settings(100, 50, Duration::from_secs(3600)))
@@ -629,6 +710,7 @@ mod tests {
             ("OTEL_BSP_MAX_QUEUE_SIZE", "lots"),
             ("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "-1"),
             ("OTEL_BSP_SCHEDULE_DELAY", "5s"),
+            ("OTEL_BSP_SCHEDULE_DELAY", "0"),
         ] {
             let vars: &'static [(&'static str, &'static str)] =
                 Box::leak(Box::new([(name, value)]));

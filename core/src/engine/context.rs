@@ -83,9 +83,10 @@ pub(crate) struct WfState {
     signals: HashMap<String, VecDeque<Value>>,
     signal_waiters: Vec<Waker>,
     cancel: Option<Option<String>>,
-    /// Whether the code has learnt of the cancellation (a wait failed with it,
-    /// `cancelled()` resolved, `is_cancel_requested()` said so): calls it makes from
-    /// then on are clean-up work and run normally; until then, a new wait fails with it.
+    /// Whether the code has learnt of the cancellation (a wait it polled returned the
+    /// `canceled` error, `cancelled()` resolved, `is_cancel_requested()` said so): calls
+    /// it makes from then on are clean-up work and run normally; until then, every new
+    /// wait fails with it.
     cancel_seen: bool,
     cancel_waiters: Vec<Waker>,
     pub(crate) commands: Vec<Command>,
@@ -158,13 +159,11 @@ impl WfState {
         for (_, slot) in self.activities.values_mut() {
             if matches!(slot, Slot::Pending(_)) {
                 slot.resolve(Err(err.clone()));
-                self.cancel_seen = true;
             }
         }
         for slot in self.timers.values_mut() {
             if matches!(slot, Slot::Pending(_)) {
                 slot.resolve(Err(err.clone()));
-                self.cancel_seen = true;
             }
         }
         for w in self
@@ -179,12 +178,23 @@ impl WfState {
     /// The `canceled` error a wait started now fails with, without being recorded:
     /// cancellation was requested and the code has not learnt of it yet (it arrived
     /// before the first wait, or together with the result the code was waiting for).
-    /// The code learns of it through this error.
-    fn unseen_cancel(&mut self) -> Option<WorkflowError> {
+    /// The code learns of it when it polls the wait ([`Self::saw`]); calls it makes
+    /// before that fail too.
+    fn unseen_cancel(&self) -> Option<WorkflowError> {
         let reason = self.cancel.as_ref().filter(|_| !self.cancel_seen)?;
-        let err = WorkflowError::canceled(reason.as_deref());
-        self.cancel_seen = true;
-        Some(err)
+        Some(WorkflowError::canceled(reason.as_deref()))
+    }
+
+    /// Notes that the code is handed `result`: a `canceled` error means it has now
+    /// learnt of the cancellation. Only what the code polls counts: a dropped future's
+    /// slot, failed by the cancellation, teaches it nothing.
+    fn saw<T>(&mut self, result: &Result<T, WorkflowError>) {
+        if let Err(e) = result
+            && e.is_canceled()
+            && self.cancel.is_some()
+        {
+            self.cancel_seen = true;
+        }
     }
 }
 
@@ -276,18 +286,18 @@ impl WorkflowContext {
     /// Fails with a `canceled` error if the workflow is canceled first.
     pub fn sleep(&self, duration: Duration) -> TimerFuture {
         let mut st = self.state.lock();
-        if duration.is_zero() {
-            return TimerFuture {
-                state: self.state.clone(),
-                id: 0,
-                early: None,
-            };
-        }
         if let Some(err) = st.unseen_cancel() {
             return TimerFuture {
                 state: self.state.clone(),
                 id: 0,
                 early: Some(err),
+            };
+        }
+        if duration.is_zero() {
+            return TimerFuture {
+                state: self.state.clone(),
+                id: 0,
+                early: None,
             };
         }
         let id = st.next_command;
@@ -377,10 +387,10 @@ impl<O: DeserializeOwned> Future for ActivityFuture<O> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
+        let mut st = this.state.lock();
         let result = if let Some(r) = this.early.take() {
             r
         } else {
-            let mut st = this.state.lock();
             let Some((_, slot)) = st.activities.get_mut(&this.id) else {
                 return Poll::Ready(Err(WorkflowError::new("activity future polled twice")));
             };
@@ -394,6 +404,8 @@ impl<O: DeserializeOwned> Future for ActivityFuture<O> {
                 Poll::Ready(Some(r)) => r,
             }
         };
+        st.saw(&result);
+        drop(st);
         Poll::Ready(result.and_then(|v| serde_json::from_value(v).map_err(WorkflowError::from)))
     }
 }
@@ -411,18 +423,22 @@ impl Future for TimerFuture {
     type Output = Result<(), WorkflowError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        if self.id == 0 {
-            return Poll::Ready(self.get_mut().early.take().map_or(Ok(()), Err));
-        }
-        let mut st = self.state.lock();
-        let Some(slot) = st.timers.get_mut(&self.id) else {
-            return Poll::Ready(Ok(()));
+        let this = self.get_mut();
+        let mut st = this.state.lock();
+        let result = if this.id == 0 {
+            this.early.take().map_or(Ok(()), Err)
+        } else {
+            let Some(slot) = st.timers.get_mut(&this.id) else {
+                return Poll::Ready(Ok(()));
+            };
+            match slot.poll_take(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => Ok(()),
+                Poll::Ready(Some(r)) => r,
+            }
         };
-        match slot.poll_take(cx) {
-            Poll::Pending => Poll::Pending,
-            Poll::Ready(None) => Poll::Ready(Ok(())),
-            Poll::Ready(Some(r)) => Poll::Ready(r),
-        }
+        st.saw(&result);
+        Poll::Ready(result)
     }
 }
 
