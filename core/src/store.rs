@@ -142,9 +142,10 @@ pub struct OwedEntry {
     pub task_queue: String,
     /// When it is overdue (for a timer: when it fires).
     pub deadline: Timestamp,
-    /// W3C `traceparent` of the task that owes it, for work only the sweeper delivers
-    /// (a timer firing, a failed workflow task's retry): the task it enqueues then
-    /// stays in the workflow's trace. `None` where a message carries the context.
+    /// W3C `traceparent` the task the sweeper enqueues for it continues: for a timer or
+    /// a failed workflow task's retry, the task that owes it; for the first workflow
+    /// task and one owed after a signal or cancellation, the run's. `None` elsewhere
+    /// (the sweeper then takes the run's from its summary).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_context: Option<String>,
 }

@@ -21,7 +21,7 @@ use crate::TelemetryError;
 
 /// Spans the queue holds before it drops new ones, unless `OTEL_BSP_MAX_QUEUE_SIZE`
 /// says otherwise. With the spec's 2,048 the overhead bench delivered 9.5–12 % of its
-/// spans; with this, 63 % (docs/BENCHMARKS.md).
+/// spans; with this, 63 % (sessions 2 and 4, with the SDK's processor; docs/BENCHMARKS.md).
 pub(crate) const DEFAULT_QUEUE_SIZE: usize = 16_384;
 /// Spans per export request, unless `OTEL_BSP_MAX_EXPORT_BATCH_SIZE` says otherwise:
 /// larger than the spec's 512, so that the queue drains in fewer round trips.
@@ -99,7 +99,8 @@ pub(crate) trait BatchExporter: Send + 'static {
     /// Sends one batch; blocks the export thread until it is done.
     ///
     /// # Errors
-    /// The batch was not delivered (it is lost; the exporter reports it).
+    /// The batch was not delivered: it is lost (the processor counts it; the exporter
+    /// may log why).
     fn export(&mut self, batch: Vec<SpanData>) -> OTelSdkResult;
 
     /// The resource every later batch is sent with.
@@ -271,24 +272,26 @@ impl<E: BatchExporter> Worker<E> {
             match self.control.recv_timeout(wait) {
                 Ok(Control::Export) => {
                     self.shared.export_requested.store(false, Ordering::Release);
-                    self.export_full_batches();
+                    // Whole batches only; the rest waits for the schedule.
+                    let size = self.settings.max_export_batch_size;
+                    let _ = self.export_queued(self.queued() / size * size);
                 }
                 Ok(Control::Flush(reply)) => {
-                    let _ = reply.send(self.export_queued());
+                    let _ = reply.send(self.export_queued(self.queued()));
                 }
                 Ok(Control::Shutdown(reply)) => {
-                    let _ = reply.send(self.export_queued());
+                    let _ = reply.send(self.export_queued(self.queued()));
                     self.report_drops(true);
                     return;
                 }
                 Ok(Control::Resource(resource)) => self.exporter.set_resource(&resource),
                 Err(RecvTimeoutError::Timeout) => {
-                    let _ = self.export_queued();
+                    let _ = self.export_queued(self.queued());
                     due = Instant::now() + self.settings.schedule_delay;
                 }
                 // The processor is gone without a shutdown: send what is left.
                 Err(RecvTimeoutError::Disconnected) => {
-                    let _ = self.export_queued();
+                    let _ = self.export_queued(self.queued());
                     self.report_drops(true);
                     return;
                 }
@@ -297,9 +300,14 @@ impl<E: BatchExporter> Worker<E> {
         }
     }
 
+    /// Spans in the queue now.
+    fn queued(&self) -> usize {
+        self.shared.queued.load(Ordering::Relaxed)
+    }
+
     /// Takes up to `max` spans off the queue.
     fn take_batch(&mut self, max: usize) -> Vec<SpanData> {
-        let mut batch = Vec::with_capacity(max.min(self.shared.queued.load(Ordering::Relaxed)));
+        let mut batch = Vec::with_capacity(max.min(self.queued()));
         while batch.len() < max {
             match self.spans.try_recv() {
                 Ok(span) => batch.push(span),
@@ -310,23 +318,11 @@ impl<E: BatchExporter> Worker<E> {
         batch
     }
 
-    /// Exports the whole batches queued now (not those that arrive meanwhile, so that
-    /// a flush or shutdown behind it is not held up by a steady stream).
-    fn export_full_batches(&mut self) {
-        let size = self.settings.max_export_batch_size;
-        for _ in 0..self.shared.queued.load(Ordering::Relaxed) / size {
-            let batch = self.take_batch(size);
-            if batch.is_empty() {
-                return;
-            }
-            let _ = self.export(batch);
-        }
-    }
-
-    /// Exports the spans queued now (not those that arrive meanwhile); the first
-    /// failure, if any.
-    fn export_queued(&mut self) -> OTelSdkResult {
-        let mut left = self.shared.queued.load(Ordering::Relaxed);
+    /// Exports `count` queued spans in batches: a count taken before, so that spans
+    /// arriving meanwhile (a steady stream) do not hold up a flush or shutdown behind
+    /// it. The first failure, if any.
+    fn export_queued(&mut self, count: usize) -> OTelSdkResult {
+        let mut left = count;
         let mut result = Ok(());
         while left > 0 {
             let batch = self.take_batch(left.min(self.settings.max_export_batch_size));
@@ -342,20 +338,23 @@ impl<E: BatchExporter> Worker<E> {
         result
     }
 
-    /// Sends one batch. An exporter that panics loses the batch (counted) but not the
-    /// thread, which would otherwise take every later span with it.
+    /// Sends one batch; a batch that was not delivered is counted as lost. An exporter
+    /// that panics loses the batch but not the thread, which would otherwise take
+    /// every later span with it.
     fn export(&mut self, batch: Vec<SpanData>) -> OTelSdkResult {
         let spans = batch.len() as u64;
         let exporter = &mut self.exporter;
-        match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exporter.export(batch))) {
-            Ok(result) => result,
-            Err(_) => {
-                crate::metrics::spans_dropped("export_failed", spans);
-                Err(OTelSdkError::InternalFailure(
-                    "the span exporter panicked".into(),
-                ))
-            }
+        let result =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| exporter.export(batch)))
+                .unwrap_or_else(|_| {
+                    Err(OTelSdkError::InternalFailure(
+                        "the span exporter panicked".into(),
+                    ))
+                });
+        if result.is_err() {
+            crate::metrics::spans_dropped("export_failed", spans);
         }
+        result
     }
 
     /// Logs spans dropped since the last report: the first drop at once, then at most

@@ -350,10 +350,7 @@ impl BatchExporter for OtlpExporter {
         };
         match &result {
             Ok(()) => drop(self.health.succeeded(&self.settings.url)),
-            Err(e) => {
-                crate::metrics::spans_dropped("export_failed", spans as u64);
-                let _ = self.health.failed(spans, e, &self.settings.url);
-            }
+            Err(e) => drop(self.health.failed(spans, e, &self.settings.url)),
         }
         result
     }

@@ -12,35 +12,9 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-fn parse(text: &str) -> Scrape {
-    Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).expect("exposition parses")
-}
-
 /// The value of the one sample of `name` whose labels are exactly `labels`.
 fn value(s: &Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    let found: Vec<f64> = s
-        .samples
-        .iter()
-        .filter(|x| {
-            x.metric == name
-                && x.labels.len() == labels.len()
-                && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v))
-        })
-        .map(|x| match &x.value {
-            Value::Counter(v) | Value::Gauge(v) | Value::Untyped(v) => *v,
-            Value::Histogram(b) => b
-                .iter()
-                .find(|b| b.less_than.is_infinite())
-                .map_or(f64::NAN, |b| b.count),
-            Value::Summary(_) => f64::NAN,
-        })
-        .collect();
-    assert!(
-        found.len() <= 1,
-        "{name}{labels:?} matches {} samples",
-        found.len()
-    );
-    found.first().copied()
+    sample_value(s, name, labels, true)
 }
 
 #[track_caller]

@@ -9,101 +9,13 @@ use common::*;
 use marathon_core::memory::MemoryQueue;
 use marathon_core::{
     Delivery, Engine, EngineConfig, EventData, OutgoingMessage, Queue, QueueError, Receipt,
-    StartWorkflow, Task, WorkflowStatus,
+    StartWorkflow, Task, WorkflowId, WorkflowStatus,
 };
 use marathon_observability::{LogFormat, Metrics, TelemetryConfig, tracing_dispatch};
-use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use prost::Message;
 use serde_json::json;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::Instrument;
-
-#[derive(Debug, Clone)]
-struct Span {
-    name: String,
-    trace_id: Vec<u8>,
-    span_id: Vec<u8>,
-    parent: Vec<u8>,
-    service: Option<String>,
-    /// Attributes, values as text.
-    attrs: std::collections::BTreeMap<String, String>,
-    /// The attributes whose value is an integer.
-    ints: std::collections::BTreeSet<String>,
-    /// Links: the trace and span id each names.
-    links: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-/// An in-process OTLP/HTTP receiver: every span it was sent.
-fn receiver() -> (u16, Arc<Mutex<Vec<Span>>>) {
-    let spans = Arc::new(Mutex::new(Vec::new()));
-    let seen = spans.clone();
-    let port = serve(move |req| {
-        assert_eq!(req.method, "POST");
-        assert_eq!(req.path, "/v1/traces");
-        let msg = ExportTraceServiceRequest::decode(req.body.as_slice()).expect("OTLP protobuf");
-        let mut out = seen.lock().unwrap();
-        for rs in msg.resource_spans {
-            let service = rs.resource.as_ref().and_then(|r| {
-                r.attributes
-                    .iter()
-                    .find(|a| a.key == "service.name")
-                    .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
-                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
-                            s,
-                        ) => Some(s.clone()),
-                        _ => None,
-                    })
-            });
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    use opentelemetry_proto::tonic::common::v1::any_value::Value;
-                    let attrs = s
-                        .attributes
-                        .iter()
-                        .map(|a| {
-                            let v = match a.value.as_ref().and_then(|v| v.value.as_ref()) {
-                                Some(Value::StringValue(s)) => s.clone(),
-                                Some(Value::IntValue(i)) => i.to_string(),
-                                Some(Value::BoolValue(b)) => b.to_string(),
-                                Some(Value::DoubleValue(d)) => d.to_string(),
-                                other => format!("{other:?}"),
-                            };
-                            (a.key.clone(), v)
-                        })
-                        .collect();
-                    let ints = s
-                        .attributes
-                        .iter()
-                        .filter(|a| {
-                            matches!(
-                                a.value.as_ref().and_then(|v| v.value.as_ref()),
-                                Some(Value::IntValue(_))
-                            )
-                        })
-                        .map(|a| a.key.clone())
-                        .collect();
-                    out.push(Span {
-                        attrs,
-                        ints,
-                        links: s
-                            .links
-                            .into_iter()
-                            .map(|l| (l.trace_id, l.span_id))
-                            .collect(),
-                        name: s.name,
-                        trace_id: s.trace_id,
-                        span_id: s.span_id,
-                        parent: s.parent_span_id,
-                        service: service.clone(),
-                    });
-                }
-            }
-        }
-        (200, "application/x-protobuf", Vec::new())
-    });
-    (port, spans)
-}
 
 /// Logs captured in memory.
 #[derive(Clone, Default)]
@@ -161,6 +73,36 @@ async fn traced_workflow(engine: &Engine, traceparent: Option<&str>) {
     .instrument(root)
     .await;
     finish(engine, &id).await;
+}
+
+/// Starts `name` with `input` inside a root `http.request` span (field `workflow` =
+/// `name`) standing in for the HTTP request; returns the workflow's id.
+async fn start_in_request(engine: &Engine, name: &str, input: serde_json::Value) -> WorkflowId {
+    let root = tracing::info_span!("http.request", workflow = name);
+    engine
+        .start(StartWorkflow::new(name, input))
+        .instrument(root)
+        .await
+        .unwrap()
+        .summary
+        .id
+}
+
+/// Asserts that every span of `mine` is in `root`'s trace with its parent exported
+/// there too: no task of the run (`what`) started a trace of its own.
+fn assert_in_trace_of(root: &Span, mine: &[&Span], spans: &[Span], what: &str) {
+    for s in mine {
+        assert_eq!(
+            s.trace_id, root.trace_id,
+            "{what}: one trace per run: {s:?}"
+        );
+        assert!(
+            spans
+                .iter()
+                .any(|p| p.span_id == s.parent && p.trace_id == root.trace_id),
+            "{what}: parent of {s:?} exported, in the run's trace"
+        );
+    }
 }
 
 /// Runs `workflows` on an engine and worker (a current-thread runtime) under a
@@ -448,7 +390,6 @@ fn a_workflow_is_one_trace_from_request_to_activity_attempts() {
         .find(|l| l.contains("starting a workflow"))
         .expect("the log line");
     let v: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
-    let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
     assert_eq!(v["trace_id"], hex(&root.trace_id), "{line}");
     assert_eq!(v["span_id"], hex(&root.span_id), "{line}");
     assert_eq!(v["span"]["name"], "http.request", "{line}");
@@ -465,14 +406,7 @@ fn timers_and_task_retries_stay_in_the_workflows_trace() {
         |engine| {
             Box::pin(async move {
                 for name in ["napper", "stumbler"] {
-                    let root = tracing::info_span!("http.request", workflow = name);
-                    let id = engine
-                        .start(StartWorkflow::new(name, json!(1)))
-                        .instrument(root)
-                        .await
-                        .unwrap()
-                        .summary
-                        .id;
+                    let id = start_in_request(engine, name, json!(1)).await;
                     assert_eq!(finish(engine, &id).await, WorkflowStatus::Completed);
                 }
             })
@@ -510,18 +444,7 @@ fn timers_and_task_retries_stay_in_the_workflows_trace() {
             .iter()
             .filter(|s| s.attrs.get("workflow_id") == Some(workflow_id))
             .collect();
-        for s in &mine {
-            assert_eq!(
-                s.trace_id, root.trace_id,
-                "{name}: one trace per workflow: {s:?}"
-            );
-            // Every span's parent is exported, in the same trace: no task starts a new root.
-            let parent = spans
-                .iter()
-                .find(|p| p.span_id == s.parent)
-                .unwrap_or_else(|| panic!("{name}: parent of {s:?} not exported"));
-            assert_eq!(parent.trace_id, root.trace_id);
-        }
+        assert_in_trace_of(root, &mine, &spans, name);
         if name == "stumbler" {
             let failed = tasks
                 .iter()
@@ -548,41 +471,21 @@ fn signals_and_cancellation_continue_the_runs_trace() {
         move |engine| {
             Box::pin(async move {
                 for (name, input) in [("listener", json!(1)), ("waiter", json!(null))] {
-                    let root = tracing::info_span!("http.request", workflow = name);
-                    let started = engine
-                        .start(StartWorkflow::new(name, input))
-                        .instrument(root)
-                        .await
-                        .unwrap()
-                        .summary;
+                    let id = start_in_request(engine, name, input).await;
                     // Let the first workflow task run (and the waiter's timer start).
-                    let deadline = Instant::now() + Duration::from_secs(10);
-                    loop {
-                        let events = engine
-                            .events(&started.id, marathon_core::Seq::ZERO, 100)
-                            .await
-                            .unwrap();
-                        if events
-                            .iter()
-                            .any(|e| e.data.type_name() == "workflow_task_completed")
-                        {
-                            break;
-                        }
-                        assert!(Instant::now() < deadline, "{name}: no first task");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
+                    wait_for_event(engine, &id, "workflow_task_completed").await;
                     let root = tracing::info_span!("http.request", input_for = name);
                     if name == "listener" {
                         engine
-                            .signal(&started.id, "go", json!(10), None)
+                            .signal(&id, "go", json!(10), None)
                             .instrument(root)
                             .await
                     } else {
-                        engine.cancel(&started.id, None).instrument(root).await
+                        engine.cancel(&id, None).instrument(root).await
                     }
                     .unwrap();
-                    let end = finish(engine, &started.id).await;
-                    let summary = engine.get(&started.id).await.unwrap();
+                    let end = finish(engine, &id).await;
+                    let summary = engine.get(&id).await.unwrap();
                     seen.lock().unwrap().push((name, end, summary));
                 }
             })
@@ -637,18 +540,7 @@ fn signals_and_cancellation_continue_the_runs_trace() {
             tasks >= expected,
             "{name}: {tasks} workflow tasks: {mine:#?}"
         );
-        for s in &mine {
-            assert_eq!(
-                s.trace_id, start.trace_id,
-                "{name}: one trace per run: {s:?}"
-            );
-            assert!(
-                spans
-                    .iter()
-                    .any(|p| p.span_id == s.parent && p.trace_id == start.trace_id),
-                "{name}: parent of {s:?} exported, in the run's trace"
-            );
-        }
+        assert_in_trace_of(start, &mine, &spans, name);
         // The signal's or cancellation's task is the start request's child.
         assert!(
             mine.iter().filter(|s| s.parent == start.span_id).count() >= 2,
@@ -769,14 +661,7 @@ fn recovered_lost_work_stays_in_the_runs_trace() {
         Captured::default(),
         |engine| {
             Box::pin(async move {
-                let root = tracing::info_span!("http.request", workflow = "hasty");
-                let id = engine
-                    .start(StartWorkflow::new("hasty", json!(1)))
-                    .instrument(root)
-                    .await
-                    .unwrap()
-                    .summary
-                    .id;
+                let id = start_in_request(engine, "hasty", json!(1)).await;
                 assert_eq!(finish(engine, &id).await, WorkflowStatus::Completed);
             })
         },
@@ -799,15 +684,7 @@ fn recovered_lost_work_stays_in_the_runs_trace() {
         .filter(|s| s.name == "marathon.activity")
         .count();
     assert_eq!(attempts, 2, "{mine:#?}");
-    for s in &mine {
-        assert_eq!(s.trace_id, root.trace_id, "one trace per run: {s:?}");
-        assert!(
-            spans
-                .iter()
-                .any(|p| p.span_id == s.parent && p.trace_id == root.trace_id),
-            "parent of {s:?} exported, in the run's trace"
-        );
-    }
+    assert_in_trace_of(root, &mine, &spans, "hasty");
     // Under the start: the first workflow task, the re-delivered attempt and the
     // recovered workflow task.
     let under_start: Vec<&str> = mine
@@ -831,11 +708,6 @@ fn recovered_lost_work_stays_in_the_runs_trace() {
             >= 2,
         "{under_start:?}"
     );
-}
-
-/// Lowercase hex of `bytes`.
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[test]

@@ -289,29 +289,9 @@ fn bad_configuration_exits_2_with_a_clear_message() {
     }
 }
 
-/// The value of the one sample of `name` whose labels include every `labels` pair, in
-/// an exposition parsed by `prometheus-parse` (a histogram's value: its `+Inf` count).
+/// The value of the one sample of `name` whose labels include every `labels` pair.
 fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    use prometheus_parse::Value as V;
-    let found: Vec<f64> = scrape
-        .samples
-        .iter()
-        .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
-        .map(|x| match &x.value {
-            V::Counter(v) | V::Gauge(v) | V::Untyped(v) => *v,
-            V::Histogram(buckets) => buckets
-                .iter()
-                .find(|b| b.less_than.is_infinite())
-                .map_or(f64::NAN, |b| b.count),
-            V::Summary(_) => f64::NAN,
-        })
-        .collect();
-    assert!(
-        found.len() <= 1,
-        "{name}{labels:?}: {} samples",
-        found.len()
-    );
-    found.first().copied()
+    common::sample_value(scrape, name, labels, false)
 }
 
 /// Starts workflow `id` and waits for it to close; returns its status.
@@ -353,9 +333,7 @@ fn run_known_set(port: u16, tag: &str) {
 fn scrape(port: u16) -> (prometheus_parse::Scrape, String) {
     let (status, text) = http(port, "GET", "/metrics", None).expect("metrics");
     assert_eq!(status, 200, "{text}");
-    let scrape = prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
-        .expect("the exposition parses");
-    (scrape, text)
+    (common::parse(&text), text)
 }
 
 /// Asserts `name{labels}` is exactly `want` in `scrape` (`text` is shown on failure).
@@ -522,40 +500,6 @@ fn a_real_prometheus_scrapes_a_running_marathon() {
     );
 }
 
-/// One span an OTLP receiver got.
-#[cfg(feature = "otel")]
-#[derive(Debug, Clone)]
-struct ExportedSpan {
-    name: String,
-    trace_id: Vec<u8>,
-    span_id: Vec<u8>,
-    parent: Vec<u8>,
-}
-
-/// An OTLP/HTTP receiver on a free port, decoding every export with
-/// `opentelemetry-proto`.
-#[cfg(feature = "otel")]
-fn otlp_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<ExportedSpan>>>) {
-    use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-    use prost::Message as _;
-    let spans = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let seen = spans.clone();
-    let port = common::serve(move |req| {
-        let req = ExportTraceServiceRequest::decode(req.body.as_slice()).expect("OTLP protobuf");
-        let mut out = seen.lock().expect("not poisoned");
-        for ss in req.resource_spans.into_iter().flat_map(|r| r.scope_spans) {
-            out.extend(ss.spans.into_iter().map(|s| ExportedSpan {
-                name: s.name,
-                trace_id: s.trace_id,
-                span_id: s.span_id,
-                parent: s.parent_span_id,
-            }));
-        }
-        (200, "application/x-protobuf", Vec::new())
-    });
-    (port, spans)
-}
-
 /// Starts `echo` as `id` with a caller's `traceparent` in trace `trace`, waits for its
 /// result and its spans, and asserts they are one unbroken tree under the caller's span:
 /// the request span, and under it every workflow task and the activity, which follows
@@ -563,10 +507,10 @@ fn otlp_receiver() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<ExportedSpan>>>)
 #[cfg(feature = "otel")]
 fn traced_echo(
     port: u16,
-    spans: &std::sync::Mutex<Vec<ExportedSpan>>,
+    spans: &std::sync::Mutex<Vec<common::Span>>,
     id: &str,
     trace: &str,
-) -> Vec<ExportedSpan> {
+) -> Vec<common::Span> {
     let caller = "00f067aa0ba902b7";
     let (status, body) = http_with(
         port,
@@ -588,7 +532,7 @@ fn traced_echo(
     assert!(tc.starts_with(&format!("00-{trace}-")), "{summary}");
     let (trace, caller) = (common::hex_bytes(trace), common::hex_bytes(caller));
     // The parent each span's chain must end at: the request's is the caller's span.
-    let rooted = |ours: &[ExportedSpan], s: &ExportedSpan| {
+    let rooted = |ours: &[common::Span], s: &common::Span| {
         let mut at = s;
         for _ in 0..ours.len() {
             if at.parent == caller {
@@ -605,7 +549,7 @@ fn traced_echo(
     // the result is stored.
     let deadline = Instant::now() + Duration::from_secs(20);
     let ours = loop {
-        let ours: Vec<ExportedSpan> = spans
+        let ours: Vec<common::Span> = spans
             .lock()
             .expect("not poisoned")
             .iter()
@@ -659,7 +603,7 @@ fn traced_echo(
 #[cfg(feature = "otel")]
 #[test]
 fn a_callers_trace_runs_through_the_server_to_the_activity() {
-    let (otlp, spans) = otlp_receiver();
+    let (otlp, spans) = common::receiver();
     let endpoint = format!("http://127.0.0.1:{otlp}");
     let m = serve_with(
         &[],
@@ -750,7 +694,7 @@ impl Drop for Namespaces {
 #[test]
 fn on_redis_and_sqs_metrics_count_and_a_trace_crosses_the_queue() {
     let ns = Namespaces::new();
-    let (otlp, spans) = otlp_receiver();
+    let (otlp, spans) = common::receiver();
     let otlp = format!("http://127.0.0.1:{otlp}");
     let sqs = marathon_sqs::testkit::endpoint();
     let m = serve_with(

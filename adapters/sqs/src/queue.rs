@@ -1151,14 +1151,7 @@ mod tests {
     use marathon_core::WorkflowId;
 
     async fn fresh() -> SqsQueue {
-        let cfg = testkit::config(2, false);
-        let mut q = SqsQueue::connect_with(cfg, testkit::loader())
-            .await
-            .expect("valid config");
-        if let Err(e) = q.ping().await {
-            let endpoint = testkit::endpoint();
-            panic!("no SQS at {endpoint} ({e}); run `scripts/localstack.sh start`");
-        }
+        let mut q = testkit::connect(testkit::config(2, false)).await;
         q.set_max_native_delay(Duration::from_secs(1));
         q
     }

@@ -4,7 +4,9 @@
 use aws_config::BehaviorVersion;
 use aws_sdk_sqs::config::Credentials;
 
-use crate::SqsQueueConfig;
+use marathon_core::Queue;
+
+use crate::{SqsQueue, SqsQueueConfig};
 
 /// Where LocalStack listens unless `MARATHON_TEST_SQS_ENDPOINT` says otherwise.
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:4566";
@@ -50,6 +52,25 @@ pub fn config(max_receives: u32, fifo: bool) -> SqsQueueConfig {
         fifo,
         ..SqsQueueConfig::default()
     }
+}
+
+/// Connects with `cfg` and the test credentials.
+///
+/// # Panics
+/// When `cfg` is invalid or nothing answers at its endpoint: tests fail, never skip,
+/// without LocalStack.
+pub async fn connect(cfg: SqsQueueConfig) -> SqsQueue {
+    let q = SqsQueue::connect_with(cfg, loader())
+        .await
+        .expect("valid config");
+    if let Err(e) = q.ping().await {
+        panic!(
+            "no SQS at {} ({e}); run `scripts/localstack.sh start` \
+             (or set MARATHON_TEST_SQS_ENDPOINT)",
+            endpoint()
+        );
+    }
+    q
 }
 
 /// An SQS client for [`endpoint`] with the test credentials.

@@ -10,13 +10,14 @@ use marathon_core::{
     WorkflowStatus,
 };
 use marathon_observability::{InstrumentedQueue, InstrumentedStore, Metrics};
+use prost::Message as _;
 use serde_json::json;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Whether the `stumbler` workflow has failed its one workflow task yet.
@@ -183,23 +184,165 @@ pub async fn run_known_set(engine: &Engine) {
         .summary
         .id;
     // Cancel once the timer is recorded, so that the cancellation ends a sleeping workflow.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let events = engine
-            .events(&waiter, marathon_core::Seq::ZERO, 100)
-            .await
-            .expect("events");
-        if events.iter().any(|e| e.data.type_name() == "timer_started") {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the waiter never slept");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_event(engine, &waiter, "timer_started").await;
     engine.cancel(&waiter, None).await.expect("cancel");
     ids.push((waiter, WorkflowStatus::Canceled));
     for (id, want) in ids {
         assert_eq!(finish(engine, &id).await, want, "workflow {id}");
     }
+}
+
+/// One span an OTLP receiver got.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub name: String,
+    pub trace_id: Vec<u8>,
+    pub span_id: Vec<u8>,
+    pub parent: Vec<u8>,
+    pub service: Option<String>,
+    /// Attributes, values as text.
+    pub attrs: std::collections::BTreeMap<String, String>,
+    /// The attributes whose value is an integer.
+    pub ints: std::collections::BTreeSet<String>,
+    /// Links: the trace and span id each names.
+    pub links: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// An in-process OTLP/HTTP receiver on a free port, decoding every export with
+/// `opentelemetry-proto`: every span it was sent.
+pub fn receiver() -> (u16, Arc<Mutex<Vec<Span>>>) {
+    let spans = Arc::new(Mutex::new(Vec::new()));
+    let seen = spans.clone();
+    let port = serve(move |req| {
+        assert_eq!(req.method, "POST");
+        assert_eq!(req.path, "/v1/traces");
+        let msg =
+            opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest::decode(
+                req.body.as_slice(),
+            )
+            .expect("OTLP protobuf");
+        let mut out = seen.lock().expect("not poisoned");
+        for rs in msg.resource_spans {
+            let service = rs.resource.as_ref().and_then(|r| {
+                r.attributes
+                    .iter()
+                    .find(|a| a.key == "service.name")
+                    .and_then(|a| match a.value.as_ref()?.value.as_ref()? {
+                        opentelemetry_proto::tonic::common::v1::any_value::Value::StringValue(
+                            s,
+                        ) => Some(s.clone()),
+                        _ => None,
+                    })
+            });
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    use opentelemetry_proto::tonic::common::v1::any_value::Value;
+                    let attrs = s
+                        .attributes
+                        .iter()
+                        .map(|a| {
+                            let v = match a.value.as_ref().and_then(|v| v.value.as_ref()) {
+                                Some(Value::StringValue(s)) => s.clone(),
+                                Some(Value::IntValue(i)) => i.to_string(),
+                                Some(Value::BoolValue(b)) => b.to_string(),
+                                Some(Value::DoubleValue(d)) => d.to_string(),
+                                other => format!("{other:?}"),
+                            };
+                            (a.key.clone(), v)
+                        })
+                        .collect();
+                    let ints = s
+                        .attributes
+                        .iter()
+                        .filter(|a| {
+                            matches!(
+                                a.value.as_ref().and_then(|v| v.value.as_ref()),
+                                Some(Value::IntValue(_))
+                            )
+                        })
+                        .map(|a| a.key.clone())
+                        .collect();
+                    out.push(Span {
+                        attrs,
+                        ints,
+                        links: s
+                            .links
+                            .into_iter()
+                            .map(|l| (l.trace_id, l.span_id))
+                            .collect(),
+                        name: s.name,
+                        trace_id: s.trace_id,
+                        span_id: s.span_id,
+                        parent: s.parent_span_id,
+                        service: service.clone(),
+                    });
+                }
+            }
+        }
+        (200, "application/x-protobuf", Vec::new())
+    });
+    (port, spans)
+}
+
+/// Lowercase hex of `bytes` (a trace or span id).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Waits (up to 10 s) until workflow `id` has an event of type `type_name`.
+pub async fn wait_for_event(engine: &Engine, id: &WorkflowId, type_name: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let events = engine
+            .events(id, marathon_core::Seq::ZERO, 1000)
+            .await
+            .expect("events");
+        if events.iter().any(|e| e.data.type_name() == type_name) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{id}: no {type_name} event");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A text exposition, parsed by `prometheus-parse`.
+pub fn parse(text: &str) -> prometheus_parse::Scrape {
+    prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string())))
+        .expect("exposition parses")
+}
+
+/// The value of the one sample of `name` whose labels include every `labels` pair (with
+/// `only`, no others): a histogram's value is its `+Inf` count.
+pub fn sample_value(
+    scrape: &prometheus_parse::Scrape,
+    name: &str,
+    labels: &[(&str, &str)],
+    only: bool,
+) -> Option<f64> {
+    use prometheus_parse::Value as V;
+    let found: Vec<f64> = scrape
+        .samples
+        .iter()
+        .filter(|x| {
+            x.metric == name
+                && (!only || x.labels.len() == labels.len())
+                && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v))
+        })
+        .map(|x| match &x.value {
+            V::Counter(v) | V::Gauge(v) | V::Untyped(v) => *v,
+            V::Histogram(buckets) => buckets
+                .iter()
+                .find(|b| b.less_than.is_infinite())
+                .map_or(f64::NAN, |b| b.count),
+            V::Summary(_) => f64::NAN,
+        })
+        .collect();
+    assert!(
+        found.len() <= 1,
+        "{name}{labels:?} matches {} samples",
+        found.len()
+    );
+    found.first().copied()
 }
 
 /// A free 127.0.0.1 port (bound, then released).

@@ -1,30 +1,15 @@
 //! LocalStack fixtures shared by the integration tests.
 #![allow(
     dead_code,
+    unused_imports,
     unreachable_pub,
     reason = "each test binary uses a different subset"
 )]
 
 use std::time::Duration;
 
-use marathon_core::Queue;
-pub use marathon_sqs::testkit::{config, delete_queues, endpoint, loader};
-use marathon_sqs::{SqsQueue, SqsQueueConfig};
-
-/// Connects with `cfg`; fails (never skips) when LocalStack does not answer.
-pub async fn connect(cfg: SqsQueueConfig) -> SqsQueue {
-    let q = SqsQueue::connect_with(cfg, loader())
-        .await
-        .expect("valid config");
-    if let Err(e) = q.ping().await {
-        panic!(
-            "no SQS at {} ({e}); run `scripts/localstack.sh start` \
-             (or set MARATHON_TEST_SQS_ENDPOINT)",
-            endpoint()
-        );
-    }
-    q
-}
+use marathon_sqs::SqsQueue;
+pub use marathon_sqs::testkit::{config, connect, delete_queues, endpoint, loader};
 
 /// A fresh, empty queue backend under its own prefix.
 pub async fn fresh(max_receives: u32, fifo: bool) -> SqsQueue {
