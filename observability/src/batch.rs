@@ -477,6 +477,10 @@ mod tests {
         (r, seen)
     }
 
+    fn start(exporter: Recorder, settings: BatchSettings) -> BatchProcessor {
+        BatchProcessor::new(exporter, settings).expect("processor")
+    }
+
     fn settings(queue: usize, batch: usize, delay: Duration) -> BatchSettings {
         BatchSettings {
             max_queue_size: queue,
@@ -488,8 +492,7 @@ mod tests {
     #[test]
     fn exports_sampled_spans_in_batches_and_flushes_the_rest() {
         let (exporter, seen) = recorder();
-        let mut p = BatchProcessor::new(exporter, settings(100, 4, Duration::from_secs(3600)))
-            .expect("processor");
+        let mut p = start(exporter, settings(100, 4, Duration::from_secs(3600)));
         p.set_resource(&Resource::builder_empty().with_service_name("svc").build());
         for i in 0..10 {
             p.on_end(span(i, i != 3));
@@ -515,8 +518,7 @@ mod tests {
     #[test]
     fn spans_are_exported_after_the_schedule_delay_without_a_flush() {
         let (exporter, seen) = recorder();
-        let p = BatchProcessor::new(exporter, settings(100, 50, Duration::from_millis(50)))
-            .expect("processor");
+        let p = start(exporter, settings(100, 50, Duration::from_millis(50)));
         p.on_end(span(1, true));
         let deadline = Instant::now() + Duration::from_secs(10);
         while seen.lock().unwrap().batches.is_empty() {
@@ -537,8 +539,7 @@ mod tests {
         exporter.gate = Some(gate);
         exporter.entered = Some(entered);
         let before = crate::metrics::spans_dropped_so_far("queue_full");
-        let p = BatchProcessor::new(exporter, settings(4, 2, Duration::from_secs(3600)))
-            .expect("processor");
+        let p = start(exporter, settings(4, 2, Duration::from_secs(3600)));
         // Two spans make a batch: the thread takes them and blocks in the export.
         p.on_end(span(0, true));
         p.on_end(span(1, true));
@@ -564,10 +565,7 @@ mod tests {
     #[test]
     fn every_span_is_exported_once_or_counted_as_dropped_under_contention() {
         let (exporter, seen) = recorder();
-        let p = Arc::new(
-            BatchProcessor::new(exporter, settings(256, 64, Duration::from_millis(1)))
-                .expect("processor"),
-        );
+        let p = Arc::new(start(exporter, settings(256, 64, Duration::from_millis(1))));
         let threads: Vec<_> = (0..4_u64)
             .map(|t| {
                 let p = p.clone();
@@ -598,10 +596,7 @@ mod tests {
     fn a_flush_is_answered_while_spans_keep_coming_faster_than_they_export() {
         let (mut exporter, _seen) = recorder();
         exporter.slow = Duration::from_millis(1);
-        let p = Arc::new(
-            BatchProcessor::new(exporter, settings(256, 1, Duration::from_secs(3600)))
-                .expect("processor"),
-        );
+        let p = Arc::new(start(exporter, settings(256, 1, Duration::from_secs(3600))));
         let stop = Arc::new(AtomicBool::new(false));
         let producer = {
             let (p, stop) = (p.clone(), stop.clone());
@@ -630,8 +625,7 @@ mod tests {
         let (mut exporter, seen) = recorder();
         exporter.panic_once = true;
         let before = crate::metrics::spans_dropped_so_far("export_failed");
-        let p = BatchProcessor::new(exporter, settings(100, 10, Duration::from_secs(3600)))
-            .expect("processor");
+        let p = start(exporter, settings(100, 10, Duration::from_secs(3600)));
         p.on_end(span(1, true));
         assert!(p.force_flush().is_err(), "the panicking export failed");
         assert!(crate::metrics::spans_dropped_so_far("export_failed") > before);
@@ -646,8 +640,7 @@ mod tests {
     #[test]
     fn shutdown_exports_the_rest_and_then_takes_nothing() {
         let (exporter, seen) = recorder();
-        let p = BatchProcessor::new(exporter, settings(100, 50, Duration::from_secs(3600)))
-            .expect("processor");
+        let p = start(exporter, settings(100, 50, Duration::from_secs(3600)));
         p.on_end(span(1, true));
         p.shutdown_with_timeout(Duration::from_secs(10))
             .expect("shutdown");
@@ -671,8 +664,7 @@ mod tests {
         let (mut exporter, _seen) = recorder();
         let (_open, gate) = mpsc::sync_channel::<()>(1);
         exporter.gate = Some(gate);
-        let p = BatchProcessor::new(exporter, settings(100, 1, Duration::from_secs(3600)))
-            .expect("processor");
+        let p = start(exporter, settings(100, 1, Duration::from_secs(3600)));
         p.on_end(span(1, true));
         let start = Instant::now();
         assert!(matches!(
