@@ -459,9 +459,9 @@ impl<T: DeserializeOwned> Future for SignalFuture<T> {
             return Poll::Ready(serde_json::from_value(v).map_err(WorkflowError::from));
         }
         if let Some(reason) = &st.cancel {
-            let err = WorkflowError::canceled(reason.as_deref());
-            st.cancel_seen = true;
-            return Poll::Ready(Err(err));
+            let result = Err(WorkflowError::canceled(reason.as_deref()));
+            st.saw(&result);
+            return Poll::Ready(result);
         }
         st.signal_waiters.push(cx.waker().clone());
         Poll::Pending
