@@ -108,15 +108,17 @@ fn serve_with(extra: &[&str], env: &[(&str, &str)]) -> Running {
         .spawn()
         .expect("marathon starts");
     let r = Running { child, port };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok((200, _)) = http(port, "GET", "/healthz", None) {
-            return r;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "marathon did not answer /healthz"
-        );
+    wait_until(Duration::from_secs(30), "marathon answers /healthz", || {
+        matches!(http(port, "GET", "/healthz", None), Ok((200, _)))
+    });
+    r
+}
+
+/// Polls `done` every 50 ms until it holds; fails naming `what` after `within`.
+fn wait_until(within: Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -630,15 +632,9 @@ fn a_callers_trace_runs_through_the_server_to_the_activity() {
             .filter(|s| s.name == "http.request" && s.trace_id != common::hex_bytes(trace))
             .count()
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while others() < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "{} other request spans",
-            others()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(Duration::from_secs(20), "three other request spans", || {
+        others() >= 3
+    });
     // Give a probe's span, had there been one, time to follow.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(
@@ -666,6 +662,37 @@ impl Namespaces {
             queue_prefix: marathon_sqs::testkit::prefix(),
         }
     }
+
+    /// The environment that puts a `marathon` process on these namespaces: the Redis
+    /// store and the SQS queue on LocalStack.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        [
+            ("MARATHON_STORE__KIND", "redis"),
+            ("MARATHON_STORE__URL", &self.redis_url),
+            ("MARATHON_STORE__KEY_PREFIX", &self.key_prefix),
+            ("MARATHON_QUEUE__KIND", "sqs"),
+            ("MARATHON_QUEUE__QUEUE_PREFIX", &self.queue_prefix),
+            (
+                "MARATHON_QUEUE__ENDPOINT_URL",
+                &marathon_sqs::testkit::endpoint(),
+            ),
+            ("MARATHON_QUEUE__REGION", "us-east-1"),
+            ("MARATHON_QUEUE__CREATE_IF_MISSING", "true"),
+            ("MARATHON_QUEUE__WAIT_TIME_MS", "1000"),
+            ("AWS_ACCESS_KEY_ID", "test"),
+            ("AWS_SECRET_ACCESS_KEY", "test"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_string()))
+        .collect()
+    }
+}
+
+/// `vars` as [`serve_with`] takes them.
+#[cfg(all(feature = "redis", feature = "sqs"))]
+fn borrowed<'a>(vars: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    vars.iter().map(|(k, v)| (*k, v.as_str())).collect()
 }
 
 #[cfg(all(feature = "redis", feature = "sqs"))]
@@ -696,27 +723,16 @@ fn on_redis_and_sqs_metrics_count_and_a_trace_crosses_the_queue() {
     let ns = Namespaces::new();
     let (otlp, spans) = common::receiver();
     let otlp = format!("http://127.0.0.1:{otlp}");
-    let sqs = marathon_sqs::testkit::endpoint();
-    let m = serve_with(
-        &[],
-        &[
-            ("MARATHON_STORE__KIND", "redis"),
-            ("MARATHON_STORE__URL", &ns.redis_url),
-            ("MARATHON_STORE__KEY_PREFIX", &ns.key_prefix),
-            ("MARATHON_QUEUE__KIND", "sqs"),
-            ("MARATHON_QUEUE__QUEUE_PREFIX", &ns.queue_prefix),
-            ("MARATHON_QUEUE__ENDPOINT_URL", &sqs),
-            ("MARATHON_QUEUE__REGION", "us-east-1"),
-            ("MARATHON_QUEUE__CREATE_IF_MISSING", "true"),
-            ("MARATHON_QUEUE__WAIT_TIME_MS", "1000"),
-            ("MARATHON_WORKER__DEAD_LETTER_INTERVAL_MS", "200"),
-            ("AWS_ACCESS_KEY_ID", "test"),
-            ("AWS_SECRET_ACCESS_KEY", "test"),
-            ("AWS_EC2_METADATA_DISABLED", "true"),
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", &otlp),
-            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
-        ],
-    );
+    let mut env = ns.env();
+    env.extend([
+        (
+            "MARATHON_WORKER__DEAD_LETTER_INTERVAL_MS",
+            "200".to_string(),
+        ),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", otlp),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100".to_string()),
+    ]);
+    let m = serve_with(&[], &borrowed(&env));
     run_known_set(m.port, "prod");
     assert_known_set_counted(&scrape(m.port), "redis");
     let ours = traced_echo(
@@ -779,15 +795,13 @@ fn on_redis_and_sqs_metrics_count_and_a_trace_crosses_the_queue() {
     );
     assert!(receives.is_some_and(|n| n >= 1.0), "{receives:?}\n{text}");
     // Sampled from SQS's ApproximateNumberOfMessages every 200 ms; nothing waits now.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (s, text) = scrape(m.port);
-        if sample(&s, "marathon_queue_depth", &[("queue", "default")]) == Some(0.0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "queue depth\n{text}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(Duration::from_secs(10), "the queue depth is 0", || {
+        sample(
+            &scrape(m.port).0,
+            "marathon_queue_depth",
+            &[("queue", "default")],
+        ) == Some(0.0)
+    });
     // No other backend answered anything.
     for (metric, memory) in [
         ("marathon_store_operation_seconds_count", "memory"),
@@ -801,4 +815,119 @@ fn on_redis_and_sqs_metrics_count_and_a_trace_crosses_the_queue() {
         );
     }
     drop(m);
+}
+
+/// The events of workflow `id` (its whole history, one page), as JSON values.
+#[cfg(all(feature = "redis", feature = "sqs"))]
+fn events(port: u16, id: &str) -> Vec<Value> {
+    let path = format!("/v1/workflows/{id}/events?after=0&limit=1000");
+    let (status, text) = http(port, "GET", &path, None).expect("events");
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("JSON");
+    v["events"].as_array().expect("events").clone()
+}
+
+/// Crash recovery across processes: a replica on Redis and SQS is killed (SIGKILL:
+/// no shutdown, no acks, no hand-over) while it runs a workflow's activity and while
+/// another workflow's durable timer is pending, and a replica started afterwards
+/// finishes both. The activity's SQS message comes back once its visibility lapses
+/// (the dead replica no longer extends it) and runs again; the timer fires from the
+/// store. Each result is recorded once.
+#[cfg(all(feature = "redis", feature = "sqs"))]
+#[test]
+fn a_killed_replicas_work_is_finished_by_another_on_redis_and_sqs() {
+    let ns = Namespaces::new();
+    let mut env = ns.env();
+    env.extend([
+        // The dead replica's in-flight message returns 2 s after its last extension.
+        ("MARATHON_WORKER__VISIBILITY_MS", "2000".to_string()),
+        ("MARATHON_WORKER__SWEEP_INTERVAL_MS", "200".to_string()),
+    ]);
+    let env = borrowed(&env);
+    let first = serve_with(&[], &env);
+
+    let slow = json!({"name": "pipeline", "id": "crash-activity", "input": {
+        "pipeline": {"steps": [
+            {"type": "activity", "name": "nap", "activity": "sleep", "input": 3000},
+            {"type": "activity", "name": "say", "activity": "echo", "input": "$steps.nap"},
+        ], "output": "$steps.say"},
+        "input": null,
+    }});
+    let timer = json!({"name": "sleep-then-echo", "id": "crash-timer",
+        "input": {"ms": 3000, "value": "after the crash"}});
+    for body in [&slow, &timer] {
+        let (status, text) = http(first.port, "POST", "/v1/workflows", Some(body)).expect("start");
+        assert_eq!(status, 202, "{text}");
+    }
+    // Kill the replica while the `sleep` attempt runs on it and the timer is recorded.
+    wait_until(Duration::from_secs(20), "the sleep activity runs", || {
+        let (s, _) = scrape(first.port);
+        sample(
+            &s,
+            "marathon_activities_in_flight",
+            &[("activity", "sleep")],
+        ) == Some(1.0)
+    });
+    wait_until(Duration::from_secs(20), "the timer is recorded", || {
+        events(first.port, "crash-timer")
+            .iter()
+            .any(|e| e["type"] == "timer_started")
+    });
+    let mut first = first;
+    first.child.kill().expect("SIGKILL");
+    first.child.wait().expect("reaped");
+    let killed_at = Instant::now();
+
+    let second = serve_with(&[], &env);
+    for (id, output) in [
+        ("crash-activity", json!({"slept_ms": 3000})),
+        ("crash-timer", json!("after the crash")),
+    ] {
+        let path = format!("/v1/workflows/{id}/result?wait=30s");
+        let (status, text) = http(second.port, "GET", &path, None).expect("result");
+        assert_eq!(status, 200, "{id}: {text}");
+        let v: Value = serde_json::from_str(&text).expect("JSON");
+        assert_eq!(
+            (&v["status"], &v["output"]),
+            (&json!("completed"), &output),
+            "{text}"
+        );
+    }
+    // The attempt ran again in full on the second replica, after the crash.
+    assert!(killed_at.elapsed() >= Duration::from_secs(3));
+    let (s, text) = scrape(second.port);
+    let attempts = |activity| {
+        sample(
+            &s,
+            "marathon_activity_attempts_total",
+            &[("activity", activity), ("outcome", "completed")],
+        )
+    };
+    assert_eq!(
+        (attempts("sleep"), attempts("echo")),
+        (Some(1.0), Some(2.0)),
+        "{text}"
+    );
+    // One result per call in the history: the dead replica's attempt left none.
+    for id in ["crash-activity", "crash-timer"] {
+        let history = events(second.port, id);
+        let count = |t: &str| history.iter().filter(|e| e["type"] == t).count();
+        let want = if id == "crash-timer" {
+            (1, 1, 1)
+        } else {
+            (2, 2, 0)
+        };
+        assert_eq!(
+            (
+                count("activity_scheduled"),
+                count("activity_completed"),
+                count("timer_fired")
+            ),
+            want,
+            "{id}: {history:#?}"
+        );
+        assert_eq!(count("workflow_completed"), 1, "{id}");
+    }
+    drop(second);
+    drop(first);
 }
