@@ -266,3 +266,50 @@ async fn a_cancel_that_arrives_with_a_result_fails_the_next_call_despite_a_dropp
         .count();
     assert_eq!(scheduled, 1, "{events:#?}");
 }
+
+/// Once the code has seen its cancellation, a signal wait in its clean-up waits for the
+/// signal like any wait (it failed at once before, so clean-up could never wait for,
+/// say, an operator's confirmation).
+#[tokio::test]
+async fn clean_up_after_a_seen_cancel_waits_for_a_signal() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let queue = Arc::new(HandQueue::default());
+    let engine = Engine::builder()
+        .store(store.clone())
+        .queue(queue.clone())
+        .workflow("compensate", |ctx: WorkflowContext, (): ()| async move {
+            match ctx.sleep(Duration::from_secs(3600)).await {
+                Err(e) if e.is_canceled() => {
+                    let ok: bool = ctx.signal("confirm_refund").await?;
+                    Ok(json!({"refunded": ok}))
+                }
+                other => other.map(|()| json!(null)),
+            }
+        })
+        .build();
+    let id = engine
+        .start(StartWorkflow::new("compensate", json!(null)))
+        .await
+        .expect("start")
+        .summary
+        .id;
+    assert!(deliver_next(&engine, &queue).await, "starts the timer");
+    engine.cancel(&id, None).await.expect("cancel");
+    while deliver_next(&engine, &queue).await {}
+    let s = engine.get(&id).await.expect("get");
+    assert_eq!(
+        s.status,
+        WorkflowStatus::Running,
+        "clean-up waits for the signal: {s:?}"
+    );
+    engine
+        .signal(&id, "confirm_refund", json!(true), None)
+        .await
+        .expect("signal");
+    while deliver_next(&engine, &queue).await {}
+    let s = engine.get(&id).await.expect("get");
+    assert_eq!(
+        (s.status, s.output),
+        (WorkflowStatus::Completed, Some(json!({"refunded": true})))
+    );
+}

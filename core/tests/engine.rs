@@ -507,6 +507,70 @@ async fn cancellation_reaches_a_running_activity_across_replicas() {
     cancellation_reaches_running_activity(true).await;
 }
 
+/// Clean-up work runs to the end: an activity the workflow calls after it has seen its
+/// cancellation heartbeats without being told it is canceled (the workflow's summary
+/// says cancel requested, but the request came before the call), and a repeated cancel
+/// request does not stop it either.
+#[tokio::test(start_paused = true)]
+async fn a_clean_up_activity_is_not_canceled_by_the_cancellation_it_handles() {
+    let (store, queue) = backends();
+    let beats = Arc::new(AtomicU32::new(0));
+    let b = beats.clone();
+    let engine = builder(&store, &queue)
+        .workflow("refund", |ctx: WorkflowContext, (): ()| async move {
+            match ctx.sleep(Duration::from_secs(3600)).await {
+                Err(e) if e.is_canceled() => {
+                    let cleaned: i64 = ctx.activity("clean_up", &2).await?;
+                    Ok(json!({"cleaned": cleaned}))
+                }
+                other => other.map(|()| json!(null)),
+            }
+        })
+        .activity("clean_up", move |ctx: ActivityContext, n: i64| {
+            let beats = b.clone();
+            async move {
+                // Long enough for several store checks (at most one a second).
+                for _ in 0..15 {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    ctx.heartbeat().await?;
+                    beats.fetch_add(1, Ordering::SeqCst);
+                }
+                Ok::<_, ActivityError>(n)
+            }
+        })
+        .build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("refund", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    while !types(&history(&engine, &id).await).contains(&"timer_started") {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    engine.cancel(&id, None).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while beats.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the clean-up activity stopped: {:?}", beats));
+    // A repeated request (deduplicated, the workflow still running) stops nothing.
+    engine.cancel(&id, Some("again".into())).await.unwrap();
+    let s = finished(&engine, &id).await;
+    let h = history(&engine, &id).await;
+    assert_eq!(
+        (s.status, s.output.clone()),
+        (WorkflowStatus::Completed, Some(json!({"cleaned": 2}))),
+        "{s:?}\n{:?}",
+        types(&h)
+    );
+    assert_eq!(beats.load(Ordering::SeqCst), 15);
+    w.shutdown().await;
+}
+
 /// A cancellation the workflow has not seen yet fails the next wait it starts, which is
 /// not recorded: one that arrives before the first workflow task runs ends a workflow
 /// that would otherwise sleep an hour. Once the workflow has seen it (a pending wait

@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::EngineInner;
-use crate::model::{ActivityError, EventData, NewEvent, WorkflowId};
+use crate::model::{ActivityError, EventData, NewEvent, Seq, WorkflowId};
 use crate::store::KeyedAppend;
 
 /// What a running activity can ask of the engine: who it is, heartbeats,
@@ -23,6 +23,11 @@ struct ActivityInner {
     workflow_id: WorkflowId,
     activity_id: u32,
     attempt: u32,
+    /// Sequence of the call's `activity_scheduled` event.
+    scheduled_seq: Seq,
+    /// Whether the call was made after the workflow's cancellation (clean-up work,
+    /// which a cancellation does not stop), once a heartbeat has had to find out.
+    clean_up: Mutex<Option<bool>>,
     name: String,
     cancel: CancellationToken,
     last_heartbeat: Mutex<Instant>,
@@ -38,8 +43,7 @@ impl ActivityContext {
     pub(crate) fn new(
         engine: Option<Arc<EngineInner>>,
         workflow_id: WorkflowId,
-        activity_id: u32,
-        attempt: u32,
+        (activity_id, attempt, scheduled_seq): (u32, u32, Seq),
         name: String,
         cancel: CancellationToken,
     ) -> Self {
@@ -48,6 +52,8 @@ impl ActivityContext {
                 workflow_id,
                 activity_id,
                 attempt,
+                scheduled_seq,
+                clean_up: Mutex::new(None),
                 name,
                 cancel,
                 last_heartbeat: Mutex::new(Instant::now()),
@@ -65,8 +71,7 @@ impl ActivityContext {
         Self::new(
             None,
             WorkflowId::random(),
-            1,
-            attempt,
+            (1, attempt, Seq(2)),
             "test".to_string(),
             cancel,
         )
@@ -131,8 +136,12 @@ impl ActivityContext {
 
     /// Reports liveness (resets the heartbeat timeout) and learns of cancellation.
     ///
+    /// A call the workflow made after it had seen its cancellation (clean-up work) is
+    /// not canceled by it; it is stopped only if the workflow closes.
+    ///
     /// # Errors
-    /// A `canceled` [`ActivityError`] once the workflow has been canceled; return it.
+    /// A `canceled` [`ActivityError`] once the workflow has been canceled (or has
+    /// closed); return it.
     pub async fn heartbeat(&self) -> Result<(), ActivityError> {
         *self.inner.last_heartbeat.lock() = Instant::now();
         if self.inner.cancel.is_cancelled() {
@@ -149,13 +158,45 @@ impl ActivityContext {
         if due && let Some(engine) = &self.inner.engine {
             // Cancellation requested through another replica reaches us through the store.
             if let Ok(Some(s)) = engine.store.get(&self.inner.workflow_id).await
-                && (s.cancel_requested || s.status.is_terminal())
+                && (s.status.is_terminal()
+                    || (s.cancel_requested && self.clean_up(engine).await == Some(false)))
             {
                 self.inner.cancel.cancel();
                 return Err(ActivityError::canceled());
             }
         }
         Ok(())
+    }
+
+    /// Whether this call was made after the workflow's `cancel_requested` (clean-up),
+    /// read from the history once: it is canceled only if the request came after its
+    /// `activity_scheduled`. `None` when the store cannot tell now (asked again on the
+    /// next heartbeat).
+    async fn clean_up(&self, engine: &EngineInner) -> Option<bool> {
+        if let Some(known) = *self.inner.clean_up.lock() {
+            return Some(known);
+        }
+        const PAGE: usize = 500;
+        let mut after = self.inner.scheduled_seq;
+        let cancel_after_call = loop {
+            let events = engine
+                .store
+                .read(&self.inner.workflow_id, after, PAGE)
+                .await
+                .ok()?;
+            if events
+                .iter()
+                .any(|e| matches!(e.data, EventData::CancelRequested { .. }))
+            {
+                break true;
+            }
+            match events.last() {
+                Some(last) if events.len() == PAGE => after = last.seq,
+                _ => break false,
+            }
+        };
+        *self.inner.clean_up.lock() = Some(!cancel_after_call);
+        Some(!cancel_after_call)
     }
 
     /// Appends a `progress` event to the workflow's history (streamed tokens,

@@ -458,8 +458,10 @@ impl<T: DeserializeOwned> Future for SignalFuture<T> {
         if let Some(v) = st.signals.get_mut(&self.name).and_then(VecDeque::pop_front) {
             return Poll::Ready(serde_json::from_value(v).map_err(WorkflowError::from));
         }
-        if let Some(reason) = &st.cancel {
-            let result = Err(WorkflowError::canceled(reason.as_deref()));
+        // Like a timer or an activity: canceled until the code has seen the
+        // cancellation, then a wait like any other (clean-up may wait for a signal).
+        if let Some(err) = st.unseen_cancel() {
+            let result = Err(err);
             st.saw(&result);
             return Poll::Ready(result);
         }

@@ -556,14 +556,19 @@ impl Engine {
     /// [`EngineError::NotFound`], [`EngineError::Closed`] if it has finished, store errors.
     pub async fn cancel(&self, id: &WorkflowId, reason: Option<String>) -> Result<(), EngineError> {
         // Record the request before stopping local attempts, so that the workflow
-        // sees the cancellation before any "activity canceled" failure.
-        self.input_event(
-            id,
-            Some("cancel".to_string()),
-            EventData::CancelRequested { reason },
-        )
-        .await?;
-        self.inner.cancel_local(id);
+        // sees the cancellation before any "activity canceled" failure. Only the
+        // request that records it stops them: a repeat would stop clean-up work the
+        // workflow started since.
+        let recorded = self
+            .input_event(
+                id,
+                Some("cancel".to_string()),
+                EventData::CancelRequested { reason },
+            )
+            .await?;
+        if recorded {
+            self.inner.cancel_local(id);
+        }
         Ok(())
     }
 
@@ -592,14 +597,17 @@ impl Engine {
             },
         )
         .await
+        .map(|_| ())
     }
 
+    /// Appends an event from outside (a signal, a cancellation) and runs a workflow
+    /// task for it; `false` when `key` had been recorded before (nothing appended).
     async fn input_event(
         &self,
         id: &WorkflowId,
         key: Option<String>,
         data: EventData,
-    ) -> Result<(), EngineError> {
+    ) -> Result<bool, EngineError> {
         let inner = &self.inner;
         let summary = self.get(id).await?;
         if summary.status.is_terminal() {
@@ -639,9 +647,9 @@ impl Engine {
                         summary.trace_context,
                     )
                     .await;
-                Ok(())
+                Ok(true)
             }
-            KeyedOutcome::Duplicate | KeyedOutcome::NotOwed => Ok(()),
+            KeyedOutcome::Duplicate | KeyedOutcome::NotOwed => Ok(false),
             KeyedOutcome::Closed => Err(EngineError::Closed(id.clone())),
         }
     }
@@ -1193,8 +1201,7 @@ impl EngineInner {
         let ctx = ActivityContext::new(
             Some(self.clone()),
             t.workflow_id.clone(),
-            t.activity_id,
-            t.attempt,
+            (t.activity_id, t.attempt, t.scheduled_seq),
             call.name.clone(),
             token.clone(),
         );
