@@ -657,7 +657,9 @@ impl SqsQueue {
             });
         match (&res, release) {
             (Err(QueueError::InvalidReceipt), _) | (Ok(_), true) => self.leases.remove(&receipt.0),
-            (Ok(_), false) => self.leases.renew(&receipt.0, start + visibility),
+            (Ok(_), false) => self
+                .leases
+                .renew(&receipt.0, start + visibility.min(MAX_VISIBILITY)),
             (Err(_), _) => {}
         }
         res.map(|_| ())
@@ -667,8 +669,11 @@ impl SqsQueue {
 /// Visibility deadlines of deliveries received by this process. SQS (LocalStack
 /// at least) lets an expired receipt handle change visibility; the contract says
 /// an expired receipt is invalid, so extend and nack check here first. Receipts
-/// of other processes are unknown here and left to SQS. Deadlines are counted
-/// from before the receive request, so they err on the early side.
+/// of other processes are unknown here and left to SQS. A delivery's deadline
+/// counts from the receive's answer: SQS starts a message's visibility when it hands
+/// it out, which in a long poll can be up to 20 s after the request (counting from
+/// the request would expire such a delivery at once), and only the answer's transit
+/// time before the answer arrives. A renewal's deadline counts from before its request.
 #[derive(Default)]
 struct Leases {
     map: parking_lot::Mutex<LeaseMap>,
@@ -944,6 +949,10 @@ impl Queue for SqsQueue {
                 }
                 Err(e) => return Err(e),
             };
+            // SQS starts a message's visibility when it hands the message out: in a
+            // long poll, any time up to this answer (dating the lease from the request
+            // instead would expire a message that arrived late in a 20 s poll at once).
+            let received_at = Instant::now();
             let now = SystemTime::now();
             let mut deliveries = Vec::new();
             let mut early = Vec::new();
@@ -969,7 +978,7 @@ impl Queue for SqsQueue {
             }
             self.leases.insert(
                 deliveries.iter().map(|d| d.receipt.0.clone()),
-                sent_at + visibility.min(MAX_VISIBILITY),
+                received_at + visibility.min(MAX_VISIBILITY),
             );
             if !early.is_empty() {
                 self.defer(&url, early).await;

@@ -450,3 +450,60 @@ async fn expired_and_spent_receipts_are_invalid() {
     ));
     common::teardown(&q).await;
 }
+
+/// A delivery that arrived late in a long poll is live for `visibility` from its
+/// arrival (SQS starts the timer when it hands the message out): the adapter's own
+/// lease, which refuses extends of expired receipts, must not date it from the poll's
+/// start (it did, and refused every heartbeat of such a delivery).
+#[tokio::test]
+async fn a_delivery_that_arrives_late_in_a_long_poll_can_be_extended() {
+    let q = std::sync::Arc::new(common::fresh(3, false).await);
+    // Create the queue before the poll.
+    assert_eq!(q.depth(Q).await.expect("depth"), 0);
+    let sender = q.clone();
+    let send = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        sender
+            .enqueue(Q, vec![OutgoingMessage::now(wf("late-arrival"))])
+            .await
+            .expect("enqueue");
+    });
+    // Long poll of up to 6 s, visibility 2 s: the message arrives after ~3 s.
+    let got = q
+        .receive(Q, 1, Duration::from_secs(6), Duration::from_secs(2))
+        .await
+        .expect("receive");
+    send.await.expect("sender");
+    assert_eq!(got.len(), 1, "the message arrived during the poll");
+    // It is in flight right now: nobody else can receive it ...
+    assert!(
+        q.receive(Q, 10, Duration::ZERO, VIS)
+            .await
+            .expect("receive")
+            .is_empty(),
+        "the delivery is live"
+    );
+    // ... so a heartbeat on it must succeed.
+    let r = q.extend(Q, &got[0].receipt, Duration::from_secs(30)).await;
+    // SQS itself accepts the very same change on that receipt.
+    let url = q
+        .client()
+        .get_queue_url()
+        .queue_name(format!("{}{Q}", q.config().queue_prefix))
+        .send()
+        .await
+        .expect("url")
+        .queue_url
+        .expect("url");
+    let raw = q
+        .client()
+        .change_message_visibility()
+        .queue_url(url)
+        .receipt_handle(&got[0].receipt.0)
+        .visibility_timeout(30)
+        .send()
+        .await;
+    common::teardown(&q).await;
+    assert!(raw.is_ok(), "SQS refused too: {raw:?}");
+    assert!(r.is_ok(), "extend of a live delivery failed: {r:?}");
+}
