@@ -128,6 +128,41 @@ fn ms(d: Duration) -> u64 {
 }
 
 impl RedisStore {
+    /// Whether a claim found without its workflow was outlived by it: the workflow
+    /// was created, closed and expired by retention (its keys expire `retention`
+    /// after it closed, so never sooner than `retention` after `theirs.started_at`),
+    /// while the claim's own expiry, set by a second command after the close, failed
+    /// or has not happened yet. Anything younger is a creation in progress (or whose
+    /// claimant crashed between its two steps), which the finder finishes.
+    fn outlived(&self, theirs: &NewWorkflow, now: Timestamp) -> bool {
+        self.inner.retention_ms > 0
+            && now.0.saturating_sub(theirs.started_at.0) >= self.inner.retention_ms
+    }
+
+    /// Deletes the idempotency claim of `key` if it still names workflow `id`.
+    async fn release_claim(&self, key: &str, id: &str) -> Result<(), StoreError> {
+        let mut inv = self.inner.scripts.idem_release.prepare_invoke();
+        inv.key(self.keys().idem(key)).arg(id);
+        inv.invoke_async::<i64>(&mut self.conn())
+            .await
+            .map(|_| ())
+            .map_err(classify)
+    }
+
+    /// Whether the id of a closed run (`status`, closed at `closed_at` ms) now names a
+    /// newer run: retention expired the old run's keys and the id was used again. The
+    /// old run's entry in the closed set must then leave the newer run alone, its
+    /// idempotency claim too (`purge.lua` checks the same, atomically).
+    async fn newer_run(&self, id: &str, status: &str, closed_at: u64) -> Result<bool, StoreError> {
+        let (st, cl): (Option<String>, Option<u64>) = redis::cmd("HMGET")
+            .arg(&self.keys().workflow(id).sum)
+            .arg("st")
+            .arg("cl")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(classify)?;
+        Ok(st.is_some_and(|st| st != status || cl != Some(closed_at)))
+    }
     /// Connects to `cfg.url` (or, when `cfg.cluster_nodes` is set, to that
     /// Redis Cluster) and checks that Redis answers.
     ///
@@ -583,42 +618,53 @@ impl Store for RedisStore {
             new.id,
             serde_json::to_string(&new).map_err(backend)?
         );
-        let prev: Option<String> = redis::cmd("SET")
-            .arg(self.keys().idem(&key))
-            .arg(&claim)
-            .arg("NX")
-            .arg("GET")
-            .query_async(&mut self.conn())
-            .await
-            .map_err(classify)?;
-        match prev {
-            None => {
+        // A claim outlived by its workflow is released and claimed again; only a
+        // key changing hands that often in a row gives up.
+        for _ in 0..3 {
+            let prev: Option<String> = redis::cmd("SET")
+                .arg(self.keys().idem(&key))
+                .arg(&claim)
+                .arg("NX")
+                .arg("GET")
+                .query_async(&mut self.conn())
+                .await
+                .map_err(classify)?;
+            let Some(prev) = prev else {
                 let (summary, created) = self.create_workflow(&new).await?;
                 // Someone may have finished our creation for us: it is still ours.
                 let ours = summary.id == new.id && summary.idempotency_key.as_deref() == Some(&key);
-                Ok(Created {
+                if !created && !ours {
+                    // The id was taken by a workflow without this key: the key
+                    // names nothing, so our claim goes again.
+                    self.release_claim(&key, new.id.as_str()).await?;
+                }
+                return Ok(Created {
                     created: created || ours,
                     summary,
-                })
-            }
-            Some(prev) => {
-                let (_, json) = prev
-                    .split_once('\n')
-                    .ok_or_else(|| bad_reply("malformed idempotency claim"))?;
-                let theirs: NewWorkflow = serde_json::from_str(json).map_err(backend)?;
-                if let Some(summary) = self.get(&theirs.id).await? {
-                    return Ok(Created {
-                        summary,
-                        created: false,
-                    });
-                }
-                let (summary, _) = self.create_workflow(&theirs).await?;
-                Ok(Created {
+                });
+            };
+            let (_, json) = prev
+                .split_once('\n')
+                .ok_or_else(|| bad_reply("malformed idempotency claim"))?;
+            let theirs: NewWorkflow = serde_json::from_str(json).map_err(backend)?;
+            if let Some(summary) = self.get(&theirs.id).await? {
+                return Ok(Created {
                     summary,
                     created: false,
-                })
+                });
             }
+            if !self.outlived(&theirs, new.started_at) {
+                let (summary, _) = self.create_workflow(&theirs).await?;
+                return Ok(Created {
+                    summary,
+                    created: false,
+                });
+            }
+            self.release_claim(&key, theirs.id.as_str()).await?;
         }
+        Err(StoreError::Unavailable(
+            format!("idempotency key {key:?} changed hands three times during one start").into(),
+        ))
     }
 
     async fn append(
@@ -912,19 +958,17 @@ impl Store for RedisStore {
         victims.sort_unstable();
         victims.truncate(limit);
         let mut by_shard: BTreeMap<u32, Vec<String>> = BTreeMap::new();
-        for (_, shard, member) in victims {
+        for (closed_at, shard, member) in victims {
             // Release the idempotency claim first: a claim without its workflow
             // would be finished (re-created) by the next start with that key.
             let m: Vec<serde_json::Value> = serde_json::from_str(&member).map_err(backend)?;
-            if let (Some(id), Some(ik)) = (
+            if let (Some(id), Some(status), Some(ik)) = (
                 m.first().and_then(|v| v.as_str()),
+                m.get(1).and_then(|v| v.as_str()),
                 m.get(3).and_then(|v| v.as_str()),
-            ) {
-                let mut inv = self.inner.scripts.idem_release.prepare_invoke();
-                inv.key(self.keys().idem(ik)).arg(id);
-                inv.invoke_async::<i64>(&mut self.conn())
-                    .await
-                    .map_err(classify)?;
+            ) && !self.newer_run(id, status, closed_at).await?
+            {
+                self.release_claim(ik, id).await?;
             }
             by_shard.entry(shard).or_default().push(member);
         }

@@ -465,17 +465,22 @@ async fn two_stores_on_one_redis() {
     common::teardown(&prefix).await;
 }
 
-#[tokio::test]
-async fn retention_expires_finished_workflows() {
-    let prefix = common::prefix();
-    let store = RedisStore::connect(RedisStoreConfig {
+/// A store on `prefix` whose finished workflows expire `ms` after they close.
+async fn with_retention(prefix: &str, ms: u64) -> RedisStore {
+    RedisStore::connect(RedisStoreConfig {
         url: common::url(),
-        key_prefix: prefix.clone(),
-        retention: Some(Duration::from_millis(300)),
+        key_prefix: prefix.to_string(),
+        retention: Some(Duration::from_millis(ms)),
         ..Default::default()
     })
     .await
-    .unwrap_or_else(|e| panic!("{}: {e}", common::HOW_TO_START));
+    .unwrap_or_else(|e| panic!("{}: {e}", common::HOW_TO_START))
+}
+
+#[tokio::test]
+async fn retention_expires_finished_workflows() {
+    let prefix = common::prefix();
+    let store = with_retention(&prefix, 300).await;
     let id = WorkflowId::random();
     store.create(new_wf(&id, "r", Some("rk"), 1)).await.unwrap();
     store
@@ -498,6 +503,173 @@ async fn retention_expires_finished_workflows() {
     let left = common::keys_under(&prefix).await;
     assert!(left.iter().all(|k| k.ends_with(":stream")), "{left:?}");
     common::teardown(&prefix).await;
+}
+
+/// Retention removes a finished run's keys but not its entry in the closed set; when
+/// the id (and its idempotency key) is used again, purging that old entry must leave
+/// the new, running workflow alone: its summary, history, owed work, index entries
+/// and idempotency claim (it deleted all of them).
+#[tokio::test]
+async fn purging_an_expired_run_spares_a_new_run_with_its_id() {
+    let prefix = common::prefix();
+    let store = with_retention(&prefix, 100).await;
+    let id = WorkflowId::random();
+    store
+        .create(new_wf(&id, "r", Some("again"), 1))
+        .await
+        .unwrap();
+    store
+        .append(&id, Seq(1), vec![done(2)], OwedChanges::none())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        store.get(&id).await.unwrap().is_none(),
+        "the first run expired"
+    );
+    let second = store
+        .create(new_wf(&id, "r", Some("again"), 10_000))
+        .await
+        .unwrap();
+    assert!(second.created);
+    // The maintenance loop purges what closed before its cutoff: the first run only.
+    let purged = store.purge_closed(Timestamp(5_000), 100).await.unwrap();
+    let now = store.get(&id).await.unwrap();
+    let events = store.read(&id, Seq::ZERO, 10).await;
+    let owed = store
+        .claim_overdue(Timestamp(u64::MAX / 4), Duration::from_secs(1), 10)
+        .await
+        .unwrap();
+    let listed = store.list(&ListQuery::default()).await.unwrap().items;
+    let other = WorkflowId::random();
+    let repeat = store
+        .create(new_wf(&other, "r", Some("again"), 10_001))
+        .await
+        .unwrap();
+    common::teardown(&prefix).await;
+    assert_eq!(purged, 1, "the old entry is gone");
+    assert_eq!(
+        now.map(|s| s.status),
+        Some(WorkflowStatus::Running),
+        "events {events:?}"
+    );
+    assert_eq!(events.map(|e| e.len()).ok(), Some(1));
+    assert_eq!(owed.len(), 1, "the new run's first task is still owed");
+    assert_eq!(listed.len(), 1, "the new run is listed");
+    assert!(
+        !repeat.created && repeat.summary.id == id,
+        "the key still names the new run: {repeat:?}"
+    );
+}
+
+/// Runs one Redis command on the shared server (for setting up states a crash or a
+/// failed command would leave).
+async fn redis_cmd(cmd: &mut redis::Cmd) -> redis::Value {
+    let mut c = redis::Client::open(common::url())
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap_or_else(|e| panic!("{}: {e}", common::HOW_TO_START));
+    cmd.query_async(&mut c).await.expect("redis command")
+}
+
+/// The idempotency claim keys under `prefix`.
+async fn claims(prefix: &str) -> Vec<String> {
+    let mut keys = common::keys_under(prefix).await;
+    keys.retain(|k| k.contains(":idem:"));
+    keys
+}
+
+/// A start that finds its idempotency key claimed but the claimed workflow missing
+/// finishes that creation while the claim is younger than the retention (its
+/// claimant crashed between its two steps), and otherwise takes the key over: a
+/// claim outlived by its workflow (closed and expired, while the claim's own expiry
+/// failed) must not re-create, and so re-run, the finished workflow.
+#[tokio::test]
+async fn a_claim_without_its_workflow_is_finished_only_while_the_workflow_cannot_have_expired() {
+    let prefix = common::prefix();
+    let store = with_retention(&prefix, 100).await;
+
+    // A claimant that crashed between claiming "young" and creating its workflow.
+    let x = WorkflowId::random();
+    store
+        .create(new_wf(&x, "n", Some("young"), 1_000))
+        .await
+        .unwrap();
+    for k in common::keys_under(&prefix).await {
+        if k.contains(&format!(":wf:{x}:")) {
+            redis_cmd(redis::cmd("DEL").arg(&k)).await;
+        }
+    }
+    assert!(store.get(&x).await.unwrap().is_none());
+    let y = WorkflowId::random();
+    let c = store
+        .create(new_wf(&y, "n", Some("young"), 1_050))
+        .await
+        .unwrap();
+    assert_eq!(
+        (c.created, &c.summary.id),
+        (false, &x),
+        "the creation is finished"
+    );
+
+    // A finished workflow whose claim did not get its expiry.
+    let old = WorkflowId::random();
+    store
+        .create(new_wf(&old, "n", Some("old"), 2_000))
+        .await
+        .unwrap();
+    store
+        .append(&old, Seq(1), vec![done(2_001)], OwedChanges::none())
+        .await
+        .unwrap();
+    for k in claims(&prefix).await {
+        redis_cmd(redis::cmd("PERSIST").arg(&k)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        store.get(&old).await.unwrap().is_none(),
+        "retention expired it"
+    );
+    let new = WorkflowId::random();
+    let c = store
+        .create(new_wf(&new, "n", Some("old"), 10_000))
+        .await
+        .unwrap();
+    let resurrected = store.get(&old).await.unwrap();
+    let again = store
+        .create(new_wf(&WorkflowId::random(), "n", Some("old"), 10_001))
+        .await
+        .unwrap();
+    common::teardown(&prefix).await;
+    assert!(
+        resurrected.is_none(),
+        "the finished workflow ran again: {resurrected:?}"
+    );
+    assert_eq!((c.created, &c.summary.id), (true, &new));
+    assert_eq!(
+        (again.created, &again.summary.id),
+        (false, &new),
+        "the key names it"
+    );
+}
+
+/// A start with an idempotency key whose id is taken by a workflow without that key
+/// gets that workflow (not created) and leaves no claim: the key stays free for the
+/// next start, and no claim is left behind for ever.
+#[tokio::test]
+async fn a_start_that_finds_its_id_taken_leaves_its_key_free() {
+    let (store, prefix) = common::fresh().await;
+    let x = WorkflowId::random();
+    store.create(new_wf(&x, "n", None, 1)).await.unwrap();
+    let taken = store.create(new_wf(&x, "n", Some("k"), 2)).await.unwrap();
+    let left = claims(&prefix).await;
+    let y = WorkflowId::random();
+    let fresh = store.create(new_wf(&y, "n", Some("k"), 3)).await.unwrap();
+    common::teardown(&prefix).await;
+    assert_eq!((taken.created, &taken.summary.id), (false, &x));
+    assert!(left.is_empty(), "{left:?}");
+    assert_eq!((fresh.created, &fresh.summary.id), (true, &y));
 }
 
 #[tokio::test]

@@ -1,7 +1,13 @@
 -- purge.lua: deletes finished workflows of one shard closed before a time.
 -- KEYS: 1 closed (shard zset, member JSON [id, status, name, idempotency key|false])
 -- ARGV: 1 shard base ('<prefix>{sN}'), 2 closed-before ms (exclusive), 3.. members
--- Returns how many workflows were deleted.
+-- Returns how many closed entries were removed.
+--
+-- An entry may outlive its run: retention (PEXPIRE) removes a closed run's keys but
+-- not its entries in the shard's sets, and the id may then be used again. Such an
+-- entry only removes what is left of its own run, never a newer run's: when the id's
+-- summary is gone, the leftover index entries go with it; when the summary is a
+-- newer run's (another status, or closed at another time), only the entry goes.
 local n = 0
 for i = 3, #ARGV do
   local member = ARGV[i]
@@ -11,15 +17,19 @@ for i = 3, #ARGV do
     local id, st, name = m[1], m[2], m[3]
     local base = ARGV[1]
     local wf = base .. ':wf:' .. id
-    local owed = redis.call('HKEYS', wf .. ':owed')
-    for _, k in ipairs(owed) do
-      redis.call('ZREM', base .. ':owed', id .. '|' .. k)
+    local now = redis.call('HMGET', wf .. ':sum', 'st', 'cl')
+    local ours = now[1] == st and tonumber(now[2]) == tonumber(score)
+    if ours or not now[1] then
+      local owed = redis.call('HKEYS', wf .. ':owed')
+      for _, k in ipairs(owed) do
+        redis.call('ZREM', base .. ':owed', id .. '|' .. k)
+      end
+      redis.call('DEL', wf .. ':sum', wf .. ':ev', wf .. ':owed', wf .. ':dk')
+      redis.call('ZREM', base .. ':idx:all', id)
+      redis.call('ZREM', base .. ':idx:st:' .. st, id)
+      redis.call('ZREM', base .. ':idx:nm:' .. name, id)
+      redis.call('ZREM', base .. ':idx:ns:' .. st .. ':' .. name, id)
     end
-    redis.call('DEL', wf .. ':sum', wf .. ':ev', wf .. ':owed', wf .. ':dk')
-    redis.call('ZREM', base .. ':idx:all', id)
-    redis.call('ZREM', base .. ':idx:st:' .. st, id)
-    redis.call('ZREM', base .. ':idx:nm:' .. name, id)
-    redis.call('ZREM', base .. ':idx:ns:' .. st .. ':' .. name, id)
     redis.call('ZREM', KEYS[1], member)
     n = n + 1
   end
