@@ -7,7 +7,8 @@ use futures::future::{Either, select};
 use marathon_core::memory::MemoryStore;
 use marathon_core::{
     ActivityContext, ActivityError, Delivery, Engine, EventData, OutgoingMessage, Queue,
-    QueueError, Receipt, Seq, StartWorkflow, Store, Task, WorkflowContext, WorkflowStatus,
+    QueueError, Receipt, Seq, StartWorkflow, Store, Task, Timestamp, WorkflowContext, WorkflowId,
+    WorkflowStatus,
 };
 use parking_lot::Mutex;
 use proptest::prelude::*;
@@ -312,4 +313,74 @@ async fn clean_up_after_a_seen_cancel_waits_for_a_signal() {
         (s.status, s.output),
         (WorkflowStatus::Completed, Some(json!({"refunded": true})))
     );
+}
+
+/// A workflow id used again after retention removed its finished run: a replica that
+/// still caches the old run (it ran an early task; another replica finished the run)
+/// must not continue the new run from the old run's state (it recorded the old input's
+/// result as the new run's), whether the task names its run or not (then the replica
+/// asks the store).
+async fn stale_cache_after_id_reuse(task_names_its_run: bool) {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let queue = Arc::new(HandQueue::default());
+    let make = || {
+        Engine::builder()
+            .store(store.clone())
+            .queue(queue.clone())
+            .workflow("greet", |ctx: WorkflowContext, input: String| async move {
+                let s: String = ctx.signal("go").await?;
+                Ok(format!("{input}+{s}"))
+            })
+            .build()
+    };
+    let (a, b) = (make(), make());
+    let id = WorkflowId::parse("order-1").expect("id");
+    // The old run: replica A runs its first task (and caches it), B finishes it.
+    a.start(StartWorkflow::new("greet", json!("old")).id(id.clone()))
+        .await
+        .expect("start");
+    assert!(deliver_next(&a, &queue).await);
+    a.signal(&id, "go", json!("x"), None).await.expect("signal");
+    assert!(deliver_next(&b, &queue).await);
+    assert_eq!(b.get(&id).await.expect("get").output, Some(json!("old+x")));
+    // Retention removes it; the id starts a new run, whose first task B runs. (A run
+    // is named by its creation time in ms: outside a test, retention keeps the two
+    // runs far apart.)
+    assert_eq!(
+        store
+            .purge_closed(Timestamp(u64::MAX), 10)
+            .await
+            .expect("purge"),
+        1
+    );
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let again = b
+        .start(StartWorkflow::new("greet", json!("new")).id(id.clone()))
+        .await
+        .expect("start again");
+    assert!(again.created);
+    assert!(deliver_next(&b, &queue).await);
+    // The signal's task reaches replica A, which still holds the old run.
+    a.signal(&id, "go", json!("y"), None).await.expect("signal");
+    let (name, mut task) = queue.pending.lock().remove(0);
+    if !task_names_its_run && let Task::Workflow { run, .. } = &mut task {
+        *run = None;
+    }
+    a.handle(&name, task).await.expect("handled");
+    while deliver_next(&b, &queue).await {}
+    let s = b.get(&id).await.expect("get");
+    assert_eq!(
+        (s.status, s.output),
+        (WorkflowStatus::Completed, Some(json!("new+y")))
+    );
+}
+
+#[tokio::test]
+async fn a_cached_instance_of_a_removed_run_is_not_used_for_a_new_run() {
+    stale_cache_after_id_reuse(true).await;
+}
+
+#[tokio::test]
+async fn a_cached_instance_of_a_removed_run_is_not_used_when_the_task_does_not_name_its_run() {
+    stale_cache_after_id_reuse(false).await;
 }

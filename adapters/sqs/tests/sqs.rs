@@ -256,6 +256,7 @@ async fn too_large_is_refused_and_nothing_is_sent() {
             options: ActivityOptions::default(),
             scheduled_at: Timestamp(0),
         }),
+        run: None,
     });
     let res = q
         .enqueue(
@@ -289,6 +290,7 @@ async fn batches_respect_the_total_size_limit() {
                     options: ActivityOptions::default(),
                     scheduled_at: Timestamp(0),
                 }),
+                run: None,
             }))
         })
         .collect();

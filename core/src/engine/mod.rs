@@ -467,6 +467,7 @@ impl Engine {
                     )],
                     Seq(1),
                     trace_context,
+                    Some(now),
                 )
                 .await;
         }
@@ -645,6 +646,7 @@ impl Engine {
                         vec![event],
                         last,
                         summary.trace_context,
+                        Some(summary.created_at),
                     )
                     .await;
                 Ok(true)
@@ -662,9 +664,11 @@ impl Engine {
         // Boxed: these state machines are large, and moving them around costs more than one allocation.
         match task {
             // Workers run this inside the observer's task span (one span per task).
-            Task::Workflow { workflow_id, tail } => {
-                Box::pin(self.inner.workflow_task(&workflow_id, tail)).await
-            }
+            Task::Workflow {
+                workflow_id,
+                tail,
+                run,
+            } => Box::pin(self.inner.workflow_task(&workflow_id, tail, run)).await,
             Task::Activity(t) => Box::pin(self.inner.clone().activity_task(queue, t)).await,
         }
     }
@@ -749,7 +753,8 @@ impl EngineInner {
 
     /// Enqueues a workflow task for `workflow_id` carrying `appended`, the events
     /// just appended ending at `last`, as its tail (when they are small enough), and
-    /// `trace_context` (`None`: the current span's, as for any message).
+    /// `trace_context` (`None`: the current span's, as for any message), for `run`
+    /// (its `created_at`, when known).
     async fn enqueue_workflow_task(
         &self,
         queue: &str,
@@ -757,9 +762,14 @@ impl EngineInner {
         appended: Vec<NewEvent>,
         last: Seq,
         trace_context: Option<String>,
+        run: Option<Timestamp>,
     ) {
         let tail = self.tail(appended, last);
-        let message = OutgoingMessage::now(Task::Workflow { workflow_id, tail });
+        let message = OutgoingMessage::now(Task::Workflow {
+            workflow_id,
+            tail,
+            run,
+        });
         self.enqueue(queue, vec![message.traced(trace_context)])
             .await;
     }
@@ -887,9 +897,41 @@ impl EngineInner {
         Ok(Prepared::Ready(inst))
     }
 
-    async fn workflow_task(&self, id: &WorkflowId, tail: Vec<Event>) -> Result<(), EngineError> {
+    /// Whether an instance of workflow `id` started at `started_at` is of `run`, the
+    /// run a task belongs to (its `created_at`, the time of its `workflow_started`);
+    /// when the task does not say, of the run the store holds now.
+    async fn same_run(
+        &self,
+        id: &WorkflowId,
+        started_at: Timestamp,
+        run: Option<Timestamp>,
+    ) -> Result<bool, StoreError> {
+        Ok(match run {
+            Some(run) => run == started_at,
+            None => self
+                .store
+                .get(id)
+                .await?
+                .is_some_and(|s| s.created_at == started_at),
+        })
+    }
+
+    async fn workflow_task(
+        &self,
+        id: &WorkflowId,
+        tail: Vec<Event>,
+        run: Option<Timestamp>,
+    ) -> Result<(), EngineError> {
         let slot = self.cache.slot(id, self.config.cache_capacity);
         let mut cached = slot.lock().await;
+        // A cached instance of an earlier run of this id (finished elsewhere, removed
+        // by retention, the id used again) would take the new run's events for its own.
+        let started_at = cached.as_ref().map(|inst| inst.started_at);
+        if let Some(started_at) = started_at
+            && !self.same_run(id, started_at, run).await?
+        {
+            *cached = None;
+        }
         let mut tail = Some(tail);
         for _ in 0..MAX_CONFLICTS {
             // The tail continues the cached instance (or starts the history) without
@@ -1005,6 +1047,7 @@ impl EngineInner {
                                     options: options.clone(),
                                     scheduled_at: now,
                                 }),
+                                run: Some(inst.started_at),
                             })),
                         );
                     }
@@ -1368,6 +1411,7 @@ impl EngineInner {
                             tail_events.unwrap_or_default(),
                             last,
                             trace_context,
+                            t.run,
                         )
                         .await;
                     }
@@ -1432,6 +1476,7 @@ impl EngineInner {
                         vec![fired],
                         last,
                         owed.entry.trace_context,
+                        None,
                     )
                     .await;
                 }
@@ -1455,6 +1500,7 @@ impl EngineInner {
                     scheduled_seq,
                     workflow_task_queue: summary.task_queue.clone(),
                     call: None,
+                    run: Some(summary.created_at),
                 };
                 if redeliveries >= self.config.max_redeliveries {
                     let error = ActivityError::retryable(format!(

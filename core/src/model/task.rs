@@ -20,6 +20,13 @@ pub enum Task {
         /// continues without reading the history.
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         tail: Vec<Event>,
+        /// The run it belongs to: its `created_at` (the time of its
+        /// `workflow_started`). A workflow id names a new run once retention has
+        /// removed a finished one; a replica's cached instance of the old run must
+        /// not take the new run's task. `None` when the sender did not know (the
+        /// receiver then asks the store).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        run: Option<Timestamp>,
     },
     /// Run one attempt of an activity.
     Activity(ActivityTask),
@@ -32,6 +39,7 @@ impl Task {
         Task::Workflow {
             workflow_id,
             tail: Vec::new(),
+            run: None,
         }
     }
 
@@ -61,6 +69,10 @@ pub struct ActivityTask {
     /// The call itself, inlined unless its input is too large for a queue message.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub call: Option<ActivityCall>,
+    /// The run that called it (its `created_at`), handed on to the workflow task its
+    /// result makes due; `None` when unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<Timestamp>,
 }
 
 /// What an activity task runs: name, input, options.

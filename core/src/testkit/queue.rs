@@ -319,6 +319,7 @@ pub async fn trace_context_round_trips(q: Arc<dyn Queue>) {
             options: ActivityOptions::default().heartbeat_timeout(secs(2)),
             scheduled_at: Timestamp(1_700_000_000_123),
         }),
+        run: Some(Timestamp(1_700_000_000_001)),
     });
     let mut traced = OutgoingMessage::now(t.clone());
     traced.trace_context = Some(traceparent.clone());
