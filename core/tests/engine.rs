@@ -571,6 +571,92 @@ async fn a_clean_up_activity_is_not_canceled_by_the_cancellation_it_handles() {
     w.shutdown().await;
 }
 
+/// A cancel request repeated on the replica that runs the attempts (the first went
+/// through another replica, and the attempt does not heartbeat) stops the attempt of
+/// the call made before the request and leaves the clean-up called after it running.
+#[tokio::test(start_paused = true)]
+async fn a_repeated_cancel_stops_only_the_attempts_called_before_the_request() {
+    let (store, queue) = backends();
+    let long_stopped = Arc::new(AtomicU32::new(0));
+    let release = Arc::new(tokio::sync::Notify::new());
+    let make = |stopped: Arc<AtomicU32>, release: Arc<tokio::sync::Notify>| {
+        builder(&store, &queue)
+            .workflow("undo", |ctx: WorkflowContext, (): ()| async move {
+                let on = || ActivityOptions::default().task_queue("activities");
+                match ctx.activity_with::<_, ()>("long", &(), on()).await {
+                    Err(e) if e.is_canceled() => {
+                        let n: i64 = ctx.activity_with("clean", &(), on()).await?;
+                        Ok(json!({"cleaned": n}))
+                    }
+                    other => other.map(|()| json!(null)),
+                }
+            })
+            .activity("long", move |ctx: ActivityContext, (): ()| {
+                let stopped = stopped.clone();
+                async move {
+                    // Never heartbeats: only a local stop reaches it.
+                    ctx.cancelled().await;
+                    stopped.fetch_add(1, Ordering::SeqCst);
+                    Err::<(), _>(ActivityError::canceled())
+                }
+            })
+            .activity("clean", move |ctx: ActivityContext, (): ()| {
+                let release = release.clone();
+                async move {
+                    tokio::select! {
+                        () = release.notified() => Ok::<_, ActivityError>(7),
+                        () = ctx.cancelled() => Err(ActivityError::canceled()),
+                    }
+                }
+            })
+            .build()
+    };
+    let workflows = make(long_stopped.clone(), release.clone());
+    let activities = make(long_stopped.clone(), release.clone());
+    let mut cfg = worker_config();
+    cfg.queues = vec![marathon_core::QueueSpec::new("default", 8)];
+    let w1 = Worker::start(workflows.clone(), cfg.clone());
+    cfg.queues = vec![marathon_core::QueueSpec::new("activities", 8)];
+    let w2 = Worker::start(activities.clone(), cfg);
+    let id = workflows
+        .start(StartWorkflow::new("undo", json!(null)))
+        .await
+        .unwrap()
+        .summary
+        .id;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(w2.in_flight(), 1, "long runs on the activities replica");
+    // Recorded through the other replica: the workflow moves on to its clean-up,
+    // while `long` goes on (it never heartbeats).
+    workflows.cancel(&id, None).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while w2.in_flight() < 2 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("clean runs beside long");
+    assert_eq!(long_stopped.load(Ordering::SeqCst), 0);
+    // The repeat, on the replica that runs both.
+    activities.cancel(&id, Some("again".into())).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while long_stopped.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("long was stopped");
+    assert_eq!(w2.in_flight(), 1, "clean goes on");
+    release.notify_one();
+    let s = finished(&workflows, &id).await;
+    assert_eq!(
+        (s.status, s.output),
+        (WorkflowStatus::Completed, Some(json!({"cleaned": 7})))
+    );
+    w1.shutdown().await;
+    w2.shutdown().await;
+}
+
 /// A cancellation the workflow has not seen yet fails the next wait it starts, which is
 /// not recorded: one that arrives before the first workflow task runs ends a workflow
 /// that would otherwise sleep an hour. Once the workflow has seen it (a pending wait

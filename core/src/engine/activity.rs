@@ -176,27 +176,13 @@ impl ActivityContext {
         if let Some(known) = *self.inner.clean_up.lock() {
             return Some(known);
         }
-        const PAGE: usize = 500;
-        let mut after = self.inner.scheduled_seq;
-        let cancel_after_call = loop {
-            let events = engine
-                .store
-                .read(&self.inner.workflow_id, after, PAGE)
-                .await
-                .ok()?;
-            if events
-                .iter()
-                .any(|e| matches!(e.data, EventData::CancelRequested { .. }))
-            {
-                break true;
-            }
-            match events.last() {
-                Some(last) if events.len() == PAGE => after = last.seq,
-                _ => break false,
-            }
-        };
-        *self.inner.clean_up.lock() = Some(!cancel_after_call);
-        Some(!cancel_after_call)
+        let request = engine
+            .cancel_requested_after(&self.inner.workflow_id, self.inner.scheduled_seq)
+            .await
+            .ok()?;
+        let clean_up = request.is_none();
+        *self.inner.clean_up.lock() = Some(clean_up);
+        Some(clean_up)
     }
 
     /// Appends a `progress` event to the workflow's history (streamed tokens,

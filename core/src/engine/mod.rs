@@ -339,8 +339,9 @@ impl Cache {
     }
 }
 
-/// A running activity attempt of this process: (activity id, attempt) and its cancellation.
-type RunningAttempt = ((u32, u32), CancellationToken);
+/// A running activity attempt of this process: (activity id, attempt), the sequence
+/// of its call's `activity_scheduled`, and its cancellation.
+type RunningAttempt = ((u32, u32), Seq, CancellationToken);
 
 pub(crate) struct EngineInner {
     pub(crate) store: Arc<dyn Store>,
@@ -557,9 +558,10 @@ impl Engine {
     /// [`EngineError::NotFound`], [`EngineError::Closed`] if it has finished, store errors.
     pub async fn cancel(&self, id: &WorkflowId, reason: Option<String>) -> Result<(), EngineError> {
         // Record the request before stopping local attempts, so that the workflow
-        // sees the cancellation before any "activity canceled" failure. Only the
-        // request that records it stops them: a repeat would stop clean-up work the
-        // workflow started since.
+        // sees the cancellation before any "activity canceled" failure. Attempts of
+        // calls made after the request (clean-up, which a repeated request may find
+        // running) go on.
+        let inner = &self.inner;
         let recorded = self
             .input_event(
                 id,
@@ -567,8 +569,22 @@ impl Engine {
                 EventData::CancelRequested { reason },
             )
             .await?;
-        if recorded {
-            self.inner.cancel_local(id);
+        let request = match recorded {
+            Some(seq) => Some(seq),
+            None => match inner.earliest_running(id) {
+                Some(earliest) => inner
+                    .cancel_requested_after(id, earliest)
+                    .await
+                    .unwrap_or_else(|e| {
+                        // Their heartbeats find out instead.
+                        tracing::warn!(workflow_id = %id, error = %e, "could not find the cancel request to stop local attempts");
+                        None
+                    }),
+                None => None,
+            },
+        };
+        if let Some(request) = request {
+            inner.cancel_local(id, request);
         }
         Ok(())
     }
@@ -602,13 +618,14 @@ impl Engine {
     }
 
     /// Appends an event from outside (a signal, a cancellation) and runs a workflow
-    /// task for it; `false` when `key` had been recorded before (nothing appended).
+    /// task for it; its sequence, or `None` when `key` had been recorded before
+    /// (nothing appended).
     async fn input_event(
         &self,
         id: &WorkflowId,
         key: Option<String>,
         data: EventData,
-    ) -> Result<bool, EngineError> {
+    ) -> Result<Option<Seq>, EngineError> {
         let inner = &self.inner;
         let summary = self.get(id).await?;
         if summary.status.is_terminal() {
@@ -649,9 +666,9 @@ impl Engine {
                         Some(summary.created_at),
                     )
                     .await;
-                Ok(true)
+                Ok(Some(last))
             }
-            KeyedOutcome::Duplicate | KeyedOutcome::NotOwed => Ok(false),
+            KeyedOutcome::Duplicate | KeyedOutcome::NotOwed => Ok(None),
             KeyedOutcome::Closed => Err(EngineError::Closed(id.clone())),
         }
     }
@@ -800,10 +817,46 @@ impl EngineInner {
         }
     }
 
-    fn cancel_local(&self, id: &WorkflowId) {
+    /// Stops this process's attempts of `id` whose call came before event `request`
+    /// (the `cancel_requested`; `u64::MAX`: every attempt).
+    fn cancel_local(&self, id: &WorkflowId, request: Seq) {
         if let Some(tokens) = self.running.lock().get(id) {
-            for (_, t) in tokens {
-                t.cancel();
+            for (_, scheduled, t) in tokens {
+                if *scheduled < request {
+                    t.cancel();
+                }
+            }
+        }
+    }
+
+    /// The earliest `activity_scheduled` of this process's running attempts of `id`.
+    fn earliest_running(&self, id: &WorkflowId) -> Option<Seq> {
+        self.running
+            .lock()
+            .get(id)
+            .and_then(|v| v.iter().map(|(_, seq, _)| *seq).min())
+    }
+
+    /// The sequence of `id`'s `cancel_requested`, if it comes after event `after`
+    /// (read page by page: a rare path, taken when a running attempt must tell a
+    /// call made before the request from clean-up made after it).
+    pub(crate) async fn cancel_requested_after(
+        &self,
+        id: &WorkflowId,
+        mut after: Seq,
+    ) -> Result<Option<Seq>, StoreError> {
+        const PAGE: usize = 500;
+        loop {
+            let events = self.store.read(id, after, PAGE).await?;
+            if let Some(e) = events
+                .iter()
+                .find(|e| matches!(e.data, EventData::CancelRequested { .. }))
+            {
+                return Ok(Some(e.seq));
+            }
+            match events.last() {
+                Some(last) if events.len() == PAGE => after = last.seq,
+                _ => return Ok(None),
             }
         }
     }
@@ -1082,7 +1135,8 @@ impl EngineInner {
                         self.enqueue(&queue, msgs).await;
                     }
                     if terminal {
-                        self.cancel_local(id);
+                        // Closed: nothing it called may go on.
+                        self.cancel_local(id, Seq(u64::MAX));
                         drop(cached);
                         self.cache.remove(id);
                     } else if self.config.cache_capacity > 0 {
@@ -1240,7 +1294,7 @@ impl EngineInner {
             .lock()
             .entry(t.workflow_id.clone())
             .or_default()
-            .push((key, token.clone()));
+            .push((key, t.scheduled_seq, token.clone()));
         let ctx = ActivityContext::new(
             Some(self.clone()),
             t.workflow_id.clone(),
@@ -1274,7 +1328,7 @@ impl EngineInner {
         };
         let mut running = self.running.lock();
         if let Some(v) = running.get_mut(&t.workflow_id) {
-            v.retain(|(k, _)| *k != key);
+            v.retain(|(k, _, _)| *k != key);
             if v.is_empty() {
                 running.remove(&t.workflow_id);
             }
