@@ -139,10 +139,20 @@ impl RedisStore {
             && now.0.saturating_sub(theirs.started_at.0) >= self.inner.retention_ms
     }
 
-    /// Deletes the idempotency claim of `key` if it still names workflow `id`.
-    async fn release_claim(&self, key: &str, id: &str) -> Result<(), StoreError> {
+    /// Deletes the idempotency claim of `key` if it still names workflow `id` (and,
+    /// given `exact`, is still that very claim: a starter taking over an outlived
+    /// claim must not delete one another starter just made for the same id).
+    async fn release_claim(
+        &self,
+        key: &str,
+        id: &str,
+        exact: Option<&str>,
+    ) -> Result<(), StoreError> {
         let mut inv = self.inner.scripts.idem_release.prepare_invoke();
         inv.key(self.keys().idem(key)).arg(id);
+        if let Some(claim) = exact {
+            inv.arg(claim);
+        }
         inv.invoke_async::<i64>(&mut self.conn())
             .await
             .map(|_| ())
@@ -636,7 +646,8 @@ impl Store for RedisStore {
                 if !created && !ours {
                     // The id was taken by a workflow without this key: the key
                     // names nothing, so our claim goes again.
-                    self.release_claim(&key, new.id.as_str()).await?;
+                    self.release_claim(&key, new.id.as_str(), Some(&claim))
+                        .await?;
                 }
                 return Ok(Created {
                     created: created || ours,
@@ -660,7 +671,8 @@ impl Store for RedisStore {
                     created: false,
                 });
             }
-            self.release_claim(&key, theirs.id.as_str()).await?;
+            self.release_claim(&key, theirs.id.as_str(), Some(&prev))
+                .await?;
         }
         Err(StoreError::Unavailable(
             format!("idempotency key {key:?} changed hands three times during one start").into(),
@@ -968,7 +980,7 @@ impl Store for RedisStore {
                 m.get(3).and_then(|v| v.as_str()),
             ) && !self.newer_run(id, status, closed_at).await?
             {
-                self.release_claim(ik, id).await?;
+                self.release_claim(ik, id, None).await?;
             }
             by_shard.entry(shard).or_default().push(member);
         }

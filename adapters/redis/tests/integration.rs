@@ -541,6 +541,12 @@ async fn purging_an_expired_run_spares_a_new_run_with_its_id() {
         .await
         .unwrap();
     let listed = store.list(&ListQuery::default()).await.unwrap().items;
+    // The old run's entry in the completed index went too (the new one is running).
+    let stale_index: Vec<String> = common::keys_under(&prefix)
+        .await
+        .into_iter()
+        .filter(|k| k.contains(":idx:st:completed") || k.contains(":idx:ns:completed"))
+        .collect();
     let other = WorkflowId::random();
     let repeat = store
         .create(new_wf(&other, "r", Some("again"), 10_001))
@@ -556,6 +562,7 @@ async fn purging_an_expired_run_spares_a_new_run_with_its_id() {
     assert_eq!(events.map(|e| e.len()).ok(), Some(1));
     assert_eq!(owed.len(), 1, "the new run's first task is still owed");
     assert_eq!(listed.len(), 1, "the new run is listed");
+    assert!(stale_index.is_empty(), "{stale_index:?}");
     assert!(
         !repeat.created && repeat.summary.id == id,
         "the key still names the new run: {repeat:?}"
@@ -652,6 +659,50 @@ async fn a_claim_without_its_workflow_is_finished_only_while_the_workflow_cannot
         (false, &new),
         "the key names it"
     );
+}
+
+/// Starters racing to take over an outlived claim with the same id and key (a retried
+/// request, several API replicas) create the workflow once: only one of them reports
+/// `created`. (The takeover releases only the very claim it read: releasing by id
+/// alone could delete the claim another starter had just made, an interleaving this
+/// test does not manage to force.)
+#[tokio::test]
+async fn racing_starters_take_over_an_outlived_claim_once() {
+    let prefix = common::prefix();
+    let store = Arc::new(with_retention(&prefix, 50).await);
+    let mut doubled = Vec::new();
+    for round in 0..20u64 {
+        let x = WorkflowId::random();
+        let key = format!("race-{round}");
+        store.create(new_wf(&x, "n", Some(&key), 1)).await.unwrap();
+        store
+            .append(&x, Seq(1), vec![done(2)], OwedChanges::none())
+            .await
+            .unwrap();
+        for k in claims(&prefix).await {
+            redis_cmd(redis::cmd("PERSIST").arg(&k)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(120)).await;
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..16 {
+            let (store, x, key) = (store.clone(), x.clone(), key.clone());
+            set.spawn(async move { store.create(new_wf(&x, "n", Some(&key), 10_000 + i)).await });
+        }
+        let results = set.join_all().await;
+        let created = results
+            .iter()
+            .filter(|r| r.as_ref().is_ok_and(|c| c.created))
+            .count();
+        if created != 1
+            || !results
+                .iter()
+                .all(|r| r.as_ref().is_ok_and(|c| c.summary.id == x))
+        {
+            doubled.push((round, results));
+        }
+    }
+    common::teardown(&prefix).await;
+    assert!(doubled.is_empty(), "{doubled:#?}");
 }
 
 /// A start with an idempotency key whose id is taken by a workflow without that key

@@ -7,7 +7,8 @@
 -- not its entries in the shard's sets, and the id may then be used again. Such an
 -- entry only removes what is left of its own run, never a newer run's: when the id's
 -- summary is gone, the leftover index entries go with it; when the summary is a
--- newer run's (another status, or closed at another time), only the entry goes.
+-- newer run's (another status, or closed at another time), only the entry and the
+-- old run's index entries the newer run does not share go.
 local n = 0
 for i = 3, #ARGV do
   local member = ARGV[i]
@@ -17,9 +18,20 @@ for i = 3, #ARGV do
     local id, st, name = m[1], m[2], m[3]
     local base = ARGV[1]
     local wf = base .. ':wf:' .. id
-    local now = redis.call('HMGET', wf .. ':sum', 'st', 'cl')
+    local now = redis.call('HMGET', wf .. ':sum', 'st', 'cl', 'name')
     local ours = now[1] == st and tonumber(now[2]) == tonumber(score)
-    if ours or not now[1] then
+    if now[1] and not ours then
+      -- A newer run holds the id: only the index entries it does not share go.
+      if now[1] ~= st then
+        redis.call('ZREM', base .. ':idx:st:' .. st, id)
+      end
+      if now[3] ~= name then
+        redis.call('ZREM', base .. ':idx:nm:' .. name, id)
+      end
+      if now[1] ~= st or now[3] ~= name then
+        redis.call('ZREM', base .. ':idx:ns:' .. st .. ':' .. name, id)
+      end
+    else
       local owed = redis.call('HKEYS', wf .. ':owed')
       for _, k in ipairs(owed) do
         redis.call('ZREM', base .. ':owed', id .. '|' .. k)
