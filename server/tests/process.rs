@@ -846,20 +846,28 @@ fn a_killed_replicas_work_is_finished_by_another_on_redis_and_sqs() {
     let env = borrowed(&env);
     let first = serve_with(&[], &env);
 
-    let slow = json!({"name": "pipeline", "id": "crash-activity", "input": {
-        "pipeline": {"steps": [
-            {"type": "activity", "name": "nap", "activity": "sleep", "input": 3000},
-            {"type": "activity", "name": "say", "activity": "echo", "input": "$steps.nap"},
-        ], "output": "$steps.say"},
-        "input": null,
-    }});
-    let timer = json!({"name": "sleep-then-echo", "id": "crash-timer",
-        "input": {"ms": 3000, "value": "after the crash"}});
-    for body in [&slow, &timer] {
+    let start = |body: &Value| {
         let (status, text) = http(first.port, "POST", "/v1/workflows", Some(body)).expect("start");
         assert_eq!(status, 202, "{text}");
-    }
-    // Kill the replica while the `sleep` attempt runs on it and the timer is recorded.
+    };
+    // The timer first (8 s), then the activity (4 s), and the kill as soon as the
+    // activity runs: seconds to spare for both on a loaded machine.
+    start(&json!({"name": "sleep-then-echo", "id": "crash-timer",
+        "input": {"ms": 8000, "value": "after the crash"}}));
+    wait_until(Duration::from_secs(20), "the timer is recorded", || {
+        events(first.port, "crash-timer")
+            .iter()
+            .any(|e| e["type"] == "timer_started")
+    });
+    start(
+        &json!({"name": "pipeline", "id": "crash-activity", "input": {
+            "pipeline": {"steps": [
+                {"type": "activity", "name": "nap", "activity": "sleep", "input": 4000},
+                {"type": "activity", "name": "say", "activity": "echo", "input": "$steps.nap"},
+            ], "output": "$steps.say"},
+            "input": null,
+        }}),
+    );
     wait_until(Duration::from_secs(20), "the sleep activity runs", || {
         let (s, _) = scrape(first.port);
         sample(
@@ -868,11 +876,6 @@ fn a_killed_replicas_work_is_finished_by_another_on_redis_and_sqs() {
             &[("activity", "sleep")],
         ) == Some(1.0)
     });
-    wait_until(Duration::from_secs(20), "the timer is recorded", || {
-        events(first.port, "crash-timer")
-            .iter()
-            .any(|e| e["type"] == "timer_started")
-    });
     let mut first = first;
     first.child.kill().expect("SIGKILL");
     first.child.wait().expect("reaped");
@@ -880,7 +883,7 @@ fn a_killed_replicas_work_is_finished_by_another_on_redis_and_sqs() {
 
     let second = serve_with(&[], &env);
     for (id, output) in [
-        ("crash-activity", json!({"slept_ms": 3000})),
+        ("crash-activity", json!({"slept_ms": 4000})),
         ("crash-timer", json!("after the crash")),
     ] {
         let path = format!("/v1/workflows/{id}/result?wait=30s");
@@ -894,7 +897,7 @@ fn a_killed_replicas_work_is_finished_by_another_on_redis_and_sqs() {
         );
     }
     // The attempt ran again in full on the second replica, after the crash.
-    assert!(killed_at.elapsed() >= Duration::from_secs(3));
+    assert!(killed_at.elapsed() >= Duration::from_secs(4));
     let (s, text) = scrape(second.port);
     let attempts = |activity| {
         sample(
