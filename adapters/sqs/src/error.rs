@@ -3,8 +3,12 @@
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use marathon_core::QueueError;
 
-/// Error codes SQS (and LocalStack) use for throttling.
+/// Error codes SQS (and LocalStack) use for throttling, and for the in-flight limit
+/// (`OverLimit`: 120,000 received and not yet deleted messages), which clears as
+/// messages are acked: both are worth retrying.
 const THROTTLING: &[&str] = &[
+    "OverLimit",
+    "AWS.SimpleQueueService.OverLimit",
     "Throttling",
     "ThrottlingException",
     "ThrottledException",
@@ -165,6 +169,7 @@ mod tests {
         ));
         assert!(classify_entry("enqueue", false, "InternalError", None, false).is_retryable());
         assert!(classify_entry("enqueue", false, "RequestThrottled", None, true).is_retryable());
+        assert!(classify_entry("receive", false, "OverLimit", None, true).is_retryable());
         assert!(
             !classify_entry("enqueue", false, "InvalidMessageContents", None, true).is_retryable()
         );
