@@ -1302,7 +1302,10 @@ impl EngineInner {
             call.name.clone(),
             token.clone(),
         );
-        let fut = AssertUnwindSafe(f(ctx.clone(), call.input.clone())).catch_unwind();
+        // The function is called inside the caught future: one that panics before
+        // returning its future fails the attempt like one that panics in it.
+        let input = call.input.clone();
+        let fut = AssertUnwindSafe(async { f(ctx.clone(), input).await }).catch_unwind();
         let heartbeat = call.options.heartbeat_timeout;
         let watchdog = async {
             let Some(hb) = heartbeat else {

@@ -108,7 +108,11 @@ impl Instance {
             });
         };
         let ctx = WorkflowContext::new(id.clone(), first.timestamp);
-        let future = f(ctx.clone(), input.clone());
+        // Called on the first poll, where panics are caught: a function that panics
+        // before returning its future fails the task like one that panics in it.
+        let (call_ctx, input) = (ctx.clone(), input.clone());
+        let future: BoxFuture<'static, Result<Value, WorkflowError>> =
+            Box::pin(async move { f(call_ctx, input).await });
         let mut inst = Self {
             id: id.clone(),
             name: name.clone(),

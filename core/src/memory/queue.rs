@@ -12,6 +12,14 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+/// `now + d`, or about a century from now when `d` is longer: a delay, wait or
+/// visibility of any length is accepted (as by SQS, which caps them), never a panic.
+fn later(now: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now.checked_add(d.min(CENTURY))
+        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
+}
+
 use crate::model::Task;
 use crate::queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
 
@@ -268,7 +276,7 @@ impl Queue for MemoryQueue {
                     st.ready.push_back(id);
                     ready += 1;
                 } else {
-                    st.delay(id, now + m.delay);
+                    st.delay(id, later(now, m.delay));
                     delayed = true;
                 }
             }
@@ -291,14 +299,14 @@ impl Queue for MemoryQueue {
         visibility: Duration,
     ) -> Result<Vec<Delivery>, QueueError> {
         let q = self.named(queue);
-        let deadline = Instant::now() + wait;
+        let deadline = later(Instant::now(), wait);
         loop {
             let notified = q.notify.notified();
             tokio::pin!(notified);
             // Registered before the state is checked, so no enqueue is missed.
             notified.as_mut().enable();
             let now = Instant::now();
-            let until = now + visibility;
+            let until = later(now, visibility);
             let mut out = Vec::new();
             let (wake, leftover) = {
                 let mut st = q.state.lock();
@@ -388,7 +396,7 @@ impl Queue for MemoryQueue {
             let ready = if delay.is_zero() {
                 st.make_ready(id)
             } else {
-                st.delay(id, now + delay);
+                st.delay(id, later(now, delay));
                 false
             };
             st.compact();
@@ -415,7 +423,7 @@ impl Queue for MemoryQueue {
         let Phase::InFlight { delivery, .. } = m.phase else {
             return Err(QueueError::InvalidReceipt);
         };
-        let until = now + visibility;
+        let until = later(now, visibility);
         m.phase = Phase::InFlight { until, delivery };
         st.in_flight.push(Reverse((until, id)));
         st.compact();

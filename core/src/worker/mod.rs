@@ -2,7 +2,9 @@
 //! queue, run them on the engine, sweep overdue work (timers, lost tasks) and
 //! shut down gracefully.
 
+use futures::FutureExt as _;
 use serde::{Deserialize, Serialize};
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -274,7 +276,9 @@ async fn run_delivery(
 ) {
     let receipt = d.receipt.clone();
     let extend = async {
-        let every = (config.visibility / 2).max(Duration::from_millis(500));
+        // Halfway through the visibility, however short (a floor of 500 ms let a
+        // visibility under a second lapse first, so the task ran again meanwhile).
+        let every = (config.visibility / 2).max(Duration::from_millis(10));
         loop {
             tokio::time::sleep(every).await;
             if let Err(e) = engine
@@ -296,21 +300,31 @@ async fn run_delivery(
         Some(wrap) => wrap(work),
         None => work,
     };
+    // A panic anywhere in the task (the engine's own code included) hands the task
+    // back like an error, instead of ending this worker task without an ack or nack.
     let result = tokio::select! {
         biased;
-        r = work => Some(r),
+        r = AssertUnwindSafe(work).catch_unwind() => Some(r),
         () = extend => None,
         () = hard_stop.cancelled() => None,
     };
+    let failed = |e: &dyn std::fmt::Display| {
+        let delay = Duration::from_secs(u64::from(d.receive_count.min(60)));
+        tracing::warn!(queue, error = %e, "task failed; handing it back for {delay:?}");
+        delay
+    };
     match result {
-        Some(Ok(())) => {
+        Some(Ok(Ok(()))) => {
             if let Err(e) = engine.queue().ack(queue, vec![receipt]).await {
                 tracing::warn!(queue, error = %e, "ack failed; the task will be delivered again");
             }
         }
-        Some(Err(e)) => {
-            let delay = Duration::from_secs(u64::from(d.receive_count.min(60)));
-            tracing::warn!(queue, error = %e, "task failed; handing it back for {delay:?}");
+        Some(Ok(Err(e))) => {
+            let delay = failed(&e);
+            let _ = engine.queue().nack(queue, &receipt, delay).await;
+        }
+        Some(Err(_)) => {
+            let delay = failed(&"the task panicked");
             let _ = engine.queue().nack(queue, &receipt, delay).await;
         }
         None => {
@@ -322,14 +336,18 @@ async fn run_delivery(
 
 async fn sweep_loop(engine: Engine, config: Arc<WorkerConfig>, stop: CancellationToken) {
     loop {
-        let claimed = match engine.sweep(config.sweep_batch).await {
+        let batch = config.sweep_batch.max(1);
+        let claimed = match engine.sweep(batch).await {
             Ok(n) => n,
             Err(e) => {
                 tracing::warn!(error = %e, "sweep failed");
                 0
             }
         };
-        if claimed >= config.sweep_batch {
+        // A full batch: more is overdue, so go on at once, but let other tasks run
+        // and a shutdown be seen.
+        if claimed >= batch && !stop.is_cancelled() {
+            tokio::task::yield_now().await;
             continue;
         }
         tokio::select! {
