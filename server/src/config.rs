@@ -339,6 +339,15 @@ impl Config {
         env.sort();
         for (name, value) in env {
             let Some(path) = env_key(name) else { continue };
+            // An empty secret (a missing secret rendered as "") would silently turn
+            // authentication off.
+            if path == "server.auth_tokens" && value.split(',').all(|t| t.trim().is_empty()) {
+                return Err(ConfigError::Override {
+                    source_name: format!("environment variable {name}"),
+                    message: "is set but holds no token: unset it to run without authentication"
+                        .into(),
+                });
+            }
             set_path(&mut table, &template, &path, value).map_err(|message| {
                 ConfigError::Override {
                     source_name: format!("environment variable {name}"),
@@ -390,6 +399,14 @@ impl Config {
         }
         if self.server.auth_tokens.iter().any(|t| t.trim().is_empty()) {
             return bad("server.auth_tokens", "tokens must not be empty".into());
+        }
+        // A request's token is read without surrounding blanks: such a token could
+        // never match.
+        if self.server.auth_tokens.iter().any(|t| t.trim() != t) {
+            return bad(
+                "server.auth_tokens",
+                "tokens must not start or end with blanks".into(),
+            );
         }
         if self.server.result_wait_max.is_zero() {
             return bad("server.result_wait_max_ms", "must be at least 1 ms".into());
@@ -469,18 +486,23 @@ impl Config {
             }
         }
         for section in ["store", "queue"] {
-            if let Some(t) = value.get_mut(section).and_then(toml::Value::as_table_mut) {
-                for (_, v) in t.iter_mut() {
-                    if let toml::Value::String(s) = v
-                        && s.contains("://")
-                    {
-                        *s = masked_url(s);
-                    }
-                }
+            if let Some(v) = value.get_mut(section) {
+                mask_urls(v);
             }
         }
         toml::to_string_pretty(&value)
             .unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"))
+    }
+}
+
+/// Masks the credentials of every URL in `v`, however deep (`store.cluster_nodes` is a
+/// list of them).
+fn mask_urls(v: &mut toml::Value) {
+    match v {
+        toml::Value::String(s) if s.contains("://") => *s = masked_url(s),
+        toml::Value::Array(items) => items.iter_mut().for_each(mask_urls),
+        toml::Value::Table(t) => t.iter_mut().for_each(|(_, v)| mask_urls(v)),
+        _ => {}
     }
 }
 
@@ -537,6 +559,10 @@ fn template() -> toml::Table {
         && let Some(toml::Value::Table(s)) = t.get_mut("store")
     {
         s.extend(r.into_iter().filter(|(k, _)| k != "kind"));
+        // Left out of the serialized defaults while empty; still a list of strings
+        // (comma-separated in an environment variable).
+        s.entry("cluster_nodes")
+            .or_insert_with(|| toml::Value::Array(Vec::new()));
     }
     #[cfg(feature = "sqs")]
     if let Ok(toml::Value::Table(r)) = toml::Value::try_from(QueueConfig::Sqs(Default::default()))
@@ -652,6 +678,27 @@ mod tests {
         assert_eq!(c.server.body_limit, 20);
         assert_eq!(c.engine.cache_capacity, 5);
         assert_eq!(c.server.auth_tokens, vec!["a".to_string(), "b".to_string()]);
+    }
+
+    #[test]
+    fn auth_tokens_that_would_turn_auth_off_or_never_match_are_refused() {
+        for name in ["MARATHON_AUTH_TOKENS", "MARATHON_SERVER__AUTH_TOKENS"] {
+            for blank in ["", " ", " , "] {
+                let e = Config::load(&Sources {
+                    file: Some(("f".into(), "[server]\nauth_tokens = [\"t0ken\"]\n".into())),
+                    env: env(&[(name, blank)]),
+                    ..Default::default()
+                })
+                .expect_err("an empty secret must not turn auth off");
+                assert!(e.to_string().contains(name), "{e}");
+            }
+        }
+        let e = Config::load(&Sources {
+            file: Some(("f".into(), "[server]\nauth_tokens = [\" t0ken\"]\n".into())),
+            ..Default::default()
+        })
+        .expect_err("a token with a blank around it never matches");
+        assert!(e.to_string().contains("server.auth_tokens"), "{e}");
     }
 
     #[test]

@@ -828,3 +828,148 @@ async fn redis_api(url: String, key_prefix: String) {
         Some("done")
     );
 }
+
+/// A signal's idempotency key is held to the same 1 to 256 bytes as a start's (a
+/// 4,000-byte key was accepted and stored).
+#[tokio::test]
+async fn signal_rejects_over_long_idempotency_key() {
+    let app = app().await;
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "sleep-then-echo", "id": "sig-key", "input": {"ms": 600000}})),
+    )
+    .await;
+    let key = "k".repeat(4000);
+    call_with(
+        &app,
+        "POST",
+        "/v1/workflows/sig-key/signals/go",
+        Some(json!(1)),
+        &[("idempotency-key", key.as_str())],
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    let ok = call_with(
+        &app,
+        "POST",
+        "/v1/workflows/sig-key/signals/go",
+        Some(json!(1)),
+        &[("idempotency-key", "k".repeat(256).as_str())],
+    )
+    .await;
+    assert_eq!(ok.status, StatusCode::ACCEPTED, "256 bytes: {}", ok.text);
+    call_with(
+        &app,
+        "POST",
+        "/v1/workflows/sig-key/signals/go",
+        Some(json!(1)),
+        &[("idempotency-key", "")],
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST, "invalid_argument");
+}
+
+/// RFC 7235 section 2.1 / RFC 6750: the auth scheme is case-insensitive.
+#[tokio::test]
+async fn bearer_scheme_is_case_insensitive() {
+    let mut cfg = Config::default();
+    cfg.server.auth_tokens = vec!["t0ken".into()];
+    let app = app_with(cfg).await;
+    let r = call_with(
+        &app,
+        "GET",
+        "/v1/registry",
+        None,
+        &[("authorization", "bearer t0ken")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+}
+
+/// The OpenAPI document lists the statuses a route answers: cancel answers 400 for a
+/// bad id or body (it documented none).
+#[tokio::test]
+async fn openapi_documents_cancel_400() {
+    let app = app().await;
+    let r = raw(
+        &app,
+        "POST",
+        "/v1/workflows/bad%20id/cancel",
+        Some("application/json"),
+        "",
+    )
+    .await;
+    r.error(StatusCode::BAD_REQUEST, "invalid_argument");
+    let doc = api::openapi_json();
+    let responses = &doc["paths"]["/v1/workflows/{id}/cancel"]["post"]["responses"];
+    assert!(
+        responses.get("400").is_some(),
+        "cancel answers 400 but documents only {:?}",
+        responses.as_object().map(|o| o.keys().collect::<Vec<_>>())
+    );
+}
+
+/// `marathon config print` (`Config::to_masked_toml`) shows no Redis password, also not
+/// in the URLs of `store.cluster_nodes` (it showed them).
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn config_print_masks_cluster_node_passwords() {
+    let cfg = Config {
+        store: marathon_server::StoreConfig::Redis(marathon_server::config::RedisSettings {
+            url: "redis://:urlsecret@127.0.0.1:6379".into(),
+            cluster_nodes: vec!["redis://:hunter2@10.0.0.1:6379".into()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let shown = cfg.to_masked_toml();
+    assert!(!shown.contains("urlsecret"), "{shown}");
+    assert!(!shown.contains("hunter2"), "password printed:\n{shown}");
+}
+
+/// Lists of strings are comma-separated in environment variables, the cluster seed
+/// list too (it was read as one string and refused).
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn cluster_nodes_from_environment() {
+    let sources = marathon_server::Sources {
+        env: vec![
+            ("MARATHON_STORE__KIND".into(), "redis".into()),
+            (
+                "MARATHON_STORE__CLUSTER_NODES".into(),
+                "redis://10.0.0.1:6379,redis://10.0.0.2:6379".into(),
+            ),
+        ],
+        ..Default::default()
+    };
+    let cfg = Config::load(&sources).expect("a comma-separated list of cluster nodes loads");
+    match cfg.store {
+        marathon_server::StoreConfig::Redis(r) => assert_eq!(r.cluster_nodes.len(), 2),
+        other => panic!("{other:?}"),
+    }
+}
+
+/// A signal payload sent without `Content-Type: application/json` is a 415, as for
+/// every JSON body (signal and cancel read any body whatever its type).
+#[tokio::test]
+async fn signal_json_body_without_json_content_type_is_415() {
+    let app = app().await;
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "sleep-then-echo", "id": "sig-ct", "input": {"ms": 600000}})),
+    )
+    .await;
+    raw(
+        &app,
+        "POST",
+        "/v1/workflows/sig-ct/signals/go",
+        Some("text/plain"),
+        "{\"by\": \"ana\"}",
+    )
+    .await
+    .error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+}

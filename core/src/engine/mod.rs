@@ -39,6 +39,19 @@ use replay::{Instance, TaskFailure};
 /// Longest accepted idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
+/// Rejects an idempotency key (of a start or a signal) outside 1 to
+/// [`MAX_IDEMPOTENCY_KEY_LEN`] bytes.
+fn check_idempotency_key(key: Option<&str>) -> Result<(), EngineError> {
+    match key {
+        Some(k) if k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN => {
+            Err(EngineError::InvalidArgument(format!(
+                "idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} bytes"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Errors of the engine's operations.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -418,13 +431,7 @@ impl Engine {
         if inner.registry.find_workflow(&req.name).is_none() {
             return Err(EngineError::UnknownWorkflow(req.name));
         }
-        if let Some(k) = &req.idempotency_key
-            && (k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN)
-        {
-            return Err(EngineError::InvalidArgument(format!(
-                "idempotency key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} bytes"
-            )));
-        }
+        check_idempotency_key(req.idempotency_key.as_deref())?;
         let task_queue = req
             .task_queue
             .unwrap_or_else(|| inner.config.default_task_queue.clone());
@@ -605,6 +612,7 @@ impl Engine {
                 "signal name must be 1 to 200 bytes".into(),
             ));
         }
+        check_idempotency_key(key.as_deref())?;
         self.input_event(
             id,
             key.map(|k| format!("s:{k}")),

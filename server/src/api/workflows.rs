@@ -160,6 +160,35 @@ fn page_size(limit: Option<usize>) -> Result<usize, ApiError> {
     }
 }
 
+/// An optional JSON body (signal payloads, cancel reasons): `None` when empty or blank;
+/// otherwise it must be sent as `application/json` (415 if not, as for every JSON body)
+/// and parse (400 naming `what`).
+fn optional_json<T: serde::de::DeserializeOwned>(
+    headers: &HeaderMap,
+    body: &Bytes,
+    what: &str,
+) -> Result<Option<T>, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .map(str::trim)
+        .is_some_and(|m| m.eq_ignore_ascii_case("application/json") || m.ends_with("+json"));
+    if !json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "Expected request with `Content-Type: application/json`",
+        ));
+    }
+    serde_json::from_slice(body)
+        .map(Some)
+        .map_err(|e| ApiError::invalid(format!("{what}: {e}")))
+}
+
 /// Parses `30s`, `500ms`, `2m` or a plain number of seconds.
 pub(crate) fn parse_wait(s: &str) -> Result<Duration, ApiError> {
     let s = s.trim();
@@ -290,23 +319,22 @@ pub(crate) async fn list(
     request_body(content = Option<CancelRequest>, description = "Optional reason"),
     responses(
         (status = 202, description = "Recorded", body = AcceptedResponse),
+        (status = 400, description = "Bad id or malformed body", body = ErrorBody),
         (status = 404, description = "No such workflow", body = ErrorBody),
         (status = 409, description = "The workflow has already finished", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "A body not sent as application/json", body = ErrorBody),
     )
 )]
 pub(crate) async fn cancel(
     State(st): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<AcceptedResponse>), ApiError> {
     let id = workflow_id(path)?;
-    let body = body?;
-    let req: CancelRequest = if body.iter().all(u8::is_ascii_whitespace) {
-        CancelRequest::default()
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid(format!("invalid cancel body: {e}")))?
-    };
+    let req: CancelRequest =
+        optional_json(&headers, &body?, "invalid cancel body")?.unwrap_or_default();
     st.engine.cancel(&id, req.reason).await?;
     Ok((
         StatusCode::ACCEPTED,
@@ -328,10 +356,11 @@ pub(crate) async fn cancel(
     request_body(content = Option<Object>, description = "Payload: any JSON value"),
     responses(
         (status = 202, description = "Recorded (or a repeat)", body = AcceptedResponse),
-        (status = 400, description = "Malformed payload or bad name", body = ErrorBody),
+        (status = 400, description = "Malformed payload, bad id, name or idempotency key", body = ErrorBody),
         (status = 404, description = "No such workflow", body = ErrorBody),
         (status = 409, description = "The workflow has already finished", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "A payload not sent as application/json", body = ErrorBody),
     )
 )]
 pub(crate) async fn signal(
@@ -342,13 +371,8 @@ pub(crate) async fn signal(
 ) -> Result<(StatusCode, Json<AcceptedResponse>), ApiError> {
     let Path((id, name)) = path?;
     let id = WorkflowId::parse(id)?;
-    let body = body?;
-    let payload: Value = if body.iter().all(u8::is_ascii_whitespace) {
-        Value::Null
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::invalid(format!("signal payload is not valid JSON: {e}")))?
-    };
+    let payload: Value =
+        optional_json(&headers, &body?, "signal payload is not valid JSON")?.unwrap_or(Value::Null);
     let key = header(&headers, "idempotency-key")?;
     st.engine.signal(&id, &name, payload, key).await?;
     Ok((
