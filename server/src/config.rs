@@ -438,6 +438,17 @@ impl Config {
                     ),
                 );
             }
+            // Zero would spin: a receive loop that never waits on an empty queue, a
+            // sweeper asking the store without a pause.
+            for (key, value) in [
+                ("worker.poll_wait_ms", self.worker.poll_wait),
+                ("worker.sweep_interval_ms", self.worker.sweep_interval),
+                ("worker.visibility_ms", self.worker.visibility),
+            ] {
+                if value.is_zero() {
+                    return bad(key, "must be at least 1 ms".into());
+                }
+            }
         }
         if self.server.role != Role::All {
             if matches!(self.store, StoreConfig::Memory) {
@@ -699,6 +710,22 @@ mod tests {
         })
         .expect_err("a token with a blank around it never matches");
         assert!(e.to_string().contains("server.auth_tokens"), "{e}");
+    }
+
+    #[test]
+    fn worker_intervals_of_zero_are_refused() {
+        for key in [
+            "worker.poll_wait_ms",
+            "worker.sweep_interval_ms",
+            "worker.visibility_ms",
+        ] {
+            let e = Config::load(&Sources {
+                flags: vec![(key.into(), "0".into())],
+                ..Default::default()
+            })
+            .expect_err("zero spins");
+            assert!(e.to_string().contains(key), "{e}");
+        }
     }
 
     #[test]
