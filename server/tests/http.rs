@@ -577,6 +577,22 @@ async fn sse_resumes_and_ends_with_done() {
     let frames = sse_frames(&past.text);
     assert_eq!(frames.len(), 1);
     assert_eq!(frames[0].1, "done");
+    // Beyond the last event is someone else's resume point (an earlier run of the id):
+    // a 400, not a stream that silently skips what comes before it.
+    for (uri, header) in [
+        (
+            format!("/v1/workflows/sse/events/stream?after={}", last + 1),
+            None,
+        ),
+        (
+            "/v1/workflows/sse/events/stream".to_string(),
+            Some(("last-event-id", "999")),
+        ),
+    ] {
+        call_with(&app, "GET", &uri, None, header.as_slice())
+            .await
+            .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    }
 }
 
 #[tokio::test]

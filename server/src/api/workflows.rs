@@ -480,6 +480,15 @@ pub(crate) async fn stream(
         None => p.after.unwrap_or(0),
     };
     let summary = st.engine.get(&id).await?;
+    // Every replica reads one store, so an event the client saw is never past the
+    // last one; such a number belongs to something else (an earlier run of the id),
+    // and waiting for it would skip events silently.
+    if after > summary.last_seq.0 {
+        return Err(ApiError::invalid(format!(
+            "resume point {after} (Last-Event-ID or after) is past the workflow's last event, {}",
+            summary.last_seq.0
+        )));
+    }
     let first = if summary.status.is_terminal() && after >= summary.last_seq.0 {
         StreamState::Finish
     } else {
