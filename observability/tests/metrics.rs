@@ -469,3 +469,71 @@ fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The `marathon_activities_in_flight` sample of activity `name`, as exposed.
+fn in_flight(m: &Metrics, name: &str) -> Option<String> {
+    let needle = format!("marathon_activities_in_flight{{activity=\"{name}\"}} ");
+    m.render()
+        .lines()
+        .find_map(|l| l.strip_prefix(&needle).map(str::to_string))
+}
+
+/// An activity still running when the worker's shutdown grace runs out is stopped
+/// (its future dropped, the task handed back): `marathon_activities_in_flight` no longer
+/// counts it (it kept counting it: the -1 only ran when the attempt returned).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_gauge_returns_to_zero_after_a_hard_stop() {
+    use marathon_core::memory::{MemoryQueue, MemoryStore};
+    use marathon_core::{
+        ActivityContext, ActivityError, Engine, StartWorkflow, Worker, WorkerConfig,
+        WorkflowContext, WorkflowError,
+    };
+    use marathon_observability::{InstrumentedQueue, InstrumentedStore};
+    use std::time::Instant;
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let engine = Engine::builder()
+        .store(InstrumentedStore::boxed(
+            Arc::new(MemoryStore::default()),
+            "memory",
+            &metrics,
+        ))
+        .queue(InstrumentedQueue::boxed(
+            Arc::new(MemoryQueue::default()),
+            "memory",
+            &metrics,
+        ))
+        .observer(metrics.clone())
+        .workflow("slowflow", |ctx: WorkflowContext, (): ()| async move {
+            ctx.activity::<_, ()>("slow", &()).await?;
+            Ok::<_, WorkflowError>(())
+        })
+        .activity("slow", |_ctx: ActivityContext, (): ()| async move {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            Ok::<_, ActivityError>(())
+        })
+        .build();
+    let w = Worker::start(
+        engine.clone(),
+        WorkerConfig {
+            poll_wait: Duration::from_millis(100),
+            shutdown_grace: Duration::from_millis(200),
+            ..WorkerConfig::default()
+        },
+    );
+    engine
+        .start(StartWorkflow::new("slowflow", serde_json::json!(null)))
+        .await
+        .expect("start");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while in_flight(&metrics, "slow").as_deref() != Some("1") {
+        assert!(Instant::now() < deadline, "the activity never started");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = w.shutdown().await;
+    assert_eq!(report.handed_back, 1, "{report:?}");
+    assert_eq!(
+        in_flight(&metrics, "slow").as_deref(),
+        Some("0"),
+        "no attempt runs on this replica after shutdown"
+    );
+}

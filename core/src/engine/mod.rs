@@ -352,6 +352,45 @@ impl Cache {
     }
 }
 
+/// Counts an attempt in the observer's running activities until dropped: also when a
+/// worker's hard stop drops the attempt's future (the gauge stayed up before).
+struct RunningGauge<'a> {
+    observer: &'a dyn Observer,
+    name: &'a str,
+}
+
+impl<'a> RunningGauge<'a> {
+    fn start(observer: &'a dyn Observer, name: &'a str) -> Self {
+        observer.activity_running(name, 1);
+        Self { observer, name }
+    }
+}
+
+impl Drop for RunningGauge<'_> {
+    fn drop(&mut self) {
+        self.observer.activity_running(self.name, -1);
+    }
+}
+
+/// An attempt's entry in [`EngineInner::running`], removed when dropped.
+struct Registered<'a> {
+    running: &'a Mutex<HashMap<WorkflowId, Vec<RunningAttempt>>>,
+    workflow_id: &'a WorkflowId,
+    key: (u32, u32),
+}
+
+impl Drop for Registered<'_> {
+    fn drop(&mut self) {
+        let mut running = self.running.lock();
+        if let Some(v) = running.get_mut(self.workflow_id) {
+            v.retain(|(k, _, _)| *k != self.key);
+            if v.is_empty() {
+                running.remove(self.workflow_id);
+            }
+        }
+    }
+}
+
 /// A running activity attempt of this process: (activity id, attempt), the sequence
 /// of its call's `activity_scheduled`, and its cancellation.
 type RunningAttempt = ((u32, u32), Seq, CancellationToken);
@@ -1257,9 +1296,9 @@ impl EngineInner {
         };
         let started_at = self.clock.now();
         let clock = std::time::Instant::now();
-        self.observer.activity_running(&call.name, 1);
+        let running = RunningGauge::start(self.observer.as_ref(), &call.name);
         let result = self.clone().run_attempt(&t, &call, started_at).await;
-        self.observer.activity_running(&call.name, -1);
+        drop(running);
         let duration = clock.elapsed();
         let error_kind = result.as_ref().err().map(|e| e.kind.clone());
         let outcome = self
@@ -1303,6 +1342,12 @@ impl EngineInner {
             .entry(t.workflow_id.clone())
             .or_default()
             .push((key, t.scheduled_seq, token.clone()));
+        // Removed however the attempt ends, also when a worker's hard stop drops it.
+        let _registered = Registered {
+            running: &self.running,
+            workflow_id: &t.workflow_id,
+            key,
+        };
         let ctx = ActivityContext::new(
             Some(self.clone()),
             t.workflow_id.clone(),
@@ -1337,13 +1382,6 @@ impl EngineInner {
             () = watchdog => Err(ActivityError::timeout("heartbeat")),
             () = token.cancelled() => Err(ActivityError::canceled()),
         };
-        let mut running = self.running.lock();
-        if let Some(v) = running.get_mut(&t.workflow_id) {
-            v.retain(|(k, _, _)| *k != key);
-            if v.is_empty() {
-                running.remove(&t.workflow_id);
-            }
-        }
         result
     }
 
