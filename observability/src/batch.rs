@@ -96,12 +96,14 @@ impl BatchSettings {
 
 /// Where the batch processor sends its batches: the OTLP exporter, or a test's.
 pub(crate) trait BatchExporter: Send + 'static {
-    /// Sends one batch; blocks the export thread until it is done.
+    /// Sends one batch; blocks the export thread until it is done. Returns how many
+    /// of its spans the receiver rejected (an OTLP partial success): those are lost
+    /// too, and counted as such.
     ///
     /// # Errors
     /// The batch was not delivered: it is lost (the processor counts it; the exporter
     /// may log why).
-    fn export(&mut self, batch: Vec<SpanData>) -> OTelSdkResult;
+    fn export(&mut self, batch: Vec<SpanData>) -> Result<u64, OTelSdkError>;
 
     /// The resource every later batch is sent with.
     fn set_resource(&mut self, resource: &Resource);
@@ -351,10 +353,17 @@ impl<E: BatchExporter> Worker<E> {
                         "the span exporter panicked".into(),
                     ))
                 });
-        if result.is_err() {
-            crate::metrics::spans_dropped("export_failed", spans);
+        match result {
+            Ok(0) => Ok(()),
+            Ok(rejected) => {
+                crate::metrics::spans_dropped("export_failed", rejected.min(spans));
+                Ok(())
+            }
+            Err(e) => {
+                crate::metrics::spans_dropped("export_failed", spans);
+                Err(e)
+            }
         }
-        result
     }
 
     /// Logs spans dropped since the last report: the first drop at once, then at most
@@ -444,7 +453,7 @@ mod tests {
     }
 
     impl BatchExporter for Recorder {
-        fn export(&mut self, batch: Vec<SpanData>) -> OTelSdkResult {
+        fn export(&mut self, batch: Vec<SpanData>) -> Result<u64, OTelSdkError> {
             if let Some(entered) = &self.entered {
                 let _ = entered.send(());
             }
@@ -457,7 +466,7 @@ mod tests {
             std::thread::sleep(self.slow);
             let names = batch.into_iter().map(|s| s.name.into_owned()).collect();
             self.seen.lock().unwrap().batches.push(names);
-            Ok(())
+            Ok(0)
         }
 
         fn set_resource(&mut self, resource: &Resource) {

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use opentelemetry::trace::{SpanContext, SpanKind, Status};
 use opentelemetry::{Array, InstrumentationScope, KeyValue, Value};
 use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
+use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::trace::SpanData;
 
 use crate::batch::BatchExporter;
@@ -311,9 +311,9 @@ impl OtlpExporter {
 }
 
 impl BatchExporter for OtlpExporter {
-    fn export(&mut self, batch: Vec<SpanData>) -> OTelSdkResult {
+    fn export(&mut self, batch: Vec<SpanData>) -> Result<u64, OTelSdkError> {
         if batch.is_empty() {
-            return Ok(());
+            return Ok(0);
         }
         let body = self.encode(&batch);
         let spans = batch.len();
@@ -328,14 +328,18 @@ impl BatchExporter for OtlpExporter {
         }
         // The batch processor's own thread blocks here, never a workflow.
         let result = match request.send() {
-            // Reading the (small) answer lets the connection be used again.
+            // Reading the (small) answer lets the connection be used again, and says
+            // whether the collector took every span (an OTLP partial success).
             Ok(mut r) if r.status().is_success() => {
-                r.copy_to(&mut std::io::sink()).map(drop).map_err(|e| {
-                    OTelSdkError::InternalFailure(format!(
-                        "reading the OTLP answer from {} failed: {e}",
-                        self.settings.url
-                    ))
-                })
+                let mut answer = Vec::new();
+                r.copy_to(&mut answer)
+                    .map(|_| partial_success(&answer))
+                    .map_err(|e| {
+                        OTelSdkError::InternalFailure(format!(
+                            "reading the OTLP answer from {} failed: {e}",
+                            self.settings.url
+                        ))
+                    })
             }
             Ok(r) => Err(OTelSdkError::InternalFailure(format!(
                 "OTLP export to {} answered HTTP {}",
@@ -348,11 +352,24 @@ impl BatchExporter for OtlpExporter {
                 self.settings.url
             ))),
         };
-        match &result {
-            Ok(()) => drop(self.health.succeeded(&self.settings.url)),
-            Err(e) => drop(self.health.failed(spans, e, &self.settings.url)),
+        match result {
+            Ok(None) => {
+                let _ = self.health.succeeded(&self.settings.url);
+                Ok(0)
+            }
+            Ok(Some((rejected, why))) => {
+                let error = OTelSdkError::InternalFailure(format!(
+                    "the collector rejected {rejected} of {spans} spans: {why}"
+                ));
+                let rejected = usize::try_from(rejected).unwrap_or(spans).min(spans);
+                let _ = self.health.failed(rejected, &error, &self.settings.url);
+                Ok(rejected as u64)
+            }
+            Err(e) => {
+                let _ = self.health.failed(spans, &e, &self.settings.url);
+                Err(e)
+            }
         }
-        result
     }
 
     fn set_resource(&mut self, resource: &Resource) {
@@ -363,6 +380,72 @@ impl BatchExporter for OtlpExporter {
         self.resource = buf;
         self.resource_schema = resource.schema_url().unwrap_or_default().to_string();
     }
+}
+
+/// The spans an OTLP/HTTP answer (an `ExportTraceServiceResponse`) says were rejected,
+/// and why: `partial_success` (field 1) holds `rejected_spans` (1, int64) and
+/// `error_message` (2). `None` for a full success: an empty answer, no rejected spans,
+/// or one that is not protobuf (not ours to judge).
+fn partial_success(answer: &[u8]) -> Option<(u64, String)> {
+    let partial = fields(answer)?
+        .into_iter()
+        .find_map(|(n, f)| match (n, f) {
+            (1, Field::Bytes(b)) => Some(b),
+            _ => None,
+        })?;
+    let (mut rejected, mut why) = (0, String::new());
+    for (n, f) in fields(partial)? {
+        match (n, f) {
+            (1, Field::Varint(v)) => rejected = v,
+            (2, Field::Bytes(b)) => why = String::from_utf8_lossy(b).into_owned(),
+            _ => {}
+        }
+    }
+    (rejected > 0).then_some((rejected, why))
+}
+
+/// A decoded protobuf field value (what [`partial_success`] needs of one).
+enum Field<'a> {
+    Varint(u64),
+    Bytes(&'a [u8]),
+    Fixed,
+}
+
+/// The fields of one protobuf message, by number; `None` if it is not well formed.
+fn fields(mut buf: &[u8]) -> Option<Vec<(u64, Field<'_>)>> {
+    fn read_varint(buf: &mut &[u8]) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = buf.split_first()?;
+            *buf = rest;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(v);
+            }
+        }
+        None
+    }
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let k = read_varint(&mut buf)?;
+        let value = match k & 7 {
+            0 => Field::Varint(read_varint(&mut buf)?),
+            1 | 5 => {
+                let n = if k & 7 == 1 { 8 } else { 4 };
+                buf = buf.get(n..)?;
+                Field::Fixed
+            }
+            2 => {
+                let n = usize::try_from(read_varint(&mut buf)?).ok()?;
+                let (b, rest) = (buf.get(..n)?, buf.get(n..)?);
+                buf = rest;
+                Field::Bytes(b)
+            }
+            _ => return None,
+        };
+        out.push((k >> 3, value));
+    }
+    Some(out)
 }
 
 // Protobuf wire format: field keys are `number << 3 | wire type`; 0 = varint,
@@ -755,6 +838,14 @@ mod tests {
     /// Serves one HTTP request on a free port, answering `status`; the request's head
     /// and body come back through the handle.
     fn serve_once(status: u16) -> (u16, std::thread::JoinHandle<(String, Vec<u8>)>) {
+        serve_once_with(status, Vec::new())
+    }
+
+    /// [`serve_once`] answering with `answer` as the body.
+    fn serve_once_with(
+        status: u16,
+        answer: Vec<u8>,
+    ) -> (u16, std::thread::JoinHandle<(String, Vec<u8>)>) {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
@@ -778,7 +869,13 @@ mod tests {
             let mut body = vec![0; len];
             reader.read_exact(&mut body).expect("body");
             let mut stream = stream;
-            write!(stream, "HTTP/1.1 {status} X\r\ncontent-length: 0\r\n\r\n").expect("answer");
+            write!(
+                stream,
+                "HTTP/1.1 {status} X\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
+                answer.len()
+            )
+            .expect("answer");
+            stream.write_all(&answer).expect("answer body");
             (head, body)
         });
         (port, handle)
@@ -825,6 +922,62 @@ mod tests {
         assert!(err.to_string().contains("failed"), "{err}");
         // Nothing to send, nothing sent.
         exporter.export(Vec::new()).expect("empty batch");
+    }
+
+    /// A collector's partial success (HTTP 200 saying it rejected some spans) is a loss:
+    /// the exporter returns the rejected count and the batch processor counts those
+    /// spans as dropped (they were taken as delivered).
+    #[test]
+    fn spans_a_collector_rejects_are_lost_and_counted() {
+        use opentelemetry_proto::tonic::collector::trace::v1::{
+            ExportTracePartialSuccess, ExportTraceServiceResponse,
+        };
+        use prost::Message as _;
+        let answer = |rejected| {
+            ExportTraceServiceResponse {
+                partial_success: Some(ExportTracePartialSuccess {
+                    rejected_spans: rejected,
+                    error_message: "2 spans had invalid ids".into(),
+                }),
+            }
+            .encode_to_vec()
+        };
+        assert_eq!(
+            partial_success(&answer(2)),
+            Some((2, "2 spans had invalid ids".to_string()))
+        );
+        for full in [
+            answer(0),
+            Vec::new(),
+            b"{}".to_vec(),
+            vec![0x0a, 0x05, 0x08],
+        ] {
+            assert_eq!(partial_success(&full), None, "{full:?}");
+        }
+        let scope = InstrumentationScope::builder("marathon").build();
+        let batch = || (0..5).map(|i| span_data(i, &scope)).collect::<Vec<_>>();
+        let (port, server) = serve_once_with(200, answer(2));
+        let rejected = exporter_to(port).export(batch()).expect("delivered");
+        server.join().expect("server");
+        assert_eq!(rejected, 2);
+
+        let (port, server) = serve_once_with(200, answer(2));
+        let before = crate::metrics::spans_dropped_so_far("export_failed");
+        let processor = crate::batch::BatchProcessor::new(
+            exporter_to(port),
+            crate::batch::BatchSettings {
+                max_queue_size: 100,
+                max_export_batch_size: 10,
+                schedule_delay: Duration::from_secs(3600),
+            },
+        )
+        .expect("processor");
+        for span in batch() {
+            opentelemetry_sdk::trace::SpanProcessor::on_end(&processor, span);
+        }
+        opentelemetry_sdk::trace::SpanProcessor::force_flush(&processor).expect("flushed");
+        server.join().expect("server");
+        assert!(crate::metrics::spans_dropped_so_far("export_failed") >= before + 2);
     }
 
     /// An exporter posting to `http://127.0.0.1:{port}`.
