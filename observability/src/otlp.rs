@@ -116,13 +116,19 @@ impl Settings {
                 headers.push((k.to_string(), v));
             }
         }
-        let timeout =
-            match pick("TIMEOUT") {
-                None => DEFAULT_TIMEOUT,
-                Some((var, ms)) => Duration::from_millis(ms.trim().parse().map_err(|_| {
-                    invalid(&var, format!("{ms:?} is not a number of milliseconds"))
-                })?),
-            };
+        let timeout = match pick("TIMEOUT") {
+            None => DEFAULT_TIMEOUT,
+            // 0 would time every export out at once.
+            Some((var, ms)) => match ms.trim().parse::<u64>() {
+                Ok(n) if n > 0 => Duration::from_millis(n),
+                _ => {
+                    return Err(invalid(
+                        &var,
+                        format!("{ms:?} is not a positive number of milliseconds"),
+                    ));
+                }
+            },
+        };
         if let Some((var, c)) = pick("COMPRESSION")
             && !c.trim().eq_ignore_ascii_case("none")
         {
@@ -278,6 +284,9 @@ impl OtlpExporter {
         let client = std::thread::spawn(move || {
             reqwest::blocking::Client::builder()
                 .timeout(timeout)
+                // A redirect of a POST is followed as a GET without the spans; a
+                // collector that moved must be configured, not guessed at.
+                .redirect(reqwest::redirect::Policy::none())
                 .build()
         })
         .join()
@@ -838,13 +847,15 @@ mod tests {
     /// Serves one HTTP request on a free port, answering `status`; the request's head
     /// and body come back through the handle.
     fn serve_once(status: u16) -> (u16, std::thread::JoinHandle<(String, Vec<u8>)>) {
-        serve_once_with(status, Vec::new())
+        serve_once_with(status, Vec::new(), String::new())
     }
 
-    /// [`serve_once`] answering with `answer` as the body.
+    /// [`serve_once`] answering with `answer` as the body, after the header lines
+    /// `extra` (each ending in CRLF).
     fn serve_once_with(
         status: u16,
         answer: Vec<u8>,
+        extra: String,
     ) -> (u16, std::thread::JoinHandle<(String, Vec<u8>)>) {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -871,7 +882,7 @@ mod tests {
             let mut stream = stream;
             write!(
                 stream,
-                "HTTP/1.1 {status} X\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
+                "HTTP/1.1 {status} X\r\n{extra}content-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
                 answer.len()
             )
             .expect("answer");
@@ -956,12 +967,12 @@ mod tests {
         }
         let scope = InstrumentationScope::builder("marathon").build();
         let batch = || (0..5).map(|i| span_data(i, &scope)).collect::<Vec<_>>();
-        let (port, server) = serve_once_with(200, answer(2));
+        let (port, server) = serve_once_with(200, answer(2), String::new());
         let rejected = exporter_to(port).export(batch()).expect("delivered");
         server.join().expect("server");
         assert_eq!(rejected, 2);
 
-        let (port, server) = serve_once_with(200, answer(2));
+        let (port, server) = serve_once_with(200, answer(2), String::new());
         let before = crate::metrics::spans_dropped_so_far("export_failed");
         let processor = crate::batch::BatchProcessor::new(
             exporter_to(port),
@@ -978,6 +989,24 @@ mod tests {
         opentelemetry_sdk::trace::SpanProcessor::force_flush(&processor).expect("flushed");
         server.join().expect("server");
         assert!(crate::metrics::spans_dropped_so_far("export_failed") >= before + 2);
+    }
+
+    /// A redirect is an error, not followed: reqwest follows a 301 to a POST as a GET
+    /// without the spans, which a collector there could answer with 200.
+    #[test]
+    fn a_redirect_is_a_failed_export() {
+        let (elsewhere, _) = serve_once(200);
+        let (port, server) = serve_once_with(
+            301,
+            Vec::new(),
+            format!("location: http://127.0.0.1:{elsewhere}/v1/traces\r\n"),
+        );
+        let scope = InstrumentationScope::builder("marathon").build();
+        let err = exporter_to(port)
+            .export(vec![span_data(0, &scope)])
+            .expect_err("not delivered");
+        assert!(err.to_string().contains("301"), "{err}");
+        server.join().expect("server");
     }
 
     /// An exporter posting to `http://127.0.0.1:{port}`.
@@ -1113,6 +1142,13 @@ mod tests {
                 vec![
                     ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
                     ("OTEL_EXPORTER_OTLP_TIMEOUT", "10s"),
+                ],
+                "OTEL_EXPORTER_OTLP_TIMEOUT",
+            ),
+            (
+                vec![
+                    ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+                    ("OTEL_EXPORTER_OTLP_TIMEOUT", "0"),
                 ],
                 "OTEL_EXPORTER_OTLP_TIMEOUT",
             ),
