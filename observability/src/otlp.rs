@@ -335,8 +335,40 @@ impl BatchExporter for OtlpExporter {
         for (k, v) in &self.settings.headers {
             request = request.header(k, v);
         }
-        // The batch processor's own thread blocks here, never a workflow.
-        let result = match request.send() {
+        // The batch processor's own thread blocks here, never a workflow. A collector
+        // that is restarting or shedding load (refused, 429, 502, 503, 504) is asked
+        // again, twice at most, after its `Retry-After` (up to 5 s) or 0.5 s, then 1 s.
+        let mut answer = None;
+        for pause in RETRY_PAUSES {
+            // The body is in memory: cloning the request shares it.
+            let Some(attempt) = request.try_clone() else {
+                break;
+            };
+            let sent = attempt.send();
+            let wait = match &sent {
+                Ok(r) if RETRY_STATUSES.contains(&r.status().as_u16()) => Some(
+                    r.headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map_or(pause, |s| Duration::from_secs(s).min(MAX_RETRY_AFTER)),
+                ),
+                Err(e) if e.is_connect() => Some(pause),
+                _ => None,
+            };
+            match wait {
+                Some(wait) => std::thread::sleep(wait),
+                None => {
+                    answer = Some(sent);
+                    break;
+                }
+            }
+        }
+        let sent = match answer {
+            Some(sent) => sent,
+            None => request.send(),
+        };
+        let result = match sent {
             // Reading the (small) answer lets the connection be used again, and says
             // whether the collector took every span (an OTLP partial success).
             Ok(mut r) if r.status().is_success() => {
@@ -390,6 +422,16 @@ impl BatchExporter for OtlpExporter {
         self.resource_schema = resource.schema_url().unwrap_or_default().to_string();
     }
 }
+
+/// Pauses before asking a collector that answered with a [`RETRY_STATUSES`] status (or
+/// refused the connection) again: two retries.
+const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(1)];
+
+/// Answers that mean "not now" (OTLP/HTTP's retryable statuses).
+const RETRY_STATUSES: [u16; 4] = [429, 502, 503, 504];
+
+/// The longest `Retry-After` honoured between attempts.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 
 /// The spans an OTLP/HTTP answer (an `ExportTraceServiceResponse`) says were rejected,
 /// and why: `partial_success` (field 1) holds `rejected_spans` (1, int64) and
@@ -857,39 +899,87 @@ mod tests {
         answer: Vec<u8>,
         extra: String,
     ) -> (u16, std::thread::JoinHandle<(String, Vec<u8>)>) {
+        let (port, server) = serve_each(vec![(status, answer, extra)]);
+        (
+            port,
+            std::thread::spawn(move || server.join().expect("server").pop().expect("one request")),
+        )
+    }
+
+    /// A collector answering one request per connection, each with the next of
+    /// `answers` (status, body, extra header lines ending in CRLF); the thread returns
+    /// each request's lowercased head and body.
+    fn serve_each(
+        answers: Vec<(u16, Vec<u8>, String)>,
+    ) -> (u16, std::thread::JoinHandle<Vec<(String, Vec<u8>)>>) {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let handle = std::thread::spawn(move || {
-            let (stream, _) = listener.accept().expect("accept");
-            let mut reader = BufReader::new(stream.try_clone().expect("clone"));
-            let mut head = String::new();
-            loop {
-                let mut line = String::new();
-                reader.read_line(&mut line).expect("read");
-                if line == "\r\n" || line.is_empty() {
-                    break;
+            let mut seen = Vec::new();
+            for (status, answer, extra) in answers {
+                let (stream, _) = listener.accept().expect("accept");
+                let mut reader = BufReader::new(stream.try_clone().expect("clone"));
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    reader.read_line(&mut line).expect("read");
+                    if line == "\r\n" || line.is_empty() {
+                        break;
+                    }
+                    head.push_str(&line.to_ascii_lowercase());
                 }
-                head.push_str(&line.to_ascii_lowercase());
+                let len = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length: "))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).expect("body");
+                let mut stream = stream;
+                write!(
+                    stream,
+                    "HTTP/1.1 {status} X\r\n{extra}connection: close\r\ncontent-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
+                    answer.len()
+                )
+                .expect("answer");
+                stream.write_all(&answer).expect("answer body");
+                seen.push((head, body));
             }
-            let len = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            let mut body = vec![0; len];
-            reader.read_exact(&mut body).expect("body");
-            let mut stream = stream;
-            write!(
-                stream,
-                "HTTP/1.1 {status} X\r\n{extra}content-type: application/x-protobuf\r\ncontent-length: {}\r\n\r\n",
-                answer.len()
-            )
-            .expect("answer");
-            stream.write_all(&answer).expect("answer body");
-            (head, body)
+            seen
         });
         (port, handle)
+    }
+
+    /// A collector that is restarting or shedding load is asked again: a 503 (after
+    /// its `Retry-After`) and a 429, then the batch is delivered, once; a collector
+    /// answering 503 every time loses the batch after three tries.
+    #[test]
+    fn a_collector_saying_not_now_is_asked_again() {
+        let scope = InstrumentationScope::builder("marathon").build();
+        let not_now = |status| (status, Vec::new(), "retry-after: 1\r\n".to_string());
+        let (port, server) = serve_each(vec![
+            not_now(503),
+            (429, Vec::new(), String::new()),
+            (200, Vec::new(), String::new()),
+        ]);
+        let started = std::time::Instant::now();
+        let rejected = exporter_to(port)
+            .export(vec![span_data(0, &scope)])
+            .expect("delivered on the third try");
+        assert_eq!(rejected, 0);
+        let seen = server.join().expect("server");
+        assert_eq!(seen.len(), 3);
+        assert!(seen.windows(2).all(|w| w[0].1 == w[1].1), "the same body");
+        // 1 s (Retry-After) + 1 s (the second pause).
+        assert!(started.elapsed() >= Duration::from_secs(2));
+
+        let (port, server) = serve_each(vec![not_now(503), not_now(503), not_now(503)]);
+        let err = exporter_to(port)
+            .export(vec![span_data(0, &scope)])
+            .expect_err("lost");
+        assert!(err.to_string().contains("503"), "{err}");
+        assert_eq!(server.join().expect("server").len(), 3);
     }
 
     #[test]
@@ -918,13 +1008,13 @@ mod tests {
 
     #[test]
     fn failed_exports_are_errors_not_panics() {
-        let (port, server) = serve_once(503);
+        let (port, server) = serve_once(500);
         let mut exporter = exporter_to(port);
         let scope = InstrumentationScope::builder("marathon").build();
         let err = exporter
             .export(vec![span_data(0, &scope)])
-            .expect_err("503");
-        assert!(err.to_string().contains("503"), "{err}");
+            .expect_err("500");
+        assert!(err.to_string().contains("500"), "{err}");
         server.join().expect("server");
         // Nobody listening (the port was just freed).
         let err = exporter
