@@ -898,7 +898,7 @@ mod tests {
         status: u16,
         answer: Vec<u8>,
         extra: String,
-    ) -> (u16, std::thread::JoinHandle<(String, Vec<u8>)>) {
+    ) -> (u16, std::thread::JoinHandle<Seen>) {
         let (port, server) = serve_each(vec![(status, answer, extra)]);
         (
             port,
@@ -906,12 +906,15 @@ mod tests {
         )
     }
 
+    /// A request as the test collector saw it: its lowercased head, and its body.
+    type Seen = (String, Vec<u8>);
+
     /// A collector answering one request per connection, each with the next of
     /// `answers` (status, body, extra header lines ending in CRLF); the thread returns
-    /// each request's lowercased head and body.
+    /// each request it saw.
     fn serve_each(
         answers: Vec<(u16, Vec<u8>, String)>,
-    ) -> (u16, std::thread::JoinHandle<Vec<(String, Vec<u8>)>>) {
+    ) -> (u16, std::thread::JoinHandle<Vec<Seen>>) {
         use std::io::{BufRead, BufReader, Read, Write};
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         let port = listener.local_addr().expect("addr").port();
