@@ -363,12 +363,12 @@ impl Config {
                 }
             })?;
         }
-        let config: Config =
-            serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|e| {
-                ConfigError::Invalid {
-                    path: e.path().to_string(),
-                    message: e.inner().to_string(),
-                }
+        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table.clone()))
+            .map_err(|e| {
+                let path = e.path().to_string();
+                let (path, message) =
+                    section_error(&table, &path).unwrap_or_else(|| (path, e.inner().to_string()));
+                ConfigError::Invalid { path, message }
             })?;
         config.validate()?;
         Ok(config)
@@ -584,6 +584,30 @@ fn template() -> toml::Table {
     t
 }
 
+/// The key at fault inside `[store]` or `[queue]` when `path` names only the section:
+/// serde reads those through their `kind` tag and loses the path inside. Reading the
+/// section's settings on their own finds it.
+fn section_error(table: &toml::Table, path: &str) -> Option<(String, String)> {
+    fn inner<T: serde::de::DeserializeOwned>(
+        section: &str,
+        settings: toml::Table,
+    ) -> Option<(String, String)> {
+        let e = serde_path_to_error::deserialize::<_, T>(toml::Value::Table(settings)).err()?;
+        Some((format!("{section}.{}", e.path()), e.inner().to_string()))
+    }
+    if path != "store" && path != "queue" {
+        return None;
+    }
+    let mut settings = table.get(path)?.as_table()?.clone();
+    let kind = settings.remove("kind")?;
+    match (path, kind.as_str()?) {
+        ("store", "redis") => inner::<RedisSettings>(path, settings),
+        ("queue", "sqs") => inner::<SqsSettings>(path, settings),
+        ("queue", "memory") => inner::<marathon_core::memory::MemoryQueueConfig>(path, settings),
+        _ => None,
+    }
+}
+
 /// Sets `path` (dotted) in `table` to `raw`, read as the type the template has there.
 fn set_path(
     table: &mut toml::Table,
@@ -710,6 +734,20 @@ mod tests {
         })
         .expect_err("a token with a blank around it never matches");
         assert!(e.to_string().contains("server.auth_tokens"), "{e}");
+    }
+
+    #[cfg(feature = "redis")]
+    #[test]
+    fn a_bad_backend_setting_names_its_key() {
+        let e = Config::load(&Sources {
+            file: Some((
+                "f".into(),
+                "[store]\nkind = \"redis\"\nshards = -1\n".into(),
+            )),
+            ..Default::default()
+        })
+        .expect_err("negative shards");
+        assert!(e.to_string().contains("store.shards"), "{e}");
     }
 
     #[test]
