@@ -107,6 +107,11 @@ pub(crate) trait BatchExporter: Send + 'static {
 
     /// The resource every later batch is sent with.
     fn set_resource(&mut self, resource: &Resource);
+
+    /// Hands the exporter a flag that turns true when shutdown begins: an exporter
+    /// that waits between tries gives up then, so that what is queued is still sent
+    /// (or counted as lost) within the shutdown's time.
+    fn watch_shutdown(&mut self, _stopping: Arc<AtomicBool>) {}
 }
 
 /// What the export thread is asked to do besides exporting on schedule.
@@ -130,6 +135,8 @@ struct Shared {
     export_requested: AtomicBool,
     /// Spans dropped because the queue was full, in all.
     dropped: AtomicU64,
+    /// Shutdown has begun (see [`BatchExporter::watch_shutdown`]).
+    stopping: Arc<AtomicBool>,
 }
 
 /// A span processor that exports sampled spans in batches from a thread of its own.
@@ -148,12 +155,13 @@ impl BatchProcessor {
     /// # Errors
     /// [`TelemetryError::Exporter`] when the thread cannot be started.
     pub(crate) fn new<E: BatchExporter>(
-        exporter: E,
+        mut exporter: E,
         settings: BatchSettings,
     ) -> Result<Self, TelemetryError> {
         let (spans, spans_rx) = mpsc::sync_channel(settings.max_queue_size);
         let (control, control_rx) = mpsc::channel();
         let shared = Arc::new(Shared::default());
+        exporter.watch_shutdown(shared.stopping.clone());
         let worker = Worker {
             exporter,
             spans: spans_rx,
@@ -245,6 +253,7 @@ impl SpanProcessor for BatchProcessor {
         if self.shut_down.swap(true, Ordering::AcqRel) {
             return Err(OTelSdkError::AlreadyShutdown);
         }
+        self.shared.stopping.store(true, Ordering::Release);
         self.ask(Control::Shutdown, timeout)
     }
 

@@ -13,8 +13,9 @@
 //! (as is) or `OTEL_EXPORTER_OTLP_ENDPOINT` (plus `/v1/traces`), `…_HEADERS`,
 //! `…_TIMEOUT` (ms, default 10 s), each with its `TRACES_` form first.
 
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::io::Read as _;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use opentelemetry::trace::{SpanContext, SpanKind, Status};
@@ -184,6 +185,8 @@ pub(crate) struct OtlpExporter {
     span_len: AtomicUsize,
     /// Failed exports, reported in the log (the SDK's own reports are compiled out).
     health: ExportHealth,
+    /// True once shutdown has begun: no more waiting between tries.
+    stopping: Arc<AtomicBool>,
 }
 
 /// How often, at most, a collector that keeps failing is reported in the log.
@@ -273,6 +276,20 @@ impl std::fmt::Debug for OtlpExporter {
 }
 
 impl OtlpExporter {
+    /// Waits `wait` before asking the collector again, in short steps, ending early
+    /// when shutdown begins.
+    fn pause(&self, wait: Duration) {
+        const STEP: Duration = Duration::from_millis(50);
+        let until = std::time::Instant::now() + wait;
+        while !self.stopping.load(Ordering::Acquire) {
+            let left = until.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            std::thread::sleep(left.min(STEP));
+        }
+    }
+
     /// An exporter posting to `settings.url`.
     ///
     /// # Errors
@@ -305,6 +322,7 @@ impl OtlpExporter {
             resource_schema: String::new(),
             span_len: AtomicUsize::new(256),
             health: ExportHealth::default(),
+            stopping: Arc::default(),
         })
     }
 
@@ -340,6 +358,10 @@ impl BatchExporter for OtlpExporter {
         // again, twice at most, after its `Retry-After` (up to 5 s) or 0.5 s, then 1 s.
         let mut answer = None;
         for pause in RETRY_PAUSES {
+            // No waiting once shutdown has begun: the last try below decides.
+            if self.stopping.load(Ordering::Acquire) {
+                break;
+            }
             // The body is in memory: cloning the request shares it.
             let Some(attempt) = request.try_clone() else {
                 break;
@@ -357,7 +379,7 @@ impl BatchExporter for OtlpExporter {
                 _ => None,
             };
             match wait {
-                Some(wait) => std::thread::sleep(wait),
+                Some(wait) => self.pause(wait),
                 None => {
                     answer = Some(sent);
                     break;
@@ -371,9 +393,12 @@ impl BatchExporter for OtlpExporter {
         let result = match sent {
             // Reading the (small) answer lets the connection be used again, and says
             // whether the collector took every span (an OTLP partial success).
-            Ok(mut r) if r.status().is_success() => {
+            Ok(r) if r.status().is_success() => {
+                // A real answer is a few bytes; whatever else answers 200 is not read
+                // into memory whole.
                 let mut answer = Vec::new();
-                r.copy_to(&mut answer)
+                std::io::Read::take(r, MAX_ANSWER)
+                    .read_to_end(&mut answer)
                     .map(|_| partial_success(&answer))
                     .map_err(|e| {
                         OTelSdkError::InternalFailure(format!(
@@ -413,6 +438,10 @@ impl BatchExporter for OtlpExporter {
         }
     }
 
+    fn watch_shutdown(&mut self, stopping: Arc<AtomicBool>) {
+        self.stopping = stopping;
+    }
+
     fn set_resource(&mut self, resource: &Resource) {
         let mut buf = Vec::new();
         for (k, v) in resource.iter() {
@@ -433,6 +462,9 @@ const RETRY_STATUSES: [u16; 4] = [429, 502, 503, 504];
 /// The longest `Retry-After` honoured between attempts.
 const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
 
+/// The most of a successful answer read (an `ExportTraceServiceResponse` is a few bytes).
+const MAX_ANSWER: u64 = 64 * 1024;
+
 /// The spans an OTLP/HTTP answer (an `ExportTraceServiceResponse`) says were rejected,
 /// and why: `partial_success` (field 1) holds `rejected_spans` (1, int64) and
 /// `error_message` (2). `None` for a full success: an empty answer, no rejected spans,
@@ -447,7 +479,8 @@ fn partial_success(answer: &[u8]) -> Option<(u64, String)> {
     let (mut rejected, mut why) = (0, String::new());
     for (n, f) in fields(partial)? {
         match (n, f) {
-            (1, Field::Varint(v)) => rejected = v,
+            // An int64: a negative count (a broken collector) rejects nothing.
+            (1, Field::Varint(v)) => rejected = u64::try_from(v as i64).unwrap_or(0),
             (2, Field::Bytes(b)) => why = String::from_utf8_lossy(b).into_owned(),
             _ => {}
         }
@@ -983,6 +1016,19 @@ mod tests {
             .expect_err("lost");
         assert!(err.to_string().contains("503"), "{err}");
         assert_eq!(server.join().expect("server").len(), 3);
+
+        // Once shutdown has begun, one try: what is queued must go (or be counted
+        // lost) within the shutdown's time.
+        let (port, server) = serve_each(vec![not_now(503)]);
+        let mut exporter = exporter_to(port);
+        exporter.watch_shutdown(Arc::new(AtomicBool::new(true)));
+        let started = std::time::Instant::now();
+        let err = exporter
+            .export(vec![span_data(0, &scope)])
+            .expect_err("lost");
+        assert!(err.to_string().contains("503"), "{err}");
+        assert!(started.elapsed() < Duration::from_millis(500));
+        assert_eq!(server.join().expect("server").len(), 1);
     }
 
     #[test]
@@ -1052,6 +1098,7 @@ mod tests {
         );
         for full in [
             answer(0),
+            answer(-3),
             Vec::new(),
             b"{}".to_vec(),
             vec![0x0a, 0x05, 0x08],

@@ -341,7 +341,14 @@ impl Config {
             let Some(path) = env_key(name) else { continue };
             // An empty secret (a missing secret rendered as "") would silently turn
             // authentication off.
-            if path == "server.auth_tokens" && value.split(',').all(|t| t.trim().is_empty()) {
+            if path == "server.auth_tokens"
+                && value
+                    .trim()
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .split(',')
+                    .all(|t| t.trim().trim_matches(['"', '\'']).trim().is_empty())
+            {
                 return Err(ConfigError::Override {
                     source_name: format!("environment variable {name}"),
                     message: "is set but holds no token: unset it to run without authentication"
@@ -448,6 +455,16 @@ impl Config {
                 if value.is_zero() {
                     return bad(key, "must be at least 1 ms".into());
                 }
+            }
+            // SQS counts visibility in whole seconds (rounded up): extending a
+            // shorter one twice a visibility would call SQS for nothing.
+            if matches!(self.queue, QueueConfig::Sqs(_))
+                && self.worker.visibility < Duration::from_secs(1)
+            {
+                return bad(
+                    "worker.visibility_ms",
+                    "SQS counts visibility in whole seconds: at least 1000".into(),
+                );
             }
         }
         if self.server.role != Role::All {
@@ -718,7 +735,7 @@ mod tests {
     #[test]
     fn auth_tokens_that_would_turn_auth_off_or_never_match_are_refused() {
         for name in ["MARATHON_AUTH_TOKENS", "MARATHON_SERVER__AUTH_TOKENS"] {
-            for blank in ["", " ", " , "] {
+            for blank in ["", " ", " , ", "[]", "[ \"\" ]"] {
                 let e = Config::load(&Sources {
                     file: Some(("f".into(), "[server]\nauth_tokens = [\"t0ken\"]\n".into())),
                     env: env(&[(name, blank)]),
@@ -764,6 +781,15 @@ mod tests {
             .expect_err("zero spins");
             assert!(e.to_string().contains(key), "{e}");
         }
+        let e = Config::load(&Sources {
+            flags: vec![
+                ("queue.kind".into(), "sqs".into()),
+                ("worker.visibility_ms".into(), "500".into()),
+            ],
+            ..Default::default()
+        })
+        .expect_err("SQS visibility under a second");
+        assert!(e.to_string().contains("worker.visibility_ms"), "{e}");
     }
 
     #[test]
