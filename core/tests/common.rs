@@ -3,9 +3,10 @@
 
 use marathon_core::memory::{MemoryQueue, MemoryStore};
 use marathon_core::{
-    Engine, EngineBuilder, EngineConfig, Event, EventData, Queue, Seq, Store, TokioClock, Worker,
-    WorkerConfig, WorkflowId, WorkflowSummary,
+    Engine, EngineBuilder, EngineConfig, Event, EventData, Queue, Seq, StartWorkflow, Store,
+    TokioClock, Worker, WorkerConfig, WorkflowId, WorkflowSummary,
 };
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +43,23 @@ pub fn worker_config() -> WorkerConfig {
 /// Starts a worker for `engine`.
 pub fn worker(engine: &Engine) -> Worker {
     Worker::start(engine.clone(), worker_config())
+}
+
+/// Starts workflow `name` with `input` (a new run); its id.
+pub async fn start(engine: &Engine, name: &str, input: Value) -> WorkflowId {
+    engine
+        .start(StartWorkflow::new(name, input))
+        .await
+        .unwrap()
+        .summary
+        .id
+}
+
+/// Waits (in test time) until the history holds an event of type `ty`.
+pub async fn wait_for_event(engine: &Engine, id: &WorkflowId, ty: &str) {
+    while !types(&history(engine, id).await).contains(&ty) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 /// Waits (up to an hour of test time) until the workflow finishes.

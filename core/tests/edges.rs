@@ -7,7 +7,7 @@ use common::*;
 use futures::FutureExt;
 use marathon_core::memory::MemoryQueue;
 use marathon_core::{
-    ActivityContext, ActivityError, OutgoingMessage, Queue, Registry, StartWorkflow, Task, Worker,
+    ActivityContext, ActivityError, OutgoingMessage, Queue, Registry, Task, Worker,
     WorkflowContext, WorkflowId,
 };
 use serde_json::json;
@@ -45,12 +45,7 @@ async fn huge_retry_after_does_not_kill_the_worker_task() {
         })
         .build();
     let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("one", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "one", json!(null)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let h = history(&engine, &id).await;
     assert!(types(&h).contains(&"activity_retrying"), "{:?}", types(&h));
@@ -81,12 +76,7 @@ async fn short_visibility_is_extended_in_time() {
     let mut cfg = worker_config();
     cfg.visibility = Duration::from_millis(400);
     let w = Worker::start(engine.clone(), cfg);
-    let id = engine
-        .start(StartWorkflow::new("one", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "one", json!(null)).await;
     finished(&engine, &id).await;
     assert_eq!(
         runs.load(Ordering::SeqCst),
@@ -135,12 +125,7 @@ async fn a_synchronously_panicking_activity_fn_is_recorded_as_a_panic() {
     );
     let engine = builder(&store, &queue).registry(reg).build();
     let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("one", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "one", json!(null)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let h = history(&engine, &id).await;
     assert!(
@@ -167,12 +152,7 @@ async fn a_synchronously_panicking_workflow_fn_is_a_task_failure() {
     );
     let engine = builder(&store, &queue).registry(reg).build();
     let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("boom", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "boom", json!(null)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let s = engine.get(&id).await.unwrap();
     let failure = s.task_failure.expect("a task failure");

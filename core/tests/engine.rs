@@ -100,12 +100,7 @@ async fn survives_engine_loss(lose_queue: bool) {
     };
     let first = register(true, runs.clone()).build();
     let w1 = worker(&first);
-    let id = first
-        .start(StartWorkflow::new("steps", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&first, "steps", json!(null)).await;
     while runs[1].load(Ordering::SeqCst) == 0 {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -199,12 +194,7 @@ async fn retries_back_off_and_honour_retry_after() {
         })
         .build();
     let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("flaky", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "flaky", json!(null)).await;
     let s = finished(&engine, &id).await;
     assert_eq!(s.output, Some(json!("ok on attempt 4")));
     assert_eq!(attempts.load(Ordering::SeqCst), 4);
@@ -262,12 +252,7 @@ async fn non_retryable_errors_and_exhausted_attempts_fail_the_call() {
     let w = worker(&engine);
     for (kind, expected_calls) in [("permanent", 1), ("bad_request", 1), ("flaky", 3)] {
         calls.store(0, Ordering::SeqCst);
-        let id = engine
-            .start(StartWorkflow::new("wf", json!(kind)))
-            .await
-            .unwrap()
-            .summary
-            .id;
+        let id = start(&engine, "wf", json!(kind)).await;
         let s = finished(&engine, &id).await;
         assert_eq!(calls.load(Ordering::SeqCst), expected_calls, "{kind}");
         assert_eq!(s.output.unwrap()["kind"], "activity_failed");
@@ -321,12 +306,7 @@ async fn each_timeout_kind_fires() {
         .build();
     let w = worker(&engine);
     for which in ["start_to_close", "heartbeat", "schedule_to_close"] {
-        let id = engine
-            .start(StartWorkflow::new("timeouts", json!(which)))
-            .await
-            .unwrap()
-            .summary
-            .id;
+        let id = start(&engine, "timeouts", json!(which)).await;
         let s = finished(&engine, &id).await;
         assert_eq!(s.output, Some(json!(format!("timeout.{which}"))), "{which}");
         let h = history(&engine, &id).await;
@@ -360,12 +340,7 @@ async fn durable_sleep_uses_workflow_time() {
         })
         .build();
     let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("nap", json!(600)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "nap", json!(600)).await;
     let s = finished(&engine, &id).await;
     assert!(s.output.unwrap().as_u64().unwrap() >= 600);
     let h = history(&engine, &id).await;
@@ -389,12 +364,7 @@ async fn signals_are_delivered_in_order_and_buffered() {
         })
         .build();
     let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("approval", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "approval", json!(null)).await;
     // "approve" arrives before the workflow waits for it: it is buffered.
     engine
         .signal(&id, "approve", json!(true), None)
@@ -461,12 +431,7 @@ async fn cancellation_reaches_running_activity(cross_replica: bool) {
     };
     let w1 = serve(&workflows, "default");
     let w2 = serve(&activities, "activities");
-    let id = workflows
-        .start(StartWorkflow::new("long", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&workflows, "long", json!(null)).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(w2.in_flight(), 1, "the activity is running");
     // Cancel through the replica that runs workflow tasks (never the activity's own
@@ -540,15 +505,8 @@ async fn a_clean_up_activity_is_not_canceled_by_the_cancellation_it_handles() {
         })
         .build();
     let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("refund", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
-    while !types(&history(&engine, &id).await).contains(&"timer_started") {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let id = start(&engine, "refund", json!(null)).await;
+    wait_for_event(&engine, &id, "timer_started").await;
     engine.cancel(&id, None).await.unwrap();
     tokio::time::timeout(Duration::from_secs(60), async {
         while beats.load(Ordering::SeqCst) < 3 {
@@ -618,12 +576,7 @@ async fn a_repeated_cancel_stops_only_the_attempts_called_before_the_request() {
     let w1 = Worker::start(workflows.clone(), cfg.clone());
     cfg.queues = vec![marathon_core::QueueSpec::new("activities", 8)];
     let w2 = Worker::start(activities.clone(), cfg);
-    let id = workflows
-        .start(StartWorkflow::new("undo", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&workflows, "undo", json!(null)).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(w2.in_flight(), 1, "long runs on the activities replica");
     // Recorded through the other replica: the workflow moves on to its clean-up,
@@ -691,22 +644,12 @@ async fn a_cancellation_the_workflow_has_not_seen_fails_its_next_wait() {
         })
         .build();
     // Canceled before any worker ran its first workflow task.
-    let id = engine
-        .start(StartWorkflow::new("sleeper", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "sleeper", json!(null)).await;
     engine
         .cancel(&id, Some("changed my mind".into()))
         .await
         .unwrap();
-    let pair = engine
-        .start(StartWorkflow::new("pair", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let pair = start(&engine, "pair", json!(null)).await;
     engine.cancel(&pair, None).await.unwrap();
     let w = worker(&engine);
     let s = finished(&engine, &id).await;
@@ -733,15 +676,8 @@ async fn a_cancellation_the_workflow_has_not_seen_fails_its_next_wait() {
     );
 
     // Canceled while it sleeps: the timer fails, and the clean-up activity runs.
-    let id = engine
-        .start(StartWorkflow::new("cleaner", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
-    while !types(&history(&engine, &id).await).contains(&"timer_started") {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let id = start(&engine, "cleaner", json!(null)).await;
+    wait_for_event(&engine, &id, "timer_started").await;
     engine.cancel(&id, None).await.unwrap();
     let s = finished(&engine, &id).await;
     assert_eq!(s.status, WorkflowStatus::Canceled, "{s:?}");
@@ -811,12 +747,7 @@ async fn non_determinism_is_reported_and_recovers_when_the_code_is_fixed() {
     };
     let old = v1(builder(&store, &queue)).build();
     let w = worker(&old);
-    let id = old
-        .start(StartWorkflow::new("wf", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&old, "wf", json!(null)).await;
     // Wait until the timer is recorded, then "deploy" incompatible code.
     loop {
         let h = history(&old, &id).await;
@@ -894,12 +825,7 @@ async fn parallel_join_and_select() {
         })
         .build();
     let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("fanout", json!(10)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "fanout", json!(10)).await;
     let s = finished(&engine, &id).await;
     let out = s.output.unwrap();
     assert_eq!(out["sum"], 285);
@@ -948,12 +874,7 @@ async fn pipelines_run_steps_in_sequence_and_parallel() {
         .unwrap();
     let engine = builder(&store, &queue).registry(registry).build();
     let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("pipe", json!({"text": "hello"})))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "pipe", json!({"text": "hello"})).await;
     let s = finished(&engine, &id).await;
     assert_eq!(
         s.output,
@@ -974,12 +895,7 @@ async fn a_panicking_workflow_is_a_task_failure_not_a_crash() {
         })
         .build();
     let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("boom", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "boom", json!(null)).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let s = engine.get(&id).await.unwrap();
     assert_eq!(s.status, WorkflowStatus::Running);
@@ -1013,12 +929,7 @@ async fn shutdown_lets_short_tasks_finish_and_hands_back_long_ones() {
     };
     let first = make(true);
     let w = worker(&first);
-    let id = first
-        .start(StartWorkflow::new("two", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&first, "two", json!(null)).await;
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(w.in_flight(), 2);
     let report = w.shutdown().await;
@@ -1048,12 +959,7 @@ async fn progress_events_are_recorded_and_streamed() {
             Ok::<_, ActivityError>(text)
         })
         .build();
-    let id = engine
-        .start(StartWorkflow::new("stream", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "stream", json!(null)).await;
     let mut stream = engine
         .subscribe(&id, marathon_core::Seq::ZERO)
         .await
@@ -1143,12 +1049,7 @@ async fn the_observer_sees_workflows_attempts_and_trace_context() {
         })
         .build();
     let w = worker(&engine);
-    let id = engine
-        .start(StartWorkflow::new("wf", json!(null)))
-        .await
-        .unwrap()
-        .summary
-        .id;
+    let id = start(&engine, "wf", json!(null)).await;
     finished(&engine, &id).await;
     w.shutdown().await;
     let log = rec.log.lock().clone();
@@ -1196,14 +1097,7 @@ async fn several_receivers_share_one_concurrency_bound() {
     let w = Worker::start(engine.clone(), cfg);
     let mut ids = Vec::new();
     for i in 0..10u32 {
-        ids.push(
-            engine
-                .start(StartWorkflow::new("one", json!(i)))
-                .await
-                .unwrap()
-                .summary
-                .id,
-        );
+        ids.push(start(&engine, "one", json!(i)).await);
     }
     for (i, id) in ids.iter().enumerate() {
         assert_eq!(finished(&engine, id).await.output, Some(json!(i)));

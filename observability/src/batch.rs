@@ -135,7 +135,7 @@ struct Shared {
     export_requested: AtomicBool,
     /// Spans dropped because the queue was full, in all.
     dropped: AtomicU64,
-    /// Shutdown has begun (see [`BatchExporter::watch_shutdown`]).
+    /// Shutdown has begun: no more flushes, and see [`BatchExporter::watch_shutdown`].
     stopping: Arc<AtomicBool>,
 }
 
@@ -146,7 +146,6 @@ pub(crate) struct BatchProcessor {
     control: Sender<Control>,
     shared: Arc<Shared>,
     max_export_batch_size: usize,
-    shut_down: AtomicBool,
 }
 
 impl BatchProcessor {
@@ -183,7 +182,6 @@ impl BatchProcessor {
             control,
             shared,
             max_export_batch_size: settings.max_export_batch_size,
-            shut_down: AtomicBool::new(false),
         })
     }
 
@@ -243,17 +241,16 @@ impl SpanProcessor for BatchProcessor {
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        if self.shut_down.load(Ordering::Acquire) {
+        if self.shared.stopping.load(Ordering::Acquire) {
             return Err(OTelSdkError::AlreadyShutdown);
         }
         self.ask(Control::Flush, FLUSH_TIMEOUT)
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        if self.shut_down.swap(true, Ordering::AcqRel) {
+        if self.shared.stopping.swap(true, Ordering::AcqRel) {
             return Err(OTelSdkError::AlreadyShutdown);
         }
-        self.shared.stopping.store(true, Ordering::Release);
         self.ask(Control::Shutdown, timeout)
     }
 

@@ -29,7 +29,7 @@ static SPANS_DROPPED: LazyLock<Result<IntCounterVec, prometheus::Error>> = LazyL
     let c = IntCounterVec::new(
         Opts::new(
             "marathon_trace_spans_dropped_total",
-            "Finished spans that never reached the collector, by reason (queue_full: the export queue was full; export_failed: the collector did not take the batch).",
+            "Finished spans that never reached the collector, by reason (queue_full: the export queue was full; export_failed: the collector did not take the batch, or rejected spans in it).",
         ),
         &["reason"],
     )?;

@@ -356,39 +356,21 @@ impl BatchExporter for OtlpExporter {
         // The batch processor's own thread blocks here, never a workflow. A collector
         // that is restarting or shedding load (refused, 429, 502, 503, 504) is asked
         // again, twice at most, after its `Retry-After` (up to 5 s) or 0.5 s, then 1 s.
-        let mut answer = None;
-        for pause in RETRY_PAUSES {
-            // No waiting once shutdown has begun: the last try below decides.
-            if self.stopping.load(Ordering::Acquire) {
-                break;
-            }
+        let mut pauses = RETRY_PAUSES.into_iter();
+        let sent = loop {
+            // Once shutdown has begun, or after the last pause, this try decides.
+            let pause = pauses
+                .next()
+                .filter(|_| !self.stopping.load(Ordering::Acquire));
             // The body is in memory: cloning the request shares it.
-            let Some(attempt) = request.try_clone() else {
-                break;
+            let (Some(pause), Some(attempt)) = (pause, request.try_clone()) else {
+                break request.send();
             };
             let sent = attempt.send();
-            let wait = match &sent {
-                Ok(r) if RETRY_STATUSES.contains(&r.status().as_u16()) => Some(
-                    r.headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map_or(pause, |s| Duration::from_secs(s).min(MAX_RETRY_AFTER)),
-                ),
-                Err(e) if e.is_connect() => Some(pause),
-                _ => None,
-            };
-            match wait {
+            match retry_after(&sent, pause) {
                 Some(wait) => self.pause(wait),
-                None => {
-                    answer = Some(sent);
-                    break;
-                }
+                None => break sent,
             }
-        }
-        let sent = match answer {
-            Some(sent) => sent,
-            None => request.send(),
         };
         let result = match sent {
             // Reading the (small) answer lets the connection be used again, and says
@@ -455,6 +437,26 @@ impl BatchExporter for OtlpExporter {
 /// Pauses before asking a collector that answered with a [`RETRY_STATUSES`] status (or
 /// refused the connection) again: two retries.
 const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(500), Duration::from_secs(1)];
+
+/// How long to wait before asking again after `sent`, if it is worth asking again:
+/// a refused connection or a [`RETRY_STATUSES`] answer, after its `Retry-After`
+/// (at most [`MAX_RETRY_AFTER`]) or else `pause`.
+fn retry_after(
+    sent: &Result<reqwest::blocking::Response, reqwest::Error>,
+    pause: Duration,
+) -> Option<Duration> {
+    match sent {
+        Ok(r) if RETRY_STATUSES.contains(&r.status().as_u16()) => Some(
+            r.headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map_or(pause, |s| Duration::from_secs(s).min(MAX_RETRY_AFTER)),
+        ),
+        Err(e) if e.is_connect() => Some(pause),
+        _ => None,
+    }
+}
 
 /// Answers that mean "not now" (OTLP/HTTP's retryable statuses).
 const RETRY_STATUSES: [u16; 4] = [429, 502, 503, 504];

@@ -615,19 +615,17 @@ impl Engine {
                 EventData::CancelRequested { reason },
             )
             .await?;
-        let request = match recorded {
-            Some(seq) => Some(seq),
-            None => match inner.earliest_running(id) {
-                Some(earliest) => inner
-                    .cancel_requested_after(id, earliest)
-                    .await
-                    .unwrap_or_else(|e| {
-                        // Their heartbeats find out instead.
-                        tracing::warn!(workflow_id = %id, error = %e, "could not find the cancel request to stop local attempts");
-                        None
-                    }),
-                None => None,
-            },
+        let request = match (recorded, inner.earliest_running(id)) {
+            (Some(seq), _) => Some(seq),
+            (None, Some(earliest)) => inner
+                .cancel_requested_after(id, earliest)
+                .await
+                .unwrap_or_else(|e| {
+                    // Their heartbeats find out instead.
+                    tracing::warn!(workflow_id = %id, error = %e, "could not find the cancel request to stop local attempts");
+                    None
+                }),
+            (None, None) => None,
         };
         if let Some(request) = request {
             inner.cancel_local(id, request);

@@ -12,16 +12,15 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-/// `now + d`, or about a century from now when `d` is longer: a delay, wait or
-/// visibility of any length is accepted (as by SQS, which caps them), never a panic.
-fn later(now: Instant, d: Duration) -> Instant {
-    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
-    now.checked_add(d.min(CENTURY))
-        .unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
-}
-
 use crate::model::Task;
 use crate::queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
+
+/// `now + d`, capped at a century: a delay, wait or visibility of any length is
+/// accepted (as by SQS, which caps them), never an `Instant` overflow.
+fn later(now: Instant, d: Duration) -> Instant {
+    const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+    now + d.min(CENTURY)
+}
 
 /// Stale heap entries tolerated before a heap is compacted.
 const COMPACT_SLACK: usize = 1024;
