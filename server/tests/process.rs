@@ -352,6 +352,20 @@ fn exact(
     );
 }
 
+/// `/metrics` of the server at `port` once the last counts of [`run_known_set`] are in:
+/// a close and an attempt's outcome are counted just after the store records them, so
+/// a client that has seen the status may scrape a moment before (under load it did).
+fn scrape_known_set(port: u16) -> (prometheus_parse::Scrape, String) {
+    wait_until(Duration::from_secs(10), "the known set is counted", || {
+        let (s, _) = scrape(port);
+        let canceled = [("workflow", "sleep-then-echo"), ("status", "canceled")];
+        let failed = [("activity", "sleep"), ("outcome", "failed")];
+        sample(&s, "marathon_workflows_closed_total", &canceled).is_some()
+            && sample(&s, "marathon_activity_attempts_total", &failed).is_some()
+    });
+    scrape(port)
+}
+
 /// The exact counts [`run_known_set`] leaves, on a server whose store is `store`.
 fn assert_known_set_counted(s: &(prometheus_parse::Scrape, String), store: &str) {
     for (workflow, status, n) in [
@@ -398,7 +412,7 @@ fn assert_known_set_counted(s: &(prometheus_parse::Scrape, String), store: &str)
 fn metrics_count_what_the_server_ran() {
     let m = serve(&[]);
     run_known_set(m.port, "m");
-    assert_known_set_counted(&scrape(m.port), "memory");
+    assert_known_set_counted(&scrape_known_set(m.port), "memory");
 }
 
 /// A real Prometheus scrapes the running binary, and `promtool` accepts its exposition.
@@ -734,7 +748,7 @@ fn on_redis_and_sqs_metrics_count_and_a_trace_crosses_the_queue() {
     ]);
     let m = serve_with(&[], &borrowed(&env));
     run_known_set(m.port, "prod");
-    assert_known_set_counted(&scrape(m.port), "redis");
+    assert_known_set_counted(&scrape_known_set(m.port), "redis");
     let ours = traced_echo(
         m.port,
         &spans,
