@@ -21,7 +21,7 @@ pub use model::*;
 pub use observe::{AttemptOutcome, NoopObserver, Observer, TaskOutcome, TaskScope};
 pub use queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
 pub use store::{
-    Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed,
-    OwedChanges, OwedEntry, OwedKind, Store, StoreError,
+    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery,
+    NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Store, StoreError,
 };
 pub use worker::{QueueSpec, ShutdownReport, Worker, WorkerConfig};

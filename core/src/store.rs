@@ -100,9 +100,19 @@ pub enum OwedKind {
         attempt: u32,
         /// Sequence of the `activity_scheduled` event.
         scheduled_seq: Seq,
-        /// How many times the sweeper has already re-delivered this attempt.
+        /// How many times the sweeper has delivered this attempt again after a
+        /// worker started it and then neither finished nor renewed it in time.
         #[serde(default)]
         redeliveries: u32,
+        /// When a worker marked it started ([`Store::start_attempt`]), since the
+        /// sweeper last sent it; `None` while no worker has (it may still be
+        /// waiting in a queue's backlog).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        started: Option<Timestamp>,
+        /// How many times the sweeper has sent it again while no worker had marked
+        /// it started (lost before a worker took it, or still waiting in a backlog).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        resends: u32,
     },
     /// A durable timer; its deadline is the fire time. Key `t:{timer_id}`.
     Timer {
@@ -125,6 +135,10 @@ impl OwedKind {
             OwedKind::Timer { timer_id } => format!("t:{timer_id}"),
         }
     }
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The owed-work key of an activity attempt.
@@ -217,6 +231,22 @@ pub enum KeyedOutcome {
     Closed,
 }
 
+/// The result of [`Store::start_attempt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptStart {
+    /// Marked started, its deadline moved: run it.
+    Started,
+    /// A worker marked it started at `since` and its deadline has not passed: this
+    /// copy of the task is a duplicate; run nothing.
+    Running {
+        /// When that worker started it.
+        since: Timestamp,
+    },
+    /// The attempt is no longer owed (it has an outcome, was given up, or the
+    /// workflow has finished or is gone): run nothing.
+    NotOwed,
+}
+
 /// A filter and page request for [`Store::list`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListQuery {
@@ -307,6 +337,23 @@ pub trait Store: Send + Sync + 'static {
     /// Paging with `next_cursor` returns every workflow that matches the filter
     /// throughout the paging exactly once, even while others change status.
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
+
+    /// Marks the owed activity attempt `key` of workflow `id` as started at `now` by
+    /// a worker about to run it, and moves its deadline to `deadline`: from then on
+    /// its deadline counts from its start, not from when it was sent.
+    ///
+    /// Unless `take_over` is set, an attempt another worker marked started whose
+    /// deadline has not passed is left alone ([`AttemptStart::Running`]). A missing
+    /// workflow, entry, or an entry that is not an activity attempt is
+    /// [`AttemptStart::NotOwed`].
+    async fn start_attempt(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        now: Timestamp,
+        deadline: Timestamp,
+        take_over: bool,
+    ) -> Result<AttemptStart, StoreError>;
 
     /// Claims up to `limit` owed entries whose deadline is at or before `now`:
     /// each claimed entry's deadline moves to `now + lease`, so that it goes to one

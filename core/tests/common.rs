@@ -1,11 +1,14 @@
 //! Helpers shared by the engine tests.
 #![allow(dead_code, unreachable_pub)]
 
+use async_trait::async_trait;
 use marathon_core::memory::{MemoryQueue, MemoryStore};
 use marathon_core::{
-    Engine, EngineBuilder, EngineConfig, Event, EventData, Queue, Seq, StartWorkflow, Store,
-    TokioClock, Worker, WorkerConfig, WorkflowId, WorkflowSummary,
+    Delivery, Engine, EngineBuilder, EngineConfig, Event, EventData, OutgoingMessage, Queue,
+    QueueError, Receipt, Seq, StartWorkflow, Store, Task, TokioClock, Worker, WorkerConfig,
+    WorkflowId, WorkflowSummary,
 };
+use parking_lot::Mutex;
 use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
@@ -89,4 +92,52 @@ pub fn types(events: &[Event]) -> Vec<&'static str> {
 /// How many events satisfy `f`.
 pub fn count(events: &[Event], f: impl Fn(&EventData) -> bool) -> usize {
     events.iter().filter(|e| f(&e.data)).count()
+}
+
+/// A queue the test delivers from by hand: enqueued tasks pile up in `pending`.
+#[derive(Default)]
+pub struct HandQueue {
+    /// `(queue, task)` in the order enqueued.
+    pub pending: Mutex<Vec<(String, Task)>>,
+}
+
+#[async_trait]
+impl Queue for HandQueue {
+    async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+        let mut p = self.pending.lock();
+        for m in messages {
+            p.push((queue.to_string(), m.task));
+        }
+        Ok(())
+    }
+    async fn receive(
+        &self,
+        _: &str,
+        _: usize,
+        _: Duration,
+        _: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        Ok(Vec::new())
+    }
+    async fn ack(&self, _: &str, _: Vec<Receipt>) -> Result<(), QueueError> {
+        Ok(())
+    }
+    async fn nack(&self, _: &str, _: &Receipt, _: Duration) -> Result<(), QueueError> {
+        Ok(())
+    }
+    async fn extend(&self, _: &str, _: &Receipt, _: Duration) -> Result<(), QueueError> {
+        Ok(())
+    }
+    async fn depth(&self, _: &str) -> Result<u64, QueueError> {
+        Ok(self.pending.lock().len() as u64)
+    }
+    async fn drain_dead_letters(&self, _: &str, _: usize) -> Result<Vec<Task>, QueueError> {
+        Ok(Vec::new())
+    }
+    fn max_message_bytes(&self) -> usize {
+        usize::MAX
+    }
+    async fn ping(&self) -> Result<(), QueueError> {
+        Ok(())
+    }
 }

@@ -2,67 +2,20 @@
 //! whichever of two replicas, every activity completion is recorded exactly
 //! once and the workflow ends with the same result.
 
-use async_trait::async_trait;
+mod common;
+
+use common::HandQueue;
 use futures::future::{Either, select};
 use marathon_core::memory::MemoryStore;
 use marathon_core::{
-    ActivityContext, ActivityError, Delivery, Engine, EventData, OutgoingMessage, Queue,
-    QueueError, Receipt, Seq, StartWorkflow, Store, Task, Timestamp, WorkflowContext, WorkflowId,
-    WorkflowStatus,
+    ActivityContext, ActivityError, Engine, EventData, Seq, StartWorkflow, Store, Task, Timestamp,
+    WorkflowContext, WorkflowId, WorkflowStatus,
 };
-use parking_lot::Mutex;
 use proptest::prelude::*;
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-
-/// A queue the test delivers from by hand: enqueued tasks pile up in `pending`.
-#[derive(Default)]
-struct HandQueue {
-    pending: Mutex<Vec<(String, Task)>>,
-}
-
-#[async_trait]
-impl Queue for HandQueue {
-    async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
-        let mut p = self.pending.lock();
-        for m in messages {
-            p.push((queue.to_string(), m.task));
-        }
-        Ok(())
-    }
-    async fn receive(
-        &self,
-        _: &str,
-        _: usize,
-        _: Duration,
-        _: Duration,
-    ) -> Result<Vec<Delivery>, QueueError> {
-        Ok(Vec::new())
-    }
-    async fn ack(&self, _: &str, _: Vec<Receipt>) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn nack(&self, _: &str, _: &Receipt, _: Duration) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn extend(&self, _: &str, _: &Receipt, _: Duration) -> Result<(), QueueError> {
-        Ok(())
-    }
-    async fn depth(&self, _: &str) -> Result<u64, QueueError> {
-        Ok(self.pending.lock().len() as u64)
-    }
-    async fn drain_dead_letters(&self, _: &str, _: usize) -> Result<Vec<Task>, QueueError> {
-        Ok(Vec::new())
-    }
-    fn max_message_bytes(&self) -> usize {
-        usize::MAX
-    }
-    async fn ping(&self) -> Result<(), QueueError> {
-        Ok(())
-    }
-}
 
 fn engine(store: &Arc<dyn Store>, queue: &Arc<HandQueue>, runs: &Arc<AtomicU32>) -> Engine {
     let runs = runs.clone();

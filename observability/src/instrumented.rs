@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use marathon_core::model::{Event, NewEvent, Seq, Task, Timestamp, WorkflowId, WorkflowSummary};
 use marathon_core::queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
 use marathon_core::store::{
-    Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed,
-    OwedChanges, Store, StoreError,
+    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery,
+    NewWorkflow, Owed, OwedChanges, Store, StoreError,
 };
 
 use crate::Metrics;
@@ -70,6 +70,7 @@ const STORE_OPS: &[&str] = &[
     "subscribe",
     "get",
     "list",
+    "start_attempt",
     "claim_overdue",
     "purge_closed",
     "ping",
@@ -233,6 +234,21 @@ impl<S: Store + ?Sized> Store for InstrumentedStore<S> {
 
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
         timed_store!(self, "list", self.inner.list(query))
+    }
+
+    async fn start_attempt(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        now: Timestamp,
+        deadline: Timestamp,
+        take_over: bool,
+    ) -> Result<AttemptStart, StoreError> {
+        timed_store!(
+            self,
+            "start_attempt",
+            self.inner.start_attempt(id, key, now, deadline, take_over)
+        )
     }
 
     async fn claim_overdue(

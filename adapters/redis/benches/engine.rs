@@ -21,8 +21,9 @@ use marathon_core::{
     WorkflowContext, WorkflowError,
 };
 use marathon_core::{
-    Created, Event, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewEvent,
-    NewWorkflow, Owed, OwedChanges, Seq, Store, StoreError, Timestamp, WorkflowId, WorkflowSummary,
+    AttemptStart, Created, Event, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery,
+    NewEvent, NewWorkflow, Owed, OwedChanges, Seq, Store, StoreError, Timestamp, WorkflowId,
+    WorkflowSummary,
 };
 use marathon_redis::{RedisStore, RedisStoreConfig};
 use serde_json::json;
@@ -49,9 +50,9 @@ async fn steps(ctx: WorkflowContext, n: u32) -> Result<u32, WorkflowError> {
 
 /// Calls the engine makes on its store, by method.
 #[derive(Default)]
-struct Calls([AtomicU64; 8]);
+struct Calls([AtomicU64; 9]);
 
-const METHODS: [&str; 8] = [
+const METHODS: [&str; 9] = [
     "create",
     "append",
     "append_keyed",
@@ -60,13 +61,14 @@ const METHODS: [&str; 8] = [
     "subscribe",
     "claim_overdue",
     "other",
+    "start_attempt",
 ];
 
 impl Calls {
     fn bump(&self, i: usize) {
         self.0[i].fetch_add(1, Ordering::Relaxed);
     }
-    fn snapshot(&self) -> [u64; 8] {
+    fn snapshot(&self) -> [u64; 9] {
         std::array::from_fn(|i| self.0[i].load(Ordering::Relaxed))
     }
 }
@@ -121,6 +123,19 @@ impl Store for Counting {
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
         self.calls.bump(7);
         self.inner.list(query).await
+    }
+    async fn start_attempt(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        now: Timestamp,
+        deadline: Timestamp,
+        take_over: bool,
+    ) -> Result<AttemptStart, StoreError> {
+        self.calls.bump(8);
+        self.inner
+            .start_attempt(id, key, now, deadline, take_over)
+            .await
     }
     async fn claim_overdue(
         &self,

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use marathon_core::{
-    Created, Event, EventData, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery,
-    NewEvent, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Seq, Store, StoreError,
-    SummaryPatch, Timestamp, WorkflowId, WorkflowStatus, WorkflowSummary,
+    AttemptStart, Created, Event, EventData, EventStream, KeyedAppend, KeyedOutcome, ListPage,
+    ListQuery, NewEvent, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Seq, Store,
+    StoreError, SummaryPatch, Timestamp, WorkflowId, WorkflowStatus, WorkflowSummary,
 };
 use redis::aio::ConnectionManagerConfig;
 use redis::cluster::ClusterClientBuilder;
@@ -81,6 +81,7 @@ struct Scripts {
     claim: Script,
     purge: Script,
     idem_release: Script,
+    start: Script,
 }
 
 impl Scripts {
@@ -93,6 +94,7 @@ impl Scripts {
             claim: Script::new(include_str!("scripts/claim.lua")),
             purge: Script::new(include_str!("scripts/purge.lua")),
             idem_release: Script::new(include_str!("scripts/idem_release.lua")),
+            start: Script::new(include_str!("scripts/start.lua")),
         }
     }
 }
@@ -851,6 +853,34 @@ impl Store for RedisStore {
             }
         }
         Ok(ListPage { items, next_cursor })
+    }
+
+    async fn start_attempt(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        now: Timestamp,
+        deadline: Timestamp,
+        take_over: bool,
+    ) -> Result<AttemptStart, StoreError> {
+        let wk = self.keys().workflow(id.as_str());
+        let mut inv = self.inner.scripts.start.prepare_invoke();
+        inv.key(&wk.owed)
+            .key(&wk.zowed)
+            .arg(id.as_str())
+            .arg(key)
+            .arg(now.0)
+            .arg(deadline.0)
+            .arg(if take_over { "1" } else { "0" });
+        let reply: Vec<String> = inv.invoke_async(&mut self.conn()).await.map_err(classify)?;
+        match reply.first().map(String::as_str) {
+            Some("started") => Ok(AttemptStart::Started),
+            Some("running") => Ok(AttemptStart::Running {
+                since: Timestamp(parse_u64(reply.get(1).map_or("", |s| s), "started")?),
+            }),
+            Some("notowed") => Ok(AttemptStart::NotOwed),
+            _ => Err(bad_reply(format!("start_attempt: {reply:?}"))),
+        }
     }
 
     async fn claim_overdue(

@@ -257,6 +257,8 @@ async fn too_large_is_refused_and_nothing_is_sent() {
             scheduled_at: Timestamp(0),
         }),
         run: None,
+        deadline: None,
+        resent: false,
     });
     let res = q
         .enqueue(
@@ -291,6 +293,8 @@ async fn batches_respect_the_total_size_limit() {
                     scheduled_at: Timestamp(0),
                 }),
                 run: None,
+                deadline: None,
+                resent: false,
             }))
         })
         .collect();

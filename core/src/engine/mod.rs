@@ -31,8 +31,8 @@ use crate::model::{
 use crate::observe::{AttemptOutcome, NoopObserver, Observer, TaskOutcome};
 use crate::queue::{OutgoingMessage, Queue, QueueError};
 use crate::store::{
-    EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed, OwedChanges,
-    OwedEntry, OwedKind, Store, StoreError, activity_key,
+    AttemptStart, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed,
+    OwedChanges, OwedEntry, OwedKind, Store, StoreError, activity_key,
 };
 use replay::{Instance, TaskFailure};
 
@@ -106,13 +106,15 @@ pub struct EngineConfig {
     )]
     pub workflow_task_deadline: Duration,
     /// Slack added to an activity attempt's start-to-close timeout before the
-    /// sweeper considers its task lost and delivers it again. Default 30 s.
+    /// sweeper sends it again; a worker that receives its task with less than
+    /// start-to-close + half of this left marks it started. Default 30 s.
     #[serde(with = "crate::model::duration_ms", rename = "activity_grace_ms")]
     pub activity_grace: Duration,
     /// How long after a failed workflow task (non-determinism, panic) it is tried again. Default 10 s.
     #[serde(with = "crate::model::duration_ms", rename = "task_failure_retry_ms")]
     pub task_failure_retry: Duration,
-    /// Times the sweeper re-delivers a lost activity attempt before recording it as timed out. Default 3.
+    /// Times the sweeper delivers again an activity attempt a worker started and
+    /// then lost before it records it as `timeout.lost`. Default 3.
     pub max_redeliveries: u32,
     /// Workflows kept in memory between tasks, to avoid replay from event 1;
     /// 0 replays every task from event 1. Default 10,000.
@@ -414,6 +416,9 @@ pub struct Engine {
 
 /// Conflicting appends a workflow task retries before it hands its task back.
 const MAX_CONFLICTS: usize = 16;
+/// The sweeper sends an attempt no worker has started again after its start-to-close
+/// plus grace, then after twice that, four times, ... up to 2^this times.
+const MAX_RESEND_DOUBLINGS: u32 = 4;
 
 impl Engine {
     /// A builder with in-memory defaults.
@@ -723,6 +728,21 @@ impl Engine {
     /// # Errors
     /// Store and queue errors; the caller hands the task back to be delivered again.
     pub async fn handle(&self, queue: &str, task: Task) -> Result<(), EngineError> {
+        self.handle_delivery(queue, task, 1).await
+    }
+
+    /// Runs one task received from `queue` for the `receive_count`-th time (see
+    /// [`crate::Delivery::receive_count`]): a task the queue delivers again, after its
+    /// worker died or handed it back, takes its attempt over from that worker.
+    ///
+    /// # Errors
+    /// As [`Engine::handle`].
+    pub async fn handle_delivery(
+        &self,
+        queue: &str,
+        task: Task,
+        receive_count: u32,
+    ) -> Result<(), EngineError> {
         // Boxed: these state machines are large, and moving them around costs more than one allocation.
         match task {
             // Workers run this inside the observer's task span (one span per task).
@@ -731,7 +751,14 @@ impl Engine {
                 tail,
                 run,
             } => Box::pin(self.inner.workflow_task(&workflow_id, tail, run)).await,
-            Task::Activity(t) => Box::pin(self.inner.clone().activity_task(queue, t)).await,
+            Task::Activity(t) => {
+                Box::pin(
+                    self.inner
+                        .clone()
+                        .activity_task(queue, t, receive_count > 1),
+                )
+                .await
+            }
         }
     }
 
@@ -1117,17 +1144,20 @@ impl EngineInner {
                         options,
                         task_queue,
                     } => {
+                        let deadline = now
+                            .plus(options.start_to_close)
+                            .plus(self.config.activity_grace);
                         owed.set.push(OwedEntry {
                             kind: OwedKind::Activity {
                                 activity_id: *activity_id,
                                 attempt: 1,
                                 scheduled_seq: seq,
                                 redeliveries: 0,
+                                started: None,
+                                resends: 0,
                             },
                             task_queue: task_queue.clone(),
-                            deadline: now
-                                .plus(options.start_to_close)
-                                .plus(self.config.activity_grace),
+                            deadline,
                             trace_context: None,
                         });
                         let inline = self.queue.max_message_bytes() == usize::MAX
@@ -1146,6 +1176,8 @@ impl EngineInner {
                                     scheduled_at: now,
                                 }),
                                 run: Some(inst.started_at),
+                                deadline: Some(deadline),
+                                resent: false,
                             })),
                         );
                     }
@@ -1280,6 +1312,7 @@ impl EngineInner {
         self: Arc<Self>,
         queue: &str,
         t: ActivityTask,
+        redelivered: bool,
     ) -> Result<(), EngineError> {
         let call = match t.call.clone() {
             Some(c) => c,
@@ -1293,6 +1326,13 @@ impl EngineInner {
             },
         };
         let started_at = self.clock.now();
+        if !self
+            .mark_started(&t, &call, started_at, redelivered)
+            .await?
+        {
+            crate::observe::record_current([("outcome", &AttemptOutcome::Dropped.as_str())]);
+            return Ok(());
+        }
         let clock = std::time::Instant::now();
         let running = RunningGauge::start(self.observer.as_ref(), &call.name);
         let result = self.clone().run_attempt(&t, &call, started_at).await;
@@ -1306,6 +1346,45 @@ impl EngineInner {
         self.observer
             .activity_attempt(&call.name, outcome, duration, error_kind.as_deref());
         Ok(())
+    }
+
+    /// Whether the attempt should run, marking it started in the store first when
+    /// its owed deadline no longer leaves its start-to-close timeout plus half the
+    /// grace (it waited in a backlog), or the sweeper sent it again: then the
+    /// deadline counts from now, and a copy of an attempt another worker runs, or of
+    /// one no longer owed, is not run. Any other task runs without a store call.
+    async fn mark_started(
+        &self,
+        t: &ActivityTask,
+        call: &ActivityCall,
+        now: Timestamp,
+        redelivered: bool,
+    ) -> Result<bool, EngineError> {
+        let stc = call.options.start_to_close;
+        let grace = self.config.activity_grace;
+        let late = t
+            .deadline
+            .is_some_and(|d| d.since(now) < stc.saturating_add(grace / 2));
+        if !late && !t.resent {
+            return Ok(true);
+        }
+        let key = activity_key(t.activity_id, t.attempt);
+        let deadline = now.plus(stc).plus(grace);
+        match self
+            .store
+            .start_attempt(&t.workflow_id, &key, now, deadline, redelivered)
+            .await?
+        {
+            AttemptStart::Started => Ok(true),
+            AttemptStart::Running { since } => {
+                tracing::debug!(workflow_id = %t.workflow_id, activity_id = t.activity_id, attempt = t.attempt, since = since.0, "not running a copy of an attempt another worker runs");
+                Ok(false)
+            }
+            AttemptStart::NotOwed => {
+                tracing::debug!(workflow_id = %t.workflow_id, activity_id = t.activity_id, attempt = t.attempt, "not running an attempt that is no longer owed");
+                Ok(false)
+            }
+        }
     }
 
     async fn run_attempt(
@@ -1457,29 +1536,36 @@ impl EngineInner {
         // A retry owes the next attempt (delivered after the backoff); anything else owes
         // the workflow a task, which gets the appended events as its tail.
         let (owed, next_attempt) = match retry_delay {
-            Some(delay) => (
-                OwedChanges::none().set(OwedEntry {
-                    kind: OwedKind::Activity {
-                        activity_id: t.activity_id,
-                        attempt: t.attempt + 1,
-                        scheduled_seq: t.scheduled_seq,
-                        redeliveries: 0,
-                    },
-                    task_queue: queue.to_string(),
-                    deadline: now
-                        .plus(delay)
-                        .plus(call.options.start_to_close)
-                        .plus(self.config.activity_grace),
-                    trace_context: None,
-                }),
-                Some(
-                    OutgoingMessage::now(Task::Activity(ActivityTask {
-                        attempt: t.attempt + 1,
-                        ..t.clone()
-                    }))
-                    .delayed(delay),
-                ),
-            ),
+            Some(delay) => {
+                let deadline = now
+                    .plus(delay)
+                    .plus(call.options.start_to_close)
+                    .plus(self.config.activity_grace);
+                (
+                    OwedChanges::none().set(OwedEntry {
+                        kind: OwedKind::Activity {
+                            activity_id: t.activity_id,
+                            attempt: t.attempt + 1,
+                            scheduled_seq: t.scheduled_seq,
+                            redeliveries: 0,
+                            started: None,
+                            resends: 0,
+                        },
+                        task_queue: queue.to_string(),
+                        deadline,
+                        trace_context: None,
+                    }),
+                    Some(
+                        OutgoingMessage::now(Task::Activity(ActivityTask {
+                            attempt: t.attempt + 1,
+                            deadline: Some(deadline),
+                            resent: false,
+                            ..t.clone()
+                        }))
+                        .delayed(delay),
+                    ),
+                )
+            }
             None => (
                 OwedChanges::none().set(self.workflow_task_owed(&t.workflow_task_queue, now)),
                 None,
@@ -1587,6 +1673,8 @@ impl EngineInner {
                 attempt,
                 scheduled_seq,
                 redeliveries,
+                started,
+                resends,
             } => {
                 let Some(call) = self.load_call(&id, scheduled_seq).await? else {
                     return Ok(());
@@ -1594,7 +1682,31 @@ impl EngineInner {
                 let Some(summary) = self.store.get(&id).await? else {
                     return Ok(());
                 };
-                let task = ActivityTask {
+                let stc = call.options.start_to_close;
+                let grace = self.config.activity_grace;
+                // A worker that started it and then neither finished nor renewed it in
+                // time was lost with it: such losses count towards `timeout.lost`. An
+                // attempt no worker has marked started may be lost, or may still wait in
+                // a backlog: it is sent again (a worker runs one copy), less and less
+                // often, and never counted as lost.
+                let give_up = if call
+                    .options
+                    .schedule_to_close
+                    .is_some_and(|s| now >= call.scheduled_at.plus(s))
+                {
+                    Some(ActivityError::timeout("schedule_to_close"))
+                } else if started.is_some() && redeliveries >= self.config.max_redeliveries {
+                    Some(
+                        ActivityError::retryable(format!(
+                            "attempt {attempt} was started {} times and each time its worker was lost before a result (start-to-close + grace passed)",
+                            redeliveries + 1
+                        ))
+                        .with_kind("timeout.lost"),
+                    )
+                } else {
+                    None
+                };
+                let mut task = ActivityTask {
                     workflow_id: id.clone(),
                     activity_id,
                     attempt,
@@ -1602,13 +1714,11 @@ impl EngineInner {
                     workflow_task_queue: summary.task_queue.clone(),
                     call: None,
                     run: Some(summary.created_at),
+                    deadline: None,
+                    resent: true,
                 };
-                if redeliveries >= self.config.max_redeliveries {
-                    let error = ActivityError::retryable(format!(
-                        "attempt {attempt} was delivered {} times without a result (worker or task lost)",
-                        redeliveries + 1
-                    ))
-                    .with_kind("timeout.lost");
+                if let Some(error) = give_up {
+                    let kind = error.kind.clone();
                     let outcome = self
                         .record_outcome(
                             &owed.entry.task_queue,
@@ -1623,10 +1733,21 @@ impl EngineInner {
                         &call.name,
                         outcome,
                         Duration::ZERO,
-                        Some("timeout.lost"),
+                        Some(&kind),
                     );
                     return Ok(());
                 }
+                let (redeliveries, resends, wait) = match started {
+                    Some(_) => (redeliveries + 1, resends, stc.saturating_add(grace)),
+                    None => (
+                        redeliveries,
+                        resends + 1,
+                        stc.saturating_add(grace)
+                            .saturating_mul(1 << resends.min(MAX_RESEND_DOUBLINGS)),
+                    ),
+                };
+                let deadline = now.plus(wait);
+                task.deadline = Some(deadline);
                 let outcome = self
                     .store
                     .append_keyed(
@@ -1640,19 +1761,23 @@ impl EngineInner {
                                     activity_id,
                                     attempt,
                                     scheduled_seq,
-                                    redeliveries: redeliveries + 1,
+                                    redeliveries,
+                                    started: None,
+                                    resends,
                                 },
                                 task_queue: owed.entry.task_queue.clone(),
-                                deadline: now
-                                    .plus(call.options.start_to_close)
-                                    .plus(self.config.activity_grace),
+                                deadline,
                                 trace_context: None,
                             }),
                         },
                     )
                     .await?;
                 if let KeyedOutcome::Appended(_) = outcome {
-                    tracing::warn!(workflow_id = %id, activity_id, attempt, "re-delivering an activity attempt whose task was lost");
+                    if started.is_some() {
+                        tracing::warn!(workflow_id = %id, activity_id, attempt, "re-delivering an activity attempt whose worker was lost");
+                    } else {
+                        tracing::info!(workflow_id = %id, activity_id, attempt, resends, "sending an activity attempt no worker has started again (its task was lost, or still waits in the queue)");
+                    }
                     // In the run's trace, under the span that started the run.
                     let message =
                         OutgoingMessage::now(Task::Activity(task)).traced(summary.trace_context);

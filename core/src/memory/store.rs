@@ -15,8 +15,8 @@ use crate::model::{
     WorkflowSummary,
 };
 use crate::store::{
-    Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewWorkflow, Owed,
-    OwedChanges, OwedEntry, OwedKind, Store, StoreError,
+    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery,
+    NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Store, StoreError,
 };
 
 /// Number of shards of the workflow map and of the owed-work index.
@@ -497,6 +497,44 @@ impl Store for MemoryStore {
             items: Self::summaries(picked),
             next_cursor,
         })
+    }
+
+    async fn start_attempt(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        now: Timestamp,
+        deadline: Timestamp,
+        take_over: bool,
+    ) -> Result<AttemptStart, StoreError> {
+        let Some(state) = self.lookup(id) else {
+            return Ok(AttemptStart::NotOwed);
+        };
+        let mut st = state.lock();
+        if st.removed {
+            return Ok(AttemptStart::NotOwed);
+        }
+        let Some((_, entry)) = st.owed.iter_mut().find(|(k, _)| k == key) else {
+            return Ok(AttemptStart::NotOwed);
+        };
+        let OwedKind::Activity { started, .. } = &mut entry.kind else {
+            return Ok(AttemptStart::NotOwed);
+        };
+        if let Some(since) = *started
+            && entry.deadline > now
+            && !take_over
+        {
+            return Ok(AttemptStart::Running { since });
+        }
+        *started = Some(now);
+        let before = std::mem::replace(&mut entry.deadline, deadline);
+        // Under the workflow's lock, like every change of its entries.
+        let mut index = self.shard(id).owed.lock();
+        index.remove(&(before, id.clone(), key.to_string()));
+        index.insert((deadline, id.clone(), key.to_string()));
+        drop(index);
+        drop(st);
+        Ok(AttemptStart::Started)
     }
 
     async fn claim_overdue(

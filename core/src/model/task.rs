@@ -73,6 +73,15 @@ pub struct ActivityTask {
     /// result makes due; `None` when unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run: Option<Timestamp>,
+    /// The deadline of its owed entry when it was sent: a worker that receives it
+    /// late marks the attempt started ([`crate::Store::start_attempt`]), so that a
+    /// wait in a queue's backlog does not make it look lost. `None`: never marked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Timestamp>,
+    /// Sent again by the sweeper: the worker marks it started before it runs, so
+    /// that it runs once even when the copy it replaces is still waiting in the queue.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub resent: bool,
 }
 
 /// What an activity task runs: name, input, options.

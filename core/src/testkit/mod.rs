@@ -83,6 +83,7 @@ macro_rules! store_conformance {
                 keyed_append_requires_and_consumes_owed_entry,
                 keyed_append_closed_after_terminal,
                 empty_keyed_append_swaps_owed_work,
+                start_attempt_marks_and_dedupes,
                 summary_follows_events,
                 claim_overdue_leases_entries,
                 owed_entries_follow_appends,

@@ -320,6 +320,8 @@ pub async fn trace_context_round_trips(q: Arc<dyn Queue>) {
             scheduled_at: Timestamp(1_700_000_000_123),
         }),
         run: Some(Timestamp(1_700_000_000_001)),
+        deadline: Some(Timestamp(1_700_000_090_123)),
+        resent: true,
     });
     let mut traced = OutgoingMessage::now(t.clone());
     traced.trace_context = Some(traceparent.clone());

@@ -17,8 +17,8 @@ use crate::model::{
     WorkflowStatus, WorkflowSummary,
 };
 use crate::store::{
-    KeyedAppend, KeyedOutcome, ListQuery, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind,
-    Store, StoreError,
+    AttemptStart, KeyedAppend, KeyedOutcome, ListQuery, NewWorkflow, Owed, OwedChanges, OwedEntry,
+    OwedKind, Store, StoreError,
 };
 
 /// A fixed epoch the cases count from.
@@ -105,6 +105,8 @@ fn activity(activity_id: u32, attempt: u32, deadline: Timestamp) -> OwedEntry {
             attempt,
             scheduled_seq: Seq(2),
             redeliveries: 0,
+            started: None,
+            resends: 0,
         },
         task_queue: "tq".into(),
         deadline,
@@ -692,6 +694,131 @@ pub async fn empty_keyed_append_swaps_owed_work(store: Arc<dyn Store>) {
         .await,
         KeyedOutcome::NotOwed
     );
+}
+
+/// `start_attempt` marks an owed activity attempt started and moves its deadline;
+/// a second start while that deadline stands is told it runs, unless it takes over;
+/// once the deadline has passed anyone may start it; the sweeper's claim returns the
+/// mark; a missing entry, a timer, a finished or unknown workflow owe nothing.
+pub async fn start_attempt_marks_and_dedupes(store: Arc<dyn Store>) {
+    let id = start(&store, "start", at(0)).await;
+    store
+        .append(
+            &id,
+            Seq(1),
+            vec![ev(at(1), EventData::WorkflowTaskCompleted {})],
+            OwedChanges::none()
+                .clear("wf")
+                .set(activity(1, 1, at(100)))
+                .set(timer(1, at(5_000))),
+        )
+        .await
+        .expect("schedule");
+    let start_at = |now, deadline, take_over| {
+        let (store, id) = (store.clone(), id.clone());
+        async move {
+            store
+                .start_attempt(&id, "a:1:1", at(now), at(deadline), take_over)
+                .await
+                .expect("start_attempt")
+        }
+    };
+    assert_eq!(start_at(90, 1_090, false).await, AttemptStart::Started);
+    // The deadline moved: nothing is overdue at the old one.
+    assert!(claim_all(&store, at(500)).await.is_empty());
+    // A copy received while that start stands does not run...
+    assert_eq!(
+        start_at(95, 1_095, false).await,
+        AttemptStart::Running { since: at(90) }
+    );
+    // ... unless it takes over (the queue delivered it again: its worker is gone).
+    assert_eq!(start_at(96, 1_096, true).await, AttemptStart::Started);
+    assert_eq!(
+        start_at(97, 1_097, false).await,
+        AttemptStart::Running { since: at(96) }
+    );
+    // Past the deadline, the start is stale: the next one marks it anew.
+    assert_eq!(start_at(1_097, 2_097, false).await, AttemptStart::Started);
+    let claimed = claim_all(&store, at(2_097)).await;
+    let mut marked = activity(1, 1, at(2_097));
+    if let OwedKind::Activity { started, .. } = &mut marked.kind {
+        *started = Some(at(1_097));
+    }
+    assert_eq!(
+        claimed,
+        vec![Owed {
+            workflow_id: id.clone(),
+            entry: marked,
+        }]
+    );
+    // Claimed by the sweeper (its lease is the deadline now): still running.
+    assert_eq!(
+        start_at(2_098, 3_098, false).await,
+        AttemptStart::Running { since: at(1_097) }
+    );
+    // Not owed: another attempt, a timer's key, an unknown workflow.
+    assert_eq!(
+        store
+            .start_attempt(&id, "a:1:2", at(1), at(2), false)
+            .await
+            .expect("start_attempt"),
+        AttemptStart::NotOwed
+    );
+    assert_eq!(
+        store
+            .start_attempt(&id, "t:1", at(1), at(2), true)
+            .await
+            .expect("start_attempt"),
+        AttemptStart::NotOwed
+    );
+    assert_eq!(
+        store
+            .start_attempt(&WorkflowId::random(), "a:1:1", at(1), at(2), false)
+            .await
+            .expect("start_attempt"),
+        AttemptStart::NotOwed
+    );
+    // The result consumes the marked entry as any other; then it is not owed.
+    let result = KeyedAppend {
+        key: None,
+        requires: Some("a:1:1".into()),
+        events: vec![ev(
+            at(2_100),
+            EventData::ActivityCompleted {
+                activity_id: 1,
+                attempt: 1,
+                output: json!(1),
+            },
+        )],
+        owed: OwedChanges::none(),
+    };
+    assert!(matches!(
+        keyed(&store, &id, result).await,
+        KeyedOutcome::Appended(_)
+    ));
+    assert_eq!(start_at(2_200, 3_200, true).await, AttemptStart::NotOwed);
+    // The timer is untouched by all of it.
+    assert_eq!(
+        claim_all(&store, at(5_000)).await,
+        vec![Owed {
+            workflow_id: id.clone(),
+            entry: timer(1, at(5_000)),
+        }]
+    );
+    // A finished workflow owes nothing.
+    store
+        .append_keyed(
+            &id,
+            KeyedAppend {
+                key: None,
+                requires: None,
+                events: vec![completed(at(5_001))],
+                owed: OwedChanges::none(),
+            },
+        )
+        .await
+        .expect("complete");
+    assert_eq!(start_at(5_002, 6_000, true).await, AttemptStart::NotOwed);
 }
 
 /// A keyed terminal append clears owed work; later keyed appends report `Closed`.

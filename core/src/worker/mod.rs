@@ -294,7 +294,7 @@ async fn run_delivery(
     let TaskScope { span, wrap } = observer.task_scope(&d.task, d.trace_context.as_deref());
     let work: TaskFuture<'_> = Box::pin(InSpan {
         span,
-        work: engine.handle(queue, d.task),
+        work: engine.handle_delivery(queue, d.task, d.receive_count),
     });
     let work = match wrap {
         Some(wrap) => wrap(work),
