@@ -162,6 +162,12 @@ pub struct OwedEntry {
     /// (the sweeper then takes the run's from its summary).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trace_context: Option<String>,
+    /// The run that owes it (its `created_at`), for a timer: the workflow task the
+    /// sweeper sends when it fires names its run, so a replica that caches the
+    /// workflow need not read its summary to know the instance is of that run.
+    /// `None` elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run: Option<Timestamp>,
 }
 
 /// An overdue entry returned by [`Store::claim_overdue`].

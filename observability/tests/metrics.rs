@@ -537,3 +537,34 @@ async fn in_flight_gauge_returns_to_zero_after_a_hard_stop() {
         "no attempt runs on this replica after shutdown"
     );
 }
+
+/// A timer the sweeper fires sends a workflow task that names its run, so the replica
+/// caching the workflow continues it without reading the workflow's summary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fired_timer_continues_a_cached_workflow_without_reading_its_summary() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let engine = engine(&metrics);
+    let w = worker(&engine);
+    let id = engine
+        .start(marathon_core::StartWorkflow::new(
+            "napper",
+            serde_json::json!(1),
+        ))
+        .await
+        .expect("start")
+        .summary
+        .id;
+    wait_for_event(&engine, &id, "workflow_completed").await;
+    w.shutdown().await;
+    let s = parse(&metrics.render());
+    let gets = value(
+        &s,
+        "marathon_store_operation_seconds_count",
+        &[
+            ("operation", "get"),
+            ("backend", "memory"),
+            ("outcome", "ok"),
+        ],
+    );
+    assert_eq!(gets.unwrap_or(0.0), 0.0, "summary reads");
+}

@@ -284,6 +284,7 @@ impl RedisStore {
             task_queue: new.task_queue.clone(),
             deadline: new.task_deadline,
             trace_context: new.trace_context.clone(),
+            run: None,
         };
         let mut inv = self.inner.scripts.create.prepare_invoke();
         inv.key(&wk.sum)

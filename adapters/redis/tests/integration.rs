@@ -53,6 +53,7 @@ fn timer(id: u32, at: u64) -> OwedEntry {
         task_queue: "tq".into(),
         deadline: Timestamp(at),
         trace_context: None,
+        run: None,
     }
 }
 

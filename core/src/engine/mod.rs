@@ -689,6 +689,7 @@ impl Engine {
         }
         let owed = OwedEntry {
             trace_context: summary.trace_context.clone(),
+            run: None,
             ..inner.workflow_task_owed(&summary.task_queue, now)
         };
         let outcome = inner
@@ -814,6 +815,7 @@ impl EngineInner {
             task_queue: task_queue.to_string(),
             deadline: now.plus(self.config.workflow_task_deadline),
             trace_context: None,
+            run: None,
         }
     }
 
@@ -1159,6 +1161,7 @@ impl EngineInner {
                             task_queue: task_queue.clone(),
                             deadline,
                             trace_context: None,
+                            run: None,
                         });
                         let inline = self.queue.max_message_bytes() == usize::MAX
                             || serde_json::to_vec(input).map_or(0, |v| v.len()) <= inline_limit;
@@ -1192,6 +1195,7 @@ impl EngineInner {
                         trace_context: timer_trace
                             .get_or_insert_with(|| self.observer.trace_context())
                             .clone(),
+                        run: Some(inst.started_at),
                     }),
                     _ => {}
                 }
@@ -1271,6 +1275,7 @@ impl EngineInner {
             deadline: now.plus(self.config.task_failure_retry),
             // Only the sweeper delivers the retry; it stays in this task's trace.
             trace_context: self.observer.trace_context(),
+            run: None,
         });
         match self.store.append(id, last, events, owed).await {
             Ok(_)
@@ -1554,6 +1559,7 @@ impl EngineInner {
                         task_queue: queue.to_string(),
                         deadline,
                         trace_context: None,
+                        run: None,
                     }),
                     Some(
                         OutgoingMessage::now(Task::Activity(ActivityTask {
@@ -1663,7 +1669,7 @@ impl EngineInner {
                         vec![fired],
                         last,
                         owed.entry.trace_context,
-                        None,
+                        owed.entry.run,
                     )
                     .await;
                 }
@@ -1768,6 +1774,7 @@ impl EngineInner {
                                 task_queue: owed.entry.task_queue.clone(),
                                 deadline,
                                 trace_context: None,
+                                run: None,
                             }),
                         },
                     )

@@ -274,6 +274,7 @@ impl Store for MemoryStore {
             task_queue: new.task_queue.clone(),
             deadline: new.task_deadline,
             trace_context: new.trace_context,
+            run: None,
         };
         let state: SharedState = Arc::new(Mutex::new(WorkflowState {
             summary: summary.clone(),
@@ -776,6 +777,7 @@ mod tests {
             task_queue: "tq".into(),
             deadline: Timestamp(d),
             trace_context: None,
+            run: None,
         };
         store
             .append(

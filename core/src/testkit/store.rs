@@ -82,6 +82,7 @@ fn workflow_task(deadline: Timestamp) -> OwedEntry {
         task_queue: "tq".into(),
         deadline,
         trace_context: None,
+        run: None,
     }
 }
 
@@ -95,6 +96,8 @@ fn timer(timer_id: u32, deadline: Timestamp) -> OwedEntry {
         deadline,
         // Kept by every backend: a fired timer's task continues the trace it names.
         trace_context: Some(TIMER_TRACEPARENT.into()),
+        // Kept too: the task sent when it fires names its run.
+        run: Some(T0),
     }
 }
 
@@ -111,6 +114,7 @@ fn activity(activity_id: u32, attempt: u32, deadline: Timestamp) -> OwedEntry {
         task_queue: "tq".into(),
         deadline,
         trace_context: None,
+        run: None,
     }
 }
 
@@ -261,6 +265,7 @@ pub async fn create_keeps_the_runs_trace_context(store: Arc<dyn Store>) {
             workflow_id: new.id.clone(),
             entry: OwedEntry {
                 trace_context: Some(tp.into()),
+                run: None,
                 ..workflow_task(new.task_deadline)
             },
         }]
