@@ -109,6 +109,10 @@ pub enum OwedKind {
         /// waiting in a queue's backlog).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         started: Option<Timestamp>,
+        /// Which copy of its task the worker that marked it started received
+        /// ([`crate::ActivityTask::copy`]); meaningful while `started` is set.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        started_copy: u32,
         /// How many times the sweeper has sent it again while no worker had marked
         /// it started (lost before a worker took it, or still waiting in a backlog).
         #[serde(default, skip_serializing_if = "is_zero")]
@@ -218,6 +222,12 @@ pub struct KeyedAppend {
     /// Owed-work key that must exist; it is removed by the append (an activity
     /// result consumes its live attempt, a timer firing its timer).
     pub requires: Option<String>,
+    /// With `requires`: the entry must still fall due at exactly this deadline (the
+    /// end of the lease the sweeper's claim gave it), else nothing is written
+    /// ([`KeyedOutcome::NotOwed`]): an entry changed since the claim (a worker
+    /// marked the attempt started) is not replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requires_deadline: Option<Timestamp>,
     /// The events.
     pub events: Vec<NewEvent>,
     /// Owed-work changes applied after `requires` is consumed.
@@ -345,20 +355,24 @@ pub trait Store: Send + Sync + 'static {
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
 
     /// Marks the owed activity attempt `key` of workflow `id` as started at `now` by
-    /// a worker about to run it, and moves its deadline to `deadline`: from then on
-    /// its deadline counts from its start, not from when it was sent.
+    /// a worker about to run copy `copy` of its task, and moves its deadline to
+    /// `deadline` (a millisecond later if that is its deadline already, so that a
+    /// claim's `requires_deadline` sees the change): from then on its deadline counts
+    /// from its start, not from when it was sent.
     ///
-    /// Unless `take_over` is set, an attempt another worker marked started whose
-    /// deadline has not passed is left alone ([`AttemptStart::Running`]). A missing
-    /// workflow, entry, or an entry that is not an activity attempt is
-    /// [`AttemptStart::NotOwed`].
+    /// An attempt marked started whose deadline has not passed is left alone
+    /// ([`AttemptStart::Running`]), unless `redelivered` and the mark is of this same
+    /// copy: the queue delivered that message again, so the worker that started it
+    /// is gone. A missing workflow, entry, or an entry that is not an activity
+    /// attempt is [`AttemptStart::NotOwed`].
     async fn start_attempt(
         &self,
         id: &WorkflowId,
         key: &str,
+        copy: u32,
         now: Timestamp,
         deadline: Timestamp,
-        take_over: bool,
+        redelivered: bool,
     ) -> Result<AttemptStart, StoreError>;
 
     /// Claims up to `limit` owed entries whose deadline is at or before `now`:

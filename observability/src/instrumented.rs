@@ -240,14 +240,16 @@ impl<S: Store + ?Sized> Store for InstrumentedStore<S> {
         &self,
         id: &WorkflowId,
         key: &str,
+        copy: u32,
         now: Timestamp,
         deadline: Timestamp,
-        take_over: bool,
+        redelivered: bool,
     ) -> Result<AttemptStart, StoreError> {
         timed_store!(
             self,
             "start_attempt",
-            self.inner.start_attempt(id, key, now, deadline, take_over)
+            self.inner
+                .start_attempt(id, key, copy, now, deadline, redelivered)
         )
     }
 

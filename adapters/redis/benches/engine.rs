@@ -128,13 +128,14 @@ impl Store for Counting {
         &self,
         id: &WorkflowId,
         key: &str,
+        copy: u32,
         now: Timestamp,
         deadline: Timestamp,
-        take_over: bool,
+        redelivered: bool,
     ) -> Result<AttemptStart, StoreError> {
         self.calls.bump(8);
         self.inner
-            .start_attempt(id, key, now, deadline, take_over)
+            .start_attempt(id, key, copy, now, deadline, redelivered)
             .await
     }
     async fn claim_overdue(

@@ -717,8 +717,12 @@ impl Store for RedisStore {
         let tail = self.batch_args(id, &wk, &append.events, &append.owed)?;
         let key = append.key.as_deref().unwrap_or("");
         let requires = append.requires.as_deref().unwrap_or("");
+        let due = append
+            .requires_deadline
+            .map(|d| d.0.to_string())
+            .unwrap_or_default();
         let reply = self
-            .run_append(&self.inner.scripts.keyed, &wk, &[key, requires], tail)
+            .run_append(&self.inner.scripts.keyed, &wk, &[key, requires, &due], tail)
             .await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(KeyedOutcome::Appended(Seq(parse_u64(
@@ -860,9 +864,10 @@ impl Store for RedisStore {
         &self,
         id: &WorkflowId,
         key: &str,
+        copy: u32,
         now: Timestamp,
         deadline: Timestamp,
-        take_over: bool,
+        redelivered: bool,
     ) -> Result<AttemptStart, StoreError> {
         let wk = self.keys().workflow(id.as_str());
         let mut inv = self.inner.scripts.start.prepare_invoke();
@@ -870,9 +875,11 @@ impl Store for RedisStore {
             .key(&wk.zowed)
             .arg(id.as_str())
             .arg(key)
+            .arg(copy)
             .arg(now.0)
             .arg(deadline.0)
-            .arg(if take_over { "1" } else { "0" });
+            .arg(deadline.0.saturating_add(1))
+            .arg(if redelivered { "1" } else { "0" });
         let reply: Vec<String> = inv.invoke_async(&mut self.conn()).await.map_err(classify)?;
         match reply.first().map(String::as_str) {
             Some("started") => Ok(AttemptStart::Started),

@@ -108,6 +108,7 @@ async fn histories_summaries_and_appends() {
     let fire = |key: &str| KeyedAppend {
         key: Some(key.into()),
         requires: Some("t:1".into()),
+        requires_deadline: None,
         events: vec![NewEvent::new(
             Timestamp(104),
             EventData::TimerFired { timer_id: 1 },

@@ -259,6 +259,7 @@ async fn too_large_is_refused_and_nothing_is_sent() {
         run: None,
         deadline: None,
         resent: false,
+        copy: 0,
     });
     let res = q
         .enqueue(
@@ -295,6 +296,7 @@ async fn batches_respect_the_total_size_limit() {
                 run: None,
                 deadline: None,
                 resent: false,
+                copy: 0,
             }))
         })
         .collect();

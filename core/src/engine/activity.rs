@@ -202,6 +202,7 @@ impl ActivityContext {
                 self.inner.activity_id, self.inner.attempt
             )),
             requires: None,
+            requires_deadline: None,
             events: vec![NewEvent::new(
                 engine.clock.now(),
                 EventData::Progress {

@@ -699,6 +699,7 @@ impl Engine {
                 KeyedAppend {
                     key,
                     requires: None,
+                    requires_deadline: None,
                     events: vec![event.clone()],
                     owed: OwedChanges::none().set(owed),
                 },
@@ -771,13 +772,13 @@ impl Engine {
     pub async fn sweep(&self, limit: usize) -> Result<usize, EngineError> {
         let inner = &self.inner;
         let now = inner.clock.now();
-        let claimed = inner
-            .store
-            .claim_overdue(now, inner.config.workflow_task_deadline, limit)
-            .await?;
+        let lease = inner.config.workflow_task_deadline;
+        let claimed = inner.store.claim_overdue(now, lease, limit).await?;
         let n = claimed.len();
+        // Each claimed entry falls due at the end of the lease until it is acted on.
+        let until = now.plus(lease);
         for owed in claimed {
-            if let Err(e) = inner.clone().overdue(owed).await {
+            if let Err(e) = inner.clone().overdue(owed, until).await {
                 tracing::warn!(error = %e, "acting on overdue work failed; it is retried after its lease");
             }
         }
@@ -1156,6 +1157,7 @@ impl EngineInner {
                                 scheduled_seq: seq,
                                 redeliveries: 0,
                                 started: None,
+                                started_copy: 0,
                                 resends: 0,
                             },
                             task_queue: task_queue.clone(),
@@ -1181,6 +1183,7 @@ impl EngineInner {
                                 run: Some(inst.started_at),
                                 deadline: Some(deadline),
                                 resent: false,
+                                copy: 0,
                             })),
                         );
                     }
@@ -1367,9 +1370,11 @@ impl EngineInner {
     ) -> Result<bool, EngineError> {
         let stc = call.options.start_to_close;
         let grace = self.config.activity_grace;
+        // A task without a deadline was sent by an earlier version: it may have
+        // waited in a backlog while the sweeper sent copies, so it is marked too.
         let late = t
             .deadline
-            .is_some_and(|d| d.since(now) < stc.saturating_add(grace / 2));
+            .is_none_or(|d| d.since(now) < stc.saturating_add(grace / 2));
         if !late && !t.resent {
             return Ok(true);
         }
@@ -1377,7 +1382,7 @@ impl EngineInner {
         let deadline = now.plus(stc).plus(grace);
         match self
             .store
-            .start_attempt(&t.workflow_id, &key, now, deadline, redelivered)
+            .start_attempt(&t.workflow_id, &key, t.copy, now, deadline, redelivered)
             .await?
         {
             AttemptStart::Started => Ok(true),
@@ -1554,6 +1559,7 @@ impl EngineInner {
                             scheduled_seq: t.scheduled_seq,
                             redeliveries: 0,
                             started: None,
+                            started_copy: 0,
                             resends: 0,
                         },
                         task_queue: queue.to_string(),
@@ -1566,6 +1572,7 @@ impl EngineInner {
                             attempt: t.attempt + 1,
                             deadline: Some(deadline),
                             resent: false,
+                            copy: 0,
                             ..t.clone()
                         }))
                         .delayed(delay),
@@ -1585,6 +1592,7 @@ impl EngineInner {
                 KeyedAppend {
                     key: None,
                     requires: Some(activity_key(t.activity_id, t.attempt)),
+                    requires_deadline: None,
                     events,
                     owed,
                 },
@@ -1617,7 +1625,8 @@ impl EngineInner {
         }
     }
 
-    async fn overdue(self: Arc<Self>, owed: Owed) -> Result<(), EngineError> {
+    /// Acts on `owed`, which its claim made due at `until`.
+    async fn overdue(self: Arc<Self>, owed: Owed, until: Timestamp) -> Result<(), EngineError> {
         let id = owed.workflow_id;
         let now = self.clock.now();
         self.observer.overdue(match owed.entry.kind {
@@ -1656,6 +1665,7 @@ impl EngineInner {
                         KeyedAppend {
                             key: None,
                             requires: Some(owed.entry.kind.key()),
+                            requires_deadline: None,
                             events: vec![fired.clone()],
                             owed: OwedChanges::none()
                                 .set(self.workflow_task_owed(&task_queue, now)),
@@ -1680,6 +1690,7 @@ impl EngineInner {
                 scheduled_seq,
                 redeliveries,
                 started,
+                started_copy: _,
                 resends,
             } => {
                 let Some(call) = self.load_call(&id, scheduled_seq).await? else {
@@ -1722,6 +1733,7 @@ impl EngineInner {
                     run: Some(summary.created_at),
                     deadline: None,
                     resent: true,
+                    copy: 0,
                 };
                 if let Some(error) = give_up {
                     let kind = error.kind.clone();
@@ -1749,11 +1761,16 @@ impl EngineInner {
                         redeliveries,
                         resends + 1,
                         stc.saturating_add(grace)
-                            .saturating_mul(1 << resends.min(MAX_RESEND_DOUBLINGS)),
+                            .saturating_mul(1 << (resends + 1).min(MAX_RESEND_DOUBLINGS)),
                     ),
                 };
-                let deadline = now.plus(wait);
+                // Not past its schedule-to-close: the sweeper records that timeout then.
+                let deadline = match call.options.schedule_to_close {
+                    Some(s) => now.plus(wait).min(call.scheduled_at.plus(s)),
+                    None => now.plus(wait),
+                };
                 task.deadline = Some(deadline);
+                task.copy = redeliveries.saturating_add(resends);
                 let outcome = self
                     .store
                     .append_keyed(
@@ -1761,6 +1778,8 @@ impl EngineInner {
                         KeyedAppend {
                             key: None,
                             requires: Some(owed.entry.kind.key()),
+                            // Not if a worker marked it started since the claim.
+                            requires_deadline: Some(until),
                             events: Vec::new(),
                             owed: OwedChanges::none().set(OwedEntry {
                                 kind: OwedKind::Activity {
@@ -1769,6 +1788,7 @@ impl EngineInner {
                                     scheduled_seq,
                                     redeliveries,
                                     started: None,
+                                    started_copy: 0,
                                     resends,
                                 },
                                 task_queue: owed.entry.task_queue.clone(),

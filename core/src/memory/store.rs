@@ -397,7 +397,10 @@ impl Store for MemoryStore {
             return Ok(KeyedOutcome::Duplicate);
         }
         if let Some(req) = &append.requires
-            && !st.owed.iter().any(|(k, _)| k == req)
+            && !st
+                .owed
+                .iter()
+                .any(|(k, e)| k == req && append.requires_deadline.is_none_or(|d| e.deadline == d))
         {
             return Ok(KeyedOutcome::NotOwed);
         }
@@ -504,9 +507,10 @@ impl Store for MemoryStore {
         &self,
         id: &WorkflowId,
         key: &str,
+        copy: u32,
         now: Timestamp,
         deadline: Timestamp,
-        take_over: bool,
+        redelivered: bool,
     ) -> Result<AttemptStart, StoreError> {
         let Some(state) = self.lookup(id) else {
             return Ok(AttemptStart::NotOwed);
@@ -518,16 +522,27 @@ impl Store for MemoryStore {
         let Some((_, entry)) = st.owed.iter_mut().find(|(k, _)| k == key) else {
             return Ok(AttemptStart::NotOwed);
         };
-        let OwedKind::Activity { started, .. } = &mut entry.kind else {
+        let OwedKind::Activity {
+            started,
+            started_copy,
+            ..
+        } = &mut entry.kind
+        else {
             return Ok(AttemptStart::NotOwed);
         };
         if let Some(since) = *started
             && entry.deadline > now
-            && !take_over
+            && !(redelivered && *started_copy == copy)
         {
             return Ok(AttemptStart::Running { since });
         }
         *started = Some(now);
+        *started_copy = copy;
+        let deadline = if deadline == entry.deadline {
+            deadline.plus(Duration::from_millis(1))
+        } else {
+            deadline
+        };
         let before = std::mem::replace(&mut entry.deadline, deadline);
         // Under the workflow's lock, like every change of its entries.
         let mut index = self.shard(id).owed.lock();

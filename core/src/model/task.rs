@@ -82,6 +82,15 @@ pub struct ActivityTask {
     /// that it runs once even when the copy it replaces is still waiting in the queue.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resent: bool,
+    /// Which copy of the attempt's task this is: 0 the first one sent, then one more
+    /// for each the sweeper sends. A queue's redelivery of the copy whose worker
+    /// marked the attempt started takes the attempt over; any other copy does not.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub copy: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// What an activity task runs: name, input, options.

@@ -109,6 +109,7 @@ fn activity(activity_id: u32, attempt: u32, deadline: Timestamp) -> OwedEntry {
             scheduled_seq: Seq(2),
             redeliveries: 0,
             started: None,
+            started_copy: 0,
             resends: 0,
         },
         task_queue: "tq".into(),
@@ -541,6 +542,7 @@ pub async fn keyed_append_at_most_once_per_key(store: Arc<dyn Store>) {
     // A used key wins over a missing requirement.
     let dup_and_not_owed = KeyedAppend {
         requires: Some("t:77".into()),
+        requires_deadline: None,
         ..sig(3)
     };
     assert_eq!(
@@ -606,6 +608,7 @@ pub async fn keyed_append_requires_and_consumes_owed_entry(store: Arc<dyn Store>
     let result = |key: &str, requires: &str| KeyedAppend {
         key: Some(key.to_string()),
         requires: Some(requires.to_string()),
+        requires_deadline: None,
         events: vec![ev(
             at(10),
             EventData::ActivityCompleted {
@@ -633,6 +636,7 @@ pub async fn keyed_append_requires_and_consumes_owed_entry(store: Arc<dyn Store>
     // The key "r-late" was never recorded, since nothing was written.
     let late = KeyedAppend {
         requires: None,
+        requires_deadline: None,
         ..result("r-late", "a:1:1")
     };
     assert_eq!(
@@ -666,6 +670,7 @@ pub async fn empty_keyed_append_swaps_owed_work(store: Arc<dyn Store>) {
     let swap = |deadline| KeyedAppend {
         key: None,
         requires: Some("a:1:1".into()),
+        requires_deadline: None,
         events: Vec::new(),
         owed: OwedChanges::none().set(activity(1, 1, deadline)),
     };
@@ -693,6 +698,7 @@ pub async fn empty_keyed_append_swaps_owed_work(store: Arc<dyn Store>) {
             &id,
             KeyedAppend {
                 requires: Some("a:9:9".into()),
+                requires_deadline: None,
                 ..swap(at(900))
             }
         )
@@ -701,10 +707,14 @@ pub async fn empty_keyed_append_swaps_owed_work(store: Arc<dyn Store>) {
     );
 }
 
-/// `start_attempt` marks an owed activity attempt started and moves its deadline;
-/// a second start while that deadline stands is told it runs, unless it takes over;
-/// once the deadline has passed anyone may start it; the sweeper's claim returns the
-/// mark; a missing entry, a timer, a finished or unknown workflow owe nothing.
+/// `start_attempt` marks an owed activity attempt started by one copy of its task and
+/// moves its deadline; another copy is told it runs while that deadline stands, and
+/// so is a redelivery of another copy; the queue's redelivery of the copy that marked
+/// it takes it over; once the deadline has passed any copy may start it; a start at
+/// the deadline the entry has already moves it a millisecond on; the sweeper's claim
+/// returns the mark, and a keyed append that requires the claimed deadline is refused
+/// once a start moved it; a missing entry, a timer, a finished or unknown workflow
+/// owe nothing.
 pub async fn start_attempt_marks_and_dedupes(store: Arc<dyn Store>) {
     let id = start(&store, "start", at(0)).await;
     store
@@ -715,80 +725,92 @@ pub async fn start_attempt_marks_and_dedupes(store: Arc<dyn Store>) {
             OwedChanges::none()
                 .clear("wf")
                 .set(activity(1, 1, at(100)))
-                .set(timer(1, at(5_000))),
+                .set(timer(1, at(500_000))),
         )
         .await
         .expect("schedule");
-    let start_at = |now, deadline, take_over| {
+    let start_at = |copy, now, deadline, redelivered| {
         let (store, id) = (store.clone(), id.clone());
         async move {
             store
-                .start_attempt(&id, "a:1:1", at(now), at(deadline), take_over)
+                .start_attempt(&id, "a:1:1", copy, at(now), at(deadline), redelivered)
                 .await
                 .expect("start_attempt")
         }
     };
-    assert_eq!(start_at(90, 1_090, false).await, AttemptStart::Started);
+    let running = |since| AttemptStart::Running { since: at(since) };
+    assert_eq!(start_at(0, 90, 1_090, false).await, AttemptStart::Started);
     // The deadline moved: nothing is overdue at the old one.
     assert!(claim_all(&store, at(500)).await.is_empty());
-    // A copy received while that start stands does not run...
+    // Another copy does not run while that start stands, even delivered again...
+    assert_eq!(start_at(1, 95, 1_095, false).await, running(90));
+    assert_eq!(start_at(1, 95, 1_095, true).await, running(90));
+    // ... but the queue's redelivery of the copy that started it takes over.
+    assert_eq!(start_at(0, 96, 1_096, true).await, AttemptStart::Started);
+    assert_eq!(start_at(0, 97, 1_097, false).await, running(96));
+    // Past the deadline, the start is stale: any copy marks it anew.
     assert_eq!(
-        start_at(95, 1_095, false).await,
-        AttemptStart::Running { since: at(90) }
+        start_at(1, 1_097, 2_097, false).await,
+        AttemptStart::Started
     );
-    // ... unless it takes over (the queue delivered it again: its worker is gone).
-    assert_eq!(start_at(96, 1_096, true).await, AttemptStart::Started);
-    assert_eq!(
-        start_at(97, 1_097, false).await,
-        AttemptStart::Running { since: at(96) }
-    );
-    // Past the deadline, the start is stale: the next one marks it anew.
-    assert_eq!(start_at(1_097, 2_097, false).await, AttemptStart::Started);
-    let claimed = claim_all(&store, at(2_097)).await;
     let mut marked = activity(1, 1, at(2_097));
-    if let OwedKind::Activity { started, .. } = &mut marked.kind {
+    if let OwedKind::Activity {
+        started,
+        started_copy,
+        ..
+    } = &mut marked.kind
+    {
         *started = Some(at(1_097));
+        *started_copy = 1;
     }
     assert_eq!(
-        claimed,
+        claim_all(&store, at(2_097)).await,
         vec![Owed {
             workflow_id: id.clone(),
             entry: marked,
         }]
     );
     // Claimed by the sweeper (its lease is the deadline now): still running.
+    let until = 2_097 + LEASE.as_millis() as u64;
+    assert_eq!(start_at(2, 2_098, 3_098, false).await, running(1_097));
+    // A take-over at exactly the claimed deadline moves it on by a millisecond, so
+    // the sweeper's append that requires the claimed deadline is refused.
+    assert_eq!(start_at(1, 2_099, until, true).await, AttemptStart::Started);
+    let resend = |deadline: u64| KeyedAppend {
+        key: None,
+        requires: Some("a:1:1".into()),
+        requires_deadline: Some(at(deadline)),
+        events: Vec::new(),
+        owed: OwedChanges::none().set(activity(1, 1, at(900_000))),
+    };
     assert_eq!(
-        start_at(2_098, 3_098, false).await,
-        AttemptStart::Running { since: at(1_097) }
+        keyed(&store, &id, resend(until)).await,
+        KeyedOutcome::NotOwed
     );
+    assert!(claim_all(&store, at(until)).await.is_empty());
+    assert!(matches!(
+        keyed(&store, &id, resend(until + 1)).await,
+        KeyedOutcome::Appended(_)
+    ));
     // Not owed: another attempt, a timer's key, an unknown workflow.
-    assert_eq!(
-        store
-            .start_attempt(&id, "a:1:2", at(1), at(2), false)
+    for (id, key) in [
+        (id.clone(), "a:1:2"),
+        (id.clone(), "t:1"),
+        (WorkflowId::random(), "a:1:1"),
+    ] {
+        let answer = store
+            .start_attempt(&id, key, 0, at(1), at(2), true)
             .await
-            .expect("start_attempt"),
-        AttemptStart::NotOwed
-    );
-    assert_eq!(
-        store
-            .start_attempt(&id, "t:1", at(1), at(2), true)
-            .await
-            .expect("start_attempt"),
-        AttemptStart::NotOwed
-    );
-    assert_eq!(
-        store
-            .start_attempt(&WorkflowId::random(), "a:1:1", at(1), at(2), false)
-            .await
-            .expect("start_attempt"),
-        AttemptStart::NotOwed
-    );
-    // The result consumes the marked entry as any other; then it is not owed.
+            .expect("start_attempt");
+        assert_eq!(answer, AttemptStart::NotOwed, "{key}");
+    }
+    // The result consumes the entry as any other; then it is not owed.
     let result = KeyedAppend {
         key: None,
         requires: Some("a:1:1".into()),
+        requires_deadline: None,
         events: vec![ev(
-            at(2_100),
+            at(3_000),
             EventData::ActivityCompleted {
                 activity_id: 1,
                 attempt: 1,
@@ -801,13 +823,13 @@ pub async fn start_attempt_marks_and_dedupes(store: Arc<dyn Store>) {
         keyed(&store, &id, result).await,
         KeyedOutcome::Appended(_)
     ));
-    assert_eq!(start_at(2_200, 3_200, true).await, AttemptStart::NotOwed);
+    assert_eq!(start_at(0, 3_001, 4_000, true).await, AttemptStart::NotOwed);
     // The timer is untouched by all of it.
     assert_eq!(
-        claim_all(&store, at(5_000)).await,
+        claim_all(&store, at(500_000)).await,
         vec![Owed {
             workflow_id: id.clone(),
-            entry: timer(1, at(5_000)),
+            entry: timer(1, at(500_000)),
         }]
     );
     // A finished workflow owes nothing.
@@ -815,15 +837,16 @@ pub async fn start_attempt_marks_and_dedupes(store: Arc<dyn Store>) {
         .append_keyed(
             &id,
             KeyedAppend {
-                key: None,
-                requires: None,
-                events: vec![completed(at(5_001))],
-                owed: OwedChanges::none(),
+                events: vec![completed(at(500_001))],
+                ..KeyedAppend::default()
             },
         )
         .await
         .expect("complete");
-    assert_eq!(start_at(5_002, 6_000, true).await, AttemptStart::NotOwed);
+    assert_eq!(
+        start_at(0, 500_002, 600_000, true).await,
+        AttemptStart::NotOwed
+    );
 }
 
 /// A keyed terminal append clears owed work; later keyed appends report `Closed`.
@@ -835,6 +858,7 @@ pub async fn keyed_append_closed_after_terminal(store: Arc<dyn Store>) {
         KeyedAppend {
             key: Some("cancel".into()),
             requires: Some("wf".into()),
+            requires_deadline: None,
             events: vec![
                 ev(at(1), EventData::CancelRequested { reason: None }),
                 ev(
@@ -1109,6 +1133,7 @@ pub async fn owed_entries_follow_appends(store: Arc<dyn Store>) {
     let fired = KeyedAppend {
         key: Some("t:1".into()),
         requires: Some("t:1".into()),
+        requires_deadline: None,
         events: vec![ev(at(501), EventData::TimerFired { timer_id: 1 })],
         owed: OwedChanges::none().set(workflow_task(at(600))),
     };

@@ -1,23 +1,35 @@
--- start.lua: marks an owed activity attempt started by a worker about to run it and
--- moves its deadline, unless another worker's start of it is still within its deadline.
+-- start.lua: marks an owed activity attempt started by a worker about to run one copy
+-- of its task and moves its deadline, unless it is marked started already and that
+-- deadline has not passed (and this is not the queue's redelivery of the very copy
+-- that marked it, whose worker is gone).
 -- KEYS: 1 the workflow's owed hash, 2 the shard's owed zset
--- ARGV: 1 workflow id, 2 owed key, 3 now ms, 4 new deadline ms, 5 take over ('1'/'0')
+-- ARGV: 1 workflow id, 2 owed key, 3 copy, 4 now ms, 5 new deadline ms,
+--       6 new deadline + 1 ms (used if the entry falls due at ARGV[5] already),
+--       7 redelivered ('1'/'0')
 -- Returns {'started'}, {'running', started ms} or {'notowed'}.
+--
+-- The entry is OwedEntry JSON as serde writes it: its `kind` object comes first and
+-- holds only numbers besides its tag, so it ends at the first '}'. The mark is
+-- written into that object as text, leaving every other byte as it was (no JSON
+-- re-encoding, whose numbers would lose digits).
 local json = redis.call('HGET', KEYS[1], ARGV[2])
 if not json then return {'notowed'} end
-local entry = cjson.decode(json)
-local kind = entry['kind']
-if type(kind) ~= 'table' or kind['kind'] ~= 'activity' then return {'notowed'} end
+if string.find(json, '{"kind":{"kind":"activity"', 1, true) ~= 1 then return {'notowed'} end
+local close = string.find(json, '}', 1, true)
+local head, rest = string.sub(json, 1, close - 1), string.sub(json, close)
 local member = ARGV[1] .. '|' .. ARGV[2]
-local started = kind['started']
-if type(started) == 'number' and ARGV[5] ~= '1' then
-  local deadline = redis.call('ZSCORE', KEYS[2], member)
-  if deadline and tonumber(deadline) > tonumber(ARGV[3]) then
-    return {'running', string.format('%d', started)}
-  end
+local score = redis.call('ZSCORE', KEYS[2], member)
+local started = string.match(head, ',"started":(%d+)')
+local copy = string.match(head, ',"started_copy":(%d+)') or '0'
+if started and score and tonumber(score) > tonumber(ARGV[4])
+    and not (ARGV[7] == '1' and copy == ARGV[3]) then
+  return {'running', started}
 end
-kind['started'] = tonumber(ARGV[3])
-entry['deadline'] = tonumber(ARGV[4])
-redis.call('HSET', KEYS[1], ARGV[2], cjson.encode(entry))
-redis.call('ZADD', KEYS[2], ARGV[4], member)
+head = string.gsub(head, ',"started":%d+', '')
+head = string.gsub(head, ',"started_copy":%d+', '')
+head = head .. ',"started":' .. ARGV[4] .. ',"started_copy":' .. ARGV[3]
+local deadline = ARGV[5]
+if score and tonumber(score) == tonumber(deadline) then deadline = ARGV[6] end
+redis.call('HSET', KEYS[1], ARGV[2], head .. rest)
+redis.call('ZADD', KEYS[2], deadline, member)
 return {'started'}
