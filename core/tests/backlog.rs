@@ -513,3 +513,46 @@ async fn resends_double_their_wait() {
         );
     }
 }
+
+/// The queue's redelivery of the copy whose worker was lost takes the attempt over
+/// between the sweeper's claim and its give-up (`timeout.lost`): the give-up does not
+/// erase that start (as the resend does not), and the attempt's result counts.
+#[tokio::test(start_paused = true)]
+async fn a_take_over_between_the_sweepers_claim_and_give_up_stands() {
+    let store = Arc::new(HookStore::default());
+    let config = EngineConfig {
+        max_redeliveries: 0,
+        ..EngineConfig::default()
+    };
+    let options = ActivityOptions::default().retry(RetryPolicy::no_retries());
+    let s = setup_on(store.clone(), config, options);
+    let id = s.start().await;
+    let original = s.take().expect("the activity task");
+    // Received late (5 s left): marked started by copy 0; its worker dies.
+    tokio::time::advance(STC + GRACE - Duration::from_secs(5)).await;
+    s.run_elsewhere(original.clone(), 1).await.abort();
+    // The mark's deadline passes: the sweeper claims the started-and-lost attempt
+    // (max_redeliveries 0: it gives up) and is held before it writes.
+    tokio::time::advance(STC + GRACE + Duration::from_secs(1)).await;
+    store.hold_get.store(true, Ordering::SeqCst);
+    let engine = s.engine.clone();
+    let held = store.held.notified();
+    let sweep = tokio::spawn(async move { engine.sweep(100).await.expect("sweep") });
+    held.await;
+    // Meanwhile the queue delivers copy 0 again (its worker died): it takes over.
+    let running = s.run_elsewhere(original, 2).await;
+    store.release.add_permits(1);
+    assert_eq!(sweep.await.expect("joined"), 1);
+    s.gate.add_permits(1);
+    running.await.expect("joined").expect("handled");
+    s.deliver_all().await;
+    let h = history(&s.engine, &id).await;
+    let summary = s.engine.get(&id).await.expect("summary");
+    assert_eq!(
+        (summary.status, summary.output),
+        (WorkflowStatus::Completed, Some(json!(14))),
+        "{:?} {:?}",
+        failed_kinds(&h),
+        types(&h)
+    );
+}

@@ -286,9 +286,9 @@ async fn throughput(
         shown.join(", ")
     );
     // Each of these is one round trip on Redis (create without an idempotency key included).
-    let hot = by_method[0] + by_method[1] + by_method[2] + by_method[3];
+    let hot = by_method[0] + by_method[1] + by_method[2] + by_method[3] + by_method[8];
     println!(
-        "{label}: hot path (create + append + append_keyed + workflow-task reads): {:.2} round trips per workflow, {:.2} per activity step",
+        "{label}: hot path (create + append + append_keyed + workflow-task reads + start_attempt): {:.2} round trips per workflow, {:.2} per activity step",
         hot as f64 / wf,
         hot as f64 / step
     );

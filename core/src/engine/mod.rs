@@ -1473,7 +1473,10 @@ impl EngineInner {
     }
 
     /// Records an attempt's outcome and sends what it makes due (the next attempt or
-    /// a workflow task), continuing `trace_context` (`None`: the current span's).
+    /// a workflow task). `given_up`: the sweeper gives the attempt up, continuing the
+    /// run's trace context, and only while its entry falls due at the end of the
+    /// sweeper's claim (a worker that marked it started since keeps it); `None`: a
+    /// worker's result, in the current span's trace.
     async fn record_outcome(
         &self,
         queue: &str,
@@ -1481,8 +1484,12 @@ impl EngineInner {
         call: &ActivityCall,
         started_at: Timestamp,
         result: Result<Value, ActivityError>,
-        trace_context: Option<String>,
+        given_up: Option<(Option<String>, Timestamp)>,
     ) -> Result<AttemptOutcome, EngineError> {
+        let (trace_context, requires_deadline) = match given_up {
+            Some((tc, until)) => (tc, Some(until)),
+            None => (None, None),
+        };
         let now = self.clock.now();
         let started = NewEvent::new(
             started_at,
@@ -1592,7 +1599,7 @@ impl EngineInner {
                 KeyedAppend {
                     key: None,
                     requires: Some(activity_key(t.activity_id, t.attempt)),
-                    requires_deadline: None,
+                    requires_deadline,
                     events,
                     owed,
                 },
@@ -1744,15 +1751,19 @@ impl EngineInner {
                             &call,
                             now,
                             Err(error),
-                            summary.trace_context,
+                            Some((summary.trace_context, until)),
                         )
                         .await?;
-                    self.observer.activity_attempt(
-                        &call.name,
-                        outcome,
-                        Duration::ZERO,
-                        Some(&kind),
-                    );
+                    // Not given up after all (a result, or a start since the claim):
+                    // no timeout to count.
+                    if outcome != AttemptOutcome::Dropped {
+                        self.observer.activity_attempt(
+                            &call.name,
+                            outcome,
+                            Duration::ZERO,
+                            Some(&kind),
+                        );
+                    }
                     return Ok(());
                 }
                 let (redeliveries, resends, wait) = match started {

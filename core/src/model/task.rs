@@ -75,7 +75,8 @@ pub struct ActivityTask {
     pub run: Option<Timestamp>,
     /// The deadline of its owed entry when it was sent: a worker that receives it
     /// late marks the attempt started ([`crate::Store::start_attempt`]), so that a
-    /// wait in a queue's backlog does not make it look lost. `None`: never marked.
+    /// wait in a queue's backlog does not make it look lost. `None` (a task sent by a
+    /// version before this field): always marked, as if late.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Timestamp>,
     /// Sent again by the sweeper: the worker marks it started before it runs, so
