@@ -4,118 +4,17 @@
 
 mod common;
 
-use async_trait::async_trait;
 use common::*;
 use marathon_core::memory::{MemoryQueue, MemoryStore};
 use marathon_core::{
-    ActivityContext, ActivityError, ActivityOptions, AttemptStart, Created, Engine, EngineConfig,
-    EventData, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewEvent, NewWorkflow,
-    OutgoingMessage, Owed, OwedChanges, Queue, RetryPolicy, Seq, Store, StoreError, Task,
-    Timestamp, WorkflowContext, WorkflowId, WorkflowStatus, WorkflowSummary,
+    ActivityContext, ActivityError, ActivityOptions, Engine, EngineConfig, EventData,
+    OutgoingMessage, Queue, RetryPolicy, Store, Task, WorkflowContext, WorkflowId, WorkflowStatus,
 };
 use serde_json::json;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use tokio::sync::Notify;
 use tokio::sync::Semaphore;
-
-/// A memory store with two hooks: one `get` can be held (the sweeper reads the summary
-/// between its claim and its resend), one `start_attempt` can fail.
-struct HookStore {
-    inner: MemoryStore,
-    hold_get: AtomicBool,
-    held: Notify,
-    release: Semaphore,
-    fail_start: AtomicBool,
-}
-
-impl Default for HookStore {
-    fn default() -> Self {
-        Self {
-            inner: MemoryStore::default(),
-            hold_get: AtomicBool::new(false),
-            held: Notify::new(),
-            release: Semaphore::new(0),
-            fail_start: AtomicBool::new(false),
-        }
-    }
-}
-
-#[async_trait]
-impl Store for HookStore {
-    async fn create(&self, new: NewWorkflow) -> Result<Created, StoreError> {
-        self.inner.create(new).await
-    }
-    async fn append(
-        &self,
-        id: &WorkflowId,
-        expected: Seq,
-        events: Vec<NewEvent>,
-        owed: OwedChanges,
-    ) -> Result<Seq, StoreError> {
-        self.inner.append(id, expected, events, owed).await
-    }
-    async fn append_keyed(
-        &self,
-        id: &WorkflowId,
-        append: KeyedAppend,
-    ) -> Result<KeyedOutcome, StoreError> {
-        self.inner.append_keyed(id, append).await
-    }
-    async fn read(
-        &self,
-        id: &WorkflowId,
-        after: Seq,
-        limit: usize,
-    ) -> Result<Vec<marathon_core::Event>, StoreError> {
-        self.inner.read(id, after, limit).await
-    }
-    async fn subscribe(&self, id: &WorkflowId, after: Seq) -> Result<EventStream, StoreError> {
-        self.inner.subscribe(id, after).await
-    }
-    async fn get(&self, id: &WorkflowId) -> Result<Option<WorkflowSummary>, StoreError> {
-        if self.hold_get.swap(false, Ordering::SeqCst) {
-            self.held.notify_one();
-            self.release.acquire().await.expect("open").forget();
-        }
-        self.inner.get(id).await
-    }
-    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
-        self.inner.list(query).await
-    }
-    async fn start_attempt(
-        &self,
-        id: &WorkflowId,
-        key: &str,
-        copy: u32,
-        now: Timestamp,
-        deadline: Timestamp,
-        redelivered: bool,
-    ) -> Result<AttemptStart, StoreError> {
-        if self.fail_start.swap(false, Ordering::SeqCst) {
-            return Err(StoreError::Unavailable("connection reset".into()));
-        }
-        self.inner
-            .start_attempt(id, key, copy, now, deadline, redelivered)
-            .await
-    }
-    async fn claim_overdue(
-        &self,
-        now: Timestamp,
-        lease: Duration,
-        limit: usize,
-    ) -> Result<Vec<Owed>, StoreError> {
-        self.inner.claim_overdue(now, lease, limit).await
-    }
-    async fn purge_closed(&self, before: Timestamp, limit: usize) -> Result<usize, StoreError> {
-        self.inner.purge_closed(before, limit).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
-    }
-}
 
 const STC: Duration = Duration::from_secs(10);
 /// The engine's default `activity_grace`.

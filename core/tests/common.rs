@@ -4,6 +4,10 @@
 use async_trait::async_trait;
 use marathon_core::memory::{MemoryQueue, MemoryStore};
 use marathon_core::{
+    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewEvent,
+    NewWorkflow, Owed, OwedChanges, StoreError, Timestamp,
+};
+use marathon_core::{
     Delivery, Engine, EngineBuilder, EngineConfig, Event, EventData, OutgoingMessage, Queue,
     QueueError, Receipt, Seq, StartWorkflow, Store, Task, TokioClock, Worker, WorkerConfig,
     WorkflowId, WorkflowSummary,
@@ -11,7 +15,9 @@ use marathon_core::{
 use parking_lot::Mutex;
 use serde_json::Value;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
+use tokio::sync::{Notify, Semaphore};
 
 /// Fresh in-memory backends.
 pub fn backends() -> (Arc<dyn Store>, Arc<dyn Queue>) {
@@ -84,6 +90,14 @@ pub async fn history(engine: &Engine, id: &WorkflowId) -> Vec<Event> {
     events
 }
 
+/// `v` inside `n` arrays, one in another.
+pub fn wrap(mut v: Value, n: usize) -> Value {
+    for _ in 0..n {
+        v = Value::Array(vec![v]);
+    }
+    v
+}
+
 /// Event type names, in order.
 pub fn types(events: &[Event]) -> Vec<&'static str> {
     events.iter().map(|e| e.data.type_name()).collect()
@@ -139,5 +153,110 @@ impl Queue for HandQueue {
     }
     async fn ping(&self) -> Result<(), QueueError> {
         Ok(())
+    }
+}
+
+/// A memory store with hooks: one `get` can be held (the sweeper reads the summary
+/// between its claim and its resend), one `start_attempt` can fail; it counts reads.
+pub struct HookStore {
+    /// The store it forwards to.
+    pub inner: MemoryStore,
+    /// Set: the next `get` notifies `held` and waits for a permit of `release`.
+    pub hold_get: AtomicBool,
+    /// Notified when a `get` is held.
+    pub held: Notify,
+    /// A permit lets a held `get` go on.
+    pub release: Semaphore,
+    /// Set: the next `start_attempt` fails as unavailable.
+    pub fail_start: AtomicBool,
+    /// `read` calls made.
+    pub reads: AtomicU32,
+}
+
+impl Default for HookStore {
+    fn default() -> Self {
+        Self {
+            inner: MemoryStore::default(),
+            hold_get: AtomicBool::new(false),
+            held: Notify::new(),
+            release: Semaphore::new(0),
+            fail_start: AtomicBool::new(false),
+            reads: AtomicU32::new(0),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for HookStore {
+    async fn create(&self, new: NewWorkflow) -> Result<Created, StoreError> {
+        self.inner.create(new).await
+    }
+    async fn append(
+        &self,
+        id: &WorkflowId,
+        expected: Seq,
+        events: Vec<NewEvent>,
+        owed: OwedChanges,
+    ) -> Result<Seq, StoreError> {
+        self.inner.append(id, expected, events, owed).await
+    }
+    async fn append_keyed(
+        &self,
+        id: &WorkflowId,
+        append: KeyedAppend,
+    ) -> Result<KeyedOutcome, StoreError> {
+        self.inner.append_keyed(id, append).await
+    }
+    async fn read(
+        &self,
+        id: &WorkflowId,
+        after: Seq,
+        limit: usize,
+    ) -> Result<Vec<marathon_core::Event>, StoreError> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        self.inner.read(id, after, limit).await
+    }
+    async fn subscribe(&self, id: &WorkflowId, after: Seq) -> Result<EventStream, StoreError> {
+        self.inner.subscribe(id, after).await
+    }
+    async fn get(&self, id: &WorkflowId) -> Result<Option<WorkflowSummary>, StoreError> {
+        if self.hold_get.swap(false, Ordering::SeqCst) {
+            self.held.notify_one();
+            self.release.acquire().await.expect("open").forget();
+        }
+        self.inner.get(id).await
+    }
+    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
+        self.inner.list(query).await
+    }
+    async fn start_attempt(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        copy: u32,
+        now: Timestamp,
+        deadline: Timestamp,
+        redelivered: bool,
+    ) -> Result<AttemptStart, StoreError> {
+        if self.fail_start.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("connection reset".into()));
+        }
+        self.inner
+            .start_attempt(id, key, copy, now, deadline, redelivered)
+            .await
+    }
+    async fn claim_overdue(
+        &self,
+        now: Timestamp,
+        lease: Duration,
+        limit: usize,
+    ) -> Result<Vec<Owed>, StoreError> {
+        self.inner.claim_overdue(now, lease, limit).await
+    }
+    async fn purge_closed(&self, before: Timestamp, limit: usize) -> Result<usize, StoreError> {
+        self.inner.purge_closed(before, limit).await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.inner.ping().await
     }
 }

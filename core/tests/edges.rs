@@ -163,3 +163,94 @@ async fn a_synchronously_panicking_workflow_fn_is_a_task_failure() {
     assert_eq!(w.in_flight(), 0, "a worker task never finished");
     w.shutdown().await;
 }
+
+fn nested(depth: usize) -> serde_json::Value {
+    wrap(json!("leaf"), depth)
+}
+
+/// Values nested deeper than `MAX_VALUE_DEPTH` never reach a history (a store or a
+/// queue could not read it back): a start or a signal with one is refused; an activity
+/// input, an activity output or a workflow output that deep fails the call or the
+/// run with a clear error; at the limit they pass.
+#[tokio::test(start_paused = true)]
+async fn values_nested_too_deep_are_refused_before_they_are_recorded() {
+    let max = marathon_core::MAX_VALUE_DEPTH;
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("out", |_ctx: WorkflowContext, depth: usize| async move {
+            Ok(nested(depth))
+        })
+        .workflow(
+            "call",
+            |ctx: WorkflowContext, (input, output): (usize, usize)| async move {
+                let v: serde_json::Value = ctx.activity("make", &(nested(input), output)).await?;
+                Ok(json!(marathon_core::nests_deeper_than(&v, 0)))
+            },
+        )
+        .workflow("wait", |ctx: WorkflowContext, (): ()| async move {
+            let v: serde_json::Value = ctx.signal("go").await?;
+            Ok(v)
+        })
+        .activity(
+            "make",
+            |_ctx: ActivityContext, (_input, output): (serde_json::Value, usize)| async move {
+                Ok::<_, ActivityError>(nested(output))
+            },
+        )
+        .build();
+    let w = worker(&engine);
+    let start_err = engine
+        .start(marathon_core::StartWorkflow::new("out", nested(max + 1)))
+        .await
+        .expect_err("a start with too deep an input");
+    assert!(
+        matches!(&start_err, marathon_core::EngineError::InvalidArgument(m) if m.contains("nests deeper")),
+        "{start_err}"
+    );
+    let failed_with = |id: WorkflowId| {
+        let engine = engine.clone();
+        async move {
+            let s = finished(&engine, &id).await;
+            (s.status, s.error.map(|e| e.kind))
+        }
+    };
+    use marathon_core::WorkflowStatus::{Completed, Failed};
+    let at_limit = start(&engine, "out", json!(max)).await;
+    assert_eq!(failed_with(at_limit).await, (Completed, None));
+    let too_deep = start(&engine, "out", json!(max + 1)).await;
+    assert_eq!(
+        failed_with(too_deep).await,
+        (Failed, Some("invalid_output".into()))
+    );
+    let input = start(&engine, "call", json!([max + 1, 0])).await;
+    assert_eq!(
+        failed_with(input).await,
+        (Failed, Some("invalid_argument".into()))
+    );
+    let output = start(&engine, "call", json!([0, max + 1])).await;
+    let s = finished(&engine, &output).await;
+    assert_eq!(s.status, Failed, "{s:?}");
+    let details = s
+        .error
+        .and_then(|e| e.details)
+        .expect("the activity's error");
+    assert_eq!(details["kind"], "invalid_output", "{details}");
+    // The input travels in a tuple: one level more.
+    let fine = start(&engine, "call", json!([max - 1, max])).await;
+    assert_eq!(failed_with(fine).await, (Completed, None));
+    let waiting = start(&engine, "wait", json!(null)).await;
+    let signal_err = engine
+        .signal(&waiting, "go", nested(max + 1), None)
+        .await
+        .expect_err("a signal with too deep a payload");
+    assert!(matches!(
+        signal_err,
+        marathon_core::EngineError::InvalidArgument(_)
+    ));
+    engine
+        .signal(&waiting, "go", nested(max), None)
+        .await
+        .expect("a signal at the limit");
+    assert_eq!(failed_with(waiting).await, (Completed, None));
+    w.shutdown().await;
+}

@@ -1109,3 +1109,96 @@ async fn several_receivers_share_one_concurrency_bound() {
     );
     w.shutdown().await;
 }
+
+/// The results of parallel calls that arrive after the workflow closed (their tasks
+/// are still queued) do not each replay the run: the code runs a handful of times,
+/// not once per call, and the replica that closed it reads no history for them.
+#[tokio::test(start_paused = true)]
+async fn a_closed_workflow_is_not_replayed_for_each_leftover_task() {
+    let hooked = Arc::new(HookStore::default());
+    let store: Arc<dyn marathon_core::Store> = hooked.clone();
+    let (_, queue) = backends();
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    let engine = builder(&store, &queue)
+        .workflow("fanout", move |ctx: WorkflowContext, n: u64| {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let calls: Vec<_> = (0..n).map(|i| ctx.activity::<_, u64>("id", &i)).collect();
+                let out: Vec<u64> = join_all(calls)
+                    .await
+                    .into_iter()
+                    .collect::<Result<_, _>>()?;
+                Ok(out.len())
+            }
+        })
+        .activity("id", |_c: ActivityContext, i: u64| async move {
+            Ok::<_, ActivityError>(i)
+        })
+        .build();
+    let w = worker(&engine);
+    let id = start(&engine, "fanout", json!(200)).await;
+    let s = finished(&engine, &id).await;
+    assert_eq!(s.output, Some(json!(200)));
+    let reads_at_close = hooked.reads.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    w.shutdown().await;
+    let runs = runs.load(Ordering::SeqCst);
+    assert!(
+        runs <= 5,
+        "the workflow function ran {runs} times for one run of 200 parallel calls"
+    );
+    let reads = hooked.reads.load(Ordering::SeqCst) - reads_at_close;
+    assert_eq!(reads, 0, "history reads for tasks after the close");
+}
+
+/// A pipeline's templates can feed each step's output into the next step wrapped
+/// deeper, or copied twice: the run fails with `invalid_argument` once a rendered
+/// value would nest deeper than `MAX_VALUE_DEPTH` or hold more than
+/// `MAX_RENDERED_VALUES` values, instead of growing without bound (a stack overflow,
+/// or a history no store can read back, or memory).
+#[tokio::test(start_paused = true)]
+async fn a_pipeline_cannot_grow_values_without_bound() {
+    let deeper = (1..4).fold(Pipeline::new().step("s0", "echo", json!("x")), |p, k| {
+        p.step(
+            &format!("s{k}"),
+            "echo",
+            wrap(json!(format!("$steps.s{}", k - 1)), 60),
+        )
+    });
+    let doubling = (1..30).fold(Pipeline::new().step("s0", "echo", json!(1)), |p, k| {
+        let prev = format!("$steps.s{}", k - 1);
+        p.step(&format!("s{k}"), "echo", json!([prev, prev]))
+    });
+    let mut registry = marathon_core::Registry::new();
+    registry
+        .activity(
+            "echo",
+            |_c: ActivityContext, v: serde_json::Value| async move { Ok::<_, ActivityError>(v) },
+        )
+        .pipeline("deeper", deeper.output(json!(1)))
+        .expect("valid")
+        .pipeline("doubling", doubling.output(json!(1)))
+        .expect("valid");
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue).registry(registry).build();
+    let w = worker(&engine);
+    for (name, problem) in [
+        (
+            "deeper",
+            "s2: the rendered value nests deeper than 100 levels",
+        ),
+        (
+            "doubling",
+            "the rendered value holds more than 1000000 values",
+        ),
+    ] {
+        let id = start(&engine, name, json!(null)).await;
+        let s = finished(&engine, &id).await;
+        assert_eq!(s.status, WorkflowStatus::Failed, "{name}: {s:?}");
+        let error = s.error.expect("an error");
+        assert_eq!(error.kind, "invalid_argument", "{name}: {error:?}");
+        assert!(error.message.contains(problem), "{name}: {error:?}");
+    }
+    w.shutdown().await;
+}

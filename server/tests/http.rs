@@ -640,6 +640,61 @@ async fn pipeline_runs_and_is_validated_at_start() {
     )
     .await
     .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    // Refused at start rather than accepted to hang or misbehave: a step on an empty
+    // task queue (no worker serves it), a zero start-to-close (every attempt would time
+    // out at once), a name with a dot (`$steps.a.b` is field b of step a).
+    let step = |options: Value, name: &str| {
+        json!({"steps": [{"type": "activity", "name": name, "activity": "echo", "input": 1,
+            "options": options}]})
+    };
+    for p in [
+        step(json!({"task_queue": ""}), "a"),
+        step(json!({"start_to_close_ms": 0}), "a"),
+        step(json!({}), "a.b"),
+    ] {
+        let r = call(
+            &app,
+            "POST",
+            "/v1/workflows",
+            Some(json!({"name": "pipeline", "input": {"pipeline": p}})),
+        )
+        .await;
+        r.error(StatusCode::BAD_REQUEST, "invalid_argument");
+    }
+}
+
+/// A start or a signal whose JSON nests deeper than the engine records is a 400.
+#[tokio::test]
+async fn values_nested_too_deep_are_a_400() {
+    let app = app().await;
+    let mut deep = json!("leaf");
+    for _ in 0..(marathon_core::MAX_VALUE_DEPTH + 1) {
+        deep = serde_json::Value::Array(vec![deep]);
+    }
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "input": deep.clone()})),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "sleep-then-echo", "id": "deep-signal", "input": {"ms": 60000, "value": 1}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    call(
+        &app,
+        "POST",
+        "/v1/workflows/deep-signal/signals/go",
+        Some(deep),
+    )
+    .await
+    .error(StatusCode::BAD_REQUEST, "invalid_argument");
 }
 
 #[tokio::test]

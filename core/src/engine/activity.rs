@@ -195,6 +195,13 @@ impl ActivityContext {
             return Ok(());
         };
         let data = serde_json::to_value(data)?;
+        if crate::nests_deeper_than(&data, crate::MAX_VALUE_DEPTH) {
+            return Err(ActivityError::permanent(format!(
+                "progress data nests deeper than {} levels",
+                crate::MAX_VALUE_DEPTH
+            ))
+            .with_kind("invalid_argument"));
+        }
         let n = self.inner.progress_seq.fetch_add(1, Ordering::Relaxed);
         let append = KeyedAppend {
             key: Some(format!(

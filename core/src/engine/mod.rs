@@ -52,6 +52,17 @@ fn check_idempotency_key(key: Option<&str>) -> Result<(), EngineError> {
     }
 }
 
+/// Rejects a value (`what`) nested deeper than [`crate::MAX_VALUE_DEPTH`].
+fn check_depth(what: &str, value: &Value) -> Result<(), EngineError> {
+    if crate::nests_deeper_than(value, crate::MAX_VALUE_DEPTH) {
+        return Err(EngineError::InvalidArgument(format!(
+            "{what} nests deeper than {} levels",
+            crate::MAX_VALUE_DEPTH
+        )));
+    }
+    Ok(())
+}
+
 /// Errors of the engine's operations.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -303,6 +314,7 @@ impl EngineBuilder {
                 clock: self.clock.unwrap_or_else(|| Arc::new(SystemClock)),
                 observer: self.observer.unwrap_or_else(|| Arc::new(NoopObserver)),
                 cache: Cache::default(),
+                closed: Mutex::default(),
                 running: Mutex::new(HashMap::new()),
             }),
         }
@@ -405,7 +417,37 @@ pub(crate) struct EngineInner {
     pub(crate) clock: SharedClock,
     pub(crate) observer: Arc<dyn Observer>,
     cache: Cache,
+    /// Runs this replica closed lately: tasks of theirs still queued (results of
+    /// parallel calls that arrived after the close) are dropped without a replay.
+    closed: Mutex<ClosedRuns>,
     running: Mutex<HashMap<WorkflowId, Vec<RunningAttempt>>>,
+}
+
+/// How many closed runs [`ClosedRuns`] remembers.
+const CLOSED_RUNS: usize = 4096;
+
+/// The runs (id and `created_at`) a replica closed most recently.
+#[derive(Default)]
+struct ClosedRuns {
+    runs: HashMap<WorkflowId, Timestamp>,
+    order: VecDeque<WorkflowId>,
+}
+
+impl ClosedRuns {
+    fn insert(&mut self, id: &WorkflowId, run: Timestamp) {
+        if self.runs.insert(id.clone(), run).is_none() {
+            self.order.push_back(id.clone());
+        }
+        while self.order.len() > CLOSED_RUNS {
+            if let Some(old) = self.order.pop_front() {
+                self.runs.remove(&old);
+            }
+        }
+    }
+
+    fn contains(&self, id: &WorkflowId, run: Timestamp) -> bool {
+        self.runs.get(id) == Some(&run)
+    }
 }
 
 /// The durable workflow engine: cheap to clone, shared by the API and the workers.
@@ -476,6 +518,7 @@ impl Engine {
             return Err(EngineError::UnknownWorkflow(req.name));
         }
         check_idempotency_key(req.idempotency_key.as_deref())?;
+        check_depth("input", &req.input)?;
         let task_queue = req
             .task_queue
             .unwrap_or_else(|| inner.config.default_task_queue.clone());
@@ -655,6 +698,7 @@ impl Engine {
             ));
         }
         check_idempotency_key(key.as_deref())?;
+        check_depth("signal payload", &payload)?;
         self.input_event(
             id,
             key.map(|k| format!("s:{k}")),
@@ -963,6 +1007,12 @@ impl EngineInner {
         let Some(first) = events.first() else {
             return Ok(Prepared::Missing);
         };
+        // Closed: a task that arrived after the close (another call's result) has
+        // nothing to do, and running the code again to find that out would cost as
+        // much as the whole run for each such task.
+        if events.last().is_some_and(|e| e.data.is_terminal()) {
+            return Ok(Prepared::Missing);
+        }
         let task_queue = match &first.data {
             EventData::WorkflowStarted { task_queue, .. } => task_queue.clone(),
             _ => self.config.default_task_queue.clone(),
@@ -1059,6 +1109,13 @@ impl EngineInner {
             && !self.same_run(id, started_at, run).await?
         {
             *cached = None;
+        }
+        // A task of a run this replica closed (the result of a parallel call that
+        // arrived after the close) has nothing to do: no replay, no read.
+        if cached.is_none() && run.is_some_and(|r| self.closed.lock().contains(id, r)) {
+            drop(cached);
+            self.cache.remove(id);
+            return Ok(());
         }
         let mut tail = Some(tail);
         for _ in 0..MAX_CONFLICTS {
@@ -1221,6 +1278,7 @@ impl EngineInner {
                     if terminal {
                         // Closed: nothing it called may go on.
                         self.cancel_local(id, Seq(u64::MAX));
+                        self.closed.lock().insert(id, inst.started_at);
                         drop(cached);
                         self.cache.remove(id);
                     } else if self.config.cache_capacity > 0 {
@@ -1498,6 +1556,26 @@ impl EngineInner {
                 attempt: t.attempt,
             },
         );
+        // A value too deep to read back would make the history unreadable.
+        let result = match result {
+            Ok(output) if crate::nests_deeper_than(&output, crate::MAX_VALUE_DEPTH) => {
+                Err(ActivityError::permanent(format!(
+                    "the activity's output nests deeper than {} levels",
+                    crate::MAX_VALUE_DEPTH
+                ))
+                .with_kind("invalid_output"))
+            }
+            Err(mut e)
+                if e.details
+                    .as_ref()
+                    .is_some_and(|d| crate::nests_deeper_than(d, crate::MAX_VALUE_DEPTH)) =>
+            {
+                e.details = None;
+                e.message.push_str(" (details dropped: nested too deep)");
+                Err(e)
+            }
+            r => r,
+        };
         // The attempt's outcome event, and the backoff delay when another attempt follows.
         let (outcome_event, retry_delay) = match result {
             Ok(output) => (

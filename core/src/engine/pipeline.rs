@@ -50,6 +50,20 @@ pub enum PipelineError {
         /// The reference.
         reference: String,
     },
+    /// A step name contains `.`, which `$steps.NAME.path` could not refer to.
+    #[error("step {0:?}: names must not contain '.'")]
+    DottedName(String),
+    /// A parallel group inside a parallel group.
+    #[error("parallel groups cannot be nested")]
+    NestedGroup,
+    /// A step's options cannot work.
+    #[error("step {step:?}: {problem}")]
+    BadOptions {
+        /// The step.
+        step: String,
+        /// What is wrong.
+        problem: String,
+    },
     /// A template string starting with `$` is neither `$input…`, `$steps.…` nor `$$…`.
     #[error(
         "{at}: {reference:?} is not a valid reference ($input, $input.path, $steps.NAME, $steps.NAME.path or $$literal)"
@@ -174,28 +188,39 @@ impl Pipeline {
                     steps.iter().collect()
                 }
             };
-            let mut added = Vec::new();
+            let mut added: HashSet<&str> = HashSet::new();
             for s in group {
                 let Step::Activity {
                     name,
                     activity,
                     input,
-                    ..
+                    options,
                 } = s
                 else {
-                    return Err(PipelineError::BadReference {
-                        at: "parallel".into(),
-                        reference: "nested parallel groups are not supported".into(),
-                    });
+                    return Err(PipelineError::NestedGroup);
                 };
                 if name.is_empty() || activity.is_empty() {
                     return Err(PipelineError::EmptyName(name.clone()));
                 }
+                if name.contains('.') {
+                    return Err(PipelineError::DottedName(name.clone()));
+                }
+                let bad = |problem: &str| {
+                    Err(PipelineError::BadOptions {
+                        step: name.clone(),
+                        problem: problem.to_string(),
+                    })
+                };
+                if options.task_queue.as_deref() == Some("") {
+                    return bad("options.task_queue must not be empty");
+                }
+                if options.start_to_close.is_zero() {
+                    return bad("options.start_to_close_ms must be more than 0");
+                }
                 check_refs(input, name, &done)?;
-                if done.contains(name.as_str()) || added.contains(&name.as_str()) {
+                if done.contains(name.as_str()) || !added.insert(name.as_str()) {
                     return Err(PipelineError::DuplicateStep(name.clone()));
                 }
-                added.push(name.as_str());
             }
             done.extend(added);
         }
@@ -228,7 +253,7 @@ impl Pipeline {
                     input: template,
                     options,
                 } => {
-                    let arg = render(template, &input, &outputs);
+                    let arg = checked(name, render(template, &input, &outputs))?;
                     let out: Value = ctx.activity_with(activity, &arg, options.clone()).await?;
                     outputs.insert(name.clone(), out);
                 }
@@ -243,7 +268,7 @@ impl Pipeline {
                             options,
                         } = s
                         {
-                            let arg = render(template, &input, &outputs);
+                            let arg = checked(name, render(template, &input, &outputs))?;
                             names.push(name.clone());
                             calls.push(ctx.activity_with::<_, Value>(
                                 activity,
@@ -260,10 +285,32 @@ impl Pipeline {
             }
         }
         Ok(match &self.output {
-            Some(t) => render(t, &input, &outputs),
+            Some(t) => checked("output", render(t, &input, &outputs))?,
             None => Value::Object(outputs),
         })
     }
+}
+
+/// Most values (arrays, objects and scalars, counted one each) a rendered step
+/// input or output may hold: a template can copy an earlier output more than
+/// once, and so double the size from step to step.
+pub const MAX_RENDERED_VALUES: usize = 1_000_000;
+
+/// `value`, rendered for `at` (a step or `output`), unless it nests deeper than
+/// [`crate::MAX_VALUE_DEPTH`] or holds more than [`MAX_RENDERED_VALUES`] values:
+/// then the run fails (outputs fed into templates can grow with every step).
+fn checked(at: &str, value: Value) -> Result<Value, WorkflowError> {
+    let problem = match crate::value_within(&value, crate::MAX_VALUE_DEPTH, MAX_RENDERED_VALUES) {
+        Ok(()) => return Ok(value),
+        Err(crate::ValueLimit::Depth) => {
+            format!("nests deeper than {} levels", crate::MAX_VALUE_DEPTH)
+        }
+        Err(crate::ValueLimit::Values) => format!("holds more than {MAX_RENDERED_VALUES} values"),
+    };
+    Err(
+        WorkflowError::new(format!("{at}: the rendered value {problem}"))
+            .with_kind("invalid_argument"),
+    )
 }
 
 /// A parsed `$` reference.

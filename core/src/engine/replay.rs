@@ -351,8 +351,26 @@ impl Instance {
                     Ok(Poll::Pending) => {}
                     Ok(Poll::Ready(r)) => {
                         self.outcome = Some(match r {
+                            // Too deep to read back from a history: failed instead.
+                            Ok(v) if crate::nests_deeper_than(&v, crate::MAX_VALUE_DEPTH) => {
+                                Outcome::Failed(
+                                    WorkflowError::new(format!(
+                                        "the workflow's output nests deeper than {} levels",
+                                        crate::MAX_VALUE_DEPTH
+                                    ))
+                                    .with_kind("invalid_output"),
+                                )
+                            }
                             Ok(v) => Outcome::Completed(v),
-                            Err(e) => Outcome::Failed(e),
+                            Err(mut e) => {
+                                if e.details.as_ref().is_some_and(|d| {
+                                    crate::nests_deeper_than(d, crate::MAX_VALUE_DEPTH)
+                                }) {
+                                    e.details = None;
+                                    e.message.push_str(" (details dropped: nested too deep)");
+                                }
+                                Outcome::Failed(e)
+                            }
                         });
                         self.outcome_unmatched = true;
                         self.future = None;

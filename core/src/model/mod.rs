@@ -15,6 +15,60 @@ pub use options::{ActivityOptions, RetryPolicy};
 pub use summary::{SummaryPatch, WorkflowStatus, WorkflowSummary};
 pub use task::{ActivityCall, ActivityTask, Task};
 
+/// The deepest a JSON value recorded in a history may nest (arrays and objects inside
+/// each other): stores and queues read histories and messages back with
+/// `serde_json`, which stops at 128 levels, and events and tasks wrap a value in a
+/// few levels of their own. Starts and signals with deeper values are refused.
+pub const MAX_VALUE_DEPTH: usize = 100;
+
+/// Whether `value` nests arrays and objects more than `max` levels deep (a scalar
+/// is 0 levels, `[1]` one). Walks with a stack of its own, so any depth is safe.
+#[must_use]
+pub fn nests_deeper_than(value: &serde_json::Value, max: usize) -> bool {
+    matches!(value_within(value, max, usize::MAX), Err(ValueLimit::Depth))
+}
+
+/// The limit of [`value_within`] a value goes past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueLimit {
+    /// It nests deeper than allowed.
+    Depth,
+    /// It holds more values (arrays, objects and scalars, one each) than allowed.
+    Values,
+}
+
+/// Checks that `value` nests at most `max_depth` levels and holds at most
+/// `max_values` values, walking with a stack of its own and stopping at the first
+/// limit it goes past.
+///
+/// # Errors
+/// The limit it goes past.
+pub fn value_within(
+    value: &serde_json::Value,
+    max_depth: usize,
+    max_values: usize,
+) -> Result<(), ValueLimit> {
+    use serde_json::Value;
+    let mut count = 0usize;
+    let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
+    while let Some((v, depth)) = stack.pop() {
+        count += 1;
+        if count > max_values {
+            return Err(ValueLimit::Values);
+        }
+        let children: Box<dyn Iterator<Item = &Value>> = match v {
+            Value::Array(items) => Box::new(items.iter()),
+            Value::Object(fields) => Box::new(fields.values()),
+            _ => continue,
+        };
+        if depth + 1 > max_depth {
+            return Err(ValueLimit::Depth);
+        }
+        stack.extend(children.map(|c| (c, depth + 1)));
+    }
+    Ok(())
+}
+
 /// Serde helpers that write a [`std::time::Duration`] as whole milliseconds.
 pub mod duration_ms {
     use serde::{Deserialize, Deserializer, Serializer};
@@ -47,5 +101,32 @@ pub mod duration_ms {
         pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
             Ok(Option::<u64>::deserialize(d)?.map(Duration::from_millis))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::nests_deeper_than;
+    use serde_json::json;
+
+    #[test]
+    fn depth_counts_arrays_and_objects() {
+        assert!(!nests_deeper_than(&json!(1), 0));
+        assert!(nests_deeper_than(&json!([]), 0));
+        assert!(!nests_deeper_than(&json!([1, {"a": 2}]), 2));
+        assert!(nests_deeper_than(&json!([1, {"a": [2]}]), 2));
+        let mut deep = json!("leaf");
+        for _ in 0..10_000 {
+            deep = serde_json::Value::Array(vec![deep]);
+        }
+        assert!(nests_deeper_than(&deep, 100));
+        assert!(!nests_deeper_than(&deep, 10_000));
+        assert_eq!(
+            super::value_within(&json!([1, 2, [3]]), 10, 4),
+            Err(super::ValueLimit::Values)
+        );
+        assert_eq!(super::value_within(&json!([1, 2, [3]]), 10, 5), Ok(()));
+        // Dropping so deep a value recurses; forget it (a test, not the engine).
+        std::mem::forget(deep);
     }
 }
