@@ -120,6 +120,10 @@ impl ServerBuilder {
             "pipeline".into(),
             Arc::new(builtins::validate_pipeline_input),
         );
+        self.validators.insert(
+            "sleep-then-echo".into(),
+            Arc::new(builtins::validate_sleep_then_echo_input),
+        );
         self
     }
 

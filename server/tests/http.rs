@@ -1074,3 +1074,19 @@ async fn signal_and_cancel_bodies_are_json_whatever_their_content_type() {
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
 }
+
+/// `sleep-then-echo` checks its input at start: a typo is a 400, not a failed run.
+#[tokio::test]
+async fn sleep_then_echo_input_is_checked_at_start() {
+    let app = app().await;
+    for input in [json!({"ms": "x"}), json!({"mss": 5})] {
+        call(
+            &app,
+            "POST",
+            "/v1/workflows",
+            Some(json!({"name": "sleep-then-echo", "input": input})),
+        )
+        .await
+        .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    }
+}
