@@ -90,7 +90,13 @@ pub struct Created {
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum OwedKind {
     /// A workflow task must run (new input is waiting). Key `wf`.
-    WorkflowTask,
+    WorkflowTask {
+        /// How many times the sweeper has sent the task again since the entry was
+        /// set (the task may be lost, or still waiting in a backlog): each resend
+        /// waits twice as long as the one before, up to 16 times the deadline.
+        #[serde(default, skip_serializing_if = "is_zero")]
+        resends: u32,
+    },
     /// An activity attempt is in flight. Key `a:{activity_id}:{attempt}`; its
     /// outcome is appended only while this entry exists (late results are dropped).
     Activity {
@@ -130,7 +136,7 @@ impl OwedKind {
     #[must_use]
     pub fn key(&self) -> String {
         match self {
-            OwedKind::WorkflowTask => "wf".to_string(),
+            OwedKind::WorkflowTask { .. } => "wf".to_string(),
             OwedKind::Activity {
                 activity_id,
                 attempt,
@@ -143,6 +149,11 @@ impl OwedKind {
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+impl OwedKind {
+    /// A workflow task owed afresh (no resends yet).
+    pub const WORKFLOW_TASK: OwedKind = OwedKind::WorkflowTask { resends: 0 };
 }
 
 /// The owed-work key of an activity attempt.

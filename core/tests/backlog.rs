@@ -455,3 +455,34 @@ async fn a_take_over_between_the_sweepers_claim_and_give_up_stands() {
         types(&h)
     );
 }
+
+/// A workflow task that waits in a backlog is sent again less and less often (after
+/// its deadline, then twice that, four times, ...), not once per deadline; the
+/// copies find nothing to do once it ran.
+#[tokio::test(start_paused = true)]
+async fn a_waiting_workflow_task_is_sent_again_less_and_less_often() {
+    let s = setup(EngineConfig::default(), ActivityOptions::default());
+    let id = start(&s.engine, "one", json!(null)).await;
+    let deadline = EngineConfig::default().workflow_task_deadline;
+    s.sweep_for(deadline * 25 + Duration::from_secs(1)).await;
+    let workflow_tasks = |s: &Setup| {
+        s.queue
+            .pending
+            .lock()
+            .iter()
+            .filter(|(_, t)| matches!(t, Task::Workflow { .. }))
+            .count()
+    };
+    // Sent again at 1, 3, 7 and 15 times the deadline.
+    assert_eq!(workflow_tasks(&s) - 1, 4, "copies");
+    s.gate.add_permits(1);
+    s.deliver_all().await;
+    let summary = s.engine.get(&id).await.expect("summary");
+    assert_eq!(summary.status, WorkflowStatus::Completed, "{summary:?}");
+    assert_eq!(s.runs.load(Ordering::SeqCst), 1);
+    let h = history(&s.engine, &id).await;
+    assert_eq!(
+        count(&h, |d| matches!(d, EventData::ActivityScheduled { .. })),
+        1
+    );
+}

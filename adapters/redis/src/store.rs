@@ -280,7 +280,7 @@ impl RedisStore {
             },
         );
         let owed = OwedEntry {
-            kind: OwedKind::WorkflowTask,
+            kind: OwedKind::WORKFLOW_TASK,
             task_queue: new.task_queue.clone(),
             deadline: new.task_deadline,
             trace_context: new.trace_context.clone(),

@@ -459,7 +459,8 @@ pub struct Engine {
 /// Conflicting appends a workflow task retries before it hands its task back.
 const MAX_CONFLICTS: usize = 16;
 /// The sweeper sends an attempt no worker has started again after its start-to-close
-/// plus grace, then after twice that, four times, ... up to 2^this times.
+/// plus grace (a workflow task: after its deadline), then after twice that, four
+/// times, ... up to 2^this times.
 const MAX_RESEND_DOUBLINGS: u32 = 4;
 
 impl Engine {
@@ -856,7 +857,7 @@ enum Prepared {
 impl EngineInner {
     fn workflow_task_owed(&self, task_queue: &str, now: Timestamp) -> OwedEntry {
         OwedEntry {
-            kind: OwedKind::WorkflowTask,
+            kind: OwedKind::WORKFLOW_TASK,
             task_queue: task_queue.to_string(),
             deadline: now.plus(self.config.workflow_task_deadline),
             trace_context: None,
@@ -1331,7 +1332,7 @@ impl EngineInner {
             )]
         };
         let owed = OwedChanges::none().set(OwedEntry {
-            kind: OwedKind::WorkflowTask,
+            kind: OwedKind::WORKFLOW_TASK,
             task_queue: task_queue.to_string(),
             deadline: now.plus(self.config.task_failure_retry),
             // Only the sweeper delivers the retry; it stays in this task's trace.
@@ -1715,12 +1716,42 @@ impl EngineInner {
         let id = owed.workflow_id;
         let now = self.clock.now();
         self.observer.overdue(match owed.entry.kind {
-            OwedKind::WorkflowTask => "workflow_task",
+            OwedKind::WorkflowTask { .. } => "workflow_task",
             OwedKind::Timer { .. } => "timer",
             OwedKind::Activity { .. } => "activity",
         });
         match owed.entry.kind {
-            OwedKind::WorkflowTask => {
+            OwedKind::WorkflowTask { resends } => {
+                // The task may be lost, or still waiting in a backlog: send it again,
+                // and wait twice as long before the next copy, so a long backlog costs
+                // a few copies per workflow, not one per deadline. Unless the entry
+                // changed since the claim (new input owes a task of its own, or the task
+                // ran): then nothing is sent.
+                let wait = self
+                    .config
+                    .workflow_task_deadline
+                    .saturating_mul(1 << (resends + 1).min(MAX_RESEND_DOUBLINGS));
+                let outcome = self
+                    .store
+                    .append_keyed(
+                        &id,
+                        KeyedAppend {
+                            requires: Some(owed.entry.kind.key()),
+                            requires_deadline: Some(until),
+                            owed: OwedChanges::none().set(OwedEntry {
+                                kind: OwedKind::WorkflowTask {
+                                    resends: resends + 1,
+                                },
+                                deadline: now.plus(wait),
+                                ..owed.entry.clone()
+                            }),
+                            ..KeyedAppend::default()
+                        },
+                    )
+                    .await?;
+                if !matches!(outcome, KeyedOutcome::Appended(_)) {
+                    return Ok(());
+                }
                 // The task continues the trace its entry names (a failed task's retry,
                 // the first task, one after a signal), else the run's: a lost task's
                 // span stays in the run's trace. Reading the summary is not worth

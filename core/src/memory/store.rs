@@ -270,7 +270,7 @@ impl Store for MemoryStore {
             trace_context: new.trace_context.clone(),
         };
         let owed = OwedEntry {
-            kind: OwedKind::WorkflowTask,
+            kind: OwedKind::WORKFLOW_TASK,
             task_queue: new.task_queue.clone(),
             deadline: new.task_deadline,
             trace_context: new.trace_context,
@@ -288,7 +288,7 @@ impl Store for MemoryStore {
                     idempotency_key: new.idempotency_key.clone(),
                 },
             }],
-            owed: vec![(OwedKind::WorkflowTask.key(), owed)],
+            owed: vec![(OwedKind::WORKFLOW_TASK.key(), owed)],
             keys: HashSet::new(),
             watch: None,
             removed: false,
@@ -341,10 +341,11 @@ impl Store for MemoryStore {
                 "idempotency key names a workflow that is being purged".into(),
             )),
             None => {
-                shard
-                    .owed
-                    .lock()
-                    .insert((new.task_deadline, new.id, OwedKind::WorkflowTask.key()));
+                shard.owed.lock().insert((
+                    new.task_deadline,
+                    new.id,
+                    OwedKind::WORKFLOW_TASK.key(),
+                ));
                 Ok(Created {
                     summary,
                     created: true,

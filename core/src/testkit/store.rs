@@ -78,7 +78,7 @@ fn completed(ts: Timestamp) -> NewEvent {
 
 fn workflow_task(deadline: Timestamp) -> OwedEntry {
     OwedEntry {
-        kind: OwedKind::WorkflowTask,
+        kind: OwedKind::WORKFLOW_TASK,
         task_queue: "tq".into(),
         deadline,
         trace_context: None,
