@@ -325,12 +325,16 @@ fn parse_ref(s: &str) -> Option<Result<Ref<'_>, ()>> {
     if let Some(lit) = rest.strip_prefix('$') {
         return Some(Ok(Ref::Literal(lit)));
     }
+    // An empty segment (`$input.`, `$steps.a..b`) names nothing: refused, not null.
+    if rest.split('.').any(str::is_empty) {
+        return Some(Err(()));
+    }
     let mut parts = rest.split('.');
     Some(match parts.next() {
         Some("input") => Ok(Ref::Input(parts.collect())),
         Some("steps") => match parts.next() {
-            Some(name) if !name.is_empty() => Ok(Ref::Step(name, parts.collect())),
-            _ => Err(()),
+            Some(name) => Ok(Ref::Step(name, parts.collect())),
+            None => Err(()),
         },
         _ => Err(()),
     })
@@ -421,11 +425,15 @@ mod tests {
             dup.validate(),
             Err(PipelineError::DuplicateStep("a".into()))
         );
-        let bad = Pipeline::new().step("a", "x", json!("$nope"));
-        assert!(matches!(
-            bad.validate(),
-            Err(PipelineError::BadReference { .. })
-        ));
+        for bad in ["$nope", "$input.", "$steps.", "$steps.a..b", "$input..x"] {
+            let p = Pipeline::new()
+                .step("a", "x", json!(1))
+                .step("b", "x", json!(bad));
+            assert!(
+                matches!(p.validate(), Err(PipelineError::BadReference { .. })),
+                "{bad}"
+            );
+        }
         assert_eq!(Pipeline::new().validate(), Err(PipelineError::Empty));
     }
 
