@@ -243,19 +243,6 @@ impl WorkflowContext {
         options: ActivityOptions,
     ) -> ActivityFuture<O> {
         let input = match serde_json::to_value(input) {
-            Ok(v) if crate::nests_deeper_than(&v, crate::MAX_VALUE_DEPTH) => {
-                let e = WorkflowError::new(format!(
-                    "the input of activity {name:?} nests deeper than {} levels",
-                    crate::MAX_VALUE_DEPTH
-                ))
-                .with_kind("invalid_argument");
-                return ActivityFuture {
-                    state: self.state.clone(),
-                    id: 0,
-                    early: Some(Err(e)),
-                    _out: PhantomData,
-                };
-            }
             Ok(v) => v,
             Err(e) => {
                 return ActivityFuture {

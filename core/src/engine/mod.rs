@@ -63,6 +63,31 @@ fn check_depth(what: &str, value: &Value) -> Result<(), EngineError> {
     Ok(())
 }
 
+/// An attempt's result as it may be recorded: an output nested deeper than
+/// [`crate::MAX_VALUE_DEPTH`] (a history holding it could not be read back) fails the
+/// attempt for good; error details that deep are dropped.
+fn within_depth(result: Result<Value, ActivityError>) -> Result<Value, ActivityError> {
+    match result {
+        Ok(output) if crate::nests_deeper_than(&output, crate::MAX_VALUE_DEPTH) => {
+            Err(ActivityError::permanent(format!(
+                "the activity's output nests deeper than {} levels",
+                crate::MAX_VALUE_DEPTH
+            ))
+            .with_kind("invalid_output"))
+        }
+        Err(mut e)
+            if e.details
+                .as_ref()
+                .is_some_and(|d| crate::nests_deeper_than(d, crate::MAX_VALUE_DEPTH)) =>
+        {
+            e.details = None;
+            e.message.push_str(" (details dropped: nested too deep)");
+            Err(e)
+        }
+        r => r,
+    }
+}
+
 /// Errors of the engine's operations.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -447,6 +472,12 @@ impl ClosedRuns {
 
     fn contains(&self, id: &WorkflowId, run: Timestamp) -> bool {
         self.runs.get(id) == Some(&run)
+    }
+
+    fn remove(&mut self, id: &WorkflowId) {
+        if self.runs.remove(id).is_some() {
+            self.order.retain(|o| o != id);
+        }
     }
 }
 
@@ -1113,10 +1144,19 @@ impl EngineInner {
         }
         // A task of a run this replica closed (the result of a parallel call that
         // arrived after the close) has nothing to do: no replay, no read.
-        if cached.is_none() && run.is_some_and(|r| self.closed.lock().contains(id, r)) {
-            drop(cached);
-            self.cache.remove(id);
-            return Ok(());
+        if cached.is_none()
+            && let Some(r) = run
+            && self.closed.lock().contains(id, r)
+        {
+            // One summary read, not the history: a run started in the same
+            // millisecond after retention removed the closed one has its `created_at`.
+            let summary = self.store.get(id).await?;
+            if summary.is_none_or(|s| s.created_at != r || s.status.is_terminal()) {
+                drop(cached);
+                self.cache.remove(id);
+                return Ok(());
+            }
+            self.closed.lock().remove(id);
         }
         let mut tail = Some(tail);
         for _ in 0..MAX_CONFLICTS {
@@ -1402,7 +1442,7 @@ impl EngineInner {
         }
         let clock = std::time::Instant::now();
         let running = RunningGauge::start(self.observer.as_ref(), &call.name);
-        let result = self.clone().run_attempt(&t, &call, started_at).await;
+        let result = within_depth(self.clone().run_attempt(&t, &call, started_at).await);
         drop(running);
         let duration = clock.elapsed();
         let error_kind = result.as_ref().err().map(|e| e.kind.clone());
@@ -1557,26 +1597,6 @@ impl EngineInner {
                 attempt: t.attempt,
             },
         );
-        // A value too deep to read back would make the history unreadable.
-        let result = match result {
-            Ok(output) if crate::nests_deeper_than(&output, crate::MAX_VALUE_DEPTH) => {
-                Err(ActivityError::permanent(format!(
-                    "the activity's output nests deeper than {} levels",
-                    crate::MAX_VALUE_DEPTH
-                ))
-                .with_kind("invalid_output"))
-            }
-            Err(mut e)
-                if e.details
-                    .as_ref()
-                    .is_some_and(|d| crate::nests_deeper_than(d, crate::MAX_VALUE_DEPTH)) =>
-            {
-                e.details = None;
-                e.message.push_str(" (details dropped: nested too deep)");
-                Err(e)
-            }
-            r => r,
-        };
         // The attempt's outcome event, and the backoff delay when another attempt follows.
         let (outcome_event, retry_delay) = match result {
             Ok(output) => (

@@ -253,7 +253,7 @@ impl Pipeline {
                     input: template,
                     options,
                 } => {
-                    let arg = checked(name, render(template, &input, &outputs))?;
+                    let arg = checked(name, render_within(template, &input, &outputs))?;
                     let out: Value = ctx.activity_with(activity, &arg, options.clone()).await?;
                     outputs.insert(name.clone(), out);
                 }
@@ -268,7 +268,7 @@ impl Pipeline {
                             options,
                         } = s
                         {
-                            let arg = checked(name, render(template, &input, &outputs))?;
+                            let arg = checked(name, render_within(template, &input, &outputs))?;
                             names.push(name.clone());
                             calls.push(ctx.activity_with::<_, Value>(
                                 activity,
@@ -285,7 +285,7 @@ impl Pipeline {
             }
         }
         Ok(match &self.output {
-            Some(t) => checked("output", render(t, &input, &outputs))?,
+            Some(t) => checked("output", render_within(t, &input, &outputs))?,
             None => Value::Object(outputs),
         })
     }
@@ -299,9 +299,13 @@ pub const MAX_RENDERED_VALUES: usize = 1_000_000;
 /// `value`, rendered for `at` (a step or `output`), unless it nests deeper than
 /// [`crate::MAX_VALUE_DEPTH`] or holds more than [`MAX_RENDERED_VALUES`] values:
 /// then the run fails (outputs fed into templates can grow with every step).
-fn checked(at: &str, value: Value) -> Result<Value, WorkflowError> {
-    let problem = match crate::value_within(&value, crate::MAX_VALUE_DEPTH, MAX_RENDERED_VALUES) {
-        Ok(()) => return Ok(value),
+fn checked(at: &str, value: Option<Value>) -> Result<Value, WorkflowError> {
+    let checked = match &value {
+        Some(v) => crate::value_within(v, crate::MAX_VALUE_DEPTH, MAX_RENDERED_VALUES),
+        None => Err(crate::ValueLimit::Values),
+    };
+    let problem = match checked {
+        Ok(()) => return Ok(value.unwrap_or_default()),
         Err(crate::ValueLimit::Depth) => {
             format!("nests deeper than {} levels", crate::MAX_VALUE_DEPTH)
         }
@@ -360,7 +364,35 @@ fn check_refs(template: &Value, at: &str, done: &HashSet<&str>) -> Result<(), Pi
     }
 }
 
-fn pick(mut v: &Value, path: &[&str]) -> Value {
+/// `template` rendered, or `None` once it would hold more than
+/// [`MAX_RENDERED_VALUES`] values: counted while rendering, so that a template
+/// copying a large output many times is refused before it is built.
+fn render_within(template: &Value, input: &Value, outputs: &Map<String, Value>) -> Option<Value> {
+    let mut budget = MAX_RENDERED_VALUES;
+    render(template, input, outputs, &mut budget)
+}
+
+/// How many values `v` holds, or `None` when more than `max`.
+fn size_within(v: &Value, max: usize) -> Option<usize> {
+    let mut n = 0usize;
+    let mut stack = vec![v];
+    while let Some(v) = stack.pop() {
+        n += 1;
+        if n > max {
+            return None;
+        }
+        match v {
+            Value::Array(a) => stack.extend(a),
+            Value::Object(o) => stack.extend(o.values()),
+            _ => {}
+        }
+    }
+    Some(n)
+}
+
+static NULL: Value = Value::Null;
+
+fn pick<'a>(mut v: &'a Value, path: &[&str]) -> &'a Value {
     for p in path {
         let next = match v {
             Value::Object(o) => o.get(*p),
@@ -369,29 +401,46 @@ fn pick(mut v: &Value, path: &[&str]) -> Value {
         };
         match next {
             Some(n) => v = n,
-            None => return Value::Null,
+            None => return &NULL,
         }
     }
-    v.clone()
+    v
 }
 
-fn render(template: &Value, input: &Value, outputs: &Map<String, Value>) -> Value {
+fn render(
+    template: &Value,
+    input: &Value,
+    outputs: &Map<String, Value>,
+    budget: &mut usize,
+) -> Option<Value> {
+    let picked = |v: &Value, budget: &mut usize| {
+        *budget -= size_within(v, *budget)?;
+        Some(v.clone())
+    };
     match template {
         Value::String(s) => match parse_ref(s) {
-            None | Some(Err(())) => template.clone(),
-            Some(Ok(Ref::Literal(l))) => Value::String(format!("${l}")),
-            Some(Ok(Ref::Input(path))) => pick(input, &path),
+            None | Some(Err(())) => picked(template, budget),
+            Some(Ok(Ref::Literal(l))) => picked(&Value::String(format!("${l}")), budget),
+            Some(Ok(Ref::Input(path))) => picked(pick(input, &path), budget),
             Some(Ok(Ref::Step(name, path))) => {
-                outputs.get(name).map_or(Value::Null, |o| pick(o, &path))
+                picked(outputs.get(name).map_or(&NULL, |o| pick(o, &path)), budget)
             }
         },
-        Value::Array(a) => Value::Array(a.iter().map(|v| render(v, input, outputs)).collect()),
-        Value::Object(o) => Value::Object(
+        Value::Array(a) => {
+            *budget = budget.checked_sub(1)?;
+            a.iter()
+                .map(|v| render(v, input, outputs, budget))
+                .collect::<Option<Vec<_>>>()
+                .map(Value::Array)
+        }
+        Value::Object(o) => {
+            *budget = budget.checked_sub(1)?;
             o.iter()
-                .map(|(k, v)| (k.clone(), render(v, input, outputs)))
-                .collect(),
-        ),
-        other => other.clone(),
+                .map(|(k, v)| Some((k.clone(), render(v, input, outputs, budget)?)))
+                .collect::<Option<Map<_, _>>>()
+                .map(Value::Object)
+        }
+        other => picked(other, budget),
     }
 }
 
@@ -442,8 +491,8 @@ mod tests {
         let mut outputs = Map::new();
         outputs.insert("a".into(), json!({"z": [10, 20]}));
         let t = json!({"x": "$input.k", "y": "$steps.a.z.1", "l": "$$input", "n": 5});
-        let v = render(&t, &json!({"k": "v"}), &outputs);
-        assert_eq!(v, json!({"x": "v", "y": 20, "l": "$input", "n": 5}));
+        let v = render_within(&t, &json!({"k": "v"}), &outputs);
+        assert_eq!(v, Some(json!({"x": "v", "y": 20, "l": "$input", "n": 5})));
     }
 
     #[test]

@@ -218,7 +218,29 @@ impl Instance {
             return Ok(None);
         }
         let had_outcome = self.outcome.is_some();
-        let commands = self.run_batch(now)?;
+        let mut commands = self.run_batch(now)?;
+        // A new call with too deep an input fails the run here, where it would be
+        // recorded, not in the code's view: a history an older version recorded may
+        // hold such a call, and its replay must issue it as that version did.
+        let too_deep = commands.iter().find_map(|c| match c {
+            Command::Activity { name, input, .. }
+                if crate::nests_deeper_than(input, crate::MAX_VALUE_DEPTH) =>
+            {
+                Some(name.clone())
+            }
+            _ => None,
+        });
+        if let Some(name) = too_deep {
+            commands.clear();
+            self.future = None;
+            self.outcome = Some(Outcome::Failed(
+                WorkflowError::new(format!(
+                    "the input of activity {name:?} nests deeper than {} levels",
+                    crate::MAX_VALUE_DEPTH
+                ))
+                .with_kind("invalid_argument"),
+            ));
+        }
         let mut out = Vec::with_capacity(commands.len() + 2);
         out.push(EventData::WorkflowTaskCompleted {});
         for c in commands {
@@ -363,8 +385,10 @@ impl Instance {
                             }
                             Ok(v) => Outcome::Completed(v),
                             Err(mut e) => {
+                                // One level more: `activity_failed` wraps the
+                                // activity's error (details up to the limit) in its own.
                                 if e.details.as_ref().is_some_and(|d| {
-                                    crate::nests_deeper_than(d, crate::MAX_VALUE_DEPTH)
+                                    crate::nests_deeper_than(d, crate::MAX_VALUE_DEPTH + 1)
                                 }) {
                                     e.details = None;
                                     e.message.push_str(" (details dropped: nested too deep)");
