@@ -40,8 +40,8 @@ echo "  ok   yamllint"
 
 BIN=${MARATHON_BIN:-}
 if [[ -z "$BIN" ]]; then
-  echo "== cargo build -p marathon-server --features redis,sqs"
-  cargo build -q -p marathon-server --features redis,sqs
+  echo "== cargo build -p marathon-server --features redis,sqs,otel (the Dockerfile's FEATURES)"
+  cargo build -q -p marathon-server --features redis,sqs,otel
   BIN=target/debug/marathon
 fi
 

@@ -35,6 +35,11 @@ KUBE_VERSION = "1.30.0"
 # CRDs of the Prometheus operator: kubernetes-validate bundles no schema for them.
 CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}
 RELEASE, NAMESPACE = "mara", "marathon"
+_m = re.search(r"shutdown_timeout:\s*Duration::from_secs\((\d+)\)",
+               (ROOT / "observability/src/tracing.rs").read_text())
+if not _m:
+    raise SystemExit("TelemetryConfig shutdown_timeout default not found in observability/src/tracing.rs")
+TELEMETRY_SHUTDOWN_MS = int(_m.group(1)) * 1000
 
 failures: list[str] = []
 
@@ -245,6 +250,13 @@ def check_objects(name: str, docs: list[dict], server: Server) -> None:
                 pre = int(cmd[-1])
             if not tgps * 1000 > grace_ms + pre * 1000:
                 fail(f"{where}: terminationGracePeriodSeconds {tgps} <= preStop {pre}s + server grace {grace_ms} ms")
+            # After the drain, `marathon serve` flushes buffered spans for up to the
+            # telemetry shutdown timeout (TelemetryConfig::default, observability/src/tracing.rs).
+            if env.get("OTEL_EXPORTER_OTLP_ENDPOINT") or env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"):
+                flush_ms = TELEMETRY_SHUTDOWN_MS
+                if not tgps * 1000 > grace_ms + pre * 1000 + flush_ms:
+                    fail(f"{where}: terminationGracePeriodSeconds {tgps} <= preStop {pre}s + grace {grace_ms} ms"
+                         f" + span flush {flush_ms} ms: a slow collector gets the pod SIGKILLed")
         # Security.
         psc, csc = spec.get("securityContext", {}), c.get("securityContext", {})
         want = [

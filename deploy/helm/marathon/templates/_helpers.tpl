@@ -125,7 +125,7 @@ where JSON Schema can express them).
 {{- if and $v.auth.enabled (not $v.auth.tokens) (not $v.auth.existingSecret) }}
 {{- fail "auth.enabled=true needs auth.tokens or auth.existingSecret" }}
 {{- end }}
-{{- $managed := list "server.listen" "server.role" "server.auth_tokens" "server.shutdown_grace_ms" "worker.shutdown_grace_ms" "worker.queues" "log.filter" "log.format" "store.kind" "store.url" "store.key_prefix" "store.shards" "store.retention" "queue.kind" "queue.queue_prefix" "queue.create_if_missing" "queue.max_receives" "queue.fifo" "queue.region" "queue.endpoint_url" }}
+{{- $managed := list "server.listen" "server.role" "server.auth_tokens" "server.shutdown_grace_ms" "worker.shutdown_grace_ms" "worker.queues" "log.filter" "log.format" "store.kind" "store.url" "store.cluster_nodes" "store.key_prefix" "store.shards" "store.retention" "queue.kind" "queue.queue_prefix" "queue.create_if_missing" "queue.max_receives" "queue.fifo" "queue.region" "queue.endpoint_url" }}
 {{- range $key, $_ := $v.config }}
 {{- if or (has $key $managed) (hasPrefix "queue.queue_urls." $key) }}
 {{- fail (printf "config.%s is set by the chart from its own values; use those instead" $key) }}
@@ -172,6 +172,13 @@ where JSON Schema can express them).
     secretKeyRef:
       name: {{ include "marathon.redisSecretName" $root }}
       key: {{ include "marathon.redisSecretKey" $root }}
+{{- with $v.store.redis.clusterNodesSecretKey }}
+- name: MARATHON_STORE__CLUSTER_NODES
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "marathon.redisSecretName" $root }}
+      key: {{ . }}
+{{- end }}
 - name: MARATHON_STORE__KEY_PREFIX
   value: {{ $v.store.redis.keyPrefix | quote }}
 - name: MARATHON_STORE__SHARDS
