@@ -467,6 +467,26 @@ impl Config {
                 );
             }
         }
+        // SQS refuses such a name on every call: a worker would retry it forever.
+        #[cfg(feature = "sqs")]
+        if let QueueConfig::Sqs(sqs) = &self.queue {
+            let names = std::iter::once(("queue.queue_prefix", "q"))
+                .chain(std::iter::once((
+                    "engine.default_task_queue",
+                    self.engine.default_task_queue.as_str(),
+                )))
+                .chain(
+                    self.worker
+                        .queues
+                        .iter()
+                        .map(|q| ("worker.queues", q.name.as_str())),
+                );
+            for (path, name) in names {
+                if let Err(message) = sqs.check_queue_name(name) {
+                    return bad(path, message);
+                }
+            }
+        }
         if self.server.role != Role::All {
             if matches!(self.store, StoreConfig::Memory) {
                 return bad(
@@ -790,6 +810,33 @@ mod tests {
         })
         .expect_err("SQS visibility under a second");
         assert!(e.to_string().contains("worker.visibility_ms"), "{e}");
+    }
+
+    /// SQS refuses names with other characters than letters, digits, '-' and '_' on
+    /// every call: such a prefix or queue name stops start-up instead of leaving a
+    /// worker to retry forever.
+    #[cfg(feature = "sqs")]
+    #[test]
+    fn sqs_queue_names_sqs_refuses_are_refused() {
+        for (key, value) in [
+            ("queue.queue_prefix", "dev:"),
+            ("engine.default_task_queue", "llm.calls"),
+            ("worker.queues", r#"[{name = "a.b", concurrency = 1}]"#),
+        ] {
+            let flags = vec![(key, value)];
+            let mut flags: Vec<(String, String)> = flags
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            flags.push(("queue.kind".into(), "sqs".into()));
+            let e = Config::load(&Sources {
+                flags,
+                ..Default::default()
+            })
+            .expect_err("a name SQS refuses");
+            assert!(e.to_string().contains(key), "{e}");
+            assert!(e.to_string().contains("letters, digits"), "{e}");
+        }
     }
 
     #[test]

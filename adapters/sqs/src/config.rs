@@ -56,6 +56,43 @@ impl Default for SqsQueueConfig {
     }
 }
 
+/// Longest SQS queue name.
+const MAX_SQS_NAME: usize = 80;
+
+impl SqsQueueConfig {
+    /// Checks that logical queue `name` maps to SQS names SQS accepts: unless
+    /// `queue_urls` names its URL, `<queue_prefix><name>` and its dead-letter queue
+    /// `<queue_prefix><name>-dlq` (each plus `.fifo` on FIFO queues) must be 1 to 80
+    /// letters, digits, `-` and `_`. SQS refuses anything else on every call, so a
+    /// worker would retry such a queue forever.
+    ///
+    /// # Errors
+    /// A message naming the queue and the rule.
+    pub fn check_queue_name(&self, name: &str) -> Result<(), String> {
+        if self.queue_urls.contains_key(name) {
+            return Ok(());
+        }
+        let base = format!("{}{name}", self.queue_prefix);
+        if base.is_empty()
+            || !base
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "SQS queue name {base:?} (queue_prefix + queue {name:?}) may hold only letters, digits, '-' and '_'"
+            ));
+        }
+        let longest = base.len() + "-dlq".len() + if self.fifo { ".fifo".len() } else { 0 };
+        if longest > MAX_SQS_NAME {
+            return Err(format!(
+                "SQS queue name {base:?} is too long: with its dead-letter queue's \"-dlq\"{} it is {longest} characters, SQS allows {MAX_SQS_NAME}",
+                if self.fifo { " and \".fifo\"" } else { "" }
+            ));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +108,38 @@ mod tests {
         assert_eq!(cfg.max_receives, 5);
         assert_eq!(cfg.batch_window, Duration::from_millis(5));
         assert!(serde_json::from_str::<SqsQueueConfig>(r#"{"queue_prefx":"p-"}"#).is_err());
+    }
+
+    #[test]
+    fn queue_names_follow_sqs_rules() {
+        let cfg = SqsQueueConfig::default();
+        assert_eq!(cfg.check_queue_name("llm_calls-2"), Ok(()));
+        for bad in ["llm.calls", "a:b", "ä", ""] {
+            let cfg = SqsQueueConfig {
+                queue_prefix: String::new(),
+                ..SqsQueueConfig::default()
+            };
+            assert!(cfg.check_queue_name(bad).is_err(), "{bad:?}");
+        }
+        let colon = SqsQueueConfig {
+            queue_prefix: "dev:".into(),
+            ..SqsQueueConfig::default()
+        };
+        assert!(colon.check_queue_name("default").is_err());
+        // 76 characters plus "-dlq" is 80: fits; FIFO adds ".fifo": does not.
+        let long = "q".repeat(76 - "marathon-".len());
+        assert_eq!(cfg.check_queue_name(&long), Ok(()));
+        assert!(cfg.check_queue_name(&format!("{long}q")).is_err());
+        let fifo = SqsQueueConfig {
+            fifo: true,
+            ..SqsQueueConfig::default()
+        };
+        assert!(fifo.check_queue_name(&long).is_err());
+        // A queue with an explicit URL is not named by the prefix.
+        let urls = SqsQueueConfig {
+            queue_urls: [("llm.calls".to_string(), "http://x/q".to_string())].into(),
+            ..SqsQueueConfig::default()
+        };
+        assert_eq!(urls.check_queue_name("llm.calls"), Ok(()));
     }
 }
