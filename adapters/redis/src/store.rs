@@ -489,10 +489,24 @@ async fn connect_single(cfg: &RedisStoreConfig) -> Result<(Conn, Target), StoreE
         .set_response_timeout(Some(cfg.response_timeout))
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_secs(2));
-    let conn = client
+    let mut conn = client
         .get_connection_manager_with_config(mcfg)
         .await
         .map_err(classify)?;
+    // A node of a Redis Cluster answers PING, but most of the store's commands get
+    // MOVED: refuse it at start instead of failing later. An INFO this user may not
+    // run (ACLs) or a proxy that hides the cluster leaves the check to the commands.
+    if let Ok(info) = redis::cmd("INFO")
+        .arg("cluster")
+        .query_async::<String>(&mut conn)
+        .await
+        && info.lines().any(|l| l.trim() == "cluster_enabled:1")
+    {
+        return Err(backend(DataError::Config(format!(
+            "the Redis at {} is a Redis Cluster node (cluster_enabled:1): set store.cluster_nodes to the cluster's node URLs; a single url would run in single-node mode and most commands would fail with MOVED",
+            masked_url(&cfg.url)
+        ))));
+    }
     Ok((Conn::Manager(conn), Target::Single(Box::new(client))))
 }
 

@@ -189,3 +189,23 @@ async fn a_workflow_keys_share_one_slot_and_shards_spread_over_masters() {
     assert_eq!(page.items.len(), 40);
     cluster::teardown(&prefix).await;
 }
+
+/// A cluster node given as a single `url` is refused at connect, naming
+/// `store.cluster_nodes`: it would answer PING, then send most commands elsewhere
+/// (MOVED) while the server reported ready.
+#[tokio::test]
+async fn a_cluster_node_given_as_a_single_url_is_refused() {
+    let urls = tokio::task::spawn_blocking(|| cluster::shared().urls())
+        .await
+        .expect("start the cluster");
+    let err = RedisStore::connect(marathon_redis::RedisStoreConfig {
+        url: urls[0].clone(),
+        key_prefix: common::prefix(),
+        ..Default::default()
+    })
+    .await
+    .err()
+    .expect("a cluster node as a single url");
+    assert!(err.to_string().contains("cluster_nodes"), "{err}");
+    assert!(!err.is_retryable(), "{err}");
+}
