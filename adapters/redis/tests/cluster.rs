@@ -204,8 +204,7 @@ async fn a_cluster_node_given_as_a_single_url_is_refused() {
         ..Default::default()
     })
     .await
-    .err()
-    .expect("a cluster node as a single url");
+    .expect_err("a cluster node as a single url");
     assert!(err.to_string().contains("cluster_nodes"), "{err}");
     assert!(!err.is_retryable(), "{err}");
 }
