@@ -486,3 +486,51 @@ async fn a_waiting_workflow_task_is_sent_again_less_and_less_often() {
         1
     );
 }
+
+/// A timer fired in the same sweep that claims the workflow's waiting task owes a task
+/// of its own: the sweeper's resend of the claimed task does not replace that entry
+/// (both were due at the claim's lease end), so one task is sent, and if every task is
+/// lost the timer's task is recovered one deadline later, not two.
+#[tokio::test(start_paused = true)]
+async fn a_timer_fired_in_the_same_sweep_keeps_its_fresh_workflow_task_entry() {
+    let (store, _) = backends();
+    let queue = Arc::new(HandQueue::default());
+    let dyn_queue: Arc<dyn Queue> = queue.clone();
+    let engine = builder(&store, &dyn_queue)
+        .workflow("sleepy", |ctx: WorkflowContext, (): ()| async move {
+            ctx.sleep(Duration::from_secs(60)).await?;
+            let v: u32 = ctx.signal("go").await?;
+            Ok(v)
+        })
+        .build();
+    let d = EngineConfig::default().workflow_task_deadline;
+    let wf_tasks = || {
+        queue
+            .pending
+            .lock()
+            .iter()
+            .filter(|(_, t)| matches!(t, Task::Workflow { .. }))
+            .count()
+    };
+    let id = start(&engine, "sleepy", json!(null)).await;
+    let (q, t) = queue.pending.lock().remove(0);
+    engine.handle(&q, t).await.expect("first task");
+    tokio::time::advance(Duration::from_secs(31)).await;
+    // The signal's task waits in the queue; its entry falls due at 61 s.
+    engine
+        .signal(&id, "go", json!(7), None)
+        .await
+        .expect("signal");
+    assert_eq!(wf_tasks(), 1);
+    // One sweep at 62 s claims the timer and the waiting task.
+    tokio::time::advance(Duration::from_secs(31)).await;
+    engine.sweep(100).await.expect("sweep");
+    assert_eq!(wf_tasks() - 1, 1, "workflow tasks the sweep sent");
+    queue.pending.lock().clear();
+    tokio::time::advance(d + Duration::from_secs(1)).await;
+    engine.sweep(100).await.expect("sweep");
+    assert!(
+        wf_tasks() >= 1,
+        "no workflow task recovered one deadline after the timer owed it"
+    );
+}

@@ -470,19 +470,31 @@ impl Config {
         // SQS refuses such a name on every call: a worker would retry it forever.
         #[cfg(feature = "sqs")]
         if let QueueConfig::Sqs(sqs) = &self.queue {
-            let names = std::iter::once(("queue.queue_prefix", "q"))
-                .chain(std::iter::once((
-                    "engine.default_task_queue",
-                    self.engine.default_task_queue.as_str(),
-                )))
-                .chain(
-                    self.worker
-                        .queues
-                        .iter()
-                        .map(|q| ("worker.queues", q.name.as_str())),
-                );
+            let served = self
+                .worker
+                .queues
+                .iter()
+                .filter(|_| self.server.role.runs_worker())
+                .map(|q| ("worker.queues", q.name.as_str()));
+            let names = std::iter::once((
+                "engine.default_task_queue",
+                self.engine.default_task_queue.as_str(),
+            ))
+            .chain(served);
+            // A prefix that no name can fix is named as the culprit.
+            let prefix_alone = marathon_sqs::SqsQueueConfig {
+                queue_urls: Default::default(),
+                create_if_missing: false,
+                fifo: false,
+                ..sqs.clone()
+            };
             for (path, name) in names {
                 if let Err(message) = sqs.check_queue_name(name) {
+                    let path = if prefix_alone.check_queue_name("q").is_err() {
+                        "queue.queue_prefix"
+                    } else {
+                        path
+                    };
                     return bad(path, message);
                 }
             }
@@ -837,6 +849,41 @@ mod tests {
             assert!(e.to_string().contains(key), "{e}");
             assert!(e.to_string().contains("letters, digits"), "{e}");
         }
+    }
+
+    #[cfg(feature = "sqs")]
+    fn sqs_flags(pairs: &[(&str, &str)]) -> Sources {
+        let mut flags: Vec<(String, String)> = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
+        flags.push(("queue.kind".into(), "sqs".into()));
+        Sources {
+            flags,
+            ..Default::default()
+        }
+    }
+
+    /// Names SQS takes are not refused: long ones of queues that exist already (no
+    /// dead-letter queue is created), and worker queues of a role that serves none.
+    #[cfg(feature = "sqs")]
+    #[test]
+    fn sqs_queue_names_sqs_takes_are_accepted() {
+        let name = "q".repeat(70);
+        Config::load(&sqs_flags(&[("engine.default_task_queue", &name)]))
+            .expect("a 79-character SQS queue name that exists already");
+        let name = "q".repeat(66);
+        Config::load(&sqs_flags(&[
+            ("engine.default_task_queue", &name),
+            ("queue.fifo", "true"),
+        ]))
+        .expect("an 80-character FIFO queue name that exists already");
+        Config::load(&sqs_flags(&[
+            ("server.role", "api"),
+            ("store.kind", "redis"),
+            ("worker.queues", r#"[{name = "a.b", concurrency = 1}]"#),
+        ]))
+        .expect("role api with a worker queue it never serves");
     }
 
     #[test]

@@ -493,17 +493,27 @@ async fn connect_single(cfg: &RedisStoreConfig) -> Result<(Conn, Target), StoreE
         .get_connection_manager_with_config(mcfg)
         .await
         .map_err(classify)?;
-    // A node of a Redis Cluster answers PING, but most of the store's commands get
-    // MOVED: refuse it at start instead of failing later. An INFO this user may not
-    // run (ACLs) or a proxy that hides the cluster leaves the check to the commands.
+    // A node of a Redis Cluster of several shards answers PING, but most of the
+    // store's commands get MOVED: refuse it at start instead of failing later. A
+    // cluster of one shard serves every key on that node and works as it is. An
+    // INFO this user may not run (ACLs) or a proxy that hides the cluster leaves the
+    // check to the commands.
     if let Ok(info) = redis::cmd("INFO")
         .arg("cluster")
         .query_async::<String>(&mut conn)
         .await
         && info.lines().any(|l| l.trim() == "cluster_enabled:1")
+        && let Ok(cluster) = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async::<String>(&mut conn)
+            .await
+        && cluster
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("cluster_size:"))
+            .any(|n| n.parse::<u32>().is_ok_and(|n| n > 1))
     {
         return Err(backend(DataError::Config(format!(
-            "the Redis at {} is a Redis Cluster node (cluster_enabled:1): set store.cluster_nodes to the cluster's node URLs; a single url would run in single-node mode and most commands would fail with MOVED",
+            "the Redis at {} is a node of a Redis Cluster of several shards: set store.cluster_nodes to the cluster's node URLs; a single url would run in single-node mode and most commands would fail with MOVED",
             masked_url(&cfg.url)
         ))));
     }

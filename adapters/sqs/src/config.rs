@@ -61,10 +61,11 @@ const MAX_SQS_NAME: usize = 80;
 
 impl SqsQueueConfig {
     /// Checks that logical queue `name` maps to SQS names SQS accepts: unless
-    /// `queue_urls` names its URL, `<queue_prefix><name>` and its dead-letter queue
-    /// `<queue_prefix><name>-dlq` (each plus `.fifo` on FIFO queues) must be 1 to 80
-    /// letters, digits, `-` and `_`. SQS refuses anything else on every call, so a
-    /// worker would retry such a queue forever.
+    /// `queue_urls` names its URL, `<queue_prefix><name>` (plus `.fifo` on FIFO
+    /// queues) must be 1 to 80 letters, digits, `-` and `_`, and so must its
+    /// dead-letter queue `<queue_prefix><name>-dlq` when `create_if_missing` creates
+    /// it. SQS refuses anything else on every call, so a worker would retry such a
+    /// queue forever.
     ///
     /// # Errors
     /// A message naming the queue and the rule.
@@ -82,11 +83,22 @@ impl SqsQueueConfig {
                 "SQS queue name {base:?} (queue_prefix + queue {name:?}) may hold only letters, digits, '-' and '_'"
             ));
         }
-        let longest = base.len() + "-dlq".len() + if self.fifo { ".fifo".len() } else { 0 };
+        let mut suffixes = Vec::new();
+        if self.create_if_missing {
+            suffixes.push("-dlq");
+        }
+        if self.fifo {
+            suffixes.push(".fifo");
+        }
+        let longest = base.len() + suffixes.iter().map(|s| s.len()).sum::<usize>();
         if longest > MAX_SQS_NAME {
+            let with = if suffixes.is_empty() {
+                String::new()
+            } else {
+                format!(" with {}", suffixes.join(" and "))
+            };
             return Err(format!(
-                "SQS queue name {base:?} is too long: with its dead-letter queue's \"-dlq\"{} it is {longest} characters, SQS allows {MAX_SQS_NAME}",
-                if self.fifo { " and \".fifo\"" } else { "" }
+                "SQS queue name {base:?} is too long: {longest} characters{with}, SQS allows {MAX_SQS_NAME}"
             ));
         }
         Ok(())
@@ -126,15 +138,31 @@ mod tests {
             ..SqsQueueConfig::default()
         };
         assert!(colon.check_queue_name("default").is_err());
-        // 76 characters plus "-dlq" is 80: fits; FIFO adds ".fifo": does not.
-        let long = "q".repeat(76 - "marathon-".len());
+        // Queues that exist already: 80 characters fit, 81 do not.
+        let long = "q".repeat(80 - "marathon-".len());
         assert_eq!(cfg.check_queue_name(&long), Ok(()));
         assert!(cfg.check_queue_name(&format!("{long}q")).is_err());
+        // Created with their dead-letter queue: "-dlq" counts; on FIFO ".fifo" too.
+        let created = SqsQueueConfig {
+            create_if_missing: true,
+            ..SqsQueueConfig::default()
+        };
+        let short = "q".repeat(76 - "marathon-".len());
+        assert_eq!(created.check_queue_name(&short), Ok(()));
+        assert!(created.check_queue_name(&format!("{short}q")).is_err());
         let fifo = SqsQueueConfig {
+            fifo: true,
+            ..created.clone()
+        };
+        assert!(fifo.check_queue_name(&short).is_err());
+        let fifo_existing = SqsQueueConfig {
             fifo: true,
             ..SqsQueueConfig::default()
         };
-        assert!(fifo.check_queue_name(&long).is_err());
+        assert_eq!(
+            fifo_existing.check_queue_name(&"q".repeat(75 - "marathon-".len())),
+            Ok(())
+        );
         // A queue with an explicit URL is not named by the prefix.
         let urls = SqsQueueConfig {
             queue_urls: [("llm.calls".to_string(), "http://x/q".to_string())].into(),

@@ -119,8 +119,16 @@ impl WorkflowState {
         }
     }
 
-    fn set_owed(&mut self, entry: OwedEntry, ops: &mut Vec<IndexOp>) {
+    fn set_owed(&mut self, mut entry: OwedEntry, ops: &mut Vec<IndexOp>) {
         let key = entry.kind.key();
+        // An entry replaced by one due at the same deadline falls due a millisecond
+        // later, so that a sweeper's `requires_deadline` (its claim's lease end)
+        // tells the new entry from the one it claimed.
+        if let Some((_, old)) = self.owed.iter().find(|(k, _)| *k == key)
+            && old.deadline == entry.deadline
+        {
+            entry.deadline = entry.deadline.plus(Duration::from_millis(1));
+        }
         ops.push(IndexOp::Insert(entry.deadline, key.clone()));
         match self.owed.iter_mut().find(|(k, _)| *k == key) {
             Some((k, old)) => {

@@ -643,14 +643,55 @@ pub async fn keyed_append_requires_and_consumes_owed_entry(store: Arc<dyn Store>
         keyed(&store, &id, late).await,
         KeyedOutcome::Appended(Seq(5))
     );
+    // The second result replaced `wf` due at 40 by one due at 40: a millisecond later.
     assert_eq!(
         claim_all(&store, at(1_000_000)).await,
         vec![Owed {
             workflow_id: id.clone(),
-            entry: workflow_task(at(40)),
+            entry: workflow_task(at(41)),
         }]
     );
     assert_eq!(summary(&store, &id).await.last_seq, Seq(5));
+}
+
+/// An entry replaced since a sweeper's claim by one due at the claim's lease end (new
+/// input owed in the claim's millisecond) falls due a millisecond later, so that the
+/// sweeper's append that requires the claimed deadline does not take it for the
+/// claimed one.
+pub async fn an_entry_replaced_since_the_claim_is_not_owed_at_the_claimed_deadline(
+    store: Arc<dyn Store>,
+) {
+    let id = start(&store, "replaced", at(0)).await;
+    let now = at(40_000);
+    let until = now.plus(LEASE);
+    assert_eq!(claim_all(&store, now).await.len(), 1);
+    store
+        .append(
+            &id,
+            Seq(1),
+            vec![signal(now, 1)],
+            OwedChanges::none().set(workflow_task(until)),
+        )
+        .await
+        .expect("new input");
+    let resend = KeyedAppend {
+        key: None,
+        requires: Some("wf".into()),
+        requires_deadline: Some(until),
+        events: Vec::new(),
+        owed: OwedChanges::none().set(OwedEntry {
+            kind: OwedKind::WorkflowTask { resends: 1 },
+            ..workflow_task(now.plus(LEASE * 2))
+        }),
+    };
+    assert_eq!(keyed(&store, &id, resend).await, KeyedOutcome::NotOwed);
+    assert_eq!(
+        claim_all(&store, until.plus(Duration::from_millis(1))).await,
+        vec![Owed {
+            workflow_id: id.clone(),
+            entry: workflow_task(until.plus(Duration::from_millis(1))),
+        }]
+    );
 }
 
 /// A keyed append without events swaps owed work (the sweeper re-delivering an

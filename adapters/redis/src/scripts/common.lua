@@ -75,6 +75,14 @@ local function apply_batch(K, A, i, last)
     local fields, members = {}, {}
     for k = 0, nset - 1 do
       local key, deadline, json = A[s + 1 + 3 * k], A[s + 2 + 3 * k], A[s + 3 + 3 * k]
+      -- An entry replaced by one due at the same deadline falls due a millisecond
+      -- later, so that a sweeper's required deadline (its claim's lease end) tells
+      -- the new entry from the one it claimed (exact below 2^53 ms).
+      local old = redis.call('ZSCORE', K[5], id .. '|' .. key)
+      local due = tonumber(deadline)
+      if old and tonumber(old) == due and due < 9007199254740992 then
+        deadline = string.format('%d', due + 1)
+      end
       fields[2 * k + 1], fields[2 * k + 2] = key, json
       members[2 * k + 1], members[2 * k + 2] = deadline, id .. '|' .. key
     end
