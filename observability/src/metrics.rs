@@ -348,7 +348,7 @@ impl Metrics {
             overdue: counter(
                 r,
                 "marathon_overdue_total",
-                "Owed work the sweeper found overdue and acted on, by kind (workflow_task: a lost task re-enqueued; timer: a timer fired; activity: a lost attempt re-delivered).",
+                "Overdue owed work the sweeper claimed, by kind (workflow_task and activity: a task sent again, lost or still waiting in a backlog; timer: a timer to fire); an entry changed meanwhile is left as it is.",
                 &["kind"],
             )?,
             queue_depth: gauge(

@@ -66,25 +66,24 @@ fn check_depth(what: &str, value: &Value) -> Result<(), EngineError> {
 /// An attempt's result as it may be recorded: an output nested deeper than
 /// [`crate::MAX_VALUE_DEPTH`] (a history holding it could not be read back) fails the
 /// attempt for good; error details that deep are dropped.
-fn within_depth(result: Result<Value, ActivityError>) -> Result<Value, ActivityError> {
+fn within_depth(result: &mut Result<Value, ActivityError>) {
     match result {
-        Ok(output) if crate::nests_deeper_than(&output, crate::MAX_VALUE_DEPTH) => {
-            Err(ActivityError::permanent(format!(
+        Ok(output) if crate::nests_deeper_than(output, crate::MAX_VALUE_DEPTH) => {
+            *result = Err(ActivityError::permanent(format!(
                 "the activity's output nests deeper than {} levels",
                 crate::MAX_VALUE_DEPTH
             ))
-            .with_kind("invalid_output"))
+            .with_kind("invalid_output"));
         }
-        Err(mut e)
+        Err(e)
             if e.details
                 .as_ref()
                 .is_some_and(|d| crate::nests_deeper_than(d, crate::MAX_VALUE_DEPTH)) =>
         {
             e.details = None;
             e.message.push_str(" (details dropped: nested too deep)");
-            Err(e)
         }
-        r => r,
+        _ => {}
     }
 }
 
@@ -454,7 +453,7 @@ const CLOSED_RUNS: usize = 4096;
 /// The runs (id and `created_at`) a replica closed most recently.
 #[derive(Default)]
 struct ClosedRuns {
-    runs: HashMap<WorkflowId, Timestamp>,
+    runs: HashMap<WorkflowId, Timestamp, foldhash::fast::RandomState>,
     order: VecDeque<WorkflowId>,
 }
 
@@ -1143,8 +1142,10 @@ impl EngineInner {
             *cached = None;
         }
         // A task of a run this replica closed (the result of a parallel call that
-        // arrived after the close) has nothing to do: no replay, no read.
+        // arrived after the close) has nothing to do: no replay, no history read. (A
+        // tail from event 1 is a run's first task, not such a leftover.)
         if cached.is_none()
+            && tail.first().is_none_or(|e| e.seq != Seq(1))
             && let Some(r) = run
             && self.closed.lock().contains(id, r)
         {
@@ -1433,16 +1434,17 @@ impl EngineInner {
             },
         };
         let started_at = self.clock.now();
-        if !self
-            .mark_started(&t, &call, started_at, redelivered)
-            .await?
+        // Boxed: rarely awaited, and kept out of this (hot) future's size.
+        if self.must_mark(&t, &call, started_at)
+            && !Box::pin(self.mark_started(&t, &call, started_at, redelivered)).await?
         {
             crate::observe::record_current([("outcome", &AttemptOutcome::Dropped.as_str())]);
             return Ok(());
         }
         let clock = std::time::Instant::now();
         let running = RunningGauge::start(self.observer.as_ref(), &call.name);
-        let result = within_depth(self.clone().run_attempt(&t, &call, started_at).await);
+        let mut result = self.clone().run_attempt(&t, &call, started_at).await;
+        within_depth(&mut result);
         drop(running);
         let duration = clock.elapsed();
         let error_kind = result.as_ref().err().map(|e| e.kind.clone());
@@ -1455,11 +1457,23 @@ impl EngineInner {
         Ok(())
     }
 
-    /// Whether the attempt should run, marking it started in the store first when
-    /// its owed deadline no longer leaves its start-to-close timeout plus half the
-    /// grace (it waited in a backlog), or the sweeper sent it again: then the
-    /// deadline counts from now, and a copy of an attempt another worker runs, or of
-    /// one no longer owed, is not run. Any other task runs without a store call.
+    /// Whether the attempt must be marked started before it runs: its owed deadline
+    /// no longer leaves its start-to-close timeout plus half the grace (it waited in
+    /// a backlog), or the sweeper sent it again. Any other task runs without a store
+    /// call.
+    fn must_mark(&self, t: &ActivityTask, call: &ActivityCall, now: Timestamp) -> bool {
+        let stc = call.options.start_to_close;
+        let grace = self.config.activity_grace;
+        // A task without a deadline was sent by an earlier version: it may have
+        // waited in a backlog while the sweeper sent copies, so it is marked too.
+        t.resent
+            || t.deadline
+                .is_none_or(|d| d.since(now) < stc.saturating_add(grace / 2))
+    }
+
+    /// Marks the attempt started in the store ([`Self::must_mark`]); whether it should
+    /// run: then its deadline counts from now, and a copy of an attempt another
+    /// worker runs, or of one no longer owed, is not run.
     async fn mark_started(
         &self,
         t: &ActivityTask,
@@ -1469,14 +1483,6 @@ impl EngineInner {
     ) -> Result<bool, EngineError> {
         let stc = call.options.start_to_close;
         let grace = self.config.activity_grace;
-        // A task without a deadline was sent by an earlier version: it may have
-        // waited in a backlog while the sweeper sent copies, so it is marked too.
-        let late = t
-            .deadline
-            .is_none_or(|d| d.since(now) < stc.saturating_add(grace / 2));
-        if !late && !t.resent {
-            return Ok(true);
-        }
         let key = activity_key(t.activity_id, t.attempt);
         let deadline = now.plus(stc).plus(grace);
         match self

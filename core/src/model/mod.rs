@@ -49,6 +49,14 @@ pub fn value_within(
     max_values: usize,
 ) -> Result<(), ValueLimit> {
     use serde_json::Value;
+    // Scalars (most values on the hot path) need no walk and no stack.
+    if !matches!(value, Value::Array(_) | Value::Object(_)) {
+        return if max_values == 0 {
+            Err(ValueLimit::Values)
+        } else {
+            Ok(())
+        };
+    }
     let mut count = 0usize;
     let mut stack: Vec<(&Value, usize)> = vec![(value, 0)];
     while let Some((v, depth)) = stack.pop() {
