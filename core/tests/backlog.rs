@@ -97,12 +97,19 @@ impl Setup {
     }
 
     fn pending_activity_tasks(&self) -> usize {
-        self.queue
-            .pending
-            .lock()
-            .iter()
-            .filter(|(_, t)| matches!(t, Task::Activity(_)))
-            .count()
+        self.queue.count(false)
+    }
+
+    /// Starts a sweep on `store` (this setup's) and returns once it has claimed and is
+    /// held at its summary read, before it writes or sends anything; `store.release`
+    /// lets it go on.
+    async fn sweep_held(&self, store: &HookStore) -> tokio::task::JoinHandle<usize> {
+        store.hold_get.store(true, Ordering::SeqCst);
+        let engine = self.engine.clone();
+        let held = store.held.notified();
+        let sweep = tokio::spawn(async move { engine.sweep(100).await.expect("sweep") });
+        held.await;
+        sweep
     }
 
     /// Lets `d` of test time pass, sweeping every second as a worker would.
@@ -294,12 +301,8 @@ async fn a_start_between_the_sweepers_claim_and_resend_stands() {
     s.start().await;
     let original = s.take().expect("the activity task");
     tokio::time::advance(STC + GRACE + Duration::from_secs(1)).await;
-    store.hold_get.store(true, Ordering::SeqCst);
-    let engine = s.engine.clone();
-    let held = store.held.notified();
-    let sweep = tokio::spawn(async move { engine.sweep(100).await.expect("sweep") });
     // Claimed, and held before the resend: the late original is marked and runs.
-    held.await;
+    let sweep = s.sweep_held(&store).await;
     let _running = s.run_elsewhere(original, 1).await;
     store.release.add_permits(1);
     assert_eq!(sweep.await.expect("joined"), 1);
@@ -433,11 +436,7 @@ async fn a_take_over_between_the_sweepers_claim_and_give_up_stands() {
     // The mark's deadline passes: the sweeper claims the started-and-lost attempt
     // (max_redeliveries 0: it gives up) and is held before it writes.
     tokio::time::advance(STC + GRACE + Duration::from_secs(1)).await;
-    store.hold_get.store(true, Ordering::SeqCst);
-    let engine = s.engine.clone();
-    let held = store.held.notified();
-    let sweep = tokio::spawn(async move { engine.sweep(100).await.expect("sweep") });
-    held.await;
+    let sweep = s.sweep_held(&store).await;
     // Meanwhile the queue delivers copy 0 again (its worker died): it takes over.
     let running = s.run_elsewhere(original, 2).await;
     store.release.add_permits(1);
@@ -465,16 +464,8 @@ async fn a_waiting_workflow_task_is_sent_again_less_and_less_often() {
     let id = start(&s.engine, "one", json!(null)).await;
     let deadline = EngineConfig::default().workflow_task_deadline;
     s.sweep_for(deadline * 25 + Duration::from_secs(1)).await;
-    let workflow_tasks = |s: &Setup| {
-        s.queue
-            .pending
-            .lock()
-            .iter()
-            .filter(|(_, t)| matches!(t, Task::Workflow { .. }))
-            .count()
-    };
     // Sent again at 1, 3, 7 and 15 times the deadline.
-    assert_eq!(workflow_tasks(&s) - 1, 4, "copies");
+    assert_eq!(s.queue.count(true) - 1, 4, "copies");
     s.gate.add_permits(1);
     s.deliver_all().await;
     let summary = s.engine.get(&id).await.expect("summary");
@@ -504,14 +495,7 @@ async fn a_timer_fired_in_the_same_sweep_keeps_its_fresh_workflow_task_entry() {
         })
         .build();
     let d = EngineConfig::default().workflow_task_deadline;
-    let wf_tasks = || {
-        queue
-            .pending
-            .lock()
-            .iter()
-            .filter(|(_, t)| matches!(t, Task::Workflow { .. }))
-            .count()
-    };
+    let wf_tasks = || queue.count(true);
     let id = start(&engine, "sleepy", json!(null)).await;
     let (q, t) = queue.pending.lock().remove(0);
     engine.handle(&q, t).await.expect("first task");

@@ -115,6 +115,17 @@ pub struct HandQueue {
     pub pending: Mutex<Vec<(String, Task)>>,
 }
 
+impl HandQueue {
+    /// Pending workflow tasks (`true`) or activity tasks (`false`).
+    pub fn count(&self, workflow: bool) -> usize {
+        self.pending
+            .lock()
+            .iter()
+            .filter(|(_, t)| matches!(t, Task::Workflow { .. }) == workflow)
+            .count()
+    }
+}
+
 #[async_trait]
 impl Queue for HandQueue {
     async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {

@@ -212,7 +212,6 @@ fn a_value_at_the_depth_limit_reads_back_in_tasks_and_events() {
             }),
             run: None,
             deadline: None,
-            resent: false,
             copy: 0,
         }))
         .unwrap()

@@ -481,19 +481,13 @@ impl Config {
                 self.engine.default_task_queue.as_str(),
             ))
             .chain(served);
-            // A prefix that no name can fix is named as the culprit.
-            let prefix_alone = marathon_sqs::SqsQueueConfig {
-                queue_urls: Default::default(),
-                create_if_missing: false,
-                fifo: false,
-                ..sqs.clone()
-            };
             for (path, name) in names {
                 if let Err(message) = sqs.check_queue_name(name) {
-                    let path = if prefix_alone.check_queue_name("q").is_err() {
-                        "queue.queue_prefix"
-                    } else {
+                    // A prefix that no name can fix is named as the culprit.
+                    let path = if sqs.prefix_is_valid() {
                         path
+                    } else {
+                        "queue.queue_prefix"
                     };
                     return bad(path, message);
                 }

@@ -902,7 +902,6 @@ impl Store for RedisStore {
             .arg(copy)
             .arg(now.0)
             .arg(deadline.0)
-            .arg(deadline.0.saturating_add(1))
             .arg(if redelivered { "1" } else { "0" });
         let reply: Vec<String> = inv.invoke_async(&mut self.conn()).await.map_err(classify)?;
         match reply.first().map(String::as_str) {

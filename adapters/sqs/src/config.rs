@@ -59,7 +59,20 @@ impl Default for SqsQueueConfig {
 /// Longest SQS queue name.
 const MAX_SQS_NAME: usize = 80;
 
+/// Whether `s` holds only characters SQS allows in a queue name.
+fn sqs_name_chars(s: &str) -> bool {
+    s.chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+}
+
 impl SqsQueueConfig {
+    /// Whether `queue_prefix` holds only characters SQS allows in a queue name (else
+    /// no queue named through it can exist).
+    #[must_use]
+    pub fn prefix_is_valid(&self) -> bool {
+        sqs_name_chars(&self.queue_prefix)
+    }
+
     /// Checks that logical queue `name` maps to SQS names SQS accepts: unless
     /// `queue_urls` names its URL, `<queue_prefix><name>` (plus `.fifo` on FIFO
     /// queues) must be 1 to 80 letters, digits, `-` and `_`, and so must its
@@ -74,11 +87,7 @@ impl SqsQueueConfig {
             return Ok(());
         }
         let base = format!("{}{name}", self.queue_prefix);
-        if base.is_empty()
-            || !base
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        if base.is_empty() || !sqs_name_chars(&base) {
             return Err(format!(
                 "SQS queue name {base:?} (queue_prefix + queue {name:?}) may hold only letters, digits, '-' and '_'"
             ));

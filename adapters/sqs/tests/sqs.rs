@@ -258,7 +258,6 @@ async fn too_large_is_refused_and_nothing_is_sent() {
         }),
         run: None,
         deadline: None,
-        resent: false,
         copy: 0,
     });
     let res = q
@@ -295,7 +294,6 @@ async fn batches_respect_the_total_size_limit() {
                 }),
                 run: None,
                 deadline: None,
-                resent: false,
                 copy: 0,
             }))
         })

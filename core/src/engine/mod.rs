@@ -75,15 +75,19 @@ fn within_depth(result: &mut Result<Value, ActivityError>) {
             ))
             .with_kind("invalid_output"));
         }
-        Err(e)
-            if e.details
-                .as_ref()
-                .is_some_and(|d| crate::nests_deeper_than(d, crate::MAX_VALUE_DEPTH)) =>
-        {
-            e.details = None;
-            e.message.push_str(" (details dropped: nested too deep)");
-        }
-        _ => {}
+        Err(e) => drop_deep_details(&mut e.details, &mut e.message, crate::MAX_VALUE_DEPTH),
+        Ok(_) => {}
+    }
+}
+
+/// Drops error `details` nested deeper than `max` levels, saying so in `message`.
+pub(crate) fn drop_deep_details(details: &mut Option<Value>, message: &mut String, max: usize) {
+    if details
+        .as_ref()
+        .is_some_and(|d| crate::nests_deeper_than(d, max))
+    {
+        *details = None;
+        message.push_str(" (details dropped: nested too deep)");
     }
 }
 
@@ -1281,7 +1285,6 @@ impl EngineInner {
                                 }),
                                 run: Some(inst.started_at),
                                 deadline: Some(deadline),
-                                resent: false,
                                 copy: 0,
                             })),
                         );
@@ -1466,7 +1469,7 @@ impl EngineInner {
         let grace = self.config.activity_grace;
         // A task without a deadline was sent by an earlier version: it may have
         // waited in a backlog while the sweeper sent copies, so it is marked too.
-        t.resent
+        t.copy > 0
             || t.deadline
                 .is_none_or(|d| d.since(now) < stc.saturating_add(grace / 2))
     }
@@ -1683,7 +1686,6 @@ impl EngineInner {
                         OutgoingMessage::now(Task::Activity(ActivityTask {
                             attempt: t.attempt + 1,
                             deadline: Some(deadline),
-                            resent: false,
                             copy: 0,
                             ..t.clone()
                         }))
@@ -1874,7 +1876,6 @@ impl EngineInner {
                     call: None,
                     run: Some(summary.created_at),
                     deadline: None,
-                    resent: true,
                     copy: 0,
                 };
                 if let Some(error) = give_up {

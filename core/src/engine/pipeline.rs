@@ -300,8 +300,9 @@ pub const MAX_RENDERED_VALUES: usize = 1_000_000;
 /// [`crate::MAX_VALUE_DEPTH`] or holds more than [`MAX_RENDERED_VALUES`] values:
 /// then the run fails (outputs fed into templates can grow with every step).
 fn checked(at: &str, value: Option<Value>) -> Result<Value, WorkflowError> {
+    // `None`: rendering ran out of its value budget; else only the depth is left to check.
     let checked = match &value {
-        Some(v) => crate::value_within(v, crate::MAX_VALUE_DEPTH, MAX_RENDERED_VALUES),
+        Some(v) => crate::value_within(v, crate::MAX_VALUE_DEPTH, usize::MAX),
         None => Err(crate::ValueLimit::Values),
     };
     let problem = match checked {
@@ -372,24 +373,6 @@ fn render_within(template: &Value, input: &Value, outputs: &Map<String, Value>) 
     render(template, input, outputs, &mut budget)
 }
 
-/// How many values `v` holds, or `None` when more than `max`.
-fn size_within(v: &Value, max: usize) -> Option<usize> {
-    let mut n = 0usize;
-    let mut stack = vec![v];
-    while let Some(v) = stack.pop() {
-        n += 1;
-        if n > max {
-            return None;
-        }
-        match v {
-            Value::Array(a) => stack.extend(a),
-            Value::Object(o) => stack.extend(o.values()),
-            _ => {}
-        }
-    }
-    Some(n)
-}
-
 static NULL: Value = Value::Null;
 
 fn pick<'a>(mut v: &'a Value, path: &[&str]) -> &'a Value {
@@ -414,7 +397,7 @@ fn render(
     budget: &mut usize,
 ) -> Option<Value> {
     let picked = |v: &Value, budget: &mut usize| {
-        *budget -= size_within(v, *budget)?;
+        *budget -= crate::model::values_within(v, *budget)?;
         Some(v.clone())
     };
     match template {

@@ -387,12 +387,11 @@ impl Instance {
                             Err(mut e) => {
                                 // One level more: `activity_failed` wraps the
                                 // activity's error (details up to the limit) in its own.
-                                if e.details.as_ref().is_some_and(|d| {
-                                    crate::nests_deeper_than(d, crate::MAX_VALUE_DEPTH + 1)
-                                }) {
-                                    e.details = None;
-                                    e.message.push_str(" (details dropped: nested too deep)");
-                                }
+                                crate::engine::drop_deep_details(
+                                    &mut e.details,
+                                    &mut e.message,
+                                    crate::MAX_VALUE_DEPTH + 1,
+                                );
                                 Outcome::Failed(e)
                             }
                         });

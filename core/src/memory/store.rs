@@ -208,24 +208,31 @@ impl MemoryStore {
             }
         }
 
-        if !ops.is_empty() {
-            let mut index = self.shard(id).owed.lock();
-            for op in ops {
-                match op {
-                    IndexOp::Remove(d, k) => {
-                        index.remove(&(d, id.clone(), k));
-                    }
-                    IndexOp::Insert(d, k) => {
-                        index.insert((d, id.clone(), k));
-                    }
-                }
-            }
-        }
+        self.apply_index(id, ops);
 
         if let Some(w) = &st.watch {
             w.send_replace(seq);
         }
         seq
+    }
+
+    /// Applies changes of workflow `id`'s owed entries to its shard's index, in order;
+    /// called under the workflow's lock, like every change of its entries.
+    fn apply_index(&self, id: &WorkflowId, ops: Vec<IndexOp>) {
+        if ops.is_empty() {
+            return;
+        }
+        let mut index = self.shard(id).owed.lock();
+        for op in ops {
+            match op {
+                IndexOp::Remove(d, k) => {
+                    index.remove(&(d, id.clone(), k));
+                }
+                IndexOp::Insert(d, k) => {
+                    index.insert((d, id.clone(), k));
+                }
+            }
+        }
     }
 
     fn summaries(states: Vec<SharedState>) -> Vec<WorkflowSummary> {
@@ -528,14 +535,15 @@ impl Store for MemoryStore {
         if st.removed {
             return Ok(AttemptStart::NotOwed);
         }
-        let Some((_, entry)) = st.owed.iter_mut().find(|(k, _)| k == key) else {
+        let Some((_, entry)) = st.owed.iter().find(|(k, _)| k == key) else {
             return Ok(AttemptStart::NotOwed);
         };
+        let mut marked = entry.clone();
         let OwedKind::Activity {
             started,
             started_copy,
             ..
-        } = &mut entry.kind
+        } = &mut marked.kind
         else {
             return Ok(AttemptStart::NotOwed);
         };
@@ -547,17 +555,11 @@ impl Store for MemoryStore {
         }
         *started = Some(now);
         *started_copy = copy;
-        let deadline = if deadline == entry.deadline {
-            deadline.plus(Duration::from_millis(1))
-        } else {
-            deadline
-        };
-        let before = std::mem::replace(&mut entry.deadline, deadline);
-        // Under the workflow's lock, like every change of its entries.
-        let mut index = self.shard(id).owed.lock();
-        index.remove(&(before, id.clone(), key.to_string()));
-        index.insert((deadline, id.clone(), key.to_string()));
-        drop(index);
+        marked.deadline = deadline;
+        // Replaced like any entry (a deadline equal to the old one moves a millisecond on).
+        let mut ops = Vec::new();
+        st.set_owed(marked, &mut ops);
+        self.apply_index(id, ops);
         drop(st);
         Ok(AttemptStart::Started)
     }

@@ -48,13 +48,28 @@ pub fn value_within(
     max_depth: usize,
     max_values: usize,
 ) -> Result<(), ValueLimit> {
+    walk(value, max_depth, max_values).map(|_| ())
+}
+
+/// How many values (arrays, objects and scalars, one each) `value` holds, or `None`
+/// when more than `max`.
+pub(crate) fn values_within(value: &serde_json::Value, max: usize) -> Option<usize> {
+    walk(value, usize::MAX, max).ok()
+}
+
+/// The walk of [`value_within`]: how many values `value` holds.
+fn walk(
+    value: &serde_json::Value,
+    max_depth: usize,
+    max_values: usize,
+) -> Result<usize, ValueLimit> {
     use serde_json::Value;
     // Scalars (most values on the hot path) need no walk and no stack.
     if !matches!(value, Value::Array(_) | Value::Object(_)) {
         return if max_values == 0 {
             Err(ValueLimit::Values)
         } else {
-            Ok(())
+            Ok(1)
         };
     }
     let mut count = 0usize;
@@ -74,7 +89,7 @@ pub fn value_within(
         }
         stack.extend(children.map(|c| (c, depth + 1)));
     }
-    Ok(())
+    Ok(count)
 }
 
 /// Serde helpers that write a [`std::time::Duration`] as whole milliseconds.

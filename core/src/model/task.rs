@@ -79,12 +79,9 @@ pub struct ActivityTask {
     /// version before this field): always marked, as if late.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Timestamp>,
-    /// Sent again by the sweeper: the worker marks it started before it runs, so
-    /// that it runs once even when the copy it replaces is still waiting in the queue.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
-    pub resent: bool,
     /// Which copy of the attempt's task this is: 0 the first one sent, then one more
-    /// for each the sweeper sends. A queue's redelivery of the copy whose worker
+    /// for each the sweeper sends (a copy the sweeper sent is marked started before
+    /// it runs, so that it runs once even when the task it replaces still waits). A queue's redelivery of the copy whose worker
     /// marked the attempt started takes the attempt over; any other copy does not.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub copy: u32,

@@ -321,7 +321,6 @@ pub async fn trace_context_round_trips(q: Arc<dyn Queue>) {
         }),
         run: Some(Timestamp(1_700_000_000_001)),
         deadline: Some(Timestamp(1_700_000_090_123)),
-        resent: true,
         copy: 2,
     });
     let mut traced = OutgoingMessage::now(t.clone());

@@ -4,8 +4,7 @@
 -- that marked it, whose worker is gone).
 -- KEYS: 1 the workflow's owed hash, 2 the shard's owed zset
 -- ARGV: 1 workflow id, 2 owed key, 3 copy, 4 now ms, 5 new deadline ms,
---       6 new deadline + 1 ms (used if the entry falls due at ARGV[5] already),
---       7 redelivered ('1'/'0')
+--       6 redelivered ('1'/'0')
 -- Returns {'started'}, {'running', started ms} or {'notowed'}.
 --
 -- The entry is OwedEntry JSON as serde writes it: its `kind` object comes first and
@@ -22,14 +21,18 @@ local score = redis.call('ZSCORE', KEYS[2], member)
 local started = string.match(head, ',"started":(%d+)')
 local copy = string.match(head, ',"started_copy":(%d+)') or '0'
 if started and score and tonumber(score) > tonumber(ARGV[4])
-    and not (ARGV[7] == '1' and copy == ARGV[3]) then
+    and not (ARGV[6] == '1' and copy == ARGV[3]) then
   return {'running', started}
 end
 head = string.gsub(head, ',"started":%d+', '')
 head = string.gsub(head, ',"started_copy":%d+', '')
 head = head .. ',"started":' .. ARGV[4] .. ',"started_copy":' .. ARGV[3]
+-- A deadline equal to the entry's moves a millisecond on, as in apply_batch.
 local deadline = ARGV[5]
-if score and tonumber(score) == tonumber(deadline) then deadline = ARGV[6] end
+local due = tonumber(deadline)
+if score and tonumber(score) == due and due < 9007199254740992 then
+  deadline = string.format('%d', due + 1)
+end
 redis.call('HSET', KEYS[1], ARGV[2], head .. rest)
 redis.call('ZADD', KEYS[2], deadline, member)
 return {'started'}
