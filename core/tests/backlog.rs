@@ -518,3 +518,90 @@ async fn a_timer_fired_in_the_same_sweep_keeps_its_fresh_workflow_task_entry() {
         "no workflow task recovered one deadline after the timer owed it"
     );
 }
+
+/// The queue's redelivery of a task whose worker died while it streamed progress
+/// records its own progress in full, told apart from the lost execution's by
+/// `execution` (before, its first events were dropped as repeats of the lost
+/// execution's, so a reader saw the lost execution's tokens followed by the rest of
+/// the new one's).
+#[tokio::test(start_paused = true)]
+async fn a_take_over_streams_its_own_progress_in_full() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let queue = Arc::new(HandQueue::default());
+    let dyn_queue: Arc<dyn Queue> = queue.clone();
+    let gate = Arc::new(Semaphore::new(0));
+    let engine = builder(&store, &dyn_queue)
+        .workflow("one", |ctx: WorkflowContext, (): ()| async move {
+            let out: u32 = ctx.activity("stream", &()).await?;
+            Ok(out)
+        })
+        .activity("stream", {
+            let gate = gate.clone();
+            move |ctx: ActivityContext, (): ()| {
+                let gate = gate.clone();
+                async move {
+                    for token in ["a", "b"] {
+                        ctx.progress(&json!(token)).await?;
+                    }
+                    gate.acquire().await.expect("gate open").forget();
+                    Ok::<_, ActivityError>(1u32)
+                }
+            }
+        })
+        .build();
+    let take = || {
+        let mut pending = queue.pending.lock();
+        (!pending.is_empty()).then(|| pending.remove(0))
+    };
+    let id = start(&engine, "one", json!(null)).await;
+    let (q, task) = take().expect("first workflow task");
+    engine.handle(&q, task).await.expect("workflow task");
+    let (q, task) = take().expect("the activity task");
+    // A worker streams both tokens and dies.
+    let lost = tokio::spawn({
+        let (engine, q, task) = (engine.clone(), q.clone(), task.clone());
+        async move { engine.handle_delivery(&q, task, 1).await }
+    });
+    while count(&history(&engine, &id).await, |d| {
+        matches!(d, EventData::Progress { .. })
+    }) < 2
+    {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    lost.abort();
+    // The queue delivers the task again: it runs to the end.
+    gate.add_permits(1);
+    engine
+        .handle_delivery(&q, task, 2)
+        .await
+        .expect("redelivery handled");
+    while let Some((q, task)) = take() {
+        engine.handle(&q, task).await.expect("task handled");
+    }
+    assert_eq!(
+        engine.get(&id).await.expect("summary").status,
+        WorkflowStatus::Completed
+    );
+    let progress: Vec<(u32, serde_json::Value)> = history(&engine, &id)
+        .await
+        .into_iter()
+        .filter_map(|e| match e.data {
+            EventData::Progress {
+                execution, data, ..
+            } => Some((execution, data)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(progress.len(), 4, "{progress:?}");
+    let (first, second) = (progress[0].0, progress[2].0);
+    assert_ne!(first, second, "{progress:?}");
+    assert_eq!(
+        progress,
+        [
+            (first, json!("a")),
+            (first, json!("b")),
+            (second, json!("a")),
+            (second, json!("b"))
+        ]
+    );
+}

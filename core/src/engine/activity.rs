@@ -2,8 +2,8 @@
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -33,7 +33,18 @@ struct ActivityInner {
     last_heartbeat: Mutex<Instant>,
     last_cancel_check: Mutex<Option<Instant>>,
     progress_seq: AtomicU32,
+    /// This execution of the attempt (random, not zero; drawn at its first progress):
+    /// its progress keys and events carry it, so a take-over's progress is neither
+    /// dropped as repeats of the lost execution's nor mistaken for it.
+    execution: OnceLock<u32>,
     engine: Option<Arc<EngineInner>>,
+}
+
+/// A random execution number, never zero (zero marks progress recorded before
+/// executions were numbered).
+fn new_execution() -> u32 {
+    let n = uuid::Uuid::new_v4().as_u128() as u32;
+    n.max(1)
 }
 
 /// How often a heartbeat may ask the store whether the workflow was canceled.
@@ -59,6 +70,7 @@ impl ActivityContext {
                 last_heartbeat: Mutex::new(Instant::now()),
                 last_cancel_check: Mutex::new(None),
                 progress_seq: AtomicU32::new(0),
+                execution: OnceLock::new(),
                 engine,
             }),
         }
@@ -203,10 +215,11 @@ impl ActivityContext {
             .with_kind("invalid_argument"));
         }
         let n = self.inner.progress_seq.fetch_add(1, Ordering::Relaxed);
+        let execution = *self.inner.execution.get_or_init(new_execution);
         let append = KeyedAppend {
             key: Some(format!(
-                "p:{}:{}:{n}",
-                self.inner.activity_id, self.inner.attempt
+                "p:{}:{}:{:x}:{n}",
+                self.inner.activity_id, self.inner.attempt, execution
             )),
             requires: None,
             requires_deadline: None,
@@ -215,6 +228,7 @@ impl ActivityContext {
                 EventData::Progress {
                     activity_id: self.inner.activity_id,
                     attempt: self.inner.attempt,
+                    execution,
                     data,
                 },
             )],

@@ -146,6 +146,13 @@ pub enum EventData {
         activity_id: u32,
         /// Attempt reporting it.
         attempt: u32,
+        /// Which execution of the attempt reported it: random, the same for all of one
+        /// execution's progress. A new value for the same attempt means the worker
+        /// running it was lost and another took it over from the start, so a reader
+        /// drops what the earlier execution streamed. 0 in events recorded before
+        /// 2026-11-27.
+        #[serde(default)]
+        execution: u32,
         /// Free-form data.
         data: Value,
     },
