@@ -29,7 +29,17 @@ impl LogFilter {
         // Span and field directives, and anything `Targets` does not read, go to
         // `EnvFilter` (which also names what is wrong with an invalid filter).
         let plain = !spec.contains(['[', ']', '{', '}', '"']);
-        if plain && let Ok(targets) = spec.trim().parse::<Targets>() {
+        // Empty directives (`info,`, `a=debug,,info`) are skipped, as `EnvFilter` skips
+        // them: `Targets` would read each as a bare `error` level.
+        let directives: Vec<&str> = spec
+            .split(',')
+            .map(str::trim)
+            .filter(|d| !d.is_empty())
+            .collect();
+        if plain
+            && !directives.is_empty()
+            && let Ok(targets) = directives.join(",").parse::<Targets>()
+        {
             return Ok(LogFilter::Targets(Box::new(targets)));
         }
         EnvFilter::try_new(spec).map(|e| LogFilter::Env(Box::new(e)))
@@ -169,6 +179,34 @@ mod tests {
                 "{spec}"
             );
             assert_eq!(ours, seen(env), "{spec}");
+        }
+    }
+
+    /// a trailing or doubled comma (`MARATHON_LOG="info,"`) is an empty
+    /// directive, which `EnvFilter` skips; `Targets` reads it as a bare level, `error`
+    /// (tracing's `LevelFilter` parses "" as ERROR), silencing every info log and span.
+    #[test]
+    fn an_empty_directive_is_read_as_env_filter_reads_it() {
+        for spec in ["info,", "warn,,marathon_core=debug", ",info"] {
+            let ours = LogFilter::parse(spec).expect("valid");
+            let env = tracing_subscriber::EnvFilter::try_new(spec).expect("valid");
+            assert_eq!(seen(ours), seen(LogFilter::Env(Box::new(env))), "{spec}");
+        }
+    }
+
+    /// `info, marathon_core=debug` (a space after the comma, as people write
+    /// lists) is accepted, and its second directive silently matches nothing (target
+    /// " marathon_core"): it must either apply or be refused.
+    #[test]
+    fn a_space_after_a_comma_is_not_silently_ignored() {
+        let spec = "warn, marathon_core=debug";
+        if let Ok(f) = LogFilter::parse(spec) {
+            let seen = seen(f);
+            assert!(
+                seen.iter()
+                    .any(|s| s == "event marathon_core::engine DEBUG"),
+                "{spec}: accepted, but marathon_core debug is off: {seen:?}"
+            );
         }
     }
 

@@ -28,6 +28,11 @@ use crate::batch::BatchExporter;
 
 use crate::tracing::TelemetryError;
 
+/// The largest bytes-per-span guess used to size a request body up front.
+const MAX_SPAN_ESTIMATE: usize = 4 * 1024;
+/// The most a request body reserves up front; larger bodies grow as they are written.
+const MAX_INITIAL_BODY: usize = 8 * 1024 * 1024;
+
 /// The timeout of one export request when no variable sets one (the spec's default).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -102,14 +107,29 @@ impl Settings {
         };
         let mut headers = Vec::new();
         if let Some((var, list)) = pick("HEADERS") {
-            for pair in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            for (i, pair) in list
+                .split(',')
+                .map(str::trim)
+                .filter(|p| !p.is_empty())
+                .enumerate()
+            {
+                // Values are credentials: errors name the entry, never its value.
                 let (k, v) = pair
                     .split_once('=')
                     .map(|(k, v)| (k.trim(), v.trim()))
                     .filter(|(k, _)| !k.is_empty())
-                    .ok_or_else(|| invalid(&var, format!("{pair:?} is not key=value")))?;
-                let v = percent_decode(v)
-                    .ok_or_else(|| invalid(&var, format!("{pair:?}: bad percent-encoding")))?;
+                    .ok_or_else(|| {
+                        invalid(
+                            &var,
+                            format!("entry {} is not key=value (value not shown)", i + 1),
+                        )
+                    })?;
+                let v = percent_decode(v).ok_or_else(|| {
+                    invalid(
+                        &var,
+                        format!("header {k:?}: bad percent-encoding (value not shown)"),
+                    )
+                })?;
                 reqwest::header::HeaderName::from_bytes(k.as_bytes())
                     .map_err(|e| invalid(&var, format!("header name {k:?}: {e}")))?;
                 reqwest::header::HeaderValue::from_str(&v)
@@ -155,7 +175,7 @@ impl Settings {
 }
 
 /// `%XX` escapes decoded; `None` when one is malformed or the result is not UTF-8.
-fn percent_decode(s: &str) -> Option<String> {
+pub(crate) fn percent_decode(s: &str) -> Option<String> {
     let mut out = Vec::with_capacity(s.len());
     let mut bytes = s.bytes();
     while let Some(b) = bytes.next() {
@@ -328,8 +348,17 @@ impl OtlpExporter {
 
     /// The request body for `batch`.
     pub(crate) fn encode(&self, batch: &[SpanData]) -> Vec<u8> {
-        let per_span = self.span_len.load(Ordering::Relaxed);
-        let mut buf = Vec::with_capacity(batch.len() * (per_span + per_span / 4) + 256);
+        // The guess is capped: one batch of a single large span (a prompt in a field,
+        // many events) must not make the next full batch reserve that size per span
+        // (2,048 x 10 MB aborts the process). Beyond the cap the buffer grows as needed.
+        let per_span = self.span_len.load(Ordering::Relaxed).min(MAX_SPAN_ESTIMATE);
+        let mut buf = Vec::with_capacity(
+            batch
+                .len()
+                .saturating_mul(per_span + per_span / 4)
+                .saturating_add(256)
+                .min(MAX_INITIAL_BODY),
+        );
         encode_request(&mut buf, &self.resource, &self.resource_schema, batch);
         self.span_len
             .store(buf.len() / batch.len().max(1), Ordering::Relaxed);
@@ -1189,6 +1218,74 @@ mod tests {
         // Failing again is reported again at once, then not within the minute.
         assert_eq!(health.failed(4, &err, "http://c"), Some(4));
         assert_eq!(health.failed(2, &err, "http://c"), None);
+    }
+
+    /// `OTEL_EXPORTER_OTLP_HEADERS` carries credentials (API keys, bearer
+    /// tokens). A malformed entry stops start-up with an error the server prints to
+    /// stderr (and so into the log pipeline): the error must name the header, not
+    /// repeat the secret.
+    #[test]
+    fn a_bad_header_entry_does_not_echo_the_secret() {
+        for list in [
+            "x-honeycomb-team:SECRET-abc123",
+            "authorization=Bearer%2SECRET-abc123",
+        ] {
+            let err = Settings::resolve(
+                Some("http://c:4318"),
+                env(&[("OTEL_EXPORTER_OTLP_HEADERS", list)]),
+            )
+            .expect_err("invalid");
+            let text = err.to_string();
+            assert!(!text.contains("SECRET-abc123"), "{text}");
+        }
+    }
+
+    /// one batch holding a single large span (a prompt recorded as a field, or
+    /// many span events) must not make every later request reserve that span's size
+    /// once per span of the next batch.
+    #[test]
+    fn one_large_span_does_not_inflate_later_request_buffers() {
+        let scope = InstrumentationScope::builder("marathon").build();
+        let exporter = OtlpExporter::new(Settings {
+            url: "http://127.0.0.1:9/v1/traces".into(),
+            headers: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+        })
+        .expect("exporter");
+        let mut big = span_data(0, &scope);
+        big.attributes
+            .push(KeyValue::new("prompt", "x".repeat(4 << 20)));
+        let body = exporter.encode(&[big]);
+        assert!(body.len() > 4 << 20);
+        // A full batch of ordinary spans (a few hundred bytes each) afterwards.
+        let batch: Vec<SpanData> = (0..2048).map(|_| span_data(0, &scope)).collect();
+        let body = exporter.encode(&batch);
+        assert!(
+            body.capacity() <= 16 << 20,
+            "a {} byte request reserved {} bytes",
+            body.len(),
+            body.capacity()
+        );
+    }
+
+    /// the same with a 32 MB span: the next full batch asks the allocator for
+    /// 2,048 × 40 MB and the process aborts.
+    #[test]
+    fn one_huge_span_then_a_full_batch_does_not_abort() {
+        let scope = InstrumentationScope::builder("marathon").build();
+        let exporter = OtlpExporter::new(Settings {
+            url: "http://127.0.0.1:9/v1/traces".into(),
+            headers: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+        })
+        .expect("exporter");
+        let mut big = span_data(0, &scope);
+        big.attributes
+            .push(KeyValue::new("prompt", "x".repeat(32 << 20)));
+        let _ = exporter.encode(&[big]);
+        let batch: Vec<SpanData> = (0..2048).map(|_| span_data(0, &scope)).collect();
+        let body = exporter.encode(&batch);
+        assert!(!body.is_empty());
     }
 
     #[test]

@@ -424,6 +424,16 @@ mod otel {
         if disabled {
             return Ok(None);
         }
+        // `otlp` is the one exporter this build has: `console`, `zipkin` or a typo must
+        // not turn into OTLP export without a word.
+        if let Some(v) = env("OTEL_TRACES_EXPORTER")
+            && !v.split(',').all(|e| e.trim().eq_ignore_ascii_case("otlp"))
+        {
+            return Err(TelemetryError::Exporter {
+                setting: "OTEL_TRACES_EXPORTER".into(),
+                reason: format!("{v:?}: this build exports over `otlp` only (or `none`)"),
+            });
+        }
         let Some(settings) = crate::otlp::Settings::resolve(config.otlp_endpoint.as_deref(), env)?
         else {
             return Ok(None);
@@ -433,14 +443,39 @@ mod otel {
             env("OTEL_TRACES_SAMPLER_ARG").as_deref(),
         )?;
         let exporter = crate::otlp::OtlpExporter::new(settings)?;
-        // The SDK's detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES;
-        // our default name applies only when neither names the service.
-        let named = env("OTEL_SERVICE_NAME").is_some()
-            || env("OTEL_RESOURCE_ATTRIBUTES").is_some_and(|a| a.contains("service.name="));
-        let mut resource = opentelemetry_sdk::Resource::builder();
-        if !named {
-            resource = resource.with_service_name(config.service_name.clone());
+        // The SDK's detectors read OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES, but
+        // neither percent-decode the values nor let OTEL_SERVICE_NAME win over a
+        // `service.name` in the attributes, as the specification asks: both are applied
+        // again here, decoded, and the service named by OTEL_SERVICE_NAME, else by the
+        // attributes, else by the config.
+        let mut attributes = Vec::new();
+        let mut named_in_attributes = None;
+        if let Some(list) = env("OTEL_RESOURCE_ATTRIBUTES") {
+            for pair in list.split(',').filter(|p| !p.trim().is_empty()) {
+                let invalid = |reason: String| TelemetryError::Exporter {
+                    setting: "OTEL_RESOURCE_ATTRIBUTES".into(),
+                    reason,
+                };
+                let (k, v) = pair
+                    .split_once('=')
+                    .map(|(k, v)| (k.trim(), v.trim()))
+                    .filter(|(k, _)| !k.is_empty())
+                    .ok_or_else(|| invalid(format!("{pair:?} is not key=value")))?;
+                let v = crate::otlp::percent_decode(v)
+                    .ok_or_else(|| invalid(format!("{pair:?}: bad percent-encoding")))?;
+                if k == "service.name" {
+                    named_in_attributes = Some(v.clone());
+                }
+                attributes.push(opentelemetry::KeyValue::new(k.to_string(), v));
+            }
         }
+        let service = env("OTEL_SERVICE_NAME")
+            .map(|s| s.trim().to_string())
+            .or(named_in_attributes)
+            .unwrap_or_else(|| config.service_name.clone());
+        let resource = opentelemetry_sdk::Resource::builder()
+            .with_attributes(attributes)
+            .with_service_name(service);
         // The sampler comes from OTEL_TRACES_SAMPLER / _ARG (the SDK's default config);
         // the batch processor runs on its own thread and drops (and counts) spans when
         // its queue is full.
@@ -530,6 +565,7 @@ mod otel {
                 return None;
             }
             tracing_opentelemetry::get_otel_context(&id, d)
+                .or_else(|| exported_ancestor_context(&id, d))
         });
         if let Some(cx) = cx {
             let span = cx.span();
@@ -544,6 +580,22 @@ mod otel {
         let span = cx.span();
         let sc = span.span_context();
         sc.is_valid().then(|| format_traceparent(sc))
+    }
+
+    /// The OpenTelemetry context of the nearest ancestor of `id` that the exporter's
+    /// layer has: a span that is only logged (a `debug` span under `trace_filter =
+    /// info`) is in its exported parent's trace. An untraced task's span ends the search.
+    fn exported_ancestor_context(
+        id: &tracing::span::Id,
+        d: &tracing::Dispatch,
+    ) -> Option<opentelemetry::Context> {
+        use tracing_subscriber::registry::LookupSpan as _;
+        let registry = d.downcast_ref::<tracing_subscriber::Registry>()?;
+        let span = registry.span(id)?;
+        span.scope()
+            .skip(1)
+            .take_while(|s| s.metadata().target() != marathon_core::observe::UNTRACED_TARGET)
+            .find_map(|s| tracing_opentelemetry::get_otel_context(&s.id(), d))
     }
 
     /// Whether a task whose incoming context is not sampled gets an untraced span
@@ -818,9 +870,16 @@ mod json {
         ) -> fmt::Result {
             // Ask for the ids first, holding no span extensions: the OpenTelemetry layer locks them.
             #[cfg(feature = "otel")]
+            // The nearest exported span: an event in a span only logged (a `debug` span
+            // under `trace_filter = info`) carries the ids of the exported span it is in.
+            // An untraced task's span ends the search: it is in no exported trace.
             let ids = ctx.lookup_current().and_then(|span| {
                 let dispatch = self.dispatch.get()?.upgrade()?;
-                super::otel::ids(&span.id(), &dispatch)
+                span.scope()
+                    .take_while(|s| {
+                        s.metadata().target() != marathon_core::observe::UNTRACED_TARGET
+                    })
+                    .find_map(|s| super::otel::ids(&s.id(), &dispatch))
             });
             #[cfg(not(feature = "otel"))]
             let ids: Option<(String, String)> = None;
