@@ -250,11 +250,11 @@ pub struct KeyedAppend {
 pub enum KeyedOutcome {
     /// Appended; the new last sequence.
     Appended(Seq),
-    /// The key was used before; nothing written.
+    /// The key was used before; nothing written (also once the workflow has finished).
     Duplicate,
     /// The required owed entry does not exist (a late or repeated result); nothing written.
     NotOwed,
-    /// The workflow has finished; nothing written.
+    /// The workflow has finished and the key (if any) was not used before; nothing written.
     Closed,
 }
 

@@ -442,9 +442,9 @@ async fn signal_cancel_and_result() {
     assert_eq!(c.status, StatusCode::ACCEPTED, "{}", c.text);
     let done = finished(&app, "long").await;
     assert_eq!(done["status"], "canceled");
-    call(&app, "POST", "/v1/workflows/long/cancel", None)
-        .await
-        .error(StatusCode::CONFLICT, "conflict");
+    // A repeat of the cancellation is a repeat (202), a new signal is too late (409).
+    let again = call(&app, "POST", "/v1/workflows/long/cancel", None).await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{}", again.text);
     call(
         &app,
         "POST",
@@ -1089,4 +1089,195 @@ async fn sleep_then_echo_input_is_checked_at_start() {
         .await
         .error(StatusCode::BAD_REQUEST, "invalid_argument");
     }
+}
+
+/// A misspelled query parameter is a 400, not silently dropped: `?stauts=running`
+/// listed every workflow (a script that cancels "the running ones" cancels all), and
+/// `?timeout=30s` on /result answered at once instead of long-polling.
+#[tokio::test]
+async fn unknown_query_parameters_are_a_400() {
+    let app = app().await;
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "id": "q-done", "input": 1})),
+    )
+    .await;
+    finished(&app, "q-done").await;
+    for uri in [
+        "/v1/workflows?stauts=running",
+        "/v1/workflows?state=running",
+        "/v1/workflows/q-done/result?timeout=30s",
+        "/v1/workflows/q-done/events?from=3",
+    ] {
+        call(&app, "GET", uri, None)
+            .await
+            .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    }
+}
+
+/// POST /v1/workflows answers 415 without `Content-Type: application/json` (docs/API.md
+/// says so) but /openapi.json did not list it.
+#[tokio::test]
+async fn openapi_documents_start_415() {
+    let app = app().await;
+    raw(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some("text/plain"),
+        "{\"name\":\"echo\"}",
+    )
+    .await
+    .error(StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type");
+    let doc = api::openapi_json();
+    let responses = &doc["paths"]["/v1/workflows"]["post"]["responses"];
+    assert!(
+        responses.get("415").is_some(),
+        "start answers 415 but documents only {:?}",
+        responses.as_object().map(|o| o.keys().collect::<Vec<_>>())
+    );
+}
+
+/// `wait` is capped at `server.result_wait_max_ms` (docs/API.md); a number too big for
+/// u64 milliseconds was a 400 instead of the cap.
+#[tokio::test]
+async fn huge_wait_is_capped_not_refused() {
+    let mut cfg = Config::default();
+    cfg.server.result_wait_max = Duration::from_millis(50);
+    let app = app_with(cfg).await;
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "sleep-then-echo", "id": "w-cap", "input": {"ms": 600000}})),
+    )
+    .await;
+    for w in [
+        "99999999999999999999999",
+        "99999999999999999999999m",
+        "18446744073709551616ms",
+    ] {
+        let r = call(
+            &app,
+            "GET",
+            &format!("/v1/workflows/w-cap/result?wait={w}"),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "wait={w}: {}", r.text);
+    }
+}
+
+/// A signal's Idempotency-Key makes a retry safe: "a repeat with the same key is
+/// recorded once" and answers 202 "(or a repeat)". When the signal itself finished the
+/// workflow (an approval), the client's retry of that same delivered signal — after a
+/// timeout, say — got 409 "already finished": the client is told its signal failed
+/// when it was recorded and acted on.
+#[tokio::test]
+async fn keyed_signal_retry_after_it_finished_the_workflow_is_202() {
+    let server = Server::builder()
+        .workflow(
+            "approval",
+            |ctx: marathon_core::WorkflowContext, _: Value| async move {
+                ctx.signal::<Value>("approve").await
+            },
+        )
+        .build()
+        .await
+        .expect("server builds");
+    let worker = Worker::start(server.engine().clone(), server.config().worker.clone());
+    let app = App {
+        router: server.router(),
+        _worker: worker,
+    };
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "approval", "id": "appr"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let key = [("idempotency-key", "approve-1")];
+    let first = call_with(
+        &app,
+        "POST",
+        "/v1/workflows/appr/signals/approve",
+        Some(json!({"by": "ana"})),
+        &key,
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.text);
+    let done = finished(&app, "appr").await;
+    assert_eq!(done["status"], "completed");
+    // The client's retry of the very same request (same key, same body).
+    let retry = call_with(
+        &app,
+        "POST",
+        "/v1/workflows/appr/signals/approve",
+        Some(json!({"by": "ana"})),
+        &key,
+    )
+    .await;
+    assert_eq!(
+        retry.status,
+        StatusCode::ACCEPTED,
+        "a repeat of a recorded signal: {}",
+        retry.text
+    );
+    // A new signal (another key, or none) on the finished workflow is still a 409.
+    call_with(
+        &app,
+        "POST",
+        "/v1/workflows/appr/signals/approve",
+        Some(json!(1)),
+        &[("idempotency-key", "approve-2")],
+    )
+    .await
+    .error(StatusCode::CONFLICT, "conflict");
+}
+
+/// "A repeat [cancel] is also 202" (docs/API.md): the first cancellation closes a run
+/// waiting on a timer almost at once, and a client's retry then got 409 "already
+/// finished". A cancel of a run that finished without one is still 409.
+#[tokio::test]
+async fn a_repeated_cancel_after_the_run_closed_is_202() {
+    let app = app().await;
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "sleep-then-echo", "id": "c-twice", "input": {"ms": 600000}})),
+    )
+    .await;
+    let first = call(
+        &app,
+        "POST",
+        "/v1/workflows/c-twice/cancel",
+        Some(json!({"reason": "r1"})),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::ACCEPTED, "{}", first.text);
+    assert_eq!(finished(&app, "c-twice").await["status"], "canceled");
+    let again = call(
+        &app,
+        "POST",
+        "/v1/workflows/c-twice/cancel",
+        Some(json!({"reason": "r2"})),
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::ACCEPTED, "{}", again.text);
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "id": "c-done", "input": 1})),
+    )
+    .await;
+    finished(&app, "c-done").await;
+    call(&app, "POST", "/v1/workflows/c-done/cancel", None)
+        .await
+        .error(StatusCode::CONFLICT, "conflict");
 }

@@ -757,7 +757,11 @@ impl Engine {
     ) -> Result<Option<Seq>, EngineError> {
         let inner = &self.inner;
         let summary = self.get(id).await?;
-        if summary.status.is_terminal() {
+        // A keyed input (a signal with a key, any cancellation) on a finished workflow
+        // goes to the store, which answers `Duplicate` for a repeat of one it recorded
+        // (a client's retry after its signal or cancellation finished the run) and
+        // `Closed` otherwise.
+        if summary.status.is_terminal() && key.is_none() {
             return Err(EngineError::Closed(id.clone()));
         }
         let now = inner.clock.now();

@@ -404,13 +404,15 @@ impl Store for MemoryStore {
         if st.removed {
             return Err(StoreError::NotFound(id.clone()));
         }
-        if st.summary.status.is_terminal() {
-            return Ok(KeyedOutcome::Closed);
-        }
+        // A key recorded before is a repeat even once the workflow has finished (a
+        // signal's retry after that signal completed it), so it is checked first.
         if let Some(key) = &append.key
             && st.keys.contains(key)
         {
             return Ok(KeyedOutcome::Duplicate);
+        }
+        if st.summary.status.is_terminal() {
+            return Ok(KeyedOutcome::Closed);
         }
         if let Some(req) = &append.requires
             && !st

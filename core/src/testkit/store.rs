@@ -890,7 +890,8 @@ pub async fn start_attempt_marks_and_dedupes(store: Arc<dyn Store>) {
     );
 }
 
-/// A keyed terminal append clears owed work; later keyed appends report `Closed`.
+/// A keyed terminal append clears owed work; later keyed appends report `Closed`, but a
+/// repeat of a recorded key stays a `Duplicate` (a signal's retry after it finished the workflow).
 pub async fn keyed_append_closed_after_terminal(store: Arc<dyn Store>) {
     let id = start(&store, "cancel", at(0)).await;
     let r = keyed(
@@ -929,7 +930,12 @@ pub async fn keyed_append_closed_after_terminal(store: Arc<dyn Store>) {
             },
         )
         .await;
-        assert_eq!(r, KeyedOutcome::Closed);
+        let want = if key == Some("cancel") {
+            KeyedOutcome::Duplicate
+        } else {
+            KeyedOutcome::Closed
+        };
+        assert_eq!(r, want, "key {key:?}");
     }
     assert_eq!(seqs(&all_events(&store, &id).await), vec![1, 2, 3]);
 }

@@ -97,6 +97,7 @@ pub(crate) struct CancelRequest {
 /// Query of `GET /v1/workflows`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct ListParams {
     /// Only workflows in this status: `running`, `completed`, `failed`, `canceled`.
     status: Option<String>,
@@ -111,6 +112,7 @@ pub(crate) struct ListParams {
 /// Query of `GET /v1/workflows/{id}/result`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct ResultParams {
     /// How long to wait for the workflow to finish: `30s`, `500ms`, `2m` or a number of seconds.
     /// Capped at the server's maximum (default 60 s). Default 0 (answer at once).
@@ -120,6 +122,7 @@ pub(crate) struct ResultParams {
 /// Query of `GET /v1/workflows/{id}/events`.
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub(crate) struct EventsParams {
     /// Only events with a sequence greater than this. Default 0.
     after: Option<u64>,
@@ -198,7 +201,13 @@ pub(crate) fn parse_wait(s: &str) -> Result<Duration, ApiError> {
     } else {
         (s, 1000)
     };
-    let n: u64 = num.trim().parse().map_err(|_| bad())?;
+    let num = num.trim();
+    // All digits but too big for u64: the longest wait there is (capped by the caller).
+    let n: u64 = match num.parse() {
+        Ok(n) => n,
+        Err(_) if !num.is_empty() && num.bytes().all(|b| b.is_ascii_digit()) => u64::MAX,
+        Err(_) => return Err(bad()),
+    };
     Ok(Duration::from_millis(n.saturating_mul(unit_ms)))
 }
 
@@ -212,6 +221,7 @@ pub(crate) fn parse_wait(s: &str) -> Result<Duration, ApiError> {
         (status = 200, description = "A repeat (same id or idempotency key): the existing workflow", body = StartResponse),
         (status = 400, description = "Malformed body, unknown workflow, bad id or input", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 415, description = "The body is not sent as `Content-Type: application/json`", body = ErrorBody),
     )
 )]
 pub(crate) async fn start(

@@ -8,9 +8,9 @@
 local f = redis.call('HMGET', KEYS[1], 'st', 'ls')
 local st = f[1]
 if not st then return {'notfound'} end
-if st ~= 'running' then return {'closed'} end
 local key, req, due = ARGV[1], ARGV[2], ARGV[3]
 if key ~= '' and redis.call('SISMEMBER', KEYS[4], key) == 1 then return {'duplicate'} end
+if st ~= 'running' then return {'closed'} end
 if req ~= '' then
   if redis.call('HEXISTS', KEYS[3], req) == 0 then return {'notowed'} end
   if due ~= '' then
