@@ -141,6 +141,14 @@ pub trait Queue: Send + Sync + 'static {
         256 * 1024
     }
 
+    /// Whether a [`Queue::receive`] dropped before it returns may still take messages
+    /// (an SQS long poll goes on at the server and hides what it is handed for a whole
+    /// visibility): a stopping worker then lets its poll finish and hands back what
+    /// it brings, instead of dropping it. `false` (the default) lets it drop the poll.
+    fn finish_receive_when_stopping(&self) -> bool {
+        false
+    }
+
     /// Checks that the queue answers.
     async fn ping(&self) -> Result<(), QueueError>;
 }

@@ -393,6 +393,10 @@ impl<Q: Queue + ?Sized> Queue for InstrumentedQueue<Q> {
         self.inner.max_message_bytes()
     }
 
+    fn finish_receive_when_stopping(&self) -> bool {
+        self.inner.finish_receive_when_stopping()
+    }
+
     async fn ping(&self) -> Result<(), QueueError> {
         timed_queue!(self, "ping", self.inner.ping())
     }

@@ -197,6 +197,10 @@ impl<Q: Queue> Queue for Counting<Q> {
         self.inner.max_message_bytes()
     }
 
+    fn finish_receive_when_stopping(&self) -> bool {
+        self.inner.finish_receive_when_stopping()
+    }
+
     async fn ping(&self) -> Result<(), QueueError> {
         self.inner.ping().await
     }

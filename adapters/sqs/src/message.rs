@@ -73,7 +73,15 @@ pub(crate) fn encode(
     max_native_delay: Duration,
     limit: usize,
 ) -> Result<Encoded, QueueError> {
-    let body = serde_json::to_string(&msg.task).map_err(|e| QueueError::Backend(Box::new(e)))?;
+    let mut body =
+        serde_json::to_string(&msg.task).map_err(|e| QueueError::Backend(Box::new(e)))?;
+    // SQS refuses U+FFFE and U+FFFF in a body (serde_json escapes only control
+    // characters); outside strings JSON is ASCII, so escaping them keeps the value.
+    if body.contains(['\u{FFFE}', '\u{FFFF}']) {
+        body = body
+            .replace('\u{FFFE}', "\\uFFFE")
+            .replace('\u{FFFF}', "\\uFFFF");
+    }
     let mut attributes = HashMap::new();
     if let Some(tp) = &msg.trace_context {
         attributes.insert(TRACEPARENT.to_owned(), string_attr(tp, "String")?);

@@ -112,6 +112,36 @@ impl SqsQueue {
         }
         // A long poll of 0 s would spin; SQS allows at most 20 s.
         cfg.wait_time = cfg.wait_time.clamp(Duration::from_secs(1), MAX_WAIT);
+        // The SDK sets no read or operation timeout: a request on a connection that
+        // never answers (black-holed path, half-open pooled connection) waits forever,
+        // hanging a receive loop, an enqueue inside a task, or a shutdown's nacks.
+        // Bound every attempt (longer than the longest long poll) and every operation,
+        // unless the caller's client already has its own.
+        let client = match client.config().timeout_config() {
+            Some(t)
+                if t.operation_timeout().is_some() || t.operation_attempt_timeout().is_some() =>
+            {
+                client
+            }
+            current => {
+                let mut t = current
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        aws_sdk_sqs::config::timeout::TimeoutConfig::builder().build()
+                    })
+                    .to_builder();
+                t = t
+                    .operation_attempt_timeout(MAX_WAIT + Duration::from_secs(5))
+                    .operation_timeout(Duration::from_secs(40));
+                Client::from_conf(
+                    client
+                        .config()
+                        .to_builder()
+                        .timeout_config(t.build())
+                        .build(),
+                )
+            }
+        };
         let max_native_delay = if cfg.fifo {
             // FIFO queues refuse per-message DelaySeconds.
             Duration::ZERO
@@ -1111,6 +1141,12 @@ impl Queue for SqsQueue {
             self.delete_batches(&url, receipts).await?;
         }
         Ok(tasks)
+    }
+
+    fn finish_receive_when_stopping(&self) -> bool {
+        // A long poll dropped by the client stays open at SQS, which may still hand
+        // it messages that no one holds (aws-sdk-js#2350, aws-sdk-net#1680).
+        true
     }
 
     async fn ping(&self) -> Result<(), QueueError> {

@@ -914,8 +914,22 @@ impl EngineInner {
                 m.trace_context.get_or_insert_with(|| tc.clone());
             }
         }
-        if let Err(e) = self.queue.enqueue(queue, messages).await {
-            tracing::warn!(queue, error = %e, "enqueue failed; the sweeper re-enqueues owed work");
+        // A short outage is retried here: the sweeper re-sends an activity task only
+        // after its start-to-close plus grace (minutes), a workflow task after 30 s.
+        let mut pause = Duration::from_millis(200);
+        for attempt in 1..=4 {
+            match self.queue.enqueue(queue, messages.clone()).await {
+                Ok(()) => return,
+                Err(e) if e.is_retryable() && attempt < 4 => {
+                    tracing::debug!(queue, error = %e, "enqueue failed; retrying in {pause:?}");
+                    tokio::time::sleep(pause).await;
+                    pause *= 2;
+                }
+                Err(e) => {
+                    tracing::warn!(queue, error = %e, "enqueue failed; the sweeper re-enqueues owed work");
+                    return;
+                }
+            }
         }
     }
 
@@ -1442,7 +1456,9 @@ impl EngineInner {
         };
         let started_at = self.clock.now();
         // Boxed: rarely awaited, and kept out of this (hot) future's size.
-        if self.must_mark(&t, &call, started_at)
+        // A redelivery (receive count > 1: a failed ack, a worker that died or handed
+        // it back) asks the store too, so an attempt already recorded is not run again.
+        if (redelivered || self.must_mark(&t, &call, started_at))
             && !Box::pin(self.mark_started(&t, &call, started_at, redelivered)).await?
         {
             crate::observe::record_current([("outcome", &AttemptOutcome::Dropped.as_str())]);

@@ -174,10 +174,13 @@ impl Worker {
     /// stops the rest and hands their messages back to the queue for another replica.
     pub async fn shutdown(self) -> ShutdownReport {
         self.stop.cancel();
-        self.loops.wait().await;
+        // The grace counts from now: the receive loops end their current poll
+        // (within `poll_wait`) meanwhile, handing back what it brings.
+        let deadline = tokio::time::Instant::now() + self.grace;
         let running = self.counters.in_flight.load(Ordering::Relaxed);
+        self.loops.wait().await;
         self.tracker.close();
-        if tokio::time::timeout(self.grace, self.tracker.wait())
+        if tokio::time::timeout_at(deadline, self.tracker.wait())
             .await
             .is_err()
         {
@@ -220,10 +223,37 @@ async fn receive_loop(
             }
         }
         let asked = std::time::Instant::now();
+        let receive = engine.queue().receive(
+            &spec.name,
+            permits.len(),
+            config.poll_wait,
+            config.visibility,
+        );
+        tokio::pin!(receive);
         let received = tokio::select! {
-            r = engine.queue().receive(&spec.name, permits.len(), config.poll_wait, config.visibility) => r,
-            () = stop.cancelled() => return,
+            r = &mut receive => r,
+            () = stop.cancelled() => {
+                if !engine.queue().finish_receive_when_stopping() {
+                    return;
+                }
+                // Not dropped: a dropped SQS long poll stays open at the server, which
+                // may still hand it messages that then stay hidden for a whole
+                // visibility. It ends within `poll_wait`; what it brought is handed
+                // back at once below.
+                receive.await
+            }
         };
+        if stop.is_cancelled() {
+            if let Ok(deliveries) = received {
+                for d in deliveries {
+                    let _ = engine
+                        .queue()
+                        .nack(&spec.name, &d.receipt, Duration::ZERO)
+                        .await;
+                }
+            }
+            return;
+        }
         let deliveries = match received {
             Ok(d) => {
                 backoff = Duration::from_millis(100);
@@ -279,14 +309,28 @@ async fn run_delivery(
         // Halfway through the visibility, however short (a floor of 500 ms let a
         // visibility under a second lapse first, so the task ran again meanwhile).
         let every = (config.visibility / 2).max(Duration::from_millis(10));
+        // After a failed extension, try again soon: waiting a whole half-visibility
+        // more lets the delivery lapse, and another worker runs the task meanwhile.
+        let retry = (config.visibility / 10).max(Duration::from_millis(10));
+        let mut wait = every;
         loop {
-            tokio::time::sleep(every).await;
-            if let Err(e) = engine
+            tokio::time::sleep(wait).await;
+            match engine
                 .queue()
                 .extend(queue, &receipt, config.visibility)
                 .await
             {
-                tracing::warn!(queue, error = %e, "could not extend a task's visibility");
+                Ok(()) => wait = every,
+                Err(crate::queue::QueueError::InvalidReceipt) => {
+                    tracing::warn!(queue, "a task's delivery lapsed; it may run elsewhere too");
+                    std::future::pending::<()>().await;
+                }
+                Err(e) => {
+                    // Retryable (unreachable, throttled): soon; permanent (SQS's 12 h
+                    // cap): at the usual cadence.
+                    wait = if e.is_retryable() { retry } else { every };
+                    tracing::warn!(queue, error = %e, "could not extend a task's visibility; trying again in {wait:?}");
+                }
             }
         }
     };

@@ -1,0 +1,152 @@
+//! SqsQueue faults against LocalStack: a stopping worker's long poll, an endpoint that never answers, characters SQS refuses. Needs `scripts/localstack.sh start`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use marathon_core::{Engine, OutgoingMessage, Queue, Task, Worker, WorkerConfig, WorkflowId};
+use std::sync::Arc;
+
+const Q: &str = "default";
+
+/// A worker's shutdown drops its in-flight long poll; SQS (LocalStack here) keeps the
+/// poll open server-side, so a message sent within the rest of `poll_wait` is handed
+/// to the dead poll and stays invisible for the whole visibility timeout (30 s by
+/// default) instead of going at once to a replica that is still running.
+#[tokio::test]
+async fn a_message_sent_right_after_a_worker_shuts_down_is_not_stranded() {
+    let q = Arc::new(common::fresh(5, false).await);
+    // Create the queue before the worker polls it.
+    q.enqueue(Q, vec![]).await.expect("enqueue");
+    q.depth(Q).await.expect("depth");
+    let engine = Engine::builder().queue(q.clone()).build();
+    let worker = Worker::start(
+        engine,
+        WorkerConfig {
+            poll_wait: Duration::from_secs(10),
+            sweeper: false,
+            ..WorkerConfig::default()
+        },
+    );
+    // Let the worker's long poll reach SQS, then shut it down (as on SIGTERM).
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let report = worker.shutdown().await;
+    assert_eq!(report.handed_back, 0);
+    // Another replica sends work a moment later.
+    let task = Task::workflow(WorkflowId::random());
+    q.enqueue(Q, vec![OutgoingMessage::now(task.clone())])
+        .await
+        .expect("enqueue");
+    // A live replica polls for it.
+    let start = Instant::now();
+    let mut got = Vec::new();
+    while got.is_empty() && start.elapsed() < Duration::from_secs(15) {
+        got = q
+            .receive(Q, 10, Duration::from_secs(2), Duration::from_secs(30))
+            .await
+            .expect("receive");
+    }
+    let waited = start.elapsed();
+    common::teardown(&q).await;
+    assert_eq!(
+        got.len(),
+        1,
+        "the message was not delivered within {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(3),
+        "delivered only after {waited:?}"
+    );
+}
+
+/// An SQS endpoint that accepts connections and never answers (a black-holed
+/// network path, a half-open pooled connection after a NAT or load balancer
+/// dropped its state): every call must fail within a bounded time, so the
+/// worker's receive loop backs off and recovers, and an engine's enqueue (awaited
+/// inside a workflow task) does not hold a worker slot forever. The client is built
+/// with no operation or read timeout, so a call waits forever.
+#[tokio::test]
+async fn a_call_to_an_endpoint_that_never_answers_fails_in_bounded_time() {
+    use marathon_sqs::{SqsQueue, SqsQueueConfig};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    // Accept and hold every connection, never answering.
+    let holder = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = listener.accept().await {
+            held.push(s);
+        }
+    });
+    let cfg = SqsQueueConfig {
+        endpoint_url: Some(format!("http://127.0.0.1:{port}")),
+        region: Some("us-east-1".into()),
+        queue_urls: [(
+            Q.to_owned(),
+            format!("http://127.0.0.1:{port}/000000000000/q"),
+        )]
+        .into(),
+        ..SqsQueueConfig::default()
+    };
+    let q = SqsQueue::connect_with(cfg, common::loader())
+        .await
+        .expect("config");
+    // A receive asked to wait 1 s, and a send; allow a minute for the SDK's own
+    // retries. Both at once, to keep the test's time to one operation timeout.
+    let (r, e) = tokio::join!(
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            q.receive(Q, 10, Duration::from_secs(1), Duration::from_secs(30)),
+        ),
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            q.enqueue(
+                Q,
+                vec![OutgoingMessage::now(Task::workflow(WorkflowId::random()))],
+            ),
+        )
+    );
+    holder.abort();
+    assert!(r.is_ok(), "receive (1 s wait) still hanging after 60 s");
+    assert!(e.is_ok(), "enqueue still hanging after 60 s");
+}
+
+/// SQS accepts only #x9 | #xA | #xD | #x20-#xD7FF | #xE000-#xFFFD | #x10000-#x10FFFF
+/// in a body; serde_json leaves U+FFFE / U+FFFF (and other noncharacters) unescaped,
+/// so a task whose data holds one (an activity input or result, a signal payload) is
+/// refused on every send. The adapter should escape such characters (`\uFFFF`)
+/// so that any JSON value travels.
+#[tokio::test]
+async fn a_task_whose_data_holds_u_ffff_can_be_sent() {
+    use marathon_core::model::{ActivityCall, ActivityOptions, ActivityTask, Seq, Timestamp};
+    let q = common::fresh(5, false).await;
+    let task = Task::Activity(ActivityTask {
+        workflow_id: WorkflowId::random(),
+        activity_id: 1,
+        attempt: 1,
+        scheduled_seq: Seq(2),
+        workflow_task_queue: Q.to_owned(),
+        call: Some(ActivityCall {
+            name: "llm".into(),
+            input: serde_json::json!({"prompt": "odd \u{FFFF} char"}),
+            options: ActivityOptions::default(),
+            scheduled_at: Timestamp(0),
+        }),
+        run: None,
+        deadline: None,
+        copy: 0,
+    });
+    let r = q.enqueue(Q, vec![OutgoingMessage::now(task.clone())]).await;
+    let got = if r.is_ok() {
+        q.receive(Q, 1, Duration::from_secs(2), Duration::from_secs(30))
+            .await
+            .expect("receive")
+    } else {
+        Vec::new()
+    };
+    common::teardown(&q).await;
+    r.expect("enqueue of a task with U+FFFF in its input");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].task, task);
+}

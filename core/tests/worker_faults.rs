@@ -1,0 +1,227 @@
+//! Worker faults: a failed visibility extension, a failed send, a failed ack.
+
+mod common;
+
+use async_trait::async_trait;
+use common::*;
+use marathon_core::{
+    ActivityContext, ActivityError, Delivery, OutgoingMessage, Queue, QueueError, Receipt, Task,
+    Worker, WorkflowContext,
+};
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// A queue that forwards to another and fails the first `fail_extends` extends as
+/// unavailable (one failed ChangeMessageVisibility: a network blip, SQS throttling).
+struct FlakyExtend {
+    inner: Arc<dyn Queue>,
+    fail_extends: AtomicU32,
+    /// Enqueues of activity tasks still to fail (after the SDK's own retries).
+    fail_activity_sends: AtomicU32,
+    /// Acks of activity deliveries still to fail (DeleteMessage failed; the message stays).
+    fail_activity_acks: AtomicU32,
+    /// Receipts of activity deliveries.
+    activity_receipts: parking_lot::Mutex<std::collections::HashSet<String>>,
+}
+
+#[async_trait]
+impl Queue for FlakyExtend {
+    async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+        if messages.iter().any(|m| matches!(m.task, Task::Activity(_)))
+            && self
+                .fail_activity_sends
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(QueueError::Unavailable("injected: send failed once".into()));
+        }
+        self.inner.enqueue(queue, messages).await
+    }
+    async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        let got = self.inner.receive(queue, max, wait, visibility).await?;
+        for d in &got {
+            if matches!(d.task, Task::Activity(_)) {
+                self.activity_receipts.lock().insert(d.receipt.0.clone());
+            }
+        }
+        Ok(got)
+    }
+    async fn ack(&self, queue: &str, receipts: Vec<Receipt>) -> Result<(), QueueError> {
+        let activity = receipts
+            .iter()
+            .any(|r| self.activity_receipts.lock().contains(&r.0));
+        if activity
+            && self
+                .fail_activity_acks
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(QueueError::Unavailable(
+                "injected: delete failed once".into(),
+            ));
+        }
+        self.inner.ack(queue, receipts).await
+    }
+    async fn nack(
+        &self,
+        queue: &str,
+        receipt: &Receipt,
+        delay: Duration,
+    ) -> Result<(), QueueError> {
+        self.inner.nack(queue, receipt, delay).await
+    }
+    async fn extend(
+        &self,
+        queue: &str,
+        receipt: &Receipt,
+        visibility: Duration,
+    ) -> Result<(), QueueError> {
+        if self
+            .fail_extends
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            return Err(QueueError::Unavailable(
+                "injected: extend failed once".into(),
+            ));
+        }
+        self.inner.extend(queue, receipt, visibility).await
+    }
+    async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
+        self.inner.depth(queue).await
+    }
+    async fn drain_dead_letters(&self, queue: &str, max: usize) -> Result<Vec<Task>, QueueError> {
+        self.inner.drain_dead_letters(queue, max).await
+    }
+    async fn ping(&self) -> Result<(), QueueError> {
+        self.inner.ping().await
+    }
+}
+
+/// One failed visibility extension (transient) must not make a long activity run
+/// twice: the worker tries again only a whole half-visibility later, when the
+/// delivery has already lapsed, so another receiver takes the attempt over while
+/// the first run still goes on (a minutes-long LLM call billed twice).
+#[tokio::test(start_paused = true)]
+async fn one_failed_extension_does_not_run_a_long_activity_twice() {
+    let (store, memory) = backends();
+    let queue: Arc<dyn Queue> = Arc::new(FlakyExtend {
+        inner: memory,
+        fail_extends: AtomicU32::new(1),
+        fail_activity_sends: AtomicU32::new(0),
+        fail_activity_acks: AtomicU32::new(0),
+        activity_receipts: Default::default(),
+    });
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let engine = builder(&store, &queue)
+        .workflow("one", |ctx: WorkflowContext, (): ()| async move {
+            ctx.activity::<_, u32>("slow", &()).await
+        })
+        .activity("slow", move |_c: ActivityContext, (): ()| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(20)).await;
+                Ok::<_, ActivityError>(1u32)
+            }
+        })
+        .build();
+    let mut cfg = worker_config();
+    cfg.visibility = Duration::from_secs(4);
+    let w = Worker::start(engine.clone(), cfg);
+    let id = start(&engine, "one", json!(null)).await;
+    finished(&engine, &id).await;
+    w.shutdown().await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the activity ran more than once"
+    );
+}
+
+/// One failed send of an activity task (SQS unavailable for a few seconds, after the
+/// SDK's retries) must not hold the activity back for minutes: the engine does not
+/// retry the send, and the sweeper re-sends only after the attempt's deadline,
+/// start-to-close (default 300 s) plus `activity_grace` (30 s), 5.5 minutes later.
+#[tokio::test(start_paused = true)]
+async fn one_failed_activity_send_does_not_delay_the_activity_by_minutes() {
+    let (store, memory) = backends();
+    let queue: Arc<dyn Queue> = Arc::new(FlakyExtend {
+        inner: memory,
+        fail_extends: AtomicU32::new(0),
+        fail_activity_sends: AtomicU32::new(1),
+        fail_activity_acks: AtomicU32::new(0),
+        activity_receipts: Default::default(),
+    });
+    let engine = builder(&store, &queue)
+        .workflow("one", |ctx: WorkflowContext, (): ()| async move {
+            ctx.activity::<_, u32>("quick", &()).await
+        })
+        .activity("quick", |_c: ActivityContext, (): ()| async {
+            Ok::<_, ActivityError>(1u32)
+        })
+        .build();
+    let w = Worker::start(engine.clone(), worker_config());
+    let t0 = tokio::time::Instant::now();
+    let id = start(&engine, "one", json!(null)).await;
+    finished(&engine, &id).await;
+    let took = t0.elapsed();
+    w.shutdown().await;
+    assert!(
+        took < Duration::from_secs(30),
+        "a one-off send failure delayed the workflow by {took:?}"
+    );
+}
+
+/// An activity whose attempt has completed and been recorded is not run again when
+/// its message comes back because the ack (DeleteMessage) failed: the redelivery
+/// (receive count 2) runs the fast path, with no store call, so the whole attempt
+/// (an LLM call) runs a second time and only its result is dropped.
+#[tokio::test(start_paused = true)]
+async fn a_failed_ack_does_not_run_a_completed_activity_again() {
+    let (store, memory) = backends();
+    let queue: Arc<dyn Queue> = Arc::new(FlakyExtend {
+        inner: memory,
+        fail_extends: AtomicU32::new(0),
+        fail_activity_sends: AtomicU32::new(0),
+        fail_activity_acks: AtomicU32::new(1),
+        activity_receipts: Default::default(),
+    });
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let engine = builder(&store, &queue)
+        .workflow("one", |ctx: WorkflowContext, (): ()| async move {
+            let a = ctx.activity::<_, u32>("llm", &()).await?;
+            ctx.sleep(Duration::from_secs(60)).await?;
+            Ok(a)
+        })
+        .activity("llm", move |_c: ActivityContext, (): ()| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok::<_, ActivityError>(1u32)
+            }
+        })
+        .build();
+    let mut cfg = worker_config();
+    cfg.visibility = Duration::from_secs(10);
+    let w = Worker::start(engine.clone(), cfg);
+    let id = start(&engine, "one", json!(null)).await;
+    finished(&engine, &id).await;
+    w.shutdown().await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the completed activity ran again"
+    );
+}
