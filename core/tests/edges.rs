@@ -254,3 +254,58 @@ async fn values_nested_too_deep_are_refused_before_they_are_recorded() {
     assert_eq!(failed_with(waiting).await, (Completed, None));
     w.shutdown().await;
 }
+
+/// A worker with retention purges every finished workflow past it in one maintenance
+/// round, not one batch of 1,000 a round (before, a fleet closing more than 100
+/// workflows a second with the default 10 s interval fell further behind for good).
+#[tokio::test(start_paused = true)]
+async fn a_maintenance_round_purges_more_than_one_batch() {
+    use marathon_core::{EventData, NewEvent, NewWorkflow, OwedChanges, Seq, Timestamp};
+    let (store, queue) = backends();
+    for n in 0..2_500u64 {
+        let id = WorkflowId::random();
+        store
+            .create(NewWorkflow {
+                id: id.clone(),
+                name: "done".into(),
+                input: json!(null),
+                task_queue: "default".into(),
+                idempotency_key: None,
+                started_at: Timestamp(1 + n),
+                task_deadline: Timestamp(1_000 + n),
+                trace_context: None,
+            })
+            .await
+            .expect("create");
+        store
+            .append(
+                &id,
+                Seq(1),
+                vec![NewEvent::new(
+                    Timestamp(2 + n),
+                    EventData::WorkflowCompleted { output: json!(1) },
+                )],
+                OwedChanges::none(),
+            )
+            .await
+            .expect("complete");
+    }
+    let engine = builder(&store, &queue).build();
+    let config = marathon_core::WorkerConfig {
+        retention: Some(Duration::from_millis(1)),
+        dead_letter_interval: Duration::from_secs(10),
+        ..worker_config()
+    };
+    let worker = Worker::start(engine, config);
+    // One maintenance round.
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    worker.shutdown().await;
+    let left = store
+        .purge_closed(Timestamp(u64::MAX), usize::MAX)
+        .await
+        .expect("purge");
+    assert_eq!(
+        left, 0,
+        "{left} finished workflows were left after one round"
+    );
+}

@@ -7,9 +7,12 @@
 //! (see [`Conn::query_per_shard`]), and sent as one pipeline on a single node.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionLike, ConnectionManager, MultiplexedConnection};
+use redis::aio::{
+    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
+};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, Pipeline, RedisFuture, Value};
@@ -22,7 +25,7 @@ use crate::store::classify;
 #[derive(Clone)]
 pub(crate) enum Conn {
     /// The store's shared, auto-reconnecting connection to a single node.
-    Manager(ConnectionManager),
+    Manager(Healing),
     /// A dedicated connection to a single node (the append reader's).
     Multiplexed(MultiplexedConnection),
     /// A connection to a Redis Cluster: routes every request to its slot's node.
@@ -32,7 +35,15 @@ pub(crate) enum Conn {
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
-            Self::Manager(c) => c.req_packed_command(cmd),
+            Self::Manager(h) => {
+                let (generation, mut c) = h.current();
+                let h = h.clone();
+                Box::pin(async move {
+                    let r = c.req_packed_command(cmd).await;
+                    h.check(generation, r.as_ref().map_or_else(stale_err, stale_value));
+                    r
+                })
+            }
             Self::Multiplexed(c) => c.req_packed_command(cmd),
             Self::Cluster(c) => c.req_packed_command(cmd),
         }
@@ -45,7 +56,19 @@ impl ConnectionLike for Conn {
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
-            Self::Manager(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Manager(h) => {
+                let (generation, mut c) = h.current();
+                let h = h.clone();
+                Box::pin(async move {
+                    let r = c.req_packed_commands(pipeline, offset, count).await;
+                    h.check(
+                        generation,
+                        r.as_ref()
+                            .map_or_else(stale_err, |vs| vs.iter().any(stale_value)),
+                    );
+                    r
+                })
+            }
             Self::Multiplexed(c) => c.req_packed_commands(pipeline, offset, count),
             Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
@@ -53,11 +76,75 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         match self {
-            Self::Manager(c) => c.get_db(),
+            Self::Manager(h) => h.current().1.get_db(),
             Self::Multiplexed(c) => c.get_db(),
             Self::Cluster(c) => c.get_db(),
         }
     }
+}
+
+/// A `ConnectionManager` that is replaced by a new one (a new TCP connection) when
+/// its connection answers READONLY (the node was demoted to replica: the endpoint
+/// now leads elsewhere) or times out (a silently dropped flow that nothing resets).
+/// The manager itself reconnects only on errors that close the socket.
+#[derive(Clone)]
+pub(crate) struct Healing(Arc<HealingInner>);
+
+/// What a [`Healing`] connection shares between its clones.
+struct HealingInner {
+    client: Client,
+    config: ConnectionManagerConfig,
+    /// The generation (how many times it was replaced) and the current manager.
+    current: parking_lot::Mutex<(u64, ConnectionManager)>,
+}
+
+impl Healing {
+    pub(crate) fn new(
+        client: Client,
+        config: ConnectionManagerConfig,
+        first: ConnectionManager,
+    ) -> Self {
+        Self(Arc::new(HealingInner {
+            client,
+            config,
+            current: parking_lot::Mutex::new((0, first)),
+        }))
+    }
+
+    fn current(&self) -> (u64, ConnectionManager) {
+        let g = self.0.current.lock();
+        (g.0, g.1.clone())
+    }
+
+    /// Replaces the manager used for a request that failed this way, once per generation.
+    fn check(&self, generation: u64, stale: bool) {
+        if !stale || self.0.current.lock().0 != generation {
+            return;
+        }
+        let Ok(fresh) =
+            ConnectionManager::new_lazy_with_config(self.0.client.clone(), self.0.config.clone())
+        else {
+            return;
+        };
+        let mut g = self.0.current.lock();
+        if g.0 == generation {
+            tracing::warn!("replacing the Redis connection (READONLY or timed out)");
+            *g = (generation + 1, fresh);
+        }
+    }
+}
+
+/// Whether a reply says the connection leads to the wrong node or nowhere.
+fn stale_err(e: &redis::RedisError) -> bool {
+    e.is_timeout()
+        || matches!(
+            e.kind(),
+            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        )
+}
+
+fn stale_value(v: &Value) -> bool {
+    matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::ReadOnly))
 }
 
 impl Conn {

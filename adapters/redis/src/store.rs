@@ -420,6 +420,31 @@ impl RedisStore {
         Ok(reply)
     }
 
+    /// [`Self::run_append`], sent again (same batch token) after a transient error: a
+    /// batch Redis applied although its reply was lost (timeout, dropped connection)
+    /// is then answered `ok` instead of being reported failed, and its caller goes on
+    /// (enqueues the tasks it created) instead of leaving them to the sweeper.
+    async fn run_append_retrying(
+        &self,
+        script: &Script,
+        wk: &WfKeys,
+        head: &[&str],
+        tail: Vec<String>,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut delay = Duration::from_millis(50);
+        for _ in 0..3 {
+            match self.run_append(script, wk, head, tail.clone()).await {
+                Err(e) if e.is_retryable() => {
+                    tracing::debug!(error = %e, "append failed; sending it again");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                }
+                other => return other,
+            }
+        }
+        self.run_append(script, wk, head, tail).await
+    }
+
     /// The status (`None`: no such workflow) and up to `limit` events after `after`, in one round trip.
     async fn read_with_status(
         &self,
@@ -490,7 +515,7 @@ async fn connect_single(cfg: &RedisStoreConfig) -> Result<(Conn, Target), StoreE
         .set_number_of_retries(1)
         .set_max_delay(Duration::from_secs(2));
     let mut conn = client
-        .get_connection_manager_with_config(mcfg)
+        .get_connection_manager_with_config(mcfg.clone())
         .await
         .map_err(classify)?;
     // A node of a Redis Cluster of several shards answers PING, but most of the
@@ -517,7 +542,10 @@ async fn connect_single(cfg: &RedisStoreConfig) -> Result<(Conn, Target), StoreE
             masked_url(&cfg.url)
         ))));
     }
-    Ok((Conn::Manager(conn), Target::Single(Box::new(client))))
+    Ok((
+        Conn::Manager(crate::conn::Healing::new(client.clone(), mcfg, conn)),
+        Target::Single(Box::new(client)),
+    ))
 }
 
 /// Cluster mode: a cluster connection seeded by `cfg.cluster_nodes`; it
@@ -554,6 +582,18 @@ mod erased {
             serde_json::to_string(self)
         }
     }
+}
+
+/// A token unique to one append call (and its retries).
+fn batch_token() -> String {
+    use std::hash::BuildHasher;
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let random = std::collections::hash_map::RandomState::new().hash_one((n, nanos));
+    format!("{random:016x}{n:x}")
 }
 
 fn parse_u64(s: &str, what: &str) -> Result<u64, StoreError> {
@@ -716,8 +756,9 @@ impl Store for RedisStore {
         let wk = self.keys().workflow(id.as_str());
         let tail = self.batch_args(id, &wk, &events, &owed)?;
         let expected = expected_last.0.to_string();
+        let token = batch_token();
         let reply = self
-            .run_append(&self.inner.scripts.append, &wk, &[&expected], tail)
+            .run_append_retrying(&self.inner.scripts.append, &wk, &[&expected, &token], tail)
             .await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(Seq(parse_u64(reply.get(1).map_or("", |s| s), "seq")?)),
@@ -745,8 +786,14 @@ impl Store for RedisStore {
             .requires_deadline
             .map(|d| d.0.to_string())
             .unwrap_or_default();
+        let token = batch_token();
         let reply = self
-            .run_append(&self.inner.scripts.keyed, &wk, &[key, requires, &due], tail)
+            .run_append_retrying(
+                &self.inner.scripts.keyed,
+                &wk,
+                &[key, requires, &due, &token],
+                tail,
+            )
             .await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(KeyedOutcome::Appended(Seq(parse_u64(
@@ -981,13 +1028,27 @@ impl Store for RedisStore {
                     let (id, _) = member
                         .split_once('|')
                         .ok_or_else(|| bad_reply("owed member without '|'"))?;
-                    let mut entry: OwedEntry = serde_json::from_str(&json).map_err(backend)?;
-                    entry.deadline = Timestamp(parse_u64(&deadline, "deadline")?);
-                    round.push(Owed {
-                        workflow_id: workflow_id(id)?,
-                        entry,
-                    });
                     got += 1;
+                    // An entry this version cannot read (a newer version's kind, or
+                    // damaged) stays leased and is reported; it must not stop every
+                    // other workflow's overdue work from being delivered.
+                    let parsed = serde_json::from_str::<OwedEntry>(&json)
+                        .map_err(backend)
+                        .and_then(|mut entry| {
+                            entry.deadline = Timestamp(parse_u64(&deadline, "deadline")?);
+                            Ok(Owed {
+                                workflow_id: workflow_id(id)?,
+                                entry,
+                            })
+                        });
+                    match parsed {
+                        Ok(owed) => round.push(owed),
+                        Err(e) => tracing::error!(
+                            member = %member,
+                            error = %e,
+                            "skipping an owed entry this version cannot read"
+                        ),
+                    }
                 }
             }
             round.sort_by_key(|o| o.entry.deadline);

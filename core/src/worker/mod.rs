@@ -401,6 +401,13 @@ async fn sweep_loop(engine: Engine, config: Arc<WorkerConfig>, stop: Cancellatio
     }
 }
 
+/// Finished workflows one `purge_closed` call deletes at most.
+const PURGE_BATCH: usize = 1000;
+
+/// `purge_closed` calls a maintenance round makes at most while each deletes a full
+/// batch: up to 100,000 workflows a `dead_letter_interval` (10,000/s by default).
+const PURGE_BATCHES: usize = 100;
+
 async fn maintenance_loop(engine: Engine, config: Arc<WorkerConfig>, stop: CancellationToken) {
     loop {
         tokio::select! {
@@ -437,8 +444,19 @@ async fn maintenance_loop(engine: Engine, config: Arc<WorkerConfig>, stop: Cance
                     .as_millis()
                     .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX)),
             );
-            if let Err(e) = engine.store().purge_closed(cutoff, 1000).await {
-                tracing::warn!(error = %e, "purging finished workflows failed");
+            // Full batches go on at once (up to PURGE_BATCHES a round), so a fleet
+            // that closes more than a batch per interval does not fall behind for good.
+            for _ in 0..PURGE_BATCHES {
+                match engine.store().purge_closed(cutoff, PURGE_BATCH).await {
+                    Ok(n) if n >= PURGE_BATCH && !stop.is_cancelled() => {
+                        tokio::task::yield_now().await;
+                    }
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "purging finished workflows failed");
+                        break;
+                    }
+                }
             }
         }
     }

@@ -36,7 +36,7 @@ for i = 3, #ARGV do
       for _, k in ipairs(owed) do
         redis.call('ZREM', base .. ':owed', id .. '|' .. k)
       end
-      redis.call('DEL', wf .. ':sum', wf .. ':ev', wf .. ':owed', wf .. ':dk')
+      redis.call('UNLINK', wf .. ':sum', wf .. ':ev', wf .. ':owed', wf .. ':dk')
       redis.call('ZREM', base .. ':idx:all', id)
       redis.call('ZREM', base .. ':idx:st:' .. st, id)
       redis.call('ZREM', base .. ':idx:nm:' .. name, id)

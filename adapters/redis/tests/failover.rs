@@ -1,0 +1,535 @@
+//! Failure modes of the shared connection that a plain kill/restart does not show:
+//! the endpoint moves to another server while the old TCP connection stays open.
+//!
+//! A small TCP proxy stands in for a managed Redis endpoint (ElastiCache primary
+//! endpoint, a Sentinel-fed VIP, a k8s Service): new connections go to the current
+//! target; existing flows keep going where they went, or are silently dropped.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use marathon_core::{
+    EventData, NewEvent, NewWorkflow, OwedChanges, Seq, Store, StoreError, Timestamp, WorkflowId,
+};
+use marathon_redis::{RedisStore, RedisStoreConfig};
+use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
+
+struct Server {
+    port: u16,
+    _child: tokio::process::Child,
+}
+
+impl Server {
+    async fn start() -> Self {
+        // Below the ephemeral range, where other test runs' killed servers (and the
+        // stores still reconnecting to them) live.
+        let port = loop {
+            let p = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
+            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+                break p;
+            }
+        };
+        let mut child = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(std::env::temp_dir())
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server");
+        for _ in 0..100 {
+            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "our redis-server did not start on {port}"
+        );
+        Self {
+            port,
+            _child: child,
+        }
+    }
+
+    async fn cmd(&self, args: &[&str]) -> redis::Value {
+        let mut c = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap();
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        cmd.query_async(&mut c).await.unwrap()
+    }
+}
+
+/// Forwards every new connection to `target`; a connection accepted in an older
+/// `epoch` has its bytes silently dropped (both ways) while the socket stays open.
+struct Proxy {
+    port: u16,
+    target: Arc<AtomicU16>,
+    epoch: Arc<AtomicU64>,
+}
+
+async fn pump(
+    from: tokio::net::tcp::OwnedReadHalf,
+    to: tokio::net::tcp::OwnedWriteHalf,
+    mine: u64,
+    epoch: Arc<AtomicU64>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        if from.readable().await.is_err() {
+            return;
+        }
+        let n = match from.try_read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return,
+        };
+        if epoch.load(Ordering::SeqCst) != mine {
+            continue; // black hole: read and drop
+        }
+        let mut off = 0;
+        while off < n {
+            if to.writable().await.is_err() {
+                return;
+            }
+            match to.try_write(&buf[off..n]) {
+                Ok(k) => off += k,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+}
+
+impl Proxy {
+    async fn start(target: u16) -> Self {
+        let listener = loop {
+            let p = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
+            if let Ok(l) = TcpListener::bind(("127.0.0.1", p)).await {
+                break l;
+            }
+        };
+        let port = listener.local_addr().unwrap().port();
+        let target = Arc::new(AtomicU16::new(target));
+        let epoch = Arc::new(AtomicU64::new(0));
+        let (t, e) = (target.clone(), epoch.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", t.load(Ordering::SeqCst))).await
+                else {
+                    continue;
+                };
+                let mine = e.load(Ordering::SeqCst);
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pump(cr, sw, mine, e.clone()));
+                tokio::spawn(pump(sr, cw, mine, e.clone()));
+            }
+        });
+        Self {
+            port,
+            target,
+            epoch,
+        }
+    }
+}
+
+fn new_wf(id: &WorkflowId) -> NewWorkflow {
+    NewWorkflow {
+        id: id.clone(),
+        name: "failover".into(),
+        input: json!({}),
+        task_queue: "tq".into(),
+        idempotency_key: None,
+        started_at: Timestamp(1),
+        task_deadline: Timestamp(1000),
+        trace_context: None,
+    }
+}
+
+fn signal(n: u64) -> NewEvent {
+    NewEvent::new(
+        Timestamp(10 + n),
+        EventData::SignalReceived {
+            name: "s".into(),
+            payload: json!(n),
+        },
+    )
+}
+
+async fn store_via(proxy: &Proxy) -> RedisStore {
+    RedisStore::connect(RedisStoreConfig {
+        url: format!("redis://127.0.0.1:{}", proxy.port),
+        key_prefix: format!("revE-failover-{}:", proxy.port),
+        connect_timeout: Duration::from_millis(300),
+        response_timeout: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await
+    .expect("store via proxy")
+}
+
+/// Appends one event, retrying retryable errors (as the engine does) for up to `max`;
+/// returns the last error seen if it never succeeded.
+async fn append_with_retries(
+    store: &RedisStore,
+    id: &WorkflowId,
+    mut last: Seq,
+    max: Duration,
+) -> Result<Seq, String> {
+    let start = Instant::now();
+    let mut seen = String::new();
+    while start.elapsed() < max {
+        match store
+            .append(id, last, vec![signal(last.0)], OwedChanges::none())
+            .await
+        {
+            Ok(s) => return Ok(s),
+            Err(StoreError::Conflict { actual, .. }) => last = actual,
+            Err(e) if e.is_retryable() => {
+                seen = format!("{e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(format!("not retryable: {e:?}")),
+        }
+    }
+    Err(format!("still failing after {max:?}: {seen}"))
+}
+
+/// A failover where the old primary stays up as a replica (manual failover, a
+/// Sentinel/ElastiCache promotion that does not reboot the old node): the endpoint
+/// now leads to the new primary, but the store's one shared connection still talks
+/// to the old node and every write answers READONLY. READONLY is classified as
+/// retryable, yet the connection is never replaced, so the store never recovers.
+#[tokio::test]
+async fn recovers_when_the_old_primary_is_demoted_to_replica() {
+    let a = Server::start().await;
+    let b = Server::start().await;
+    let pa = a.port.to_string();
+    let pb = b.port.to_string();
+    b.cmd(&["REPLICAOF", "127.0.0.1", &pa]).await;
+    let proxy = Proxy::start(a.port).await;
+    let store = store_via(&proxy).await;
+    let id = WorkflowId::random();
+    store.create(new_wf(&id)).await.unwrap();
+    let last = store
+        .append(&id, Seq(1), vec![signal(1)], OwedChanges::none())
+        .await
+        .unwrap();
+    // Wait until B has the workflow (replication caught up).
+    let mut synced = false;
+    for _ in 0..100 {
+        let pat = format!("*:wf:{id}:sum");
+        if let redis::Value::Array(keys) = b.cmd(&["KEYS", &pat]).await
+            && !keys.is_empty()
+        {
+            synced = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(synced, "replica never synced");
+    // Failover: B becomes primary, A its replica; the endpoint now leads to B.
+    b.cmd(&["REPLICAOF", "NO", "ONE"]).await;
+    a.cmd(&["REPLICAOF", "127.0.0.1", &pb]).await;
+    proxy.target.store(b.port, Ordering::SeqCst);
+    let r = append_with_retries(&store, &id, last, Duration::from_secs(10)).await;
+    // A fresh store through the same endpoint works at once.
+    let fresh = store_via(&proxy).await;
+    let fresh_ok = append_with_retries(&fresh, &id, last, Duration::from_secs(2)).await;
+    drop((a, b));
+    assert!(fresh_ok.is_ok(), "a new connection fails too: {fresh_ok:?}");
+    assert!(r.is_ok(), "store stuck after failover: {r:?}");
+}
+
+/// The store's connection is silently cut (a NAT/conntrack/load-balancer entry
+/// dropped, a network partition healed by re-routing): nothing resets the socket,
+/// every request times out. New connections work at once, but the store keeps
+/// using the dead one (a timeout never makes the ConnectionManager reconnect).
+#[tokio::test]
+async fn recovers_when_its_connection_is_silently_dropped() {
+    let a = Server::start().await;
+    let proxy = Proxy::start(a.port).await;
+    let store = store_via(&proxy).await;
+    let id = WorkflowId::random();
+    store.create(new_wf(&id)).await.unwrap();
+    let last = store
+        .append(&id, Seq(1), vec![signal(1)], OwedChanges::none())
+        .await
+        .unwrap();
+    proxy.epoch.fetch_add(1, Ordering::SeqCst);
+    let r = append_with_retries(&store, &id, last, Duration::from_secs(10)).await;
+    let fresh = store_via(&proxy).await;
+    let fresh_ok = append_with_retries(&fresh, &id, last, Duration::from_secs(2)).await;
+    drop(a);
+    assert!(fresh_ok.is_ok(), "a new connection fails too: {fresh_ok:?}");
+    assert!(r.is_ok(), "store stuck on a dead connection: {r:?}");
+}
+
+/// The script cache is lost (SCRIPT FLUSH, a restart of a persistent Redis, a
+/// failover to a node that never saw the scripts): every script still runs.
+#[tokio::test]
+async fn scripts_survive_script_flush() {
+    let a = Server::start().await;
+    let proxy = Proxy::start(a.port).await;
+    let store = store_via(&proxy).await;
+    let id = WorkflowId::random();
+    store.create(new_wf(&id)).await.unwrap();
+    a.cmd(&["SCRIPT", "FLUSH"]).await;
+    let last = store
+        .append(&id, Seq(1), vec![signal(1)], OwedChanges::none())
+        .await
+        .expect("append after SCRIPT FLUSH");
+    a.cmd(&["SCRIPT", "FLUSH"]).await;
+    let r = store
+        .append_keyed(
+            &id,
+            marathon_core::KeyedAppend {
+                key: Some("k".into()),
+                requires: None,
+                requires_deadline: None,
+                events: vec![signal(2)],
+                owed: OwedChanges::none(),
+            },
+        )
+        .await
+        .expect("keyed append after SCRIPT FLUSH");
+    assert!(matches!(r, marathon_core::KeyedOutcome::Appended(s) if s.0 == last.0 + 1));
+    a.cmd(&["SCRIPT", "FLUSH"]).await;
+    store
+        .claim_overdue(Timestamp(u64::MAX / 4), Duration::from_secs(1), 10)
+        .await
+        .expect("claim after SCRIPT FLUSH");
+}
+
+/// Redis out of memory (maxmemory, noeviction): a keyed append fails without
+/// recording its dedupe key, so its retry is appended, not dropped as a duplicate.
+#[tokio::test]
+async fn out_of_memory_leaves_no_half_written_keyed_append() {
+    let a = Server::start().await;
+    let proxy = Proxy::start(a.port).await;
+    let store = store_via(&proxy).await;
+    let id = WorkflowId::random();
+    store.create(new_wf(&id)).await.unwrap();
+    a.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .await;
+    a.cmd(&["CONFIG", "SET", "maxmemory", "1"]).await;
+    let keyed = || marathon_core::KeyedAppend {
+        key: Some("sig-1".into()),
+        requires: None,
+        requires_deadline: None,
+        events: vec![signal(2)],
+        owed: OwedChanges::none(),
+    };
+    let err = store.append_keyed(&id, keyed()).await.unwrap_err();
+    eprintln!("OOM error: {err:?} retryable={}", err.is_retryable());
+    a.cmd(&["CONFIG", "SET", "maxmemory", "0"]).await;
+    let again = store.append_keyed(&id, keyed()).await.unwrap();
+    assert!(
+        matches!(again, marathon_core::KeyedOutcome::Appended(_)),
+        "retry after OOM: {again:?}"
+    );
+    let events = store.read(&id, Seq::ZERO, 100).await.unwrap();
+    assert_eq!(events.len(), 2, "{events:?}");
+}
+
+/// Redis out of memory (maxmemory, noeviction) when an activity's result arrives:
+/// `append_keyed.lua` consumes the attempt's owed entry (HDEL + ZREM, allowed when
+/// out of memory) before its RPUSH. Redis lets a script that has already written go
+/// on (no half-written append): the result is recorded once. (Passes: checked.)
+#[tokio::test]
+async fn out_of_memory_does_not_consume_an_activity_attempt() {
+    let a = Server::start().await;
+    let proxy = Proxy::start(a.port).await;
+    let store = store_via(&proxy).await;
+    let id = WorkflowId::random();
+    store.create(new_wf(&id)).await.unwrap();
+    let attempt = marathon_core::OwedEntry {
+        kind: marathon_core::OwedKind::Activity {
+            activity_id: 1,
+            attempt: 1,
+            scheduled_seq: Seq(2),
+            redeliveries: 0,
+            started: None,
+            started_copy: 0,
+            resends: 0,
+        },
+        task_queue: "tq".into(),
+        deadline: Timestamp(5_000),
+        trace_context: None,
+        run: None,
+    };
+    let key = attempt.kind.key();
+    let mut owed = OwedChanges::none().set(attempt);
+    owed.clear.push("wf".into());
+    // The workflow task schedules the activity (the attempt is now owed).
+    let last = store
+        .append(&id, Seq(1), vec![signal(1)], owed)
+        .await
+        .unwrap();
+    a.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+        .await;
+    a.cmd(&["CONFIG", "SET", "maxmemory", "1"]).await;
+    let result = || marathon_core::KeyedAppend {
+        key: None,
+        requires: Some(key.clone()),
+        requires_deadline: None,
+        events: vec![signal(2)],
+        owed: OwedChanges::none().set(marathon_core::OwedEntry {
+            kind: marathon_core::OwedKind::WORKFLOW_TASK,
+            task_queue: "tq".into(),
+            deadline: Timestamp(6_000),
+            trace_context: None,
+            run: None,
+        }),
+    };
+    let first = store.append_keyed(&id, result()).await;
+    a.cmd(&["CONFIG", "SET", "maxmemory", "0"]).await;
+    let again = match first {
+        Ok(r) => r,
+        // The activity worker hands the task back; its retry records the result.
+        Err(_) => store.append_keyed(&id, result()).await.unwrap(),
+    };
+    let events = store.read(&id, Seq::ZERO, 100).await.unwrap();
+    let owed = store
+        .claim_overdue(Timestamp(u64::MAX / 4), Duration::from_secs(1), 10)
+        .await
+        .unwrap();
+    assert!(
+        matches!(again, marathon_core::KeyedOutcome::Appended(s) if s.0 == last.0 + 1),
+        "the activity's result after OOM: {again:?}; history has {} events (last {last}); \
+         owed work left: {owed:?}",
+        events.len()
+    );
+}
+
+/// After a Redis restart the shared append reader reconnects: a new subscription is
+/// woken by the next append at once, not by its 10 s fallback re-read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_append_reader_reconnects_after_a_restart() {
+    use futures::StreamExt;
+    let port = {
+        let s = Server::start().await; // a port of our own range, then free it
+        let p = s.port;
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        p
+    };
+    let dir = std::env::temp_dir().join(format!("revE-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = common::PrivateRedis::start(port, dir.clone()).await;
+    let store = RedisStore::connect(RedisStoreConfig {
+        url: format!("redis://127.0.0.1:{port}"),
+        key_prefix: "revE-sub:".into(),
+        connect_timeout: Duration::from_millis(300),
+        response_timeout: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let id = WorkflowId::random();
+    store.create(new_wf(&id)).await.unwrap();
+    let mut old = store.subscribe(&id, Seq(1)).await.unwrap();
+    server.kill().await;
+    let ended = tokio::time::timeout(Duration::from_secs(5), old.next()).await;
+    let _server2 = common::PrivateRedis::start(port, dir.clone()).await;
+    let last;
+    let t0 = Instant::now();
+    loop {
+        match store.get(&id).await {
+            Ok(Some(s)) => {
+                last = s.last_seq;
+                break;
+            }
+            _ if t0.elapsed() < Duration::from_secs(10) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            other => panic!("no recovery: {other:?}"),
+        }
+    }
+    // Give the reader its reconnect backoff (at most 2 s).
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut sub = store.subscribe(&id, last).await.unwrap();
+    let t = Instant::now();
+    store
+        .append(&id, last, vec![signal(9)], OwedChanges::none())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(15), sub.next()).await;
+    let waited = t.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    eprintln!("old subscription after kill: {ended:?}; woken after {waited:?}");
+    assert!(matches!(got, Ok(Some(Ok(_)))), "{got:?}");
+    assert!(
+        waited < Duration::from_secs(2),
+        "woken only after {waited:?}"
+    );
+}
+
+/// A longer outage (8 s, requests failing all along): the store recovers soon after
+/// Redis is back.
+#[tokio::test]
+async fn recovers_after_a_long_outage() {
+    let port = {
+        let s = Server::start().await;
+        let p = s.port;
+        drop(s);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        p
+    };
+    let dir = std::env::temp_dir().join(format!("revE-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = common::PrivateRedis::start(port, dir.clone()).await;
+    let store = RedisStore::connect(RedisStoreConfig {
+        url: format!("redis://127.0.0.1:{port}"),
+        key_prefix: "revE-long:".into(),
+        connect_timeout: Duration::from_millis(300),
+        response_timeout: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    server.kill().await;
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(8) {
+        assert!(store.ping().await.unwrap_err().is_retryable());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _s2 = common::PrivateRedis::start(port, dir.clone()).await;
+    let t = Instant::now();
+    let mut ok = false;
+    while t.elapsed() < Duration::from_secs(5) {
+        if store.ping().await.is_ok() {
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(ok, "no recovery 5 s after Redis came back");
+    eprintln!("recovered after {:?}", t.elapsed());
+}
