@@ -168,7 +168,8 @@ impl Queue for HandQueue {
 }
 
 /// A memory store with hooks: one `get` can be held (the sweeper reads the summary
-/// between its claim and its resend), one `start_attempt` can fail; it counts reads.
+/// between its claim and its resend), one `start_attempt` can fail, one `create`'s
+/// reply can be lost; it counts reads.
 pub struct HookStore {
     /// The store it forwards to.
     pub inner: MemoryStore,
@@ -182,6 +183,8 @@ pub struct HookStore {
     pub fail_start: AtomicBool,
     /// `read` calls made.
     pub reads: AtomicU32,
+    /// Set: the next `create` is applied but answers unavailable (its reply was lost).
+    pub lose_create_reply: AtomicBool,
 }
 
 impl Default for HookStore {
@@ -193,6 +196,7 @@ impl Default for HookStore {
             release: Semaphore::new(0),
             fail_start: AtomicBool::new(false),
             reads: AtomicU32::new(0),
+            lose_create_reply: AtomicBool::new(false),
         }
     }
 }
@@ -200,7 +204,11 @@ impl Default for HookStore {
 #[async_trait]
 impl Store for HookStore {
     async fn create(&self, new: NewWorkflow) -> Result<Created, StoreError> {
-        self.inner.create(new).await
+        let created = self.inner.create(new).await?;
+        if self.lose_create_reply.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("reply lost".into()));
+        }
+        Ok(created)
     }
     async fn append(
         &self,

@@ -1202,3 +1202,36 @@ async fn a_pipeline_cannot_grow_values_without_bound() {
     }
     w.shutdown().await;
 }
+
+/// A start whose reply was lost after the store created the run (a timeout, a
+/// dropped connection) is retried by its client: the repeat finds the run with
+/// nothing done yet and sends its first task again, so the run starts at once
+/// instead of when the sweeper finds its first task overdue (30 s by default).
+#[tokio::test(start_paused = true)]
+async fn a_start_repeated_after_its_reply_was_lost_runs_at_once() {
+    let hooked = Arc::new(HookStore::default());
+    let store: Arc<dyn marathon_core::Store> = hooked.clone();
+    let queue: Arc<dyn marathon_core::Queue> =
+        Arc::new(marathon_core::memory::MemoryQueue::default());
+    let engine = builder(&store, &queue)
+        .workflow(
+            "one",
+            |_ctx: WorkflowContext, n: i64| async move { Ok(n + 1) },
+        )
+        .build();
+    let _worker = worker(&engine);
+    let id = WorkflowId::parse("lost-reply-1").expect("id");
+    let request = || StartWorkflow::new("one", json!(1)).id(id.clone());
+    hooked.lose_create_reply.store(true, Ordering::SeqCst);
+    assert!(engine.start(request()).await.is_err(), "the reply is lost");
+    let again = engine.start(request()).await.expect("the client's retry");
+    assert!(!again.created);
+    let done = tokio::time::timeout(
+        Duration::from_secs(5),
+        engine.result(&id, Duration::from_secs(3600)),
+    )
+    .await
+    .expect("the run starts at once, not at its first task's deadline")
+    .expect("result");
+    assert_eq!(done.status, WorkflowStatus::Completed);
+}

@@ -600,6 +600,23 @@ impl Engine {
                     Some(now),
                 )
                 .await;
+        } else if created.summary.status == crate::model::WorkflowStatus::Running
+            && created.summary.last_seq == Seq(1)
+        {
+            // A repeat of a start whose run has done nothing yet: perhaps the first
+            // start's reply was lost after the store created the run, and its task was
+            // never sent. Send it again (a spare copy finds nothing to do) rather than
+            // leave the run to the sweeper, at its first task's deadline.
+            inner
+                .enqueue_workflow_task(
+                    &created.summary.task_queue,
+                    created.summary.id.clone(),
+                    Vec::new(),
+                    Seq(1),
+                    created.summary.trace_context.clone(),
+                    Some(created.summary.created_at),
+                )
+                .await;
         }
         Ok(Started {
             summary: created.summary,
