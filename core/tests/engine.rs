@@ -1235,3 +1235,68 @@ async fn a_start_repeated_after_its_reply_was_lost_runs_at_once() {
     .expect("result");
     assert_eq!(done.status, WorkflowStatus::Completed);
 }
+
+#[derive(serde::Deserialize, serde::Serialize)]
+struct Approval {
+    by: String,
+}
+
+/// A start whose input is not the workflow's input type is refused (a 400 over
+/// HTTP), instead of creating a run that fails at its first task.
+#[tokio::test]
+async fn a_start_with_input_of_the_wrong_type_is_refused() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("approve", |_ctx: WorkflowContext, a: Approval| async move {
+            Ok(a.by)
+        })
+        .build();
+    let err = engine
+        .start(
+            StartWorkflow::new("approve", json!({"who": 1}))
+                .id(WorkflowId::parse("typed-1").expect("id")),
+        )
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&err, marathon_core::EngineError::InvalidArgument(m) if m.contains("missing field `by`")),
+        "{err:?}"
+    );
+    assert!(
+        engine
+            .get(&WorkflowId::parse("typed-1").expect("id"))
+            .await
+            .is_err(),
+        "no run was created"
+    );
+    engine
+        .start(StartWorkflow::new("approve", json!({"by": "ana"})))
+        .await
+        .expect("a good input starts");
+}
+
+/// A signal whose payload is not the type the workflow waits for is skipped, and the
+/// wait goes on: before, any client could fail a run with one malformed signal.
+#[tokio::test]
+async fn a_signal_of_the_wrong_type_does_not_fail_the_run() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("wait", |ctx: WorkflowContext, (): ()| async move {
+            let a: Approval = ctx.signal("approve").await?;
+            Ok(a.by)
+        })
+        .build();
+    let _worker = worker(&engine);
+    let id = start(&engine, "wait", json!(null)).await;
+    engine
+        .signal(&id, "approve", json!({"who": 1}), None)
+        .await
+        .expect("signal");
+    engine
+        .signal(&id, "approve", json!({"by": "ana"}), None)
+        .await
+        .expect("signal");
+    let done = finished(&engine, &id).await;
+    assert_eq!(done.status, WorkflowStatus::Completed, "{done:?}");
+    assert_eq!(done.output, Some(json!("ana")));
+}

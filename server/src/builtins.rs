@@ -97,17 +97,6 @@ pub fn register(registry: &mut Registry) {
         );
 }
 
-/// Checks a `sleep-then-echo` workflow's input at start: it parses (`{"ms": n,
-/// "value": any}`, both optional), so a typo is a 400, not a failed run.
-///
-/// # Errors
-/// A client-facing message naming the problem.
-pub fn validate_sleep_then_echo_input(input: &Value, _registry: &Registry) -> Result<(), String> {
-    serde_json::from_value::<SleepThenEcho>(input.clone())
-        .map(|_| ())
-        .map_err(|e| format!("sleep-then-echo input: {e}"))
-}
-
 /// Checks a `pipeline` workflow's input at start: it parses, validates and
 /// names only registered activities.
 ///
@@ -166,13 +155,14 @@ mod tests {
         assert!(validate_pipeline_input(&unknown, &r).is_err());
         assert!(validate_pipeline_input(&json!({"pipeline": {"steps": []}}), &r).is_err());
         assert!(validate_pipeline_input(&json!(3), &r).is_err());
+        // sleep-then-echo is typed: the registry checks its input at start.
         assert_eq!(
-            validate_sleep_then_echo_input(&json!({"ms": 5, "value": [1]}), &r),
+            r.check_input("sleep-then-echo", &json!({"ms": 5, "value": [1]})),
             Ok(())
         );
-        assert_eq!(validate_sleep_then_echo_input(&json!({}), &r), Ok(()));
+        assert_eq!(r.check_input("sleep-then-echo", &json!({})), Ok(()));
         for bad in [json!({"ms": "x"}), json!({"mss": 5}), json!(3)] {
-            assert!(validate_sleep_then_echo_input(&bad, &r).is_err(), "{bad}");
+            assert!(r.check_input("sleep-then-echo", &bad).is_err(), "{bad}");
         }
         assert_eq!(upper(json!({"a": ["b", 1]})), json!({"a": ["B", 1]}));
     }

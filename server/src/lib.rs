@@ -120,14 +120,11 @@ impl ServerBuilder {
             "pipeline".into(),
             Arc::new(builtins::validate_pipeline_input),
         );
-        self.validators.insert(
-            "sleep-then-echo".into(),
-            Arc::new(builtins::validate_sleep_then_echo_input),
-        );
         self
     }
 
-    /// Checks the input of workflow `name` when the API starts it (a 400 on `Err`).
+    /// Checks the input of workflow `name` when the API starts it (a 400 on `Err`),
+    /// beyond its type, which the engine checks for every workflow registered with one.
     pub fn validator(
         mut self,
         name: impl Into<String>,

@@ -336,8 +336,10 @@ impl WorkflowContext {
 
     /// Waits for the next signal called `name` (signals that arrived earlier are buffered).
     ///
-    /// Fails with a `canceled` error if the workflow is canceled first, and with a
-    /// `serialization` error if the payload is not a `T`.
+    /// Fails with a `canceled` error if the workflow is canceled first. A signal whose
+    /// payload is not a `T` is skipped (logged, and still in the history) and the wait
+    /// goes on, so a client's malformed signal cannot fail the run; wait for a
+    /// `serde_json::Value` to see every payload.
     pub fn signal<T: DeserializeOwned>(&self, name: &str) -> SignalFuture<T> {
         SignalFuture {
             state: self.state.clone(),
@@ -455,8 +457,17 @@ impl<T: DeserializeOwned> Future for SignalFuture<T> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut st = self.state.lock();
-        if let Some(v) = st.signals.get_mut(&self.name).and_then(VecDeque::pop_front) {
-            return Poll::Ready(serde_json::from_value(v).map_err(WorkflowError::from));
+        // A payload that is not a `T` is consumed and skipped: a signal from outside
+        // must not be able to fail the run (the code sees every payload with `Value`).
+        while let Some(v) = st.signals.get_mut(&self.name).and_then(VecDeque::pop_front) {
+            match serde_json::from_value(v) {
+                Ok(t) => return Poll::Ready(Ok(t)),
+                Err(e) => tracing::warn!(
+                    signal = %self.name,
+                    error = %e,
+                    "skipping a signal whose payload does not match the type the workflow waits for"
+                ),
+            }
         }
         // Like a timer or an activity: canceled until the code has seen the
         // cancellation, then a wait like any other (clean-up may wait for a signal).

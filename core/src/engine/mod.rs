@@ -554,6 +554,15 @@ impl Engine {
         }
         check_idempotency_key(req.idempotency_key.as_deref())?;
         check_depth("input", &req.input)?;
+        inner
+            .registry
+            .check_input(&req.name, &req.input)
+            .map_err(|e| {
+                EngineError::InvalidArgument(format!(
+                    "input of workflow {:?} does not match its type: {e}",
+                    req.name
+                ))
+            })?;
         let task_queue = req
             .task_queue
             .unwrap_or_else(|| inner.config.default_task_queue.clone());

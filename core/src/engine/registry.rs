@@ -22,6 +22,9 @@ pub type WorkflowFn = JsonFn<WorkflowContext, WorkflowError>;
 /// A registered activity function on JSON values.
 pub type ActivityFn = JsonFn<ActivityContext, ActivityError>;
 
+/// Checks that a JSON value reads as a typed workflow's input; the error is serde's.
+type InputCheck = Arc<dyn Fn(&Value) -> Result<(), serde_json::Error> + Send + Sync>;
+
 /// `f`, typed on its input and output, as a function on JSON values (the shape of
 /// [`WorkflowFn`] and [`ActivityFn`]): input that does not deserialize into `I`, or
 /// output that does not serialize, is a `serialization` error `E`.
@@ -50,6 +53,8 @@ where
 #[derive(Clone, Default)]
 pub struct Registry {
     workflows: BTreeMap<String, WorkflowFn>,
+    /// Input checks of the workflows registered with a type.
+    input_checks: BTreeMap<String, InputCheck>,
     activities: BTreeMap<String, ActivityFn>,
 }
 
@@ -71,7 +76,9 @@ impl Registry {
 
     /// Registers workflow `name`: `async fn(WorkflowContext, I) -> Result<O, WorkflowError>`.
     ///
-    /// Input that does not deserialize into `I` fails the workflow with a `serialization` error.
+    /// A start whose input does not deserialize into `I` is refused
+    /// ([`crate::EngineError::InvalidArgument`], a 400 over HTTP); a run recorded
+    /// before with such an input fails with a `serialization` error.
     pub fn workflow<I, O, F, Fut>(&mut self, name: impl Into<String>, f: F) -> &mut Self
     where
         I: DeserializeOwned + Send + 'static,
@@ -79,14 +86,32 @@ impl Registry {
         F: Fn(WorkflowContext, I) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<O, WorkflowError>> + Send + 'static,
     {
-        self.workflows.insert(name.into(), on_json(f));
+        let name = name.into();
+        let check: InputCheck = Arc::new(|input: &Value| I::deserialize(input).map(|_| ()));
+        self.input_checks.insert(name.clone(), check);
+        self.workflows.insert(name, on_json(f));
         self
     }
 
-    /// Registers a workflow already working on JSON values.
+    /// Registers a workflow already working on JSON values (its input is not checked
+    /// at start).
     pub fn workflow_fn(&mut self, name: impl Into<String>, f: WorkflowFn) -> &mut Self {
-        self.workflows.insert(name.into(), f);
+        let name = name.into();
+        self.input_checks.remove(&name);
+        self.workflows.insert(name, f);
         self
+    }
+
+    /// Checks `input` against the input type of workflow `name`, when it was
+    /// registered with one ([`Self::workflow`]).
+    ///
+    /// # Errors
+    /// Serde's message when `input` does not deserialize into that type.
+    pub fn check_input(&self, name: &str, input: &Value) -> Result<(), String> {
+        match self.input_checks.get(name) {
+            Some(check) => check(input).map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
     }
 
     /// Registers activity `name`: `async fn(ActivityContext, I) -> Result<O, ActivityError>`.
