@@ -66,7 +66,9 @@ pub(crate) fn classify(e: RedisError) -> StoreError {
                         | ServerErrorKind::TryAgain
                         | ServerErrorKind::ClusterDown
                 )
-        );
+        )
+        // Out of memory (noeviction) passes as memory frees; a busy script ends.
+        || matches!(e.code(), Some("OOM" | "BUSY"));
     if transient {
         StoreError::Unavailable(Box::new(e))
     } else {
