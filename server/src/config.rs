@@ -46,8 +46,9 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
-    /// A key has a value of the wrong type or an unknown key was given.
-    #[error("invalid configuration at `{path}`: {message}")]
+    /// A key has a value of the wrong type or an unknown key was given. Shown as
+    /// "`{path}`: {message}" (the caller says it is the configuration).
+    #[error("`{path}`: {message}")]
     Invalid {
         /// Dotted path of the key.
         path: String,
@@ -370,13 +371,27 @@ impl Config {
                 }
             })?;
         }
-        let config: Config = serde_path_to_error::deserialize(toml::Value::Table(table.clone()))
-            .map_err(|e| {
+        check_kinds(&mut table)?;
+        #[cfg_attr(
+            not(feature = "redis"),
+            expect(unused_mut, reason = "only the Redis store's retention is taken over")
+        )]
+        let mut config: Config =
+            serde_path_to_error::deserialize(toml::Value::Table(table.clone())).map_err(|e| {
                 let path = e.path().to_string();
-                let (path, message) =
-                    section_error(&table, &path).unwrap_or_else(|| (path, e.inner().to_string()));
+                let (path, message) = section_error(&table, &path)
+                    .unwrap_or_else(|| (path, e.inner().message().to_string()));
                 ConfigError::Invalid { path, message }
             })?;
+        // Closed workflows' keys expire after the store's retention, but their index
+        // entries go only when the worker purges them: unless told otherwise, it purges
+        // them after the same time.
+        #[cfg(feature = "redis")]
+        if config.worker.retention.is_none()
+            && let StoreConfig::Redis(redis) = &config.store
+        {
+            config.worker.retention = redis.retention;
+        }
         config.validate()?;
         Ok(config)
     }
@@ -445,6 +460,32 @@ impl Config {
                     ),
                 );
             }
+            // The worker would run 1: a 0 that seems to turn the queue off does not.
+            if let Some(q) = self.worker.queues.iter().find(|q| q.receivers == 0) {
+                return bad(
+                    "worker.queues",
+                    format!(
+                        "queue {:?} needs receivers of at least 1 (leave it out for 1)",
+                        q.name
+                    ),
+                );
+            }
+            let queues = &self.worker.queues;
+            if let Some((i, q)) = queues
+                .iter()
+                .enumerate()
+                .find(|(i, q)| queues[..*i].iter().any(|p| p.name == q.name))
+            {
+                return bad(
+                    "worker.queues",
+                    format!(
+                        "queue {:?} is listed twice (entries {} and {}); list each queue once",
+                        q.name,
+                        queues.iter().position(|p| p.name == q.name).unwrap_or(i) + 1,
+                        i + 1
+                    ),
+                );
+            }
             // Zero would spin: a receive loop that never waits on an empty queue, a
             // sweeper asking the store without a pause.
             for (key, value) in [
@@ -466,6 +507,25 @@ impl Config {
                     "SQS counts visibility in whole seconds: at least 1000".into(),
                 );
             }
+        }
+        // What the store's connect would refuse, named by its key (exit 2, not a
+        // backend that cannot connect).
+        #[cfg(feature = "redis")]
+        if let StoreConfig::Redis(redis) = &self.store
+            && let Err((field, message)) = redis.check()
+        {
+            return bad(&format!("store.{field}"), message);
+        }
+        // The SDK takes any string and fails every request later.
+        #[cfg(feature = "sqs")]
+        if let QueueConfig::Sqs(sqs) = &self.queue
+            && let Some(url) = &sqs.endpoint_url
+            && !is_http_url(url)
+        {
+            return bad(
+                "queue.endpoint_url",
+                format!("{url:?} is not an http(s) URL like http://127.0.0.1:4566"),
+            );
         }
         // SQS refuses such a name on every call: a worker would retry it forever.
         #[cfg(feature = "sqs")]
@@ -549,6 +609,14 @@ impl Config {
     }
 }
 
+/// Whether `url` is an absolute `http://` or `https://` URL with a host.
+#[cfg(feature = "sqs")]
+fn is_http_url(url: &str) -> bool {
+    url.parse::<axum::http::Uri>().is_ok_and(|u| {
+        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
+    })
+}
+
 /// Masks the credentials of every URL in `v`, however deep (`store.cluster_nodes` is a
 /// list of them).
 fn mask_urls(v: &mut toml::Value) {
@@ -627,6 +695,92 @@ fn template() -> toml::Table {
     t
 }
 
+/// The settings of each kind of store and queue, by section: a key that the chosen
+/// kind lacks is refused, naming the kind that has it (known in every build).
+const KIND_KEYS: &[(&str, &str, &[&str])] = &[
+    ("store", "memory", &[]),
+    (
+        "store",
+        "redis",
+        &[
+            "url",
+            "cluster_nodes",
+            "key_prefix",
+            "shards",
+            "connect_timeout",
+            "response_timeout",
+            "retention",
+            "tls_ca_file",
+        ],
+    ),
+    ("queue", "memory", &["max_receives"]),
+    (
+        "queue",
+        "sqs",
+        &[
+            "queue_prefix",
+            "queue_urls",
+            "create_if_missing",
+            "max_receives",
+            "region",
+            "endpoint_url",
+            "wait_time_ms",
+            "fifo",
+            "batch_window_ms",
+        ],
+    ),
+];
+
+/// Gives a `[store]` or `[queue]` without `kind` the default kind (memory), and
+/// refuses a key its kind lacks but another kind has (a Redis setting on the memory
+/// store would otherwise be dropped without a word).
+fn check_kinds(table: &mut toml::Table) -> Result<(), ConfigError> {
+    for section in ["store", "queue"] {
+        let Some(toml::Value::Table(settings)) = table.get_mut(section) else {
+            continue;
+        };
+        let kind = settings
+            .entry("kind")
+            .or_insert_with(|| toml::Value::String("memory".into()));
+        let Some(kind) = kind.as_str().map(str::to_string) else {
+            continue;
+        };
+        let keys_of = |kind: &str| {
+            KIND_KEYS
+                .iter()
+                .find(|(s, k, _)| *s == section && *k == kind)
+                .map(|(_, _, keys)| *keys)
+        };
+        // An unknown kind is named by the deserializer.
+        let Some(own) = keys_of(&kind) else { continue };
+        for key in settings.keys().filter(|k| *k != "kind") {
+            if own.contains(&key.as_str()) {
+                continue;
+            }
+            let message = match KIND_KEYS
+                .iter()
+                .find(|(s, _, keys)| *s == section && keys.contains(&key.as_str()))
+            {
+                Some((_, other, _)) => format!(
+                    "is a setting of the {other} {section}, not of the {kind} one; set {section}.kind = \"{other}\""
+                ),
+                None if own.is_empty() => {
+                    format!("unknown key: the {kind} {section} has no settings")
+                }
+                None => format!(
+                    "unknown key of the {kind} {section}, whose keys are {}",
+                    own.join(", ")
+                ),
+            };
+            return Err(ConfigError::Invalid {
+                path: format!("{section}.{key}"),
+                message,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The key at fault inside `[store]` or `[queue]` when `path` names only the section:
 /// serde reads those through their `kind` tag and loses the path inside. Reading the
 /// section's settings on their own finds it.
@@ -636,7 +790,10 @@ fn section_error(table: &toml::Table, path: &str) -> Option<(String, String)> {
         settings: toml::Table,
     ) -> Option<(String, String)> {
         let e = serde_path_to_error::deserialize::<_, T>(toml::Value::Table(settings)).err()?;
-        Some((format!("{section}.{}", e.path()), e.inner().to_string()))
+        Some((
+            format!("{section}.{}", e.path()),
+            e.inner().message().to_string(),
+        ))
     }
     if path != "store" && path != "queue" {
         return None;
@@ -701,6 +858,12 @@ fn typed(like: Option<&toml::Value>, raw: &str) -> Result<toml::Value, String> {
         },
         Some(V::Array(a)) if !raw.trim_start().starts_with('[') => {
             let item = a.first().cloned().unwrap_or(V::String(String::new()));
+            if let V::Table(t) = &item {
+                return Err(format!(
+                    "is a list of tables: write it as a TOML array, e.g. [{}]",
+                    toml::Value::Table(t.clone())
+                ));
+            }
             raw.split(',')
                 .map(str::trim)
                 .filter(|s| !s.is_empty())
@@ -918,6 +1081,219 @@ mod tests {
         })
         .expect("a trace filter from the environment");
         assert_eq!(ok.log.trace_filter, "debug");
+    }
+
+    fn flags(pairs: &[(&str, &str)]) -> Sources {
+        Sources {
+            flags: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    /// The key a configuration error names (`Invalid` only).
+    fn invalid_path(e: &ConfigError) -> &str {
+        match e {
+            ConfigError::Invalid { path, .. } => path,
+            other => panic!("not an invalid value: {other}"),
+        }
+    }
+
+    /// Redis settings that connect would refuse stop the configuration, naming the key
+    /// (exit 2), instead of failing as a backend that cannot connect (exit 1).
+    #[cfg(feature = "redis")]
+    #[test]
+    fn redis_settings_connect_would_refuse_name_their_key() {
+        for (key, value) in [
+            ("store.url", "notaurl"),
+            ("store.url", "http://127.0.0.1:6379"),
+            ("store.shards", "0"),
+            ("store.key_prefix", "re{vD"),
+            ("store.tls_ca_file", "/nonexistent/ca.pem"),
+            (
+                "store.cluster_nodes",
+                "redis://127.0.0.1:7000,http://127.0.0.1:7001",
+            ),
+        ] {
+            let e = Config::load(&flags(&[("store.kind", "redis"), (key, value)]))
+                .expect_err(&format!("{key} = {value:?}"));
+            assert_eq!(invalid_path(&e), key, "{e}");
+        }
+    }
+
+    /// A `[store]` or `[queue]` without `kind` is of the default kind (memory); a key
+    /// that kind lacks names the kind that has it.
+    #[test]
+    fn a_section_without_kind_is_memory_and_foreign_keys_are_refused() {
+        let c = Config::load(&flags(&[("queue.max_receives", "3")]))
+            .expect("a memory queue setting without queue.kind");
+        assert_eq!(
+            c.queue,
+            QueueConfig::Memory(marathon_core::memory::MemoryQueueConfig { max_receives: 3 })
+        );
+        let c = Config::load(&Sources {
+            file: Some(("f".into(), "[queue]\nmax_receives = 2\n".into())),
+            ..Default::default()
+        })
+        .expect("[queue] without kind");
+        assert_eq!(
+            c.queue,
+            QueueConfig::Memory(marathon_core::memory::MemoryQueueConfig { max_receives: 2 })
+        );
+        for sources in [
+            Sources {
+                env: env(&[("MARATHON_STORE__KEY_PREFIX", "prod:")]),
+                ..Default::default()
+            },
+            flags(&[("store.kind", "memory"), ("store.key_prefix", "x")]),
+        ] {
+            let e = Config::load(&sources).expect_err("a redis setting on the memory store");
+            assert_eq!(invalid_path(&e), "store.key_prefix", "{e}");
+            assert!(e.to_string().contains("redis store"), "{e}");
+            assert!(e.to_string().contains(r#"store.kind = "redis""#), "{e}");
+        }
+        let e = Config::load(&flags(&[("queue.queue_prefix", "p-")]))
+            .expect_err("an sqs setting on the memory queue");
+        assert_eq!(invalid_path(&e), "queue.queue_prefix", "{e}");
+        assert!(e.to_string().contains(r#"queue.kind = "sqs""#), "{e}");
+        let e = Config::load(&flags(&[("store.colour", "blue")])).expect_err("no kind has it");
+        assert!(e.to_string().contains("colour"), "{e}");
+    }
+
+    /// The chart sets only `store.retention`: the worker then purges closed workflows'
+    /// index entries after the same time (their keys expire then).
+    #[cfg(feature = "redis")]
+    #[test]
+    fn worker_retention_defaults_to_the_redis_stores() {
+        let day = Duration::from_secs(86_400);
+        let c = Config::load(&Sources {
+            env: env(&[
+                ("MARATHON_STORE__KIND", "redis"),
+                ("MARATHON_STORE__RETENTION", "86400000"),
+            ]),
+            ..Default::default()
+        })
+        .expect("loads");
+        assert_eq!(c.worker.retention, Some(day));
+        let shown = c.to_masked_toml();
+        assert!(shown.contains("retention_ms = 86400000"), "{shown}");
+        let c = Config::load(&flags(&[
+            ("store.kind", "redis"),
+            ("store.retention", "86400000"),
+            ("worker.retention_ms", "3600000"),
+        ]))
+        .expect("loads");
+        assert_eq!(c.worker.retention, Some(Duration::from_secs(3600)));
+        let c = Config::load(&flags(&[("store.kind", "redis")])).expect("loads");
+        assert_eq!(c.worker.retention, None);
+    }
+
+    /// An SQS endpoint that is not an http(s) URL stops start-up.
+    #[cfg(feature = "sqs")]
+    #[test]
+    fn an_sqs_endpoint_that_is_not_a_url_is_refused() {
+        for bad in ["notaurl", "127.0.0.1:4566", "ftp://h:1", "http://"] {
+            let e = Config::load(&sqs_flags(&[("queue.endpoint_url", bad)]))
+                .expect_err(&format!("endpoint {bad:?}"));
+            assert_eq!(invalid_path(&e), "queue.endpoint_url", "{e}");
+        }
+        Config::load(&sqs_flags(&[(
+            "queue.endpoint_url",
+            "http://127.0.0.1:4566",
+        )]))
+        .expect("an http endpoint");
+        Config::load(&sqs_flags(&[(
+            "queue.endpoint_url",
+            "https://sqs.eu-west-1.amazonaws.com",
+        )]))
+        .expect("an https endpoint");
+    }
+
+    #[test]
+    fn worker_queues_without_receivers_or_twice_are_refused() {
+        let e = Config::load(&flags(&[(
+            "worker.queues",
+            r#"[{name = "default", concurrency = 4, receivers = 0}]"#,
+        )]))
+        .expect_err("no receiver");
+        assert_eq!(invalid_path(&e), "worker.queues", "{e}");
+        assert!(e.to_string().contains("\"default\""), "{e}");
+        assert!(e.to_string().contains("receivers"), "{e}");
+        let e = Config::load(&flags(&[(
+            "worker.queues",
+            r#"[{name = "a", concurrency = 4}, {name = "b", concurrency = 1}, {name = "a", concurrency = 2}]"#,
+        )]))
+        .expect_err("a queue twice");
+        assert_eq!(invalid_path(&e), "worker.queues", "{e}");
+        assert!(e.to_string().contains("\"a\""), "{e}");
+    }
+
+    /// What `marathon` prints: "invalid configuration" once, the key once.
+    #[test]
+    fn an_error_says_invalid_configuration_and_its_key_once() {
+        let e = Config::load(&flags(&[("store.kind", "bogus")])).expect_err("bogus kind");
+        let shown = crate::ServerError::from(e).to_string();
+        assert_eq!(shown.matches("invalid configuration").count(), 1, "{shown}");
+        assert_eq!(shown.matches("store.kind").count(), 1, "{shown}");
+        assert!(!shown.contains('\n'), "{shown}");
+        let e = Config::load(&Sources {
+            env: env(&[("MARATHON_WORKER__QUEUES", "garbage")]),
+            ..Default::default()
+        })
+        .expect_err("not a list");
+        let shown = e.to_string();
+        assert!(shown.contains("list"), "{shown}");
+        assert!(!shown.contains("section"), "{shown}");
+        assert!(shown.contains("[{"), "{shown}");
+    }
+
+    /// `KIND_KEYS` lists every setting of each backend's config type.
+    #[cfg(all(feature = "redis", feature = "sqs"))]
+    #[test]
+    fn kind_keys_are_the_backends_settings() {
+        let redis = RedisSettings {
+            tls_ca_file: Some("ca.pem".into()),
+            cluster_nodes: vec!["redis://h:1".into()],
+            retention: Some(Duration::from_secs(1)),
+            ..Default::default()
+        };
+        let sqs = SqsSettings {
+            region: Some("r".into()),
+            endpoint_url: Some("http://h:1".into()),
+            ..Default::default()
+        };
+        for (section, kind, value) in [
+            (
+                "store",
+                "redis",
+                toml::Value::try_from(redis).expect("toml"),
+            ),
+            ("queue", "sqs", toml::Value::try_from(sqs).expect("toml")),
+            (
+                "queue",
+                "memory",
+                toml::Value::try_from(marathon_core::memory::MemoryQueueConfig::default())
+                    .expect("toml"),
+            ),
+        ] {
+            let listed = KIND_KEYS
+                .iter()
+                .find(|(s, k, _)| *s == section && *k == kind)
+                .map(|(_, _, keys)| keys.to_vec())
+                .expect("listed");
+            let mut keys: Vec<&str> = value
+                .as_table()
+                .expect("a table")
+                .keys()
+                .map(String::as_str)
+                .collect();
+            keys.sort_unstable();
+            let mut listed = listed;
+            listed.sort_unstable();
+            assert_eq!(keys, listed, "{section} {kind}");
+        }
     }
 
     #[test]

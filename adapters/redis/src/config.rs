@@ -44,6 +44,76 @@ impl RedisStoreConfig {
     pub fn is_cluster(&self) -> bool {
         !self.cluster_nodes.is_empty()
     }
+
+    /// Checks what can be checked without connecting: the URL (or the cluster's node
+    /// URLs), `key_prefix`, `shards` and that `tls_ca_file` is a file. The store's
+    /// `connect` runs it first; a server runs it while validating its configuration.
+    ///
+    /// # Errors
+    /// `(field, message)`: the field at fault (`url`, `cluster_nodes`, `key_prefix`,
+    /// `shards`, `tls_ca_file`) and what is wrong, passwords masked.
+    pub fn check(&self) -> Result<(), (&'static str, String)> {
+        if self.is_cluster() {
+            for node in &self.cluster_nodes {
+                check_url(node, true).map_err(|m| ("cluster_nodes", m))?;
+            }
+        } else {
+            check_url(&self.url, false).map_err(|m| ("url", m))?;
+        }
+        if self.key_prefix.contains(['{', '}']) {
+            return Err((
+                "key_prefix",
+                format!(
+                    "{:?} must not contain '{{' or '}}' (they delimit the shard hash tag)",
+                    self.key_prefix
+                ),
+            ));
+        }
+        if self.shards == 0 {
+            return Err(("shards", "must be at least 1".into()));
+        }
+        // A metadata look-up, not a read: a missing file stops start-up with its key
+        // instead of failing inside the connection.
+        if let Some(path) = &self.tls_ca_file
+            && !std::path::Path::new(path).is_file()
+        {
+            return Err((
+                "tls_ca_file",
+                format!("{path:?} is not a readable file (a PEM certificate authority)"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Checks that `url` is a URL the Redis client takes (a Redis Cluster node's only
+/// over TCP); the message shows it with its password masked.
+fn check_url(url: &str, cluster: bool) -> Result<(), String> {
+    let shown = masked_url(url);
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    let tcp = ["redis", "rediss", "valkey", "valkeys"];
+    let unix = ["unix", "redis+unix", "valkey+unix"];
+    match scheme {
+        Some(s) if tcp.contains(&s) || (!cluster && unix.contains(&s)) => {}
+        Some(s) => {
+            return Err(format!(
+                "{shown:?} has scheme {s:?}: expected redis://host:port or rediss://host:port (TLS)"
+            ));
+        }
+        None => {
+            return Err(format!(
+                "{shown:?} is not a URL: expected redis://host:port or rediss://host:port (TLS)"
+            ));
+        }
+    }
+    redis::IntoConnectionInfo::into_connection_info(url)
+        .map(|_| ())
+        .map_err(|e| {
+            format!(
+                "{shown:?} is not a valid Redis URL ({}): expected redis://[user:password@]host:port[/db]",
+                e.detail().unwrap_or("it does not parse")
+            )
+        })
 }
 
 impl Default for RedisStoreConfig {
@@ -143,5 +213,45 @@ mod tests {
                 .expect("valid config");
         assert!(cfg.is_cluster());
         assert!(serde_json::from_str::<RedisStoreConfig>(r#"{"shard": 4}"#).is_err());
+    }
+
+    #[test]
+    fn check_names_the_field_at_fault() {
+        assert_eq!(RedisStoreConfig::default().check(), Ok(()));
+        let field = |cfg: RedisStoreConfig| cfg.check().map_err(|e| e.0);
+        for url in ["notaurl", "http://127.0.0.1:6379", "redis://h:1/notadb"] {
+            let cfg = RedisStoreConfig {
+                url: url.into(),
+                ..Default::default()
+            };
+            assert_eq!(field(cfg), Err("url"), "{url}");
+        }
+        let e = RedisStoreConfig {
+            url: "http://u:s3cr3t@h:1".into(),
+            ..Default::default()
+        }
+        .check()
+        .expect_err("http");
+        assert!(!e.1.contains("s3cr3t"), "{}", e.1);
+        let cfg = RedisStoreConfig {
+            cluster_nodes: vec!["redis://a:1".into(), "unix:///tmp/r.sock".into()],
+            ..Default::default()
+        };
+        assert_eq!(field(cfg), Err("cluster_nodes"));
+        let cfg = RedisStoreConfig {
+            key_prefix: "re{vD".into(),
+            ..Default::default()
+        };
+        assert_eq!(field(cfg), Err("key_prefix"));
+        let cfg = RedisStoreConfig {
+            shards: 0,
+            ..Default::default()
+        };
+        assert_eq!(field(cfg), Err("shards"));
+        let cfg = RedisStoreConfig {
+            tls_ca_file: Some("/nonexistent/ca.pem".into()),
+            ..Default::default()
+        };
+        assert_eq!(field(cfg), Err("tls_ca_file"));
     }
 }

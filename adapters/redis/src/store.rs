@@ -184,16 +184,9 @@ impl RedisStore {
     /// [`StoreError::Unavailable`] when Redis cannot be reached;
     /// [`StoreError::Backend`] for an invalid URL or configuration, or failed auth.
     pub async fn connect(cfg: RedisStoreConfig) -> Result<Self, StoreError> {
-        if cfg.key_prefix.contains(['{', '}']) {
-            return Err(backend(DataError::Config(
-                "key_prefix must not contain '{' or '}' (they delimit the shard hash tag)".into(),
-            )));
-        }
-        if cfg.shards == 0 {
-            return Err(backend(DataError::Config(
-                "shards must be at least 1".into(),
-            )));
-        }
+        cfg.check().map_err(|(field, message)| {
+            backend(DataError::Config(format!("{field}: {message}")))
+        })?;
         let (conn, target) = if cfg.is_cluster() {
             connect_cluster(&cfg).await?
         } else {
