@@ -26,22 +26,74 @@ pub async fn store(cfg: &StoreConfig) -> Result<Arc<dyn Store>, ServerError> {
     }
 }
 
-/// Connects the configured queue.
+/// Connects the configured queue. With SQS it checks, before anything runs, what
+/// would otherwise fail every request forever: a region, and the queues this
+/// process uses (the engine's default task queue and, for a worker, the served
+/// ones), which must exist unless `queue.create_if_missing` creates them.
 ///
 /// # Errors
-/// [`ServerError::Config`] for a backend this build lacks, [`ServerError::Backend`] when it cannot connect.
-pub async fn queue(cfg: &QueueConfig) -> Result<Arc<dyn Queue>, ServerError> {
-    match cfg {
+/// [`ServerError::Config`] for a backend this build lacks, no SQS region or a
+/// missing queue; [`ServerError::Backend`] when it cannot connect.
+pub async fn queue(cfg: &Config) -> Result<Arc<dyn Queue>, ServerError> {
+    match &cfg.queue {
         QueueConfig::Memory(c) => Ok(Arc::new(MemoryQueue::new(*c))),
         #[cfg(feature = "sqs")]
-        QueueConfig::Sqs(c) => Ok(Arc::new(
-            marathon_sqs::SqsQueue::connect(c.clone())
-                .await
-                .map_err(|e| ServerError::Backend(format!("sqs queue: {e}")))?,
-        )),
+        QueueConfig::Sqs(c) => Ok(Arc::new(sqs(cfg, c).await?)),
         #[cfg(not(feature = "sqs"))] // the variant exists in every build
         QueueConfig::Sqs(_) => Err(ServerError::Config(not_compiled("queue", "sqs"))),
     }
+}
+
+/// Connects the SQS queue and checks its region and the queues `cfg` uses.
+#[cfg(feature = "sqs")]
+async fn sqs(
+    cfg: &Config,
+    settings: &marathon_sqs::SqsQueueConfig,
+) -> Result<marathon_sqs::SqsQueue, ServerError> {
+    let queue = marathon_sqs::SqsQueue::connect(settings.clone())
+        .await
+        .map_err(|e| ServerError::Backend(format!("sqs queue: {e}")))?;
+    // Every request would fail with "missing signing region", retried forever.
+    if queue.client().config().region().is_none() {
+        return Err(ServerError::Config(
+            "`queue.region`: no AWS region is set: set queue.region, AWS_REGION or a region in the AWS profile"
+                .into(),
+        ));
+    }
+    let served = cfg
+        .worker
+        .queues
+        .iter()
+        .filter(|_| cfg.server.role.runs_worker())
+        .map(|q| ("worker.queues", q.name.as_str()));
+    let mut checked = Vec::new();
+    for (key, name) in std::iter::once((
+        "engine.default_task_queue",
+        cfg.engine.default_task_queue.as_str(),
+    ))
+    .chain(served)
+    {
+        if checked.contains(&name) {
+            continue;
+        }
+        checked.push(name);
+        match queue.resolve(name).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(ServerError::Config(format!(
+                    "`{key}`: SQS queue {:?} (of task queue {name:?}) does not exist: create it, or set queue.create_if_missing = true",
+                    queue.sqs_name(name)
+                )));
+            }
+            Err(e) => {
+                return Err(ServerError::Backend(format!(
+                    "sqs queue {:?}: {e}",
+                    queue.sqs_name(name)
+                )));
+            }
+        }
+    }
+    Ok(queue)
 }
 
 #[cfg_attr(

@@ -168,7 +168,7 @@ impl ServerBuilder {
         let (queue, queue_backend) = match self.queue {
             Some(q) => (q, "custom"),
             None => (
-                backends::queue(&self.config.queue).await?,
+                backends::queue(&self.config).await?,
                 self.config.queue.backend_name(),
             ),
         };
@@ -305,7 +305,8 @@ impl Server {
                 .with_graceful_shutdown(stop.cancelled_owned())
                 .await
         });
-        tracing::info!(?addr, role = role.as_str(), "marathon serving");
+        let addr = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
+        tracing::info!(%addr, role = role.as_str(), "marathon serving");
         let early = tokio::select! {
             r = &mut http => Some(r),
             () = token.cancelled() => None,

@@ -291,6 +291,188 @@ fn bad_configuration_exits_2_with_a_clear_message() {
     }
 }
 
+/// Runs the binary for at most `within` (killing it then): its exit code, if it
+/// exited, and what it printed on stderr.
+#[cfg(any(feature = "redis", feature = "sqs"))]
+fn run_within(args: &[&str], env: &[(&str, &str)], within: Duration) -> (Option<i32>, String) {
+    let mut child = marathon(args, env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("marathon starts");
+    let status = wait_exit(&mut child, within);
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().expect("marathon's output");
+    (
+        status.and_then(|s| s.code()),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Redis settings the store would refuse when connecting are configuration errors
+/// (exit 2, naming the key), not backends that cannot connect (exit 1).
+#[cfg(feature = "redis")]
+#[test]
+fn bad_redis_settings_exit_2_naming_the_key() {
+    let cases: &[Case<'_>] = &[
+        (
+            &["serve"],
+            &[
+                ("MARATHON_STORE__KIND", "redis"),
+                ("MARATHON_STORE__URL", "notaurl"),
+            ],
+            "store.url",
+        ),
+        (
+            &[
+                "serve",
+                "--store",
+                "redis",
+                "--set",
+                "store.url=http://127.0.0.1:6379",
+            ],
+            &[],
+            "store.url",
+        ),
+        (
+            &["serve", "--store", "redis", "--set", "store.shards=0"],
+            &[],
+            "store.shards",
+        ),
+        (
+            &[
+                "serve",
+                "--store",
+                "redis",
+                "--set",
+                "store.key_prefix=re{vD",
+            ],
+            &[],
+            "store.key_prefix",
+        ),
+        (
+            &[
+                "serve",
+                "--store",
+                "redis",
+                "--set",
+                "store.tls_ca_file=/nonexistent/ca.pem",
+            ],
+            &[],
+            "store.tls_ca_file",
+        ),
+    ];
+    for (args, env, expected) in cases {
+        let (code, err) = run_within(args, env, Duration::from_secs(20));
+        assert_eq!(code, Some(2), "{args:?} {env:?}: {err}");
+        assert!(err.contains(expected), "{args:?} {env:?}: {err}");
+    }
+}
+
+/// Extra environment variables, and parts of the expected message.
+#[cfg(feature = "sqs")]
+type SqsCase<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
+
+/// SQS settings that would leave a server retrying forever stop start-up (exit 2)
+/// naming the key: an endpoint that is no URL, no region anywhere, and a queue that
+/// does not exist while `create_if_missing` is off.
+#[cfg(feature = "sqs")]
+#[test]
+fn sqs_settings_that_never_work_stop_start_up() {
+    let endpoint = marathon_sqs::testkit::endpoint();
+    let prefix = marathon_sqs::testkit::prefix();
+    let missing = format!("{prefix}default");
+    let base: &[(&str, &str)] = &[
+        ("MARATHON_QUEUE__KIND", "sqs"),
+        ("MARATHON_QUEUE__QUEUE_PREFIX", &prefix),
+        ("AWS_ACCESS_KEY_ID", "test"),
+        ("AWS_SECRET_ACCESS_KEY", "test"),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_CONFIG_FILE", "/nonexistent/aws-config"),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/aws-credentials",
+        ),
+    ];
+    let cases: &[SqsCase<'_>] = &[
+        (
+            &[
+                ("MARATHON_QUEUE__ENDPOINT_URL", "notaurl"),
+                ("MARATHON_QUEUE__REGION", "us-east-1"),
+            ],
+            &["queue.endpoint_url"],
+        ),
+        (
+            &[("MARATHON_QUEUE__ENDPOINT_URL", &endpoint)],
+            &["queue.region"],
+        ),
+        (
+            &[
+                ("MARATHON_QUEUE__ENDPOINT_URL", &endpoint),
+                ("MARATHON_QUEUE__REGION", "us-east-1"),
+            ],
+            &[&missing, "queue.create_if_missing"],
+        ),
+    ];
+    for (extra, expected) in cases {
+        let mut env = base.to_vec();
+        env.extend_from_slice(extra);
+        let (code, err) = run_within(
+            &["serve", "--listen", "127.0.0.1:0"],
+            &env,
+            Duration::from_secs(20),
+        );
+        assert_eq!(code, Some(2), "{extra:?}: {err}");
+        for e in *expected {
+            assert!(err.contains(e), "{extra:?}: expected {e:?} in {err}");
+        }
+    }
+}
+
+/// The start-up line shows the address as it is, not as a Rust `Option`.
+#[test]
+fn the_start_up_line_shows_the_address_plainly() {
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let child = marathon(&["serve", "--listen", &listen], &[("MARATHON_LOG", "info")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("marathon starts");
+    let mut r = Running { child, port };
+    wait_until(Duration::from_secs(30), "marathon answers /healthz", || {
+        matches!(http(r.port, "GET", "/healthz", None), Ok((200, _)))
+    });
+    let _ = r.child.kill();
+    let _ = r.child.wait();
+    let mut out = String::new();
+    for pipe in [
+        r.child.stdout.take().map(|mut p| {
+            let mut s = String::new();
+            let _ = p.read_to_string(&mut s);
+            s
+        }),
+        r.child.stderr.take().map(|mut p| {
+            let mut s = String::new();
+            let _ = p.read_to_string(&mut s);
+            s
+        }),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        out.push_str(&pipe);
+    }
+    let line = out
+        .lines()
+        .find(|l| l.contains("marathon serving"))
+        .unwrap_or_else(|| panic!("no start-up line in {out}"));
+    assert!(line.contains(&format!("addr={listen}")), "{line}");
+    assert!(!line.contains("Some("), "{line}");
+}
+
 /// The value of the one sample of `name` whose labels include every `labels` pair.
 fn sample(scrape: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     common::sample_value(scrape, name, labels, false)

@@ -1,6 +1,6 @@
 //! Classification of SDK errors into [`QueueError`], done once at the boundary.
 
-use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_sqs::error::{ProvideErrorMetadata, SdkError};
 use marathon_core::QueueError;
 
 /// Error codes SQS (and LocalStack) use for throttling, and for the in-flight limit
@@ -36,8 +36,8 @@ const MISSING_QUEUE: &[&str] = &[
     "NonExistentQueue",
 ];
 
-/// What went wrong, with the operation and the SDK's full error chain.
-#[derive(Debug, thiserror::Error)]
+/// What went wrong, with the operation and the SDK's chain of messages.
+#[derive(thiserror::Error)]
 #[error("SQS {op}: {detail}")]
 pub(crate) struct SqsError {
     op: &'static str,
@@ -46,6 +46,30 @@ pub(crate) struct SqsError {
     missing_queue: bool,
     #[source]
     source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
+}
+
+/// The text, not the SDK error's fields: its `Debug` holds the whole HTTP response.
+impl std::fmt::Debug for SqsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("SqsError").field(&self.to_string()).finish()
+    }
+}
+
+/// `err`'s message and its sources', joined by ": ", a message its source repeats
+/// shown once. Unlike the SDK's `DisplayErrorContext`, no `Debug` dump of the error
+/// (kilobytes of response headers and body, on every retried log line).
+fn messages(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut source = err.source();
+    while let Some(s) = source {
+        let m = s.to_string();
+        if !m.is_empty() && !out.ends_with(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        source = s.source();
+    }
+    out
 }
 
 impl SqsError {
@@ -116,7 +140,7 @@ where
     };
     let e = SqsError {
         op,
-        detail: DisplayErrorContext(&err).to_string(),
+        detail: messages(&err),
         missing_queue,
         source: Some(Box::new(err)),
     };
@@ -156,6 +180,21 @@ pub(crate) fn classify_entry(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An SDK error's text is its chain of messages, not the response's `Debug` dump
+    /// (kilobytes of headers and body on every retried log line).
+    #[test]
+    fn an_sdk_errors_text_is_its_messages_without_debug() {
+        let err = SdkError::<aws_sdk_sqs::operation::get_queue_url::GetQueueUrlError>::construction_failure(
+            "no endpoint",
+        );
+        let e = classify("get_queue_url", false, err);
+        let shown = e.to_string();
+        assert!(shown.contains("no endpoint"), "{shown}");
+        assert!(!shown.contains("ConstructionFailure"), "{shown}");
+        let debug = format!("{e:?}");
+        assert!(!debug.contains("ConstructionFailure {"), "{debug}");
+    }
 
     #[test]
     fn entries_are_classified() {

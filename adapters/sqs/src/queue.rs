@@ -186,7 +186,8 @@ impl SqsQueue {
     }
 
     /// SQS name of logical queue `name`.
-    fn sqs_name(&self, name: &str) -> String {
+    #[must_use]
+    pub fn sqs_name(&self, name: &str) -> String {
         format!("{}{name}{}", self.cfg.queue_prefix, self.fifo_suffix())
     }
 
@@ -237,6 +238,19 @@ impl SqsQueue {
         };
         self.urls.write().insert(name.to_owned(), url.clone());
         Ok(url)
+    }
+
+    /// Looks up (with `create_if_missing`, creates) logical queue `name`, as its first
+    /// use would: `Ok(false)` when it does not exist.
+    ///
+    /// # Errors
+    /// A [`QueueError`] when SQS cannot be asked or refuses otherwise.
+    pub async fn resolve(&self, name: &str) -> Result<bool, QueueError> {
+        match self.url(name).await {
+            Ok(_) => Ok(true),
+            Err(e) if is_missing_queue(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Forgets the cached URLs of `name` after SQS said its queue does not exist
