@@ -1281,3 +1281,49 @@ async fn a_repeated_cancel_after_the_run_closed_is_202() {
         .await
         .error(StatusCode::CONFLICT, "conflict");
 }
+
+/// With the SQS queue, a start whose `task_queue` SQS would refuse on every send is
+/// a 400 naming `task_queue`, not a 202 whose workflow never runs.
+#[cfg(feature = "sqs")]
+#[tokio::test]
+async fn a_task_queue_sqs_refuses_is_a_400_on_sqs() {
+    use marathon_server::config::QueueConfig;
+    use std::sync::Arc;
+    let cfg = Config {
+        queue: QueueConfig::Sqs(marathon_sqs::SqsQueueConfig::default()),
+        ..Config::default()
+    };
+    // The SQS settings without a connection: a memory queue stands in for SQS.
+    let server = Server::builder()
+        .builtins()
+        .config(cfg)
+        .queue(Arc::new(marathon_core::memory::MemoryQueue::new(
+            Default::default(),
+        )))
+        .build()
+        .await
+        .expect("server builds");
+    let app = App {
+        router: server.router(),
+        _worker: Worker::start(server.engine().clone(), server.config().worker.clone()),
+    };
+    for bad in ["bad name/x", "llm.calls", &"q".repeat(80)] {
+        let r = call(
+            &app,
+            "POST",
+            "/v1/workflows",
+            Some(json!({"name": "echo", "input": 1, "task_queue": bad})),
+        )
+        .await;
+        r.error(StatusCode::BAD_REQUEST, "invalid_argument");
+        assert!(r.text.contains("task_queue"), "{}", r.text);
+    }
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "input": 1, "task_queue": "llm_calls-2"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+}

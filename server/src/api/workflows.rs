@@ -241,6 +241,13 @@ pub(crate) async fn start(
         if q.is_empty() {
             return Err(ApiError::invalid("task_queue must not be empty"));
         }
+        // SQS refuses such a name on every send: the workflow would never run.
+        #[cfg(feature = "sqs")]
+        if let crate::config::QueueConfig::Sqs(sqs) = &st.config.queue
+            && let Err(message) = sqs.check_queue_name(&q)
+        {
+            return Err(ApiError::invalid(format!("task_queue: {message}")));
+        }
         start = start.task_queue(q);
     }
     if let Some(key) = idempotency_key(&headers)? {
