@@ -141,6 +141,13 @@ pub trait Queue: Send + Sync + 'static {
         256 * 1024
     }
 
+    /// Whether the queue lives in this process, so its calls cannot fail for a while
+    /// and then succeed: the engine keeps no copy of a send to try it again.
+    /// `false` (the default) for a remote queue.
+    fn is_in_process(&self) -> bool {
+        false
+    }
+
     /// Whether a [`Queue::receive`] dropped before it returns may still take messages
     /// (an SQS long poll goes on at the server and hides what it is handed for a whole
     /// visibility): a stopping worker then lets its poll finish and hands back what

@@ -397,6 +397,10 @@ impl<Q: Queue + ?Sized> Queue for InstrumentedQueue<Q> {
         self.inner.finish_receive_when_stopping()
     }
 
+    fn is_in_process(&self) -> bool {
+        self.inner.is_in_process()
+    }
+
     async fn ping(&self) -> Result<(), QueueError> {
         timed_queue!(self, "ping", self.inner.ping())
     }

@@ -940,6 +940,13 @@ impl EngineInner {
                 m.trace_context.get_or_insert_with(|| tc.clone());
             }
         }
+        // An in-process queue's sends do not fail for a while: no copy kept to retry.
+        if self.queue.is_in_process() {
+            if let Err(e) = self.queue.enqueue(queue, messages).await {
+                tracing::warn!(queue, error = %e, "enqueue failed; the sweeper re-enqueues owed work");
+            }
+            return;
+        }
         // A short outage is retried here: the sweeper re-sends an activity task only
         // after its start-to-close plus grace (minutes), a workflow task after 30 s.
         let mut pause = Duration::from_millis(200);

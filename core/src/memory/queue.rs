@@ -253,6 +253,10 @@ impl QueueState {
 
 #[async_trait]
 impl Queue for MemoryQueue {
+    fn is_in_process(&self) -> bool {
+        true
+    }
+
     async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
         let q = self.named(queue);
         let now = Instant::now();
