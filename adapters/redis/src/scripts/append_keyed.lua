@@ -22,6 +22,5 @@ if req ~= '' then
 end
 if key ~= '' then redis.call('SADD', KEYS[4], key) end
 if req ~= '' then owed_remove(KEYS[3], KEYS[5], ARGV[5], {req}) end
-local r = apply_batch(KEYS, ARGV, 5, tonumber(f[2]))
-if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 'lb', ARGV[4]) end
+local r = apply_batch(KEYS, ARGV, 5, tonumber(f[2]), ARGV[4])
 return {'ok', r[1], r[2]}

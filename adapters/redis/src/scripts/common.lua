@@ -50,8 +50,10 @@ end
 --   n set, (owed key, deadline ms, OwedEntry JSON) x n
 -- Requires the caller to have checked existence and status, and read `last`, the
 -- workflow's last sequence number (summary field 'ls').
+-- token: the caller's batch token ('' = none), kept in summary field 'lb' (in the
+-- summary's own HSET when the batch has events).
 -- Returns {last seq, idempotency key to expire or ''}.
-local function apply_batch(K, A, i, last)
+local function apply_batch(K, A, i, last, token)
   local id, base, retention, maxlen = A[i], A[i + 1], tonumber(A[i + 2]), A[i + 3]
   local p = i + 4
   local nev = tonumber(A[p + 7])
@@ -94,6 +96,7 @@ local function apply_batch(K, A, i, last)
     local ua = A[p]
     local fields = {'ls', string.format('%d', last), 'ua', ua}
     local function put(f, v) fields[#fields + 1] = f; fields[#fields + 1] = v end
+    if token ~= '' then put('lb', token) end
     if A[p + 2] == '1' then put('cr', '1') end
     if A[p + 3] ~= '' then put('out', A[p + 3]) end
     if A[p + 4] ~= '' then put('err', A[p + 4]) end
@@ -126,6 +129,8 @@ local function apply_batch(K, A, i, last)
       end
     end
     redis.call('XADD', K[6], 'MAXLEN', '~', maxlen, '*', 'w', id, 's', string.format('%d', last))
+  elseif token ~= '' then
+    redis.call('HSET', K[1], 'lb', token)
   end
   return {string.format('%d', last), expire_ik}
 end
