@@ -71,7 +71,7 @@ pub(crate) struct ListResponse {
     /// Workflows, newest first.
     #[schema(value_type = Vec<WorkflowSummaryDoc>)]
     items: Vec<WorkflowSummary>,
-    /// Pass as `cursor` to get the next page; absent on the last page.
+    /// Pass as `cursor` to get the next page; `null` on the last page.
     next_cursor: Option<String>,
 }
 
