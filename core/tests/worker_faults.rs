@@ -1,4 +1,4 @@
-//! Worker faults: a failed visibility extension, a failed send, a failed ack.
+//! Worker faults: a failed visibility extension, a failed send (and one that failed after the queue took it), a failed ack.
 
 mod common;
 
@@ -18,8 +18,8 @@ use std::time::Duration;
 struct FlakyExtend {
     inner: Arc<dyn Queue>,
     fail_extends: AtomicU32,
-    /// Enqueues of activity tasks still to fail (after the SDK's own retries).
-    fail_activity_sends: AtomicU32,
+    /// Enqueues of workflow tasks still to fail (after the SDK's own retries).
+    fail_workflow_sends: AtomicU32,
     /// Acks of activity deliveries still to fail (DeleteMessage failed; the message stays).
     fail_activity_acks: AtomicU32,
     /// Receipts of activity deliveries.
@@ -29,9 +29,11 @@ struct FlakyExtend {
 #[async_trait]
 impl Queue for FlakyExtend {
     async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
-        if messages.iter().any(|m| matches!(m.task, Task::Activity(_)))
+        if messages
+            .iter()
+            .any(|m| matches!(m.task, Task::Workflow { .. }))
             && self
-                .fail_activity_sends
+                .fail_workflow_sends
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
                 .is_ok()
         {
@@ -116,7 +118,7 @@ async fn one_failed_extension_does_not_run_a_long_activity_twice() {
     let queue: Arc<dyn Queue> = Arc::new(FlakyExtend {
         inner: memory,
         fail_extends: AtomicU32::new(1),
-        fail_activity_sends: AtomicU32::new(0),
+        fail_workflow_sends: AtomicU32::new(0),
         fail_activity_acks: AtomicU32::new(0),
         activity_receipts: Default::default(),
     });
@@ -148,17 +150,16 @@ async fn one_failed_extension_does_not_run_a_long_activity_twice() {
     );
 }
 
-/// One failed send of an activity task (SQS unavailable for a few seconds, after the
-/// SDK's retries) must not hold the activity back for minutes: the engine does not
-/// retry the send, and the sweeper re-sends only after the attempt's deadline,
-/// start-to-close (default 300 s) plus `activity_grace` (30 s), 5.5 minutes later.
+/// One failed send of a workflow task (SQS unavailable for a moment, after the SDK's
+/// retries) is sent again at once: before, the sweeper sent it only at the task's
+/// deadline, 30 s later.
 #[tokio::test(start_paused = true)]
-async fn one_failed_activity_send_does_not_delay_the_activity_by_minutes() {
+async fn one_failed_workflow_task_send_does_not_delay_the_workflow() {
     let (store, memory) = backends();
     let queue: Arc<dyn Queue> = Arc::new(FlakyExtend {
         inner: memory,
         fail_extends: AtomicU32::new(0),
-        fail_activity_sends: AtomicU32::new(1),
+        fail_workflow_sends: AtomicU32::new(1),
         fail_activity_acks: AtomicU32::new(0),
         activity_receipts: Default::default(),
     });
@@ -192,7 +193,7 @@ async fn a_failed_ack_does_not_run_a_completed_activity_again() {
     let queue: Arc<dyn Queue> = Arc::new(FlakyExtend {
         inner: memory,
         fail_extends: AtomicU32::new(0),
-        fail_activity_sends: AtomicU32::new(0),
+        fail_workflow_sends: AtomicU32::new(0),
         fail_activity_acks: AtomicU32::new(1),
         activity_receipts: Default::default(),
     });
@@ -223,5 +224,151 @@ async fn a_failed_ack_does_not_run_a_completed_activity_again() {
         runs.load(Ordering::SeqCst),
         1,
         "the completed activity ran again"
+    );
+}
+
+/// A remote queue whose first send of activity tasks is taken (SQS stored it: a
+/// SendMessageBatch whose reply timed out, or a batch where another entry was
+/// throttled) but answers a retryable error, as SqsQueue::enqueue does then.
+struct TakenButFailed {
+    inner: Arc<dyn Queue>,
+    left: AtomicU32,
+    /// Partial batch: only the first message of the failing send is taken (the other
+    /// entries were throttled), as SendMessageBatch reports per entry.
+    partial: bool,
+}
+
+#[async_trait]
+impl Queue for TakenButFailed {
+    async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
+        let activity = messages.iter().any(|m| matches!(m.task, Task::Activity(_)));
+        if activity && self.partial && messages.len() > 1 && self.left.load(Ordering::SeqCst) > 0 {
+            self.left.fetch_sub(1, Ordering::SeqCst);
+            self.inner.enqueue(queue, messages[..1].to_vec()).await?;
+            return Err(QueueError::Unavailable(
+                "injected: entry 2 throttled".into(),
+            ));
+        }
+        if self.partial {
+            return self.inner.enqueue(queue, messages).await;
+        }
+        self.inner.enqueue(queue, messages).await?;
+        if activity
+            && self
+                .left
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        {
+            return Err(QueueError::Unavailable("injected: reply lost".into()));
+        }
+        Ok(())
+    }
+    async fn receive(
+        &self,
+        q: &str,
+        max: usize,
+        wait: Duration,
+        vis: Duration,
+    ) -> Result<Vec<Delivery>, QueueError> {
+        self.inner.receive(q, max, wait, vis).await
+    }
+    async fn ack(&self, q: &str, r: Vec<Receipt>) -> Result<(), QueueError> {
+        self.inner.ack(q, r).await
+    }
+    async fn nack(&self, q: &str, r: &Receipt, d: Duration) -> Result<(), QueueError> {
+        self.inner.nack(q, r, d).await
+    }
+    async fn extend(&self, q: &str, r: &Receipt, v: Duration) -> Result<(), QueueError> {
+        self.inner.extend(q, r, v).await
+    }
+    async fn depth(&self, q: &str) -> Result<u64, QueueError> {
+        self.inner.depth(q).await
+    }
+    async fn drain_dead_letters(&self, q: &str, max: usize) -> Result<Vec<Task>, QueueError> {
+        self.inner.drain_dead_letters(q, max).await
+    }
+    async fn ping(&self) -> Result<(), QueueError> {
+        self.inner.ping().await
+    }
+}
+
+/// One send that SQS took but answered with a retryable error (a timed-out
+/// SendMessageBatch; or one throttled entry of a batch, where SqsQueue::enqueue returns
+/// the error for the whole call) must not make an activity run twice. Before the send
+/// retry, the message SQS took was the only copy (copy 0); now the engine re-sends the
+/// whole batch as copy 0 again, and copy 0 far from its deadline runs without asking
+/// the store (must_mark is false), so both copies run the activity at the same time.
+#[tokio::test(start_paused = true)]
+async fn a_send_retried_after_sqs_took_it_does_not_run_the_activity_twice() {
+    let (store, memory) = backends();
+    let queue: Arc<dyn Queue> = Arc::new(TakenButFailed {
+        inner: memory,
+        left: AtomicU32::new(1),
+        partial: false,
+    });
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let engine = builder(&store, &queue)
+        .workflow("one", |ctx: WorkflowContext, (): ()| async move {
+            ctx.activity::<_, u32>("llm", &()).await
+        })
+        .activity("llm", move |_c: ActivityContext, (): ()| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok::<_, ActivityError>(1u32)
+            }
+        })
+        .build();
+    let w = Worker::start(engine.clone(), worker_config());
+    let id = start(&engine, "one", json!(null)).await;
+    finished(&engine, &id).await;
+    w.shutdown().await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        1,
+        "the activity ran more than once"
+    );
+}
+
+/// The same through SqsQueue's partial batch failure: a workflow task schedules two
+/// activities at once; SendMessageBatch takes entry 1 and throttles entry 2, so
+/// SqsQueue::enqueue returns a retryable error for the call; the engine re-sends
+/// both, and activity "a" runs twice (both copies are copy 0, not marked).
+#[tokio::test(start_paused = true)]
+async fn a_partly_sent_batch_retried_does_not_run_the_sent_activity_twice() {
+    let (store, memory) = backends();
+    let queue: Arc<dyn Queue> = Arc::new(TakenButFailed {
+        inner: memory,
+        left: AtomicU32::new(1),
+        partial: true,
+    });
+    let runs = Arc::new(AtomicU32::new(0));
+    let r = runs.clone();
+    let engine = builder(&store, &queue)
+        .workflow("two", |ctx: WorkflowContext, (): ()| async move {
+            let a = ctx.activity::<_, u32>("llm", &1u32);
+            let b = ctx.activity::<_, u32>("llm", &2u32);
+            let (a, b) = futures::future::join(a, b).await;
+            Ok(a? + b?)
+        })
+        .activity("llm", move |_c: ActivityContext, n: u32| {
+            let r = r.clone();
+            async move {
+                r.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                Ok::<_, ActivityError>(n)
+            }
+        })
+        .build();
+    let w = Worker::start(engine.clone(), worker_config());
+    let id = start(&engine, "two", json!(null)).await;
+    finished(&engine, &id).await;
+    w.shutdown().await;
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        2,
+        "an activity ran more than once"
     );
 }

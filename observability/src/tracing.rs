@@ -419,8 +419,9 @@ mod otel {
     pub(super) fn provider(
         config: &TelemetryConfig,
     ) -> Result<Option<SdkTracerProvider>, TelemetryError> {
-        let disabled = env("OTEL_SDK_DISABLED").is_some_and(|v| v.eq_ignore_ascii_case("true"))
-            || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.eq_ignore_ascii_case("none"));
+        let disabled = env("OTEL_SDK_DISABLED")
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+            || env("OTEL_TRACES_EXPORTER").is_some_and(|v| v.trim().eq_ignore_ascii_case("none"));
         if disabled {
             return Ok(None);
         }

@@ -283,6 +283,7 @@ fn an_unsupported_traces_exporter_is_not_silently_otlp() {
         "exporting"
     );
     assert_eq!(setup_result(&[("OTEL_TRACES_EXPORTER", "none")]), "off");
+    assert_eq!(setup_result(&[("OTEL_TRACES_EXPORTER", " none ")]), "off");
     for value in ["console", "zipkin", "jaeger", "nonee"] {
         let r = setup_result(&[("OTEL_TRACES_EXPORTER", value)]);
         assert!(

@@ -40,7 +40,7 @@ impl ConnectionLike for Conn {
                 let h = h.clone();
                 Box::pin(async move {
                     let r = c.req_packed_command(cmd).await;
-                    h.check(generation, r.as_ref().map_or_else(stale_err, stale_value));
+                    h.check(generation, r.as_ref().map_or_else(health_of_err, health_of));
                     r
                 })
             }
@@ -63,8 +63,13 @@ impl ConnectionLike for Conn {
                     let r = c.req_packed_commands(pipeline, offset, count).await;
                     h.check(
                         generation,
-                        r.as_ref()
-                            .map_or_else(stale_err, |vs| vs.iter().any(stale_value)),
+                        r.as_ref().map_or_else(health_of_err, |vs| {
+                            if vs.iter().any(|v| health_of(v) == Health::ReadOnly) {
+                                Health::ReadOnly
+                            } else {
+                                Health::Answered
+                            }
+                        }),
                     );
                     r
                 })
@@ -85,7 +90,9 @@ impl ConnectionLike for Conn {
 
 /// A `ConnectionManager` that is replaced by a new one (a new TCP connection) when
 /// its connection answers READONLY (the node was demoted to replica: the endpoint
-/// now leads elsewhere) or times out (a silently dropped flow that nothing resets).
+/// now leads elsewhere) or times out [`TIMEOUTS_TO_REPLACE`] times in a row with no
+/// answer between (a silently dropped flow that nothing resets; one slow command or
+/// an overloaded server, which still answers other requests, does not churn it).
 /// The manager itself reconnects only on errors that close the socket.
 #[derive(Clone)]
 pub(crate) struct Healing(Arc<HealingInner>);
@@ -96,6 +103,24 @@ struct HealingInner {
     config: ConnectionManagerConfig,
     /// The generation (how many times it was replaced) and the current manager.
     current: parking_lot::Mutex<(u64, ConnectionManager)>,
+    /// Requests timed out since the last answer.
+    timeouts: std::sync::atomic::AtomicU32,
+}
+
+/// Timeouts in a row, with no answer between, that replace the connection.
+const TIMEOUTS_TO_REPLACE: u32 = 3;
+
+/// What a reply says of the connection it came on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Health {
+    /// The server answered (an error included): the connection works.
+    Answered,
+    /// No answer in time.
+    TimedOut,
+    /// The node is a replica now.
+    ReadOnly,
+    /// Any other failure: the manager reconnects by itself where it must.
+    Failed,
 }
 
 impl Healing {
@@ -108,6 +133,7 @@ impl Healing {
             client,
             config,
             current: parking_lot::Mutex::new((0, first)),
+            timeouts: std::sync::atomic::AtomicU32::new(0),
         }))
     }
 
@@ -116,8 +142,21 @@ impl Healing {
         (g.0, g.1.clone())
     }
 
-    /// Replaces the manager used for a request that failed this way, once per generation.
-    fn check(&self, generation: u64, stale: bool) {
+    /// Replaces the manager a request went on when its reply says so (see
+    /// [`Healing`]), once per generation.
+    fn check(&self, generation: u64, health: Health) {
+        use std::sync::atomic::Ordering;
+        let stale = match health {
+            Health::Answered => {
+                self.0.timeouts.store(0, Ordering::Relaxed);
+                false
+            }
+            Health::Failed => false,
+            Health::TimedOut => {
+                self.0.timeouts.fetch_add(1, Ordering::Relaxed) + 1 >= TIMEOUTS_TO_REPLACE
+            }
+            Health::ReadOnly => true,
+        };
         if !stale || self.0.current.lock().0 != generation {
             return;
         }
@@ -130,21 +169,36 @@ impl Healing {
         if g.0 == generation {
             tracing::warn!("replacing the Redis connection (READONLY or timed out)");
             *g = (generation + 1, fresh);
+            self.0.timeouts.store(0, Ordering::Relaxed);
         }
     }
 }
 
-/// Whether a reply says the connection leads to the wrong node or nowhere.
-fn stale_err(e: &redis::RedisError) -> bool {
-    e.is_timeout()
-        || matches!(
-            e.kind(),
-            redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
-        )
+/// What a failed request says of its connection.
+fn health_of_err(e: &redis::RedisError) -> Health {
+    if e.is_timeout() {
+        Health::TimedOut
+    } else if matches!(
+        e.kind(),
+        redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+    ) {
+        Health::ReadOnly
+    } else if matches!(e.kind(), redis::ErrorKind::Server(_)) {
+        // The server answered with an error: the connection works.
+        Health::Answered
+    } else {
+        Health::Failed
+    }
 }
 
-fn stale_value(v: &Value) -> bool {
-    matches!(v, Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::ReadOnly))
+/// What an answered request says of its connection.
+fn health_of(v: &Value) -> Health {
+    match v {
+        Value::ServerError(e) if e.kind() == Some(redis::ServerErrorKind::ReadOnly) => {
+            Health::ReadOnly
+        }
+        _ => Health::Answered,
+    }
 }
 
 impl Conn {

@@ -389,7 +389,7 @@ impl RedisStore {
         script: &Script,
         wk: &WfKeys,
         head: &[&str],
-        tail: Vec<String>,
+        tail: &[String],
     ) -> Result<Vec<String>, StoreError> {
         let mut inv = script.prepare_invoke();
         inv.key(&wk.sum)
@@ -428,7 +428,7 @@ impl RedisStore {
     ) -> Result<Vec<String>, StoreError> {
         let mut delay = Duration::from_millis(50);
         for _ in 0..3 {
-            match self.run_append(script, wk, head, tail.clone()).await {
+            match self.run_append(script, wk, head, &tail).await {
                 Err(e) if e.is_retryable() => {
                     tracing::debug!(error = %e, "append failed; sending it again");
                     tokio::time::sleep(delay).await;
@@ -437,7 +437,7 @@ impl RedisStore {
                 other => return other,
             }
         }
-        self.run_append(script, wk, head, tail).await
+        self.run_append(script, wk, head, &tail).await
     }
 
     /// The status (`None`: no such workflow) and up to `limit` events after `after`, in one round trip.

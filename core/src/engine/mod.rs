@@ -947,22 +947,35 @@ impl EngineInner {
             }
             return;
         }
-        // A short outage is retried here: the sweeper re-sends an activity task only
-        // after its start-to-close plus grace (minutes), a workflow task after 30 s.
+        // A short outage is retried here for workflow tasks, which the sweeper would
+        // send again only after 30 s. Not for activity tasks: a failed call may still
+        // have sent some (a partly sent batch, a lost reply), and a first copy runs
+        // without asking the store, so a copy sent again would run the activity twice;
+        // the sweeper sends them at their deadline, when a copy that got through has
+        // finished and the resend is dropped.
+        let pending: Vec<OutgoingMessage> = messages
+            .iter()
+            .filter(|m| matches!(m.task, Task::Workflow { .. }))
+            .cloned()
+            .collect();
+        let mut result = self.queue.enqueue(queue, messages).await;
         let mut pause = Duration::from_millis(200);
-        for attempt in 1..=4 {
-            match self.queue.enqueue(queue, messages.clone()).await {
-                Ok(()) => return,
-                Err(e) if e.is_retryable() && attempt < 4 => {
-                    tracing::debug!(queue, error = %e, "enqueue failed; retrying in {pause:?}");
+        for _ in 0..3 {
+            match result {
+                Err(e) if e.is_retryable() && !pending.is_empty() => {
+                    tracing::debug!(queue, error = %e, "enqueue failed; sending the workflow tasks again in {pause:?}");
                     tokio::time::sleep(pause).await;
                     pause *= 2;
+                    result = self.queue.enqueue(queue, pending.clone()).await;
                 }
-                Err(e) => {
-                    tracing::warn!(queue, error = %e, "enqueue failed; the sweeper re-enqueues owed work");
-                    return;
+                other => {
+                    result = other;
+                    break;
                 }
             }
+        }
+        if let Err(e) = result {
+            tracing::warn!(queue, error = %e, "enqueue failed; the sweeper re-enqueues owed work");
         }
     }
 
