@@ -13,31 +13,68 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-/// A queue that forwards to another and fails the first `fail_extends` extends as
-/// unavailable (one failed ChangeMessageVisibility: a network blip, SQS throttling).
-struct FlakyExtend {
+/// A queue that forwards to another and fails calls as a remote queue can: each
+/// counter is how many more calls of its kind fail as unavailable (after the SDK's
+/// own retries).
+struct Faulty {
     inner: Arc<dyn Queue>,
+    /// Extends (ChangeMessageVisibility: a network blip, SQS throttling).
     fail_extends: AtomicU32,
-    /// Enqueues of workflow tasks still to fail (after the SDK's own retries).
+    /// Enqueues of workflow tasks.
     fail_workflow_sends: AtomicU32,
-    /// Acks of activity deliveries still to fail (DeleteMessage failed; the message stays).
+    /// Acks of activity deliveries (DeleteMessage failed; the message stays).
     fail_activity_acks: AtomicU32,
+    /// Enqueues of activity tasks that the queue takes and yet answers with an error
+    /// (a SendMessageBatch whose reply timed out).
+    taken_then_failed: AtomicU32,
+    /// With `taken_then_failed`: only the first message of such a send is taken (the
+    /// other entries were throttled, as SendMessageBatch reports per entry).
+    partial: bool,
     /// Receipts of activity deliveries.
     activity_receipts: parking_lot::Mutex<std::collections::HashSet<String>>,
 }
 
+impl Faulty {
+    /// Forwards to `inner`, failing nothing.
+    fn new(inner: Arc<dyn Queue>) -> Self {
+        Self {
+            inner,
+            fail_extends: AtomicU32::new(0),
+            fail_workflow_sends: AtomicU32::new(0),
+            fail_activity_acks: AtomicU32::new(0),
+            taken_then_failed: AtomicU32::new(0),
+            partial: false,
+            activity_receipts: Default::default(),
+        }
+    }
+}
+
+/// Takes one from `n` if it is not zero.
+fn take(n: &AtomicU32) -> bool {
+    n.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
 #[async_trait]
-impl Queue for FlakyExtend {
+impl Queue for Faulty {
     async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
-        if messages
-            .iter()
-            .any(|m| matches!(m.task, Task::Workflow { .. }))
-            && self
-                .fail_workflow_sends
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
+        let has = |workflow: bool| {
+            messages
+                .iter()
+                .any(|m| matches!(m.task, Task::Workflow { .. }) == workflow)
+        };
+        if has(true) && take(&self.fail_workflow_sends) {
             return Err(QueueError::Unavailable("injected: send failed once".into()));
+        }
+        if has(false) && take(&self.taken_then_failed) {
+            if self.partial && messages.len() > 1 {
+                self.inner.enqueue(queue, messages[..1].to_vec()).await?;
+                return Err(QueueError::Unavailable(
+                    "injected: entry 2 throttled".into(),
+                ));
+            }
+            self.inner.enqueue(queue, messages).await?;
+            return Err(QueueError::Unavailable("injected: reply lost".into()));
         }
         self.inner.enqueue(queue, messages).await
     }
@@ -60,12 +97,7 @@ impl Queue for FlakyExtend {
         let activity = receipts
             .iter()
             .any(|r| self.activity_receipts.lock().contains(&r.0));
-        if activity
-            && self
-                .fail_activity_acks
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
+        if activity && take(&self.fail_activity_acks) {
             return Err(QueueError::Unavailable(
                 "injected: delete failed once".into(),
             ));
@@ -86,11 +118,7 @@ impl Queue for FlakyExtend {
         receipt: &Receipt,
         visibility: Duration,
     ) -> Result<(), QueueError> {
-        if self
-            .fail_extends
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
-        {
+        if take(&self.fail_extends) {
             return Err(QueueError::Unavailable(
                 "injected: extend failed once".into(),
             ));
@@ -115,12 +143,9 @@ impl Queue for FlakyExtend {
 #[tokio::test(start_paused = true)]
 async fn one_failed_extension_does_not_run_a_long_activity_twice() {
     let (store, memory) = backends();
-    let queue: Arc<dyn Queue> = Arc::new(FlakyExtend {
-        inner: memory,
+    let queue: Arc<dyn Queue> = Arc::new(Faulty {
         fail_extends: AtomicU32::new(1),
-        fail_workflow_sends: AtomicU32::new(0),
-        fail_activity_acks: AtomicU32::new(0),
-        activity_receipts: Default::default(),
+        ..Faulty::new(memory)
     });
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
@@ -156,12 +181,9 @@ async fn one_failed_extension_does_not_run_a_long_activity_twice() {
 #[tokio::test(start_paused = true)]
 async fn one_failed_workflow_task_send_does_not_delay_the_workflow() {
     let (store, memory) = backends();
-    let queue: Arc<dyn Queue> = Arc::new(FlakyExtend {
-        inner: memory,
-        fail_extends: AtomicU32::new(0),
+    let queue: Arc<dyn Queue> = Arc::new(Faulty {
         fail_workflow_sends: AtomicU32::new(1),
-        fail_activity_acks: AtomicU32::new(0),
-        activity_receipts: Default::default(),
+        ..Faulty::new(memory)
     });
     let engine = builder(&store, &queue)
         .workflow("one", |ctx: WorkflowContext, (): ()| async move {
@@ -190,12 +212,9 @@ async fn one_failed_workflow_task_send_does_not_delay_the_workflow() {
 #[tokio::test(start_paused = true)]
 async fn a_failed_ack_does_not_run_a_completed_activity_again() {
     let (store, memory) = backends();
-    let queue: Arc<dyn Queue> = Arc::new(FlakyExtend {
-        inner: memory,
-        fail_extends: AtomicU32::new(0),
-        fail_workflow_sends: AtomicU32::new(0),
+    let queue: Arc<dyn Queue> = Arc::new(Faulty {
         fail_activity_acks: AtomicU32::new(1),
-        activity_receipts: Default::default(),
+        ..Faulty::new(memory)
     });
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
@@ -227,84 +246,18 @@ async fn a_failed_ack_does_not_run_a_completed_activity_again() {
     );
 }
 
-/// A remote queue whose first send of activity tasks is taken (SQS stored it: a
-/// SendMessageBatch whose reply timed out, or a batch where another entry was
-/// throttled) but answers a retryable error, as SqsQueue::enqueue does then.
-struct TakenButFailed {
-    inner: Arc<dyn Queue>,
-    left: AtomicU32,
-    /// Partial batch: only the first message of the failing send is taken (the other
-    /// entries were throttled), as SendMessageBatch reports per entry.
-    partial: bool,
-}
-
-#[async_trait]
-impl Queue for TakenButFailed {
-    async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
-        let activity = messages.iter().any(|m| matches!(m.task, Task::Activity(_)));
-        if activity && self.partial && messages.len() > 1 && self.left.load(Ordering::SeqCst) > 0 {
-            self.left.fetch_sub(1, Ordering::SeqCst);
-            self.inner.enqueue(queue, messages[..1].to_vec()).await?;
-            return Err(QueueError::Unavailable(
-                "injected: entry 2 throttled".into(),
-            ));
-        }
-        if self.partial {
-            return self.inner.enqueue(queue, messages).await;
-        }
-        self.inner.enqueue(queue, messages).await?;
-        if activity
-            && self
-                .left
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .is_ok()
-        {
-            return Err(QueueError::Unavailable("injected: reply lost".into()));
-        }
-        Ok(())
-    }
-    async fn receive(
-        &self,
-        q: &str,
-        max: usize,
-        wait: Duration,
-        vis: Duration,
-    ) -> Result<Vec<Delivery>, QueueError> {
-        self.inner.receive(q, max, wait, vis).await
-    }
-    async fn ack(&self, q: &str, r: Vec<Receipt>) -> Result<(), QueueError> {
-        self.inner.ack(q, r).await
-    }
-    async fn nack(&self, q: &str, r: &Receipt, d: Duration) -> Result<(), QueueError> {
-        self.inner.nack(q, r, d).await
-    }
-    async fn extend(&self, q: &str, r: &Receipt, v: Duration) -> Result<(), QueueError> {
-        self.inner.extend(q, r, v).await
-    }
-    async fn depth(&self, q: &str) -> Result<u64, QueueError> {
-        self.inner.depth(q).await
-    }
-    async fn drain_dead_letters(&self, q: &str, max: usize) -> Result<Vec<Task>, QueueError> {
-        self.inner.drain_dead_letters(q, max).await
-    }
-    async fn ping(&self) -> Result<(), QueueError> {
-        self.inner.ping().await
-    }
-}
-
 /// One send that SQS took but answered with a retryable error (a timed-out
 /// SendMessageBatch; or one throttled entry of a batch, where SqsQueue::enqueue returns
-/// the error for the whole call) must not make an activity run twice. Before the send
-/// retry, the message SQS took was the only copy (copy 0); now the engine re-sends the
-/// whole batch as copy 0 again, and copy 0 far from its deadline runs without asking
-/// the store (must_mark is false), so both copies run the activity at the same time.
+/// the error for the whole call) must not make an activity run twice: a first copy far
+/// from its deadline runs without asking the store, so the engine does not send
+/// activity tasks again after a failed call (a first version of its send retry did,
+/// and both copies ran the activity at the same time).
 #[tokio::test(start_paused = true)]
 async fn a_send_retried_after_sqs_took_it_does_not_run_the_activity_twice() {
     let (store, memory) = backends();
-    let queue: Arc<dyn Queue> = Arc::new(TakenButFailed {
-        inner: memory,
-        left: AtomicU32::new(1),
-        partial: false,
+    let queue: Arc<dyn Queue> = Arc::new(Faulty {
+        taken_then_failed: AtomicU32::new(1),
+        ..Faulty::new(memory)
     });
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
@@ -334,15 +287,15 @@ async fn a_send_retried_after_sqs_took_it_does_not_run_the_activity_twice() {
 
 /// The same through SqsQueue's partial batch failure: a workflow task schedules two
 /// activities at once; SendMessageBatch takes entry 1 and throttles entry 2, so
-/// SqsQueue::enqueue returns a retryable error for the call; the engine re-sends
-/// both, and activity "a" runs twice (both copies are copy 0, not marked).
+/// SqsQueue::enqueue returns a retryable error for the call; sending both again ran
+/// the first activity twice.
 #[tokio::test(start_paused = true)]
 async fn a_partly_sent_batch_retried_does_not_run_the_sent_activity_twice() {
     let (store, memory) = backends();
-    let queue: Arc<dyn Queue> = Arc::new(TakenButFailed {
-        inner: memory,
-        left: AtomicU32::new(1),
+    let queue: Arc<dyn Queue> = Arc::new(Faulty {
+        taken_then_failed: AtomicU32::new(1),
         partial: true,
+        ..Faulty::new(memory)
     });
     let runs = Arc::new(AtomicU32::new(0));
     let r = runs.clone();
