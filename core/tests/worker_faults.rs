@@ -4,9 +4,10 @@ mod common;
 
 use async_trait::async_trait;
 use common::*;
+use futures::future::BoxFuture;
 use marathon_core::{
-    ActivityContext, ActivityError, Delivery, OutgoingMessage, Queue, QueueError, Receipt, Task,
-    Worker, WorkflowContext,
+    ActivityContext, ActivityError, Delivery, Engine, OutgoingMessage, Queue, QueueError, Receipt,
+    Task, Worker, WorkerConfig, WorkflowContext,
 };
 use serde_json::json;
 use std::sync::Arc;
@@ -136,6 +137,34 @@ impl Queue for Faulty {
     }
 }
 
+/// An activity on `u32` that counts its runs in `runs` and returns its input after
+/// `takes` (of test time).
+fn counted(
+    runs: &Arc<AtomicU32>,
+    takes: Duration,
+) -> impl Fn(ActivityContext, u32) -> BoxFuture<'static, Result<u32, ActivityError>>
++ Send
++ Sync
++ 'static {
+    let runs = runs.clone();
+    move |_ctx, n| {
+        let runs = runs.clone();
+        Box::pin(async move {
+            runs.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(takes).await;
+            Ok(n)
+        })
+    }
+}
+
+/// Starts workflow `name` on `engine` and runs it to its end with a worker of `config`.
+async fn run_to_end(engine: &Engine, name: &str, config: WorkerConfig) {
+    let worker = Worker::start(engine.clone(), config);
+    let id = start(engine, name, json!(null)).await;
+    finished(engine, &id).await;
+    worker.shutdown().await;
+}
+
 /// One failed visibility extension (transient) must not make a long activity run
 /// twice: the worker tries again only a whole half-visibility later, when the
 /// delivery has already lapsed, so another receiver takes the attempt over while
@@ -148,26 +177,17 @@ async fn one_failed_extension_does_not_run_a_long_activity_twice() {
         ..Faulty::new(memory)
     });
     let runs = Arc::new(AtomicU32::new(0));
-    let r = runs.clone();
     let engine = builder(&store, &queue)
         .workflow("one", |ctx: WorkflowContext, (): ()| async move {
-            ctx.activity::<_, u32>("slow", &()).await
+            ctx.activity::<_, u32>("slow", &1u32).await
         })
-        .activity("slow", move |_c: ActivityContext, (): ()| {
-            let r = r.clone();
-            async move {
-                r.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_secs(20)).await;
-                Ok::<_, ActivityError>(1u32)
-            }
-        })
+        .activity("slow", counted(&runs, Duration::from_secs(20)))
         .build();
-    let mut cfg = worker_config();
-    cfg.visibility = Duration::from_secs(4);
-    let w = Worker::start(engine.clone(), cfg);
-    let id = start(&engine, "one", json!(null)).await;
-    finished(&engine, &id).await;
-    w.shutdown().await;
+    let config = WorkerConfig {
+        visibility: Duration::from_secs(4),
+        ..worker_config()
+    };
+    run_to_end(&engine, "one", config).await;
     assert_eq!(
         runs.load(Ordering::SeqCst),
         1,
@@ -217,28 +237,19 @@ async fn a_failed_ack_does_not_run_a_completed_activity_again() {
         ..Faulty::new(memory)
     });
     let runs = Arc::new(AtomicU32::new(0));
-    let r = runs.clone();
     let engine = builder(&store, &queue)
         .workflow("one", |ctx: WorkflowContext, (): ()| async move {
-            let a = ctx.activity::<_, u32>("llm", &()).await?;
+            let a = ctx.activity::<_, u32>("llm", &1u32).await?;
             ctx.sleep(Duration::from_secs(60)).await?;
             Ok(a)
         })
-        .activity("llm", move |_c: ActivityContext, (): ()| {
-            let r = r.clone();
-            async move {
-                r.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                Ok::<_, ActivityError>(1u32)
-            }
-        })
+        .activity("llm", counted(&runs, Duration::from_secs(5)))
         .build();
-    let mut cfg = worker_config();
-    cfg.visibility = Duration::from_secs(10);
-    let w = Worker::start(engine.clone(), cfg);
-    let id = start(&engine, "one", json!(null)).await;
-    finished(&engine, &id).await;
-    w.shutdown().await;
+    let config = WorkerConfig {
+        visibility: Duration::from_secs(10),
+        ..worker_config()
+    };
+    run_to_end(&engine, "one", config).await;
     assert_eq!(
         runs.load(Ordering::SeqCst),
         1,
@@ -260,24 +271,13 @@ async fn a_send_retried_after_sqs_took_it_does_not_run_the_activity_twice() {
         ..Faulty::new(memory)
     });
     let runs = Arc::new(AtomicU32::new(0));
-    let r = runs.clone();
     let engine = builder(&store, &queue)
         .workflow("one", |ctx: WorkflowContext, (): ()| async move {
-            ctx.activity::<_, u32>("llm", &()).await
+            ctx.activity::<_, u32>("llm", &1u32).await
         })
-        .activity("llm", move |_c: ActivityContext, (): ()| {
-            let r = r.clone();
-            async move {
-                r.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                Ok::<_, ActivityError>(1u32)
-            }
-        })
+        .activity("llm", counted(&runs, Duration::from_secs(5)))
         .build();
-    let w = Worker::start(engine.clone(), worker_config());
-    let id = start(&engine, "one", json!(null)).await;
-    finished(&engine, &id).await;
-    w.shutdown().await;
+    run_to_end(&engine, "one", worker_config()).await;
     assert_eq!(
         runs.load(Ordering::SeqCst),
         1,
@@ -298,7 +298,6 @@ async fn a_partly_sent_batch_retried_does_not_run_the_sent_activity_twice() {
         ..Faulty::new(memory)
     });
     let runs = Arc::new(AtomicU32::new(0));
-    let r = runs.clone();
     let engine = builder(&store, &queue)
         .workflow("two", |ctx: WorkflowContext, (): ()| async move {
             let a = ctx.activity::<_, u32>("llm", &1u32);
@@ -306,19 +305,9 @@ async fn a_partly_sent_batch_retried_does_not_run_the_sent_activity_twice() {
             let (a, b) = futures::future::join(a, b).await;
             Ok(a? + b?)
         })
-        .activity("llm", move |_c: ActivityContext, n: u32| {
-            let r = r.clone();
-            async move {
-                r.fetch_add(1, Ordering::SeqCst);
-                tokio::time::sleep(Duration::from_secs(5)).await;
-                Ok::<_, ActivityError>(n)
-            }
-        })
+        .activity("llm", counted(&runs, Duration::from_secs(5)))
         .build();
-    let w = Worker::start(engine.clone(), worker_config());
-    let id = start(&engine, "two", json!(null)).await;
-    finished(&engine, &id).await;
-    w.shutdown().await;
+    run_to_end(&engine, "two", worker_config()).await;
     assert_eq!(
         runs.load(Ordering::SeqCst),
         2,

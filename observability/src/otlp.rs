@@ -929,12 +929,7 @@ mod tests {
         let batch: Vec<SpanData> = (0..12)
             .map(|i| span_data(i, if i % 4 == 3 { &other } else { &marathon }))
             .collect();
-        let mut exporter = OtlpExporter::new(Settings {
-            url: "http://127.0.0.1:9/v1/traces".into(),
-            headers: Vec::new(),
-            timeout: DEFAULT_TIMEOUT,
-        })
-        .expect("exporter");
+        let mut exporter = unreachable_exporter();
         exporter.set_resource(&resource);
         let ours = ExportTraceServiceRequest::decode(exporter.encode(&batch).as_slice())
             .expect("a valid ExportTraceServiceRequest");
@@ -1240,26 +1235,35 @@ mod tests {
         }
     }
 
-    /// one batch holding a single large span (a prompt recorded as a field, or
-    /// many span events) must not make every later request reserve that span's size
-    /// once per span of the next batch.
-    #[test]
-    fn one_large_span_does_not_inflate_later_request_buffers() {
-        let scope = InstrumentationScope::builder("marathon").build();
-        let exporter = OtlpExporter::new(Settings {
+    /// An exporter to a port nothing listens on (for encoding only).
+    fn unreachable_exporter() -> OtlpExporter {
+        OtlpExporter::new(Settings {
             url: "http://127.0.0.1:9/v1/traces".into(),
             headers: Vec::new(),
             timeout: DEFAULT_TIMEOUT,
         })
-        .expect("exporter");
+        .expect("exporter")
+    }
+
+    /// Encodes one span with a `prompt` of `bytes`, then a full batch (2,048) of
+    /// ordinary spans: that batch's body.
+    fn full_batch_after_a_span_of(bytes: usize) -> Vec<u8> {
+        let scope = InstrumentationScope::builder("marathon").build();
+        let exporter = unreachable_exporter();
         let mut big = span_data(0, &scope);
         big.attributes
-            .push(KeyValue::new("prompt", "x".repeat(4 << 20)));
-        let body = exporter.encode(&[big]);
-        assert!(body.len() > 4 << 20);
-        // A full batch of ordinary spans (a few hundred bytes each) afterwards.
+            .push(KeyValue::new("prompt", "x".repeat(bytes)));
+        assert!(exporter.encode(&[big]).len() > bytes);
         let batch: Vec<SpanData> = (0..2048).map(|_| span_data(0, &scope)).collect();
-        let body = exporter.encode(&batch);
+        exporter.encode(&batch)
+    }
+
+    /// One batch holding a single large span (a prompt recorded as a field, or
+    /// many span events) must not make every later request reserve that span's size
+    /// once per span of the next batch.
+    #[test]
+    fn one_large_span_does_not_inflate_later_request_buffers() {
+        let body = full_batch_after_a_span_of(4 << 20);
         assert!(
             body.capacity() <= 16 << 20,
             "a {} byte request reserved {} bytes",
@@ -1268,24 +1272,11 @@ mod tests {
         );
     }
 
-    /// the same with a 32 MB span: the next full batch asks the allocator for
-    /// 2,048 × 40 MB and the process aborts.
+    /// The same with a 32 MB span: the next full batch asked the allocator for
+    /// 2,048 × 40 MB and the process aborted.
     #[test]
     fn one_huge_span_then_a_full_batch_does_not_abort() {
-        let scope = InstrumentationScope::builder("marathon").build();
-        let exporter = OtlpExporter::new(Settings {
-            url: "http://127.0.0.1:9/v1/traces".into(),
-            headers: Vec::new(),
-            timeout: DEFAULT_TIMEOUT,
-        })
-        .expect("exporter");
-        let mut big = span_data(0, &scope);
-        big.attributes
-            .push(KeyValue::new("prompt", "x".repeat(32 << 20)));
-        let _ = exporter.encode(&[big]);
-        let batch: Vec<SpanData> = (0..2048).map(|_| span_data(0, &scope)).collect();
-        let body = exporter.encode(&batch);
-        assert!(!body.is_empty());
+        assert!(!full_batch_after_a_span_of(32 << 20).is_empty());
     }
 
     #[test]

@@ -96,7 +96,7 @@ impl Scripts {
             claim: Script::new(include_str!("scripts/claim.lua")),
             purge: Script::new(include_str!("scripts/purge.lua")),
             idem_release: Script::new(include_str!("scripts/idem_release.lua")),
-            start: Script::new(include_str!("scripts/start.lua")),
+            start: with_common(include_str!("scripts/start.lua")),
         }
     }
 }

@@ -18,51 +18,42 @@ use marathon_redis::{RedisStore, RedisStoreConfig};
 use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 
+/// A port below the ephemeral range, where other test runs' killed servers (and the
+/// stores still reconnecting to them) live.
+fn low_port() -> u16 {
+    loop {
+        let p = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
+}
+
+/// A fresh directory under the system's temporary one, for a private server's files.
+fn scratch_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("marathon-failover-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("scratch dir");
+    dir
+}
+
+/// A private `redis-server` on a [`low_port`], killed when dropped.
 struct Server {
     port: u16,
-    _child: tokio::process::Child,
+    redis: common::PrivateRedis,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.redis.dir);
+    }
 }
 
 impl Server {
     async fn start() -> Self {
-        // Below the ephemeral range, where other test runs' killed servers (and the
-        // stores still reconnecting to them) live.
-        let port = loop {
-            let p = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
-            if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
-                break p;
-            }
-        };
-        let mut child = tokio::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(std::env::temp_dir())
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server");
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "our redis-server did not start on {port}"
-        );
+        let port = low_port();
         Self {
             port,
-            _child: child,
+            redis: common::PrivateRedis::start(port, scratch_dir()).await,
         }
     }
 
@@ -184,7 +175,7 @@ fn signal(n: u64) -> NewEvent {
 async fn store_via(proxy: &Proxy) -> RedisStore {
     RedisStore::connect(RedisStoreConfig {
         url: format!("redis://127.0.0.1:{}", proxy.port),
-        key_prefix: format!("revE-failover-{}:", proxy.port),
+        key_prefix: format!("marathon-failover-{}:", proxy.port),
         connect_timeout: Duration::from_millis(300),
         response_timeout: Duration::from_millis(300),
         ..Default::default()
@@ -434,19 +425,12 @@ async fn out_of_memory_does_not_consume_an_activity_attempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_append_reader_reconnects_after_a_restart() {
     use futures::StreamExt;
-    let port = {
-        let s = Server::start().await; // a port of our own range, then free it
-        let p = s.port;
-        drop(s);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        p
-    };
-    let dir = std::env::temp_dir().join(format!("revE-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let port = low_port();
+    let dir = scratch_dir();
     let mut server = common::PrivateRedis::start(port, dir.clone()).await;
     let store = RedisStore::connect(RedisStoreConfig {
         url: format!("redis://127.0.0.1:{port}"),
-        key_prefix: "revE-sub:".into(),
+        key_prefix: "marathon-sub:".into(),
         connect_timeout: Duration::from_millis(300),
         response_timeout: Duration::from_millis(500),
         ..Default::default()
@@ -496,19 +480,12 @@ async fn the_append_reader_reconnects_after_a_restart() {
 /// Redis is back.
 #[tokio::test]
 async fn recovers_after_a_long_outage() {
-    let port = {
-        let s = Server::start().await;
-        let p = s.port;
-        drop(s);
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        p
-    };
-    let dir = std::env::temp_dir().join(format!("revE-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let port = low_port();
+    let dir = scratch_dir();
     let mut server = common::PrivateRedis::start(port, dir.clone()).await;
     let store = RedisStore::connect(RedisStoreConfig {
         url: format!("redis://127.0.0.1:{port}"),
-        key_prefix: "revE-long:".into(),
+        key_prefix: "marathon-long:".into(),
         connect_timeout: Duration::from_millis(300),
         response_timeout: Duration::from_millis(500),
         ..Default::default()

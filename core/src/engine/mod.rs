@@ -451,6 +451,16 @@ pub(crate) struct EngineInner {
     running: Mutex<HashMap<WorkflowId, Vec<RunningAttempt>>>,
 }
 
+/// The sweeper giving an attempt up ([`EngineInner::record_outcome`]).
+struct GiveUp {
+    /// The run's trace context, which the outcome continues.
+    trace_context: Option<String>,
+    /// The end of the sweeper's claim: the outcome is recorded only while the
+    /// attempt's entry still falls due then (a worker that marked it started since
+    /// keeps it).
+    until: Timestamp,
+}
+
 /// How many closed runs [`ClosedRuns`] remembers.
 const CLOSED_RUNS: usize = 4096;
 
@@ -940,39 +950,34 @@ impl EngineInner {
                 m.trace_context.get_or_insert_with(|| tc.clone());
             }
         }
-        // An in-process queue's sends do not fail for a while: no copy kept to retry.
-        if self.queue.is_in_process() {
-            if let Err(e) = self.queue.enqueue(queue, messages).await {
-                tracing::warn!(queue, error = %e, "enqueue failed; the sweeper re-enqueues owed work");
-            }
-            return;
-        }
         // A short outage is retried here for workflow tasks, which the sweeper would
         // send again only after 30 s. Not for activity tasks: a failed call may still
         // have sent some (a partly sent batch, a lost reply), and a first copy runs
         // without asking the store, so a copy sent again would run the activity twice;
         // the sweeper sends them at their deadline, when a copy that got through has
-        // finished and the resend is dropped.
-        let pending: Vec<OutgoingMessage> = messages
-            .iter()
-            .filter(|m| matches!(m.task, Task::Workflow { .. }))
-            .cloned()
-            .collect();
+        // finished and the resend is dropped. An in-process queue's sends do not fail
+        // for a while: no copy is kept for it.
+        let pending: Vec<OutgoingMessage> = if self.queue.is_in_process() {
+            Vec::new()
+        } else {
+            messages
+                .iter()
+                .filter(|m| matches!(m.task, Task::Workflow { .. }))
+                .cloned()
+                .collect()
+        };
         let mut result = self.queue.enqueue(queue, messages).await;
         let mut pause = Duration::from_millis(200);
         for _ in 0..3 {
-            match result {
+            match &result {
                 Err(e) if e.is_retryable() && !pending.is_empty() => {
                     tracing::debug!(queue, error = %e, "enqueue failed; sending the workflow tasks again in {pause:?}");
-                    tokio::time::sleep(pause).await;
-                    pause *= 2;
-                    result = self.queue.enqueue(queue, pending.clone()).await;
                 }
-                other => {
-                    result = other;
-                    break;
-                }
+                _ => break,
             }
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+            result = self.queue.enqueue(queue, pending.clone()).await;
         }
         if let Err(e) = result {
             tracing::warn!(queue, error = %e, "enqueue failed; the sweeper re-enqueues owed work");
@@ -1647,9 +1652,7 @@ impl EngineInner {
     }
 
     /// Records an attempt's outcome and sends what it makes due (the next attempt or
-    /// a workflow task). `given_up`: the sweeper gives the attempt up, continuing the
-    /// run's trace context, and only while its entry falls due at the end of the
-    /// sweeper's claim (a worker that marked it started since keeps it); `None`: a
+    /// a workflow task). `given_up`: the sweeper gives the attempt up; `None`: a
     /// worker's result, in the current span's trace.
     async fn record_outcome(
         &self,
@@ -1658,10 +1661,10 @@ impl EngineInner {
         call: &ActivityCall,
         started_at: Timestamp,
         result: Result<Value, ActivityError>,
-        given_up: Option<(Option<String>, Timestamp)>,
+        given_up: Option<GiveUp>,
     ) -> Result<AttemptOutcome, EngineError> {
         let (trace_context, requires_deadline) = match given_up {
-            Some((tc, until)) => (tc, Some(until)),
+            Some(g) => (g.trace_context, Some(g.until)),
             None => (None, None),
         };
         let now = self.clock.now();
@@ -1953,7 +1956,10 @@ impl EngineInner {
                             &call,
                             now,
                             Err(error),
-                            Some((summary.trace_context, until)),
+                            Some(GiveUp {
+                                trace_context: summary.trace_context,
+                                until,
+                            }),
                         )
                         .await?;
                     // Not given up after all (a result, or a start since the claim):

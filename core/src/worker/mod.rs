@@ -405,7 +405,8 @@ async fn sweep_loop(engine: Engine, config: Arc<WorkerConfig>, stop: Cancellatio
 const PURGE_BATCH: usize = 1000;
 
 /// `purge_closed` calls a maintenance round makes at most while each deletes a full
-/// batch: up to 100,000 workflows a `dead_letter_interval` (10,000/s by default).
+/// batch: at most 100,000 workflows a `dead_letter_interval` (a ceiling; how fast the
+/// store deletes them is not measured).
 const PURGE_BATCHES: usize = 100;
 
 async fn maintenance_loop(engine: Engine, config: Arc<WorkerConfig>, stop: CancellationToken) {

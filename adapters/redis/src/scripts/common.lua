@@ -1,4 +1,4 @@
--- common.lua: helpers prepended to create.lua, append.lua and append_keyed.lua.
+-- common.lua: helpers prepended to create.lua, append.lua, append_keyed.lua and start.lua.
 --
 -- Every key a script touches carries the hash tag of one shard ({sN}), so one
 -- script touches one slot (Redis Cluster safe). Keys built here from a base
@@ -26,6 +26,18 @@ local function owed_remove(owed, zowed, id, keys)
   for k, key in ipairs(keys) do members[k] = id .. '|' .. key end
   call_many('HDEL', owed, keys, 1)
   call_many('ZREM', zowed, members, 1)
+end
+
+-- The deadline (ms, as text) for an owed entry replaced while its zset score is
+-- `old` (false when new): a deadline equal to the old one falls due a millisecond
+-- later, so that a sweeper's required deadline (its claim's lease end) tells the new
+-- entry from the one it claimed (exact below 2^53 ms).
+local function moved_deadline(old, deadline)
+  local due = tonumber(deadline)
+  if old and tonumber(old) == due and due < 9007199254740992 then
+    return string.format('%d', due + 1)
+  end
+  return deadline
 end
 
 local function owed_clear_all(owed, zowed, id)
@@ -77,14 +89,7 @@ local function apply_batch(K, A, i, last, token)
     local fields, members = {}, {}
     for k = 0, nset - 1 do
       local key, deadline, json = A[s + 1 + 3 * k], A[s + 2 + 3 * k], A[s + 3 + 3 * k]
-      -- An entry replaced by one due at the same deadline falls due a millisecond
-      -- later, so that a sweeper's required deadline (its claim's lease end) tells
-      -- the new entry from the one it claimed (exact below 2^53 ms).
-      local old = redis.call('ZSCORE', K[5], id .. '|' .. key)
-      local due = tonumber(deadline)
-      if old and tonumber(old) == due and due < 9007199254740992 then
-        deadline = string.format('%d', due + 1)
-      end
+      deadline = moved_deadline(redis.call('ZSCORE', K[5], id .. '|' .. key), deadline)
       fields[2 * k + 1], fields[2 * k + 2] = key, json
       members[2 * k + 1], members[2 * k + 2] = deadline, id .. '|' .. key
     end

@@ -27,12 +27,6 @@ end
 head = string.gsub(head, ',"started":%d+', '')
 head = string.gsub(head, ',"started_copy":%d+', '')
 head = head .. ',"started":' .. ARGV[4] .. ',"started_copy":' .. ARGV[3]
--- A deadline equal to the entry's moves a millisecond on, as in apply_batch.
-local deadline = ARGV[5]
-local due = tonumber(deadline)
-if score and tonumber(score) == due and due < 9007199254740992 then
-  deadline = string.format('%d', due + 1)
-end
 redis.call('HSET', KEYS[1], ARGV[2], head .. rest)
-redis.call('ZADD', KEYS[2], deadline, member)
+redis.call('ZADD', KEYS[2], moved_deadline(score, ARGV[5]), member)
 return {'started'}
