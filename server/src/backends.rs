@@ -60,19 +60,8 @@ async fn sqs(
                 .into(),
         ));
     }
-    let served = cfg
-        .worker
-        .queues
-        .iter()
-        .filter(|_| cfg.server.role.runs_worker())
-        .map(|q| ("worker.queues", q.name.as_str()));
     let mut checked = Vec::new();
-    for (key, name) in std::iter::once((
-        "engine.default_task_queue",
-        cfg.engine.default_task_queue.as_str(),
-    ))
-    .chain(served)
-    {
+    for (key, name) in cfg.task_queues_used() {
         if checked.contains(&name) {
             continue;
         }

@@ -396,6 +396,22 @@ impl Config {
         Ok(config)
     }
 
+    /// The task queues this process sends to or serves, each with the key that names
+    /// it: the engine's default task queue and, for a worker role, the served ones.
+    pub fn task_queues_used(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        let served = self
+            .worker
+            .queues
+            .iter()
+            .filter(|_| self.server.role.runs_worker())
+            .map(|q| ("worker.queues", q.name.as_str()));
+        std::iter::once((
+            "engine.default_task_queue",
+            self.engine.default_task_queue.as_str(),
+        ))
+        .chain(served)
+    }
+
     /// Checks values that types alone cannot: addresses, limits, and backends that share nothing.
     ///
     /// # Errors
@@ -530,18 +546,7 @@ impl Config {
         // SQS refuses such a name on every call: a worker would retry it forever.
         #[cfg(feature = "sqs")]
         if let QueueConfig::Sqs(sqs) = &self.queue {
-            let served = self
-                .worker
-                .queues
-                .iter()
-                .filter(|_| self.server.role.runs_worker())
-                .map(|q| ("worker.queues", q.name.as_str()));
-            let names = std::iter::once((
-                "engine.default_task_queue",
-                self.engine.default_task_queue.as_str(),
-            ))
-            .chain(served);
-            for (path, name) in names {
+            for (path, name) in self.task_queues_used() {
                 if let Err(message) = sqs.check_queue_name(name) {
                     // A prefix that no name can fix is named as the culprit.
                     let path = if sqs.prefix_is_valid() {
