@@ -222,6 +222,12 @@ async fn recovers_when_the_old_primary_is_demoted_to_replica() {
     let b = Server::start().await;
     let pa = a.port.to_string();
     let pb = b.port.to_string();
+    // Redis 7 delays a diskless full sync by 5 s by default (waiting for more
+    // replicas); start it at once on both sides of the failover.
+    for s in [&a, &b] {
+        s.cmd(&["CONFIG", "SET", "repl-diskless-sync-delay", "0"])
+            .await;
+    }
     b.cmd(&["REPLICAOF", "127.0.0.1", &pa]).await;
     let proxy = Proxy::start(a.port).await;
     let store = store_via(&proxy).await;
@@ -233,7 +239,7 @@ async fn recovers_when_the_old_primary_is_demoted_to_replica() {
         .unwrap();
     // Wait until B has the workflow (replication caught up).
     let mut synced = false;
-    for _ in 0..100 {
+    for _ in 0..600 {
         let pat = format!("*:wf:{id}:sum");
         if let redis::Value::Array(keys) = b.cmd(&["KEYS", &pat]).await
             && !keys.is_empty()
