@@ -133,6 +133,10 @@ pub struct ServerConfig {
     /// Interval of SSE heartbeat comments. Default 15 s.
     #[serde(with = "duration_ms", rename = "sse_heartbeat_ms")]
     pub sse_heartbeat: Duration,
+    /// How long a connection may take to send a request's headers (an idle
+    /// keep-alive connection waiting for its next request included). Default 30 s.
+    #[serde(with = "duration_ms", rename = "header_read_timeout_ms")]
+    pub header_read_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -145,6 +149,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             result_wait_max: Duration::from_secs(60),
             sse_heartbeat: Duration::from_secs(15),
+            header_read_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -162,6 +167,7 @@ impl fmt::Debug for ServerConfig {
             .field("shutdown_grace", &self.shutdown_grace)
             .field("result_wait_max", &self.result_wait_max)
             .field("sse_heartbeat", &self.sse_heartbeat)
+            .field("header_read_timeout", &self.header_read_timeout)
             .finish()
     }
 }
@@ -451,6 +457,12 @@ impl Config {
         }
         if self.server.sse_heartbeat.is_zero() {
             return bad("server.sse_heartbeat_ms", "must be at least 1 ms".into());
+        }
+        if self.server.header_read_timeout.is_zero() {
+            return bad(
+                "server.header_read_timeout_ms",
+                "must be at least 1 ms".into(),
+            );
         }
         if self.engine.default_task_queue.is_empty() {
             return bad("engine.default_task_queue", "must not be empty".into());

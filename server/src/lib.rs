@@ -40,6 +40,7 @@ use serde_json::Value;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -300,11 +301,8 @@ impl Server {
         });
         let app = self.router();
         let stop = token.clone();
-        let mut http = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(stop.cancelled_owned())
-                .await
-        });
+        let header_timeout = self.config.server.header_read_timeout;
+        let mut http = tokio::spawn(serve_http(listener, app, header_timeout, stop));
         let addr = addr.map_or_else(|| "?".to_string(), |a| a.to_string());
         tracing::info!(%addr, role = role.as_str(), "marathon serving");
         let early = tokio::select! {
@@ -346,6 +344,51 @@ impl Server {
             Err(e) => Err(ServerError::Io(std::io::Error::other(e))),
         }
     }
+}
+
+/// Serves HTTP/1 connections from `listener` until `stop`, then waits for the
+/// open ones to finish their requests. Unlike `axum::serve`, a connection that
+/// does not send a request's headers within `header_timeout` (a stalled client,
+/// an idle keep-alive connection) is closed, so stalled clients cannot pile up
+/// connections and tasks.
+async fn serve_http(
+    listener: TcpListener,
+    app: Router,
+    header_timeout: Duration,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _peer)) => stream,
+                Err(e) => {
+                    // Out of descriptors or a connection reset before accept:
+                    // keep serving the others, without spinning.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = http1.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "connection closed with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
 }
 
 /// Completes on SIGINT (Ctrl-C) or, on Unix, SIGTERM.

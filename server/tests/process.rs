@@ -188,6 +188,44 @@ fn serves_workflows_and_stops_on_sigterm_within_the_grace() {
     assert!(body.contains("event: workflow_started"), "{body}");
 }
 
+/// A client that never finishes its request's headers is disconnected after
+/// `server.header_read_timeout_ms`, and so is an idle keep-alive connection; a
+/// request whose answer takes longer than that (a long poll) is not cut.
+#[test]
+fn stalled_clients_are_disconnected_but_long_polls_are_not() {
+    let m = serve(&["--set", "server.header_read_timeout_ms=500"]);
+    let closed_within = |mut s: TcpStream, what: &str| {
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let started = Instant::now();
+        let mut buf = Vec::new();
+        match s.read_to_end(&mut buf) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(e) => panic!("{what}: still open after {:?}: {e}", started.elapsed()),
+        }
+        buf
+    };
+    let mut stalled = TcpStream::connect(("127.0.0.1", m.port)).unwrap();
+    write!(stalled, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n").unwrap();
+    closed_within(stalled, "half-sent headers");
+    let mut idle = TcpStream::connect(("127.0.0.1", m.port)).unwrap();
+    write!(idle, "GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n").unwrap();
+    let answered = String::from_utf8_lossy(&closed_within(idle, "idle keep-alive")).to_string();
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+
+    let (status, body) = http(
+        m.port,
+        "POST",
+        "/v1/workflows",
+        Some(&json!({"name": "sleep-then-echo", "id": "p-slow", "input": {"ms": 1500}})),
+    )
+    .expect("start");
+    assert_eq!(status, 202, "{body}");
+    let (status, body) =
+        http(m.port, "GET", "/v1/workflows/p-slow/result?wait=20s", None).expect("result");
+    assert_eq!(status, 200, "{body}");
+}
+
 #[test]
 fn config_layers_file_env_flags_and_print_masks_secrets() {
     let dir = std::env::temp_dir().join(format!("marathon-test-{}", uuid::Uuid::new_v4()));
