@@ -568,3 +568,67 @@ async fn a_fired_timer_continues_a_cached_workflow_without_reading_its_summary()
     );
     assert_eq!(gets.unwrap_or(0.0), 0.0, "summary reads");
 }
+
+/// A workflow task whose code fails while replaying the history (here the code no
+/// longer issues the call the history recorded: non-determinism after a deploy) is
+/// counted as `failed`, like one that fails in its live step (it was not counted).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_failing_in_replay_is_counted_failed() {
+    use marathon_core::memory::{MemoryQueue, MemoryStore};
+    use marathon_core::{Engine, StartWorkflow, Task, WorkflowContext, WorkflowError};
+    let store: Arc<dyn marathon_core::Store> = Arc::new(MemoryStore::default());
+    let queue: Arc<dyn marathon_core::Queue> = Arc::new(MemoryQueue::default());
+    // The old code calls `a`; its first task records that call.
+    let old = Engine::builder()
+        .store(store.clone())
+        .queue(queue.clone())
+        .workflow("drift", |ctx: WorkflowContext, (): ()| async move {
+            ctx.activity::<_, ()>("a", &()).await?;
+            Ok::<_, WorkflowError>(())
+        })
+        .build();
+    let id = old
+        .start(StartWorkflow::new("drift", serde_json::json!(null)))
+        .await
+        .expect("start")
+        .summary
+        .id;
+    old.handle("default", Task::workflow(id.clone()))
+        .await
+        .expect("first task");
+    // The new code calls `b`: replaying the history fails.
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let new = Engine::builder()
+        .store(store)
+        .queue(queue)
+        .observer(metrics.clone())
+        .workflow("drift", |ctx: WorkflowContext, (): ()| async move {
+            ctx.activity::<_, ()>("b", &()).await?;
+            Ok::<_, WorkflowError>(())
+        })
+        .build();
+    new.handle("default", Task::workflow(id.clone()))
+        .await
+        .expect("the failure is recorded");
+    let events = new
+        .events(&id, marathon_core::Seq::ZERO, 100)
+        .await
+        .expect("history");
+    assert!(
+        events
+            .iter()
+            .any(|e| e.data.type_name() == "workflow_task_failed"),
+        "{events:?}"
+    );
+    let s = parse(&metrics.render());
+    exact(
+        &s,
+        "marathon_workflow_tasks_total",
+        &[("workflow", "drift"), ("outcome", "failed")],
+        1.0,
+    );
+    assert_eq!(
+        count(&s, "marathon_workflow_task_seconds", &[("workflow", "drift")]),
+        1.0
+    );
+}

@@ -924,6 +924,8 @@ enum Prepared {
         last: Seq,
         repeated: bool,
         task_queue: String,
+        /// The workflow's name, when event 1 gives it (for the task's outcome).
+        name: Option<String>,
     },
     Missing,
 }
@@ -1117,9 +1119,11 @@ impl EngineInner {
         if events.last().is_some_and(|e| e.data.is_terminal()) {
             return Ok(Prepared::Missing);
         }
-        let task_queue = match &first.data {
-            EventData::WorkflowStarted { task_queue, .. } => task_queue.clone(),
-            _ => self.config.default_task_queue.clone(),
+        let (task_queue, name) = match &first.data {
+            EventData::WorkflowStarted {
+                task_queue, name, ..
+            } => (task_queue.clone(), Some(name.clone())),
+            _ => (self.config.default_task_queue.clone(), None),
         };
         let failed = |failure: TaskFailure| {
             let last = events.last().map_or(Seq::ZERO, |e| e.seq);
@@ -1132,6 +1136,7 @@ impl EngineInner {
                 last,
                 repeated,
                 task_queue: task_queue.clone(),
+                name: name.clone(),
             }
         };
         let mut inst = match Instance::start(id, first, |n| self.registry.find_workflow(n).cloned())
@@ -1156,6 +1161,7 @@ impl EngineInner {
                     last: tail.last().map_or(e.seq, |l| l.seq),
                     repeated: false,
                     task_queue: inst.task_queue.clone(),
+                    name: Some(inst.name.clone()),
                 };
             }
         }
@@ -1173,6 +1179,7 @@ impl EngineInner {
                     last,
                     repeated: false,
                     task_queue: inst.task_queue.clone(),
+                    name: Some(inst.name.clone()),
                 });
             }
         }
@@ -1263,7 +1270,13 @@ impl EngineInner {
                     last,
                     repeated,
                     task_queue,
+                    name,
                 } => {
+                    // The code failed while replaying (non-determinism, a panic in an
+                    // earlier batch, an unknown workflow): counted like a failed live step.
+                    if let Some(name) = &name {
+                        self.task_done(name, TaskOutcome::Failed, started.elapsed(), last.0);
+                    }
                     return self
                         .record_task_failure(id, &task_queue, last, repeated, failure)
                         .await;
