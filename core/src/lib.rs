@@ -18,7 +18,9 @@ pub use engine::{
     StartWorkflow, Started, WorkflowContext,
 };
 pub use model::*;
-pub use observe::{AttemptOutcome, NoopObserver, Observer, TaskOutcome, TaskScope};
+pub use observe::{
+    AttemptOutcome, NoopObserver, Observer, TaskOutcome, TaskScope, UNREGISTERED_ACTIVITY,
+};
 pub use queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
 pub use store::{
     AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery,

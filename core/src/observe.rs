@@ -55,6 +55,11 @@ impl std::fmt::Debug for TaskScope {
     }
 }
 
+/// The activity name [`Observer::activity_running`] and [`Observer::activity_attempt`]
+/// get for an attempt of an activity not registered on this worker: names the code
+/// makes up (from a model's tool call, say) are unbounded, so not reported as such.
+pub const UNREGISTERED_ACTIVITY: &str = "unregistered";
+
 /// How one activity attempt ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttemptOutcome {
@@ -127,10 +132,12 @@ pub trait Observer: Send + Sync + 'static {
     ) {
     }
 
-    /// An activity attempt began (`delta` = 1) or ended (`delta` = -1).
+    /// An activity attempt began (`delta` = 1) or ended (`delta` = -1); `name` is
+    /// [`UNREGISTERED_ACTIVITY`] for an activity not registered here.
     fn activity_running(&self, _name: &str, _delta: i64) {}
 
     /// An activity attempt ended after `duration`; `error_kind` is set when it failed.
+    /// `name` is [`UNREGISTERED_ACTIVITY`] for an activity not registered here.
     fn activity_attempt(
         &self,
         _name: &str,

@@ -632,3 +632,45 @@ async fn a_task_failing_in_replay_is_counted_failed() {
         1.0
     );
 }
+
+/// An activity name the workflow code made up (a model's tool call, say) that no
+/// activity here is registered under does not become a label value of its own: each
+/// such name would be a new series. Its attempts count as `unregistered`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unregistered_activity_name_is_not_a_label_value() {
+    use marathon_core::{Engine, StartWorkflow, WorkflowContext, WorkflowError};
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let engine = Engine::builder()
+        .observer(metrics.clone())
+        .workflow("tools", |ctx: WorkflowContext, tool: String| async move {
+            ctx.activity::<_, ()>(&tool, &()).await?;
+            Ok::<_, WorkflowError>(())
+        })
+        .build();
+    let w = worker(&engine);
+    for n in 0..3 {
+        let id = engine
+            .start(StartWorkflow::new("tools", serde_json::json!(format!("tool-{n}"))))
+            .await
+            .expect("start")
+            .summary
+            .id;
+        assert_eq!(finish(&engine, &id).await, WorkflowStatus::Failed);
+    }
+    w.shutdown().await;
+    let text = metrics.render();
+    assert!(!text.contains("tool-"), "{text}");
+    let s = parse(&text);
+    exact(
+        &s,
+        "marathon_activity_attempts_total",
+        &[("activity", "unregistered"), ("outcome", "failed")],
+        3.0,
+    );
+    exact(
+        &s,
+        "marathon_activities_in_flight",
+        &[("activity", "unregistered")],
+        0.0,
+    );
+}

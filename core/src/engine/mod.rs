@@ -1529,7 +1529,14 @@ impl EngineInner {
             return Ok(());
         }
         let clock = std::time::Instant::now();
-        let running = RunningGauge::start(self.observer.as_ref(), &call.name);
+        // A name no activity here is registered under (made up by the code: a model's
+        // tool call, say) is reported as one, not as a label value of its own.
+        let name = if self.registry.find_activity(&call.name).is_some() {
+            call.name.as_str()
+        } else {
+            crate::observe::UNREGISTERED_ACTIVITY
+        };
+        let running = RunningGauge::start(self.observer.as_ref(), name);
         let mut result = self.clone().run_attempt(&t, &call, started_at).await;
         within_depth(&mut result);
         drop(running);
@@ -1540,7 +1547,7 @@ impl EngineInner {
             .await?;
         crate::observe::record_current([("outcome", &outcome.as_str())]);
         self.observer
-            .activity_attempt(&call.name, outcome, duration, error_kind.as_deref());
+            .activity_attempt(name, outcome, duration, error_kind.as_deref());
         Ok(())
     }
 
