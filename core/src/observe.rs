@@ -156,7 +156,8 @@ pub trait Observer: Send + Sync + 'static {
     /// The approximate depth of `queue`, sampled.
     fn queue_depth(&self, _queue: &str, _depth: u64) {}
 
-    /// `count` tasks were found dead-lettered on `queue`.
+    /// `count` tasks were found dead-lettered on `queue` (0 when a worker starts
+    /// serving it, so that the count exists before the first dead letter).
     fn dead_lettered(&self, _queue: &str, _count: usize) {}
 
     /// An activity used `count` LLM tokens of `kind` (`input`, `output`,

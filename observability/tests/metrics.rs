@@ -317,10 +317,16 @@ async fn a_known_run_yields_exact_counts() {
         30.0,
     );
 
-    // Nothing was overdue or dead-lettered, no span was lost (nothing traces here: both
-    // reasons are shown at 0), and no label carries a workflow id.
+    // Nothing was overdue or dead-lettered (the served queue's count is shown at 0), no
+    // span was lost (nothing traces here: both reasons are shown at 0), and no label
+    // carries a workflow id.
     assert!(!text.contains("marathon_overdue_total{"));
-    assert!(!text.contains("marathon_dead_lettered_total{"));
+    exact(
+        &s,
+        "marathon_dead_lettered_total",
+        &[("queue", "default")],
+        0.0,
+    );
     for reason in ["queue_full", "export_failed"] {
         exact(
             &s,
@@ -671,6 +677,25 @@ async fn an_unregistered_activity_name_is_not_a_label_value() {
         &s,
         "marathon_activities_in_flight",
         &[("activity", "unregistered")],
+        0.0,
+    );
+}
+
+/// A worker shows `marathon_dead_lettered_total` of each queue it serves at 0 before
+/// anything is dead-lettered: a series that first appears at its first dead letter
+/// starts at that count, which `increase()` (the `MarathonDeadLetters` alert) never sees.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_shown_at_zero_from_the_start() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let engine = engine(&metrics);
+    let w = worker(&engine);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let s = parse(&metrics.render());
+    w.shutdown().await;
+    exact(
+        &s,
+        "marathon_dead_lettered_total",
+        &[("queue", "default")],
         0.0,
     );
 }

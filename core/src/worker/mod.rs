@@ -410,6 +410,12 @@ const PURGE_BATCH: usize = 1000;
 const PURGE_BATCHES: usize = 100;
 
 async fn maintenance_loop(engine: Engine, config: Arc<WorkerConfig>, stop: CancellationToken) {
+    // Each served queue's dead-letter count exists from the start, at 0: a count that
+    // first appeared at its first dead letter would start there, and `increase()` (an
+    // alert on dead letters) would never see that one.
+    for spec in &config.queues {
+        engine.observer().dead_lettered(&spec.name, 0);
+    }
     loop {
         tokio::select! {
             () = tokio::time::sleep(config.dead_letter_interval) => {}
