@@ -1103,9 +1103,17 @@ impl EngineInner {
         }
     }
 
-    /// Builds an instance by replaying the whole history.
-    async fn replay(&self, id: &WorkflowId) -> Result<Prepared, StoreError> {
-        let events = match self.read_all(id, Seq::ZERO).await {
+    /// Builds an instance by replaying the whole history; adds the time reading it
+    /// took to `reading`.
+    async fn replay(
+        &self,
+        id: &WorkflowId,
+        reading: &mut Duration,
+    ) -> Result<Prepared, StoreError> {
+        let read = std::time::Instant::now();
+        let events = self.read_all(id, Seq::ZERO).await;
+        *reading += read.elapsed();
+        let events = match events {
             Ok(e) => e,
             Err(StoreError::NotFound(_)) => return Ok(Prepared::Missing),
             Err(e) => return Err(e),
@@ -1168,9 +1176,17 @@ impl EngineInner {
         Prepared::Ready(inst)
     }
 
-    /// Brings a cached instance up to date with the store.
-    async fn catch_up(&self, mut inst: Instance) -> Result<Prepared, StoreError> {
-        let events = self.read_all(&inst.id, inst.applied).await?;
+    /// Brings a cached instance up to date with the store; adds the time reading
+    /// took to `reading`.
+    async fn catch_up(
+        &self,
+        mut inst: Instance,
+        reading: &mut Duration,
+    ) -> Result<Prepared, StoreError> {
+        let read = std::time::Instant::now();
+        let events = self.read_all(&inst.id, inst.applied).await;
+        *reading += read.elapsed();
+        let events = events?;
         for e in &events {
             if let Err(failure) = inst.feed(e) {
                 let last = events.last().map_or(inst.applied, |e| e.seq);
@@ -1244,20 +1260,22 @@ impl EngineInner {
             // The tail continues the cached instance (or starts the history) without
             // a read; anything after it is read by the conflict that follows.
             let tail = tail.take().unwrap_or_default();
+            // The code's time: the history reads are left out.
             let started = std::time::Instant::now();
+            let mut reading = Duration::ZERO;
             let prepared = match cached.take() {
                 Some(inst) if tail.first().is_some_and(|e| e.seq == inst.applied.next()) => {
                     Self::feed_tail(inst, &tail)
                 }
-                Some(inst) => self.catch_up(inst).await?,
+                Some(inst) => self.catch_up(inst, &mut reading).await?,
                 None if tail.first().is_some_and(|e| e.seq == Seq(1)) => {
                     match Instance::start(id, &tail[0], |n| self.registry.find_workflow(n).cloned())
                     {
                         Ok(inst) => Self::feed_tail(inst, &tail[1..]),
-                        Err(_) => self.replay(id).await?,
+                        Err(_) => self.replay(id, &mut reading).await?,
                     }
                 }
-                None => self.replay(id).await?,
+                None => self.replay(id, &mut reading).await?,
             };
             let mut inst = match prepared {
                 Prepared::Ready(inst) => inst,
@@ -1275,7 +1293,8 @@ impl EngineInner {
                     // The code failed while replaying (non-determinism, a panic in an
                     // earlier batch, an unknown workflow): counted like a failed live step.
                     if let Some(name) = &name {
-                        self.task_done(name, TaskOutcome::Failed, started.elapsed(), last.0);
+                        let ran = started.elapsed().saturating_sub(reading);
+                        self.task_done(name, TaskOutcome::Failed, ran, last.0);
                     }
                     return self
                         .record_task_failure(id, &task_queue, last, repeated, failure)
@@ -1288,7 +1307,7 @@ impl EngineInner {
             }
             let now = self.clock.now();
             let stepped = inst.live_step(now);
-            let replay_time = started.elapsed();
+            let replay_time = started.elapsed().saturating_sub(reading);
             let datas = match stepped {
                 Ok(Some(d)) => d,
                 Ok(None) => {
