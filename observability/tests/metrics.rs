@@ -634,7 +634,11 @@ async fn a_task_failing_in_replay_is_counted_failed() {
         1.0,
     );
     assert_eq!(
-        count(&s, "marathon_workflow_task_seconds", &[("workflow", "drift")]),
+        count(
+            &s,
+            "marathon_workflow_task_seconds",
+            &[("workflow", "drift")]
+        ),
         1.0
     );
 }
@@ -656,7 +660,10 @@ async fn an_unregistered_activity_name_is_not_a_label_value() {
     let w = worker(&engine);
     for n in 0..3 {
         let id = engine
-            .start(StartWorkflow::new("tools", serde_json::json!(format!("tool-{n}"))))
+            .start(StartWorkflow::new(
+                "tools",
+                serde_json::json!(format!("tool-{n}")),
+            ))
             .await
             .expect("start")
             .summary
