@@ -542,22 +542,12 @@ impl SqsQueue {
         }
         futures::stream::iter(batches)
             .map(|batch| async move {
-                let out = self
-                    .client
-                    .send_message_batch()
-                    .queue_url(url)
-                    .set_entries(Some(batch))
-                    .send()
+                match send_batch(&self.client, url, batch)
                     .await
-                    .map_err(|e| classify("send_message_batch", false, e))?;
-                match out.failed.first() {
-                    Some(f) => Err(classify_entry(
-                        "send_message_batch",
-                        false,
-                        f.code(),
-                        f.message(),
-                        f.sender_fault(),
-                    )),
+                    .into_iter()
+                    .find_map(Result::err)
+                {
+                    Some(f) => Err(f.into_error("send_message_batch")),
                     None => Ok(()),
                 }
             })
@@ -815,46 +805,91 @@ fn outcomes(
 fn send_flush(client: Client, url: String) -> FlushFn<SendMessageBatchRequestEntry> {
     Arc::new(move |entries: Vec<SendMessageBatchRequestEntry>| {
         let (client, url) = (client.clone(), url.clone());
-        Box::pin(async move {
-            let n = entries.len();
-            let entries = entries
-                .into_iter()
-                .enumerate()
-                .map(|(i, mut e)| {
-                    // Ids only need to be unique within one request.
-                    e.id = i.to_string();
-                    e
-                })
-                .collect();
-            match client
-                .send_message_batch()
-                .queue_url(url)
-                .set_entries(Some(entries))
-                .send()
-                .await
-            {
-                Err(e) => outcomes(
-                    n,
-                    Some(Failure::of(&classify("send_message_batch", false, e))),
-                    [],
-                ),
-                Ok(out) => outcomes(
-                    n,
-                    None,
-                    out.failed.into_iter().map(|f| {
-                        let e = classify_entry(
-                            "send_message_batch",
-                            false,
-                            f.code(),
-                            f.message(),
-                            f.sender_fault(),
-                        );
-                        (f.id, Failure::of(&e))
-                    }),
-                ),
-            }
-        })
+        Box::pin(async move { send_batch(&client, &url, entries).await })
     })
+}
+
+/// How often the entries SQS failed on its side are sent again.
+const ENTRY_RETRIES: u32 = 2;
+/// The pause before the first of those retries; doubled before the next.
+const ENTRY_RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// Sends `entries` (at most ten) in one SendMessageBatch, then sends again, up to
+/// [`ENTRY_RETRIES`] times, the entries SQS reports failed on its side
+/// (`SenderFault` false, or throttled): SQS sent none of those, so sending them
+/// again cannot duplicate a message, while giving up would leave an activity
+/// task to the sweeper. A failed request as a whole is not sent again here (the
+/// SDK's own retries have run, and SQS may have taken it). One outcome per
+/// entry, in order.
+async fn send_batch(
+    client: &Client,
+    url: &str,
+    entries: Vec<SendMessageBatchRequestEntry>,
+) -> Vec<Result<(), Failure>> {
+    let mut res = vec![Ok(()); entries.len()];
+    // Ids only need to be unique within one request: an entry's is its position.
+    let mut pending: Vec<SendMessageBatchRequestEntry> = entries
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut e)| {
+            e.id = i.to_string();
+            e
+        })
+        .collect();
+    let mut pause = ENTRY_RETRY_PAUSE;
+    for attempt in 0..=ENTRY_RETRIES {
+        let last = attempt == ENTRY_RETRIES;
+        // Kept for a retry only while one may follow.
+        let sent = if last {
+            std::mem::take(&mut pending)
+        } else {
+            pending.clone()
+        };
+        let out = match client
+            .send_message_batch()
+            .queue_url(url)
+            .set_entries(Some(sent))
+            .send()
+            .await
+        {
+            Ok(out) => out,
+            Err(e) => {
+                let f = Failure::of(&classify("send_message_batch", false, e));
+                for e in &pending {
+                    if let Some(r) = e.id.parse::<usize>().ok().and_then(|i| res.get_mut(i)) {
+                        *r = Err(f.clone());
+                    }
+                }
+                return res;
+            }
+        };
+        let mut again = Vec::new();
+        for f in out.failed {
+            let e = classify_entry(
+                "send_message_batch",
+                false,
+                f.code(),
+                f.message(),
+                f.sender_fault(),
+            );
+            let Some(i) = f.id.parse::<usize>().ok().filter(|i| *i < res.len()) else {
+                continue;
+            };
+            if !last && matches!(e, QueueError::Unavailable(_)) {
+                tracing::debug!(error = %e, attempt, "SQS failed a message of a batch; sending it again");
+                again.push(i);
+            } else {
+                res[i] = Err(Failure::of(&e));
+            }
+        }
+        if again.is_empty() {
+            break;
+        }
+        pending.retain(|e| e.id.parse::<usize>().is_ok_and(|i| again.contains(&i)));
+        tokio::time::sleep(pause).await;
+        pause *= 2;
+    }
+    res
 }
 
 /// One DeleteMessageBatch for the delete batcher of `url`.

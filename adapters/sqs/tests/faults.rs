@@ -150,3 +150,143 @@ async fn a_task_whose_data_holds_u_ffff_can_be_sent() {
     assert_eq!(got.len(), 1);
     assert_eq!(got[0].task, task);
 }
+
+/// Fails the first entry of the next `budget` SendMessageBatch calls on SQS's side:
+/// the entry is taken out of the request (SQS never sees it) and the response
+/// reports it failed with `SenderFault` false, as SQS does for an internal error.
+#[derive(Debug)]
+struct FailFirstEntry {
+    budget: std::sync::atomic::AtomicUsize,
+    pending: std::sync::Mutex<Vec<String>>,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Replaces a request's JSON body (and its length) through `edit`.
+fn edit_json(
+    headers: &mut aws_sdk_sqs::config::http::HttpRequest,
+    edit: impl FnOnce(&mut serde_json::Value) -> Result<(), BoxError>,
+) -> Result<(), BoxError> {
+    let mut v: serde_json::Value =
+        serde_json::from_slice(headers.body().bytes().ok_or("a streaming body")?)?;
+    edit(&mut v)?;
+    let bytes = serde_json::to_vec(&v)?;
+    headers
+        .headers_mut()
+        .insert("content-length", bytes.len().to_string());
+    *headers.body_mut() = bytes.into();
+    Ok(())
+}
+
+impl aws_sdk_sqs::config::Intercept for FailFirstEntry {
+    fn name(&self) -> &'static str {
+        "FailFirstEntry"
+    }
+
+    fn modify_before_transmit(
+        &self,
+        ctx: &mut aws_sdk_sqs::config::interceptors::BeforeTransmitInterceptorContextMut<'_>,
+        _: &aws_sdk_sqs::config::RuntimeComponents,
+        _: &mut aws_sdk_sqs::config::ConfigBag,
+    ) -> Result<(), BoxError> {
+        use std::sync::atomic::Ordering;
+        let req = ctx.request_mut();
+        if req.headers().get("x-amz-target") != Some("AmazonSQS.SendMessageBatch")
+            || self
+                .budget
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |b| b.checked_sub(1))
+                .is_err()
+        {
+            return Ok(());
+        }
+        edit_json(req, |body| {
+            let entries = body["Entries"].as_array_mut().ok_or("no entries")?;
+            let first = entries.remove(0);
+            let id = first["Id"].as_str().ok_or("no id")?.to_owned();
+            self.pending.lock().expect("lock").push(id);
+            Ok(())
+        })
+    }
+
+    fn modify_before_attempt_completion(
+        &self,
+        ctx: &mut aws_sdk_sqs::config::interceptors::FinalizerInterceptorContextMut<'_>,
+        _: &aws_sdk_sqs::config::RuntimeComponents,
+        _: &mut aws_sdk_sqs::config::ConfigBag,
+    ) -> Result<(), BoxError> {
+        let Some(Ok(out)) = ctx.output_or_error_mut() else {
+            return Ok(());
+        };
+        let Some(out) = out
+            .downcast_mut::<aws_sdk_sqs::operation::send_message_batch::SendMessageBatchOutput>()
+        else {
+            return Ok(());
+        };
+        if let Some(id) = self.pending.lock().expect("lock").pop() {
+            out.failed.push(
+                aws_sdk_sqs::types::BatchResultErrorEntry::builder()
+                    .id(id)
+                    .sender_fault(false)
+                    .code("InternalError")
+                    .message("injected")
+                    .build()?,
+            );
+        }
+        Ok(())
+    }
+}
+
+/// SQS fails one message of a batch on its side (an internal error, `SenderFault`
+/// false): it sent none of that message, so the adapter sends it again instead of
+/// failing the enqueue (which left an activity task to the sweeper, minutes
+/// later). Every message arrives exactly once.
+#[tokio::test]
+async fn a_message_sqs_failed_on_its_side_is_sent_again() {
+    let cfg = common::config(5, false);
+    let sdk = common::loader()
+        .endpoint_url(common::endpoint())
+        .load()
+        .await;
+    let failing = FailFirstEntry {
+        budget: 1.into(),
+        pending: std::sync::Mutex::new(Vec::new()),
+    };
+    let conf = aws_sdk_sqs::config::Builder::from(&sdk)
+        .interceptor(failing)
+        .build();
+    let q = marathon_sqs::SqsQueue::from_client(cfg, aws_sdk_sqs::Client::from_conf(conf))
+        .expect("config");
+    let tasks: Vec<Task> = (0..3)
+        .map(|_| Task::workflow(WorkflowId::random()))
+        .collect();
+    let sent = q
+        .enqueue(Q, tasks.iter().cloned().map(OutgoingMessage::now).collect())
+        .await;
+    let mut got = Vec::new();
+    let start = Instant::now();
+    // All three, then one more poll for a copy.
+    let mut extra_polls = 1;
+    while start.elapsed() < Duration::from_secs(30) {
+        if got.len() >= tasks.len() {
+            if extra_polls == 0 {
+                break;
+            }
+            extra_polls -= 1;
+        }
+        for d in q
+            .receive(Q, 10, Duration::from_secs(1), Duration::from_secs(30))
+            .await
+            .expect("receive")
+        {
+            got.push(d.task);
+        }
+    }
+    common::teardown(&q).await;
+    sent.expect("the enqueue succeeds after sending the failed message again");
+    let ids = |ts: &[Task]| {
+        let mut v: Vec<String> = ts.iter().map(|t| t.workflow_id().to_string()).collect();
+        v.sort();
+        v
+    };
+    assert_eq!(ids(&got), ids(&tasks), "each message exactly once");
+}
