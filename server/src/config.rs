@@ -134,7 +134,9 @@ pub struct ServerConfig {
     #[serde(with = "duration_ms", rename = "sse_heartbeat_ms")]
     pub sse_heartbeat: Duration,
     /// How long a connection may take to send a request's headers (an idle
-    /// keep-alive connection waiting for its next request included). Default 30 s.
+    /// keep-alive connection waiting for its next request included). Default 75 s:
+    /// above a load balancer's idle timeout (AWS ALB: 60 s), which must not find
+    /// its pooled connection closed under a request.
     #[serde(with = "duration_ms", rename = "header_read_timeout_ms")]
     pub header_read_timeout: Duration,
 }
@@ -149,7 +151,7 @@ impl Default for ServerConfig {
             shutdown_grace: Duration::from_secs(30),
             result_wait_max: Duration::from_secs(60),
             sse_heartbeat: Duration::from_secs(15),
-            header_read_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(75),
         }
     }
 }
