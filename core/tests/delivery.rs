@@ -337,3 +337,69 @@ async fn a_cached_instance_of_a_removed_run_is_not_used_for_a_new_run() {
 async fn a_cached_instance_of_a_removed_run_is_not_used_when_the_task_does_not_name_its_run() {
     stale_cache_after_id_reuse(false).await;
 }
+
+/// A cancellation fails many pending calls at once; the branches of a `join_all` (which
+/// polls woken futures in the order they were woken, past 30 of them) then each call a
+/// clean-up activity. The clean-up calls must be issued in the same order on every
+/// replay: before 2026-11-27 the pending calls were woken in `HashMap` order, which
+/// differs between instances, so a replay from the history (no cache here) issued the
+/// clean-up calls in another order; replay matches calls by name only, so each branch
+/// silently got another branch's result (the output came back shuffled).
+#[tokio::test]
+async fn clean_up_after_a_cancel_of_a_wide_fan_out_replays_the_same() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let queue = Arc::new(HandQueue::default());
+    let engine = Engine::builder()
+        .store(store.clone())
+        .queue(queue.clone())
+        .config(marathon_core::EngineConfig {
+            cache_capacity: 0,
+            ..marathon_core::EngineConfig::default()
+        })
+        .workflow("fan", |ctx: WorkflowContext, (): ()| async move {
+            let branches = (0..40u32).map(|i| {
+                let ctx = ctx.clone();
+                async move {
+                    match ctx.activity::<_, u32>("work", &i).await {
+                        Err(e) if e.is_canceled() => ctx.activity::<_, u32>("undo", &i).await,
+                        other => other,
+                    }
+                }
+            });
+            let undone: Result<Vec<u32>, _> = futures::future::join_all(branches)
+                .await
+                .into_iter()
+                .collect();
+            undone
+        })
+        .activity("undo", |_c: ActivityContext, x: u32| async move {
+            Ok::<_, ActivityError>(x)
+        })
+        .build();
+    let id = engine
+        .start(StartWorkflow::new("fan", json!(null)))
+        .await
+        .expect("start")
+        .summary
+        .id;
+    assert!(
+        deliver_next(&engine, &queue).await,
+        "schedules the 40 calls"
+    );
+    // The 40 `work` calls stay in flight (their tasks are never delivered).
+    queue
+        .pending
+        .lock()
+        .retain(|(_, t)| matches!(t, Task::Workflow { .. }));
+    engine.cancel(&id, None).await.expect("cancel");
+    while deliver_next(&engine, &queue).await {}
+    let s = engine.get(&id).await.expect("get");
+    assert_eq!(s.task_failure, None, "{s:?}");
+    assert_eq!(
+        (s.status, s.output),
+        (
+            WorkflowStatus::Completed,
+            Some(json!((0..40).collect::<Vec<u32>>()))
+        )
+    );
+}

@@ -9,7 +9,7 @@ use parking_lot::Mutex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::marker::PhantomData;
 use std::pin::Pin;
@@ -78,8 +78,12 @@ pub(crate) struct WfState {
     pub(crate) next_command: u32,
     pub(crate) now: Timestamp,
     rng: u64,
-    activities: HashMap<u32, (String, Slot<Result<Value, WorkflowError>>)>,
-    timers: HashMap<u32, Slot<Result<(), WorkflowError>>>,
+    /// By command id, ordered: a cancellation fails the pending ones in this order, and
+    /// the order they are woken in is the order a `join_all` or `FuturesUnordered` polls
+    /// them in, so it must be the same on every replay (a `HashMap`'s is not).
+    activities: BTreeMap<u32, (String, Slot<Result<Value, WorkflowError>>)>,
+    /// By command id, ordered, like `activities`.
+    timers: BTreeMap<u32, Slot<Result<(), WorkflowError>>>,
     signals: HashMap<String, VecDeque<Value>>,
     signal_waiters: Vec<Waker>,
     cancel: Option<Option<String>>,
@@ -104,8 +108,8 @@ impl WfState {
             next_command: 1,
             now,
             rng: seed,
-            activities: HashMap::new(),
-            timers: HashMap::new(),
+            activities: BTreeMap::new(),
+            timers: BTreeMap::new(),
             signals: HashMap::new(),
             signal_waiters: Vec::new(),
             cancel: None,
