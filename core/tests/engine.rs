@@ -5,6 +5,7 @@ mod common;
 
 use common::*;
 use futures::future::{Either, join_all, select};
+use marathon_core::engine::pipeline::Step;
 use marathon_core::{
     ActivityContext, ActivityError, ActivityOptions, EventData, Pipeline, RetryPolicy,
     StartWorkflow, Worker, WorkflowContext, WorkflowError, WorkflowId, WorkflowStatus,
@@ -1299,4 +1300,59 @@ async fn a_signal_of_the_wrong_type_does_not_fail_the_run() {
     let done = finished(&engine, &id).await;
     assert_eq!(done.status, WorkflowStatus::Completed, "{done:?}");
     assert_eq!(done.output, Some(json!("ana")));
+}
+
+/// A parallel group whose second step's input cannot be rendered (it nests too deep)
+/// fails the run before any step of the group is called: its first step (an LLM
+/// call, say) is not scheduled and does not run for a run that has already failed.
+#[tokio::test(start_paused = true)]
+async fn a_parallel_group_that_cannot_render_calls_none_of_its_steps() {
+    let pipeline = Pipeline::new()
+        .step("s0", "echo", json!("x"))
+        .step("s1", "echo", wrap(json!("$steps.s0"), 60))
+        .parallel(vec![
+            Step::activity("costly", "count", json!(1)),
+            Step::activity("deep", "echo", wrap(json!("$steps.s1"), 60)),
+        ]);
+    let runs = Arc::new(AtomicU32::new(0));
+    let counted = runs.clone();
+    let mut registry = marathon_core::Registry::new();
+    registry
+        .activity(
+            "echo",
+            |_c: ActivityContext, v: serde_json::Value| async move { Ok::<_, ActivityError>(v) },
+        )
+        .activity("count", move |_c: ActivityContext, v: u32| {
+            let runs = counted.clone();
+            async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, ActivityError>(v)
+            }
+        })
+        .pipeline("p", pipeline)
+        .expect("valid");
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue).registry(registry).build();
+    let w = worker(&engine);
+    let id = start(&engine, "p", json!(null)).await;
+    let s = finished(&engine, &id).await;
+    assert_eq!(s.status, WorkflowStatus::Failed, "{s:?}");
+    assert!(
+        s.error
+            .as_ref()
+            .is_some_and(|e| e.message.contains("deep: the rendered value")),
+        "{s:?}"
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    w.shutdown().await;
+    let scheduled: Vec<String> = history(&engine, &id)
+        .await
+        .iter()
+        .filter_map(|e| match &e.data {
+            EventData::ActivityScheduled { name, .. } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "{scheduled:?}");
+    assert_eq!(scheduled, ["echo", "echo"], "only s0 and s1 are called");
 }

@@ -258,8 +258,10 @@ impl Pipeline {
                     outputs.insert(name.clone(), out);
                 }
                 Step::Parallel { steps } => {
+                    // Every input is rendered before any step is called: a step that
+                    // cannot render fails the run without its siblings being called.
                     let mut names = Vec::new();
-                    let mut calls = Vec::new();
+                    let mut args = Vec::new();
                     for s in steps {
                         if let Step::Activity {
                             name,
@@ -270,13 +272,12 @@ impl Pipeline {
                         {
                             let arg = checked(name, render_within(template, &input, &outputs))?;
                             names.push(name.clone());
-                            calls.push(ctx.activity_with::<_, Value>(
-                                activity,
-                                &arg,
-                                options.clone(),
-                            ));
+                            args.push((activity, arg, options));
                         }
                     }
+                    let calls = args.into_iter().map(|(activity, arg, options)| {
+                        ctx.activity_with::<_, Value>(activity, &arg, options.clone())
+                    });
                     let results = futures::future::try_join_all(calls).await?;
                     for (name, out) in names.into_iter().zip(results) {
                         outputs.insert(name, out);
