@@ -1356,3 +1356,30 @@ async fn a_parallel_group_that_cannot_render_calls_none_of_its_steps() {
     assert_eq!(runs.load(Ordering::SeqCst), 0, "{scheduled:?}");
     assert_eq!(scheduled, ["echo", "echo"], "only s0 and s1 are called");
 }
+
+/// A signal wait whose name no signal can have (empty, or over 200 bytes: `Engine::signal`
+/// and the API refuse such names) fails the run with `invalid_argument` at once instead
+/// of waiting forever.
+#[tokio::test(start_paused = true)]
+async fn a_wait_for_a_signal_name_that_cannot_be_sent_fails() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("wait", |ctx: WorkflowContext, name: String| async move {
+            ctx.signal::<serde_json::Value>(&name).await
+        })
+        .build();
+    let w = worker(&engine);
+    for name in [String::new(), "é".repeat(101)] {
+        assert!(
+            engine
+                .signal(&WorkflowId::random(), &name, json!(1), None)
+                .await
+                .is_err()
+        );
+        let id = start(&engine, "wait", json!(name)).await;
+        let s = finished(&engine, &id).await;
+        assert_eq!(s.status, WorkflowStatus::Failed, "{s:?}");
+        assert_eq!(s.error.map(|e| e.kind), Some("invalid_argument".into()));
+    }
+    w.shutdown().await;
+}

@@ -343,7 +343,8 @@ impl WorkflowContext {
     /// Fails with a `canceled` error if the workflow is canceled first. A signal whose
     /// payload is not a `T` is skipped (logged, and still in the history) and the wait
     /// goes on, so a client's malformed signal cannot fail the run; wait for a
-    /// `serde_json::Value` to see every payload.
+    /// `serde_json::Value` to see every payload. A name no signal can have (empty, or
+    /// over [`crate::engine::MAX_SIGNAL_NAME_LEN`] bytes) fails with `invalid_argument`.
     pub fn signal<T: DeserializeOwned>(&self, name: &str) -> SignalFuture<T> {
         SignalFuture {
             state: self.state.clone(),
@@ -460,6 +461,15 @@ impl<T: DeserializeOwned> Future for SignalFuture<T> {
     type Output = Result<T, WorkflowError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // No signal can have such a name (`Engine::signal` refuses it): fail, not wait forever.
+        if self.name.is_empty() || self.name.len() > crate::engine::MAX_SIGNAL_NAME_LEN {
+            return Poll::Ready(Err(WorkflowError::new(format!(
+                "signal name {:?} must be 1 to {} bytes: no signal can be sent with it",
+                self.name,
+                crate::engine::MAX_SIGNAL_NAME_LEN
+            ))
+            .with_kind("invalid_argument")));
+        }
         let mut st = self.state.lock();
         // A payload that is not a `T` is consumed and skipped: a signal from outside
         // must not be able to fail the run (the code sees every payload with `Value`).

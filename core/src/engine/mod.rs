@@ -39,6 +39,9 @@ use replay::{Instance, TaskFailure};
 /// Longest accepted idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
+/// Longest accepted signal name, in bytes (names are 1 to this many bytes).
+pub const MAX_SIGNAL_NAME_LEN: usize = 200;
+
 /// Rejects an idempotency key (of a start or a signal) outside 1 to
 /// [`MAX_IDEMPOTENCY_KEY_LEN`] bytes.
 fn check_idempotency_key(key: Option<&str>) -> Result<(), EngineError> {
@@ -763,10 +766,10 @@ impl Engine {
         payload: Value,
         key: Option<String>,
     ) -> Result<(), EngineError> {
-        if name.is_empty() || name.len() > 200 {
-            return Err(EngineError::InvalidArgument(
-                "signal name must be 1 to 200 bytes".into(),
-            ));
+        if name.is_empty() || name.len() > MAX_SIGNAL_NAME_LEN {
+            return Err(EngineError::InvalidArgument(format!(
+                "signal name must be 1 to {MAX_SIGNAL_NAME_LEN} bytes"
+            )));
         }
         check_idempotency_key(key.as_deref())?;
         check_depth("signal payload", &payload)?;
