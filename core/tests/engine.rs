@@ -729,6 +729,84 @@ async fn start_is_idempotent_on_id_and_key() {
     ));
 }
 
+/// A start that reuses the id (or idempotency key) of a workflow started with another
+/// name or task queue is refused, not handed the other workflow's run; a repeat with
+/// the same name and task queue stays idempotent, whatever its input.
+#[tokio::test(start_paused = true)]
+async fn a_start_reusing_an_id_with_another_name_or_task_queue_is_refused() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow(
+            "noop",
+            |_ctx: WorkflowContext, _: serde_json::Value| async move { Ok(()) },
+        )
+        .workflow(
+            "other",
+            |_ctx: WorkflowContext, (): ()| async move { Ok(()) },
+        )
+        .build();
+    let id = WorkflowId::parse("reused-1").expect("id");
+    let first = engine
+        .start(StartWorkflow::new("noop", json!(null)).id(id.clone()))
+        .await
+        .expect("start");
+    assert!(first.created);
+    let refused = |r: Result<marathon_core::Started, marathon_core::EngineError>| {
+        let err = r.expect_err("a start with the id of another workflow is refused");
+        assert!(!err.is_retryable(), "{err:?}");
+        assert!(
+            matches!(&err, marathon_core::EngineError::AlreadyStarted { id: got, name, task_queue }
+                if got == &id && name == "noop" && task_queue == "default"),
+            "{err:?}"
+        );
+    };
+    refused(
+        engine
+            .start(StartWorkflow::new("other", json!(null)).id(id.clone()))
+            .await,
+    );
+    refused(
+        engine
+            .start(
+                StartWorkflow::new("noop", json!(null))
+                    .id(id.clone())
+                    .task_queue("elsewhere"),
+            )
+            .await,
+    );
+    // The documented repeat: same name and task queue (the default, named or not).
+    for repeat in [
+        StartWorkflow::new("noop", json!(null)).id(id.clone()),
+        StartWorkflow::new("noop", json!({"other": "input"}))
+            .id(id.clone())
+            .task_queue("default"),
+    ] {
+        let again = engine.start(repeat).await.expect("a repeat");
+        assert!(!again.created);
+        assert_eq!(again.summary.id, id);
+    }
+    let s = engine.get(&id).await.expect("get");
+    assert_eq!(
+        (s.name.as_str(), s.task_queue.as_str()),
+        ("noop", "default")
+    );
+
+    // The same for an idempotency key.
+    let k1 = engine
+        .start(StartWorkflow::new("noop", json!(null)).idempotency_key("req-8"))
+        .await
+        .expect("start");
+    let err = engine
+        .start(StartWorkflow::new("other", json!(null)).idempotency_key("req-8"))
+        .await
+        .expect_err("the key of another workflow is refused");
+    assert!(
+        matches!(&err, marathon_core::EngineError::AlreadyStarted { id, name, .. }
+            if id == &k1.summary.id && name == "noop"),
+        "{err:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn non_determinism_is_reported_and_recovers_when_the_code_is_fixed() {
     let (store, queue) = backends();

@@ -174,6 +174,33 @@ async fn start_is_idempotent_and_runs() {
     assert_eq!(got.json()["name"], "echo");
 }
 
+/// A start with the id of a workflow started under another name or task queue is a
+/// 409 `conflict` naming it, not a 200 handing back the other workflow's run; a
+/// repeat with another input is still the documented 200.
+#[tokio::test]
+async fn a_start_reusing_an_id_with_another_name_is_a_409() {
+    let app = app().await;
+    let start = |body: Value| call(&app, "POST", "/v1/workflows", Some(body));
+    let r = start(json!({"name": "echo", "input": 1, "id": "wf-reuse"})).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    for other in [
+        json!({"name": "sleep-then-echo", "input": {"ms": 1, "value": 1}, "id": "wf-reuse"}),
+        json!({"name": "echo", "input": 1, "id": "wf-reuse", "task_queue": "elsewhere"}),
+    ] {
+        let r = start(other).await;
+        r.error(StatusCode::CONFLICT, "conflict");
+        let message = r.json()["error"]["message"].to_string();
+        assert!(
+            message.contains("wf-reuse") && message.contains("echo"),
+            "{message}"
+        );
+    }
+    let again = start(json!({"name": "echo", "input": 2, "id": "wf-reuse"})).await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.text);
+    assert_eq!(again.json()["created"], false);
+    assert_eq!(again.json()["workflow"]["name"], "echo");
+}
+
 #[tokio::test]
 async fn bad_requests_are_json_4xx() {
     let app = app_with(Config {

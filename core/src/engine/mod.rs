@@ -110,6 +110,20 @@ pub enum EngineError {
     /// A request argument is invalid.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A start reused the id (or idempotency key) of a workflow started with another
+    /// workflow name or task queue; nothing was written.
+    #[error(
+        "workflow {id} was already started as {name:?} on task queue {task_queue:?}; \
+         a start with its id or idempotency key must name the same workflow and task queue"
+    )]
+    AlreadyStarted {
+        /// The existing workflow.
+        id: WorkflowId,
+        /// Its workflow name.
+        name: String,
+        /// Its task queue.
+        task_queue: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -555,11 +569,14 @@ impl Engine {
 
     /// Starts a workflow: records it and enqueues its first workflow task.
     ///
-    /// Idempotent on the id and on the idempotency key: a repeat returns the
-    /// existing workflow with `created: false`.
+    /// Idempotent on the id and on the idempotency key: a repeat with the same
+    /// workflow name and task queue (whatever its input) returns the existing
+    /// workflow with `created: false`.
     ///
     /// # Errors
-    /// [`EngineError::UnknownWorkflow`], [`EngineError::InvalidArgument`], store errors.
+    /// [`EngineError::UnknownWorkflow`], [`EngineError::InvalidArgument`];
+    /// [`EngineError::AlreadyStarted`] if the id or idempotency key belongs to a
+    /// workflow with another name or task queue; store errors.
     pub async fn start(&self, req: StartWorkflow) -> Result<Started, EngineError> {
         let inner = &self.inner;
         if inner.registry.find_workflow(&req.name).is_none() {
@@ -593,7 +610,7 @@ impl Engine {
             .store
             .create(NewWorkflow {
                 id: req.id.unwrap_or_else(WorkflowId::random),
-                name: req.name,
+                name: req.name.clone(),
                 input: req_input.clone(),
                 task_queue: task_queue.clone(),
                 idempotency_key: req.idempotency_key,
@@ -602,6 +619,14 @@ impl Engine {
                 trace_context: trace_context.clone(),
             })
             .await?;
+        let existing = &created.summary;
+        if !created.created && (existing.name != req.name || existing.task_queue != task_queue) {
+            return Err(EngineError::AlreadyStarted {
+                id: existing.id.clone(),
+                name: existing.name.clone(),
+                task_queue: existing.task_queue.clone(),
+            });
+        }
         if created.created {
             inner.observer.workflow_started(&created.summary.name);
             inner

@@ -154,7 +154,8 @@ fn seqs(events: &[Event]) -> Vec<u64> {
     events.iter().map(|e| e.seq.0).collect()
 }
 
-/// `create` with an existing id writes nothing and returns the existing workflow.
+/// `create` with an existing id writes nothing and returns the existing workflow, with
+/// its own name and task queue (the engine refuses a start whose differ).
 pub async fn create_is_idempotent_on_id(store: Arc<dyn Store>) {
     let new = new_workflow("greet", at(0));
     let first = store.create(new.clone()).await.expect("create");
@@ -162,6 +163,7 @@ pub async fn create_is_idempotent_on_id(store: Arc<dyn Store>) {
     let again = store
         .create(NewWorkflow {
             name: "other".into(),
+            task_queue: format!("not-{}", new.task_queue),
             input: json!("different"),
             started_at: at(5),
             task_deadline: at(6),
@@ -171,6 +173,13 @@ pub async fn create_is_idempotent_on_id(store: Arc<dyn Store>) {
         .expect("create again");
     assert!(!again.created);
     assert_eq!(again.summary, first.summary);
+    assert_eq!(
+        (
+            again.summary.name.as_str(),
+            again.summary.task_queue.as_str()
+        ),
+        ("greet", new.task_queue.as_str())
+    );
     assert_eq!(all_events(&store, &new.id).await.len(), 1);
     assert_eq!(summary(&store, &new.id).await.name, "greet");
 }
@@ -184,9 +193,11 @@ pub async fn create_is_idempotent_on_idempotency_key(store: Arc<dyn Store>) {
     };
     let created = store.create(first.clone()).await.expect("create");
     assert!(created.created);
+    // Another name and task queue: the existing workflow is returned as it is.
     let second = NewWorkflow {
         idempotency_key: Some(key),
-        ..new_workflow("greet", at(10))
+        task_queue: "other-tq".into(),
+        ..new_workflow("other", at(10))
     };
     let again = store.create(second.clone()).await.expect("create again");
     assert!(!again.created);

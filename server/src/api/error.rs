@@ -123,6 +123,9 @@ impl From<EngineError> for ApiError {
                 format!("workflow {id} has already finished"),
             ),
             EngineError::InvalidArgument(m) => Self::invalid(m),
+            e @ EngineError::AlreadyStarted { .. } => {
+                Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
+            }
             EngineError::Store(StoreError::InvalidCursor(_)) => {
                 Self::invalid("invalid cursor: pass a next_cursor from a previous page")
             }

@@ -36,7 +36,7 @@ pub(crate) struct StartRequest {
     #[serde(default)]
     input: Value,
     /// Workflow id: 1 to 200 characters from `A-Z a-z 0-9 - _ . : @`; a random UUID when absent.
-    /// A second start with the same id returns the first workflow.
+    /// A second start with the same id (and the same name and task queue) returns the first workflow.
     #[serde(default)]
     id: Option<String>,
     /// Task queue of the workflow's tasks; the engine's default when absent.
@@ -220,6 +220,7 @@ pub(crate) fn parse_wait(s: &str) -> Result<Duration, ApiError> {
         (status = 202, description = "Started", body = StartResponse),
         (status = 200, description = "A repeat (same id or idempotency key): the existing workflow", body = StartResponse),
         (status = 400, description = "Malformed body, unknown workflow, bad id or input", body = ErrorBody),
+        (status = 409, description = "The id or idempotency key belongs to a workflow with another name or task queue", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "The body is not sent as `Content-Type: application/json`", body = ErrorBody),
     )
