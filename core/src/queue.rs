@@ -148,6 +148,17 @@ pub trait Queue: Send + Sync + 'static {
         false
     }
 
+    /// Checks that the queue can carry the tasks of task queue `task_queue` (SQS
+    /// refuses some names on every send), so that a start on one it cannot carry is
+    /// refused before anything is recorded. `Ok` (the default) for a queue that takes
+    /// any name.
+    ///
+    /// # Errors
+    /// Why the queue cannot carry it, naming the rule.
+    fn check_task_queue(&self, _task_queue: &str) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Whether a [`Queue::receive`] dropped before it returns may still take messages
     /// (an SQS long poll goes on at the server and hides what it is handed for a whole
     /// visibility): a stopping worker then lets its poll finish and hands back what

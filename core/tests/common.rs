@@ -113,6 +113,8 @@ pub fn count(events: &[Event], f: impl Fn(&EventData) -> bool) -> usize {
 pub struct HandQueue {
     /// `(queue, task)` in the order enqueued.
     pub pending: Mutex<Vec<(String, Task)>>,
+    /// Task queues it cannot carry ([`Queue::check_task_queue`]).
+    pub refused: Mutex<Vec<String>>,
 }
 
 impl HandQueue {
@@ -161,6 +163,12 @@ impl Queue for HandQueue {
     }
     fn max_message_bytes(&self) -> usize {
         usize::MAX
+    }
+    fn check_task_queue(&self, task_queue: &str) -> Result<(), String> {
+        if self.refused.lock().iter().any(|q| q == task_queue) {
+            return Err(format!("queue {task_queue:?} is refused by this test"));
+        }
+        Ok(())
     }
     async fn ping(&self) -> Result<(), QueueError> {
         Ok(())

@@ -807,6 +807,45 @@ async fn a_start_reusing_an_id_with_another_name_or_task_queue_is_refused() {
     );
 }
 
+/// A start on a task queue the queue cannot carry is refused by `Engine::start`
+/// before anything is recorded or sent, with a typed error.
+#[tokio::test]
+async fn a_start_on_a_task_queue_the_queue_cannot_carry_creates_nothing() {
+    let hand = Arc::new(HandQueue::default());
+    hand.refused.lock().push("gpu.jobs".into());
+    let store: Arc<dyn marathon_core::Store> =
+        Arc::new(marathon_core::memory::MemoryStore::default());
+    let queue: Arc<dyn marathon_core::Queue> = hand.clone();
+    let engine = builder(&store, &queue)
+        .workflow(
+            "noop",
+            |_ctx: WorkflowContext, (): ()| async move { Ok(()) },
+        )
+        .build();
+    let id = WorkflowId::parse("unserved-1").expect("id");
+    let err = engine
+        .start(
+            StartWorkflow::new("noop", json!(null))
+                .id(id.clone())
+                .task_queue("gpu.jobs"),
+        )
+        .await
+        .expect_err("refused");
+    assert!(
+        matches!(&err, marathon_core::EngineError::UnservedTaskQueue { task_queue, reason }
+            if task_queue == "gpu.jobs" && reason.contains("refused by this test")),
+        "{err:?}"
+    );
+    assert!(!err.is_retryable());
+    assert!(engine.get(&id).await.is_err(), "no run was created");
+    assert_eq!(hand.pending.lock().len(), 0, "nothing was sent");
+    let ok = engine
+        .start(StartWorkflow::new("noop", json!(null)).task_queue("gpu"))
+        .await
+        .expect("a task queue the queue carries");
+    assert!(ok.created);
+}
+
 #[tokio::test(start_paused = true)]
 async fn non_determinism_is_reported_and_recovers_when_the_code_is_fixed() {
     let (store, queue) = backends();

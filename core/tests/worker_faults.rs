@@ -132,6 +132,9 @@ impl Queue for Faulty {
     async fn drain_dead_letters(&self, queue: &str, max: usize) -> Result<Vec<Task>, QueueError> {
         self.inner.drain_dead_letters(queue, max).await
     }
+    fn check_task_queue(&self, task_queue: &str) -> Result<(), String> {
+        self.inner.check_task_queue(task_queue)
+    }
     async fn ping(&self) -> Result<(), QueueError> {
         self.inner.ping().await
     }

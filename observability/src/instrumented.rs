@@ -401,6 +401,10 @@ impl<Q: Queue + ?Sized> Queue for InstrumentedQueue<Q> {
         self.inner.is_in_process()
     }
 
+    fn check_task_queue(&self, task_queue: &str) -> Result<(), String> {
+        self.inner.check_task_queue(task_queue)
+    }
+
     async fn ping(&self) -> Result<(), QueueError> {
         timed_queue!(self, "ping", self.inner.ping())
     }

@@ -626,6 +626,9 @@ impl Queue for LossyQueue {
     fn max_message_bytes(&self) -> usize {
         self.inner.max_message_bytes()
     }
+    fn check_task_queue(&self, task_queue: &str) -> Result<(), String> {
+        self.inner.check_task_queue(task_queue)
+    }
     async fn ping(&self) -> Result<(), QueueError> {
         self.inner.ping().await
     }

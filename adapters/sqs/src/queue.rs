@@ -1192,6 +1192,10 @@ impl Queue for SqsQueue {
         Ok(tasks)
     }
 
+    fn check_task_queue(&self, task_queue: &str) -> Result<(), String> {
+        self.cfg.check_queue_name(task_queue)
+    }
+
     fn finish_receive_when_stopping(&self) -> bool {
         // A long poll dropped by the client stays open at SQS, which may still hand
         // it messages that no one holds (aws-sdk-js#2350, aws-sdk-net#1680).

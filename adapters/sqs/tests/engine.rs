@@ -547,3 +547,43 @@ async fn every_workflow_completes_after_sqs_restarts_and_loses_its_queues() {
     redis_teardown(&prefix).await;
     drop(ls);
 }
+
+/// A start on a task queue whose SQS name SQS refuses is refused by `Engine::start`
+/// itself, before anything is recorded, not created and left to fail at its first send.
+#[tokio::test]
+async fn a_start_on_a_task_queue_sqs_refuses_creates_nothing() {
+    let queue = common::fresh(5, false).await;
+    let sqs_prefix = queue.config().queue_prefix.clone();
+    let client = queue.client().clone();
+    let engine = Engine::builder()
+        .store(Arc::new(marathon_core::memory::MemoryStore::default()))
+        .queue(Arc::new(queue))
+        .config(engine_config())
+        .workflow(
+            "noop",
+            |_ctx: WorkflowContext, (): ()| async move { Ok(()) },
+        )
+        .build();
+    for bad in ["llm.calls", "bad name/x"] {
+        let id = WorkflowId::random();
+        let err = engine
+            .start(
+                StartWorkflow::new("noop", json!(null))
+                    .id(id.clone())
+                    .task_queue(bad),
+            )
+            .await
+            .expect_err("refused before anything is recorded");
+        assert!(err.to_string().contains(bad), "{err}");
+        assert!(
+            engine.get(&id).await.is_err(),
+            "no run of {bad:?} was created"
+        );
+    }
+    let ok = engine
+        .start(StartWorkflow::new("noop", json!(null)).task_queue("llm_calls-2"))
+        .await
+        .expect("a name SQS accepts");
+    assert!(ok.created);
+    common::delete_queues(&client, &sqs_prefix).await;
+}

@@ -124,6 +124,15 @@ pub enum EngineError {
         /// Its task queue.
         task_queue: String,
     },
+    /// The queue cannot carry the tasks of this task queue ([`Queue::check_task_queue`]);
+    /// nothing was written.
+    #[error("task queue {task_queue:?} cannot be used with this queue: {reason}")]
+    UnservedTaskQueue {
+        /// The requested task queue.
+        task_queue: String,
+        /// Why the queue cannot carry it.
+        reason: String,
+    },
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -575,6 +584,7 @@ impl Engine {
     ///
     /// # Errors
     /// [`EngineError::UnknownWorkflow`], [`EngineError::InvalidArgument`];
+    /// [`EngineError::UnservedTaskQueue`] if the queue cannot carry the task queue;
     /// [`EngineError::AlreadyStarted`] if the id or idempotency key belongs to a
     /// workflow with another name or task queue; store errors.
     pub async fn start(&self, req: StartWorkflow) -> Result<Started, EngineError> {
@@ -601,6 +611,13 @@ impl Engine {
                 "task queue name must be 1 to 80 bytes".into(),
             ));
         }
+        inner
+            .queue
+            .check_task_queue(&task_queue)
+            .map_err(|reason| EngineError::UnservedTaskQueue {
+                task_queue: task_queue.clone(),
+                reason,
+            })?;
         let now = inner.clock.now();
         let req_input = req.input;
         // The run's trace: the first task continues it, and the summary keeps it for

@@ -123,6 +123,9 @@ impl From<EngineError> for ApiError {
                 format!("workflow {id} has already finished"),
             ),
             EngineError::InvalidArgument(m) => Self::invalid(m),
+            EngineError::UnservedTaskQueue { reason, .. } => {
+                Self::invalid(format!("task_queue: {reason}"))
+            }
             e @ EngineError::AlreadyStarted { .. } => {
                 Self::new(StatusCode::CONFLICT, "conflict", e.to_string())
             }

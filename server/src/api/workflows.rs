@@ -219,7 +219,7 @@ pub(crate) fn parse_wait(s: &str) -> Result<Duration, ApiError> {
     responses(
         (status = 202, description = "Started", body = StartResponse),
         (status = 200, description = "A repeat (same id or idempotency key): the existing workflow", body = StartResponse),
-        (status = 400, description = "Malformed body, unknown workflow, bad id or input", body = ErrorBody),
+        (status = 400, description = "Malformed body, unknown workflow, bad id, input or task queue", body = ErrorBody),
         (status = 409, description = "The id or idempotency key belongs to a workflow with another name or task queue", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "The body is not sent as `Content-Type: application/json`", body = ErrorBody),
@@ -242,13 +242,8 @@ pub(crate) async fn start(
         if q.is_empty() {
             return Err(ApiError::invalid("task_queue must not be empty"));
         }
-        // SQS refuses such a name on every send: the workflow would never run.
-        #[cfg(feature = "sqs")]
-        if let crate::config::QueueConfig::Sqs(sqs) = &st.config.queue
-            && let Err(message) = sqs.check_queue_name(&q)
-        {
-            return Err(ApiError::invalid(format!("task_queue: {message}")));
-        }
+        // A name the queue cannot carry (SQS refuses some on every send) is refused
+        // by the engine: `EngineError::UnservedTaskQueue`, a 400.
         start = start.task_queue(q);
     }
     if let Some(key) = idempotency_key(&headers)? {
