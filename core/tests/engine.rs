@@ -805,6 +805,21 @@ async fn a_start_reusing_an_id_with_another_name_or_task_queue_is_refused() {
             if id == &k1.summary.id && name == "noop"),
         "{err:?}"
     );
+    // A start naming its own id with the key of another workflow is not a repeat of it.
+    let own = WorkflowId::parse("own-id").expect("id");
+    let err = engine
+        .start(
+            StartWorkflow::new("noop", json!(null))
+                .id(own.clone())
+                .idempotency_key("req-8"),
+        )
+        .await
+        .expect_err("the key of another workflow is refused for another id");
+    assert!(
+        matches!(&err, marathon_core::EngineError::AlreadyStarted { id, .. } if id == &k1.summary.id),
+        "{err:?}"
+    );
+    assert!(engine.get(&own).await.is_err(), "nothing was created");
 }
 
 /// A start on a task queue the queue cannot carry is refused by `Engine::start`

@@ -111,7 +111,8 @@ pub enum EngineError {
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
     /// A start reused the id (or idempotency key) of a workflow started with another
-    /// workflow name or task queue; nothing was written.
+    /// workflow name or task queue, or named its own id with the idempotency key of
+    /// another workflow; nothing was written.
     #[error(
         "workflow {id} was already started as {name:?} on task queue {task_queue:?}; \
          a start with its id or idempotency key must name the same workflow and task queue"
@@ -586,7 +587,8 @@ impl Engine {
     /// [`EngineError::UnknownWorkflow`], [`EngineError::InvalidArgument`];
     /// [`EngineError::UnservedTaskQueue`] if the queue cannot carry the task queue;
     /// [`EngineError::AlreadyStarted`] if the id or idempotency key belongs to a
-    /// workflow with another name or task queue; store errors.
+    /// workflow with another name or task queue (or the key to another id than the
+    /// one named); store errors.
     pub async fn start(&self, req: StartWorkflow) -> Result<Started, EngineError> {
         let inner = &self.inner;
         if inner.registry.find_workflow(&req.name).is_none() {
@@ -623,6 +625,9 @@ impl Engine {
         // The run's trace: the first task continues it, and the summary keeps it for
         // what reaches the run later (signals, cancellation).
         let trace_context = inner.observer.trace_context();
+        // A start naming its id is a repeat only of that workflow (not of another one
+        // that holds its idempotency key).
+        let named_id = req.id.clone();
         let created = inner
             .store
             .create(NewWorkflow {
@@ -637,7 +642,11 @@ impl Engine {
             })
             .await?;
         let existing = &created.summary;
-        if !created.created && (existing.name != req.name || existing.task_queue != task_queue) {
+        if !created.created
+            && (existing.name != req.name
+                || existing.task_queue != task_queue
+                || named_id.is_some_and(|id| id != existing.id))
+        {
             return Err(EngineError::AlreadyStarted {
                 id: existing.id.clone(),
                 name: existing.name.clone(),
