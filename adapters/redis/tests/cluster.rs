@@ -110,7 +110,7 @@ async fn a_workflow_with_activities_a_timer_and_a_signal_completes_on_the_cluste
             .unwrap();
     }
     for id in &ids {
-        let s = wait_done(&engine, id, Duration::from_secs(20)).await;
+        let s = wait_done(&engine, id, Duration::from_secs(60)).await;
         assert_eq!(s.status, WorkflowStatus::Completed, "{s:?}");
         assert_eq!(s.output, Some(json!({ "sum": 12, "approved": "yes" })));
         let h = engine.events(id, Seq::ZERO, 1000).await.unwrap();

@@ -158,7 +158,7 @@ async fn a_workflow_survives_losing_its_engine_and_queue() {
     let t0 = Instant::now();
     while runs[1].load(Ordering::SeqCst) == 0 {
         assert!(
-            t0.elapsed() < Duration::from_secs(10),
+            t0.elapsed() < Duration::from_secs(60),
             "step 2 never started"
         );
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -174,7 +174,7 @@ async fn a_workflow_survives_losing_its_engine_and_queue() {
     let store2 = fresh_on(prefix.clone()).await;
     let second = step_engine(&store2, &runs, false);
     let w2 = Worker::start(second.clone(), worker_config());
-    let s = wait_done(&second, &id, Duration::from_secs(15)).await;
+    let s = wait_done(&second, &id, Duration::from_secs(60)).await;
     assert_eq!(s.status, WorkflowStatus::Completed, "{s:?}");
     assert_eq!(s.output, Some(json!([0, 10, 20])));
     assert_eq!(runs[0].load(Ordering::SeqCst), 1, "step 1 ran again");
@@ -246,7 +246,7 @@ async fn two_engines_share_one_redis_without_double_recording() {
     });
     let ids = futures::future::join_all(starts).await;
     for (n, id) in &ids {
-        let s = wait_done(&a, id, Duration::from_secs(30)).await;
+        let s = wait_done(&a, id, Duration::from_secs(60)).await;
         assert_eq!(s.status, WorkflowStatus::Completed, "{s:?}");
         let c = n * 100 + 3;
         assert_eq!(s.output, Some(json!([c + 1, c + 11])));
@@ -315,7 +315,7 @@ async fn timers_fire_once_and_signals_are_delivered() {
         .await
         .unwrap();
 
-    let s = wait_done(&engine, &nap, Duration::from_secs(10)).await;
+    let s = wait_done(&engine, &nap, Duration::from_secs(60)).await;
     assert!(t0.elapsed() >= Duration::from_millis(300));
     assert_eq!(s.status, WorkflowStatus::Completed, "{s:?}");
     let slept = s
@@ -331,7 +331,7 @@ async fn timers_fire_once_and_signals_are_delivered() {
     );
     assert_eq!(count(&h, |d| matches!(d, EventData::TimerFired { .. })), 1);
 
-    let s = wait_done(&engine, &approval, Duration::from_secs(10)).await;
+    let s = wait_done(&engine, &approval, Duration::from_secs(60)).await;
     assert_eq!(s.output, Some(json!("yes")));
     let h = checked_history(&engine, &approval).await;
     assert_eq!(
@@ -346,7 +346,7 @@ async fn timers_fire_once_and_signals_are_delivered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn workflows_complete_across_a_redis_restart() {
-    let port = free_port();
+    let port = low_port();
     let dir = std::env::temp_dir().join(format!("marathon-redis-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut server = PrivateRedis::start(port, dir.clone()).await;
@@ -410,7 +410,7 @@ async fn workflows_complete_across_a_redis_restart() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let server2 = PrivateRedis::start(port, dir.clone()).await;
     for (n, id) in &ids {
-        let s = wait_done(&engine, id, Duration::from_secs(30)).await;
+        let s = wait_done(&engine, id, Duration::from_secs(60)).await;
         assert_eq!(s.status, WorkflowStatus::Completed, "{s:?}");
         assert_eq!(s.output, Some(json!(n * 10 + 4)));
         let h = checked_history(&engine, id).await;

@@ -727,11 +727,7 @@ async fn a_start_that_finds_its_id_taken_leaves_its_key_free() {
 
 #[tokio::test]
 async fn survives_a_redis_restart() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = common::low_port();
     let dir = std::env::temp_dir().join(format!("marathon-redis-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
     let mut server = PrivateRedis::start(port, dir.clone()).await;

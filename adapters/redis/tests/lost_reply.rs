@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio::net::{TcpListener, TcpStream};
 
 async fn one_call(ctx: WorkflowContext, (): ()) -> Result<u32, WorkflowError> {
-    let opts = ActivityOptions::default().start_to_close(Duration::from_secs(8));
+    let opts = ActivityOptions::default().start_to_close(Duration::from_secs(30));
     ctx.activity_with::<_, u32>("llm", &1u32, opts).await
 }
 
@@ -128,7 +128,7 @@ async fn run_through_cut(pattern: &'static [u8]) -> (WorkflowStatus, Duration) {
         .config(EngineConfig {
             activity_grace: Duration::from_millis(200),
             task_failure_retry: Duration::from_millis(200),
-            workflow_task_deadline: Duration::from_secs(8),
+            workflow_task_deadline: Duration::from_secs(30),
             ..EngineConfig::default()
         })
         .workflow("one", one_call)
@@ -154,7 +154,7 @@ async fn run_through_cut(pattern: &'static [u8]) -> (WorkflowStatus, Duration) {
         .summary
         .id;
     let mut status = WorkflowStatus::Running;
-    while t0.elapsed() < Duration::from_secs(15) {
+    while t0.elapsed() < Duration::from_secs(60) {
         if let Ok(s) = engine.get(&id).await
             && s.status.is_terminal()
         {
@@ -175,13 +175,13 @@ async fn run_through_cut(pattern: &'static [u8]) -> (WorkflowStatus, Duration) {
 /// scheduled) and its reply. The task is handed back and replayed: the activity is
 /// recorded as scheduled, so nothing new is sent, and the activity task is never
 /// enqueued. Only the sweeper sends it, once its owed deadline (start_to_close +
-/// grace: 8 s here, 300 s by default) has passed.
+/// grace: 30 s here, 300 s by default) has passed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dropped_connection_after_the_schedule_does_not_stall_the_activity() {
     let (status, took) = run_through_cut(b"activity_scheduled").await;
     assert_eq!(status, WorkflowStatus::Completed);
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_secs(10),
         "completed only after {took:?}"
     );
 }
@@ -194,7 +194,7 @@ async fn a_dropped_connection_after_an_activity_result_does_not_stall_the_workfl
     let (status, took) = run_through_cut(b"activity_completed").await;
     assert_eq!(status, WorkflowStatus::Completed);
     assert!(
-        took < Duration::from_secs(3),
+        took < Duration::from_secs(10),
         "completed only after {took:?}"
     );
 }

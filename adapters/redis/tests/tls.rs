@@ -45,13 +45,19 @@ async fn rediss_with_a_private_ca_and_a_password() {
         .kill_on_drop(true)
         .spawn()
         .expect("redis-server on the PATH (apt-get install -y redis-server)");
-    for _ in 0..100 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_ok()
-        {
-            break;
+    // Generous: a loaded machine can take seconds to start it.
+    let t0 = std::time::Instant::now();
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        if let Ok(Some(status)) = server.try_wait() {
+            panic!("redis-server on port {port} exited at start: {status}");
         }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "redis-server on port {port} did not answer within 30 s"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ca = dir.join("ca.pem").to_string_lossy().into_owned();

@@ -57,7 +57,7 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub async fn start(port: u16, dir: std::path::PathBuf) -> Self {
-        let child = tokio::process::Command::new("redis-server")
+        let mut child = tokio::process::Command::new("redis-server")
             .args([
                 "--port",
                 &port.to_string(),
@@ -76,14 +76,20 @@ impl PrivateRedis {
             .kill_on_drop(true)
             .spawn()
             .expect("redis-server on the PATH (apt-get install -y redis-server)");
-        // Probe until it answers, never a fixed sleep.
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                break;
+        // Probe until it answers, never a fixed sleep; generous, since a loaded
+        // machine can take seconds to start a process (only a failure waits it out).
+        let t0 = std::time::Instant::now();
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("redis-server on port {port} exited at start: {status}");
             }
+            assert!(
+                t0.elapsed() < Duration::from_secs(30),
+                "redis-server on port {port} did not answer within 30 s"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Self {
@@ -95,6 +101,19 @@ impl PrivateRedis {
     pub async fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             c.kill().await.expect("kill redis-server");
+        }
+    }
+}
+
+/// A free port below the ephemeral range (20000..30000), for a server that is killed
+/// and started again on it: a port from the ephemeral range can meanwhile become the
+/// local end of an outgoing connection (the store reconnecting to it connects to
+/// itself), and the restart can no longer bind it.
+pub fn low_port() -> u16 {
+    loop {
+        let p = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
         }
     }
 }
