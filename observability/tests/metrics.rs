@@ -52,8 +52,17 @@ async fn a_known_run_yields_exact_counts() {
     let engine = engine(&metrics);
     let w = worker(&engine);
     run_known_set(&engine).await;
-    // Let the depth sampler run at least once more.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Until the depth sampler (every 100 ms) has seen the queue empty: a fixed wait
+    // can pass with no sample on a loaded machine.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let depth = [("queue", "default")];
+    while value(&parse(&metrics.render()), "marathon_queue_depth", &depth) != Some(0.0) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the queue depth was never sampled as 0"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     w.shutdown().await;
     metrics.record_llm_tokens("openai", "gpt-test", "input", 120);
     metrics.record_llm_tokens("openai", "gpt-test", "output", 30);
