@@ -60,7 +60,12 @@ fn http_with(
     )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw).into_owned();
+    Ok(response(&raw))
+}
+
+/// The status and (de-chunked) body of a raw HTTP/1.1 response.
+fn response(raw: &[u8]) -> (u16, String) {
+    let text = String::from_utf8_lossy(raw).into_owned();
     let (head, rest) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status = head
         .split_whitespace()
@@ -75,7 +80,7 @@ fn http_with(
     } else {
         rest.to_string()
     };
-    Ok((status, body))
+    (status, body)
 }
 
 struct Running {
@@ -94,20 +99,42 @@ fn serve(extra: &[&str]) -> Running {
     serve_with(extra, &[])
 }
 
-/// [`serve`] with extra environment variables.
+/// [`serve`] with extra environment variables. The server picks its own port
+/// (`--listen 127.0.0.1:0`) and the test reads it from the start-up line: a port
+/// picked free by the test and bound later by the server can be taken meanwhile (by
+/// another test's server, whose `/healthz` would then answer for this one).
 fn serve_with(extra: &[&str], env: &[(&str, &str)]) -> Running {
-    let port = free_port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut args = vec!["serve", "--listen", &listen];
+    let mut args = vec!["serve", "--listen", "127.0.0.1:0"];
     args.extend_from_slice(extra);
     let mut vars = vec![("MARATHON_LOG", "info")];
     vars.extend_from_slice(env);
-    let child = marathon(&args, &vars)
-        .stdout(Stdio::null())
+    let mut child = marathon(&args, &vars)
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("marathon starts");
-    let r = Running { child, port };
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (port_tx, port_rx) = std::sync::mpsc::channel();
+    // Reads the log to its end, so that the server never blocks on a full pipe.
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if line.contains("marathon serving")
+                && let Some(port) = line
+                    .split_once("addr=127.0.0.1:")
+                    .and_then(|(_, rest)| rest.split_whitespace().next())
+                    .and_then(|p| p.parse::<u16>().ok())
+            {
+                let _ = port_tx.send(port);
+            }
+        }
+    });
+    let mut r = Running { child, port: 0 };
+    r.port = port_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("marathon logs the address it serves on");
+    let port = r.port;
     wait_until(Duration::from_secs(30), "marathon answers /healthz", || {
         matches!(http(port, "GET", "/healthz", None), Ok((200, _)))
     });
@@ -167,11 +194,34 @@ fn serves_workflows_and_stops_on_sigterm_within_the_grace() {
     let (status, _) = http(m.port, "GET", "/readyz", None).expect("readyz");
     assert_eq!(status, 200);
 
-    // An SSE stream open at shutdown ends with it.
+    // An SSE stream open at shutdown ends with it. SIGTERM goes once the stream has
+    // sent its first event (a fixed 300 ms wait could send it before the stream was
+    // open on a loaded machine).
     let port = m.port;
-    let sse =
-        std::thread::spawn(move || http(port, "GET", "/v1/workflows/p-sleep/events/stream", None));
-    std::thread::sleep(Duration::from_millis(300));
+    let (opened, is_open) = std::sync::mpsc::channel();
+    let sse = std::thread::spawn(move || -> std::io::Result<(u16, String)> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(30)))?;
+        write!(
+            s,
+            "GET /v1/workflows/p-sleep/events/stream HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut raw = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                return Ok(response(&raw));
+            }
+            raw.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&raw).contains("event: workflow_started") {
+                let _ = opened.send(());
+            }
+        }
+    });
+    is_open
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the stream sends its first event");
 
     let pid = m.child.id().to_string();
     let killed = Command::new("kill")
@@ -180,9 +230,11 @@ fn serves_workflows_and_stops_on_sigterm_within_the_grace() {
         .expect("kill runs");
     assert!(killed.success());
     let started = Instant::now();
-    let status = wait_exit(&mut m.child, Duration::from_secs(6)).expect("exits within the grace");
+    // The 3 s grace, with room for a loaded machine (the sleeping run would hold it
+    // for 10 minutes).
+    let status = wait_exit(&mut m.child, Duration::from_secs(10)).expect("exits within the grace");
     assert_eq!(status.code(), Some(0), "exit status {status:?}");
-    assert!(started.elapsed() < Duration::from_secs(6));
+    assert!(started.elapsed() < Duration::from_secs(10));
     let (status, body) = sse.join().expect("sse thread").expect("sse response");
     assert_eq!(status, 200);
     assert!(body.contains("event: workflow_started"), "{body}");
