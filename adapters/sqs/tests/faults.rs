@@ -53,8 +53,9 @@ async fn a_message_sent_right_after_a_worker_shuts_down_is_not_stranded() {
         1,
         "the message was not delivered within {waited:?}"
     );
+    // Well below the 30 s visibility timeout a stranded message waits out.
     assert!(
-        waited < Duration::from_secs(3),
+        waited < Duration::from_secs(10),
         "delivered only after {waited:?}"
     );
 }

@@ -23,7 +23,8 @@ fn random_task() -> Task {
 
 async fn receive_n(q: &SqsQueue, n: usize, vis: Duration) -> Vec<marathon_core::Delivery> {
     let mut got = Vec::new();
-    let end = Instant::now() + Duration::from_secs(10);
+    // Generous for a loaded machine (LocalStack is slow then); it returns at once.
+    let end = Instant::now() + Duration::from_secs(30);
     while got.len() < n && Instant::now() < end {
         got.extend(
             q.receive(Q, n - got.len(), Duration::from_secs(1), vis)
@@ -101,8 +102,10 @@ async fn visibility_nack_and_extend() {
     let third = receive_n(&q, 1, Duration::from_secs(1)).await.remove(0);
     assert_eq!(third.receive_count, 3);
 
-    // extend keeps it hidden past its first timeout.
-    q.extend(Q, &third.receipt, Duration::from_secs(4))
+    // extend keeps it hidden past its first timeout (1 s). Extended by far more than
+    // the wait, so that a slow receive cannot reach LocalStack after the extension
+    // ran out (4 s left 2.2 s for it).
+    q.extend(Q, &third.receipt, Duration::from_secs(30))
         .await
         .expect("extend");
     tokio::time::sleep(Duration::from_millis(1800)).await;
