@@ -868,7 +868,11 @@ fn a_collector_that_is_down_does_not_slow_workflows() {
     // during one run alone made it six times slower than the baseline).
     let run = |port: u16| move || timed_run(Some(format!("http://127.0.0.1:{port}")), n);
     let ((baseline, _, _), (refused, _, metrics), (hung, done, _)) = std::thread::scope(|s| {
-        let runs = [s.spawn(run(live)), s.spawn(run(closed)), s.spawn(run(hanging))];
+        let runs = [
+            s.spawn(run(live)),
+            s.spawn(run(closed)),
+            s.spawn(run(hanging)),
+        ];
         let [live, closed, hanging] = runs.map(|r| r.join().expect("a timed run"));
         (live, closed, hanging)
     });
