@@ -138,11 +138,13 @@ pub trait Observer: Send + Sync + 'static {
 
     /// An activity attempt ended after `duration`; `error_kind` is set when it failed.
     /// `name` is [`UNREGISTERED_ACTIVITY`] for an activity not registered here.
+    /// `duration` is `None` for an attempt the sweeper gave up (`timeout.lost`,
+    /// `timeout.schedule_to_close`): no worker measured it.
     fn activity_attempt(
         &self,
         _name: &str,
         _outcome: AttemptOutcome,
-        _duration: Duration,
+        _duration: Option<Duration>,
         _error_kind: Option<&str>,
     ) {
     }

@@ -1131,7 +1131,7 @@ impl marathon_core::Observer for Recorder {
         &self,
         name: &str,
         outcome: marathon_core::AttemptOutcome,
-        _d: Duration,
+        _d: Option<Duration>,
         kind: Option<&str>,
     ) {
         self.log.lock().push(format!(

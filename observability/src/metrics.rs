@@ -509,7 +509,7 @@ impl Observer for Metrics {
         &self,
         name: &str,
         outcome: AttemptOutcome,
-        duration: Duration,
+        duration: Option<Duration>,
         error_kind: Option<&str>,
     ) {
         self.series.activities.with(name, |s| {
@@ -521,13 +521,22 @@ impl Observer for Metrics {
                 )
             });
             attempts.inc();
-            hist.observe(duration.as_secs_f64());
+            // An attempt the sweeper gave up was not measured: no 0 s to pull the
+            // quantiles down.
+            if let Some(d) = duration {
+                hist.observe(d.as_secs_f64());
+            }
             if outcome == AttemptOutcome::Retrying {
                 s.retries
                     .get_or_init(|| self.activity_retries.with_label_values(&[name]))
                     .inc();
             }
-            if let Some(which) = error_kind.and_then(|k| k.strip_prefix("timeout.")) {
+            // A dropped result's timeout is not the attempt's: the attempt ended
+            // as the result recorded for it says (another copy's, or the sweeper's
+            // give-up, which counts its own timeout).
+            if outcome != AttemptOutcome::Dropped
+                && let Some(which) = error_kind.and_then(|k| k.strip_prefix("timeout."))
+            {
                 let i = TIMEOUT_KINDS
                     .iter()
                     .position(|k| *k == which)
@@ -628,19 +637,19 @@ mod tests {
         m.activity_attempt(
             "a",
             AttemptOutcome::Retrying,
-            Duration::from_millis(3),
+            Some(Duration::from_millis(3)),
             Some("timeout.start_to_close"),
         );
         m.activity_attempt(
             "a",
             AttemptOutcome::Failed,
-            Duration::from_millis(3),
+            Some(Duration::from_millis(3)),
             Some("timeout.made_up"),
         );
         m.activity_attempt(
             "a",
             AttemptOutcome::Failed,
-            Duration::from_millis(3),
+            Some(Duration::from_millis(3)),
             Some("bad_request"),
         );
         assert_eq!(m.activity_retries.with_label_values(&["a"]).get(), 1);

@@ -852,3 +852,166 @@ async fn workflow_task_seconds_leave_out_history_reads() {
     .unwrap();
     assert!(secs < 0.1, "{secs} s for {tasks} tasks");
 }
+
+/// The system clock plus a skew the test moves forward: the store, the sweeper and
+/// workflow time jump ahead, while a running attempt's budget (tokio time) does not.
+#[derive(Default)]
+struct SkewClock(std::sync::atomic::AtomicU64);
+
+impl marathon_core::Clock for SkewClock {
+    fn now(&self) -> marathon_core::model::Timestamp {
+        marathon_core::model::Timestamp::now().plus(Duration::from_millis(
+            self.0.load(std::sync::atomic::Ordering::SeqCst),
+        ))
+    }
+}
+
+impl SkewClock {
+    fn skip(&self, d: Duration) {
+        self.0.fetch_add(
+            u64::try_from(d.as_millis()).unwrap(),
+            std::sync::atomic::Ordering::SeqCst,
+        );
+    }
+}
+
+/// Polls `metrics` until the sample `name{labels}` is `want` (5 s at most).
+async fn until_value(metrics: &Metrics, name: &str, labels: &[(&str, &str)], want: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while value(&parse(&metrics.render()), name, labels) != Some(want) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{name}{labels:?} never reached {want}: {}",
+            metrics.render()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The sweeper gives an attempt up at its schedule-to-close while a worker still runs
+/// it; the worker's own timeout then comes too late and its result is dropped. One
+/// attempt timed out once: `marathon_activity_timeouts_total` counts it once (it
+/// counted the dropped result again), and the give-up, which no worker measured, is
+/// not observed as a 0 s attempt in `marathon_activity_attempt_seconds`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_timeout_is_not_counted_again_and_a_give_up_has_no_duration() {
+    use marathon_core::{ActivityContext, ActivityOptions, Engine, StartWorkflow, WorkflowContext};
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let clock = Arc::new(SkewClock::default());
+    let engine = Engine::builder()
+        .observer(metrics.clone())
+        .clock(clock.clone())
+        .workflow("patient", |ctx: WorkflowContext, (): ()| async move {
+            let opts = ActivityOptions::default()
+                .start_to_close(Duration::from_secs(60))
+                .schedule_to_close(Duration::from_secs(1));
+            let given_up = ctx.activity_with::<_, ()>("stall", &(), opts).await;
+            assert!(given_up.is_err());
+            ctx.sleep(Duration::from_secs(3600)).await?;
+            Ok::<_, marathon_core::WorkflowError>(())
+        })
+        .activity("stall", |_c: ActivityContext, (): ()| async move {
+            std::future::pending::<Result<(), marathon_core::ActivityError>>().await
+        })
+        .build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("patient", serde_json::json!(null)))
+        .await
+        .expect("start")
+        .summary
+        .id;
+    let stall = [("activity", "stall")];
+    until_value(&metrics, "marathon_activities_in_flight", &stall, 1.0).await;
+    // Past the attempt's schedule-to-close and its owed deadline: the sweeper gives it up.
+    clock.skip(Duration::from_secs(300));
+    wait_for_event(&engine, &id, "activity_failed").await;
+    // The worker's budget (1 s) runs out after that: its result is dropped.
+    until_value(
+        &metrics,
+        "marathon_activity_attempts_total",
+        &[("activity", "stall"), ("outcome", "dropped")],
+        1.0,
+    )
+    .await;
+    w.shutdown().await;
+    let s = parse(&metrics.render());
+    exact(
+        &s,
+        "marathon_activity_attempts_total",
+        &[("activity", "stall"), ("outcome", "failed")],
+        1.0,
+    );
+    exact(
+        &s,
+        "marathon_activity_timeouts_total",
+        &[("activity", "stall"), ("timeout", "schedule_to_close")],
+        1.0,
+    );
+    assert_eq!(
+        value(
+            &s,
+            "marathon_activity_attempt_seconds_count",
+            &[("activity", "stall"), ("outcome", "failed")]
+        )
+        .unwrap_or(0.0),
+        0.0,
+        "a give-up observed as an attempt of 0 s"
+    );
+    // The dropped attempt ran about 1 s, and is measured.
+    assert_eq!(
+        count(
+            &s,
+            "marathon_activity_attempt_seconds",
+            &[("activity", "stall"), ("outcome", "dropped")]
+        ),
+        1.0
+    );
+}
+
+/// An attempt the sweeper gives up is labelled like any other: a name no activity
+/// here is registered under counts as `unregistered`, not as a label value of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_given_up_attempt_of_an_unregistered_name_is_not_a_label_value() {
+    use marathon_core::{ActivityOptions, Engine, StartWorkflow, WorkflowContext};
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let clock = Arc::new(SkewClock::default());
+    let engine = Engine::builder()
+        .observer(metrics.clone())
+        .clock(clock.clone())
+        .workflow("tools", |ctx: WorkflowContext, tool: String| async move {
+            // A queue no worker serves: only the sweeper ends the attempt.
+            let opts = ActivityOptions::default()
+                .task_queue("nowhere")
+                .schedule_to_close(Duration::from_secs(1));
+            ctx.activity_with::<_, ()>(&tool, &(), opts).await?;
+            Ok::<_, marathon_core::WorkflowError>(())
+        })
+        .build();
+    let w = worker(&engine);
+    let id = engine
+        .start(StartWorkflow::new("tools", serde_json::json!("tool-x")))
+        .await
+        .expect("start")
+        .summary
+        .id;
+    wait_for_event(&engine, &id, "activity_scheduled").await;
+    clock.skip(Duration::from_secs(3600));
+    assert_eq!(finish(&engine, &id).await, WorkflowStatus::Failed);
+    w.shutdown().await;
+    let text = metrics.render();
+    assert!(!text.contains("tool-x"), "{text}");
+    let s = parse(&text);
+    exact(
+        &s,
+        "marathon_activity_attempts_total",
+        &[("activity", "unregistered"), ("outcome", "failed")],
+        1.0,
+    );
+    exact(
+        &s,
+        "marathon_activity_timeouts_total",
+        &[("activity", "unregistered"), ("timeout", "schedule_to_close")],
+        1.0,
+    );
+}

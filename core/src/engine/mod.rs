@@ -1602,13 +1602,7 @@ impl EngineInner {
             return Ok(());
         }
         let clock = std::time::Instant::now();
-        // A name no activity here is registered under (made up by the code: a model's
-        // tool call, say) is reported as one, not as a label value of its own.
-        let name = if self.registry.find_activity(&call.name).is_some() {
-            call.name.as_str()
-        } else {
-            crate::observe::UNREGISTERED_ACTIVITY
-        };
+        let name = self.activity_label(&call.name);
         let running = RunningGauge::start(self.observer.as_ref(), name);
         let mut result = self.clone().run_attempt(&t, &call, started_at).await;
         within_depth(&mut result);
@@ -1620,8 +1614,20 @@ impl EngineInner {
             .await?;
         crate::observe::record_current([("outcome", &outcome.as_str())]);
         self.observer
-            .activity_attempt(name, outcome, duration, error_kind.as_deref());
+            .activity_attempt(name, outcome, Some(duration), error_kind.as_deref());
         Ok(())
+    }
+
+    /// The name an attempt of activity `name` is reported under: a name no activity
+    /// here is registered under (made up by the code: a model's tool call, say) is
+    /// reported as [`crate::observe::UNREGISTERED_ACTIVITY`], not as a label value of
+    /// its own.
+    fn activity_label<'a>(&self, name: &'a str) -> &'a str {
+        if self.registry.find_activity(name).is_some() {
+            name
+        } else {
+            crate::observe::UNREGISTERED_ACTIVITY
+        }
     }
 
     /// Whether the attempt must be marked started before it runs: its owed deadline
@@ -2056,12 +2062,13 @@ impl EngineInner {
                         )
                         .await?;
                     // Not given up after all (a result, or a start since the claim):
-                    // no timeout to count.
+                    // no timeout to count. No worker measured how long the attempt
+                    // ran (it was lost, or still runs): no duration.
                     if outcome != AttemptOutcome::Dropped {
                         self.observer.activity_attempt(
-                            &call.name,
+                            self.activity_label(&call.name),
                             outcome,
-                            Duration::ZERO,
+                            None,
                             Some(&kind),
                         );
                     }
