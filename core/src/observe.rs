@@ -158,6 +158,9 @@ pub trait Observer: Send + Sync + 'static {
     /// The approximate depth of `queue`, sampled.
     fn queue_depth(&self, _queue: &str, _depth: u64) {}
 
+    /// Sampling the depth of `queue` failed: the last sample no longer holds.
+    fn queue_depth_unknown(&self, _queue: &str) {}
+
     /// `count` tasks were found dead-lettered on `queue` (0 when a worker starts
     /// serving it, so that the count exists before the first dead letter).
     fn dead_lettered(&self, _queue: &str, _count: usize) {}

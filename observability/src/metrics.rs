@@ -570,6 +570,13 @@ impl Observer for Metrics {
             .set(i64::try_from(depth).unwrap_or(i64::MAX));
     }
 
+    fn queue_depth_unknown(&self, queue: &str) {
+        // Not shown rather than stale: an alert on it then neither fires nor holds on
+        // a value nobody measures; the failed reads count in
+        // `marathon_queue_operation_seconds{operation="depth",outcome="error"}`.
+        let _ = self.queue_depth.remove_label_values(&[queue]);
+    }
+
     fn dead_lettered(&self, queue: &str, count: usize) {
         self.dead_lettered
             .with_label_values(&[queue])

@@ -1015,3 +1015,115 @@ async fn a_given_up_attempt_of_an_unregistered_name_is_not_a_label_value() {
         1.0,
     );
 }
+
+/// A memory queue whose `depth` fails while `fail_depth` is set.
+#[derive(Default)]
+struct FlakyDepth {
+    inner: marathon_core::memory::MemoryQueue,
+    fail_depth: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl marathon_core::Queue for FlakyDepth {
+    async fn enqueue(
+        &self,
+        queue: &str,
+        messages: Vec<marathon_core::OutgoingMessage>,
+    ) -> Result<(), marathon_core::QueueError> {
+        self.inner.enqueue(queue, messages).await
+    }
+    async fn receive(
+        &self,
+        queue: &str,
+        max: usize,
+        wait: Duration,
+        visibility: Duration,
+    ) -> Result<Vec<marathon_core::Delivery>, marathon_core::QueueError> {
+        self.inner.receive(queue, max, wait, visibility).await
+    }
+    async fn ack(
+        &self,
+        queue: &str,
+        receipts: Vec<marathon_core::Receipt>,
+    ) -> Result<(), marathon_core::QueueError> {
+        self.inner.ack(queue, receipts).await
+    }
+    async fn nack(
+        &self,
+        queue: &str,
+        receipt: &marathon_core::Receipt,
+        delay: Duration,
+    ) -> Result<(), marathon_core::QueueError> {
+        self.inner.nack(queue, receipt, delay).await
+    }
+    async fn extend(
+        &self,
+        queue: &str,
+        receipt: &marathon_core::Receipt,
+        visibility: Duration,
+    ) -> Result<(), marathon_core::QueueError> {
+        self.inner.extend(queue, receipt, visibility).await
+    }
+    async fn depth(&self, queue: &str) -> Result<u64, marathon_core::QueueError> {
+        if self.fail_depth.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(marathon_core::QueueError::Unavailable("down".into()));
+        }
+        self.inner.depth(queue).await
+    }
+    async fn drain_dead_letters(
+        &self,
+        queue: &str,
+        max: usize,
+    ) -> Result<Vec<marathon_core::Task>, marathon_core::QueueError> {
+        self.inner.drain_dead_letters(queue, max).await
+    }
+    fn max_message_bytes(&self) -> usize {
+        self.inner.max_message_bytes()
+    }
+    fn is_in_process(&self) -> bool {
+        self.inner.is_in_process()
+    }
+    async fn ping(&self) -> Result<(), marathon_core::QueueError> {
+        self.inner.ping().await
+    }
+}
+
+/// While the queue's depth cannot be read, `marathon_queue_depth` is not shown: its
+/// last sample, held on, would keep `MarathonQueueDepthHigh` firing (or quiet) on a
+/// value nobody measures any more. The failed reads are counted, and the next sample
+/// shows it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_depth_is_not_shown_while_it_cannot_be_read() {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let queue = Arc::new(FlakyDepth::default());
+    let engine = engine_with(
+        &metrics,
+        queue.clone(),
+        marathon_core::EngineConfig::default(),
+    );
+    let w = worker(&engine);
+    let depth = [("queue", "default")];
+    until_value(&metrics, "marathon_queue_depth", &depth, 0.0).await;
+    queue
+        .fail_depth
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // Two sampling rounds (every 100 ms).
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let s = parse(&metrics.render());
+    assert_eq!(
+        value(&s, "marathon_queue_depth", &depth),
+        None,
+        "a depth that cannot be read is still shown"
+    );
+    let errors = [
+        ("operation", "depth"),
+        ("backend", "memory"),
+        ("outcome", "error"),
+    ];
+    assert!(count(&s, "marathon_queue_operation_seconds", &errors) >= 1.0);
+    queue
+        .fail_depth
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    until_value(&metrics, "marathon_queue_depth", &depth, 0.0).await;
+    w.shutdown().await;
+}

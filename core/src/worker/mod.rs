@@ -422,8 +422,12 @@ async fn maintenance_loop(engine: Engine, config: Arc<WorkerConfig>, stop: Cance
             () = stop.cancelled() => return,
         }
         for spec in &config.queues {
-            if let Ok(depth) = engine.queue().depth(&spec.name).await {
-                engine.observer().queue_depth(&spec.name, depth);
+            match engine.queue().depth(&spec.name).await {
+                Ok(depth) => engine.observer().queue_depth(&spec.name, depth),
+                Err(e) => {
+                    tracing::warn!(queue = %spec.name, error = %e, "sampling the queue depth failed");
+                    engine.observer().queue_depth_unknown(&spec.name);
+                }
             }
             match engine.queue().drain_dead_letters(&spec.name, 100).await {
                 Ok(tasks) => {
