@@ -91,7 +91,8 @@ impl AttemptOutcome {
 pub enum TaskOutcome {
     /// New events were recorded.
     Recorded,
-    /// Nothing new to do (a duplicate delivery).
+    /// Nothing new to record (a duplicate delivery to an open run; tasks of a closed
+    /// or missing run report no outcome).
     Nothing,
     /// It lost a conditional append and replayed.
     Conflict,
@@ -119,7 +120,8 @@ pub trait Observer: Send + Sync + 'static {
     /// A workflow was created.
     fn workflow_started(&self, _name: &str) {}
 
-    /// A workflow finished, `duration` after it started.
+    /// A workflow finished, `duration` after it started: reported by the task whose
+    /// append closed it, once the store answered (not when that reply was lost).
     fn workflow_closed(&self, _name: &str, _status: WorkflowStatus, _duration: Duration) {}
 
     /// A workflow task ran the code for `duration` over a history of `history_len` events.

@@ -177,7 +177,7 @@ impl Queue for HandQueue {
 
 /// A memory store with hooks: one `get` can be held (the sweeper reads the summary
 /// between its claim and its resend), one `start_attempt` can fail, one `create`'s
-/// reply can be lost; it counts reads.
+/// reply can be lost, as can one closing append's; it counts reads.
 pub struct HookStore {
     /// The store it forwards to.
     pub inner: MemoryStore,
@@ -193,6 +193,8 @@ pub struct HookStore {
     pub reads: AtomicU32,
     /// Set: the next `create` is applied but answers unavailable (its reply was lost).
     pub lose_create_reply: AtomicBool,
+    /// Set: the next `append` that closes a run is applied but answers unavailable.
+    pub lose_close_reply: AtomicBool,
 }
 
 impl Default for HookStore {
@@ -205,6 +207,7 @@ impl Default for HookStore {
             fail_start: AtomicBool::new(false),
             reads: AtomicU32::new(0),
             lose_create_reply: AtomicBool::new(false),
+            lose_close_reply: AtomicBool::new(false),
         }
     }
 }
@@ -225,7 +228,12 @@ impl Store for HookStore {
         events: Vec<NewEvent>,
         owed: OwedChanges,
     ) -> Result<Seq, StoreError> {
-        self.inner.append(id, expected, events, owed).await
+        let closes = events.iter().any(|e| e.data.is_terminal());
+        let last = self.inner.append(id, expected, events, owed).await?;
+        if closes && self.lose_close_reply.swap(false, Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("reply lost".into()));
+        }
+        Ok(last)
     }
     async fn append_keyed(
         &self,

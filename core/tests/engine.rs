@@ -1127,6 +1127,17 @@ impl marathon_core::Observer for Recorder {
     fn workflow_closed(&self, name: &str, status: WorkflowStatus, _d: Duration) {
         self.log.lock().push(format!("closed {name} {status}"));
     }
+    fn workflow_task(
+        &self,
+        name: &str,
+        outcome: marathon_core::TaskOutcome,
+        _d: Duration,
+        _len: u64,
+    ) {
+        self.log
+            .lock()
+            .push(format!("workflow task {name} {}", outcome.as_str()));
+    }
     fn activity_attempt(
         &self,
         name: &str,
@@ -1514,4 +1525,79 @@ async fn a_wait_for_a_signal_name_that_cannot_be_sent_fails() {
         assert_eq!(s.error.map(|e| e.kind), Some("invalid_argument".into()));
     }
     w.shutdown().await;
+}
+
+/// The append that closes a run is applied but its reply is lost: the task fails and
+/// is delivered again, finds the run closed and stops. Nobody knows the close was
+/// this task's (another task could have closed it), so it is not counted: at-least-once
+/// delivery lets `marathon_workflows_closed_total` count a close at most once, never
+/// twice, and miss one in this case (`docs/OBSERVABILITY.md`).
+#[tokio::test(start_paused = true)]
+async fn a_close_whose_reply_was_lost_is_not_counted_twice() {
+    let hooked = Arc::new(HookStore::default());
+    let store: Arc<dyn marathon_core::Store> = hooked.clone();
+    let (_, queue) = backends();
+    let rec = Arc::new(Recorder::default());
+    let engine = builder(&store, &queue)
+        .observer(rec.clone())
+        .workflow("quick", |_ctx: WorkflowContext, (): ()| async move {
+            Ok::<_, WorkflowError>(1u32)
+        })
+        .build();
+    hooked.lose_close_reply.store(true, Ordering::SeqCst);
+    let w = worker(&engine);
+    let id = start(&engine, "quick", json!(null)).await;
+    assert_eq!(
+        finished(&engine, &id).await.status,
+        WorkflowStatus::Completed
+    );
+    // The failed task's redelivery, and anything after it.
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    w.shutdown().await;
+    assert!(!hooked.lose_close_reply.load(Ordering::SeqCst), "no close");
+    let log = rec.log.lock().clone();
+    let closed = log.iter().filter(|l| l.starts_with("closed ")).count();
+    assert_eq!(closed, 0, "{log:#?}");
+}
+
+/// Tasks of a run that is closed (the results of parallel calls that arrive after the
+/// close) run no code and are not counted in `marathon_workflow_tasks_total`: its
+/// `nothing` is a task of an open run with nothing new to record
+/// (`docs/OBSERVABILITY.md`).
+#[tokio::test(start_paused = true)]
+async fn tasks_of_a_closed_run_are_not_counted() {
+    let (store, queue) = backends();
+    let rec = Arc::new(Recorder::default());
+    let engine = builder(&store, &queue)
+        .observer(rec.clone())
+        .workflow("first", |ctx: WorkflowContext, n: u64| async move {
+            // Returns with the first result; the others arrive after the close.
+            let calls: Vec<_> = (0..n)
+                .map(|i| Box::pin(ctx.activity::<_, u64>("id", &i)))
+                .collect();
+            let (first, _, _) = futures::future::select_all(calls).await;
+            Ok::<_, WorkflowError>(first?)
+        })
+        .activity("id", |_c: ActivityContext, i: u64| async move {
+            Ok::<_, ActivityError>(i)
+        })
+        .build();
+    let w = worker(&engine);
+    let id = start(&engine, "first", json!(20)).await;
+    finished(&engine, &id).await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    w.shutdown().await;
+    let log = rec.log.lock().clone();
+    let delivered = log
+        .iter()
+        .filter(|l| l.starts_with("task workflow "))
+        .count();
+    let counted = log
+        .iter()
+        .filter(|l| l.starts_with("workflow task "))
+        .count();
+    assert!(
+        counted < delivered,
+        "every task counted ({counted} of {delivered}): {log:#?}"
+    );
 }

@@ -1011,7 +1011,10 @@ async fn a_given_up_attempt_of_an_unregistered_name_is_not_a_label_value() {
     exact(
         &s,
         "marathon_activity_timeouts_total",
-        &[("activity", "unregistered"), ("timeout", "schedule_to_close")],
+        &[
+            ("activity", "unregistered"),
+            ("timeout", "schedule_to_close"),
+        ],
         1.0,
     );
 }
