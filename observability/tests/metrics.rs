@@ -875,9 +875,9 @@ impl SkewClock {
     }
 }
 
-/// Polls `metrics` until the sample `name{labels}` is `want` (5 s at most).
+/// Polls `metrics` until the sample `name{labels}` is `want` (10 s at most).
 async fn until_value(metrics: &Metrics, name: &str, labels: &[(&str, &str)], want: f64) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while value(&parse(&metrics.render()), name, labels) != Some(want) {
         assert!(
             std::time::Instant::now() < deadline,
@@ -904,7 +904,7 @@ async fn a_dropped_timeout_is_not_counted_again_and_a_give_up_has_no_duration() 
         .workflow("patient", |ctx: WorkflowContext, (): ()| async move {
             let opts = ActivityOptions::default()
                 .start_to_close(Duration::from_secs(60))
-                .schedule_to_close(Duration::from_secs(1));
+                .schedule_to_close(Duration::from_secs(3));
             let given_up = ctx.activity_with::<_, ()>("stall", &(), opts).await;
             assert!(given_up.is_err());
             ctx.sleep(Duration::from_secs(3600)).await?;
@@ -926,7 +926,7 @@ async fn a_dropped_timeout_is_not_counted_again_and_a_give_up_has_no_duration() 
     // Past the attempt's schedule-to-close and its owed deadline: the sweeper gives it up.
     clock.skip(Duration::from_secs(300));
     wait_for_event(&engine, &id, "activity_failed").await;
-    // The worker's budget (1 s) runs out after that: its result is dropped.
+    // The worker's budget (3 s) runs out after that: its result is dropped.
     until_value(
         &metrics,
         "marathon_activity_attempts_total",
@@ -958,7 +958,7 @@ async fn a_dropped_timeout_is_not_counted_again_and_a_give_up_has_no_duration() 
         0.0,
         "a give-up observed as an attempt of 0 s"
     );
-    // The dropped attempt ran about 1 s, and is measured.
+    // The dropped attempt ran about 3 s, and is measured.
     assert_eq!(
         count(
             &s,
