@@ -1601,3 +1601,56 @@ async fn tasks_of_a_closed_run_are_not_counted() {
         "every task counted ({counted} of {delivered}): {log:#?}"
     );
 }
+
+/// An activity scheduled on a task queue the queue cannot carry (SQS refuses the name
+/// on every send) is not sent; the sweeper fails the attempt at once with
+/// `invalid_argument`, not retried, and the workflow sees the error. Before, each
+/// send failed and the sweeper sent it again, less and less often, forever.
+#[tokio::test]
+async fn an_activity_on_a_task_queue_the_queue_cannot_carry_fails() {
+    let hand = Arc::new(HandQueue::default());
+    hand.refused.lock().push("gpu.jobs".into());
+    let store: Arc<dyn marathon_core::Store> =
+        Arc::new(marathon_core::memory::MemoryStore::default());
+    let queue: Arc<dyn marathon_core::Queue> = hand.clone();
+    let engine = builder(&store, &queue)
+        .workflow("gpu", |ctx: WorkflowContext, (): ()| async move {
+            let r: Result<u32, WorkflowError> = ctx
+                .activity_with(
+                    "work",
+                    &1u32,
+                    ActivityOptions::default()
+                        .task_queue("gpu.jobs")
+                        .retry(fast_retry(5)),
+                )
+                .await;
+            Ok(r.map_err(|e| e.activity_error().map(|a| a.kind)))
+        })
+        .activity("work", |_ctx: ActivityContext, x: u32| async move {
+            Ok::<_, ActivityError>(x)
+        })
+        .build();
+    let id = start(&engine, "gpu", json!(null)).await;
+    let take = || {
+        let mut p = hand.pending.lock();
+        (!p.is_empty()).then(|| p.remove(0))
+    };
+    let (q, task) = take().expect("first workflow task");
+    engine.handle(&q, task).await.expect("workflow task");
+    assert!(
+        hand.pending.lock().iter().all(|(q, _)| q != "gpu.jobs"),
+        "nothing is sent to a task queue the queue cannot carry"
+    );
+    engine.sweep(100).await.expect("sweep");
+    while let Some((q, task)) = take() {
+        assert_ne!(q, "gpu.jobs");
+        engine.handle(&q, task).await.expect("task");
+    }
+    let s = engine.get(&id).await.expect("get");
+    assert_eq!(s.status, WorkflowStatus::Completed, "{s:?}");
+    assert_eq!(
+        s.output,
+        Some(json!({"Err": "invalid_argument"})),
+        "one attempt, failed for good: {s:?}"
+    );
+}

@@ -1405,9 +1405,16 @@ impl EngineInner {
                         options,
                         task_queue,
                     } => {
-                        let deadline = now
-                            .plus(options.start_to_close)
-                            .plus(self.config.activity_grace);
+                        // A task queue the queue cannot carry (SQS refuses the name on
+                        // every send) is not sent to: the entry is due at once, and the
+                        // sweeper fails the attempt (`invalid_argument`, not retried).
+                        let carried = self.queue.check_task_queue(task_queue).is_ok();
+                        let deadline = if carried {
+                            now.plus(options.start_to_close)
+                                .plus(self.config.activity_grace)
+                        } else {
+                            now
+                        };
                         owed.set.push(OwedEntry {
                             kind: OwedKind::Activity {
                                 activity_id: *activity_id,
@@ -1423,6 +1430,9 @@ impl EngineInner {
                             trace_context: None,
                             run: None,
                         });
+                        if !carried {
+                            continue;
+                        }
                         let inline = self.queue.max_message_bytes() == usize::MAX
                             || serde_json::to_vec(input).map_or(0, |v| v.len()) <= inline_limit;
                         activities.entry(task_queue.clone()).or_default().push(
@@ -2018,7 +2028,17 @@ impl EngineInner {
                 // attempt no worker has marked started may be lost, or may still wait in
                 // a backlog: it is sent again (a worker runs one copy), less and less
                 // often, and never counted as lost.
-                let give_up = if call
+                let give_up = if let Err(reason) =
+                    self.queue.check_task_queue(&owed.entry.task_queue)
+                {
+                    Some(
+                        ActivityError::permanent(format!(
+                            "task queue {:?} cannot be used with this queue: {reason}",
+                            owed.entry.task_queue
+                        ))
+                        .with_kind("invalid_argument"),
+                    )
+                } else if call
                     .options
                     .schedule_to_close
                     .is_some_and(|s| now >= call.scheduled_at.plus(s))
