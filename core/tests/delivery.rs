@@ -403,3 +403,99 @@ async fn clean_up_after_a_cancel_of_a_wide_fan_out_replays_the_same() {
         )
     );
 }
+
+/// Runs workflow `pay` of id `id` to its end by hand; its output. The second attempt's
+/// task is stripped of its run, as a message from an earlier version is.
+async fn pay_run(engine: &Engine, queue: &HandQueue, id: &WorkflowId) -> serde_json::Value {
+    let started = engine
+        .start(StartWorkflow::new("pay", json!(null)).id(id.clone()))
+        .await
+        .expect("start");
+    assert!(started.created);
+    loop {
+        let next = {
+            let mut pending = queue.pending.lock();
+            if pending.is_empty() {
+                break;
+            }
+            pending.remove(0)
+        };
+        let (name, mut task) = next;
+        if let Task::Activity(a) = &mut task
+            && a.attempt == 2
+        {
+            a.run = None;
+        }
+        engine.handle(&name, task).await.expect("task handled");
+    }
+    let s = engine.get(id).await.expect("get");
+    assert_eq!(s.status, WorkflowStatus::Completed, "{s:?}");
+    s.output.expect("output")
+}
+
+/// A workflow id used again once retention removed its run names a new run: its
+/// activities get idempotency keys of their own (a provider that deduplicates on
+/// the old run's key would answer with the old run's response) and `ctx.uuid()`
+/// draws new values. Within one run both stay the same: on every attempt (also one
+/// whose task does not name its run) and on every replay (no cache here). Before
+/// 2026-11-27 the key was `{workflow_id}:{activity_id}` and the generator was seeded
+/// by the id alone, so the new run repeated the old run's keys and UUIDs.
+#[tokio::test]
+async fn a_new_run_of_a_reused_id_gets_its_own_idempotency_keys_and_uuids() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let queue = Arc::new(HandQueue::default());
+    let keys = Arc::new(parking_lot::Mutex::new(Vec::<String>::new()));
+    let seen = keys.clone();
+    let engine = Engine::builder()
+        .store(store.clone())
+        .queue(queue.clone())
+        .config(marathon_core::EngineConfig {
+            cache_capacity: 0,
+            ..marathon_core::EngineConfig::default()
+        })
+        .workflow("pay", |ctx: WorkflowContext, (): ()| async move {
+            let uuid = ctx.uuid().to_string();
+            let (echo, key): (String, String) = ctx.activity("charge", &uuid).await?;
+            Ok(json!({"uuid": uuid, "echo": echo, "key": key}))
+        })
+        .activity("charge", move |c: ActivityContext, uuid: String| {
+            let seen = seen.clone();
+            async move {
+                seen.lock().push(c.idempotency_key());
+                if c.attempt() == 1 {
+                    return Err(ActivityError::retryable("provider busy"));
+                }
+                Ok::<_, ActivityError>((uuid, c.idempotency_key()))
+            }
+        })
+        .build();
+    let id = WorkflowId::parse("order-7").expect("id");
+    let old = pay_run(&engine, &queue, &id).await;
+    assert_eq!(
+        store
+            .purge_closed(Timestamp(u64::MAX), 10)
+            .await
+            .expect("purge"),
+        1
+    );
+    // A run is named by its creation time in ms (see `stale_cache_after_id_reuse`).
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let new = pay_run(&engine, &queue, &id).await;
+    let keys = keys.lock().clone();
+    assert_eq!(keys.len(), 4, "{keys:?}");
+    for out in [&old, &new] {
+        assert_eq!(out["uuid"], out["echo"], "replayed another uuid: {out}");
+    }
+    assert_eq!(keys[0], keys[1], "attempts of one call share a key");
+    assert_eq!(keys[2], keys[3], "attempts of one call share a key");
+    assert_eq!(old["key"], json!(keys[1]));
+    assert_eq!(new["key"], json!(keys[3]));
+    assert_ne!(
+        old["key"], new["key"],
+        "the new run reuses the old run's key"
+    );
+    assert_ne!(
+        old["uuid"], new["uuid"],
+        "the new run repeats the old run's uuid"
+    );
+}

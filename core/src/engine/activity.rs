@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::engine::EngineInner;
-use crate::model::{ActivityError, EventData, NewEvent, Seq, WorkflowId};
+use crate::model::{ActivityError, EventData, NewEvent, Seq, Timestamp, WorkflowId};
 use crate::store::KeyedAppend;
 
 /// What a running activity can ask of the engine: who it is, heartbeats,
@@ -21,6 +21,9 @@ pub struct ActivityContext {
 
 struct ActivityInner {
     workflow_id: WorkflowId,
+    /// The run that called it: its `created_at` (a workflow id may name a new run
+    /// once retention has removed a finished one).
+    run: Timestamp,
     activity_id: u32,
     attempt: u32,
     /// Sequence of the call's `activity_scheduled` event.
@@ -53,7 +56,7 @@ const CANCEL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 impl ActivityContext {
     pub(crate) fn new(
         engine: Option<Arc<EngineInner>>,
-        workflow_id: WorkflowId,
+        (workflow_id, run): (WorkflowId, Timestamp),
         (activity_id, attempt, scheduled_seq): (u32, u32, Seq),
         name: String,
         cancel: CancellationToken,
@@ -61,6 +64,7 @@ impl ActivityContext {
         Self {
             inner: Arc::new(ActivityInner {
                 workflow_id,
+                run,
                 activity_id,
                 attempt,
                 scheduled_seq,
@@ -82,7 +86,7 @@ impl ActivityContext {
     pub fn for_test(attempt: u32, cancel: CancellationToken) -> Self {
         Self::new(
             None,
-            WorkflowId::random(),
+            (WorkflowId::random(), Timestamp::now()),
             (1, attempt, Seq(2)),
             "test".to_string(),
             cancel,
@@ -125,10 +129,15 @@ impl ActivityContext {
     }
 
     /// A key that is the same for every attempt of this call and unique across
-    /// calls: pass it to providers that deduplicate requests.
+    /// calls, also across runs of a reused workflow id: pass it to providers that
+    /// deduplicate requests. `{workflow_id}:{run}:{activity_id}`, where `run` is the
+    /// run's `created_at` in ms.
     #[must_use]
     pub fn idempotency_key(&self) -> String {
-        format!("{}:{}", self.inner.workflow_id, self.inner.activity_id)
+        format!(
+            "{}:{}:{}",
+            self.inner.workflow_id, self.inner.run.0, self.inner.activity_id
+        )
     }
 
     /// Whether cancellation has reached this attempt.

@@ -3,7 +3,7 @@
 //! Every call is deterministic under replay: activity calls and timers take the
 //! next command id and resolve from the recorded history; signals and
 //! cancellation are delivered from recorded events; `now` and `random` come
-//! from the history and the workflow id.
+//! from the history and the run (workflow id and creation time).
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -97,16 +97,19 @@ pub(crate) struct WfState {
 }
 
 impl WfState {
-    fn new(id: &WorkflowId, now: Timestamp) -> Self {
-        // FNV-1a of the id: a seed that is the same in every process and Rust version.
+    /// The state of run `started_at` (its `created_at`, the time of its
+    /// `workflow_started`, also the workflow time until its first task) of workflow `id`.
+    fn new(id: &WorkflowId, started_at: Timestamp) -> Self {
+        // FNV-1a of the id and the run's creation time: a seed that is the same in
+        // every process and Rust version, and another for a new run of a reused id.
         let mut seed: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in id.as_str().bytes() {
+        for b in id.as_str().bytes().chain(started_at.0.to_be_bytes()) {
             seed ^= u64::from(b);
             seed = seed.wrapping_mul(0x0100_0000_01b3);
         }
         Self {
             next_command: 1,
-            now,
+            now: started_at,
             rng: seed,
             activities: BTreeMap::new(),
             timers: BTreeMap::new(),
@@ -212,8 +215,9 @@ pub struct WorkflowContext {
 }
 
 impl WorkflowContext {
-    pub(crate) fn new(id: WorkflowId, now: Timestamp) -> Self {
-        let state = Arc::new(Mutex::new(WfState::new(&id, now)));
+    /// The context of run `started_at` of workflow `id`; see [`WfState::new`].
+    pub(crate) fn new(id: WorkflowId, started_at: Timestamp) -> Self {
+        let state = Arc::new(Mutex::new(WfState::new(&id, started_at)));
         Self { id, state }
     }
 
@@ -323,7 +327,8 @@ impl WorkflowContext {
         self.state.lock().now
     }
 
-    /// A deterministic pseudo-random number (the same sequence on every replay).
+    /// A deterministic pseudo-random number: the same sequence on every replay of
+    /// this run, another for each run (a new run of a reused id included).
     #[must_use]
     pub fn random(&self) -> u64 {
         self.state.lock().next_random()

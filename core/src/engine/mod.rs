@@ -1601,6 +1601,16 @@ impl EngineInner {
                 None => return Ok(()),
             },
         };
+        // The run names the call's idempotency key. A task sent before tasks carried
+        // it: the run the store holds now (the one that called it, unless retention
+        // removed that one).
+        let run = match t.run {
+            Some(run) => run,
+            None => match self.store.get(&t.workflow_id).await? {
+                Some(s) => s.created_at,
+                None => return Ok(()),
+            },
+        };
         let started_at = self.clock.now();
         // Boxed: rarely awaited, and kept out of this (hot) future's size.
         // A redelivery (receive count > 1: a failed ack, a worker that died or handed
@@ -1614,7 +1624,7 @@ impl EngineInner {
         let clock = std::time::Instant::now();
         let name = self.activity_label(&call.name);
         let running = RunningGauge::start(self.observer.as_ref(), name);
-        let mut result = self.clone().run_attempt(&t, &call, started_at).await;
+        let mut result = self.clone().run_attempt(&t, run, &call, started_at).await;
         within_depth(&mut result);
         drop(running);
         let duration = clock.elapsed();
@@ -1688,6 +1698,7 @@ impl EngineInner {
     async fn run_attempt(
         self: Arc<Self>,
         t: &ActivityTask,
+        run: Timestamp,
         call: &ActivityCall,
         started_at: Timestamp,
     ) -> Result<Value, ActivityError> {
@@ -1725,7 +1736,7 @@ impl EngineInner {
         };
         let ctx = ActivityContext::new(
             Some(self.clone()),
-            t.workflow_id.clone(),
+            (t.workflow_id.clone(), run),
             (t.activity_id, t.attempt, t.scheduled_seq),
             call.name.clone(),
             token.clone(),
