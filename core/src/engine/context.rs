@@ -73,6 +73,50 @@ impl<T> Slot<T> {
     }
 }
 
+/// The wakers of the futures waiting for one kind of input (a signal, the
+/// cancellation): one slot per waiting future, so a future polled again (each
+/// workflow task polls with a waker of its own) replaces its waker instead of adding
+/// one, and a future that resolves or is dropped takes its slot away. Woken in the
+/// order the slots were taken since the last wake-up, as a list of every poll's
+/// waker would be (a future's later wakers there only repeated its first).
+#[derive(Default)]
+struct Waiters {
+    next: u64,
+    wakers: BTreeMap<u64, Waker>,
+}
+
+impl Waiters {
+    /// Sets the waker of the future whose slot is `slot` (taking a slot if it has
+    /// none, or its slot was emptied by a wake-up).
+    fn register(&mut self, slot: &mut Option<u64>, waker: &Waker) {
+        if let Some(w) = slot.and_then(|k| self.wakers.get_mut(&k)) {
+            w.clone_from(waker);
+            return;
+        }
+        let key = self.next;
+        self.next += 1;
+        self.wakers.insert(key, waker.clone());
+        *slot = Some(key);
+    }
+
+    /// Gives up the future's slot, if it holds one.
+    fn remove(&mut self, slot: &mut Option<u64>) {
+        if let Some(k) = slot.take() {
+            self.wakers.remove(&k);
+        }
+    }
+
+    /// Empties every slot; their wakers, in order.
+    fn take_all(&mut self) -> impl Iterator<Item = Waker> + use<> {
+        std::mem::take(&mut self.wakers).into_values()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.wakers.len()
+    }
+}
+
 /// The replay state one workflow's code shares with the engine.
 pub(crate) struct WfState {
     pub(crate) next_command: u32,
@@ -85,14 +129,14 @@ pub(crate) struct WfState {
     /// By command id, ordered, like `activities`.
     timers: BTreeMap<u32, Slot<Result<(), WorkflowError>>>,
     signals: HashMap<String, VecDeque<Value>>,
-    signal_waiters: Vec<Waker>,
+    signal_waiters: Waiters,
     cancel: Option<Option<String>>,
     /// Whether the code has learnt of the cancellation (a wait it polled returned the
     /// `canceled` error, `cancelled()` resolved, `is_cancel_requested()` said so): calls
     /// it makes from then on are clean-up work and run normally; until then, every new
     /// wait fails with it.
     cancel_seen: bool,
-    cancel_waiters: Vec<Waker>,
+    cancel_waiters: Waiters,
     pub(crate) commands: Vec<Command>,
 }
 
@@ -114,10 +158,10 @@ impl WfState {
             activities: BTreeMap::new(),
             timers: BTreeMap::new(),
             signals: HashMap::new(),
-            signal_waiters: Vec::new(),
+            signal_waiters: Waiters::default(),
             cancel: None,
             cancel_seen: false,
-            cancel_waiters: Vec::new(),
+            cancel_waiters: Waiters::default(),
             commands: Vec::new(),
         }
     }
@@ -129,6 +173,12 @@ impl WfState {
         z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
         z ^ (z >> 31)
+    }
+
+    /// How many wakers wait for a signal and for the cancellation.
+    #[cfg(test)]
+    pub(crate) fn waiting(&self) -> (usize, usize) {
+        (self.signal_waiters.len(), self.cancel_waiters.len())
     }
 
     /// The name of the activity with command id `id`, if the code called it.
@@ -150,7 +200,7 @@ impl WfState {
 
     pub(crate) fn deliver_signal(&mut self, name: String, payload: Value) {
         self.signals.entry(name).or_default().push_back(payload);
-        for w in self.signal_waiters.drain(..) {
+        for w in self.signal_waiters.take_all() {
             w.wake();
         }
     }
@@ -175,8 +225,8 @@ impl WfState {
         }
         for w in self
             .signal_waiters
-            .drain(..)
-            .chain(self.cancel_waiters.drain(..))
+            .take_all()
+            .chain(self.cancel_waiters.take_all())
         {
             w.wake();
         }
@@ -354,6 +404,7 @@ impl WorkflowContext {
         SignalFuture {
             state: self.state.clone(),
             name: name.to_string(),
+            waiter: None,
             _out: PhantomData,
         }
     }
@@ -371,6 +422,7 @@ impl WorkflowContext {
     pub fn cancelled(&self) -> CancelledFuture {
         CancelledFuture {
             state: self.state.clone(),
+            waiter: None,
         }
     }
 }
@@ -459,6 +511,8 @@ impl Future for TimerFuture {
 pub struct SignalFuture<T> {
     state: Arc<Mutex<WfState>>,
     name: String,
+    /// Its slot among the signal waiters, while it waits.
+    waiter: Option<u64>,
     _out: PhantomData<fn() -> T>,
 }
 
@@ -466,23 +520,27 @@ impl<T: DeserializeOwned> Future for SignalFuture<T> {
     type Output = Result<T, WorkflowError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
         // No signal can have such a name (`Engine::signal` refuses it): fail, not wait forever.
-        if self.name.is_empty() || self.name.len() > crate::engine::MAX_SIGNAL_NAME_LEN {
+        if this.name.is_empty() || this.name.len() > crate::engine::MAX_SIGNAL_NAME_LEN {
             return Poll::Ready(Err(WorkflowError::new(format!(
                 "signal name {:?} must be 1 to {} bytes: no signal can be sent with it",
-                self.name,
+                this.name,
                 crate::engine::MAX_SIGNAL_NAME_LEN
             ))
             .with_kind("invalid_argument")));
         }
-        let mut st = self.state.lock();
+        let mut st = this.state.lock();
         // A payload that is not a `T` is consumed and skipped: a signal from outside
         // must not be able to fail the run (the code sees every payload with `Value`).
-        while let Some(v) = st.signals.get_mut(&self.name).and_then(VecDeque::pop_front) {
+        while let Some(v) = st.signals.get_mut(&this.name).and_then(VecDeque::pop_front) {
             match serde_json::from_value(v) {
-                Ok(t) => return Poll::Ready(Ok(t)),
+                Ok(t) => {
+                    st.signal_waiters.remove(&mut this.waiter);
+                    return Poll::Ready(Ok(t));
+                }
                 Err(e) => tracing::warn!(
-                    signal = %self.name,
+                    signal = %this.name,
                     error = %e,
                     "skipping a signal whose payload does not match the type the workflow waits for"
                 ),
@@ -493,10 +551,19 @@ impl<T: DeserializeOwned> Future for SignalFuture<T> {
         if let Some(err) = st.unseen_cancel() {
             let result = Err(err);
             st.saw(&result);
+            st.signal_waiters.remove(&mut this.waiter);
             return Poll::Ready(result);
         }
-        st.signal_waiters.push(cx.waker().clone());
+        st.signal_waiters.register(&mut this.waiter, cx.waker());
         Poll::Pending
+    }
+}
+
+impl<T> Drop for SignalFuture<T> {
+    fn drop(&mut self) {
+        if self.waiter.is_some() {
+            self.state.lock().signal_waiters.remove(&mut self.waiter);
+        }
     }
 }
 
@@ -504,23 +571,35 @@ impl<T: DeserializeOwned> Future for SignalFuture<T> {
 #[must_use = "does nothing unless awaited"]
 pub struct CancelledFuture {
     state: Arc<Mutex<WfState>>,
+    /// Its slot among the cancellation's waiters, while it waits.
+    waiter: Option<u64>,
 }
 
 impl Future for CancelledFuture {
     type Output = Option<String>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut st = self.state.lock();
+        let this = self.get_mut();
+        let mut st = this.state.lock();
         match &st.cancel {
             Some(reason) => {
                 let reason = reason.clone();
                 st.cancel_seen = true;
+                st.cancel_waiters.remove(&mut this.waiter);
                 Poll::Ready(reason)
             }
             None => {
-                st.cancel_waiters.push(cx.waker().clone());
+                st.cancel_waiters.register(&mut this.waiter, cx.waker());
                 Poll::Pending
             }
+        }
+    }
+}
+
+impl Drop for CancelledFuture {
+    fn drop(&mut self) {
+        if self.waiter.is_some() {
+            self.state.lock().cancel_waiters.remove(&mut self.waiter);
         }
     }
 }

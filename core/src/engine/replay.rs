@@ -434,3 +434,86 @@ fn mismatch(e: &Event, issued: Option<&Command>) -> TaskFailure {
         issued.map_or_else(|| "nothing there".to_string(), Command::describe)
     ))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::future::select;
+    use std::time::Duration;
+
+    /// An agent that waits for user input with periodic time-outs: each turn of its
+    /// loop waits for a signal (one future kept across turns, one new each turn), the
+    /// cancellation and a timer, and the timer wins. Every workflow task polls the code
+    /// with a waker of its own. Only the futures still waiting may hold a waker: before
+    /// 2026-11-27 every poll of a signal or cancellation wait added one, and they were
+    /// dropped only when a signal or the cancellation arrived, so they piled up for the
+    /// life of the run.
+    #[test]
+    fn a_loop_on_signals_and_a_timer_keeps_one_waker_per_waiting_future() {
+        const TURNS: u64 = 50;
+        let f: WorkflowFn = Arc::new(|ctx: WorkflowContext, _input: Value| {
+            async move {
+                let mut input = ctx.signal::<String>("input");
+                for _ in 0..TURNS {
+                    let waits = select(
+                        select(&mut input, ctx.signal::<String>("other")),
+                        ctx.cancelled(),
+                    );
+                    match select(waits, ctx.sleep(Duration::from_secs(60))).await {
+                        futures::future::Either::Left(_) => return Ok(Value::Null),
+                        futures::future::Either::Right((fired, _)) => fired?,
+                    }
+                }
+                Ok(Value::Null)
+            }
+            .boxed()
+        });
+        let id = WorkflowId::parse("agent").expect("id");
+        let event = |seq: u64, data: EventData| Event {
+            seq: Seq(seq),
+            timestamp: Timestamp(seq),
+            data,
+        };
+        let first = event(
+            1,
+            EventData::WorkflowStarted {
+                name: "agent".into(),
+                input: Value::Null,
+                task_queue: "default".into(),
+                idempotency_key: None,
+            },
+        );
+        let mut inst = Instance::start(&id, &first, |_| Some(f.clone())).expect("start");
+        let mut last = 1;
+        for _ in 0..TURNS {
+            let out = inst.live_step(Timestamp(last)).expect("step").expect("due");
+            let timer_id = out
+                .iter()
+                .find_map(|d| match d {
+                    EventData::TimerStarted { timer_id, .. } => Some(*timer_id),
+                    _ => None,
+                })
+                .expect("a timer");
+            last += out.len() as u64;
+            inst.committed(Seq(last), false);
+            last += 1;
+            inst.feed(&event(last, EventData::TimerFired { timer_id }))
+                .expect("feed");
+        }
+        // Waiting in the last turn: `input` and `other` for a signal, one `cancelled()`.
+        assert_eq!(inst.ctx.state().lock().waiting(), (2, 1));
+        // The wait kept since the first turn is still woken by its signal.
+        last += 1;
+        let input = EventData::SignalReceived {
+            name: "input".into(),
+            payload: Value::from("hi"),
+        };
+        inst.feed(&event(last, input)).expect("feed");
+        let out = inst.live_step(Timestamp(last)).expect("step").expect("due");
+        assert!(
+            matches!(out.last(), Some(EventData::WorkflowCompleted { .. })),
+            "{out:?}"
+        );
+        assert_eq!(inst.ctx.state().lock().waiting(), (0, 0));
+    }
+}
