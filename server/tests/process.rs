@@ -1184,19 +1184,26 @@ fn a_killed_replicas_work_is_finished_by_another_on_redis_and_sqs() {
     }
     // The attempt ran again in full on the second replica, after the crash.
     assert!(killed_at.elapsed() >= Duration::from_secs(4));
-    let (s, text) = scrape(second.port);
-    let attempts = |activity| {
-        sample(
-            &s,
-            "marathon_activity_attempts_total",
-            &[("activity", activity), ("outcome", "completed")],
-        )
+    // An attempt is counted once its result is recorded and the next task sent, so the
+    // run's result can be read a moment before the count: poll it.
+    let counts = || {
+        let (s, text) = scrape(second.port);
+        let attempts = |activity| {
+            sample(
+                &s,
+                "marathon_activity_attempts_total",
+                &[("activity", activity), ("outcome", "completed")],
+            )
+        };
+        ((attempts("sleep"), attempts("echo")), text)
     };
-    assert_eq!(
-        (attempts("sleep"), attempts("echo")),
-        (Some(1.0), Some(2.0)),
-        "{text}"
-    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut got, mut text) = counts();
+    while got != (Some(1.0), Some(2.0)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        (got, text) = counts();
+    }
+    assert_eq!(got, (Some(1.0), Some(2.0)), "{text}");
     // One result per call in the history: the dead replica's attempt left none.
     for id in ["crash-activity", "crash-timer"] {
         let history = events(second.port, id);
