@@ -839,6 +839,11 @@ async fn send_batch(
     let mut pause = ENTRY_RETRY_PAUSE;
     for attempt in 0..=ENTRY_RETRIES {
         let last = attempt == ENTRY_RETRIES;
+        // Positions of the entries this request carries: a failed request fails them.
+        let carried: Vec<usize> = pending
+            .iter()
+            .filter_map(|e| e.id.parse::<usize>().ok())
+            .collect();
         // Kept for a retry only while one may follow.
         let sent = if last {
             std::mem::take(&mut pending)
@@ -855,8 +860,8 @@ async fn send_batch(
             Ok(out) => out,
             Err(e) => {
                 let f = Failure::of(&classify("send_message_batch", false, e));
-                for e in &pending {
-                    if let Some(r) = e.id.parse::<usize>().ok().and_then(|i| res.get_mut(i)) {
+                for i in carried {
+                    if let Some(r) = res.get_mut(i) {
                         *r = Err(f.clone());
                     }
                 }

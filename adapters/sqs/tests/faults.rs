@@ -291,3 +291,99 @@ async fn a_message_sqs_failed_on_its_side_is_sent_again() {
     };
     assert_eq!(ids(&got), ids(&tasks), "each message exactly once");
 }
+
+/// A fake SQS endpoint (no LocalStack): each SendMessageBatch is answered by the
+/// next of `replies` (HTTP status and JSON body), and counted in `calls`.
+async fn fake_sqs(replies: Vec<(u16, String)>) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}", listener.local_addr().expect("addr"));
+    let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = calls.clone();
+    let replies = Arc::new(replies);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let (calls, replies) = (counted.clone(), replies.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    // One request: its head, then Content-Length bytes of body.
+                    let head_end = loop {
+                        if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break p + 4;
+                        }
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    };
+                    let head = String::from_utf8_lossy(&buf[..head_end]).to_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < head_end + len {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..head_end + len);
+                    let i = calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let (status, body) = replies
+                        .get(i)
+                        .cloned()
+                        .unwrap_or((500, r#"{"__type":"InternalError"}"#.to_owned()));
+                    let reply = format!(
+                        "HTTP/1.1 {status} X\r\ncontent-type: application/x-amz-json-1.0\r\n\
+                         content-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(reply.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (url, calls)
+}
+
+/// SQS fails an entry on its side twice, then the third SendMessageBatch (the last
+/// retry) fails as a whole: the enqueue fails. It reported success, although
+/// that message was never sent (lost: a workflow task or an activity's never ran).
+#[tokio::test]
+async fn a_message_whose_last_retry_failed_as_a_whole_fails_the_enqueue() {
+    let entry_failed = r#"{"Successful":[],"Failed":[{"Id":"0","SenderFault":false,"Code":"InternalError","Message":"injected"}]}"#;
+    let (url, calls) = fake_sqs(vec![
+        (200, entry_failed.to_owned()),
+        (200, entry_failed.to_owned()),
+        (
+            400,
+            r#"{"__type":"com.amazonaws.sqs#InvalidParameterValue","message":"injected"}"#
+                .to_owned(),
+        ),
+    ])
+    .await;
+    let cfg = marathon_sqs::SqsQueueConfig {
+        queue_urls: [(Q.to_owned(), format!("{url}/000000000000/q"))].into(),
+        region: Some("us-east-1".into()),
+        ..marathon_sqs::SqsQueueConfig::default()
+    };
+    let sdk = common::loader().endpoint_url(&url).load().await;
+    let q =
+        marathon_sqs::SqsQueue::from_client(cfg, aws_sdk_sqs::Client::new(&sdk)).expect("config");
+    let sent = q
+        .enqueue(
+            Q,
+            vec![OutgoingMessage::now(Task::workflow(WorkflowId::random()))],
+        )
+        .await;
+    assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 3);
+    assert!(sent.is_err(), "the message was never sent: {sent:?}");
+}
