@@ -1,4 +1,4 @@
-//! SqsQueue faults against LocalStack: a stopping worker's long poll, an endpoint that never answers, characters SQS refuses. Needs `scripts/localstack.sh start`.
+//! SqsQueue faults against LocalStack: a stopping worker's long poll, an endpoint that never answers, characters SQS refuses, per-entry send retries. Needs `scripts/localstack.sh start` (except the tests on `fake_sqs`).
 
 mod common;
 
