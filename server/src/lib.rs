@@ -366,11 +366,19 @@ async fn serve_http(
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _peer)) => stream,
+                // A connection reset before it was accepted: only that one is lost.
+                Err(e) if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::ConnectionReset
+                ) => continue,
                 Err(e) => {
-                    // Out of descriptors or a connection reset before accept:
-                    // keep serving the others, without spinning.
-                    tracing::warn!(error = %e, "accepting a connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    // Out of descriptors, say: keep serving the open connections and
+                    // try again in a second (as axum::serve does), without spinning
+                    // or flooding the log.
+                    tracing::error!(error = %e, "accepting a connection failed; trying again in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             },
