@@ -282,3 +282,94 @@ async fn details_at_the_limit_survive_the_activity_failed_wrapper() {
         .unwrap_or_else(|| panic!("no activity error in {error:?}"));
     assert_eq!(last.details, Some(wrap(json!(1), max)));
 }
+
+/// Values larger than `MAX_PAYLOAD_BYTES` as JSON never reach a history: a start's
+/// input and a signal's payload are refused, an activity's output fails the attempt
+/// for good (`invalid_output`, no retry), and a workflow's output or an activity
+/// input its code makes fails the run. Before, any size was recorded, and every
+/// later task and events page carried it.
+#[tokio::test(start_paused = true)]
+async fn values_larger_than_the_payload_limit_are_not_recorded() {
+    fn big() -> Value {
+        json!("x".repeat(marathon_core::MAX_PAYLOAD_BYTES))
+    }
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow(
+            "echo_big",
+            |ctx: WorkflowContext, what: String| async move {
+                match what.as_str() {
+                    "output" => {
+                        let r: Result<Value, _> = ctx.activity("big", &()).await;
+                        Ok(json!(r.map_err(|e| {
+                            e.activity_error().map(|a| (a.kind, a.retryable))
+                        })))
+                    }
+                    "input" => ctx.activity::<_, Value>("echo", &big()).await,
+                    _ => Ok(big()),
+                }
+            },
+        )
+        .workflow("wait", |ctx: WorkflowContext, _: Value| async move {
+            ctx.signal::<Value>("go").await
+        })
+        .activity("big", |_ctx: ActivityContext, (): ()| async move {
+            Ok::<_, ActivityError>(json!("y".repeat(marathon_core::MAX_PAYLOAD_BYTES)))
+        })
+        .activity("echo", |_ctx: ActivityContext, v: Value| async move {
+            Ok::<_, ActivityError>(v)
+        })
+        .build();
+    let w = worker(&engine);
+
+    let refused = engine
+        .start(marathon_core::StartWorkflow::new("wait", big()))
+        .await
+        .expect_err("a start with a too large input is refused");
+    assert!(
+        matches!(&refused, marathon_core::EngineError::InvalidArgument(m) if m.contains("bytes")),
+        "{refused:?}"
+    );
+    let waiting = start(&engine, "wait", json!(null)).await;
+    let refused = engine
+        .signal(&waiting, "go", big(), None)
+        .await
+        .expect_err("a too large signal is refused");
+    assert!(
+        matches!(&refused, marathon_core::EngineError::InvalidArgument(m) if m.contains("bytes")),
+        "{refused:?}"
+    );
+
+    let id = start(&engine, "echo_big", json!("output")).await;
+    let s = finished(&engine, &id).await;
+    assert_eq!(
+        s.output,
+        Some(json!({"Err": ["invalid_output", false]})),
+        "{s:?}"
+    );
+    let attempts = history(&engine, &id)
+        .await
+        .iter()
+        .filter(|e| matches!(e.data, EventData::ActivityStarted { .. }))
+        .count();
+    assert!(attempts <= 1, "not retried: {attempts} attempts");
+
+    for (what, kind) in [("input", "invalid_argument"), ("run", "invalid_output")] {
+        let id = start(&engine, "echo_big", json!(what)).await;
+        let s = finished(&engine, &id).await;
+        assert_eq!(s.status, WorkflowStatus::Failed, "{what}: {s:?}");
+        assert_eq!(
+            s.error.as_ref().map(|e| e.kind.as_str()),
+            Some(kind),
+            "{what}: {s:?}"
+        );
+        let recorded = serde_json::to_vec(&history(&engine, &id).await)
+            .expect("json")
+            .len();
+        assert!(
+            recorded < marathon_core::MAX_PAYLOAD_BYTES,
+            "{what}: {recorded} bytes recorded"
+        );
+    }
+    w.shutdown().await;
+}

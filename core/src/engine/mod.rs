@@ -55,12 +55,19 @@ fn check_idempotency_key(key: Option<&str>) -> Result<(), EngineError> {
     }
 }
 
-/// Rejects a value (`what`) nested deeper than [`crate::MAX_VALUE_DEPTH`].
-fn check_depth(what: &str, value: &Value) -> Result<(), EngineError> {
+/// Rejects a value (`what`) nested deeper than [`crate::MAX_VALUE_DEPTH`] or larger
+/// than [`crate::MAX_PAYLOAD_BYTES`] as JSON.
+fn check_value(what: &str, value: &Value) -> Result<(), EngineError> {
     if crate::nests_deeper_than(value, crate::MAX_VALUE_DEPTH) {
         return Err(EngineError::InvalidArgument(format!(
             "{what} nests deeper than {} levels",
             crate::MAX_VALUE_DEPTH
+        )));
+    }
+    if crate::json_larger_than(value, crate::MAX_PAYLOAD_BYTES) {
+        return Err(EngineError::InvalidArgument(format!(
+            "{what} takes more than {} bytes as JSON",
+            crate::MAX_PAYLOAD_BYTES
         )));
     }
     Ok(())
@@ -75,6 +82,13 @@ fn within_depth(result: &mut Result<Value, ActivityError>) {
             *result = Err(ActivityError::permanent(format!(
                 "the activity's output nests deeper than {} levels",
                 crate::MAX_VALUE_DEPTH
+            ))
+            .with_kind("invalid_output"));
+        }
+        Ok(output) if crate::json_larger_than(output, crate::MAX_PAYLOAD_BYTES) => {
+            *result = Err(ActivityError::permanent(format!(
+                "the activity's output takes more than {} bytes as JSON",
+                crate::MAX_PAYLOAD_BYTES
             ))
             .with_kind("invalid_output"));
         }
@@ -595,7 +609,7 @@ impl Engine {
             return Err(EngineError::UnknownWorkflow(req.name));
         }
         check_idempotency_key(req.idempotency_key.as_deref())?;
-        check_depth("input", &req.input)?;
+        check_value("input", &req.input)?;
         inner
             .registry
             .check_input(&req.name, &req.input)
@@ -823,7 +837,7 @@ impl Engine {
             )));
         }
         check_idempotency_key(key.as_deref())?;
-        check_depth("signal payload", &payload)?;
+        check_value("signal payload", &payload)?;
         self.input_event(
             id,
             key.map(|k| format!("s:{k}")),

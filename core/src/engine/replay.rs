@@ -222,23 +222,30 @@ impl Instance {
         // A new call with too deep an input fails the run here, where it would be
         // recorded, not in the code's view: a history an older version recorded may
         // hold such a call, and its replay must issue it as that version did.
-        let too_deep = commands.iter().find_map(|c| match c {
+        let refused = commands.iter().find_map(|c| match c {
             Command::Activity { name, input, .. }
                 if crate::nests_deeper_than(input, crate::MAX_VALUE_DEPTH) =>
             {
-                Some(name.clone())
-            }
-            _ => None,
-        });
-        if let Some(name) = too_deep {
-            commands.clear();
-            self.future = None;
-            self.outcome = Some(Outcome::Failed(
-                WorkflowError::new(format!(
+                Some(format!(
                     "the input of activity {name:?} nests deeper than {} levels",
                     crate::MAX_VALUE_DEPTH
                 ))
-                .with_kind("invalid_argument"),
+            }
+            Command::Activity { name, input, .. }
+                if crate::json_larger_than(input, crate::MAX_PAYLOAD_BYTES) =>
+            {
+                Some(format!(
+                    "the input of activity {name:?} takes more than {} bytes as JSON",
+                    crate::MAX_PAYLOAD_BYTES
+                ))
+            }
+            _ => None,
+        });
+        if let Some(message) = refused {
+            commands.clear();
+            self.future = None;
+            self.outcome = Some(Outcome::Failed(
+                WorkflowError::new(message).with_kind("invalid_argument"),
             ));
         }
         let mut out = Vec::with_capacity(commands.len() + 2);
@@ -379,6 +386,15 @@ impl Instance {
                                     WorkflowError::new(format!(
                                         "the workflow's output nests deeper than {} levels",
                                         crate::MAX_VALUE_DEPTH
+                                    ))
+                                    .with_kind("invalid_output"),
+                                )
+                            }
+                            Ok(v) if crate::json_larger_than(&v, crate::MAX_PAYLOAD_BYTES) => {
+                                Outcome::Failed(
+                                    WorkflowError::new(format!(
+                                        "the workflow's output takes more than {} bytes as JSON",
+                                        crate::MAX_PAYLOAD_BYTES
                                     ))
                                     .with_kind("invalid_output"),
                                 )

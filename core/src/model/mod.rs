@@ -28,6 +28,45 @@ pub fn nests_deeper_than(value: &serde_json::Value, max: usize) -> bool {
     matches!(value_within(value, max, usize::MAX), Err(ValueLimit::Depth))
 }
 
+/// The largest JSON value (serialized) a history records: a workflow's input and
+/// output, a signal's payload, an activity's input and output. Every workflow task
+/// reads a run's history back, and an events page holds up to 1,000 events, so a
+/// value of hundreds of megabytes (a model's runaway output) would make each of them
+/// that large. Larger values are refused or fail what made them, with a clear error.
+pub const MAX_PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
+
+/// Whether `value`, serialized as JSON, takes more than `max` bytes. Stops counting
+/// as soon as it does, and needs no serialization for scalars and short strings.
+#[must_use]
+pub fn json_larger_than(value: &serde_json::Value, max: usize) -> bool {
+    use serde_json::Value;
+    match value {
+        Value::Null | Value::Bool(_) | Value::Number(_) if max >= 32 => false,
+        // At most 6 bytes a byte (`\u001f`), plus the quotes.
+        Value::String(s) if s.len().saturating_mul(6).saturating_add(2) <= max => false,
+        _ => {
+            /// Counts bytes written; fails once past its limit.
+            struct Counter {
+                written: usize,
+                max: usize,
+            }
+            impl std::io::Write for Counter {
+                fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                    self.written = self.written.saturating_add(buf.len());
+                    if self.written > self.max {
+                        return Err(std::io::Error::other("over the limit"));
+                    }
+                    Ok(buf.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    Ok(())
+                }
+            }
+            serde_json::to_writer(&mut Counter { written: 0, max }, value).is_err()
+        }
+    }
+}
+
 /// The limit of [`value_within`] a value goes past.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueLimit {
@@ -129,7 +168,20 @@ pub mod duration_ms {
 
 #[cfg(test)]
 mod tests {
-    use super::nests_deeper_than;
+    use super::{json_larger_than, nests_deeper_than};
+
+    #[test]
+    fn json_larger_than_counts_serialized_bytes() {
+        assert!(!json_larger_than(&json!(null), 4));
+        assert!(!json_larger_than(&json!("abc"), 5));
+        assert!(json_larger_than(&json!("abcd"), 5));
+        assert!(json_larger_than(&json!("\u{1}"), 7));
+        assert!(!json_larger_than(&json!([1, 2]), 5));
+        assert!(json_larger_than(&json!([1, 22]), 5));
+        assert!(json_larger_than(&json!({"k": "x".repeat(100)}), 100));
+        assert!(!json_larger_than(&json!({"k": "x".repeat(100)}), 108));
+        assert!(!json_larger_than(&json!(1.5), 100));
+    }
     use serde_json::json;
 
     #[test]
