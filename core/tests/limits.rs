@@ -310,7 +310,7 @@ async fn values_larger_than_the_payload_limit_are_not_recorded() {
                 }
             },
         )
-        .workflow("wait", |ctx: WorkflowContext, _: Value| async move {
+        .workflow("wait", |ctx: WorkflowContext, (): ()| async move {
             ctx.signal::<Value>("go").await
         })
         .activity("big", |_ctx: ActivityContext, (): ()| async move {
@@ -329,6 +329,19 @@ async fn values_larger_than_the_payload_limit_are_not_recorded() {
     assert!(
         matches!(&refused, marathon_core::EngineError::InvalidArgument(m) if m.contains("bytes")),
         "{refused:?}"
+    );
+    // A mistyped input is quoted in the error only in part.
+    let mistyped = engine
+        .start(marathon_core::StartWorkflow::new(
+            "wait",
+            json!("x".repeat(100_000)),
+        ))
+        .await
+        .expect_err("a mistyped input is refused");
+    assert!(
+        mistyped.to_string().len() < 1000,
+        "the error quotes {} bytes",
+        mistyped.to_string().len()
     );
     let waiting = start(&engine, "wait", json!(null)).await;
     let refused = engine

@@ -55,6 +55,22 @@ fn check_idempotency_key(key: Option<&str>) -> Result<(), EngineError> {
     }
 }
 
+/// The most of a deserialization error's text an error message quotes: serde quotes
+/// the offending value whole (a megabyte string, in a 400's body and the logs).
+const MAX_ERROR_QUOTE: usize = 500;
+
+/// `text` cut to at most `max` bytes on a character boundary, marked when cut.
+fn clipped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if text.len() <= max {
+        return text.into();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes in all)", &text[..end], text.len()).into()
+}
+
 /// Rejects a value (`what`) nested deeper than [`crate::MAX_VALUE_DEPTH`] or larger
 /// than [`crate::MAX_PAYLOAD_BYTES`] as JSON.
 fn check_value(what: &str, value: &Value) -> Result<(), EngineError> {
@@ -615,8 +631,9 @@ impl Engine {
             .check_input(&req.name, &req.input)
             .map_err(|e| {
                 EngineError::InvalidArgument(format!(
-                    "input of workflow {:?} does not match its type: {e}",
-                    req.name
+                    "input of workflow {:?} does not match its type: {}",
+                    req.name,
+                    clipped(&e.to_string(), MAX_ERROR_QUOTE)
                 ))
             })?;
         let task_queue = req
