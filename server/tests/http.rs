@@ -1427,3 +1427,67 @@ async fn a_task_queue_sqs_refuses_is_a_400_on_sqs() {
     .await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
 }
+
+/// An events page stops at about 4 MiB of JSON (at least one event), however many
+/// events `limit` allows; `next_after` continues it. Before, a page read and sent
+/// `limit` events whatever their size (up to 1,000 of up to 2 MiB each).
+#[tokio::test]
+async fn an_events_page_stops_at_its_byte_budget() {
+    let mut cfg = Config::default();
+    cfg.server.body_limit = 2 * 1024 * 1024;
+    let app = app_with(cfg).await;
+    let big = "x".repeat(1_500_000);
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "id": "big-events", "input": big})),
+    )
+    .await;
+    assert_eq!(
+        r.status,
+        StatusCode::ACCEPTED,
+        "{}",
+        &r.text[..r.text.len().min(300)]
+    );
+    let done = finished(&app, "big-events").await;
+    assert_eq!(done["status"], "completed");
+    let mut after = 0;
+    let mut pages = Vec::new();
+    loop {
+        let r = call(
+            &app,
+            "GET",
+            &format!("/v1/workflows/big-events/events?after={after}&limit=1000"),
+            None,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(
+            r.text.len() < 4 * 1024 * 1024 + 1_600_000,
+            "a page of {} bytes",
+            r.text.len()
+        );
+        let v = r.json();
+        let events = v["events"].as_array().expect("events").clone();
+        if events.is_empty() {
+            break;
+        }
+        after = v["next_after"].as_u64().expect("next_after");
+        pages.push(events);
+    }
+    let seqs: Vec<u64> = pages
+        .iter()
+        .flatten()
+        .map(|e| e["seq"].as_u64().expect("seq"))
+        .collect();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
+    assert!(pages.len() >= 2, "one page held the whole history");
+    assert_eq!(
+        pages
+            .last()
+            .and_then(|p| p.last())
+            .map(|e| e["type"].clone()),
+        Some(json!("workflow_completed"))
+    );
+}

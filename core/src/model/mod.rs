@@ -44,26 +44,40 @@ pub fn json_larger_than(value: &serde_json::Value, max: usize) -> bool {
         Value::Null | Value::Bool(_) | Value::Number(_) if max >= 32 => false,
         // At most 6 bytes a byte (`\u001f`), plus the quotes.
         Value::String(s) if s.len().saturating_mul(6).saturating_add(2) <= max => false,
-        _ => {
-            /// Counts bytes written; fails once past its limit.
-            struct Counter {
-                written: usize,
-                max: usize,
-            }
-            impl std::io::Write for Counter {
-                fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                    self.written = self.written.saturating_add(buf.len());
-                    if self.written > self.max {
-                        return Err(std::io::Error::other("over the limit"));
-                    }
-                    Ok(buf.len())
-                }
-                fn flush(&mut self) -> std::io::Result<()> {
-                    Ok(())
-                }
-            }
-            serde_json::to_writer(&mut Counter { written: 0, max }, value).is_err()
+        _ => serde_json::to_writer(&mut Counter { written: 0, max }, value).is_err(),
+    }
+}
+
+/// The length of `value` as JSON, counted without building it (0 for a value that
+/// cannot be serialized).
+#[must_use]
+pub fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+    let mut c = Counter {
+        written: 0,
+        max: usize::MAX,
+    };
+    match serde_json::to_writer(&mut c, value) {
+        Ok(()) => c.written,
+        Err(_) => 0,
+    }
+}
+
+/// Counts bytes written; fails once past `max`.
+struct Counter {
+    written: usize,
+    max: usize,
+}
+
+impl std::io::Write for Counter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.written = self.written.saturating_add(buf.len());
+        if self.written > self.max {
+            return Err(std::io::Error::other("over the limit"));
         }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 

@@ -439,10 +439,36 @@ pub(crate) async fn events(
     let Query(p) = query?;
     let after = p.after.unwrap_or(0);
     let limit = page_size(p.limit)?;
-    let events = st.engine.events(&id, Seq(after), limit).await?;
+    // Read in chunks and stop at about PAGE_BYTES of JSON (at least one event): a
+    // page of 1,000 events of up to 2 MiB each would otherwise be gigabytes.
+    let mut events = Vec::new();
+    let mut bytes = 0usize;
+    let mut next = Seq(after);
+    'read: while events.len() < limit {
+        let want = (limit - events.len()).min(PAGE_READ_CHUNK);
+        let chunk = st.engine.events(&id, next, want).await?;
+        let got = chunk.len();
+        for e in chunk {
+            let size = marathon_core::json_len(&e);
+            if !events.is_empty() && bytes.saturating_add(size) > PAGE_BYTES {
+                break 'read;
+            }
+            bytes = bytes.saturating_add(size);
+            next = e.seq;
+            events.push(e);
+        }
+        if got < want {
+            break;
+        }
+    }
     let next_after = events.last().map_or(after, |e| e.seq.0);
     Ok(Json(EventsResponse { events, next_after }))
 }
+
+/// About the most JSON an events page carries (a page holds at least one event).
+const PAGE_BYTES: usize = 4 * 1024 * 1024;
+/// Events read from the store at a time for a page.
+const PAGE_READ_CHUNK: usize = 100;
 
 enum StreamState {
     Live(EventStream),
