@@ -860,8 +860,10 @@ fn traced_echo(
         );
         std::thread::sleep(Duration::from_millis(50));
     };
-    let requests = ours.iter().filter(|s| s.name == "http.request").count();
-    assert_eq!(requests, 1, "one request span, the start: {ours:#?}");
+    let requests: Vec<_> = ours.iter().filter(|s| s.name == "http.request").collect();
+    assert_eq!(requests.len(), 1, "one request span, the start: {ours:#?}");
+    // A server span (OTLP kind 2), as OpenTelemetry's HTTP conventions have it.
+    assert_eq!(requests[0].kind, 2, "{:#?}", requests[0]);
     // From the activity up through its parents: a workflow task (the queue hop) and
     // then the request span.
     let activity = ours

@@ -206,6 +206,8 @@ pub struct Span {
     pub ints: std::collections::BTreeSet<String>,
     /// Links: the trace and span id each names.
     pub links: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The span's kind, as OTLP numbers it (1 internal, 2 server, 3 client, ...).
+    pub kind: i32,
 }
 
 /// An in-process OTLP/HTTP receiver on a free port, decoding every export with
@@ -270,6 +272,7 @@ pub fn receiver() -> (u16, Arc<Mutex<Vec<Span>>>) {
                             .into_iter()
                             .map(|l| (l.trace_id, l.span_id))
                             .collect(),
+                        kind: s.kind,
                         name: s.name,
                         trace_id: s.trace_id,
                         span_id: s.span_id,

@@ -199,6 +199,7 @@ async fn request_span(req: Request, next: middleware::Next) -> axum::response::R
     }
     let span = tracing::info_span!(
         "http.request",
+        otel.kind = "server",
         method = %req.method(),
         path = %req.uri().path(),
         status = tracing::field::Empty,
