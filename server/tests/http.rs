@@ -1309,77 +1309,6 @@ async fn a_repeated_cancel_after_the_run_closed_is_202() {
         .error(StatusCode::CONFLICT, "conflict");
 }
 
-/// A memory queue that refuses the task queues `SqsQueue` refuses (its
-/// `Queue::check_task_queue`), to stand in for SQS without a connection.
-#[cfg(feature = "sqs")]
-struct SqsNamed {
-    inner: marathon_core::memory::MemoryQueue,
-    cfg: marathon_sqs::SqsQueueConfig,
-}
-
-#[cfg(feature = "sqs")]
-#[async_trait::async_trait]
-impl marathon_core::Queue for SqsNamed {
-    async fn enqueue(
-        &self,
-        queue: &str,
-        messages: Vec<marathon_core::OutgoingMessage>,
-    ) -> Result<(), marathon_core::QueueError> {
-        self.inner.enqueue(queue, messages).await
-    }
-    async fn receive(
-        &self,
-        queue: &str,
-        max: usize,
-        wait: Duration,
-        visibility: Duration,
-    ) -> Result<Vec<marathon_core::Delivery>, marathon_core::QueueError> {
-        self.inner.receive(queue, max, wait, visibility).await
-    }
-    async fn ack(
-        &self,
-        queue: &str,
-        receipts: Vec<marathon_core::Receipt>,
-    ) -> Result<(), marathon_core::QueueError> {
-        self.inner.ack(queue, receipts).await
-    }
-    async fn nack(
-        &self,
-        queue: &str,
-        receipt: &marathon_core::Receipt,
-        delay: Duration,
-    ) -> Result<(), marathon_core::QueueError> {
-        self.inner.nack(queue, receipt, delay).await
-    }
-    async fn extend(
-        &self,
-        queue: &str,
-        receipt: &marathon_core::Receipt,
-        visibility: Duration,
-    ) -> Result<(), marathon_core::QueueError> {
-        self.inner.extend(queue, receipt, visibility).await
-    }
-    async fn depth(&self, queue: &str) -> Result<u64, marathon_core::QueueError> {
-        self.inner.depth(queue).await
-    }
-    async fn drain_dead_letters(
-        &self,
-        queue: &str,
-        max: usize,
-    ) -> Result<Vec<marathon_core::Task>, marathon_core::QueueError> {
-        self.inner.drain_dead_letters(queue, max).await
-    }
-    fn is_in_process(&self) -> bool {
-        self.inner.is_in_process()
-    }
-    fn check_task_queue(&self, task_queue: &str) -> Result<(), String> {
-        self.cfg.check_queue_name(task_queue)
-    }
-    async fn ping(&self) -> Result<(), marathon_core::QueueError> {
-        self.inner.ping().await
-    }
-}
-
 /// With the SQS queue, a start whose `task_queue` SQS would refuse on every send is
 /// a 400 naming `task_queue`, not a 202 whose workflow never runs.
 #[cfg(feature = "sqs")]
@@ -1387,19 +1316,17 @@ impl marathon_core::Queue for SqsNamed {
 async fn a_task_queue_sqs_refuses_is_a_400_on_sqs() {
     use marathon_server::config::QueueConfig;
     use std::sync::Arc;
+    // The real SQS queue on LocalStack, under a prefix of its own.
+    let sqs_cfg = marathon_sqs::testkit::config(5, false);
     let cfg = Config {
-        queue: QueueConfig::Sqs(marathon_sqs::SqsQueueConfig::default()),
+        queue: QueueConfig::Sqs(sqs_cfg.clone()),
         ..Config::default()
     };
-    // The SQS settings without a connection: a memory queue that checks task queue
-    // names as `SqsQueue` does stands in for SQS.
+    let queue = Arc::new(marathon_sqs::testkit::connect(sqs_cfg).await);
     let server = Server::builder()
         .builtins()
         .config(cfg)
-        .queue(Arc::new(SqsNamed {
-            inner: marathon_core::memory::MemoryQueue::new(Default::default()),
-            cfg: marathon_sqs::SqsQueueConfig::default(),
-        }))
+        .queue(queue.clone())
         .build()
         .await
         .expect("server builds");
@@ -1425,6 +1352,8 @@ async fn a_task_queue_sqs_refuses_is_a_400_on_sqs() {
         Some(json!({"name": "echo", "input": 1, "task_queue": "llm_calls-2"})),
     )
     .await;
+    drop(app);
+    marathon_sqs::testkit::delete_queues(queue.client(), &queue.config().queue_prefix).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
 }
 
