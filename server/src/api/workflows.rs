@@ -434,35 +434,44 @@ pub(crate) async fn events(
     State(st): State<AppState>,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<EventsParams>, QueryRejection>,
-) -> Result<Json<EventsResponse>, ApiError> {
+) -> Result<Response, ApiError> {
     let id = workflow_id(path)?;
     let Query(p) = query?;
     let after = p.after.unwrap_or(0);
     let limit = page_size(p.limit)?;
-    // Read in chunks and stop at about PAGE_BYTES of JSON (at least one event): a
+    // The body of an `EventsResponse`, written event by event (each serialized once):
+    // read in chunks, it stops at about PAGE_BYTES of events (at least one), since a
     // page of 1,000 events of up to 2 MiB each would otherwise be gigabytes.
-    let mut events = Vec::new();
-    let mut bytes = 0usize;
-    let mut next = Seq(after);
-    'read: while events.len() < limit {
-        let want = (limit - events.len()).min(PAGE_READ_CHUNK);
-        let chunk = st.engine.events(&id, next, want).await?;
+    let mut body = b"{\"events\":[".to_vec();
+    let head = body.len();
+    let (mut count, mut next_after) = (0usize, after);
+    'read: while count < limit {
+        let want = (limit - count).min(PAGE_READ_CHUNK);
+        let chunk = st.engine.events(&id, Seq(next_after), want).await?;
         let got = chunk.len();
         for e in chunk {
-            let size = marathon_core::json_len(&e);
-            if !events.is_empty() && bytes.saturating_add(size) > PAGE_BYTES {
+            let mark = body.len();
+            if count > 0 {
+                body.push(b',');
+            }
+            serde_json::to_writer(&mut body, &e).map_err(|e| ApiError::internal(&e))?;
+            if count > 0 && body.len() - head > PAGE_BYTES {
+                body.truncate(mark);
                 break 'read;
             }
-            bytes = bytes.saturating_add(size);
-            next = e.seq;
-            events.push(e);
+            count += 1;
+            next_after = e.seq.0;
         }
         if got < want {
             break;
         }
     }
-    let next_after = events.last().map_or(after, |e| e.seq.0);
-    Ok(Json(EventsResponse { events, next_after }))
+    body.extend_from_slice(format!("],\"next_after\":{next_after}}}").as_bytes());
+    Ok((
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response())
 }
 
 /// About the most JSON an events page carries (a page holds at least one event).
