@@ -175,6 +175,14 @@ async fn store_via(proxy: &Proxy) -> RedisStore {
     .expect("store via proxy")
 }
 
+/// A store through `proxy` holding a new workflow, and that workflow's id.
+async fn store_with_workflow(proxy: &Proxy) -> (RedisStore, WorkflowId) {
+    let store = store_via(proxy).await;
+    let id = WorkflowId::random();
+    store.create(new_wf(&id)).await.unwrap();
+    (store, id)
+}
+
 /// Appends one event, retrying retryable errors (as the engine does) for up to `max`;
 /// returns the last error seen if it never succeeded.
 async fn append_with_retries(
@@ -221,9 +229,7 @@ async fn recovers_when_the_old_primary_is_demoted_to_replica() {
     }
     b.cmd(&["REPLICAOF", "127.0.0.1", &pa]).await;
     let proxy = Proxy::start(a.port).await;
-    let store = store_via(&proxy).await;
-    let id = WorkflowId::random();
-    store.create(new_wf(&id)).await.unwrap();
+    let (store, id) = store_with_workflow(&proxy).await;
     let last = store
         .append(&id, Seq(1), vec![signal(1)], OwedChanges::none())
         .await
@@ -262,9 +268,7 @@ async fn recovers_when_the_old_primary_is_demoted_to_replica() {
 async fn recovers_when_its_connection_is_silently_dropped() {
     let a = Server::start().await;
     let proxy = Proxy::start(a.port).await;
-    let store = store_via(&proxy).await;
-    let id = WorkflowId::random();
-    store.create(new_wf(&id)).await.unwrap();
+    let (store, id) = store_with_workflow(&proxy).await;
     let last = store
         .append(&id, Seq(1), vec![signal(1)], OwedChanges::none())
         .await
@@ -284,9 +288,7 @@ async fn recovers_when_its_connection_is_silently_dropped() {
 async fn scripts_survive_script_flush() {
     let a = Server::start().await;
     let proxy = Proxy::start(a.port).await;
-    let store = store_via(&proxy).await;
-    let id = WorkflowId::random();
-    store.create(new_wf(&id)).await.unwrap();
+    let (store, id) = store_with_workflow(&proxy).await;
     a.cmd(&["SCRIPT", "FLUSH"]).await;
     let last = store
         .append(&id, Seq(1), vec![signal(1)], OwedChanges::none())
@@ -321,9 +323,7 @@ async fn scripts_survive_script_flush() {
 async fn out_of_memory_leaves_no_half_written_keyed_append() {
     let a = Server::start().await;
     let proxy = Proxy::start(a.port).await;
-    let store = store_via(&proxy).await;
-    let id = WorkflowId::random();
-    store.create(new_wf(&id)).await.unwrap();
+    let (store, id) = store_with_workflow(&proxy).await;
     a.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
         .await;
     a.cmd(&["CONFIG", "SET", "maxmemory", "1"]).await;
@@ -355,9 +355,7 @@ async fn out_of_memory_leaves_no_half_written_keyed_append() {
 async fn out_of_memory_does_not_consume_an_activity_attempt() {
     let a = Server::start().await;
     let proxy = Proxy::start(a.port).await;
-    let store = store_via(&proxy).await;
-    let id = WorkflowId::random();
-    store.create(new_wf(&id)).await.unwrap();
+    let (store, id) = store_with_workflow(&proxy).await;
     let attempt = marathon_core::OwedEntry {
         kind: marathon_core::OwedKind::Activity {
             activity_id: 1,
