@@ -8,9 +8,9 @@
 mod common;
 
 use common::low_port;
+use common::proxy::FaultProxy;
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use marathon_core::{
@@ -18,7 +18,6 @@ use marathon_core::{
 };
 use marathon_redis::{RedisStore, RedisStoreConfig};
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
 
 /// A fresh directory under the system's temporary one, for a private server's files.
 fn scratch_dir() -> std::path::PathBuf {
@@ -62,84 +61,6 @@ impl Server {
     }
 }
 
-/// Forwards every new connection to `target`; a connection accepted in an older
-/// `epoch` has its bytes silently dropped (both ways) while the socket stays open.
-struct Proxy {
-    port: u16,
-    target: Arc<AtomicU16>,
-    epoch: Arc<AtomicU64>,
-}
-
-async fn pump(
-    from: tokio::net::tcp::OwnedReadHalf,
-    to: tokio::net::tcp::OwnedWriteHalf,
-    mine: u64,
-    epoch: Arc<AtomicU64>,
-) {
-    let mut buf = vec![0u8; 64 * 1024];
-    loop {
-        if from.readable().await.is_err() {
-            return;
-        }
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return,
-        };
-        if epoch.load(Ordering::SeqCst) != mine {
-            continue; // black hole: read and drop
-        }
-        let mut off = 0;
-        while off < n {
-            if to.writable().await.is_err() {
-                return;
-            }
-            match to.try_write(&buf[off..n]) {
-                Ok(k) => off += k,
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return,
-            }
-        }
-    }
-}
-
-impl Proxy {
-    async fn start(target: u16) -> Self {
-        let listener = loop {
-            let p = 20_000 + (uuid::Uuid::new_v4().as_u128() % 10_000) as u16;
-            if let Ok(l) = TcpListener::bind(("127.0.0.1", p)).await {
-                break l;
-            }
-        };
-        let port = listener.local_addr().unwrap().port();
-        let target = Arc::new(AtomicU16::new(target));
-        let epoch = Arc::new(AtomicU64::new(0));
-        let (t, e) = (target.clone(), epoch.clone());
-        tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    return;
-                };
-                let Ok(server) = TcpStream::connect(("127.0.0.1", t.load(Ordering::SeqCst))).await
-                else {
-                    continue;
-                };
-                let mine = e.load(Ordering::SeqCst);
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::spawn(pump(cr, sw, mine, e.clone()));
-                tokio::spawn(pump(sr, cw, mine, e.clone()));
-            }
-        });
-        Self {
-            port,
-            target,
-            epoch,
-        }
-    }
-}
-
 fn new_wf(id: &WorkflowId) -> NewWorkflow {
     NewWorkflow {
         id: id.clone(),
@@ -163,9 +84,9 @@ fn signal(n: u64) -> NewEvent {
     )
 }
 
-async fn store_via(proxy: &Proxy) -> RedisStore {
+async fn store_via(proxy: &FaultProxy) -> RedisStore {
     RedisStore::connect(RedisStoreConfig {
-        url: format!("redis://127.0.0.1:{}", proxy.port),
+        url: proxy.url(),
         key_prefix: format!("marathon-failover-{}:", proxy.port),
         connect_timeout: Duration::from_millis(300),
         response_timeout: Duration::from_millis(300),
@@ -176,7 +97,7 @@ async fn store_via(proxy: &Proxy) -> RedisStore {
 }
 
 /// A store through `proxy` holding a new workflow, and that workflow's id.
-async fn store_with_workflow(proxy: &Proxy) -> (RedisStore, WorkflowId) {
+async fn store_with_workflow(proxy: &FaultProxy) -> (RedisStore, WorkflowId) {
     let store = store_via(proxy).await;
     let id = WorkflowId::random();
     store.create(new_wf(&id)).await.unwrap();
@@ -228,7 +149,7 @@ async fn recovers_when_the_old_primary_is_demoted_to_replica() {
             .await;
     }
     b.cmd(&["REPLICAOF", "127.0.0.1", &pa]).await;
-    let proxy = Proxy::start(a.port).await;
+    let proxy = FaultProxy::start(a.port).await;
     let (store, id) = store_with_workflow(&proxy).await;
     let last = store
         .append(&id, Seq(1), vec![signal(1)], OwedChanges::none())
@@ -267,7 +188,7 @@ async fn recovers_when_the_old_primary_is_demoted_to_replica() {
 #[tokio::test]
 async fn recovers_when_its_connection_is_silently_dropped() {
     let a = Server::start().await;
-    let proxy = Proxy::start(a.port).await;
+    let proxy = FaultProxy::start(a.port).await;
     let (store, id) = store_with_workflow(&proxy).await;
     let last = store
         .append(&id, Seq(1), vec![signal(1)], OwedChanges::none())
@@ -287,7 +208,7 @@ async fn recovers_when_its_connection_is_silently_dropped() {
 #[tokio::test]
 async fn scripts_survive_script_flush() {
     let a = Server::start().await;
-    let proxy = Proxy::start(a.port).await;
+    let proxy = FaultProxy::start(a.port).await;
     let (store, id) = store_with_workflow(&proxy).await;
     a.cmd(&["SCRIPT", "FLUSH"]).await;
     let last = store
@@ -322,7 +243,7 @@ async fn scripts_survive_script_flush() {
 #[tokio::test]
 async fn out_of_memory_leaves_no_half_written_keyed_append() {
     let a = Server::start().await;
-    let proxy = Proxy::start(a.port).await;
+    let proxy = FaultProxy::start(a.port).await;
     let (store, id) = store_with_workflow(&proxy).await;
     a.cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
         .await;
@@ -354,7 +275,7 @@ async fn out_of_memory_leaves_no_half_written_keyed_append() {
 #[tokio::test]
 async fn out_of_memory_does_not_consume_an_activity_attempt() {
     let a = Server::start().await;
-    let proxy = Proxy::start(a.port).await;
+    let proxy = FaultProxy::start(a.port).await;
     let (store, id) = store_with_workflow(&proxy).await;
     let attempt = marathon_core::OwedEntry {
         kind: marathon_core::OwedKind::Activity {

@@ -4,9 +4,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::proxy::FaultProxy;
 use common::*;
 use marathon_core::memory::MemoryQueue;
 use marathon_core::{
@@ -15,96 +16,10 @@ use marathon_core::{
 };
 use marathon_redis::{RedisStore, RedisStoreConfig};
 use serde_json::json;
-use tokio::net::{TcpListener, TcpStream};
 
 async fn one_call(ctx: WorkflowContext, (): ()) -> Result<u32, WorkflowError> {
     let opts = ActivityOptions::default().start_to_close(Duration::from_secs(30));
     ctx.activity_with::<_, u32>("llm", &1u32, opts).await
-}
-
-/// Forwards connections to `target`; once armed, the first request holding `pattern`
-/// is delivered to Redis, then the client's connection is closed before the reply
-/// (Redis applied the command; the client only sees its connection drop).
-struct CuttingProxy {
-    port: u16,
-    armed: Arc<AtomicBool>,
-}
-
-async fn write_all(to: &tokio::net::tcp::OwnedWriteHalf, buf: &[u8]) -> bool {
-    let mut off = 0;
-    while off < buf.len() {
-        if to.writable().await.is_err() {
-            return false;
-        }
-        match to.try_write(&buf[off..]) {
-            Ok(k) => off += k,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(_) => return false,
-        }
-    }
-    true
-}
-
-async fn pump(
-    from: tokio::net::tcp::OwnedReadHalf,
-    to: tokio::net::tcp::OwnedWriteHalf,
-    cut: Arc<AtomicBool>,
-    watch: Option<(Arc<AtomicBool>, &'static [u8])>,
-) {
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        if from.readable().await.is_err() {
-            return;
-        }
-        let n = match from.try_read(&mut buf) {
-            Ok(0) => return,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(_) => return,
-        };
-        if cut.load(Ordering::SeqCst) {
-            return;
-        }
-        let hit = watch.as_ref().is_some_and(|(armed, pat)| {
-            armed.load(Ordering::SeqCst)
-                && buf[..n].windows(pat.len()).any(|w| w == *pat)
-                && armed.swap(false, Ordering::SeqCst)
-        });
-        if !write_all(&to, &buf[..n]).await {
-            return;
-        }
-        if hit {
-            cut.store(true, Ordering::SeqCst);
-            // Let Redis read it before its side closes too.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            return;
-        }
-    }
-}
-
-impl CuttingProxy {
-    async fn start(target: u16, pattern: &'static [u8]) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let armed = Arc::new(AtomicBool::new(false));
-        let a = armed.clone();
-        tokio::spawn(async move {
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    return;
-                };
-                let Ok(server) = TcpStream::connect(("127.0.0.1", target)).await else {
-                    continue;
-                };
-                let cut = Arc::new(AtomicBool::new(false));
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                tokio::spawn(pump(cr, sw, cut.clone(), Some((a.clone(), pattern))));
-                tokio::spawn(pump(sr, cw, cut, None));
-            }
-        });
-        Self { port, armed }
-    }
 }
 
 async fn run_through_cut(pattern: &'static [u8]) -> (WorkflowStatus, Duration) {
@@ -114,9 +29,9 @@ async fn run_through_cut(pattern: &'static [u8]) -> (WorkflowStatus, Duration) {
         .next()
         .and_then(|p| p.trim_end_matches('/').parse().ok())
         .unwrap_or(6379);
-    let proxy = CuttingProxy::start(target, pattern).await;
+    let proxy = FaultProxy::cutting(target, pattern).await;
     let store = RedisStore::connect(RedisStoreConfig {
-        url: format!("redis://127.0.0.1:{}", proxy.port),
+        url: proxy.url(),
         key_prefix: prefix.clone(),
         ..Default::default()
     })
