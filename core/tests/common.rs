@@ -3,9 +3,9 @@
 
 use async_trait::async_trait;
 use marathon_core::memory::{MemoryQueue, MemoryStore};
+use marathon_core::testkit::ForwardingStore;
 use marathon_core::{
-    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery, NewEvent,
-    NewWorkflow, Owed, OwedChanges, StoreError, Timestamp,
+    AttemptStart, Created, NewEvent, NewWorkflow, OwedChanges, StoreError, Timestamp,
 };
 use marathon_core::{
     Delivery, Engine, EngineBuilder, EngineConfig, Event, EventData, OutgoingMessage, Queue,
@@ -213,7 +213,10 @@ impl Default for HookStore {
 }
 
 #[async_trait]
-impl Store for HookStore {
+impl ForwardingStore for HookStore {
+    fn inner(&self) -> &dyn Store {
+        &self.inner
+    }
     async fn create(&self, new: NewWorkflow) -> Result<Created, StoreError> {
         let created = self.inner.create(new).await?;
         if self.lose_create_reply.swap(false, Ordering::SeqCst) {
@@ -235,13 +238,6 @@ impl Store for HookStore {
         }
         Ok(last)
     }
-    async fn append_keyed(
-        &self,
-        id: &WorkflowId,
-        append: KeyedAppend,
-    ) -> Result<KeyedOutcome, StoreError> {
-        self.inner.append_keyed(id, append).await
-    }
     async fn read(
         &self,
         id: &WorkflowId,
@@ -251,18 +247,12 @@ impl Store for HookStore {
         self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.read(id, after, limit).await
     }
-    async fn subscribe(&self, id: &WorkflowId, after: Seq) -> Result<EventStream, StoreError> {
-        self.inner.subscribe(id, after).await
-    }
     async fn get(&self, id: &WorkflowId) -> Result<Option<WorkflowSummary>, StoreError> {
         if self.hold_get.swap(false, Ordering::SeqCst) {
             self.held.notify_one();
             self.release.acquire().await.expect("open").forget();
         }
         self.inner.get(id).await
-    }
-    async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError> {
-        self.inner.list(query).await
     }
     async fn start_attempt(
         &self,
@@ -279,19 +269,5 @@ impl Store for HookStore {
         self.inner
             .start_attempt(id, key, copy, now, deadline, redelivered)
             .await
-    }
-    async fn claim_overdue(
-        &self,
-        now: Timestamp,
-        lease: Duration,
-        limit: usize,
-    ) -> Result<Vec<Owed>, StoreError> {
-        self.inner.claim_overdue(now, lease, limit).await
-    }
-    async fn purge_closed(&self, before: Timestamp, limit: usize) -> Result<usize, StoreError> {
-        self.inner.purge_closed(before, limit).await
-    }
-    async fn ping(&self) -> Result<(), StoreError> {
-        self.inner.ping().await
     }
 }

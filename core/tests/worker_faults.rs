@@ -5,6 +5,7 @@ mod common;
 use async_trait::async_trait;
 use common::*;
 use futures::future::BoxFuture;
+use marathon_core::testkit::ForwardingQueue;
 use marathon_core::{
     ActivityContext, ActivityError, Delivery, Engine, OutgoingMessage, Queue, QueueError, Receipt,
     Task, Worker, WorkerConfig, WorkflowContext,
@@ -57,7 +58,10 @@ fn take(n: &AtomicU32) -> bool {
 }
 
 #[async_trait]
-impl Queue for Faulty {
+impl ForwardingQueue for Faulty {
+    fn inner(&self) -> &dyn Queue {
+        &*self.inner
+    }
     async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
         let has = |workflow: bool| {
             messages
@@ -105,14 +109,6 @@ impl Queue for Faulty {
         }
         self.inner.ack(queue, receipts).await
     }
-    async fn nack(
-        &self,
-        queue: &str,
-        receipt: &Receipt,
-        delay: Duration,
-    ) -> Result<(), QueueError> {
-        self.inner.nack(queue, receipt, delay).await
-    }
     async fn extend(
         &self,
         queue: &str,
@@ -126,17 +122,10 @@ impl Queue for Faulty {
         }
         self.inner.extend(queue, receipt, visibility).await
     }
-    async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
-        self.inner.depth(queue).await
-    }
-    async fn drain_dead_letters(&self, queue: &str, max: usize) -> Result<Vec<Task>, QueueError> {
-        self.inner.drain_dead_letters(queue, max).await
-    }
-    fn check_task_queue(&self, task_queue: &str) -> Result<(), String> {
-        self.inner.check_task_queue(task_queue)
-    }
-    async fn ping(&self) -> Result<(), QueueError> {
-        self.inner.ping().await
+    /// Remote: its calls fail for a while, so the engine keeps a copy of each send
+    /// to try again (the memory queue inside would say otherwise).
+    fn is_in_process(&self) -> bool {
+        false
     }
 }
 

@@ -4,6 +4,7 @@
 mod common;
 
 use common::*;
+use marathon_core::testkit::{ForwardingQueue, ForwardingStore};
 use marathon_core::{Observer, WorkflowStatus};
 use marathon_observability::Metrics;
 use prometheus_parse::{Scrape, Value};
@@ -720,28 +721,9 @@ async fn dead_letters_are_shown_at_zero_from_the_start() {
 struct SlowReads(marathon_core::memory::MemoryStore);
 
 #[async_trait::async_trait]
-impl marathon_core::Store for SlowReads {
-    async fn create(
-        &self,
-        new: marathon_core::store::NewWorkflow,
-    ) -> Result<marathon_core::store::Created, marathon_core::StoreError> {
-        self.0.create(new).await
-    }
-    async fn append(
-        &self,
-        id: &marathon_core::WorkflowId,
-        expected_last: marathon_core::Seq,
-        events: Vec<marathon_core::model::NewEvent>,
-        owed: marathon_core::store::OwedChanges,
-    ) -> Result<marathon_core::Seq, marathon_core::StoreError> {
-        self.0.append(id, expected_last, events, owed).await
-    }
-    async fn append_keyed(
-        &self,
-        id: &marathon_core::WorkflowId,
-        append: marathon_core::store::KeyedAppend,
-    ) -> Result<marathon_core::store::KeyedOutcome, marathon_core::StoreError> {
-        self.0.append_keyed(id, append).await
+impl ForwardingStore for SlowReads {
+    fn inner(&self) -> &dyn marathon_core::Store {
+        &self.0
     }
     async fn read(
         &self,
@@ -750,57 +732,7 @@ impl marathon_core::Store for SlowReads {
         limit: usize,
     ) -> Result<Vec<marathon_core::model::Event>, marathon_core::StoreError> {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        self.0.read(id, after, limit).await
-    }
-    async fn subscribe(
-        &self,
-        id: &marathon_core::WorkflowId,
-        after: marathon_core::Seq,
-    ) -> Result<marathon_core::store::EventStream, marathon_core::StoreError> {
-        self.0.subscribe(id, after).await
-    }
-    async fn get(
-        &self,
-        id: &marathon_core::WorkflowId,
-    ) -> Result<Option<marathon_core::model::WorkflowSummary>, marathon_core::StoreError> {
-        self.0.get(id).await
-    }
-    async fn list(
-        &self,
-        query: &marathon_core::store::ListQuery,
-    ) -> Result<marathon_core::store::ListPage, marathon_core::StoreError> {
-        self.0.list(query).await
-    }
-    async fn start_attempt(
-        &self,
-        id: &marathon_core::WorkflowId,
-        key: &str,
-        copy: u32,
-        now: marathon_core::model::Timestamp,
-        deadline: marathon_core::model::Timestamp,
-        redelivered: bool,
-    ) -> Result<marathon_core::store::AttemptStart, marathon_core::StoreError> {
-        self.0
-            .start_attempt(id, key, copy, now, deadline, redelivered)
-            .await
-    }
-    async fn claim_overdue(
-        &self,
-        now: marathon_core::model::Timestamp,
-        lease: Duration,
-        limit: usize,
-    ) -> Result<Vec<marathon_core::store::Owed>, marathon_core::StoreError> {
-        self.0.claim_overdue(now, lease, limit).await
-    }
-    async fn purge_closed(
-        &self,
-        closed_before: marathon_core::model::Timestamp,
-        limit: usize,
-    ) -> Result<usize, marathon_core::StoreError> {
-        self.0.purge_closed(closed_before, limit).await
-    }
-    async fn ping(&self) -> Result<(), marathon_core::StoreError> {
-        self.0.ping().await
+        self.inner().read(id, after, limit).await
     }
 }
 
@@ -1027,67 +959,15 @@ struct FlakyDepth {
 }
 
 #[async_trait::async_trait]
-impl marathon_core::Queue for FlakyDepth {
-    async fn enqueue(
-        &self,
-        queue: &str,
-        messages: Vec<marathon_core::OutgoingMessage>,
-    ) -> Result<(), marathon_core::QueueError> {
-        self.inner.enqueue(queue, messages).await
-    }
-    async fn receive(
-        &self,
-        queue: &str,
-        max: usize,
-        wait: Duration,
-        visibility: Duration,
-    ) -> Result<Vec<marathon_core::Delivery>, marathon_core::QueueError> {
-        self.inner.receive(queue, max, wait, visibility).await
-    }
-    async fn ack(
-        &self,
-        queue: &str,
-        receipts: Vec<marathon_core::Receipt>,
-    ) -> Result<(), marathon_core::QueueError> {
-        self.inner.ack(queue, receipts).await
-    }
-    async fn nack(
-        &self,
-        queue: &str,
-        receipt: &marathon_core::Receipt,
-        delay: Duration,
-    ) -> Result<(), marathon_core::QueueError> {
-        self.inner.nack(queue, receipt, delay).await
-    }
-    async fn extend(
-        &self,
-        queue: &str,
-        receipt: &marathon_core::Receipt,
-        visibility: Duration,
-    ) -> Result<(), marathon_core::QueueError> {
-        self.inner.extend(queue, receipt, visibility).await
+impl ForwardingQueue for FlakyDepth {
+    fn inner(&self) -> &dyn marathon_core::Queue {
+        &self.inner
     }
     async fn depth(&self, queue: &str) -> Result<u64, marathon_core::QueueError> {
         if self.fail_depth.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(marathon_core::QueueError::Unavailable("down".into()));
         }
-        self.inner.depth(queue).await
-    }
-    async fn drain_dead_letters(
-        &self,
-        queue: &str,
-        max: usize,
-    ) -> Result<Vec<marathon_core::Task>, marathon_core::QueueError> {
-        self.inner.drain_dead_letters(queue, max).await
-    }
-    fn max_message_bytes(&self) -> usize {
-        self.inner.max_message_bytes()
-    }
-    fn is_in_process(&self) -> bool {
-        self.inner.is_in_process()
-    }
-    async fn ping(&self) -> Result<(), marathon_core::QueueError> {
-        self.inner.ping().await
+        self.inner().depth(queue).await
     }
 }
 

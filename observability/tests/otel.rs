@@ -7,9 +7,10 @@ mod common;
 use async_trait::async_trait;
 use common::*;
 use marathon_core::memory::MemoryQueue;
+use marathon_core::testkit::ForwardingQueue;
 use marathon_core::{
-    Delivery, Engine, EngineConfig, EventData, OutgoingMessage, Queue, QueueError, Receipt,
-    StartWorkflow, Task, WorkflowId, WorkflowStatus,
+    Engine, EngineConfig, EventData, OutgoingMessage, Queue, QueueError, StartWorkflow, Task,
+    WorkflowId, WorkflowStatus,
 };
 use marathon_observability::{LogFormat, Metrics, TelemetryConfig, tracing_dispatch};
 use serde_json::json;
@@ -574,7 +575,10 @@ impl LossyQueue {
 }
 
 #[async_trait]
-impl Queue for LossyQueue {
+impl ForwardingQueue for LossyQueue {
+    fn inner(&self) -> &dyn Queue {
+        &self.inner
+    }
     async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
         let mut kept = Vec::new();
         for m in messages {
@@ -588,49 +592,6 @@ impl Queue for LossyQueue {
             }
         }
         self.inner.enqueue(queue, kept).await
-    }
-    async fn receive(
-        &self,
-        queue: &str,
-        max: usize,
-        wait: Duration,
-        visibility: Duration,
-    ) -> Result<Vec<Delivery>, QueueError> {
-        self.inner.receive(queue, max, wait, visibility).await
-    }
-    async fn ack(&self, queue: &str, receipts: Vec<Receipt>) -> Result<(), QueueError> {
-        self.inner.ack(queue, receipts).await
-    }
-    async fn nack(
-        &self,
-        queue: &str,
-        receipt: &Receipt,
-        delay: Duration,
-    ) -> Result<(), QueueError> {
-        self.inner.nack(queue, receipt, delay).await
-    }
-    async fn extend(
-        &self,
-        queue: &str,
-        receipt: &Receipt,
-        visibility: Duration,
-    ) -> Result<(), QueueError> {
-        self.inner.extend(queue, receipt, visibility).await
-    }
-    async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
-        self.inner.depth(queue).await
-    }
-    async fn drain_dead_letters(&self, queue: &str, max: usize) -> Result<Vec<Task>, QueueError> {
-        self.inner.drain_dead_letters(queue, max).await
-    }
-    fn max_message_bytes(&self) -> usize {
-        self.inner.max_message_bytes()
-    }
-    fn check_task_queue(&self, task_queue: &str) -> Result<(), String> {
-        self.inner.check_task_queue(task_queue)
-    }
-    async fn ping(&self) -> Result<(), QueueError> {
-        self.inner.ping().await
     }
 }
 

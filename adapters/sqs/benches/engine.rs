@@ -34,6 +34,7 @@ use aws_sdk_sqs::config::{ConfigBag, Credentials, Intercept, RuntimeComponents};
 use aws_sdk_sqs::error::BoxError;
 use aws_sdk_sqs::types::{DeleteMessageBatchRequestEntry, SendMessageBatchRequestEntry};
 use marathon_core::memory::MemoryStore;
+use marathon_core::testkit::ForwardingQueue;
 use marathon_core::{
     ActivityContext, ActivityError, Delivery, Engine, OutgoingMessage, Queue, QueueError,
     QueueSpec, Receipt, StartWorkflow, Store, Task, Worker, WorkerConfig, WorkflowContext,
@@ -141,7 +142,11 @@ impl<Q> Counting<Q> {
 }
 
 #[async_trait]
-impl<Q: Queue> Queue for Counting<Q> {
+impl<Q: Queue> ForwardingQueue for Counting<Q> {
+    fn inner(&self) -> &dyn Queue {
+        &self.inner
+    }
+
     async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
         self.sent
             .fetch_add(messages.len() as u64, Ordering::Relaxed);
@@ -165,44 +170,6 @@ impl<Q: Queue> Queue for Counting<Q> {
         self.acked
             .fetch_add(receipts.len() as u64, Ordering::Relaxed);
         self.inner.ack(queue, receipts).await
-    }
-
-    async fn nack(
-        &self,
-        queue: &str,
-        receipt: &Receipt,
-        delay: Duration,
-    ) -> Result<(), QueueError> {
-        self.inner.nack(queue, receipt, delay).await
-    }
-
-    async fn extend(
-        &self,
-        queue: &str,
-        receipt: &Receipt,
-        visibility: Duration,
-    ) -> Result<(), QueueError> {
-        self.inner.extend(queue, receipt, visibility).await
-    }
-
-    async fn depth(&self, queue: &str) -> Result<u64, QueueError> {
-        self.inner.depth(queue).await
-    }
-
-    async fn drain_dead_letters(&self, queue: &str, max: usize) -> Result<Vec<Task>, QueueError> {
-        self.inner.drain_dead_letters(queue, max).await
-    }
-
-    fn max_message_bytes(&self) -> usize {
-        self.inner.max_message_bytes()
-    }
-
-    fn finish_receive_when_stopping(&self) -> bool {
-        self.inner.finish_receive_when_stopping()
-    }
-
-    async fn ping(&self) -> Result<(), QueueError> {
-        self.inner.ping().await
     }
 }
 

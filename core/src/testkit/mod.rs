@@ -17,8 +17,11 @@
 //! `async fn(&Backend)` (a closure returning a future that borrows its argument
 //! does not type-check).
 
+pub mod forward;
 pub mod queue;
 pub mod store;
+
+pub use forward::{ForwardingQueue, ForwardingStore};
 
 /// What the macros need, re-exported so invoking crates do not depend on it.
 #[doc(hidden)]
