@@ -14,8 +14,8 @@ pub mod worker;
 pub use clock::{Clock, SystemClock, TokioClock};
 pub use engine::pipeline::{Pipeline, PipelineError};
 pub use engine::{
-    ActivityContext, ActivityFuture, Engine, EngineBuilder, EngineConfig, EngineError, Registry,
-    StartWorkflow, Started, WorkflowContext,
+    ActivityContext, ActivityFuture, Engine, EngineBuilder, EngineConfig, EngineError,
+    HISTORY_LIMIT, Registry, StartWorkflow, Started, WorkflowContext,
 };
 pub use model::*;
 pub use observe::{

@@ -386,3 +386,63 @@ async fn values_larger_than_the_payload_limit_are_not_recorded() {
     }
     w.shutdown().await;
 }
+
+/// An agent loop that never ends (an activity per turn, forever) is failed once its
+/// history would grow past `max_history_events`, with kind `history_limit` and a
+/// message naming the setting; its history stops within the limit plus the closing
+/// events. A run that finishes under the limit is untouched. Before, such a loop grew
+/// its history, and every replay of it, without end.
+#[tokio::test(start_paused = true)]
+async fn a_runaway_loop_is_failed_at_the_history_limit() {
+    let (store, queue) = backends();
+    let limit = 40;
+    let engine = builder(&store, &queue)
+        .config(marathon_core::EngineConfig {
+            max_history_events: limit,
+            ..marathon_core::EngineConfig::default()
+        })
+        .workflow("runaway", |ctx: WorkflowContext, turns: u32| async move {
+            let mut n = 0u32;
+            while n < turns {
+                n = ctx.activity("think", &n).await?;
+            }
+            Ok(json!(n))
+        })
+        .activity("think", |_ctx: ActivityContext, n: u32| async move {
+            Ok::<_, ActivityError>(n + 1)
+        })
+        .build();
+    let w = worker(&engine);
+    let forever = start(&engine, "runaway", json!(u32::MAX)).await;
+    let short = start(&engine, "runaway", json!(3)).await;
+    let failed = finished(&engine, &forever).await;
+    let done = finished(&engine, &short).await;
+    w.shutdown().await;
+    assert_eq!(failed.status, WorkflowStatus::Failed);
+    let error = failed.error.expect("an error");
+    assert_eq!(error.kind, marathon_core::HISTORY_LIMIT);
+    assert!(
+        error.message.contains("engine.max_history_events"),
+        "{}",
+        error.message
+    );
+    let events = history(&engine, &forever).await;
+    // Each turn records a marker, the call, its start and its result (the last two
+    // by the activity's worker, between workflow tasks); the step that would have
+    // scheduled the next call records its marker and the failure instead.
+    assert!(
+        events.len() as u64 > limit && events.len() as u64 <= limit + 4,
+        "{} events: {:?}",
+        events.len(),
+        types(&events)
+    );
+    assert_eq!(
+        count(&events, |d| matches!(
+            d,
+            EventData::WorkflowTaskFailed { .. }
+        )),
+        0
+    );
+    assert_eq!(done.status, WorkflowStatus::Completed);
+    assert_eq!(done.output, Some(json!(3)));
+}

@@ -469,6 +469,10 @@ impl Config {
         if self.engine.default_task_queue.is_empty() {
             return bad("engine.default_task_queue", "must not be empty".into());
         }
+        // 0 would fail every run at its first workflow task.
+        if self.engine.max_history_events == 0 {
+            return bad("engine.max_history_events", "must be at least 1".into());
+        }
         if self.server.role.runs_worker() {
             if self.worker.queues.is_empty() {
                 return bad(
@@ -1100,6 +1104,23 @@ mod tests {
         })
         .expect("a trace filter from the environment");
         assert_eq!(ok.log.trace_filter, "debug");
+    }
+
+    /// The history limit is read from `engine.max_history_events`; 0, which would fail
+    /// every run at its first workflow task, is refused.
+    #[test]
+    fn the_history_limit_is_read_and_zero_is_refused() {
+        let c = Config::load(&flags(&[("engine.max_history_events", "1000")])).expect("valid");
+        assert_eq!(c.engine.max_history_events, 1000);
+        assert_eq!(
+            Config::load(&Sources::default())
+                .expect("defaults")
+                .engine
+                .max_history_events,
+            50_000
+        );
+        let e = Config::load(&flags(&[("engine.max_history_events", "0")])).expect_err("zero");
+        assert_eq!(invalid_path(&e), "engine.max_history_events");
     }
 
     fn flags(pairs: &[(&str, &str)]) -> Sources {

@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 pub use activity::ActivityContext;
 pub use context::{ActivityFuture, CancelledFuture, SignalFuture, TimerFuture, WorkflowContext};
 pub use registry::{ActivityFn, JsonFn, Registry, WorkflowFn};
+pub use replay::HISTORY_LIMIT;
 
 use crate::clock::{SharedClock, SystemClock};
 use crate::memory::{MemoryQueue, MemoryStore};
@@ -218,6 +219,11 @@ pub struct EngineConfig {
     /// Activity inputs up to this size travel in the queue message; larger ones
     /// are read from the store by the worker. Default 64 KiB.
     pub inline_input_limit: usize,
+    /// Most events a running workflow's history may hold: a workflow task that
+    /// would record past it fails the run instead (kind `history_limit`), so that a
+    /// runaway loop stops growing its history. Closing events may go past it. At
+    /// least 1. Default 50,000.
+    pub max_history_events: u64,
 }
 
 impl Default for EngineConfig {
@@ -230,6 +236,7 @@ impl Default for EngineConfig {
             max_redeliveries: 3,
             cache_capacity: 10_000,
             inline_input_limit: 64 * 1024,
+            max_history_events: 50_000,
         }
     }
 }
@@ -1391,7 +1398,7 @@ impl EngineInner {
                 return Ok(());
             }
             let now = self.clock.now();
-            let stepped = inst.live_step(now);
+            let stepped = inst.live_step(now, self.config.max_history_events);
             let replay_time = started.elapsed().saturating_sub(reading);
             let datas = match stepped {
                 Ok(Some(d)) => d,

@@ -53,6 +53,14 @@ impl Wake for FlagWaker {
     }
 }
 
+/// Kind of the failure that ends a run whose history would grow past
+/// [`crate::EngineConfig::max_history_events`].
+pub const HISTORY_LIMIT: &str = "history_limit";
+
+/// Kinds of the failures the engine records for a run whose code had not returned:
+/// replay accepts them in place of the code's own outcome.
+const ENGINE_FAILURES: [&str; 2] = ["invalid_argument", HISTORY_LIMIT];
+
 /// Most polls one batch of inputs may take before the code is considered stuck.
 const MAX_POLLS_PER_BATCH: usize = 10_000;
 
@@ -158,6 +166,16 @@ impl Instance {
                 Some(Command::Timer { id, .. }) if id == *timer_id => {}
                 other => return Err(mismatch(e, other.as_ref())),
             },
+            // The engine, not the code, ended the run (a refused call, the history
+            // limit): the code had not returned, and what it issued then was dropped.
+            EventData::WorkflowFailed { error }
+                if self.outcome.is_none() && ENGINE_FAILURES.contains(&error.kind.as_str()) =>
+            {
+                self.unmatched.clear();
+                self.future = None;
+                self.outcome = Some(Outcome::Failed(error.clone()));
+                self.finished = true;
+            }
             EventData::WorkflowCompleted { .. }
             | EventData::WorkflowFailed { .. }
             | EventData::WorkflowCanceled { .. } => {
@@ -209,9 +227,14 @@ impl Instance {
 
     /// Runs the live step: delivers pending inputs at time `now` and returns the
     /// events to append (marker, commands, terminal event), or `None` if nothing is due.
+    ///
+    /// A step that would take a running workflow's history past `max_history` events
+    /// fails the run instead ([`HISTORY_LIMIT`]); a step that ends the run records its
+    /// closing events whatever the length.
     pub(crate) fn live_step(
         &mut self,
         now: Timestamp,
+        max_history: u64,
     ) -> Result<Option<Vec<EventData>>, TaskFailure> {
         self.check_all_matched(self.applied.next())?;
         if !self.has_pending_input() {
@@ -246,6 +269,19 @@ impl Instance {
             self.future = None;
             self.outcome = Some(Outcome::Failed(
                 WorkflowError::new(message).with_kind("invalid_argument"),
+            ));
+        }
+        // The marker and the commands, on a run the code has not ended.
+        let grown = self.applied.0 + 1 + commands.len() as u64;
+        if self.outcome.is_none() && grown > max_history {
+            commands.clear();
+            self.future = None;
+            self.outcome = Some(Outcome::Failed(
+                WorkflowError::new(format!(
+                    "the history would grow to {grown} events, past the limit of {max_history} \
+                     (engine.max_history_events); the run is failed so that it stops growing"
+                ))
+                .with_kind(HISTORY_LIMIT),
             ));
         }
         let mut out = Vec::with_capacity(commands.len() + 2);
@@ -502,7 +538,10 @@ mod tests {
         let mut inst = Instance::start(&id, &first, |_| Some(f.clone())).expect("start");
         let mut last = 1;
         for _ in 0..TURNS {
-            let out = inst.live_step(Timestamp(last)).expect("step").expect("due");
+            let out = inst
+                .live_step(Timestamp(last), u64::MAX)
+                .expect("step")
+                .expect("due");
             let timer_id = out
                 .iter()
                 .find_map(|d| match d {
@@ -525,11 +564,160 @@ mod tests {
             payload: Value::from("hi"),
         };
         inst.feed(&event(last, input)).expect("feed");
-        let out = inst.live_step(Timestamp(last)).expect("step").expect("due");
+        let out = inst
+            .live_step(Timestamp(last), u64::MAX)
+            .expect("step")
+            .expect("due");
         assert!(
             matches!(out.last(), Some(EventData::WorkflowCompleted { .. })),
             "{out:?}"
         );
         assert_eq!(inst.ctx.state().lock().waiting(), (0, 0));
+    }
+
+    /// Runs `f` live, firing each timer it starts, until its run ends; the history
+    /// recorded, with a step limit of `max_history` events.
+    fn record(f: &WorkflowFn, max_history: u64) -> Vec<Event> {
+        let id = WorkflowId::parse("looper").expect("id");
+        let mut history = vec![Event {
+            seq: Seq(1),
+            timestamp: Timestamp(1),
+            data: EventData::WorkflowStarted {
+                name: "looper".into(),
+                input: Value::Null,
+                task_queue: "default".into(),
+                idempotency_key: None,
+            },
+        }];
+        let mut inst = Instance::start(&id, &history[0], |_| Some(f.clone())).expect("start");
+        for _ in 0..1_000 {
+            let now = Timestamp(history.len() as u64);
+            let out = inst
+                .live_step(now, max_history)
+                .expect("step")
+                .expect("due");
+            let terminal = out.iter().any(EventData::is_terminal);
+            let timers: Vec<u32> = out
+                .iter()
+                .filter_map(|d| match d {
+                    EventData::TimerStarted { timer_id, .. } => Some(*timer_id),
+                    _ => None,
+                })
+                .collect();
+            for data in out {
+                let seq = Seq(history.len() as u64 + 1);
+                history.push(Event {
+                    seq,
+                    timestamp: now,
+                    data,
+                });
+            }
+            inst.committed(Seq(history.len() as u64), terminal);
+            if terminal {
+                return history;
+            }
+            for timer_id in timers {
+                let e = Event {
+                    seq: Seq(history.len() as u64 + 1),
+                    timestamp: now,
+                    data: EventData::TimerFired { timer_id },
+                };
+                inst.feed(&e).expect("feed");
+                history.push(e);
+            }
+        }
+        panic!("the run did not end: {history:?}");
+    }
+
+    /// Replays `history` from event 1 on a fresh instance of `f`.
+    fn replay(f: &WorkflowFn, history: &[Event]) -> Result<Instance, TaskFailure> {
+        let id = WorkflowId::parse("looper").expect("id");
+        let mut inst = Instance::start(&id, &history[0], |_| Some(f.clone()))?;
+        for e in &history[1..] {
+            inst.feed(e)?;
+        }
+        Ok(inst)
+    }
+
+    /// A workflow that sleeps in a loop forever.
+    fn forever() -> WorkflowFn {
+        Arc::new(|ctx: WorkflowContext, _input: Value| {
+            async move {
+                loop {
+                    ctx.sleep(Duration::from_secs(1)).await?;
+                }
+            }
+            .boxed()
+        })
+    }
+
+    /// A loop that never ends is failed by the engine at the history limit: the step
+    /// that would record past it records the failure instead, and a replay from event
+    /// 1 (another replica, a stray task) accepts that failure where the code had not
+    /// returned, rather than calling it non-determinism.
+    #[test]
+    fn a_run_past_the_history_limit_fails_and_replays() {
+        let f = forever();
+        let history = record(&f, 20);
+        // Each turn records its marker, a timer and the timer's firing.
+        assert!(history.len() <= 22, "{history:?}");
+        let Some(EventData::WorkflowFailed { error }) = history.last().map(|e| &e.data) else {
+            panic!("not failed: {history:?}");
+        };
+        assert_eq!(error.kind, HISTORY_LIMIT);
+        assert!(error.message.contains("limit of 20"), "{}", error.message);
+        let inst = replay(&f, &history).expect("replays");
+        assert!(inst.finished);
+        assert_eq!(
+            inst.final_status(),
+            Some(crate::model::WorkflowStatus::Failed)
+        );
+    }
+
+    /// A step that ends the run records its closing events past the limit.
+    #[test]
+    fn a_run_that_returns_at_the_limit_completes() {
+        let f: WorkflowFn = Arc::new(|ctx: WorkflowContext, _input: Value| {
+            async move {
+                for _ in 0..3 {
+                    ctx.sleep(Duration::from_secs(1)).await?;
+                }
+                Ok(Value::from("done"))
+            }
+            .boxed()
+        });
+        // started, then 3 × (marker, timer, fired): 10 events; the last step's marker
+        // and completion take it to 12.
+        let history = record(&f, 10);
+        assert_eq!(history.len(), 12, "{history:?}");
+        assert!(
+            matches!(history[11].data, EventData::WorkflowCompleted { .. }),
+            "{history:?}"
+        );
+    }
+
+    /// A run failed for a new call's over-deep input (`invalid_argument`) replays too:
+    /// the code issues the call again, which the history does not hold.
+    #[test]
+    fn a_run_failed_for_a_refused_call_replays() {
+        let f: WorkflowFn = Arc::new(|ctx: WorkflowContext, _input: Value| {
+            async move {
+                let mut deep = Value::Null;
+                for _ in 0..=crate::MAX_VALUE_DEPTH {
+                    deep = Value::Array(vec![deep]);
+                }
+                ctx.sleep(Duration::from_secs(1)).await?;
+                ctx.activity::<_, Value>("tool", &deep).await?;
+                Ok(Value::Null)
+            }
+            .boxed()
+        });
+        let history = record(&f, u64::MAX);
+        let Some(EventData::WorkflowFailed { error }) = history.last().map(|e| &e.data) else {
+            panic!("not failed: {history:?}");
+        };
+        assert_eq!(error.kind, "invalid_argument");
+        let inst = replay(&f, &history).expect("replays");
+        assert!(inst.finished);
     }
 }
