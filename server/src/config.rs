@@ -521,11 +521,16 @@ impl Config {
                 );
             }
             // Zero would spin: a receive loop that never waits on an empty queue, a
-            // sweeper asking the store without a pause.
+            // sweeper asking the store without a pause, a maintenance round (queue
+            // depth, dead letters: two queue calls per served queue) without a pause.
             for (key, value) in [
                 ("worker.poll_wait_ms", self.worker.poll_wait),
                 ("worker.sweep_interval_ms", self.worker.sweep_interval),
                 ("worker.visibility_ms", self.worker.visibility),
+                (
+                    "worker.dead_letter_interval_ms",
+                    self.worker.dead_letter_interval,
+                ),
             ] {
                 if value.is_zero() {
                     return bad(key, "must be at least 1 ms".into());
@@ -985,6 +990,7 @@ mod tests {
             "worker.poll_wait_ms",
             "worker.sweep_interval_ms",
             "worker.visibility_ms",
+            "worker.dead_letter_interval_ms",
         ] {
             let e = Config::load(&Sources {
                 flags: vec![(key.into(), "0".into())],
