@@ -393,12 +393,13 @@ impl Config {
             })?;
         // Closed workflows' keys expire after the store's retention, but their index
         // entries go only when the worker purges them: unless told otherwise, it purges
-        // them after the same time.
+        // them after the same time. The store's 0 keeps the keys (as unset does): a
+        // worker retention of 0 would instead purge every workflow as it closes.
         #[cfg(feature = "redis")]
         if config.worker.retention.is_none()
             && let StoreConfig::Redis(redis) = &config.store
         {
-            config.worker.retention = redis.retention;
+            config.worker.retention = redis.retention.filter(|r| !r.is_zero());
         }
         config.validate()?;
         Ok(config)
@@ -1233,6 +1234,17 @@ mod tests {
         .expect("loads");
         assert_eq!(c.worker.retention, Some(Duration::from_secs(3600)));
         let c = Config::load(&flags(&[("store.kind", "redis")])).expect("loads");
+        assert_eq!(c.worker.retention, None);
+        // The store keeps keys with a retention of 0 (the chart's "keep them"): the
+        // worker must not take it as "purge each workflow as it closes".
+        let c = Config::load(&Sources {
+            env: env(&[
+                ("MARATHON_STORE__KIND", "redis"),
+                ("MARATHON_STORE__RETENTION", "0"),
+            ]),
+            ..Default::default()
+        })
+        .expect("loads");
         assert_eq!(c.worker.retention, None);
     }
 

@@ -29,7 +29,8 @@ pub struct RedisStoreConfig {
     /// Timeout of one command's response, in ms. Default 2000.
     #[serde(with = "duration_ms")]
     pub response_timeout: Duration,
-    /// When set, a finished workflow's keys expire this long (ms) after it closed. Default none.
+    /// When set, a finished workflow's keys expire this long (ms) after it closed; 0 keeps
+    /// them, as `None` does. Default none.
     #[serde(with = "duration_ms::option")]
     pub retention: Option<Duration>,
     /// PEM file of the certificate authority that signed the server's TLS
