@@ -602,6 +602,34 @@ impl Config {
                 );
             }
         }
+        // A memory backend is this process's alone (role all, checked above): work
+        // this process does not do, no other process does either.
+        if self.server.role.runs_worker() {
+            if matches!(self.queue, QueueConfig::Memory(_))
+                && !self
+                    .worker
+                    .queues
+                    .iter()
+                    .any(|q| q.name == self.engine.default_task_queue)
+            {
+                let served: Vec<&str> =
+                    self.worker.queues.iter().map(|q| q.name.as_str()).collect();
+                return bad(
+                    "engine.default_task_queue",
+                    format!(
+                        "{:?} is not served by worker.queues ({}): with the memory queue no other process serves it, so a workflow started without a task_queue would never run",
+                        self.engine.default_task_queue,
+                        served.join(", ")
+                    ),
+                );
+            }
+            if matches!(self.store, StoreConfig::Memory) && !self.worker.sweeper {
+                return bad(
+                    "worker.sweeper",
+                    "false with the memory store: no other process sweeps it, so its timers would never fire and lost tasks never be sent again".into(),
+                );
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return bad("log.filter", e.to_string());
         }
@@ -1128,6 +1156,40 @@ mod tests {
         );
         let e = Config::load(&flags(&[("engine.max_history_events", "0")])).expect_err("zero");
         assert_eq!(invalid_path(&e), "engine.max_history_events");
+    }
+
+    /// With memory backends this process is the only worker: a default task queue it
+    /// does not serve, or no sweeper, leaves workflows waiting forever.
+    #[test]
+    fn memory_backends_refuse_work_no_process_would_do() {
+        let e = Config::load(&flags(&[("engine.default_task_queue", "other")]))
+            .expect_err("a default task queue no worker serves");
+        assert_eq!(invalid_path(&e), "engine.default_task_queue", "{e}");
+        assert!(e.to_string().contains("\"other\""), "{e}");
+        Config::load(&flags(&[
+            ("engine.default_task_queue", "other"),
+            ("worker.queues", r#"[{name = "other", concurrency = 4}]"#),
+        ]))
+        .expect("a default task queue this process serves");
+        let e = Config::load(&Sources {
+            env: env(&[("MARATHON_WORKER__SWEEPER", "false")]),
+            ..Default::default()
+        })
+        .expect_err("no sweeper on the memory store");
+        assert_eq!(invalid_path(&e), "worker.sweeper", "{e}");
+    }
+
+    /// Shared backends may be served and swept by other processes.
+    #[cfg(all(feature = "redis", feature = "sqs"))]
+    #[test]
+    fn shared_backends_may_leave_work_to_other_processes() {
+        Config::load(&flags(&[
+            ("store.kind", "redis"),
+            ("queue.kind", "sqs"),
+            ("engine.default_task_queue", "other"),
+            ("worker.sweeper", "false"),
+        ]))
+        .expect("another worker may serve the queue and sweep the store");
     }
 
     fn flags(pairs: &[(&str, &str)]) -> Sources {
