@@ -122,6 +122,9 @@ where JSON Schema can express them).
 {{- if and (eq $v.store.kind "redis") (not $v.store.redis.url) (not $v.store.redis.existingSecret) }}
 {{- fail "store.kind=redis needs store.redis.url or store.redis.existingSecret" }}
 {{- end }}
+{{- if and (eq $v.store.kind "redis") $v.store.redis.clusterNodesSecretKey (not $v.store.redis.existingSecret) }}
+{{- fail (printf "store.redis.clusterNodesSecretKey=%s needs store.redis.existingSecret holding that key: the Secret the chart makes holds only url, so the pod could not start" $v.store.redis.clusterNodesSecretKey) }}
+{{- end }}
 {{- if and $v.auth.enabled (not $v.auth.tokens) (not $v.auth.existingSecret) }}
 {{- fail "auth.enabled=true needs auth.tokens or auth.existingSecret" }}
 {{- end }}
