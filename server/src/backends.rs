@@ -68,12 +68,20 @@ async fn sqs(
         checked.push(name);
         match queue.resolve(name).await {
             Ok(true) => {}
-            Ok(false) => {
-                return Err(ServerError::Config(format!(
-                    "`{key}`: SQS queue {:?} (of task queue {name:?}) does not exist: create it, or set queue.create_if_missing = true",
-                    queue.sqs_name(name)
-                )));
-            }
+            // `create_if_missing` never creates a queue given by URL.
+            Ok(false) => match queue.config().queue_urls.get(name) {
+                Some(url) => {
+                    return Err(ServerError::Config(format!(
+                        "`queue.queue_urls.{name}`: SQS queue {url:?} (of task queue {name:?}, used by `{key}`) does not exist: create it, or fix the URL"
+                    )));
+                }
+                None => {
+                    return Err(ServerError::Config(format!(
+                        "`{key}`: SQS queue {:?} (of task queue {name:?}) does not exist: create it, or set queue.create_if_missing = true",
+                        queue.sqs_name(name)
+                    )));
+                }
+            },
             Err(e) => {
                 return Err(ServerError::Backend(format!(
                     "sqs queue {:?}: {e}",

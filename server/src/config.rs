@@ -567,6 +567,18 @@ impl Config {
                 format!("{url:?} is not an http(s) URL like http://127.0.0.1:4566"),
             );
         }
+        // The same for a queue's explicit URL.
+        #[cfg(feature = "sqs")]
+        if let QueueConfig::Sqs(sqs) = &self.queue
+            && let Some((name, url)) = sqs.queue_urls.iter().find(|(_, u)| !is_http_url(u))
+        {
+            return bad(
+                &format!("queue.queue_urls.{name}"),
+                format!(
+                    "{url:?} is not an http(s) URL like https://sqs.eu-west-1.amazonaws.com/123456789012/marathon-{name}"
+                ),
+            );
+        }
         // SQS refuses such a name on every call: a worker would retry it forever.
         #[cfg(feature = "sqs")]
         if let QueueConfig::Sqs(sqs) = &self.queue {
@@ -1310,7 +1322,7 @@ mod tests {
         assert_eq!(c.worker.retention, None);
     }
 
-    /// An SQS endpoint that is not an http(s) URL stops start-up.
+    /// An SQS endpoint or queue URL that is not an http(s) URL stops start-up.
     #[cfg(feature = "sqs")]
     #[test]
     fn an_sqs_endpoint_that_is_not_a_url_is_refused() {
@@ -1324,6 +1336,17 @@ mod tests {
             "http://127.0.0.1:4566",
         )]))
         .expect("an http endpoint");
+        let e = Config::load(&sqs_flags(&[(
+            "queue.queue_urls.default",
+            "marathon-default",
+        )]))
+        .expect_err("a queue URL that is a name");
+        assert_eq!(invalid_path(&e), "queue.queue_urls.default", "{e}");
+        Config::load(&sqs_flags(&[(
+            "queue.queue_urls.default",
+            "https://sqs.eu-west-1.amazonaws.com/123456789012/marathon-default",
+        )]))
+        .expect("an https queue URL");
         Config::load(&sqs_flags(&[(
             "queue.endpoint_url",
             "https://sqs.eu-west-1.amazonaws.com",

@@ -466,14 +466,16 @@ fn bad_redis_settings_exit_2_naming_the_key() {
 type SqsCase<'a> = (&'a [(&'a str, &'a str)], &'a [&'a str]);
 
 /// SQS settings that would leave a server retrying forever stop start-up (exit 2)
-/// naming the key: an endpoint that is no URL, no region anywhere, and a queue that
-/// does not exist while `create_if_missing` is off.
+/// naming the key: an endpoint that is no URL, no region anywhere, a queue that
+/// does not exist while `create_if_missing` is off, and a queue URL (`queue_urls`)
+/// that is no URL or names no queue.
 #[cfg(feature = "sqs")]
 #[test]
 fn sqs_settings_that_never_work_stop_start_up() {
     let endpoint = marathon_sqs::testkit::endpoint();
     let prefix = marathon_sqs::testkit::prefix();
     let missing = format!("{prefix}default");
+    let missing_url = format!("{endpoint}/000000000000/{prefix}by-url");
     let base: &[(&str, &str)] = &[
         ("MARATHON_QUEUE__KIND", "sqs"),
         ("MARATHON_QUEUE__QUEUE_PREFIX", &prefix),
@@ -504,6 +506,22 @@ fn sqs_settings_that_never_work_stop_start_up() {
                 ("MARATHON_QUEUE__REGION", "us-east-1"),
             ],
             &[&missing, "queue.create_if_missing"],
+        ),
+        (
+            &[
+                ("MARATHON_QUEUE__ENDPOINT_URL", &endpoint),
+                ("MARATHON_QUEUE__REGION", "us-east-1"),
+                ("MARATHON_QUEUE__QUEUE_URLS__DEFAULT", &missing_url),
+            ],
+            &["queue.queue_urls.default", &missing_url],
+        ),
+        (
+            &[
+                ("MARATHON_QUEUE__ENDPOINT_URL", &endpoint),
+                ("MARATHON_QUEUE__REGION", "us-east-1"),
+                ("MARATHON_QUEUE__QUEUE_URLS__DEFAULT", "marathon-default"),
+            ],
+            &["queue.queue_urls.default", "http(s) URL"],
         ),
     ];
     for (extra, expected) in cases {

@@ -241,13 +241,27 @@ impl SqsQueue {
     }
 
     /// Looks up (with `create_if_missing`, creates) logical queue `name`, as its first
-    /// use would: `Ok(false)` when it does not exist.
+    /// use would: `Ok(false)` when it does not exist. A queue given by `queue_urls`
+    /// is asked for an attribute instead (its first use takes the URL as it is, so a
+    /// URL naming no queue would only fail each call).
     ///
     /// # Errors
     /// A [`QueueError`] when SQS cannot be asked or refuses otherwise.
     pub async fn resolve(&self, name: &str) -> Result<bool, QueueError> {
-        match self.url(name).await {
-            Ok(_) => Ok(true),
+        let found = match self.cfg.queue_urls.get(name) {
+            Some(url) => self
+                .client
+                .get_queue_attributes()
+                .queue_url(url)
+                .attribute_names(QueueAttributeName::QueueArn)
+                .send()
+                .await
+                .map(|_| ())
+                .map_err(|e| classify("get_queue_attributes", false, e)),
+            None => self.url(name).await.map(|_| ()),
+        };
+        match found {
+            Ok(()) => Ok(true),
             Err(e) if is_missing_queue(&e) => Ok(false),
             Err(e) => Err(e),
         }

@@ -379,13 +379,22 @@ async fn explicit_urls_and_existing_queues() {
     // No prefix match, no creation: only the explicit URL can work.
     let cfg = SqsQueueConfig {
         queue_prefix: "mt-none-".into(),
-        queue_urls: BTreeMap::from([("jobs".to_owned(), url)]),
+        queue_urls: BTreeMap::from([
+            ("jobs".to_owned(), url),
+            (
+                "gone".to_owned(),
+                format!("{}/000000000000/mt-none-gone", common::endpoint()),
+            ),
+        ]),
         create_if_missing: false,
         region: Some("us-east-1".into()),
         endpoint_url: Some(common::endpoint()),
         ..SqsQueueConfig::default()
     };
     let q = common::connect(cfg).await;
+    // Start-up's look-up asks SQS about an explicit URL too.
+    assert!(q.resolve("jobs").await.expect("resolve jobs"));
+    assert!(!q.resolve("gone").await.expect("resolve gone"));
     q.enqueue("jobs", vec![OutgoingMessage::now(wf("x"))])
         .await
         .expect("enqueue");
