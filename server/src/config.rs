@@ -642,6 +642,23 @@ impl Config {
                 );
             }
         }
+        // An empty filter parses, as one that enables nothing: not even errors would be
+        // logged (an unset variable rendered as "" would silence the process).
+        for (key, filter, what) in [
+            (
+                "log.filter",
+                &self.log.filter,
+                "log nothing, errors included",
+            ),
+            ("log.trace_filter", &self.log.trace_filter, "export no span"),
+        ] {
+            if filter.trim().is_empty() {
+                return bad(
+                    key,
+                    format!("is empty, which would {what}: leave it unset for info, or write off"),
+                );
+            }
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
             return bad("log.filter", e.to_string());
         }
@@ -1145,6 +1162,25 @@ mod tests {
         })
         .expect_err("bad trace filter");
         assert!(e.to_string().contains("log.trace_filter"), "{e}");
+        for (name, key) in [
+            ("MARATHON_LOG", "log.filter"),
+            ("MARATHON_LOG__FILTER", "log.filter"),
+            ("MARATHON_LOG__TRACE_FILTER", "log.trace_filter"),
+        ] {
+            let e = Config::load(&Sources {
+                env: env(&[(name, "")]),
+                ..Default::default()
+            })
+            .expect_err("an empty filter enables nothing");
+            assert_eq!(invalid_path(&e), key, "{e}");
+            assert!(e.to_string().contains("empty"), "{e}");
+        }
+        let off = Config::load(&Sources {
+            env: env(&[("MARATHON_LOG", "off")]),
+            ..Default::default()
+        })
+        .expect("off turns logs off on purpose");
+        assert_eq!(off.log.filter, "off");
         let ok = Config::load(&Sources {
             env: env(&[("MARATHON_LOG__TRACE_FILTER", "debug")]),
             ..Default::default()
