@@ -1269,6 +1269,7 @@ mod tests {
             ("store.shards", "0"),
             ("store.key_prefix", "re{vD"),
             ("store.tls_ca_file", "/nonexistent/ca.pem"),
+            ("store.retention", "100000000000000000"),
             (
                 "store.cluster_nodes",
                 "redis://127.0.0.1:7000,http://127.0.0.1:7001",

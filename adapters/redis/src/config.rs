@@ -39,6 +39,9 @@ pub struct RedisStoreConfig {
     pub tls_ca_file: Option<String>,
 }
 
+/// Longest `retention`: 100 years.
+const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
 impl RedisStoreConfig {
     /// Whether this config selects a Redis Cluster (`cluster_nodes` is not empty).
     #[must_use]
@@ -47,12 +50,12 @@ impl RedisStoreConfig {
     }
 
     /// Checks what can be checked without connecting: the URL (or the cluster's node
-    /// URLs), `key_prefix`, `shards` and that `tls_ca_file` is a file. The store's
+    /// URLs), `key_prefix`, `shards`, `retention` and that `tls_ca_file` is a file. The store's
     /// `connect` runs it first; a server runs it while validating its configuration.
     ///
     /// # Errors
     /// `(field, message)`: the field at fault (`url`, `cluster_nodes`, `key_prefix`,
-    /// `shards`, `tls_ca_file`) and what is wrong, passwords masked.
+    /// `shards`, `retention`, `tls_ca_file`) and what is wrong, passwords masked.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         if self.is_cluster() {
             for node in &self.cluster_nodes {
@@ -72,6 +75,21 @@ impl RedisStoreConfig {
         }
         if self.shards == 0 {
             return Err(("shards", "must be at least 1".into()));
+        }
+        // The terminal append's script hands it to PEXPIRE as a Lua number, which
+        // Redis writes in exponent form from 1e17 on and then refuses, after part of
+        // the append was written.
+        if let Some(retention) = self.retention
+            && retention > MAX_RETENTION
+        {
+            return Err((
+                "retention",
+                format!(
+                    "{} ms is more than 100 years ({} ms); leave it unset to keep finished workflows",
+                    retention.as_millis(),
+                    MAX_RETENTION.as_millis()
+                ),
+            ));
         }
         // A metadata look-up, not a read: a missing file stops start-up with its key
         // instead of failing inside the connection.
@@ -254,5 +272,15 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(field(cfg), Err("tls_ca_file"));
+        let cfg = RedisStoreConfig {
+            retention: Some(Duration::from_millis(100_000_000_000_000_000)),
+            ..Default::default()
+        };
+        assert_eq!(field(cfg), Err("retention"));
+        let cfg = RedisStoreConfig {
+            retention: Some(MAX_RETENTION),
+            ..Default::default()
+        };
+        assert_eq!(field(cfg), Ok(()));
     }
 }
