@@ -567,6 +567,19 @@ impl Config {
                 format!("{url:?} is not an http(s) URL like http://127.0.0.1:4566"),
             );
         }
+        // The SDK builds no request with such a region (not even to look a queue up).
+        #[cfg(feature = "sqs")]
+        if let QueueConfig::Sqs(sqs) = &self.queue
+            && let Some(region) = &sqs.region
+            && !is_region(region)
+        {
+            return bad(
+                "queue.region",
+                format!(
+                    "{region:?} is not an AWS region like eu-west-1 (leave it unset for AWS_REGION or the profile's region)"
+                ),
+            );
+        }
         // The same for a queue's explicit URL.
         #[cfg(feature = "sqs")]
         if let QueueConfig::Sqs(sqs) = &self.queue
@@ -701,6 +714,17 @@ fn is_http_url(url: &str) -> bool {
     url.parse::<axum::http::Uri>().is_ok_and(|u| {
         matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
     })
+}
+
+/// Whether `region` can name an AWS region: a host label (letters, digits and `-`,
+/// not first; at most 63), as the SDK requires to build a request.
+#[cfg(feature = "sqs")]
+fn is_region(region: &str) -> bool {
+    (1..=63).contains(&region.len())
+        && !region.starts_with('-')
+        && region
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
 /// Masks the credentials of every URL in `v`, however deep (`store.cluster_nodes` is a
@@ -1359,7 +1383,8 @@ mod tests {
         assert_eq!(c.worker.retention, None);
     }
 
-    /// An SQS endpoint or queue URL that is not an http(s) URL stops start-up.
+    /// An SQS endpoint or queue URL that is not an http(s) URL, or a region that is no
+    /// region, stops start-up.
     #[cfg(feature = "sqs")]
     #[test]
     fn an_sqs_endpoint_that_is_not_a_url_is_refused() {
@@ -1373,6 +1398,12 @@ mod tests {
             "http://127.0.0.1:4566",
         )]))
         .expect("an http endpoint");
+        for bad in ["", " ", "eu west 1", "-eu"] {
+            let e = Config::load(&sqs_flags(&[("queue.region", bad)]))
+                .expect_err(&format!("region {bad:?}"));
+            assert_eq!(invalid_path(&e), "queue.region", "{e}");
+        }
+        Config::load(&sqs_flags(&[("queue.region", "eu-west-1")])).expect("a region");
         let e = Config::load(&sqs_flags(&[(
             "queue.queue_urls.default",
             "marathon-default",

@@ -503,6 +503,13 @@ fn sqs_settings_that_never_work_stop_start_up() {
         (
             &[
                 ("MARATHON_QUEUE__ENDPOINT_URL", &endpoint),
+                ("MARATHON_QUEUE__REGION", ""),
+            ],
+            &["queue.region"],
+        ),
+        (
+            &[
+                ("MARATHON_QUEUE__ENDPOINT_URL", &endpoint),
                 ("MARATHON_QUEUE__REGION", "us-east-1"),
             ],
             &[&missing, "queue.create_if_missing"],
