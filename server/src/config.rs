@@ -505,6 +505,17 @@ impl Config {
                     ),
                 );
             }
+            // The worker bounds a queue's tasks with a semaphore, which panics above this.
+            let most = tokio::sync::Semaphore::MAX_PERMITS;
+            if let Some(q) = self.worker.queues.iter().find(|q| q.concurrency > most) {
+                return bad(
+                    "worker.queues",
+                    format!(
+                        "queue {:?} has a concurrency of {}, more than a worker can bound ({most})",
+                        q.name, q.concurrency
+                    ),
+                );
+            }
             let queues = &self.worker.queues;
             if let Some((i, q)) = queues
                 .iter()
@@ -1439,6 +1450,13 @@ mod tests {
         .expect_err("a queue twice");
         assert_eq!(invalid_path(&e), "worker.queues", "{e}");
         assert!(e.to_string().contains("\"a\""), "{e}");
+        let e = Config::load(&flags(&[(
+            "worker.queues",
+            r#"[{name = "default", concurrency = 9223372036854775807}]"#,
+        )]))
+        .expect_err("a concurrency the worker's semaphore cannot hold");
+        assert_eq!(invalid_path(&e), "worker.queues", "{e}");
+        assert!(e.to_string().contains("concurrency"), "{e}");
     }
 
     /// What `marathon` prints: "invalid configuration" once, the key once.
