@@ -433,7 +433,8 @@ impl Cache {
         slots.insert(id.clone(), s.clone());
         let mut order = self.order.lock();
         order.push_back(id.clone());
-        if order.len() > 2 * capacity.max(1) + 1024 {
+        // Saturating: a capacity meant as unbounded (`usize::MAX`) must not overflow.
+        if order.len() > capacity.max(1).saturating_mul(2).saturating_add(1024) {
             // Ids of finished (removed) workflows pile up here; drop them.
             order.retain(|id| slots.contains_key(id));
         }
@@ -2201,5 +2202,23 @@ impl EngineInner {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod cache_tests {
+    use super::{Cache, WorkflowId};
+
+    /// `engine.cache_capacity` set to the largest value, meant as unbounded, keeps
+    /// every slot (it overflowed: a panic in every workflow task of a debug build,
+    /// a compaction on every new slot past 1,022 in a release build).
+    #[test]
+    fn an_unbounded_capacity_keeps_every_slot() {
+        let cache = Cache::default();
+        for i in 0..3 {
+            let id = WorkflowId::parse(format!("w{i}")).expect("an id");
+            let _slot = cache.slot(&id, usize::MAX);
+        }
+        assert_eq!(cache.slots.lock().len(), 3);
     }
 }
