@@ -1305,6 +1305,7 @@ mod tests {
             ("store.key_prefix", "re{vD"),
             ("store.tls_ca_file", "/nonexistent/ca.pem"),
             ("store.retention", "100000000000000000"),
+            ("store.response_timeout", "0"),
             (
                 "store.cluster_nodes",
                 "redis://127.0.0.1:7000,http://127.0.0.1:7001",

@@ -50,12 +50,14 @@ impl RedisStoreConfig {
     }
 
     /// Checks what can be checked without connecting: the URL (or the cluster's node
-    /// URLs), `key_prefix`, `shards`, `retention` and that `tls_ca_file` is a file. The store's
-    /// `connect` runs it first; a server runs it while validating its configuration.
+    /// URLs), `key_prefix`, `shards`, `response_timeout`, `retention` and that
+    /// `tls_ca_file` is a file. The store's `connect` runs it first; a server runs it
+    /// while validating its configuration.
     ///
     /// # Errors
     /// `(field, message)`: the field at fault (`url`, `cluster_nodes`, `key_prefix`,
-    /// `shards`, `retention`, `tls_ca_file`) and what is wrong, passwords masked.
+    /// `shards`, `response_timeout`, `retention`, `tls_ca_file`) and what is wrong,
+    /// passwords masked.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         if self.is_cluster() {
             for node in &self.cluster_nodes {
@@ -75,6 +77,13 @@ impl RedisStoreConfig {
         }
         if self.shards == 0 {
             return Err(("shards", "must be at least 1".into()));
+        }
+        // Every command would time out, and connect report the store unreachable.
+        if self.response_timeout.is_zero() {
+            return Err((
+                "response_timeout",
+                "must be at least 1 ms: every command would time out".into(),
+            ));
         }
         // The terminal append's script hands it to PEXPIRE as a Lua number, which
         // Redis writes in exponent form from 1e17 on and then refuses, after part of
@@ -272,6 +281,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(field(cfg), Err("tls_ca_file"));
+        let cfg = RedisStoreConfig {
+            response_timeout: Duration::ZERO,
+            ..Default::default()
+        };
+        assert_eq!(field(cfg), Err("response_timeout"));
         let cfg = RedisStoreConfig {
             retention: Some(Duration::from_millis(100_000_000_000_000_000)),
             ..Default::default()
