@@ -578,6 +578,17 @@ impl Config {
                 format!("{url:?} is not an http(s) URL like http://127.0.0.1:4566"),
             );
         }
+        // `SqsQueue::connect` refuses it: named here as a setting (exit 2), not as a
+        // backend that cannot connect (exit 1).
+        #[cfg(feature = "sqs")]
+        if let QueueConfig::Sqs(sqs) = &self.queue
+            && sqs.max_receives == 0
+        {
+            return bad(
+                "queue.max_receives",
+                "must be at least 1 with SQS (receives before a message goes to the dead-letter queue)".into(),
+            );
+        }
         // The SDK builds no request with such a region (not even to look a queue up).
         #[cfg(feature = "sqs")]
         if let QueueConfig::Sqs(sqs) = &self.queue
@@ -1395,8 +1406,8 @@ mod tests {
         assert_eq!(c.worker.retention, None);
     }
 
-    /// An SQS endpoint or queue URL that is not an http(s) URL, or a region that is no
-    /// region, stops start-up.
+    /// An SQS endpoint or queue URL that is not an http(s) URL, a region that is no
+    /// region, or a `max_receives` of 0 stops start-up.
     #[cfg(feature = "sqs")]
     #[test]
     fn an_sqs_endpoint_that_is_not_a_url_is_refused() {
@@ -1416,6 +1427,9 @@ mod tests {
             assert_eq!(invalid_path(&e), "queue.region", "{e}");
         }
         Config::load(&sqs_flags(&[("queue.region", "eu-west-1")])).expect("a region");
+        let e = Config::load(&sqs_flags(&[("queue.max_receives", "0")]))
+            .expect_err("no receive before the dead-letter queue");
+        assert_eq!(invalid_path(&e), "queue.max_receives", "{e}");
         let e = Config::load(&sqs_flags(&[(
             "queue.queue_urls.default",
             "marathon-default",
