@@ -23,7 +23,7 @@ pub use observe::{
 };
 pub use queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
 pub use store::{
-    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery,
-    NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Store, StoreError,
+    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, LIST_PAGE_BYTES, ListBudget,
+    ListPage, ListQuery, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Store, StoreError,
 };
 pub use worker::{QueueSpec, ShutdownReport, Worker, WorkerConfig};

@@ -287,6 +287,37 @@ pub struct ListQuery {
     pub limit: usize,
 }
 
+/// About the most JSON the summaries of one [`Store::list`] page take: a page stops
+/// before a summary that would take it past this (its first summary always fits),
+/// since `limit` summaries with outputs of up to [`crate::MAX_PAYLOAD_BYTES`] would
+/// be gigabytes, read into memory and sent in one response.
+pub const LIST_PAGE_BYTES: usize = 4 * 1024 * 1024;
+
+/// Counts a [`Store::list`] page's summaries against [`LIST_PAGE_BYTES`].
+#[derive(Debug, Clone, Default)]
+pub struct ListBudget {
+    bytes: usize,
+    count: usize,
+}
+
+impl ListBudget {
+    /// Counts a summary of `len` bytes of JSON (see [`crate::json_len`]) if the page
+    /// still holds it: its first summary always, a later one while the page (with
+    /// its commas) stays within [`LIST_PAGE_BYTES`].
+    pub fn admit(&mut self, len: usize) -> bool {
+        let total = self
+            .bytes
+            .saturating_add(len)
+            .saturating_add(usize::from(self.count > 0));
+        if self.count > 0 && total > LIST_PAGE_BYTES {
+            return false;
+        }
+        self.bytes = total;
+        self.count += 1;
+        true
+    }
+}
+
 /// One page of workflow summaries, newest first.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ListPage {
@@ -362,7 +393,10 @@ pub trait Store: Send + Sync + 'static {
     /// Summaries newest first (by creation time, then id), filtered, one page at a time.
     ///
     /// Paging with `next_cursor` returns every workflow that matches the filter
-    /// throughout the paging exactly once, even while others change status.
+    /// throughout the paging exactly once, even while others change status. A page
+    /// holds at most `limit` summaries and stops at about [`LIST_PAGE_BYTES`] of
+    /// JSON ([`ListBudget`]; at least one summary), with a `next_cursor` after its
+    /// last summary.
     async fn list(&self, query: &ListQuery) -> Result<ListPage, StoreError>;
 
     /// Marks the owed activity attempt `key` of workflow `id` as started at `now` by

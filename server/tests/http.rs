@@ -1420,3 +1420,56 @@ async fn an_events_page_stops_at_its_byte_budget() {
         Some(json!("workflow_completed"))
     );
 }
+
+/// A list page stops at about 4 MiB of summaries' JSON (at least one summary), however
+/// many `limit` allows; `next_cursor` continues it. Before, a page held `limit`
+/// summaries whatever their outputs (up to 1,000 of up to 2 MiB each).
+#[tokio::test]
+async fn a_list_page_stops_at_its_byte_budget() {
+    let mut cfg = Config::default();
+    cfg.server.body_limit = 2 * 1024 * 1024;
+    let app = app_with(cfg).await;
+    let big = "x".repeat(1_500_000);
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let id = format!("big-output-{i}");
+        let r = call(
+            &app,
+            "POST",
+            "/v1/workflows",
+            Some(json!({"name": "echo", "id": id, "input": big})),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED);
+        assert_eq!(finished(&app, &id).await["status"], "completed");
+        ids.push(id);
+    }
+    let mut listed = Vec::new();
+    let mut pages = 0;
+    let mut uri = "/v1/workflows?name=echo&limit=1000".to_string();
+    loop {
+        let r = call(&app, "GET", &uri, None).await;
+        assert_eq!(r.status, StatusCode::OK);
+        assert!(
+            r.text.len() < 4 * 1024 * 1024 + 1_600_000,
+            "a page of {} bytes",
+            r.text.len()
+        );
+        pages += 1;
+        let v = r.json();
+        let items = v["items"].as_array().expect("items").clone();
+        assert!(!items.is_empty());
+        listed.extend(
+            items
+                .iter()
+                .map(|s| s["id"].as_str().expect("id").to_string()),
+        );
+        match v["next_cursor"].as_str() {
+            Some(c) => uri = format!("/v1/workflows?name=echo&limit=1000&cursor={c}"),
+            None => break,
+        }
+    }
+    assert!(pages >= 2, "one page held every output");
+    listed.sort();
+    assert_eq!(listed, ids);
+}

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use marathon_core::{
-    AttemptStart, Created, Event, EventData, EventStream, KeyedAppend, KeyedOutcome, ListPage,
-    ListQuery, NewEvent, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Seq, Store,
-    StoreError, SummaryPatch, Timestamp, WorkflowId, WorkflowStatus, WorkflowSummary,
+    AttemptStart, Created, Event, EventData, EventStream, KeyedAppend, KeyedOutcome, ListBudget,
+    ListPage, ListQuery, NewEvent, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Seq, Store,
+    StoreError, SummaryPatch, Timestamp, WorkflowId, WorkflowStatus, WorkflowSummary, json_len,
 };
 use redis::aio::ConnectionManagerConfig;
 use redis::cluster::ClusterClientBuilder;
@@ -28,6 +28,13 @@ const CURSOR_PREFIX: &str = "c1:";
 const SUBSCRIBE_BATCH: u64 = 256;
 const SUBSCRIBE_BLOCK: Duration = Duration::from_secs(10);
 const CLAIM_ROUNDS: usize = 4;
+/// Summary fields that can be large (output, error, task failure), whose lengths
+/// `list` reads before the summaries.
+const LARGE_SUMMARY_FIELDS: [&str; 3] = ["out", "err", "tf"];
+/// What `list`'s estimate counts for a summary's other fields and its JSON keys (id,
+/// name, task queue, idempotency key, times, trace context); the summaries read are
+/// then measured exactly.
+const SUMMARY_OVERHEAD: usize = 1024;
 
 /// Why a Redis reply or stored value could not be understood (a [`StoreError::Backend`]).
 #[derive(Debug, thiserror::Error)]
@@ -894,16 +901,39 @@ impl Store for RedisStore {
             }
         }
         candidates.sort_unstable_by(|a, b| b.cmp(a));
-        let more = candidates.len() > limit;
+        let mut more = candidates.len() > limit;
         candidates.truncate(limit);
-        let next_cursor = more
-            .then(|| candidates.last().map(|(ts, id)| encode_cursor(*ts, id)))
-            .flatten();
         if candidates.is_empty() {
             return Ok(ListPage {
                 items: Vec::new(),
-                next_cursor,
+                next_cursor: None,
             });
+        }
+        // The page stops at about LIST_PAGE_BYTES of JSON: the lengths of the large
+        // summary fields, read first, say how many summaries to read at all.
+        let cmds = candidates
+            .iter()
+            .flat_map(|(_, id)| {
+                let sum = self.keys().workflow(id).sum;
+                let shard = self.keys().shard_of(id);
+                LARGE_SUMMARY_FIELDS.map(|f| {
+                    let mut c = redis::cmd("HSTRLEN");
+                    c.arg(&sum).arg(f);
+                    (shard, c)
+                })
+            })
+            .collect();
+        let lens: Vec<usize> = self.per_shard(cmds).await?;
+        let mut budget = ListBudget::default();
+        let fit = lens
+            .chunks(LARGE_SUMMARY_FIELDS.len())
+            .take_while(|l| {
+                budget.admit(SUMMARY_OVERHEAD.saturating_add(l.iter().copied().sum::<usize>()))
+            })
+            .count();
+        if fit < candidates.len() {
+            more = true;
+            candidates.truncate(fit);
         }
         let cmds = candidates
             .iter()
@@ -915,14 +945,25 @@ impl Store for RedisStore {
             .collect();
         let maps: Vec<HashMap<String, String>> = self.per_shard(cmds).await?;
         let mut items = Vec::with_capacity(maps.len());
-        for map in maps {
+        // Measured exactly now (the estimate may fall short for a string with escapes).
+        let mut budget = ListBudget::default();
+        let mut last = None;
+        for (candidate, map) in candidates.iter().zip(maps) {
             // Gone (purged or expired) or changed status since the index read: skip.
             if let Some(s) = summary_from(map)?
                 && query.status.is_none_or(|st| st == s.status)
             {
+                if !budget.admit(json_len(&s)) {
+                    more = true;
+                    break;
+                }
                 items.push(s);
             }
+            last = Some(candidate);
         }
+        let next_cursor = more
+            .then(|| last.map(|(ts, id)| encode_cursor(*ts, id)))
+            .flatten();
         Ok(ListPage { items, next_cursor })
     }
 

@@ -12,10 +12,10 @@ use tokio::sync::watch;
 
 use crate::model::{
     Event, EventData, NewEvent, Seq, SummaryPatch, Timestamp, WorkflowId, WorkflowStatus,
-    WorkflowSummary,
+    WorkflowSummary, json_len,
 };
 use crate::store::{
-    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery,
+    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListBudget, ListPage, ListQuery,
     NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Store, StoreError,
 };
 
@@ -233,13 +233,6 @@ impl MemoryStore {
                 }
             }
         }
-    }
-
-    fn summaries(states: Vec<SharedState>) -> Vec<WorkflowSummary> {
-        states
-            .into_iter()
-            .map(|s| s.lock().summary.clone())
-            .collect()
     }
 }
 
@@ -489,7 +482,6 @@ impl Store for MemoryStore {
         };
         let start = query.cursor.as_deref().map(decode_cursor).transpose()?;
         let mut picked = Vec::with_capacity(limit.min(64));
-        let mut last = None;
         let mut more = false;
         {
             let index = self.index.lock();
@@ -507,18 +499,28 @@ impl Store for MemoryStore {
                     more = true;
                     break;
                 }
-                picked.push(listed.state.clone());
-                last = Some((*created_at, id.clone()));
+                picked.push((listed.state.clone(), *created_at, id.clone()));
             }
+        }
+        // Summaries are measured before they are copied: the page stops at about
+        // LIST_PAGE_BYTES of JSON, whatever `limit` allows.
+        let mut items = Vec::with_capacity(picked.len());
+        let mut budget = ListBudget::default();
+        let mut last = None;
+        for (state, created_at, id) in picked {
+            let st = state.lock();
+            if !budget.admit(json_len(&st.summary)) {
+                more = true;
+                break;
+            }
+            items.push(st.summary.clone());
+            last = Some((created_at, id));
         }
         let next_cursor = match (more, last) {
             (true, Some((ts, id))) => Some(encode_cursor(ts, &id)),
             _ => None,
         };
-        Ok(ListPage {
-            items: Self::summaries(picked),
-            next_cursor,
-        })
+        Ok(ListPage { items, next_cursor })
     }
 
     async fn start_attempt(

@@ -48,6 +48,20 @@ pub fn json_larger_than(value: &serde_json::Value, max: usize) -> bool {
     }
 }
 
+/// The length of `value` as JSON, counted without building it (0 for a value that
+/// cannot be serialized).
+#[must_use]
+pub fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+    let mut c = Counter {
+        written: 0,
+        max: usize::MAX,
+    };
+    match serde_json::to_writer(&mut c, value) {
+        Ok(()) => c.written,
+        Err(_) => 0,
+    }
+}
+
 /// Counts bytes written; fails once past `max`.
 struct Counter {
     written: usize,

@@ -95,6 +95,7 @@ macro_rules! store_conformance {
                 list_filters_by_status_and_name,
                 list_pages_cover_everything_once,
                 list_paging_is_stable_while_status_changes,
+                list_pages_stop_at_their_byte_budget,
                 list_rejects_invalid_cursor,
                 subscribe_sees_live_events_and_ends,
                 subscribe_to_finished_workflow_replays_tail,

@@ -1465,6 +1465,61 @@ pub async fn list_paging_is_stable_while_status_changes(store: Arc<dyn Store>) {
     }
 }
 
+/// A page stops at about [`LIST_PAGE_BYTES`](crate::store::LIST_PAGE_BYTES) of
+/// summaries' JSON (at least one), whatever `limit` allows, and paging still returns
+/// every workflow once, newest first (before, 1,000 summaries with outputs of up to
+/// 2 MiB were read into one page of gigabytes).
+pub async fn list_pages_stop_at_their_byte_budget(store: Arc<dyn Store>) {
+    use crate::store::LIST_PAGE_BYTES;
+    let big = "x".repeat(1_500_000);
+    let mut ids = Vec::new();
+    for i in 0..6u64 {
+        let id = start(&store, "heavy", at(i)).await;
+        store
+            .append(
+                &id,
+                Seq(1),
+                vec![ev(
+                    at(10 + i),
+                    EventData::WorkflowCompleted { output: json!(big) },
+                )],
+                OwedChanges::none(),
+            )
+            .await
+            .expect("complete");
+        ids.push(id);
+    }
+    // A small one, listed with the big ones: its page is not cut below it.
+    ids.push(start(&store, "heavy", at(6)).await);
+    let mut query = ListQuery {
+        name: Some("heavy".into()),
+        limit: 100,
+        ..ListQuery::default()
+    };
+    let mut listed = Vec::new();
+    let mut pages = 0;
+    loop {
+        assert!(pages < 20, "paging does not end");
+        let page = store.list(&query).await.expect("list");
+        pages += 1;
+        assert!(!page.items.is_empty(), "a page holds at least one summary");
+        let bytes: usize = page.items.iter().map(crate::json_len).sum();
+        assert!(
+            page.items.len() == 1 || bytes <= LIST_PAGE_BYTES,
+            "a page of {} summaries, {bytes} bytes",
+            page.items.len()
+        );
+        listed.extend(page.items.into_iter().map(|s| s.id));
+        match page.next_cursor {
+            Some(c) => query.cursor = Some(c),
+            None => break,
+        }
+    }
+    ids.reverse();
+    assert_eq!(listed, ids, "every workflow once, newest first");
+    assert!(pages >= 3, "{pages} pages for 9 MB of outputs");
+}
+
 /// A cursor the store did not issue is rejected.
 pub async fn list_rejects_invalid_cursor(store: Arc<dyn Store>) {
     start(&store, "cursor", at(0)).await;

@@ -105,7 +105,8 @@ pub(crate) struct ListParams {
     name: Option<String>,
     /// `next_cursor` of the previous page.
     cursor: Option<String>,
-    /// Page size, 1 to 1000. Default 100.
+    /// Page size, 1 to 1000. Default 100. A page also stops at about 4 MiB of JSON
+    /// (at least one workflow); read on while `next_cursor` is not null.
     limit: Option<usize>,
 }
 
