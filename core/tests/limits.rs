@@ -446,3 +446,88 @@ async fn a_runaway_loop_is_failed_at_the_history_limit() {
     assert_eq!(done.status, WorkflowStatus::Completed);
     assert_eq!(done.output, Some(json!(3)));
 }
+
+/// Errors and progress are bounded like other values: an activity error's message
+/// past `MAX_ERROR_MESSAGE_BYTES` is cut and its details past `MAX_PAYLOAD_BYTES`
+/// dropped, each saying so; a workflow's own error likewise; progress data past
+/// `MAX_PAYLOAD_BYTES` is refused to the activity. Before, only their depth was
+/// checked: a provider's 10 MB error page was recorded in each retry's event, in the
+/// workflow's failure, in every events page and task that carried them.
+#[tokio::test(start_paused = true)]
+async fn errors_and_progress_larger_than_the_limits_are_bounded() {
+    let huge = || "e".repeat(marathon_core::MAX_ERROR_MESSAGE_BYTES * 4);
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("fails", |ctx: WorkflowContext, what: String| async move {
+            match what.as_str() {
+                "activity" => ctx.activity::<_, Value>("page", &()).await,
+                "progress" => ctx.activity::<_, Value>("chatty", &()).await,
+                _ => Err(marathon_core::WorkflowError::new(
+                    "w".repeat(marathon_core::MAX_ERROR_MESSAGE_BYTES * 4),
+                )),
+            }
+        })
+        .activity("page", move |_ctx: ActivityContext, (): ()| async move {
+            Err::<Value, _>(
+                ActivityError::permanent(huge())
+                    .with_details(json!("d".repeat(marathon_core::MAX_PAYLOAD_BYTES + 1))),
+            )
+        })
+        .activity("chatty", |ctx: ActivityContext, (): ()| async move {
+            let r = ctx
+                .progress(&"p".repeat(marathon_core::MAX_PAYLOAD_BYTES + 1))
+                .await;
+            Ok::<_, ActivityError>(json!(r.map_err(|e| e.kind)))
+        })
+        .build();
+    let w = worker(&engine);
+    let cut = |m: &str| {
+        m.len() < marathon_core::MAX_ERROR_MESSAGE_BYTES + 1024
+            && m.contains(&format!(
+                "message cut from {} bytes",
+                marathon_core::MAX_ERROR_MESSAGE_BYTES * 4
+            ))
+    };
+
+    let id = start(&engine, "fails", json!("activity")).await;
+    let s = finished(&engine, &id).await;
+    let events = history(&engine, &id).await;
+    let failed = events
+        .iter()
+        .find_map(|e| match &e.data {
+            EventData::ActivityFailed { error, .. } => Some(error.clone()),
+            _ => None,
+        })
+        .expect("activity_failed");
+    assert!(cut(&failed.message), "{}", &failed.message[..200]);
+    assert!(failed.details.is_none());
+    assert!(
+        failed.message.ends_with(&format!(
+            "(details dropped: more than {} bytes as JSON)",
+            marathon_core::MAX_PAYLOAD_BYTES
+        )),
+        "{}",
+        &failed.message[failed.message.len() - 200..]
+    );
+    let error = s.error.expect("failed");
+    assert!(error.message.len() < 2 * marathon_core::MAX_ERROR_MESSAGE_BYTES);
+    assert_eq!(
+        error.activity_error().map(|a| a.message),
+        Some(failed.message.clone())
+    );
+
+    let id = start(&engine, "fails", json!("workflow")).await;
+    let s = finished(&engine, &id).await;
+    let error = s.error.expect("failed");
+    assert!(cut(&error.message), "{}", &error.message[..200]);
+
+    let id = start(&engine, "fails", json!("progress")).await;
+    let s = finished(&engine, &id).await;
+    w.shutdown().await;
+    assert_eq!(s.output, Some(json!({"Err": "invalid_argument"})), "{s:?}");
+    let events = history(&engine, &id).await;
+    assert_eq!(
+        count(&events, |d| matches!(d, EventData::Progress { .. })),
+        0
+    );
+}

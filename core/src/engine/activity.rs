@@ -210,7 +210,10 @@ impl ActivityContext {
     /// status); it is visible to event subscribers at once and not replayed.
     ///
     /// # Errors
-    /// A retryable [`ActivityError`] when the store cannot be reached.
+    /// A retryable [`ActivityError`] when the store cannot be reached; a permanent one
+    /// (kind `invalid_argument`) for data nested deeper than
+    /// [`crate::MAX_VALUE_DEPTH`] levels or larger than [`crate::MAX_PAYLOAD_BYTES`]
+    /// as JSON, which is not recorded.
     pub async fn progress<T: Serialize>(&self, data: &T) -> Result<(), ActivityError> {
         let Some(engine) = &self.inner.engine else {
             return Ok(());
@@ -220,6 +223,13 @@ impl ActivityContext {
             return Err(ActivityError::permanent(format!(
                 "progress data nests deeper than {} levels",
                 crate::MAX_VALUE_DEPTH
+            ))
+            .with_kind("invalid_argument"));
+        }
+        if crate::json_larger_than(&data, crate::MAX_PAYLOAD_BYTES) {
+            return Err(ActivityError::permanent(format!(
+                "progress data takes more than {} bytes as JSON",
+                crate::MAX_PAYLOAD_BYTES
             ))
             .with_kind("invalid_argument"));
         }

@@ -109,19 +109,45 @@ fn within_depth(result: &mut Result<Value, ActivityError>) {
             ))
             .with_kind("invalid_output"));
         }
-        Err(e) => drop_deep_details(&mut e.details, &mut e.message, crate::MAX_VALUE_DEPTH),
+        Err(e) => bound_error(
+            &mut e.details,
+            &mut e.message,
+            crate::MAX_VALUE_DEPTH,
+            crate::MAX_PAYLOAD_BYTES,
+        ),
         Ok(_) => {}
     }
 }
 
-/// Drops error `details` nested deeper than `max` levels, saying so in `message`.
-pub(crate) fn drop_deep_details(details: &mut Option<Value>, message: &mut String, max: usize) {
-    if details
-        .as_ref()
-        .is_some_and(|d| crate::nests_deeper_than(d, max))
-    {
+/// Bounds an error before it is recorded, saying what it changed in `message`:
+/// `details` nested deeper than `max_depth` levels or larger than `max_bytes` as JSON
+/// are dropped, and a message longer than [`crate::MAX_ERROR_MESSAGE_BYTES`] is cut.
+pub(crate) fn bound_error(
+    details: &mut Option<Value>,
+    message: &mut String,
+    max_depth: usize,
+    max_bytes: usize,
+) {
+    if message.len() > crate::MAX_ERROR_MESSAGE_BYTES {
+        let mut end = crate::MAX_ERROR_MESSAGE_BYTES;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let total = message.len();
+        message.truncate(end);
+        message.push_str(&format!(" … (message cut from {total} bytes)"));
+    }
+    let Some(d) = details.as_ref() else {
+        return;
+    };
+    if crate::nests_deeper_than(d, max_depth) {
         *details = None;
         message.push_str(" (details dropped: nested too deep)");
+    } else if crate::json_larger_than(d, max_bytes) {
+        *details = None;
+        message.push_str(&format!(
+            " (details dropped: more than {max_bytes} bytes as JSON)"
+        ));
     }
 }
 
@@ -2220,5 +2246,24 @@ mod cache_tests {
             let _slot = cache.slot(&id, usize::MAX);
         }
         assert_eq!(cache.slots.lock().len(), 3);
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::bound_error;
+
+    /// A long message is cut at a character boundary, whatever its characters.
+    #[test]
+    fn a_long_message_is_cut_between_characters() {
+        // 3 bytes each: the limit falls inside one.
+        let mut message = "€".repeat(crate::MAX_ERROR_MESSAGE_BYTES / 3 + 10);
+        let total = message.len();
+        let mut details = None;
+        bound_error(&mut details, &mut message, 10, 10);
+        let (kept, note) = message.split_once(" … ").expect("a note");
+        assert!(kept.len() <= crate::MAX_ERROR_MESSAGE_BYTES);
+        assert!(kept.chars().all(|c| c == '€'));
+        assert_eq!(note, format!("(message cut from {total} bytes)"));
     }
 }

@@ -437,12 +437,14 @@ impl Instance {
                             }
                             Ok(v) => Outcome::Completed(v),
                             Err(mut e) => {
-                                // One level more: `activity_failed` wraps the
+                                // One level more, and room for the activity's
+                                // message and kind: `activity_failed` wraps the
                                 // activity's error (details up to the limit) in its own.
-                                crate::engine::drop_deep_details(
+                                crate::engine::bound_error(
                                     &mut e.details,
                                     &mut e.message,
                                     crate::MAX_VALUE_DEPTH + 1,
+                                    crate::MAX_PAYLOAD_BYTES + 2 * crate::MAX_ERROR_MESSAGE_BYTES,
                                 );
                                 Outcome::Failed(e)
                             }

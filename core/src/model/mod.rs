@@ -35,6 +35,13 @@ pub fn nests_deeper_than(value: &serde_json::Value, max: usize) -> bool {
 /// that large. Larger values are refused or fail what made them, with a clear error.
 pub const MAX_PAYLOAD_BYTES: usize = 2 * 1024 * 1024;
 
+/// The longest error message (in bytes) a history records for an activity or a
+/// workflow; a longer one (a provider's whole error page) is cut at a character
+/// boundary, saying so. An activity's message is repeated in each retry's event and
+/// in the workflow's `activity_failed` error, so it is kept far below
+/// [`MAX_PAYLOAD_BYTES`].
+pub const MAX_ERROR_MESSAGE_BYTES: usize = 64 * 1024;
+
 /// Whether `value`, serialized as JSON, takes more than `max` bytes. Stops counting
 /// as soon as it does, and needs no serialization for scalars and short strings.
 #[must_use]
