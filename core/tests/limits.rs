@@ -531,3 +531,41 @@ async fn errors_and_progress_larger_than_the_limits_are_bounded() {
         0
     );
 }
+
+/// A cancel reason longer than `MAX_ERROR_MESSAGE_BYTES` is refused, nothing
+/// recorded; one at the limit is recorded whole. Before, any length went into
+/// `cancel_requested` and the run's `canceled` error.
+#[tokio::test(start_paused = true)]
+async fn a_cancel_reason_past_the_message_limit_is_refused() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("wait", |ctx: WorkflowContext, (): ()| async move {
+            ctx.signal::<Value>("go").await
+        })
+        .build();
+    let w = worker(&engine);
+    let id = start(&engine, "wait", json!(null)).await;
+    let max = marathon_core::MAX_ERROR_MESSAGE_BYTES;
+    let refused = engine
+        .cancel(&id, Some("r".repeat(max + 1)))
+        .await
+        .expect_err("too long");
+    assert!(
+        matches!(&refused, marathon_core::EngineError::InvalidArgument(m) if m.contains("cancel reason")),
+        "{refused:?}"
+    );
+    assert_eq!(
+        count(&history(&engine, &id).await, |d| matches!(
+            d,
+            EventData::CancelRequested { .. }
+        )),
+        0
+    );
+    engine
+        .cancel(&id, Some("r".repeat(max)))
+        .await
+        .expect("at the limit");
+    let s = finished(&engine, &id).await;
+    w.shutdown().await;
+    assert_eq!(s.status, WorkflowStatus::Canceled);
+}

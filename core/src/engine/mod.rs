@@ -839,8 +839,19 @@ impl Engine {
     /// Requests cancellation: records `cancel_requested` once and runs a workflow task.
     ///
     /// # Errors
-    /// [`EngineError::NotFound`], [`EngineError::Closed`] if it has finished, store errors.
+    /// [`EngineError::NotFound`], [`EngineError::Closed`] if it has finished,
+    /// [`EngineError::InvalidArgument`] for a reason longer than
+    /// [`crate::MAX_ERROR_MESSAGE_BYTES`], store errors.
     pub async fn cancel(&self, id: &WorkflowId, reason: Option<String>) -> Result<(), EngineError> {
+        if reason
+            .as_ref()
+            .is_some_and(|r| r.len() > crate::MAX_ERROR_MESSAGE_BYTES)
+        {
+            return Err(EngineError::InvalidArgument(format!(
+                "a cancel reason takes at most {} bytes",
+                crate::MAX_ERROR_MESSAGE_BYTES
+            )));
+        }
         // Record the request before stopping local attempts, so that the workflow
         // sees the cancellation before any "activity canceled" failure. Attempts of
         // calls made after the request (clean-up, which a repeated request may find
