@@ -16,12 +16,12 @@ struct App {
 }
 
 async fn app_with(cfg: Config) -> App {
-    let server = Server::builder()
-        .builtins()
-        .config(cfg)
-        .build()
-        .await
-        .expect("server builds");
+    app_from(Server::builder().builtins().config(cfg)).await
+}
+
+/// An app from `builder`, with a worker.
+async fn app_from(builder: marathon_server::ServerBuilder) -> App {
+    let server = builder.build().await.expect("server builds");
     let worker = Worker::start(server.engine().clone(), server.config().worker.clone());
     App {
         router: server.router(),
@@ -1472,4 +1472,117 @@ async fn a_list_page_stops_at_its_byte_budget() {
     assert!(pages >= 2, "one page held every output");
     listed.sort();
     assert_eq!(listed, ids);
+}
+
+/// A memory store whose `get` fails while `fail_get` is set, and whose `subscribe`
+/// hands back a stream that ends at once while `end_streams` is set; `subscribed`
+/// is notified at each subscription.
+#[derive(Default)]
+struct BreakingStore {
+    inner: marathon_core::memory::MemoryStore,
+    fail_get: std::sync::atomic::AtomicBool,
+    end_streams: std::sync::atomic::AtomicBool,
+    subscribed: tokio::sync::Notify,
+}
+
+#[async_trait::async_trait]
+impl marathon_core::testkit::ForwardingStore for BreakingStore {
+    fn inner(&self) -> &dyn marathon_core::Store {
+        &self.inner
+    }
+    async fn get(
+        &self,
+        id: &marathon_core::WorkflowId,
+    ) -> Result<Option<marathon_core::WorkflowSummary>, marathon_core::StoreError> {
+        if self.fail_get.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(marathon_core::StoreError::Unavailable("down".into()));
+        }
+        self.inner().get(id).await
+    }
+    async fn subscribe(
+        &self,
+        id: &marathon_core::WorkflowId,
+        after: marathon_core::Seq,
+    ) -> Result<marathon_core::EventStream, marathon_core::StoreError> {
+        let stream = if self.end_streams.load(std::sync::atomic::Ordering::SeqCst) {
+            futures::StreamExt::boxed(futures::stream::empty())
+        } else {
+            self.inner().subscribe(id, after).await?
+        };
+        self.subscribed.notify_one();
+        Ok(stream)
+    }
+}
+
+/// An app on `store` (memory queue, built-ins, a worker).
+async fn app_on(store: std::sync::Arc<BreakingStore>) -> App {
+    app_from(Server::builder().builtins().store(store)).await
+}
+
+/// A stream keeps its contract when the store fails at its end: `done` after the
+/// terminal event says the status and last sequence the event itself gives (before,
+/// it read the summary again, and a failed read sent `done` with only the id); a
+/// store stream that ends before the workflow does ends with `event: error`, telling
+/// the client to reconnect (before, the stream just stopped, as a finished one does).
+#[tokio::test]
+async fn sse_ends_as_documented_when_the_store_fails() {
+    use std::sync::atomic::Ordering;
+    let store = std::sync::Arc::new(BreakingStore::default());
+    let app = app_on(store.clone()).await;
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "sleep-then-echo", "id": "sse-fail", "input": {"ms": 500, "value": "v"}})),
+    )
+    .await;
+    // The store fails once the stream has subscribed: until the workflow is done.
+    let (live, ()) = tokio::join!(
+        tokio::time::timeout(
+            Duration::from_secs(20),
+            call(&app, "GET", "/v1/workflows/sse-fail/events/stream", None),
+        ),
+        async {
+            store.subscribed.notified().await;
+            store.fail_get.store(true, Ordering::SeqCst);
+        }
+    );
+    let live = live.expect("the stream ends");
+    store.fail_get.store(false, Ordering::SeqCst);
+    let frames = sse_frames(&live.text);
+    let (_, event, data) = frames.last().expect("frames").clone();
+    assert_eq!(event, "done", "{frames:?}");
+    let done: Value = serde_json::from_str(&data).expect("done JSON");
+    let last = frames.iter().filter_map(|f| f.0).max().expect("ids");
+    assert_eq!(
+        done,
+        json!({"id": "sse-fail", "status": "completed", "last_seq": last})
+    );
+
+    // A store stream that ends while the workflow runs.
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "sleep-then-echo", "id": "sse-cut", "input": {"ms": 60000, "value": "v"}})),
+    )
+    .await;
+    store.end_streams.store(true, Ordering::SeqCst);
+    let cut = tokio::time::timeout(
+        Duration::from_secs(20),
+        call(&app, "GET", "/v1/workflows/sse-cut/events/stream", None),
+    )
+    .await
+    .expect("the stream ends");
+    let frames = sse_frames(&cut.text);
+    let (_, event, data) = frames.last().expect("an error frame").clone();
+    assert_eq!(event, "error", "{frames:?}");
+    let error: Value = serde_json::from_str(&data).expect("error JSON");
+    assert_eq!(error["error"]["code"], "unavailable", "{error}");
+    assert!(
+        error["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("Last-Event-ID")),
+        "{error}"
+    );
 }

@@ -200,12 +200,19 @@ impl EventData {
     /// Whether this event ends the workflow.
     #[must_use]
     pub fn is_terminal(&self) -> bool {
-        matches!(
-            self,
-            Self::WorkflowCompleted { .. }
-                | Self::WorkflowFailed { .. }
-                | Self::WorkflowCanceled { .. }
-        )
+        self.closing_status().is_some()
+    }
+
+    /// The status this event ends the workflow with, if it ends it.
+    #[must_use]
+    pub fn closing_status(&self) -> Option<crate::model::WorkflowStatus> {
+        use crate::model::WorkflowStatus;
+        match self {
+            Self::WorkflowCompleted { .. } => Some(WorkflowStatus::Completed),
+            Self::WorkflowFailed { .. } => Some(WorkflowStatus::Failed),
+            Self::WorkflowCanceled { .. } => Some(WorkflowStatus::Canceled),
+            _ => None,
+        }
     }
 
     /// Whether this event is new input for the workflow code (it owes a workflow task).

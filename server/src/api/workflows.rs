@@ -482,8 +482,41 @@ const PAGE_READ_CHUNK: usize = 100;
 
 enum StreamState {
     Live(EventStream),
-    Finish,
+    /// The workflow has finished: `done` with this data comes next.
+    Finish(Value),
     End,
+}
+
+/// The data of the `done` event that ends a stream on a finished workflow.
+fn done_data(id: &WorkflowId, status: WorkflowStatus, last_seq: Seq) -> Value {
+    json!({"id": id, "status": status, "last_seq": last_seq})
+}
+
+/// The `error` event that ends a stream on a store failure (or a store stream that
+/// ended before the workflow did): the error shape of the API, and what to do.
+fn stream_error(id: &WorkflowId, cause: Option<marathon_core::EngineError>) -> SseEvent {
+    let (code, message) = match cause {
+        Some(e) => {
+            tracing::warn!(error = %e, workflow = %id, "event stream failed");
+            let api = ApiError::from(e);
+            let message = if api.code() == "unavailable" {
+                "the event stream failed; reconnect with Last-Event-ID".to_string()
+            } else {
+                api.message().to_string()
+            };
+            (api.code(), message)
+        }
+        None => {
+            tracing::warn!(workflow = %id, "event stream ended before the workflow finished");
+            (
+                "unavailable",
+                "the event stream ended before the workflow finished; reconnect with Last-Event-ID"
+                    .to_string(),
+            )
+        }
+    };
+    let data = json!({"error": {"code": code, "message": message}});
+    SseEvent::default().event("error").data(data.to_string())
 }
 
 /// Live events as Server-Sent Events; ends with `event: done` after the terminal event.
@@ -527,7 +560,7 @@ pub(crate) async fn stream(
         )));
     }
     let first = if summary.status.is_terminal() && after >= summary.last_seq.0 {
-        StreamState::Finish
+        StreamState::Finish(done_data(&id, summary.status, summary.last_seq))
     } else {
         StreamState::Live(st.engine.subscribe(&id, Seq(after)).await?)
     };
@@ -539,10 +572,11 @@ pub(crate) async fn stream(
             match state {
                 StreamState::Live(mut events) => match events.next().await {
                     Some(Ok(e)) => {
-                        let next = if e.data.is_terminal() {
-                            StreamState::Finish
-                        } else {
-                            StreamState::Live(events)
+                        // The terminal event is the last: `done` says what it says,
+                        // without asking the store again.
+                        let next = match e.data.closing_status() {
+                            Some(status) => StreamState::Finish(done_data(&id, status, e.seq)),
+                            None => StreamState::Live(events),
                         };
                         let sse = SseEvent::default()
                             .id(e.seq.to_string())
@@ -550,21 +584,22 @@ pub(crate) async fn stream(
                             .data(serde_json::to_string(&e).unwrap_or_default());
                         Some((sse, next))
                     }
-                    Some(Err(err)) => {
-                        tracing::warn!(error = %err, workflow = %id, "event stream failed");
-                        let data = json!({"error": {"code": "unavailable", "message": "the event stream failed; reconnect with Last-Event-ID"}});
-                        Some((SseEvent::default().event("error").data(data.to_string()), StreamState::End))
+                    Some(Err(err)) => Some((stream_error(&id, Some(err.into())), StreamState::End)),
+                    // The store's stream ended without a terminal event in view:
+                    // `done` if the workflow has finished, else the client is told
+                    // to reconnect rather than left with a stream that just stops.
+                    None => {
+                        let event = match engine.get(&id).await {
+                            Ok(s) if s.status.is_terminal() => {
+                                done_event(done_data(&id, s.status, s.last_seq))
+                            }
+                            Ok(_) => stream_error(&id, None),
+                            Err(e) => stream_error(&id, Some(e)),
+                        };
+                        Some((event, StreamState::End))
                     }
-                    // The store's stream ended without a terminal event in view
-                    // (resumed past it): say done only if the workflow has finished.
-                    None => match engine.get(&id).await {
-                        Ok(s) if s.status.is_terminal() => {
-                            Some((done_event(&engine, &id).await, StreamState::End))
-                        }
-                        _ => None,
-                    },
                 },
-                StreamState::Finish => Some((done_event(&engine, &id).await, StreamState::End)),
+                StreamState::Finish(data) => Some((done_event(data), StreamState::End)),
                 StreamState::End => None,
             }
         }
@@ -578,11 +613,7 @@ pub(crate) async fn stream(
     ))
 }
 
-async fn done_event(engine: &marathon_core::Engine, id: &WorkflowId) -> SseEvent {
-    let data = match engine.get(id).await {
-        Ok(s) => json!({"id": s.id, "status": s.status, "last_seq": s.last_seq}),
-        Err(_) => json!({"id": id}),
-    };
+fn done_event(data: Value) -> SseEvent {
     SseEvent::default().event("done").data(data.to_string())
 }
 
