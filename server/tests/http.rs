@@ -875,7 +875,7 @@ async fn runs_on_the_redis_store() {
     use futures::FutureExt;
     let url = marathon_redis::testkit::url();
     let prefix = format!("marathon-test:{}:", uuid::Uuid::new_v4());
-    let outcome = std::panic::AssertUnwindSafe(redis_api(url.clone(), prefix.clone()))
+    let outcome = std::panic::AssertUnwindSafe(Box::pin(redis_api(url.clone(), prefix.clone())))
         .catch_unwind()
         .await;
     // Leave nothing behind in the shared Redis, whatever the outcome.
