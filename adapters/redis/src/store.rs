@@ -950,7 +950,11 @@ impl Store for RedisStore {
         let mut last = None;
         for (candidate, map) in candidates.iter().zip(maps) {
             // Gone (purged or expired) or changed status since the index read: skip.
+            // So is an entry a run that expired left in an index (its purge removes
+            // it): the id may name a newer run now, with another name or status, and
+            // the entry's score is not that run's creation time.
             if let Some(s) = summary_from(map)?
+                && s.created_at.0 == candidate.0
                 && query.status.is_none_or(|st| st == s.status)
             {
                 if !budget.admit(json_len(&s)) {

@@ -571,6 +571,44 @@ async fn purging_an_expired_run_spares_a_new_run_with_its_id() {
     );
 }
 
+/// An index entry an expired run left behind (its purge has not run yet) does not
+/// list the id's newer run under the old run's name or status: before, `?name=old`
+/// listed the new run, named `new`, until the purge.
+#[tokio::test]
+async fn a_stale_index_entry_does_not_list_a_newer_run_of_its_id() {
+    let prefix = common::prefix();
+    let store = with_retention(&prefix, 100).await;
+    let id = WorkflowId::random();
+    store.create(new_wf(&id, "old", None, 1)).await.unwrap();
+    store
+        .append(&id, Seq(1), vec![done(2)], OwedChanges::none())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(store.get(&id).await.unwrap().is_none(), "expired");
+    store
+        .create(new_wf(&id, "new", None, 10_000))
+        .await
+        .unwrap();
+    let list = |name: &str, status: Option<WorkflowStatus>| ListQuery {
+        name: Some(name.to_string()),
+        status,
+        ..ListQuery::default()
+    };
+    let by_old_name = store.list(&list("old", None)).await.unwrap().items;
+    let by_old_both = store
+        .list(&list("old", Some(WorkflowStatus::Completed)))
+        .await
+        .unwrap()
+        .items;
+    let by_new_name = store.list(&list("new", None)).await.unwrap().items;
+    common::teardown(&prefix).await;
+    assert!(by_old_name.is_empty(), "{by_old_name:?}");
+    assert!(by_old_both.is_empty(), "{by_old_both:?}");
+    assert_eq!(by_new_name.len(), 1);
+    assert_eq!(by_new_name[0].name, "new");
+}
+
 /// Runs one Redis command on the shared server (for setting up states a crash or a
 /// failed command would leave).
 async fn redis_cmd(cmd: &mut redis::Cmd) -> redis::Value {
