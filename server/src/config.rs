@@ -127,7 +127,8 @@ pub struct ServerConfig {
     /// How long in-flight requests may finish after shutdown begins. Default 30 s.
     #[serde(with = "duration_ms", rename = "shutdown_grace_ms")]
     pub shutdown_grace: Duration,
-    /// Longest `?wait=` of `GET /v1/workflows/{id}/result`. Default 60 s.
+    /// Longest `?wait=` of `GET /v1/workflows/{id}/result`. Default 50 s, below the
+    /// 60 s idle timeout of an AWS ALB, which would cut a long poll held that long.
     #[serde(with = "duration_ms", rename = "result_wait_max_ms")]
     pub result_wait_max: Duration,
     /// Interval of SSE heartbeat comments. Default 15 s.
@@ -149,7 +150,7 @@ impl Default for ServerConfig {
             auth_tokens: Vec::new(),
             body_limit: 1024 * 1024,
             shutdown_grace: Duration::from_secs(30),
-            result_wait_max: Duration::from_secs(60),
+            result_wait_max: Duration::from_secs(50),
             sse_heartbeat: Duration::from_secs(15),
             header_read_timeout: Duration::from_secs(75),
         }

@@ -116,7 +116,7 @@ pub(crate) struct ListParams {
 #[serde(deny_unknown_fields)]
 pub(crate) struct ResultParams {
     /// How long to wait for the workflow to finish: `30s`, `500ms`, `2m` or a number of seconds.
-    /// Capped at the server's maximum (default 60 s). Default 0 (answer at once).
+    /// Capped at the server's maximum (default 50 s). Default 0 (answer at once).
     wait: Option<String>,
 }
 
