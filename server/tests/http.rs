@@ -1476,13 +1476,15 @@ async fn a_list_page_stops_at_its_byte_budget() {
 
 /// A memory store whose `get` fails while `fail_get` is set, and whose `subscribe`
 /// hands back a stream that ends at once while `end_streams` is set; `subscribed`
-/// is notified at each subscription.
+/// is notified at each subscription; `read_bytes` holds the JSON size of what each
+/// `read` returned.
 #[derive(Default)]
 struct BreakingStore {
     inner: marathon_core::memory::MemoryStore,
     fail_get: std::sync::atomic::AtomicBool,
     end_streams: std::sync::atomic::AtomicBool,
     subscribed: tokio::sync::Notify,
+    read_bytes: std::sync::Mutex<Vec<usize>>,
 }
 
 #[async_trait::async_trait]
@@ -1499,6 +1501,17 @@ impl marathon_core::testkit::ForwardingStore for BreakingStore {
         }
         self.inner().get(id).await
     }
+    async fn read(
+        &self,
+        id: &marathon_core::WorkflowId,
+        after: marathon_core::Seq,
+        limit: usize,
+    ) -> Result<Vec<marathon_core::Event>, marathon_core::StoreError> {
+        let events = self.inner().read(id, after, limit).await?;
+        let bytes = serde_json::to_vec(&events).map_or(0, |v| v.len());
+        self.read_bytes.lock().expect("not poisoned").push(bytes);
+        Ok(events)
+    }
     async fn subscribe(
         &self,
         id: &marathon_core::WorkflowId,
@@ -1514,9 +1527,65 @@ impl marathon_core::testkit::ForwardingStore for BreakingStore {
     }
 }
 
-/// An app on `store` (memory queue, built-ins, a worker).
-async fn app_on(store: std::sync::Arc<BreakingStore>) -> App {
-    app_from(Server::builder().builtins().store(store)).await
+/// An app on `store` (memory queue, built-ins, a worker) with `cfg`.
+async fn app_on(store: std::sync::Arc<BreakingStore>, cfg: Config) -> App {
+    app_from(Server::builder().builtins().config(cfg).store(store)).await
+}
+
+/// An events page reads a few events first and then only about as many as the rest
+/// of its 4 MiB holds at their size: before, it read 100 at a time, so a history of
+/// 2 MiB events held 200 MiB in memory to send two of them.
+#[tokio::test]
+async fn an_events_page_reads_about_what_it_sends() {
+    let mut cfg = Config::default();
+    cfg.server.body_limit = 2 * 1024 * 1024;
+    let store = std::sync::Arc::new(BreakingStore::default());
+    let app = app_on(store.clone(), cfg).await;
+    call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "sleep-then-echo", "id": "big-signals", "input": {"ms": 600000, "value": "v"}})),
+    )
+    .await;
+    let big = json!("s".repeat(1_500_000));
+    for _ in 0..20 {
+        let r = call(
+            &app,
+            "POST",
+            "/v1/workflows/big-signals/signals/s",
+            Some(big.clone()),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    }
+    let mut after = 0;
+    let mut seen = 0;
+    loop {
+        store.read_bytes.lock().expect("not poisoned").clear();
+        let r = call(
+            &app,
+            "GET",
+            &format!("/v1/workflows/big-signals/events?after={after}&limit=1000"),
+            None,
+        )
+        .await;
+        let v = r.json();
+        let events = v["events"].as_array().expect("events").len();
+        let read: usize = store.read_bytes.lock().expect("not poisoned").iter().sum();
+        // At most the first few events beyond what the page sends.
+        assert!(
+            read <= r.text.len() + 8 * 1_600_000,
+            "read {read} bytes for a page of {}",
+            r.text.len()
+        );
+        if events == 0 {
+            break;
+        }
+        seen += events;
+        after = v["next_after"].as_u64().expect("next_after");
+    }
+    assert!(seen >= 21, "{seen} events");
 }
 
 /// A stream keeps its contract when the store fails at its end: `done` after the
@@ -1528,7 +1597,7 @@ async fn app_on(store: std::sync::Arc<BreakingStore>) -> App {
 async fn sse_ends_as_documented_when_the_store_fails() {
     use std::sync::atomic::Ordering;
     let store = std::sync::Arc::new(BreakingStore::default());
-    let app = app_on(store.clone()).await;
+    let app = app_on(store.clone(), Config::default()).await;
     call(
         &app,
         "POST",

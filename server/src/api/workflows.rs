@@ -447,7 +447,15 @@ pub(crate) async fn events(
     let head = body.len();
     let (mut count, mut next_after) = (0usize, after);
     'read: while count < limit {
-        let want = (limit - count).min(PAGE_READ_CHUNK);
+        // A few events first, then as many as the rest of the page likely holds at
+        // the size seen so far: a read of 100 events of up to 2 MiB each would hold
+        // 200 MiB in memory to send 4.
+        let fit = match count {
+            0 => PAGE_FIRST_READ,
+            n => (PAGE_BYTES.saturating_sub(body.len() - head) / ((body.len() - head) / n).max(1))
+                .max(1),
+        };
+        let want = (limit - count).min(PAGE_READ_CHUNK).min(fit);
         let chunk = st.engine.events(&id, Seq(next_after), want).await?;
         let got = chunk.len();
         for e in chunk {
@@ -477,8 +485,10 @@ pub(crate) async fn events(
 
 /// About the most JSON an events page carries (a page holds at least one event).
 const PAGE_BYTES: usize = 4 * 1024 * 1024;
-/// Events read from the store at a time for a page.
+/// Most events read from the store at a time for a page.
 const PAGE_READ_CHUNK: usize = 100;
+/// Events read first for a page, before their size says how many more to read.
+const PAGE_FIRST_READ: usize = 8;
 
 enum StreamState {
     Live(EventStream),
