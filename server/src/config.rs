@@ -347,8 +347,22 @@ impl Config {
         let template = template();
         let mut env: Vec<(&String, &String)> = sources.env.iter().map(|(a, b)| (a, b)).collect();
         env.sort();
+        // Which variable set each key: an alias and the full name both set, to
+        // different values, would otherwise be settled by their names' order.
+        let mut set_by: std::collections::HashMap<String, (&String, &String)> =
+            std::collections::HashMap::new();
         for (name, value) in env {
             let Some(path) = env_key(name) else { continue };
+            if let Some((other, first)) = set_by.insert(path.clone(), (name, value))
+                && first != value
+            {
+                return Err(ConfigError::Override {
+                    source_name: format!("environment variable {name}"),
+                    message: format!(
+                        "sets {path}, as {other} does, to another value; set only one of them"
+                    ),
+                });
+            }
             // An empty secret (a missing secret rendered as "") would silently turn
             // authentication off.
             if path == "server.auth_tokens"
@@ -1234,6 +1248,29 @@ mod tests {
         })
         .expect("a trace filter from the environment");
         assert_eq!(ok.log.trace_filter, "debug");
+    }
+
+    /// An alias and the full variable name both set to different values are refused,
+    /// naming both: before, the one sorting last won silently.
+    #[test]
+    fn an_alias_and_its_full_name_must_agree() {
+        let e = Config::load(&Sources {
+            env: env(&[("MARATHON_LOG", "debug"), ("MARATHON_LOG__FILTER", "warn")]),
+            ..Default::default()
+        })
+        .expect_err("two values for log.filter");
+        let text = e.to_string();
+        assert!(
+            text.contains("MARATHON_LOG__FILTER")
+                && text.contains("log.filter, as MARATHON_LOG does"),
+            "{text}"
+        );
+        let c = Config::load(&Sources {
+            env: env(&[("MARATHON_LOG", "debug"), ("MARATHON_LOG__FILTER", "debug")]),
+            ..Default::default()
+        })
+        .expect("the same value twice");
+        assert_eq!(c.log.filter, "debug");
     }
 
     /// The history limit is read from `engine.max_history_events`; 0, which would fail
