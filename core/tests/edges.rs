@@ -7,8 +7,8 @@ use common::*;
 use futures::FutureExt;
 use marathon_core::memory::MemoryQueue;
 use marathon_core::{
-    ActivityContext, ActivityError, OutgoingMessage, Queue, Registry, Task, Worker,
-    WorkflowContext, WorkflowId,
+    ActivityContext, ActivityError, ActivityOptions, OutgoingMessage, Queue, Registry, Task,
+    Worker, WorkflowContext, WorkflowId,
 };
 use serde_json::json;
 use std::sync::Arc;
@@ -309,4 +309,29 @@ async fn a_maintenance_round_purges_more_than_one_batch() {
         left, 0,
         "{left} finished workflows were left after one round"
     );
+}
+
+/// A heartbeat timeout too long to add to an `Instant` (`Duration::MAX`, "no limit to
+/// speak of") lets the attempt run to its result: the watchdog's `Instant` addition
+/// overflowed, which panicked the task's handling on every delivery, so the attempt
+/// never recorded an outcome (`timeout.lost` once its redeliveries ran out).
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_timeout_of_duration_max_does_not_panic_the_attempt() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("one", |ctx: WorkflowContext, (): ()| async move {
+            let opts = ActivityOptions::default().heartbeat_timeout(Duration::MAX);
+            ctx.activity_with::<_, u32>("quiet", &(), opts).await
+        })
+        .activity("quiet", |_c: ActivityContext, (): ()| async move {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            Ok::<u32, ActivityError>(7)
+        })
+        .build();
+    let w = worker(&engine);
+    let id = start(&engine, "one", json!(null)).await;
+    let s = engine.result(&id, Duration::from_secs(60)).await.unwrap();
+    let h = history(&engine, &id).await;
+    assert_eq!(s.output, Some(json!(7)), "{s:?} {:?}", types(&h));
+    w.shutdown().await;
 }

@@ -1827,7 +1827,10 @@ impl EngineInner {
                 return std::future::pending::<()>().await;
             };
             loop {
-                let due = ctx.last_heartbeat() + hb;
+                // A timeout too long to fall due (`Duration::MAX`) never fires.
+                let Some(due) = ctx.last_heartbeat().checked_add(hb) else {
+                    return std::future::pending::<()>().await;
+                };
                 if tokio::time::Instant::now() >= due {
                     return;
                 }
