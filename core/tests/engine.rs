@@ -10,6 +10,7 @@ use marathon_core::{
     ActivityContext, ActivityError, ActivityOptions, EventData, Pipeline, RetryPolicy,
     StartWorkflow, Worker, WorkflowContext, WorkflowError, WorkflowId, WorkflowStatus,
 };
+use parking_lot::Mutex;
 use serde_json::json;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -1653,4 +1654,92 @@ async fn an_activity_on_a_task_queue_the_queue_cannot_carry_fails() {
         Some(json!({"Err": "invalid_argument"})),
         "one attempt, failed for good: {s:?}"
     );
+}
+
+/// A call waiting out its retry backoff when the workflow is canceled does not run its
+/// next attempt: the attempt is recorded as `canceled` without running, while a
+/// clean-up call made after the cancellation retries as usual; once the workflow has
+/// closed, a retry still queued does not run either. Before, the retry was delivered
+/// after its backoff and ran in full (only a heartbeat would have stopped it), also
+/// after the workflow had closed.
+#[tokio::test(start_paused = true)]
+async fn a_retry_due_after_the_cancellation_does_not_run() {
+    let (store, queue) = backends();
+    let runs = Arc::new(Mutex::new(Vec::<(String, u32)>::new()));
+    let r = runs.clone();
+    let slow_retry = || {
+        ActivityOptions::default().retry(RetryPolicy {
+            initial_interval: Duration::from_secs(60),
+            ..RetryPolicy::default()
+        })
+    };
+    let engine = builder(&store, &queue)
+        .workflow(
+            "wf",
+            move |ctx: WorkflowContext, clean_up: bool| async move {
+                let sent = ctx.activity_with::<_, ()>("send", &(), slow_retry()).await;
+                let e = sent.expect_err("canceled");
+                assert!(e.is_canceled(), "{e:?}");
+                if clean_up {
+                    ctx.activity_with::<_, ()>("clean_up", &(), slow_retry())
+                        .await?;
+                }
+                Err::<(), _>(e)
+            },
+        )
+        .activity("send", {
+            let r = r.clone();
+            move |ctx: ActivityContext, (): ()| {
+                let r = r.clone();
+                async move {
+                    r.lock().push(("send".into(), ctx.attempt()));
+                    Err::<(), _>(ActivityError::retryable("503"))
+                }
+            }
+        })
+        .activity("clean_up", move |ctx: ActivityContext, (): ()| {
+            let r = r.clone();
+            async move {
+                r.lock().push(("clean_up".into(), ctx.attempt()));
+                if ctx.attempt() == 1 {
+                    return Err(ActivityError::retryable("503"));
+                }
+                Ok(())
+            }
+        })
+        .build();
+    let w = worker(&engine);
+    for clean_up in [false, true] {
+        runs.lock().clear();
+        let id = start(&engine, "wf", json!(clean_up)).await;
+        wait_for_event(&engine, &id, "activity_retrying").await;
+        engine.cancel(&id, None).await.unwrap();
+        let s = finished(&engine, &id).await;
+        assert_eq!(s.status, WorkflowStatus::Canceled, "{s:?}");
+        // Well past the 60 s backoff of a queued retry.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let ran = runs.lock().clone();
+        let mut expected = vec![("send".to_string(), 1)];
+        if clean_up {
+            expected.extend([("clean_up".to_string(), 1), ("clean_up".to_string(), 2)]);
+        }
+        assert_eq!(ran, expected, "clean_up: {clean_up}");
+        if clean_up {
+            // The canceled call's second attempt was recorded as canceled, not run.
+            let h = history(&engine, &id).await;
+            let failed: Vec<_> = h
+                .iter()
+                .filter_map(|e| match &e.data {
+                    EventData::ActivityFailed {
+                        activity_id,
+                        attempt,
+                        error,
+                    } => Some((*activity_id, *attempt, error.kind.clone())),
+                    _ => None,
+                })
+                .collect();
+            assert_eq!(failed, [(1, 2, "canceled".to_string())]);
+        }
+    }
+    w.shutdown().await;
 }

@@ -1691,18 +1691,39 @@ impl EngineInner {
         // Boxed: rarely awaited, and kept out of this (hot) future's size.
         // A redelivery (receive count > 1: a failed ack, a worker that died or handed
         // it back) asks the store too, so an attempt already recorded is not run again.
-        if (redelivered || self.must_mark(&t, &call, started_at))
-            && !Box::pin(self.mark_started(&t, &call, started_at, redelivered)).await?
-        {
+        let marked = redelivered || self.must_mark(&t, &call, started_at);
+        if marked && !Box::pin(self.mark_started(&t, &call, started_at, redelivered)).await? {
             crate::observe::record_current([("outcome", &AttemptOutcome::Dropped.as_str())]);
             return Ok(());
         }
+        // A retry (sent after its backoff) or a task that waited in the queue may come
+        // after its workflow was canceled or closed, when no attempt of the call was
+        // running to be stopped: it asks the store before it runs.
+        let canceled = if t.attempt > 1 || marked {
+            match Box::pin(self.canceled_before_running(&t)).await? {
+                Some(canceled) => canceled,
+                None => {
+                    crate::observe::record_current([(
+                        "outcome",
+                        &AttemptOutcome::Dropped.as_str(),
+                    )]);
+                    return Ok(());
+                }
+            }
+        } else {
+            false
+        };
         let clock = std::time::Instant::now();
         let name = self.activity_label(&call.name);
-        let running = RunningGauge::start(self.observer.as_ref(), name);
-        let mut result = self.clone().run_attempt(&t, run, &call, started_at).await;
+        let mut result = if canceled {
+            Err(ActivityError::canceled())
+        } else {
+            let running = RunningGauge::start(self.observer.as_ref(), name);
+            let result = self.clone().run_attempt(&t, run, &call, started_at).await;
+            drop(running);
+            result
+        };
         within_depth(&mut result);
-        drop(running);
         let duration = clock.elapsed();
         let error_kind = result.as_ref().err().map(|e| e.kind.clone());
         let outcome = self
@@ -1738,6 +1759,27 @@ impl EngineInner {
         t.copy > 0
             || t.deadline
                 .is_none_or(|d| d.since(now) < stc.saturating_add(grace / 2))
+    }
+
+    /// Whether an attempt that is about to run was canceled before it started: its
+    /// workflow's cancellation came after the call (a call made after it is clean-up,
+    /// which runs). `None` when the workflow is gone or closed: nothing is owed, and
+    /// the attempt does not run.
+    async fn canceled_before_running(&self, t: &ActivityTask) -> Result<Option<bool>, EngineError> {
+        let Some(summary) = self.store.get(&t.workflow_id).await? else {
+            return Ok(None);
+        };
+        if summary.status.is_terminal() || t.run.is_some_and(|run| run != summary.created_at) {
+            return Ok(None);
+        }
+        if !summary.cancel_requested {
+            return Ok(Some(false));
+        }
+        Ok(Some(
+            self.cancel_requested_after(&t.workflow_id, t.scheduled_seq)
+                .await?
+                .is_some(),
+        ))
     }
 
     /// Marks the attempt started in the store ([`Self::must_mark`]); whether it should
