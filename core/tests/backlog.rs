@@ -605,3 +605,81 @@ async fn a_take_over_streams_its_own_progress_in_full() {
         ]
     );
 }
+
+/// An attempt that no worker takes is given up once its schedule-to-close (plus the
+/// grace) has passed, not a whole start-to-close later: its owed deadline counts the
+/// attempt's budget (start-to-close cut to what the schedule-to-close leaves), and so
+/// does the deadline of a retry. Before, the first send and every retry were owed for
+/// start-to-close + grace, so a call on a task queue no worker served outlived its
+/// schedule-to-close by up to that much (5.5 min by default).
+#[tokio::test(start_paused = true)]
+async fn a_short_schedule_to_close_bounds_an_attempt_no_worker_takes() {
+    let config = EngineConfig {
+        activity_grace: Duration::from_secs(1),
+        ..EngineConfig::default()
+    };
+    // Start-to-close 10 s, schedule-to-close 3 s: given up at 3 s + 1 s of grace.
+    let options = ActivityOptions::default().schedule_to_close(Duration::from_secs(3));
+    let s = setup(config, options);
+    let id = s.start().await;
+    s.sweep_for(Duration::from_secs(5)).await;
+    let h = history(&s.engine, &id).await;
+    assert_eq!(
+        failed_kinds(&h),
+        ["timeout.schedule_to_close"],
+        "{:?}",
+        types(&h)
+    );
+}
+
+/// A retry is owed no longer than its call has left either: the first attempt fails
+/// (1 s backoff), no worker takes the retry, and the call ends at its 5 s
+/// schedule-to-close + 1 s of grace. Before, the retry was owed for 1 s + 10 s + 1 s.
+#[tokio::test(start_paused = true)]
+async fn a_retry_no_worker_takes_ends_at_the_schedule_to_close() {
+    let store: Arc<dyn Store> = Arc::new(MemoryStore::default());
+    let queue = Arc::new(HandQueue::default());
+    let dyn_queue: Arc<dyn Queue> = queue.clone();
+    let engine = builder(&store, &dyn_queue)
+        .config(EngineConfig {
+            activity_grace: Duration::from_secs(1),
+            ..EngineConfig::default()
+        })
+        .workflow("one", |ctx: WorkflowContext, (): ()| async move {
+            let options = ActivityOptions::default()
+                .start_to_close(STC)
+                .schedule_to_close(Duration::from_secs(5))
+                .retry(RetryPolicy {
+                    initial_interval: Duration::from_secs(1),
+                    ..RetryPolicy::default()
+                });
+            ctx.activity_with::<_, u32>("flaky", &(), options).await
+        })
+        .activity("flaky", |_ctx: ActivityContext, (): ()| async move {
+            Err::<u32, _>(ActivityError::retryable("503"))
+        })
+        .build();
+    let id = start(&engine, "one", json!(null)).await;
+    for _ in 0..2 {
+        // The workflow task, then the first attempt.
+        let (q, task) = queue.pending.lock().remove(0);
+        engine.handle(&q, task).await.expect("handled");
+    }
+    let h = history(&engine, &id).await;
+    assert_eq!(
+        count(&h, |d| matches!(d, EventData::ActivityRetrying { .. })),
+        1
+    );
+    let end = tokio::time::Instant::now() + Duration::from_secs(7);
+    while tokio::time::Instant::now() < end {
+        tokio::time::advance(Duration::from_secs(1)).await;
+        engine.sweep(100).await.expect("sweep");
+    }
+    let h = history(&engine, &id).await;
+    assert_eq!(
+        failed_kinds(&h),
+        ["timeout.schedule_to_close"],
+        "{:?}",
+        types(&h)
+    );
+}

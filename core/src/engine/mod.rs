@@ -26,8 +26,8 @@ pub use replay::HISTORY_LIMIT;
 use crate::clock::{SharedClock, SystemClock};
 use crate::memory::{MemoryQueue, MemoryStore};
 use crate::model::{
-    ActivityCall, ActivityError, ActivityTask, Event, EventData, NewEvent, Seq, Task, Timestamp,
-    WorkflowId, WorkflowSummary,
+    ActivityCall, ActivityError, ActivityOptions, ActivityTask, Event, EventData, NewEvent, Seq,
+    Task, Timestamp, WorkflowId, WorkflowSummary,
 };
 use crate::observe::{AttemptOutcome, NoopObserver, Observer, TaskOutcome};
 use crate::queue::{OutgoingMessage, Queue, QueueError};
@@ -74,6 +74,21 @@ fn clipped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
 
 /// Rejects a value (`what`) nested deeper than [`crate::MAX_VALUE_DEPTH`] or larger
 /// than [`crate::MAX_PAYLOAD_BYTES`] as JSON.
+/// How long an attempt of a call scheduled at `scheduled_at` that starts at `start`
+/// may run: its start-to-close timeout, cut to what is left of its schedule-to-close.
+fn attempt_budget(
+    options: &ActivityOptions,
+    scheduled_at: Timestamp,
+    start: Timestamp,
+) -> Duration {
+    match options.schedule_to_close {
+        Some(s) => options
+            .start_to_close
+            .min(scheduled_at.plus(s).since(start)),
+        None => options.start_to_close,
+    }
+}
+
 fn check_value(what: &str, value: &Value) -> Result<(), EngineError> {
     if crate::nests_deeper_than(value, crate::MAX_VALUE_DEPTH) {
         return Err(EngineError::InvalidArgument(format!(
@@ -228,9 +243,10 @@ pub struct EngineConfig {
         rename = "workflow_task_deadline_ms"
     )]
     pub workflow_task_deadline: Duration,
-    /// Slack added to an activity attempt's start-to-close timeout before the
-    /// sweeper sends it again; a worker that receives its task with less than
-    /// start-to-close + half of this left marks it started. Default 30 s.
+    /// Slack added to an activity attempt's budget (start-to-close, cut to what the
+    /// schedule-to-close leaves) before the sweeper sends it again; a worker that
+    /// receives its task with less than the budget + half of this left marks it
+    /// started. Default 30 s.
     #[serde(with = "crate::model::duration_ms", rename = "activity_grace_ms")]
     pub activity_grace: Duration,
     /// How long after a failed workflow task (non-determinism, panic) it is tried again. Default 10 s.
@@ -1486,7 +1502,7 @@ impl EngineInner {
                         // sweeper fails the attempt (`invalid_argument`, not retried).
                         let carried = self.queue.check_task_queue(task_queue).is_ok();
                         let deadline = if carried {
-                            now.plus(options.start_to_close)
+                            now.plus(attempt_budget(options, now, now))
                                 .plus(self.config.activity_grace)
                         } else {
                             now
@@ -1752,7 +1768,7 @@ impl EngineInner {
     /// a backlog), or the sweeper sent it again. Any other task runs without a store
     /// call.
     fn must_mark(&self, t: &ActivityTask, call: &ActivityCall, now: Timestamp) -> bool {
-        let stc = call.options.start_to_close;
+        let stc = attempt_budget(&call.options, call.scheduled_at, now);
         let grace = self.config.activity_grace;
         // A task without a deadline was sent by an earlier version: it may have
         // waited in a backlog while the sweeper sent copies, so it is marked too.
@@ -1792,10 +1808,9 @@ impl EngineInner {
         now: Timestamp,
         redelivered: bool,
     ) -> Result<bool, EngineError> {
-        let stc = call.options.start_to_close;
-        let grace = self.config.activity_grace;
+        let budget = attempt_budget(&call.options, call.scheduled_at, now);
         let key = activity_key(t.activity_id, t.attempt);
-        let deadline = now.plus(stc).plus(grace);
+        let deadline = now.plus(budget).plus(self.config.activity_grace);
         match self
             .store
             .start_attempt(&t.workflow_id, &key, t.copy, now, deadline, redelivered)
@@ -1972,9 +1987,9 @@ impl EngineInner {
         // the workflow a task, which gets the appended events as its tail.
         let (owed, next_attempt) = match retry_delay {
             Some(delay) => {
-                let deadline = now
-                    .plus(delay)
-                    .plus(call.options.start_to_close)
+                let next = now.plus(delay);
+                let deadline = next
+                    .plus(attempt_budget(&call.options, call.scheduled_at, next))
                     .plus(self.config.activity_grace);
                 (
                     OwedChanges::none().set(OwedEntry {
