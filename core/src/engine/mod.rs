@@ -72,8 +72,6 @@ fn clipped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     format!("{}… ({} bytes in all)", &text[..end], text.len()).into()
 }
 
-/// Rejects a value (`what`) nested deeper than [`crate::MAX_VALUE_DEPTH`] or larger
-/// than [`crate::MAX_PAYLOAD_BYTES`] as JSON.
 /// How long an attempt of a call scheduled at `scheduled_at` that starts at `start`
 /// may run: its start-to-close timeout, cut to what is left of its schedule-to-close.
 fn attempt_budget(
@@ -89,6 +87,8 @@ fn attempt_budget(
     }
 }
 
+/// Rejects a value (`what`) nested deeper than [`crate::MAX_VALUE_DEPTH`] or larger
+/// than [`crate::MAX_PAYLOAD_BYTES`] as JSON.
 fn check_value(what: &str, value: &Value) -> Result<(), EngineError> {
     if crate::nests_deeper_than(value, crate::MAX_VALUE_DEPTH) {
         return Err(EngineError::InvalidArgument(format!(
