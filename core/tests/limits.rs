@@ -569,3 +569,51 @@ async fn a_cancel_reason_past_the_message_limit_is_refused() {
     w.shutdown().await;
     assert_eq!(s.status, WorkflowStatus::Canceled);
 }
+
+/// A new call whose options cannot mean anything (a zero start-to-close,
+/// schedule-to-close or heartbeat timeout, an empty task queue) fails the run with
+/// `invalid_argument` naming the option, before anything is scheduled. Before, it was
+/// scheduled: each attempt timed out at once, and with unlimited attempts it retried
+/// forever (an empty task queue waited forever on the memory queue).
+#[tokio::test(start_paused = true)]
+async fn a_call_with_options_that_cannot_mean_anything_fails_the_run() {
+    let (store, queue) = backends();
+    let engine = builder(&store, &queue)
+        .workflow("call", |ctx: WorkflowContext, which: String| async move {
+            let mut opts = ActivityOptions::default();
+            opts.retry.maximum_attempts = 0;
+            match which.as_str() {
+                "start_to_close_ms" => opts.start_to_close = Duration::ZERO,
+                "schedule_to_close_ms" => opts.schedule_to_close = Some(Duration::ZERO),
+                "heartbeat_timeout_ms" => opts.heartbeat_timeout = Some(Duration::ZERO),
+                _ => opts.task_queue = Some(String::new()),
+            }
+            ctx.activity_with::<_, Value>("echo", &json!(1), opts).await
+        })
+        .activity("echo", |_ctx: ActivityContext, v: Value| async move {
+            Ok::<_, ActivityError>(v)
+        })
+        .build();
+    let w = worker(&engine);
+    for which in [
+        "start_to_close_ms",
+        "schedule_to_close_ms",
+        "heartbeat_timeout_ms",
+        "task_queue",
+    ] {
+        let id = start(&engine, "call", json!(which)).await;
+        let s = finished(&engine, &id).await;
+        let error = s.error.expect("failed");
+        assert_eq!(error.kind, "invalid_argument", "{which}: {error:?}");
+        assert!(error.message.contains(which), "{which}: {}", error.message);
+        assert_eq!(
+            count(&history(&engine, &id).await, |d| matches!(
+                d,
+                EventData::ActivityScheduled { .. }
+            )),
+            0,
+            "{which}"
+        );
+    }
+    w.shutdown().await;
+}

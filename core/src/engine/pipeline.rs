@@ -211,11 +211,8 @@ impl Pipeline {
                         problem: problem.to_string(),
                     })
                 };
-                if options.task_queue.as_deref() == Some("") {
-                    return bad("options.task_queue must not be empty");
-                }
-                if options.start_to_close.is_zero() {
-                    return bad("options.start_to_close_ms must be more than 0");
+                if let Err(problem) = options.check() {
+                    return bad(&format!("options.{problem}"));
                 }
                 check_refs(input, name, &done)?;
                 if done.contains(name.as_str()) || !added.insert(name.as_str()) {

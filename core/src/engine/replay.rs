@@ -246,6 +246,10 @@ impl Instance {
         // recorded, not in the code's view: a history an older version recorded may
         // hold such a call, and its replay must issue it as that version did.
         let refused = commands.iter().find_map(|c| match c {
+            Command::Activity { name, options, .. } if options.check().is_err() => options
+                .check()
+                .err()
+                .map(|problem| format!("the options of activity {name:?} are invalid: {problem}")),
             Command::Activity { name, input, .. }
                 if crate::nests_deeper_than(input, crate::MAX_VALUE_DEPTH) =>
             {

@@ -101,6 +101,29 @@ pub struct ActivityOptions {
     pub task_queue: Option<String>,
 }
 
+impl ActivityOptions {
+    /// Checks what a call's options cannot mean: a zero timeout (every attempt would
+    /// time out at once, and with unlimited attempts forever) or an empty task queue.
+    ///
+    /// # Errors
+    /// What is wrong, naming the option as serialized (`start_to_close_ms`, ...).
+    pub fn check(&self) -> Result<(), String> {
+        if self.start_to_close.is_zero() {
+            return Err("start_to_close_ms must be more than 0".into());
+        }
+        if self.schedule_to_close.is_some_and(|d| d.is_zero()) {
+            return Err("schedule_to_close_ms must be more than 0 (leave it out for none)".into());
+        }
+        if self.heartbeat_timeout.is_some_and(|d| d.is_zero()) {
+            return Err("heartbeat_timeout_ms must be more than 0 (leave it out for none)".into());
+        }
+        if self.task_queue.as_deref() == Some("") {
+            return Err("task_queue must not be empty (leave it out for the workflow's)".into());
+        }
+        Ok(())
+    }
+}
+
 impl Default for ActivityOptions {
     fn default() -> Self {
         Self {
