@@ -789,11 +789,7 @@ fn clamp_i32(n: usize) -> i32 {
 
 /// The start of a body, for logs, cut on a character boundary.
 fn preview(body: &str) -> &str {
-    let mut end = body.len().min(POISON_PREVIEW);
-    while !body.is_char_boundary(end) {
-        end -= 1;
-    }
-    &body[..end]
+    &body[..body.floor_char_boundary(POISON_PREVIEW)]
 }
 
 /// Outcomes of a batch request: all fail with `whole`, or each failed entry

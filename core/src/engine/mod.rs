@@ -65,10 +65,7 @@ fn clipped(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     if text.len() <= max {
         return text.into();
     }
-    let mut end = max;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
+    let end = text.floor_char_boundary(max);
     format!("{}… ({} bytes in all)", &text[..end], text.len()).into()
 }
 
@@ -144,12 +141,8 @@ pub(crate) fn bound_error(
     max_bytes: usize,
 ) {
     if message.len() > crate::MAX_ERROR_MESSAGE_BYTES {
-        let mut end = crate::MAX_ERROR_MESSAGE_BYTES;
-        while !message.is_char_boundary(end) {
-            end -= 1;
-        }
         let total = message.len();
-        message.truncate(end);
+        message.truncate(message.floor_char_boundary(crate::MAX_ERROR_MESSAGE_BYTES));
         message.push_str(&format!(" … (message cut from {total} bytes)"));
     }
     let Some(d) = details.as_ref() else {

@@ -246,47 +246,51 @@ impl Instance {
         // recorded, not in the code's view: a history an older version recorded may
         // hold such a call, and its replay must issue it as that version did.
         let refused = commands.iter().find_map(|c| match c {
-            Command::Activity { name, options, .. } if options.check().is_err() => options
+            Command::Activity {
+                name,
+                options,
+                input,
+                ..
+            } => options
                 .check()
                 .err()
-                .map(|problem| format!("the options of activity {name:?} are invalid: {problem}")),
-            Command::Activity { name, input, .. }
-                if crate::nests_deeper_than(input, crate::MAX_VALUE_DEPTH) =>
-            {
-                Some(format!(
-                    "the input of activity {name:?} nests deeper than {} levels",
-                    crate::MAX_VALUE_DEPTH
-                ))
-            }
-            Command::Activity { name, input, .. }
-                if crate::json_larger_than(input, crate::MAX_PAYLOAD_BYTES) =>
-            {
-                Some(format!(
-                    "the input of activity {name:?} takes more than {} bytes as JSON",
-                    crate::MAX_PAYLOAD_BYTES
-                ))
-            }
-            _ => None,
+                .map(|problem| format!("the options of activity {name:?} are invalid: {problem}"))
+                .or_else(|| {
+                    crate::nests_deeper_than(input, crate::MAX_VALUE_DEPTH).then(|| {
+                        format!(
+                            "the input of activity {name:?} nests deeper than {} levels",
+                            crate::MAX_VALUE_DEPTH
+                        )
+                    })
+                })
+                .or_else(|| {
+                    crate::json_larger_than(input, crate::MAX_PAYLOAD_BYTES).then(|| {
+                        format!(
+                            "the input of activity {name:?} takes more than {} bytes as JSON",
+                            crate::MAX_PAYLOAD_BYTES
+                        )
+                    })
+                }),
+            Command::Timer { .. } => None,
         });
-        if let Some(message) = refused {
-            commands.clear();
-            self.future = None;
-            self.outcome = Some(Outcome::Failed(
-                WorkflowError::new(message).with_kind("invalid_argument"),
-            ));
-        }
-        // The marker and the commands, on a run the code has not ended.
+        // A refused call, or a run the code has not ended whose marker and commands
+        // would take its history past the limit: the engine fails the run.
         let grown = self.applied.0 + 1 + commands.len() as u64;
-        if self.outcome.is_none() && grown > max_history {
-            commands.clear();
-            self.future = None;
-            self.outcome = Some(Outcome::Failed(
+        let failure = match refused {
+            Some(message) => Some(WorkflowError::new(message).with_kind("invalid_argument")),
+            None if self.outcome.is_none() && grown > max_history => Some(
                 WorkflowError::new(format!(
                     "the history would grow to {grown} events, past the limit of {max_history} \
                      (engine.max_history_events); the run is failed so that it stops growing"
                 ))
                 .with_kind(HISTORY_LIMIT),
-            ));
+            ),
+            None => None,
+        };
+        if let Some(error) = failure {
+            commands.clear();
+            self.future = None;
+            self.outcome = Some(Outcome::Failed(error));
         }
         let mut out = Vec::with_capacity(commands.len() + 2);
         out.push(EventData::WorkflowTaskCompleted {});
