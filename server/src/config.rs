@@ -582,52 +582,13 @@ impl Config {
         {
             return bad(&format!("store.{field}"), message);
         }
-        // The SDK takes any string and fails every request later.
+        // What SQS (or the SDK) would refuse on every request, or `SqsQueue::connect`
+        // at start, named by its key (exit 2, not a backend that cannot connect).
         #[cfg(feature = "sqs")]
         if let QueueConfig::Sqs(sqs) = &self.queue
-            && let Some(url) = &sqs.endpoint_url
-            && !is_http_url(url)
+            && let Err((path, message)) = check_sqs(sqs)
         {
-            return bad(
-                "queue.endpoint_url",
-                format!("{url:?} is not an http(s) URL like http://127.0.0.1:4566"),
-            );
-        }
-        // `SqsQueue::connect` refuses it: named here as a setting (exit 2), not as a
-        // backend that cannot connect (exit 1).
-        #[cfg(feature = "sqs")]
-        if let QueueConfig::Sqs(sqs) = &self.queue
-            && sqs.max_receives == 0
-        {
-            return bad(
-                "queue.max_receives",
-                "must be at least 1 with SQS (receives before a message goes to the dead-letter queue)".into(),
-            );
-        }
-        // The SDK builds no request with such a region (not even to look a queue up).
-        #[cfg(feature = "sqs")]
-        if let QueueConfig::Sqs(sqs) = &self.queue
-            && let Some(region) = &sqs.region
-            && !is_region(region)
-        {
-            return bad(
-                "queue.region",
-                format!(
-                    "{region:?} is not an AWS region like eu-west-1 (leave it unset for AWS_REGION or the profile's region)"
-                ),
-            );
-        }
-        // The same for a queue's explicit URL.
-        #[cfg(feature = "sqs")]
-        if let QueueConfig::Sqs(sqs) = &self.queue
-            && let Some((name, url)) = sqs.queue_urls.iter().find(|(_, u)| !is_http_url(u))
-        {
-            return bad(
-                &format!("queue.queue_urls.{name}"),
-                format!(
-                    "{url:?} is not an http(s) URL like https://sqs.eu-west-1.amazonaws.com/123456789012/marathon-{name}"
-                ),
-            );
+            return bad(&path, message);
         }
         // SQS refuses such a name on every call: a worker would retry it forever.
         #[cfg(feature = "sqs")]
@@ -743,6 +704,49 @@ impl Config {
         toml::to_string_pretty(&value)
             .unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"))
     }
+}
+
+/// The first SQS setting the SDK or SQS would refuse: its key and what is wrong.
+#[cfg(feature = "sqs")]
+fn check_sqs(sqs: &SqsSettings) -> Result<(), (String, String)> {
+    // The SDK takes any string and fails every request later.
+    if let Some(url) = &sqs.endpoint_url
+        && !is_http_url(url)
+    {
+        return Err((
+            "queue.endpoint_url".into(),
+            format!("{url:?} is not an http(s) URL like http://127.0.0.1:4566"),
+        ));
+    }
+    // `SqsQueue::connect` refuses it.
+    if sqs.max_receives == 0 {
+        return Err((
+            "queue.max_receives".into(),
+            "must be at least 1 with SQS (receives before a message goes to the dead-letter queue)"
+                .into(),
+        ));
+    }
+    // The SDK builds no request with such a region (not even to look a queue up).
+    if let Some(region) = &sqs.region
+        && !is_region(region)
+    {
+        return Err((
+            "queue.region".into(),
+            format!(
+                "{region:?} is not an AWS region like eu-west-1 (leave it unset for AWS_REGION or the profile's region)"
+            ),
+        ));
+    }
+    // The same for a queue's explicit URL.
+    if let Some((name, url)) = sqs.queue_urls.iter().find(|(_, u)| !is_http_url(u)) {
+        return Err((
+            format!("queue.queue_urls.{name}"),
+            format!(
+                "{url:?} is not an http(s) URL like https://sqs.eu-west-1.amazonaws.com/123456789012/marathon-{name}"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Whether `url` is an absolute `http://` or `https://` URL with a host.
