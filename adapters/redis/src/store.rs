@@ -25,7 +25,13 @@ const STREAM_MAXLEN: &str = "10000";
 const DEFAULT_LIST_LIMIT: usize = 100;
 const MAX_LIST_LIMIT: usize = 1000;
 const CURSOR_PREFIX: &str = "c1:";
+/// Most events a subscription reads at a time.
 const SUBSCRIBE_BATCH: u64 = 256;
+/// Events a subscription reads first, before their size says how many to read.
+const SUBSCRIBE_FIRST_READ: u64 = 8;
+/// About the most event JSON a subscription reads at a time (at least one event):
+/// a slow reader holds what was read until it takes it.
+const SUBSCRIBE_BYTES: u64 = 4 * 1024 * 1024;
 const SUBSCRIBE_BLOCK: Duration = Duration::from_secs(10);
 const CLAIM_ROUNDS: usize = 4;
 /// Summary fields that can be large (output, error, task failure), whose lengths
@@ -453,7 +459,7 @@ impl RedisStore {
         wk: &WfKeys,
         after: Seq,
         limit: u64,
-    ) -> Result<(Option<String>, Vec<Event>), StoreError> {
+    ) -> Result<(Option<String>, Vec<Event>, u64), StoreError> {
         let start = i64::try_from(after.0).unwrap_or(i64::MAX);
         let stop = i64::try_from(after.0.saturating_add(limit).saturating_sub(1)).unwrap_or(-1);
         let mut pipe = redis::pipe();
@@ -472,11 +478,12 @@ impl RedisStore {
                 pipe.query_async(&mut self.conn()).await.map_err(classify)?;
             (st, Vec::new())
         };
+        let bytes = raw.iter().map(|s| s.len() as u64).sum();
         let events = raw
             .iter()
             .map(|s| serde_json::from_str::<Event>(s).map_err(backend))
             .collect::<Result<Vec<_>, _>>()?;
-        Ok((st, events))
+        Ok((st, events, bytes))
     }
 }
 
@@ -819,8 +826,8 @@ impl Store for RedisStore {
         let wk = self.keys().workflow(id.as_str());
         let limit = u64::try_from(limit).unwrap_or(u64::MAX);
         match self.read_with_status(&wk, after, limit).await? {
-            (None, _) => Err(StoreError::NotFound(id.clone())),
-            (Some(_), events) => Ok(events),
+            (None, ..) => Err(StoreError::NotFound(id.clone())),
+            (Some(_), events, _) => Ok(events),
         }
     }
 
@@ -828,15 +835,18 @@ impl Store for RedisStore {
         let wk = self.keys().workflow(id.as_str());
         // Registered before the first read, so any append after that read wakes us.
         let reg = self.inner.notifier.register(id.as_str()).await?;
-        let (st, events) = self.read_with_status(&wk, after, SUBSCRIBE_BATCH).await?;
+        let (st, events, bytes) = self
+            .read_with_status(&wk, after, SUBSCRIBE_FIRST_READ)
+            .await?;
         let Some(st) = st else {
             return Err(StoreError::NotFound(id.clone()));
         };
-        let caught_up = (events.len() as u64) < SUBSCRIBE_BATCH;
+        let caught_up = (events.len() as u64) < SUBSCRIBE_FIRST_READ;
         let sub = Subscription {
             store: self.clone(),
             wk,
             after,
+            batch: next_batch(SUBSCRIBE_FIRST_READ, events.len(), bytes),
             buf: events.into(),
             stale: !caught_up,
             closed: caught_up && st != WorkflowStatus::Running.as_str(),
@@ -1174,11 +1184,23 @@ impl Store for RedisStore {
     }
 }
 
+/// How many events a subscription reads next: about [`SUBSCRIBE_BYTES`] at the mean
+/// size of the `n` events (`bytes` of JSON) just read, 1 to [`SUBSCRIBE_BATCH`];
+/// `batch` again if none were read.
+fn next_batch(batch: u64, n: usize, bytes: u64) -> u64 {
+    match n as u64 {
+        0 => batch,
+        n => (SUBSCRIBE_BYTES / (bytes / n).max(1)).clamp(1, SUBSCRIBE_BATCH),
+    }
+}
+
 /// One live subscription: reads by sequence, waits for the shared reader's wake-ups.
 struct Subscription {
     store: RedisStore,
     wk: WfKeys,
     after: Seq,
+    /// Events to read next time, from the size of those read so far.
+    batch: u64,
     buf: VecDeque<Event>,
     /// Events may exist after `after` that are not in `buf` (read again before waiting).
     stale: bool,
@@ -1209,13 +1231,14 @@ impl Subscription {
             }
             match self
                 .store
-                .read_with_status(&self.wk, self.after, SUBSCRIBE_BATCH)
+                .read_with_status(&self.wk, self.after, self.batch)
                 .await
             {
                 // Purged or expired: the history is gone, the stream ends.
-                Ok((None, _)) => return None,
-                Ok((Some(st), events)) => {
-                    let caught_up = (events.len() as u64) < SUBSCRIBE_BATCH;
+                Ok((None, ..)) => return None,
+                Ok((Some(st), events, bytes)) => {
+                    let caught_up = (events.len() as u64) < self.batch;
+                    self.batch = next_batch(self.batch, events.len(), bytes);
                     self.stale = !caught_up;
                     self.closed = caught_up && st != WorkflowStatus::Running.as_str();
                     self.buf.extend(events);

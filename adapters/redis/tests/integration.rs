@@ -892,3 +892,77 @@ async fn batches_of_thousands_of_events_and_owed_entries() {
     );
     common::teardown(&prefix).await;
 }
+
+/// `total_net_output_bytes` of the Redis at `url` (INFO stats).
+async fn bytes_sent(client: &redis::Client) -> u64 {
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let info: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|l| l.strip_prefix("total_net_output_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("INFO stats has total_net_output_bytes")
+}
+
+#[tokio::test]
+async fn a_subscription_reads_about_what_it_hands_out() {
+    // A private server: its INFO counts only this test's traffic.
+    let port = common::free_port();
+    let dir = std::env::temp_dir().join(format!("marathon-redis-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut server = PrivateRedis::start(port, dir.clone()).await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let store = RedisStore::connect(RedisStoreConfig {
+        url: url.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("private redis-server");
+    let id = WorkflowId::random();
+    store.create(new_wf(&id, "big", None, 1)).await.unwrap();
+    const MIB: usize = 1024 * 1024;
+    let mut last = Seq(1);
+    for i in 0..20 {
+        let big = NewEvent::new(
+            Timestamp(2 + i),
+            EventData::SignalReceived {
+                name: "s".into(),
+                payload: json!("x".repeat(MIB)),
+            },
+        );
+        last = store
+            .append(&id, last, vec![big], OwedChanges::none())
+            .await
+            .unwrap();
+    }
+    let client = redis::Client::open(url).unwrap();
+    let before = bytes_sent(&client).await;
+    let mut sub = store.subscribe(&id, Seq(1)).await.unwrap();
+    assert_eq!(sub.next().await.unwrap().unwrap().seq, Seq(2));
+    // The first read is a few events (8), not all 20 MiB of them.
+    let sent = bytes_sent(&client).await - before;
+    // Then about 4 MiB at a time, and every event arrives in order.
+    let mut seqs = vec![2];
+    while let Some(Ok(e)) = tokio::time::timeout(Duration::from_secs(5), sub.next())
+        .await
+        .ok()
+        .flatten()
+    {
+        seqs.push(e.seq.0);
+        if e.seq == last {
+            break;
+        }
+    }
+    drop(sub);
+    drop(store);
+    server.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        sent < 12 * MIB as u64,
+        "{sent} bytes read to hand out one event"
+    );
+    assert_eq!(seqs, (2..=21).collect::<Vec<u64>>());
+}

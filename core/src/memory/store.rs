@@ -27,8 +27,9 @@ const DEFAULT_LIST_LIMIT: usize = 100;
 const MAX_LIST_LIMIT: usize = 1000;
 /// Prefix of the list cursors this store issues (a version tag).
 const CURSOR_PREFIX: &str = "c1:";
-/// Most events a subscription copies out of a history under one lock.
-const SUBSCRIBE_BATCH: usize = 256;
+/// Most events a subscription copies out of a history under one lock: a slow
+/// reader holds the copies until it takes them (events can be 2 MiB each).
+const SUBSCRIBE_BATCH: usize = 8;
 /// Rounds of [`Store::claim_overdue`] when candidates change under it.
 const CLAIM_ROUNDS: usize = 4;
 
@@ -829,6 +830,52 @@ mod tests {
         assert_eq!(claimed[0].entry, entry(40));
         let shard = store.shard(&id);
         assert_eq!(shard.owed.lock().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_subscription_copies_a_few_events_at_a_time() {
+        let store = MemoryStore::default();
+        let id = WorkflowId::random();
+        store.create(new_wf(&id, None)).await.unwrap();
+        let signals = (0..40)
+            .map(|i| {
+                NewEvent::new(
+                    Timestamp(11),
+                    EventData::SignalReceived {
+                        name: "s".into(),
+                        payload: json!(i),
+                    },
+                )
+            })
+            .collect();
+        store
+            .append(&id, Seq(1), signals, OwedChanges::none())
+            .await
+            .unwrap();
+        let state = store.lookup_or_not_found(&id).unwrap();
+        let rx = state
+            .lock()
+            .watch
+            .get_or_insert_with(|| watch::channel(Seq(41)).0)
+            .subscribe();
+        let mut sub = Subscription {
+            state,
+            rx,
+            after: Seq(0),
+            buf: VecDeque::new(),
+            done: false,
+            sender_gone: false,
+        };
+        let mut seen = Vec::new();
+        while seen.len() < 41 {
+            let (event, next) = sub.next().await.unwrap();
+            seen.push(event.unwrap().seq.0);
+            // What it holds beside the event it hands out: before, the whole
+            // history (up to 256 events) was copied at once.
+            assert!(next.buf.len() < 8, "{} held", next.buf.len());
+            sub = next;
+        }
+        assert_eq!(seen, (1..=41).collect::<Vec<u64>>());
     }
 
     #[tokio::test]
