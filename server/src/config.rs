@@ -485,6 +485,14 @@ impl Config {
         if self.engine.default_task_queue.is_empty() {
             return bad("engine.default_task_queue", "must not be empty".into());
         }
+        // 0 would have the sweeper send every owed workflow task again on each pass,
+        // and its claims would hold nothing off for any time.
+        if self.engine.workflow_task_deadline.is_zero() {
+            return bad(
+                "engine.workflow_task_deadline_ms",
+                "must be at least 1 ms".into(),
+            );
+        }
         // 0 would fail every run at its first workflow task.
         if self.engine.max_history_events == 0 {
             return bad("engine.max_history_events", "must be at least 1".into());
@@ -1292,6 +1300,15 @@ mod tests {
         );
         let e = Config::load(&flags(&[("engine.max_history_events", "0")])).expect_err("zero");
         assert_eq!(invalid_path(&e), "engine.max_history_events");
+    }
+
+    /// A workflow-task deadline of 0 would have every sweep send each owed workflow
+    /// task again: it is refused.
+    #[test]
+    fn a_zero_workflow_task_deadline_is_refused() {
+        let e =
+            Config::load(&flags(&[("engine.workflow_task_deadline_ms", "0")])).expect_err("zero");
+        assert_eq!(invalid_path(&e), "engine.workflow_task_deadline_ms");
     }
 
     /// With memory backends this process is the only worker: a default task queue it

@@ -50,14 +50,14 @@ impl RedisStoreConfig {
     }
 
     /// Checks what can be checked without connecting: the URL (or the cluster's node
-    /// URLs), `key_prefix`, `shards`, `response_timeout`, `retention` and that
+    /// URLs), `key_prefix`, `shards`, the timeouts, `retention` and that
     /// `tls_ca_file` is a file. The store's `connect` runs it first; a server runs it
     /// while validating its configuration.
     ///
     /// # Errors
     /// `(field, message)`: the field at fault (`url`, `cluster_nodes`, `key_prefix`,
-    /// `shards`, `response_timeout`, `retention`, `tls_ca_file`) and what is wrong,
-    /// passwords masked.
+    /// `shards`, `connect_timeout`, `response_timeout`, `retention`, `tls_ca_file`)
+    /// and what is wrong, passwords masked.
     pub fn check(&self) -> Result<(), (&'static str, String)> {
         if self.is_cluster() {
             for node in &self.cluster_nodes {
@@ -77,6 +77,13 @@ impl RedisStoreConfig {
         }
         if self.shards == 0 {
             return Err(("shards", "must be at least 1".into()));
+        }
+        // Every connection attempt would time out before it began.
+        if self.connect_timeout.is_zero() {
+            return Err((
+                "connect_timeout",
+                "must be at least 1 ms: every connection attempt would time out".into(),
+            ));
         }
         // Every command would time out, and connect report the store unreachable.
         if self.response_timeout.is_zero() {
@@ -281,6 +288,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(field(cfg), Err("tls_ca_file"));
+        let cfg = RedisStoreConfig {
+            connect_timeout: Duration::ZERO,
+            ..Default::default()
+        };
+        assert_eq!(field(cfg), Err("connect_timeout"));
         let cfg = RedisStoreConfig {
             response_timeout: Duration::ZERO,
             ..Default::default()
