@@ -2,7 +2,7 @@
 
 use parking_lot::Mutex;
 use serde::Serialize;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -14,9 +14,36 @@ use crate::store::KeyedAppend;
 
 /// What a running activity can ask of the engine: who it is, heartbeats,
 /// cancellation and progress events.
-#[derive(Clone)]
+///
+/// Once the attempt has ended (its result was returned, it timed out, it was canceled
+/// or its worker stopped it), every clone of its context is canceled: work the
+/// activity left running (a spawned task) learns through [`ActivityContext::is_cancelled`],
+/// [`ActivityContext::cancelled`] or [`ActivityContext::heartbeat`] that the attempt is
+/// over, and [`ActivityContext::progress`] records nothing more.
 pub struct ActivityContext {
     inner: Arc<ActivityInner>,
+    /// Whether this is the engine's own handle on a running attempt (the one
+    /// [`ActivityContext::new`] returns, not a clone): the engine drops it when the
+    /// attempt ends, however it ends, and that ends the attempt for every clone.
+    ends_attempt: bool,
+}
+
+impl Clone for ActivityContext {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            ends_attempt: false,
+        }
+    }
+}
+
+impl Drop for ActivityContext {
+    fn drop(&mut self) {
+        if self.ends_attempt {
+            self.inner.ended.store(true, Ordering::Release);
+            self.inner.cancel.cancel();
+        }
+    }
 }
 
 struct ActivityInner {
@@ -33,6 +60,8 @@ struct ActivityInner {
     clean_up: Mutex<Option<bool>>,
     name: String,
     cancel: CancellationToken,
+    /// Whether the attempt has ended (see [`ActivityContext`]).
+    ended: AtomicBool,
     last_heartbeat: Mutex<Instant>,
     last_cancel_check: Mutex<Option<Instant>>,
     progress_seq: AtomicU32,
@@ -54,6 +83,9 @@ fn new_execution() -> u32 {
 const CANCEL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl ActivityContext {
+    /// The context of an attempt about to run; the caller keeps it for as long as the
+    /// attempt runs and hands clones to the activity: dropping it ends the attempt
+    /// (cancels `cancel`, for the clones too).
     pub(crate) fn new(
         engine: Option<Arc<EngineInner>>,
         (workflow_id, run): (WorkflowId, Timestamp),
@@ -71,26 +103,31 @@ impl ActivityContext {
                 clean_up: Mutex::new(None),
                 name,
                 cancel,
+                ended: AtomicBool::new(false),
                 last_heartbeat: Mutex::new(Instant::now()),
                 last_cancel_check: Mutex::new(None),
                 progress_seq: AtomicU32::new(0),
                 execution: OnceLock::new(),
                 engine,
             }),
+            ends_attempt: true,
         }
     }
 
     /// A context for calling an activity function directly in a unit test:
-    /// heartbeats and progress go nowhere; `cancel` cancels it.
+    /// heartbeats and progress go nowhere; `cancel` cancels it (and nothing else does:
+    /// dropping it does not).
     #[must_use]
     pub fn for_test(attempt: u32, cancel: CancellationToken) -> Self {
-        Self::new(
+        let mut ctx = Self::new(
             None,
             (WorkflowId::random(), Timestamp::now()),
             (1, attempt, Seq(2)),
             "test".to_string(),
             cancel,
-        )
+        );
+        ctx.ends_attempt = false;
+        ctx
     }
 
     /// Reports `count` LLM tokens of `kind` (`input`, `output`, `cached_input`, ...)
@@ -140,13 +177,13 @@ impl ActivityContext {
         )
     }
 
-    /// Whether cancellation has reached this attempt.
+    /// Whether cancellation has reached this attempt, or the attempt has ended.
     #[must_use]
     pub fn is_cancelled(&self) -> bool {
         self.inner.cancel.is_cancelled()
     }
 
-    /// Resolves when cancellation reaches this attempt.
+    /// Resolves when cancellation reaches this attempt, or the attempt ends.
     pub async fn cancelled(&self) {
         self.inner.cancel.cancelled().await;
     }
@@ -162,7 +199,7 @@ impl ActivityContext {
     ///
     /// # Errors
     /// A `canceled` [`ActivityError`] once the workflow has been canceled (or has
-    /// closed); return it.
+    /// closed), or the attempt has ended; return it.
     pub async fn heartbeat(&self) -> Result<(), ActivityError> {
         *self.inner.last_heartbeat.lock() = Instant::now();
         if self.inner.cancel.is_cancelled() {
@@ -213,8 +250,13 @@ impl ActivityContext {
     /// A retryable [`ActivityError`] when the store cannot be reached; a permanent one
     /// (kind `invalid_argument`) for data nested deeper than
     /// [`crate::MAX_VALUE_DEPTH`] levels or larger than [`crate::MAX_PAYLOAD_BYTES`]
-    /// as JSON, which is not recorded.
+    /// as JSON, which is not recorded; a `canceled` one, recording nothing, once the
+    /// attempt has ended (work it left running must not add to the history of the
+    /// attempts after it).
     pub async fn progress<T: Serialize>(&self, data: &T) -> Result<(), ActivityError> {
+        if self.inner.ended.load(Ordering::Acquire) {
+            return Err(ActivityError::canceled());
+        }
         let Some(engine) = &self.inner.engine else {
             return Ok(());
         };
