@@ -66,7 +66,8 @@ pub struct WorkerConfig {
     pub sweep_interval: Duration,
     /// Most overdue entries claimed per sweep. Default 256.
     pub sweep_batch: usize,
-    /// How long in-flight tasks may finish after shutdown begins. Default 30 s.
+    /// How long in-flight tasks may finish after shutdown begins; `Duration::MAX` waits
+    /// for all of them. Default 30 s.
     #[serde(with = "crate::model::duration_ms", rename = "shutdown_grace_ms")]
     pub shutdown_grace: Duration,
     /// How often dead-lettered tasks are drained and reported and queue depth is sampled. Default 10 s.
@@ -175,15 +176,22 @@ impl Worker {
     pub async fn shutdown(self) -> ShutdownReport {
         self.stop.cancel();
         // The grace counts from now: the receive loops end their current poll
-        // (within `poll_wait`) meanwhile, handing back what it brings.
-        let deadline = tokio::time::Instant::now() + self.grace;
+        // (within `poll_wait`) meanwhile, handing back what it brings. A grace too
+        // long to fall due (`Duration::MAX`: wait for every task) has no deadline.
+        let deadline = tokio::time::Instant::now().checked_add(self.grace);
         let running = self.counters.in_flight.load(Ordering::Relaxed);
         self.loops.wait().await;
         self.tracker.close();
-        if tokio::time::timeout_at(deadline, self.tracker.wait())
-            .await
-            .is_err()
-        {
+        let drained = match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, self.tracker.wait())
+                .await
+                .is_ok(),
+            None => {
+                self.tracker.wait().await;
+                true
+            }
+        };
+        if !drained {
             self.hard_stop.cancel();
             self.tracker.wait().await;
         }
