@@ -594,21 +594,16 @@ impl Config {
         // at start, named by its key (exit 2, not a backend that cannot connect).
         #[cfg(feature = "sqs")]
         if let QueueConfig::Sqs(sqs) = &self.queue
-            && let Err((path, message)) = check_sqs(sqs)
+            && let Err((field, message)) = sqs.check()
         {
-            return bad(&path, message);
+            return bad(&format!("queue.{field}"), message);
         }
         // SQS refuses such a name on every call: a worker would retry it forever.
+        // (A prefix no name can fix was refused by `check` above.)
         #[cfg(feature = "sqs")]
         if let QueueConfig::Sqs(sqs) = &self.queue {
             for (path, name) in self.task_queues_used() {
                 if let Err(message) = sqs.check_queue_name(name) {
-                    // A prefix that no name can fix is named as the culprit.
-                    let path = if sqs.prefix_is_valid() {
-                        path
-                    } else {
-                        "queue.queue_prefix"
-                    };
                     return bad(path, message);
                 }
             }
@@ -712,68 +707,6 @@ impl Config {
         toml::to_string_pretty(&value)
             .unwrap_or_else(|e| format!("# cannot show the configuration: {e}\n"))
     }
-}
-
-/// The first SQS setting the SDK or SQS would refuse: its key and what is wrong.
-#[cfg(feature = "sqs")]
-fn check_sqs(sqs: &SqsSettings) -> Result<(), (String, String)> {
-    // The SDK takes any string and fails every request later.
-    if let Some(url) = &sqs.endpoint_url
-        && !is_http_url(url)
-    {
-        return Err((
-            "queue.endpoint_url".into(),
-            format!("{url:?} is not an http(s) URL like http://127.0.0.1:4566"),
-        ));
-    }
-    // `SqsQueue::connect` refuses it.
-    if sqs.max_receives == 0 {
-        return Err((
-            "queue.max_receives".into(),
-            "must be at least 1 with SQS (receives before a message goes to the dead-letter queue)"
-                .into(),
-        ));
-    }
-    // The SDK builds no request with such a region (not even to look a queue up).
-    if let Some(region) = &sqs.region
-        && !is_region(region)
-    {
-        return Err((
-            "queue.region".into(),
-            format!(
-                "{region:?} is not an AWS region like eu-west-1 (leave it unset for AWS_REGION or the profile's region)"
-            ),
-        ));
-    }
-    // The same for a queue's explicit URL.
-    if let Some((name, url)) = sqs.queue_urls.iter().find(|(_, u)| !is_http_url(u)) {
-        return Err((
-            format!("queue.queue_urls.{name}"),
-            format!(
-                "{url:?} is not an http(s) URL like https://sqs.eu-west-1.amazonaws.com/123456789012/marathon-{name}"
-            ),
-        ));
-    }
-    Ok(())
-}
-
-/// Whether `url` is an absolute `http://` or `https://` URL with a host.
-#[cfg(feature = "sqs")]
-fn is_http_url(url: &str) -> bool {
-    url.parse::<axum::http::Uri>().is_ok_and(|u| {
-        matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some_and(|h| !h.is_empty())
-    })
-}
-
-/// Whether `region` can name an AWS region: a host label (letters, digits and `-`,
-/// not first; at most 63), as the SDK requires to build a request.
-#[cfg(feature = "sqs")]
-fn is_region(region: &str) -> bool {
-    (1..=63).contains(&region.len())
-        && !region.starts_with('-')
-        && region
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
 /// Masks the credentials of every URL in `v`, however deep (`store.cluster_nodes` is a
@@ -1505,6 +1438,33 @@ mod tests {
             "https://sqs.eu-west-1.amazonaws.com",
         )]))
         .expect("an https endpoint");
+    }
+
+    /// A `queue.wait_time_ms` outside SQS's long polls of 1 to 20 s stops start-up
+    /// (it used to be clamped silently), and so does a `queue.queue_prefix` too long
+    /// to leave room for a queue name, whichever queues are used.
+    #[cfg(feature = "sqs")]
+    #[test]
+    fn sqs_settings_sqs_cannot_take_are_refused_not_clamped() {
+        for bad in ["0", "999", "20001"] {
+            let e = Config::load(&sqs_flags(&[("queue.wait_time_ms", bad)]))
+                .expect_err(&format!("wait_time_ms {bad}"));
+            assert_eq!(invalid_path(&e), "queue.wait_time_ms", "{e}");
+        }
+        for good in ["1000", "20000"] {
+            Config::load(&sqs_flags(&[("queue.wait_time_ms", good)]))
+                .expect("a long poll SQS takes");
+        }
+        let prefix = "p".repeat(80);
+        let e = Config::load(&sqs_flags(&[
+            ("queue.queue_prefix", &prefix),
+            (
+                "queue.queue_urls.default",
+                "https://sqs.eu-west-1.amazonaws.com/123456789012/marathon-default",
+            ),
+        ]))
+        .expect_err("a prefix without room for a name");
+        assert_eq!(invalid_path(&e), "queue.queue_prefix", "{e}");
     }
 
     #[test]

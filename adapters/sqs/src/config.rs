@@ -58,6 +58,11 @@ impl Default for SqsQueueConfig {
 
 /// Longest SQS queue name.
 const MAX_SQS_NAME: usize = 80;
+/// Shortest long poll `wait_time` may ask for: SQS counts whole seconds, and 0 s
+/// would return at once on an empty queue (a receive loop that spins).
+pub(crate) const MIN_WAIT: Duration = Duration::from_secs(1);
+/// Longest long poll SQS allows.
+pub(crate) const MAX_WAIT: Duration = Duration::from_secs(20);
 
 /// Whether `s` holds only characters SQS allows in a queue name.
 fn sqs_name_chars(s: &str) -> bool {
@@ -65,12 +70,145 @@ fn sqs_name_chars(s: &str) -> bool {
         .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
 }
 
+/// Whether `url` is an absolute `http://` or `https://` URL with a host. What the
+/// `url` crate would mend is refused: blanks and control characters (stripped or
+/// skipped), backslashes (read as `/`) and extra slashes before the host
+/// (`http:///h` reads as `http://h/`).
+fn is_http_url(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https")
+        && !rest.starts_with('/')
+        && !url
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || c == '\\')
+        && url::Url::parse(url).is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()))
+}
+
+/// Whether `region` can name an AWS region: a host label (letters, digits and `-`,
+/// not first; at most 63), as the SDK requires to build a request.
+fn is_region(region: &str) -> bool {
+    (1..=63).contains(&region.len())
+        && !region.starts_with('-')
+        && region
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-')
+}
+
+/// A setting [`SqsQueueConfig::check`] refuses, as [`crate::SqsQueue`]'s constructors
+/// report it (inside [`marathon_core::QueueError::Backend`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid SQS queue configuration: `{field}`: {message}")]
+pub struct SqsConfigError {
+    /// The setting's key within the queue's configuration (`[queue]` of the
+    /// server), e.g. `endpoint_url`, `wait_time_ms` or `queue_urls.<name>`.
+    pub field: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
 impl SqsQueueConfig {
-    /// Whether `queue_prefix` holds only characters SQS allows in a queue name (else
-    /// no queue named through it can exist).
-    #[must_use]
-    pub fn prefix_is_valid(&self) -> bool {
-        sqs_name_chars(&self.queue_prefix)
+    /// Checks what SQS or the SDK would refuse on every request, or what could not
+    /// work at all: an `endpoint_url` or `queue_urls` entry that is not an `http(s)://`
+    /// URL, `max_receives` of 0, a `region` that cannot be one, a `queue_prefix`
+    /// with characters SQS refuses in a queue name or too long to leave room for
+    /// one, and a `wait_time` outside SQS's long polls of 1 to 20 s. Names of
+    /// particular queues are [`Self::check_queue_name`]'s. No I/O.
+    ///
+    /// # Errors
+    /// The first bad setting: its key (as in the configuration file, relative to
+    /// the queue's section) and what is wrong.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        // The SDK takes any string and fails every request later.
+        if let Some(url) = &self.endpoint_url
+            && !is_http_url(url)
+        {
+            return Err((
+                "endpoint_url".into(),
+                format!("{url:?} is not an http(s) URL like http://127.0.0.1:4566"),
+            ));
+        }
+        if self.max_receives == 0 {
+            return Err((
+                "max_receives".into(),
+                "must be at least 1 with SQS (receives before a message goes to the dead-letter queue)"
+                    .into(),
+            ));
+        }
+        // The SDK builds no request with such a region (not even to look a queue up).
+        if let Some(region) = &self.region
+            && !is_region(region)
+        {
+            return Err((
+                "region".into(),
+                format!(
+                    "{region:?} is not an AWS region like eu-west-1 (leave it unset for AWS_REGION or the profile's region)"
+                ),
+            ));
+        }
+        // The same for a queue's explicit URL.
+        if let Some((name, url)) = self.queue_urls.iter().find(|(_, u)| !is_http_url(u)) {
+            return Err((
+                format!("queue_urls.{name}"),
+                format!(
+                    "{url:?} is not an http(s) URL like https://sqs.eu-west-1.amazonaws.com/123456789012/marathon-{name}"
+                ),
+            ));
+        }
+        self.check_queue_prefix()
+            .map_err(|m| ("queue_prefix".to_string(), m))?;
+        // Each poll would return at once on an empty queue (the old code raised it to
+        // 1 s unasked), or SQS refuses it (the old code lowered it to 20 s).
+        if !(MIN_WAIT..=MAX_WAIT).contains(&self.wait_time) {
+            return Err((
+                "wait_time_ms".into(),
+                format!(
+                    "{} ms is not a long poll SQS takes: from {} to {} ms",
+                    self.wait_time.as_millis(),
+                    MIN_WAIT.as_millis(),
+                    MAX_WAIT.as_millis()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks that `queue_prefix` can begin an SQS queue name: only characters SQS
+    /// allows, and short enough that `<queue_prefix><name>` with the suffixes this
+    /// configuration adds (`-dlq` with `create_if_missing`, `.fifo` with `fifo`) fits
+    /// 80 characters for a name of at least one.
+    fn check_queue_prefix(&self) -> Result<(), String> {
+        let prefix = &self.queue_prefix;
+        if !sqs_name_chars(prefix) {
+            return Err(format!(
+                "{prefix:?} may hold only letters, digits, '-' and '_', as SQS queue names do"
+            ));
+        }
+        let suffixes = self.suffixes();
+        let shortest = prefix.len() + 1 + suffixes.iter().map(|s| s.len()).sum::<usize>();
+        if shortest > MAX_SQS_NAME {
+            return Err(format!(
+                "{prefix:?} is {} characters: even a one-character queue name{} would make an SQS name of {shortest}, SQS allows {MAX_SQS_NAME}",
+                prefix.len(),
+                with(&suffixes)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The suffixes the longest SQS name this configuration builds has after
+    /// `<queue_prefix><name>`: the dead-letter queue's `-dlq` when this crate creates
+    /// it, then `.fifo` on FIFO queues.
+    fn suffixes(&self) -> Vec<&'static str> {
+        let mut suffixes = Vec::new();
+        if self.create_if_missing {
+            suffixes.push("-dlq");
+        }
+        if self.fifo {
+            suffixes.push(".fifo");
+        }
+        suffixes
     }
 
     /// Checks that logical queue `name` maps to SQS names SQS accepts: unless
@@ -92,25 +230,24 @@ impl SqsQueueConfig {
                 "SQS queue name {base:?} (queue_prefix + queue {name:?}) may hold only letters, digits, '-' and '_'"
             ));
         }
-        let mut suffixes = Vec::new();
-        if self.create_if_missing {
-            suffixes.push("-dlq");
-        }
-        if self.fifo {
-            suffixes.push(".fifo");
-        }
+        let suffixes = self.suffixes();
         let longest = base.len() + suffixes.iter().map(|s| s.len()).sum::<usize>();
         if longest > MAX_SQS_NAME {
-            let with = if suffixes.is_empty() {
-                String::new()
-            } else {
-                format!(" with {}", suffixes.join(" and "))
-            };
             return Err(format!(
-                "SQS queue name {base:?} is too long: {longest} characters{with}, SQS allows {MAX_SQS_NAME}"
+                "SQS queue name {base:?} is too long: {longest} characters{}, SQS allows {MAX_SQS_NAME}",
+                with(&suffixes)
             ));
         }
         Ok(())
+    }
+}
+
+/// `" with -dlq and .fifo"`, or nothing without suffixes.
+fn with(suffixes: &[&str]) -> String {
+    if suffixes.is_empty() {
+        String::new()
+    } else {
+        format!(" with {}", suffixes.join(" and "))
     }
 }
 
@@ -129,6 +266,176 @@ mod tests {
         assert_eq!(cfg.max_receives, 5);
         assert_eq!(cfg.batch_window, Duration::from_millis(5));
         assert!(serde_json::from_str::<SqsQueueConfig>(r#"{"queue_prefx":"p-"}"#).is_err());
+    }
+
+    /// The key `check` names for `cfg`, or `Ok`.
+    fn field(cfg: SqsQueueConfig) -> Result<(), String> {
+        cfg.check().map_err(|e| e.0)
+    }
+
+    #[test]
+    fn the_default_config_passes_check() {
+        assert_eq!(SqsQueueConfig::default().check(), Ok(()));
+    }
+
+    #[test]
+    fn an_endpoint_that_is_not_an_http_url_is_refused() {
+        for bad in [
+            "notaurl",
+            "127.0.0.1:4566",
+            "ftp://h:1",
+            "http://",
+            "http:///path",
+            "HTTP://h:1",
+            " http://h:1",
+            "http://h :1",
+            "http://h:1\n",
+            "http://\\\\h:1",
+            "http://h:99999",
+        ] {
+            let cfg = SqsQueueConfig {
+                endpoint_url: Some(bad.into()),
+                ..SqsQueueConfig::default()
+            };
+            assert_eq!(field(cfg), Err("endpoint_url".into()), "{bad:?}");
+        }
+        for good in [
+            "http://127.0.0.1:4566",
+            "https://sqs.eu-west-1.amazonaws.com",
+            "http://[::1]:4566/",
+            "http://localhost.localstack.cloud:4566",
+        ] {
+            let cfg = SqsQueueConfig {
+                endpoint_url: Some(good.into()),
+                ..SqsQueueConfig::default()
+            };
+            assert_eq!(field(cfg), Ok(()), "{good:?}");
+        }
+        let e = SqsQueueConfig {
+            endpoint_url: Some("notaurl".into()),
+            ..SqsQueueConfig::default()
+        }
+        .check()
+        .expect_err("no URL");
+        assert!(e.1.contains("http(s) URL"), "{}", e.1);
+    }
+
+    #[test]
+    fn max_receives_of_zero_is_refused() {
+        let cfg = SqsQueueConfig {
+            max_receives: 0,
+            ..SqsQueueConfig::default()
+        };
+        assert_eq!(field(cfg), Err("max_receives".into()));
+        let cfg = SqsQueueConfig {
+            max_receives: 1,
+            ..SqsQueueConfig::default()
+        };
+        assert_eq!(field(cfg), Ok(()));
+    }
+
+    #[test]
+    fn a_region_that_cannot_be_one_is_refused() {
+        for bad in ["", " ", "eu west 1", "-eu", "eu_west_1", &"a".repeat(64)] {
+            let cfg = SqsQueueConfig {
+                region: Some(bad.into()),
+                ..SqsQueueConfig::default()
+            };
+            assert_eq!(field(cfg), Err("region".into()), "{bad:?}");
+        }
+        for good in ["eu-west-1", "us-gov-west-1", &"a".repeat(63)] {
+            let cfg = SqsQueueConfig {
+                region: Some(good.into()),
+                ..SqsQueueConfig::default()
+            };
+            assert_eq!(field(cfg), Ok(()), "{good:?}");
+        }
+    }
+
+    #[test]
+    fn a_queue_url_that_is_not_an_http_url_is_refused_by_its_name() {
+        let cfg = SqsQueueConfig {
+            queue_urls: [
+                (
+                    "a".to_string(),
+                    "https://sqs.eu-west-1.amazonaws.com/1/a".to_string(),
+                ),
+                ("llm".to_string(), "marathon-llm".to_string()),
+            ]
+            .into(),
+            ..SqsQueueConfig::default()
+        };
+        assert_eq!(field(cfg), Err("queue_urls.llm".into()));
+        let cfg = SqsQueueConfig {
+            queue_urls: [(
+                "a".to_string(),
+                "http://127.0.0.1:4566/queue/us-east-1/000000000000/a".to_string(),
+            )]
+            .into(),
+            ..SqsQueueConfig::default()
+        };
+        assert_eq!(field(cfg), Ok(()));
+    }
+
+    /// A prefix SQS refuses in every name, or one that leaves no room for a name
+    /// with the suffixes the configuration adds, is refused whatever queues are used.
+    #[test]
+    fn a_prefix_that_can_begin_no_sqs_name_is_refused() {
+        for bad in ["dev:", "a.b", "ä-", "p q"] {
+            let cfg = SqsQueueConfig {
+                queue_prefix: bad.into(),
+                ..SqsQueueConfig::default()
+            };
+            let e = cfg.check().expect_err(bad);
+            assert_eq!(e.0, "queue_prefix", "{bad:?}");
+            assert!(e.1.contains("letters, digits"), "{}", e.1);
+        }
+        for good in ["", "marathon-", "Prod_2-"] {
+            let cfg = SqsQueueConfig {
+                queue_prefix: good.into(),
+                ..SqsQueueConfig::default()
+            };
+            assert_eq!(field(cfg), Ok(()), "{good:?}");
+        }
+        // 79 characters leave one for a name of an existing standard queue, not more.
+        let fits = |prefix_len: usize, create_if_missing: bool, fifo: bool| {
+            field(SqsQueueConfig {
+                queue_prefix: "p".repeat(prefix_len),
+                create_if_missing,
+                fifo,
+                ..SqsQueueConfig::default()
+            })
+        };
+        assert_eq!(fits(79, false, false), Ok(()));
+        assert_eq!(fits(80, false, false), Err("queue_prefix".into()));
+        // `<prefix><name>-dlq.fifo`: 80 - 1 - 4 - 5 = 70.
+        assert_eq!(fits(70, true, true), Ok(()));
+        assert_eq!(fits(71, true, true), Err("queue_prefix".into()));
+        assert_eq!(fits(75, true, false), Ok(()));
+        assert_eq!(fits(76, true, false), Err("queue_prefix".into()));
+        assert_eq!(fits(74, false, true), Ok(()));
+        assert_eq!(fits(75, false, true), Err("queue_prefix".into()));
+    }
+
+    /// `wait_time` outside SQS's long polls of 1 to 20 s is refused, not clamped.
+    #[test]
+    fn a_wait_time_outside_one_to_twenty_seconds_is_refused() {
+        for ms in [0, 999, 20_001, 60_000, u64::MAX] {
+            let cfg = SqsQueueConfig {
+                wait_time: Duration::from_millis(ms),
+                ..SqsQueueConfig::default()
+            };
+            let e = cfg.check().expect_err(&ms.to_string());
+            assert_eq!(e.0, "wait_time_ms", "{ms}");
+            assert!(e.1.contains("from 1000 to 20000 ms"), "{}", e.1);
+        }
+        for ms in [1000, 1500, 20_000] {
+            let cfg = SqsQueueConfig {
+                wait_time: Duration::from_millis(ms),
+                ..SqsQueueConfig::default()
+            };
+            assert_eq!(field(cfg), Ok(()), "{ms}");
+        }
     }
 
     #[test]

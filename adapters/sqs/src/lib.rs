@@ -8,5 +8,5 @@ mod queue;
 #[cfg(any(test, feature = "testkit"))]
 pub mod testkit;
 
-pub use config::SqsQueueConfig;
+pub use config::{SqsConfigError, SqsQueueConfig};
 pub use queue::SqsQueue;

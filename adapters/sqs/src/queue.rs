@@ -17,7 +17,7 @@ use parking_lot::{Mutex, RwLock};
 use tokio::time::Instant;
 
 use crate::batch::{Batcher, Failure, FlushFn};
-use crate::config::SqsQueueConfig;
+use crate::config::{MAX_WAIT, SqsConfigError, SqsQueueConfig};
 use crate::error::{SqsError, classify, classify_entry, is_missing_queue};
 use crate::message::{
     self, Encoded, MAX_NATIVE_DELAY, MAX_VISIBILITY, decode, due_in, encode, secs_i32,
@@ -25,8 +25,6 @@ use crate::message::{
 
 /// Most entries SQS takes in one batch request, and most messages one receive returns.
 const MAX_BATCH: usize = crate::batch::MAX_BATCH;
-/// Longest long poll SQS allows.
-const MAX_WAIT: Duration = Duration::from_secs(20);
 /// Longest `MessageGroupId` SQS accepts.
 const MAX_GROUP_ID: usize = 128;
 /// Batch requests one `enqueue` or `ack` keeps in flight at once.
@@ -75,7 +73,8 @@ impl SqsQueue {
     /// with `cfg`'s region and endpoint overrides. Sends no request.
     ///
     /// # Errors
-    /// [`QueueError::Backend`] if `cfg` is invalid (`max_receives` of 0).
+    /// [`QueueError::Backend`] holding an [`SqsConfigError`] naming the setting
+    /// when [`SqsQueueConfig::check`] refuses `cfg`.
     pub async fn connect(cfg: SqsQueueConfig) -> Result<Self, QueueError> {
         Self::connect_with(cfg, aws_config::defaults(BehaviorVersion::latest())).await
     }
@@ -84,11 +83,14 @@ impl SqsQueue {
     /// credentials for LocalStack); `cfg`'s region and endpoint still override it.
     ///
     /// # Errors
-    /// [`QueueError::Backend`] if `cfg` is invalid (`max_receives` of 0).
+    /// [`QueueError::Backend`] holding an [`SqsConfigError`] naming the setting
+    /// when [`SqsQueueConfig::check`] refuses `cfg`.
     pub async fn connect_with(
         cfg: SqsQueueConfig,
         mut loader: ConfigLoader,
     ) -> Result<Self, QueueError> {
+        // Before the SDK sees the region and endpoint.
+        check(&cfg)?;
         if let Some(region) = &cfg.region {
             loader = loader.region(Region::new(region.clone()));
         }
@@ -102,16 +104,10 @@ impl SqsQueue {
     /// Wraps an existing SDK client; `cfg`'s region and endpoint are not applied.
     ///
     /// # Errors
-    /// [`QueueError::Backend`] if `cfg` is invalid (`max_receives` of 0).
-    pub fn from_client(mut cfg: SqsQueueConfig, client: Client) -> Result<Self, QueueError> {
-        if cfg.max_receives == 0 {
-            return Err(QueueError::Backend(Box::new(SqsError::new(
-                "connect",
-                "max_receives must be at least 1",
-            ))));
-        }
-        // A long poll of 0 s would spin; SQS allows at most 20 s.
-        cfg.wait_time = cfg.wait_time.clamp(Duration::from_secs(1), MAX_WAIT);
+    /// [`QueueError::Backend`] holding an [`SqsConfigError`] naming the setting
+    /// when [`SqsQueueConfig::check`] refuses `cfg`.
+    pub fn from_client(cfg: SqsQueueConfig, client: Client) -> Result<Self, QueueError> {
+        check(&cfg)?;
         // The SDK sets no read or operation timeout: a request on a connection that
         // never answers (black-holed path, half-open pooled connection) waits forever,
         // hanging a receive loop, an enqueue inside a task, or a shutdown's nacks.
@@ -167,7 +163,7 @@ impl SqsQueue {
         &self.client
     }
 
-    /// The configuration in force (`wait_time` clamped to 1..=20 s).
+    /// The configuration in force, as given (and checked).
     #[must_use]
     pub fn config(&self) -> &SqsQueueConfig {
         &self.cfg
@@ -1229,6 +1225,13 @@ impl Queue for SqsQueue {
     }
 }
 
+/// Runs [`SqsQueueConfig::check`], its refusal as a [`QueueError::Backend`].
+fn check(cfg: &SqsQueueConfig) -> Result<(), QueueError> {
+    cfg.check().map_err(|(field, message)| {
+        QueueError::Backend(Box::new(SqsConfigError { field, message }))
+    })
+}
+
 /// Size of a copied entry as SQS counts it (body and attributes).
 fn entry_size(e: &SendMessageBatchRequestEntry) -> usize {
     e.message_body.len()
@@ -1262,6 +1265,64 @@ mod tests {
     use super::*;
     use crate::testkit;
     use marathon_core::WorkflowId;
+
+    /// A client built offline: `from_client` sends nothing, so no SQS is needed.
+    fn offline_client() -> Client {
+        Client::from_conf(
+            aws_sdk_sqs::Config::builder()
+                .behavior_version(BehaviorVersion::latest())
+                .region(Region::new("us-east-1"))
+                .build(),
+        )
+    }
+
+    /// `from_client` refuses what `check` refuses, naming the setting in a typed
+    /// error; it used to take a `wait_time` of 0 or a prefix SQS refuses (and
+    /// clamp the first unasked).
+    #[test]
+    fn from_client_refuses_a_config_check_refuses() {
+        for (cfg, field) in [
+            (
+                SqsQueueConfig {
+                    wait_time: Duration::ZERO,
+                    ..SqsQueueConfig::default()
+                },
+                "wait_time_ms",
+            ),
+            (
+                SqsQueueConfig {
+                    wait_time: Duration::from_secs(60),
+                    ..SqsQueueConfig::default()
+                },
+                "wait_time_ms",
+            ),
+            (
+                SqsQueueConfig {
+                    queue_prefix: "dev:".into(),
+                    ..SqsQueueConfig::default()
+                },
+                "queue_prefix",
+            ),
+            (
+                SqsQueueConfig {
+                    max_receives: 0,
+                    ..SqsQueueConfig::default()
+                },
+                "max_receives",
+            ),
+        ] {
+            let Err(QueueError::Backend(e)) = SqsQueue::from_client(cfg, offline_client()) else {
+                panic!("{field}: accepted");
+            };
+            let e = e
+                .downcast_ref::<SqsConfigError>()
+                .unwrap_or_else(|| panic!("{field}: not an SqsConfigError: {e}"));
+            assert_eq!(e.field, field);
+        }
+        let q = SqsQueue::from_client(SqsQueueConfig::default(), offline_client())
+            .expect("the default config");
+        assert_eq!(q.config(), &SqsQueueConfig::default());
+    }
 
     async fn fresh() -> SqsQueue {
         let mut q = testkit::connect(testkit::config(2, false)).await;
