@@ -86,6 +86,16 @@ fn is_http_url(url: &str) -> bool {
         && url::Url::parse(url).is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()))
 }
 
+/// Whether queue URL `url` names a FIFO queue: its last path segment, the queue's
+/// name, ends in `.fifo`.
+fn names_fifo_queue(url: &str) -> bool {
+    url::Url::parse(url).is_ok_and(|u| {
+        u.path_segments()
+            .and_then(|mut segments| segments.rfind(|s| !s.is_empty()))
+            .is_some_and(|name| name.ends_with(".fifo"))
+    })
+}
+
 /// Whether `region` can name an AWS region: a host label (letters, digits and `-`,
 /// not first; at most 63), as the SDK requires to build a request.
 fn is_region(region: &str) -> bool {
@@ -111,7 +121,8 @@ pub struct SqsConfigError {
 impl SqsQueueConfig {
     /// Checks what SQS or the SDK would refuse on every request, or what could not
     /// work at all: an `endpoint_url` or `queue_urls` entry that is not an `http(s)://`
-    /// URL, `max_receives` of 0, a `region` that cannot be one, a `queue_prefix`
+    /// URL, a `queue_urls` entry whose queue type (`.fifo` or not) differs from
+    /// `fifo`, `max_receives` of 0, a `region` that cannot be one, a `queue_prefix`
     /// with characters SQS refuses in a queue name or too long to leave room for
     /// one, and a `wait_time` outside SQS's long polls of 1 to 20 s. Names of
     /// particular queues are [`Self::check_queue_name`]'s. No I/O.
@@ -155,6 +166,25 @@ impl SqsQueueConfig {
                     "{url:?} is not an http(s) URL like https://sqs.eu-west-1.amazonaws.com/123456789012/marathon-{name}"
                 ),
             ));
+        }
+        // SQS refuses every send to it: a FIFO queue wants a message group id, a
+        // standard queue refuses one. A FIFO queue's name (the URL's last segment)
+        // ends in `.fifo`, a standard queue's cannot.
+        if let Some((name, url)) = self
+            .queue_urls
+            .iter()
+            .find(|(_, u)| names_fifo_queue(u) != self.fifo)
+        {
+            let message = if self.fifo {
+                format!(
+                    "{url:?} names a standard queue (no .fifo suffix) while fifo = true: SQS would refuse every send to it; give its FIFO queue's URL or set fifo = false"
+                )
+            } else {
+                format!(
+                    "{url:?} names a FIFO queue (.fifo) while fifo = false: SQS would refuse every send to it; give a standard queue's URL or set fifo = true"
+                )
+            };
+            return Err((format!("queue_urls.{name}"), message));
         }
         self.check_queue_prefix()
             .map_err(|m| ("queue_prefix".to_string(), m))?;
@@ -375,6 +405,26 @@ mod tests {
             ..SqsQueueConfig::default()
         };
         assert_eq!(field(cfg), Ok(()));
+    }
+
+    /// SQS refuses every send to a queue whose type differs from `fifo` (a message
+    /// group id to a standard queue, none to a FIFO queue): such a URL is refused.
+    #[test]
+    fn a_queue_url_of_the_other_queue_type_is_refused_by_its_name() {
+        let standard = "http://127.0.0.1:4566/queue/us-east-1/000000000000/mt-q".to_string();
+        let fifo = "https://sqs.eu-west-1.amazonaws.com/123456789012/mt-q.fifo".to_string();
+        let cfg = |fifo_queues: bool, url: &str| SqsQueueConfig {
+            fifo: fifo_queues,
+            queue_urls: [("jobs".to_string(), url.to_string())].into(),
+            ..SqsQueueConfig::default()
+        };
+        assert_eq!(field(cfg(false, &standard)), Ok(()));
+        assert_eq!(field(cfg(true, &fifo)), Ok(()));
+        assert_eq!(field(cfg(true, &format!("{fifo}/"))), Ok(()));
+        assert_eq!(field(cfg(true, &standard)), Err("queue_urls.jobs".into()));
+        assert_eq!(field(cfg(false, &fifo)), Err("queue_urls.jobs".into()));
+        let e = cfg(true, &standard).check().expect_err("standard queue");
+        assert!(e.1.contains("fifo = true"), "{}", e.1);
     }
 
     /// A prefix SQS refuses in every name, or one that leaves no room for a name
