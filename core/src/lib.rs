@@ -26,4 +26,4 @@ pub use store::{
     AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, LIST_PAGE_BYTES, ListBudget,
     ListPage, ListQuery, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Store, StoreError,
 };
-pub use worker::{QueueSpec, ShutdownReport, Worker, WorkerConfig};
+pub use worker::{MIN_WORKER_INTERVAL, QueueSpec, ShutdownReport, Worker, WorkerConfig};

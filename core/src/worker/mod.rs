@@ -45,6 +45,10 @@ impl QueueSpec {
     }
 }
 
+/// The shortest `poll_wait`, `visibility`, `sweep_interval` and
+/// `dead_letter_interval` a [`Worker`] uses; shorter ones are taken as it.
+pub const MIN_WORKER_INTERVAL: Duration = Duration::from_millis(1);
+
 /// Tunables of a worker; every field has a documented default.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -126,8 +130,22 @@ pub struct Worker {
 
 impl Worker {
     /// Starts receiving and sweeping on the current tokio runtime.
+    ///
+    /// `poll_wait`, `visibility`, `sweep_interval` and `dead_letter_interval` below
+    /// [`MIN_WORKER_INTERVAL`] are taken as it, as a concurrency, `receivers` or
+    /// `sweep_batch` of 0 is taken as 1: a zero `poll_wait` would spin the receive
+    /// loop on an empty in-memory queue, and the other loops would be paced only by
+    /// the timer's resolution.
     #[must_use]
-    pub fn start(engine: Engine, config: WorkerConfig) -> Worker {
+    pub fn start(engine: Engine, mut config: WorkerConfig) -> Worker {
+        for interval in [
+            &mut config.poll_wait,
+            &mut config.visibility,
+            &mut config.sweep_interval,
+            &mut config.dead_letter_interval,
+        ] {
+            *interval = (*interval).max(MIN_WORKER_INTERVAL);
+        }
         let stop = CancellationToken::new();
         let hard_stop = CancellationToken::new();
         let tracker = TaskTracker::new();
