@@ -1144,6 +1144,73 @@ async fn unknown_query_parameters_are_a_400() {
     }
 }
 
+/// Routes without query parameters refuse any, as docs/API.md says of every route
+/// but the SSE stream. They ignored them: a client that put its idempotency key in the
+/// query (`POST /v1/workflows?idempotency_key=k`, or on a signal) got a 202 each time
+/// and a second workflow (or signal) on its retry, and `GET /v1/workflows/{id}?wait=30s`
+/// answered at once as if it had waited.
+#[tokio::test]
+async fn query_parameters_on_routes_that_take_none_are_a_400() {
+    let app = app().await;
+    let start = json!({"name": "sleep-then-echo", "id": "q-run", "input": {"ms": 600000}});
+    let r = call(&app, "POST", "/v1/workflows", Some(start)).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    for _ in 0..2 {
+        call(
+            &app,
+            "POST",
+            "/v1/workflows?idempotency_key=order-1",
+            Some(json!({"name": "echo", "input": 1})),
+        )
+        .await
+        .error(StatusCode::BAD_REQUEST, "invalid_argument");
+        call(
+            &app,
+            "POST",
+            "/v1/workflows/q-run/signals/go?idempotency_key=s-1",
+            Some(json!(1)),
+        )
+        .await
+        .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    }
+    for (method, uri) in [
+        ("GET", "/v1/workflows/q-run?wait=30s"),
+        ("POST", "/v1/workflows/q-run/cancel?reason=done"),
+        ("GET", "/v1/registry?verbose=1"),
+    ] {
+        call(&app, method, uri, None)
+            .await
+            .error(StatusCode::BAD_REQUEST, "invalid_argument");
+    }
+    // Nothing was started, signaled or canceled.
+    let list = call(&app, "GET", "/v1/workflows", None).await.json();
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(1), "{list}");
+    let run = call(&app, "GET", "/v1/workflows/q-run", None).await.json();
+    assert_eq!(run["cancel_requested"], false, "{run}");
+    let events = call(&app, "GET", "/v1/workflows/q-run/events", None)
+        .await
+        .json();
+    let types: Vec<&str> = events["events"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["type"].as_str())
+        .collect();
+    assert!(!types.contains(&"signal_received"), "{types:?}");
+    // An empty query is no parameter; probes, metrics and the document ignore theirs.
+    let r = call(&app, "GET", "/v1/workflows/q-run?", None).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text);
+    for uri in [
+        "/healthz?x=1",
+        "/readyz?x=1",
+        "/metrics?x=1",
+        "/openapi.json?x=1",
+    ] {
+        let r = call(&app, "GET", uri, None).await;
+        assert_eq!(r.status, StatusCode::OK, "{uri}: {}", r.text);
+    }
+}
+
 /// POST /v1/workflows answers 415 without `Content-Type: application/json` (docs/API.md
 /// says so) but /openapi.json did not list it.
 #[tokio::test]

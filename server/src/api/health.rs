@@ -1,14 +1,15 @@
 //! Probes, metrics, the registry and the OpenAPI document.
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use serde::Serialize;
 use std::time::Duration;
 use utoipa::{OpenApi, ToSchema};
 
-use super::AppState;
+use super::{ApiError, AppState, NoParams, no_params};
 
 /// How long `/readyz` waits for each backend.
 const PING_TIMEOUT: Duration = Duration::from_secs(2);
@@ -94,13 +95,20 @@ pub(crate) async fn metrics(State(state): State<AppState>) -> impl IntoResponse 
 
 /// Workflow and activity names known to this server.
 #[utoipa::path(get, path = "/v1/registry", tag = "registry",
-    responses((status = 200, description = "The registry", body = RegistryResponse)))]
-pub(crate) async fn registry(State(st): State<AppState>) -> Json<RegistryResponse> {
+    responses(
+        (status = 200, description = "The registry", body = RegistryResponse),
+        (status = 400, description = "A query parameter (this route takes none)", body = super::error::ErrorBody),
+    ))]
+pub(crate) async fn registry(
+    State(st): State<AppState>,
+    query: Result<Query<NoParams>, QueryRejection>,
+) -> Result<Json<RegistryResponse>, ApiError> {
+    no_params(query)?;
     let r = st.engine.registry();
-    Json(RegistryResponse {
+    Ok(Json(RegistryResponse {
         workflows: r.workflow_names().map(str::to_string).collect(),
         activities: r.activity_names().map(str::to_string).collect(),
-    })
+    }))
 }
 
 /// This OpenAPI document.

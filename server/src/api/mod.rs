@@ -33,6 +33,25 @@ pub(crate) struct AppState {
     pub(crate) shutdown: CancellationToken,
 }
 
+/// The query of a `/v1` route that takes no parameters: any parameter is a 400, as on
+/// the routes that take some, so that a misplaced one (`?idempotency_key=` on a start
+/// or a signal, `?wait=` on a summary) is not dropped silently.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct NoParams {}
+
+/// Refuses any query parameter (an empty query is none); see [`NoParams`].
+pub(crate) fn no_params(
+    query: Result<axum::extract::Query<NoParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<(), ApiError> {
+    query.map(|_| ()).map_err(|r| {
+        ApiError::invalid(format!(
+            "{}; this route takes no query parameters",
+            r.body_text()
+        ))
+    })
+}
+
 /// Who may call a route.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Access {

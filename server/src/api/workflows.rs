@@ -17,9 +17,9 @@ use std::convert::Infallible;
 use std::time::Duration;
 use utoipa::{IntoParams, ToSchema};
 
-use super::AppState;
 use super::docs::{EventDoc, WorkflowSummaryDoc};
 use super::error::{ApiError, ErrorBody};
+use super::{AppState, NoParams, no_params};
 
 /// Default page size of lists and event pages.
 const DEFAULT_PAGE: usize = 100;
@@ -220,7 +220,7 @@ pub(crate) fn parse_wait(s: &str) -> Result<Duration, ApiError> {
     responses(
         (status = 202, description = "Started", body = StartResponse),
         (status = 200, description = "A repeat (same id or idempotency key): the existing workflow", body = StartResponse),
-        (status = 400, description = "Malformed body, unknown workflow, bad id, input or task queue", body = ErrorBody),
+        (status = 400, description = "Malformed body, unknown workflow, bad id, input or task queue, a query parameter (this route takes none)", body = ErrorBody),
         (status = 409, description = "The id or idempotency key belongs to a workflow with another name or task queue", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "The body is not sent as `Content-Type: application/json`", body = ErrorBody),
@@ -228,9 +228,11 @@ pub(crate) fn parse_wait(s: &str) -> Result<Duration, ApiError> {
 )]
 pub(crate) async fn start(
     State(st): State<AppState>,
+    query: Result<Query<NoParams>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Json<StartRequest>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    no_params(query)?;
     let Json(req) = body?;
     if let Some(check) = st.validators.get(&req.name) {
         check(&req.input, st.engine.registry()).map_err(ApiError::invalid)?;
@@ -273,15 +275,17 @@ pub(crate) async fn start(
     params(("id" = String, Path, description = "Workflow id")),
     responses(
         (status = 200, description = "The summary", body = WorkflowSummaryDoc),
-        (status = 400, description = "Invalid id", body = ErrorBody),
+        (status = 400, description = "Invalid id, a query parameter (this route takes none)", body = ErrorBody),
         (status = 404, description = "No such workflow", body = ErrorBody),
     )
 )]
 pub(crate) async fn get(
     State(st): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<NoParams>, QueryRejection>,
 ) -> Result<Json<WorkflowSummary>, ApiError> {
     let id = workflow_id(path)?;
+    no_params(query)?;
     Ok(Json(st.engine.get(&id).await?))
 }
 
@@ -325,7 +329,7 @@ pub(crate) async fn list(
     request_body(content = Option<CancelRequest>, description = "Optional reason"),
     responses(
         (status = 202, description = "Recorded", body = AcceptedResponse),
-        (status = 400, description = "Bad id or malformed body", body = ErrorBody),
+        (status = 400, description = "Bad id, malformed body, a query parameter (this route takes none)", body = ErrorBody),
         (status = 404, description = "No such workflow", body = ErrorBody),
         (status = 409, description = "The workflow has already finished", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
@@ -334,9 +338,11 @@ pub(crate) async fn list(
 pub(crate) async fn cancel(
     State(st): State<AppState>,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<NoParams>, QueryRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<AcceptedResponse>), ApiError> {
     let id = workflow_id(path)?;
+    no_params(query)?;
     let req: CancelRequest = optional_json(&body?, "invalid cancel body")?.unwrap_or_default();
     st.engine.cancel(&id, req.reason).await?;
     Ok((
@@ -359,7 +365,7 @@ pub(crate) async fn cancel(
     request_body(content = Option<Object>, description = "Payload: any JSON value"),
     responses(
         (status = 202, description = "Recorded (or a repeat)", body = AcceptedResponse),
-        (status = 400, description = "Malformed payload, bad id, name or idempotency key", body = ErrorBody),
+        (status = 400, description = "Malformed payload, bad id, name or idempotency key, a query parameter (this route takes none)", body = ErrorBody),
         (status = 404, description = "No such workflow", body = ErrorBody),
         (status = 409, description = "The workflow has already finished", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
@@ -368,11 +374,13 @@ pub(crate) async fn cancel(
 pub(crate) async fn signal(
     State(st): State<AppState>,
     path: Result<Path<(String, String)>, PathRejection>,
+    query: Result<Query<NoParams>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<(StatusCode, Json<AcceptedResponse>), ApiError> {
     let Path((id, name)) = path?;
     let id = WorkflowId::parse(id)?;
+    no_params(query)?;
     let payload: Value =
         optional_json(&body?, "signal payload is not valid JSON")?.unwrap_or(Value::Null);
     let key = idempotency_key(&headers)?;
