@@ -29,6 +29,16 @@ fn default_sleep_ms() -> u64 {
     1000
 }
 
+impl Default for SleepThenEcho {
+    /// The input of a start without one (`null`): 1000 ms, then `null`.
+    fn default() -> Self {
+        Self {
+            ms: default_sleep_ms(),
+            value: Value::Null,
+        }
+    }
+}
+
 /// Input of the `pipeline` workflow.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -80,7 +90,9 @@ pub fn register(registry: &mut Registry) {
         })
         .workflow(
             "sleep-then-echo",
-            |ctx: WorkflowContext, input: SleepThenEcho| async move {
+            // `null` (a start without an input) takes every default, as `{}` does.
+            |ctx: WorkflowContext, input: Option<SleepThenEcho>| async move {
+                let input = input.unwrap_or_default();
                 ctx.sleep(Duration::from_millis(input.ms)).await?;
                 ctx.activity::<_, Value>("echo", &input.value).await
             },
@@ -161,6 +173,7 @@ mod tests {
             Ok(())
         );
         assert_eq!(r.check_input("sleep-then-echo", &json!({})), Ok(()));
+        assert_eq!(r.check_input("sleep-then-echo", &json!(null)), Ok(()));
         for bad in [json!({"ms": "x"}), json!({"mss": 5}), json!(3)] {
             assert!(r.check_input("sleep-then-echo", &bad).is_err(), "{bad}");
         }

@@ -1118,6 +1118,46 @@ async fn sleep_then_echo_input_is_checked_at_start() {
     }
 }
 
+/// Every field of `sleep-then-echo`'s input has a default (docs/API.md: `ms` 1000,
+/// `value` null), and a start's `input` defaults to null: a start without one runs
+/// with the defaults. It was a 400 ("invalid type: null, expected struct").
+#[tokio::test]
+async fn sleep_then_echo_runs_with_its_defaults_without_an_input() {
+    let app = app().await;
+    for (id, body) in [
+        (
+            "ste-none",
+            json!({"name": "sleep-then-echo", "id": "ste-none"}),
+        ),
+        (
+            "ste-null",
+            json!({"name": "sleep-then-echo", "id": "ste-null", "input": null}),
+        ),
+    ] {
+        let r = call(&app, "POST", "/v1/workflows", Some(body)).await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        let done = finished(&app, id).await;
+        assert_eq!(done["status"], "completed", "{done}");
+        assert_eq!(done["output"], Value::Null, "{done}");
+        let events = call(&app, "GET", &format!("/v1/workflows/{id}/events"), None)
+            .await
+            .json();
+        let timer = events["events"]
+            .as_array()
+            .expect("events")
+            .iter()
+            .find(|e| e["type"] == "timer_started")
+            .cloned()
+            .expect("a timer");
+        let started = events["events"][0]["timestamp"].as_u64().expect("ts");
+        let fire_at = timer["payload"]["fire_at"].as_u64().expect("fire_at");
+        assert!(
+            (1000..2000).contains(&(fire_at - started)),
+            "the default 1000 ms: {timer}"
+        );
+    }
+}
+
 /// A misspelled query parameter is a 400, not silently dropped: `?stauts=running`
 /// listed every workflow (a script that cancels "the running ones" cancels all), and
 /// `?timeout=30s` on /result answered at once instead of long-polling.
