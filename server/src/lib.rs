@@ -279,7 +279,8 @@ impl Server {
     /// Serves on `listener` (and runs workers when the role says so) until `signal`
     /// completes or the shutdown token is cancelled; then stops accepting, ends SSE
     /// streams and long polls, drains in-flight requests within `[server]
-    /// shutdown_grace_ms` and stops workers with [`Worker::shutdown`].
+    /// shutdown_grace_ms` (closing the connections of those still running then) and
+    /// stops workers with [`Worker::shutdown`].
     ///
     /// # Errors
     /// [`ServerError::Io`] when the HTTP server fails.
@@ -350,7 +351,8 @@ impl Server {
 /// open ones to finish their requests. Unlike `axum::serve`, a connection that
 /// does not send a request's headers within `header_timeout` (a stalled client,
 /// an idle keep-alive connection) is closed, so stalled clients cannot pile up
-/// connections and tasks.
+/// connections and tasks. Dropping the future (as [`Server::serve_on`] does when
+/// the shutdown grace runs out) closes every connection still open.
 async fn serve_http(
     listener: TcpListener,
     app: Router,
@@ -362,6 +364,9 @@ async fn serve_http(
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(header_timeout);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // The connections' tasks: dropped with this future, they are aborted, so requests
+    // still running past the shutdown grace are closed rather than left running.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -388,7 +393,9 @@ async fn serve_http(
         let service = hyper_util::service::TowerToHyperService::new(app.clone());
         let conn = http1.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        // Reap the tasks of connections that have closed since the last accept.
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!(error = %e, "connection closed with an error");
             }
