@@ -23,7 +23,8 @@ pub use observe::{
 };
 pub use queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
 pub use store::{
-    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, LIST_PAGE_BYTES, ListBudget,
-    ListPage, ListQuery, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Store, StoreError,
+    AttemptExtend, AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, LIST_PAGE_BYTES,
+    ListBudget, ListPage, ListQuery, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Store,
+    StoreError,
 };
 pub use worker::{MIN_WORKER_INTERVAL, QueueSpec, ShutdownReport, Worker, WorkerConfig};

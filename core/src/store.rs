@@ -274,6 +274,22 @@ pub enum AttemptStart {
     NotOwed,
 }
 
+/// The result of [`Store::extend_attempt`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttemptExtend {
+    /// The deadline moved: the execution that marked the attempt started still holds
+    /// it. Also what a summary read would have said of cancellation, in the same step.
+    Extended {
+        /// Whether the workflow's cancellation has been requested.
+        cancel_requested: bool,
+    },
+    /// The attempt is no longer this execution's: it has an outcome, was given up,
+    /// was marked started anew (another copy, or the queue's redelivery of this one,
+    /// took it over), or the workflow has finished or is gone. Nothing was written;
+    /// the execution should stop (its result would be dropped or run beside another).
+    NotOwed,
+}
+
 /// A filter and page request for [`Store::list`].
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListQuery {
@@ -419,6 +435,27 @@ pub trait Store: Send + Sync + 'static {
         deadline: Timestamp,
         redelivered: bool,
     ) -> Result<AttemptStart, StoreError>;
+
+    /// Moves the deadline of the owed activity attempt `key` of workflow `id` to
+    /// `deadline` (a millisecond later if that is its deadline already, as
+    /// [`Store::start_attempt`] does) while it is still the mark of the execution that
+    /// started it: marked started at `started` by copy `copy`. A worker's durable
+    /// heartbeat: the attempt stays owed to it for as long as it heartbeats, and the
+    /// sweeper finds it overdue soon after it stops.
+    ///
+    /// Atomic with a read of the workflow's `cancel_requested`, returned with
+    /// [`AttemptExtend::Extended`] so that the heartbeat needs no summary read besides.
+    /// A missing workflow or entry, an entry that is not an activity attempt, one not
+    /// marked started or marked by another start (`started` or `copy` differ) is
+    /// [`AttemptExtend::NotOwed`], and nothing is written.
+    async fn extend_attempt(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        copy: u32,
+        started: Timestamp,
+        deadline: Timestamp,
+    ) -> Result<AttemptExtend, StoreError>;
 
     /// Claims up to `limit` owed entries whose deadline is at or before `now`:
     /// each claimed entry's deadline moves to `now + lease`, so that it goes to one

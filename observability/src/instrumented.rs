@@ -7,8 +7,8 @@ use async_trait::async_trait;
 use marathon_core::model::{Event, NewEvent, Seq, Task, Timestamp, WorkflowId, WorkflowSummary};
 use marathon_core::queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
 use marathon_core::store::{
-    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery,
-    NewWorkflow, Owed, OwedChanges, Store, StoreError,
+    AttemptExtend, AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListPage,
+    ListQuery, NewWorkflow, Owed, OwedChanges, Store, StoreError,
 };
 
 use crate::Metrics;
@@ -71,6 +71,7 @@ const STORE_OPS: &[&str] = &[
     "get",
     "list",
     "start_attempt",
+    "extend_attempt",
     "claim_overdue",
     "purge_closed",
     "ping",
@@ -250,6 +251,21 @@ impl<S: Store + ?Sized> Store for InstrumentedStore<S> {
             "start_attempt",
             self.inner
                 .start_attempt(id, key, copy, now, deadline, redelivered)
+        )
+    }
+
+    async fn extend_attempt(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        copy: u32,
+        started: Timestamp,
+        deadline: Timestamp,
+    ) -> Result<AttemptExtend, StoreError> {
+        timed_store!(
+            self,
+            "extend_attempt",
+            self.inner.extend_attempt(id, key, copy, started, deadline)
         )
     }
 

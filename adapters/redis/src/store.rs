@@ -7,9 +7,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use marathon_core::{
-    AttemptStart, Created, Event, EventData, EventStream, KeyedAppend, KeyedOutcome, ListBudget,
-    ListPage, ListQuery, NewEvent, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Seq, Store,
-    StoreError, SummaryPatch, Timestamp, WorkflowId, WorkflowStatus, WorkflowSummary, json_len,
+    AttemptExtend, AttemptStart, Created, Event, EventData, EventStream, KeyedAppend, KeyedOutcome,
+    ListBudget, ListPage, ListQuery, NewEvent, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind,
+    Seq, Store, StoreError, SummaryPatch, Timestamp, WorkflowId, WorkflowStatus, WorkflowSummary,
+    json_len,
 };
 use redis::aio::ConnectionManagerConfig;
 use redis::cluster::ClusterClientBuilder;
@@ -97,6 +98,7 @@ struct Scripts {
     purge: Script,
     idem_release: Script,
     start: Script,
+    extend: Script,
 }
 
 impl Scripts {
@@ -110,6 +112,7 @@ impl Scripts {
             purge: Script::new(include_str!("scripts/purge.lua")),
             idem_release: Script::new(include_str!("scripts/idem_release.lua")),
             start: with_common(include_str!("scripts/start.lua")),
+            extend: with_common(include_str!("scripts/extend.lua")),
         }
     }
 }
@@ -1008,6 +1011,37 @@ impl Store for RedisStore {
             }),
             Some("notowed") => Ok(AttemptStart::NotOwed),
             _ => Err(bad_reply(format!("start_attempt: {reply:?}"))),
+        }
+    }
+
+    async fn extend_attempt(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        copy: u32,
+        started: Timestamp,
+        deadline: Timestamp,
+    ) -> Result<AttemptExtend, StoreError> {
+        let wk = self.keys().workflow(id.as_str());
+        let mut inv = self.inner.scripts.extend.prepare_invoke();
+        inv.key(&wk.owed)
+            .key(&wk.zowed)
+            .key(&wk.sum)
+            .arg(id.as_str())
+            .arg(key)
+            .arg(copy)
+            .arg(started.0)
+            .arg(deadline.0);
+        let reply: Vec<String> = inv.invoke_async(&mut self.conn()).await.map_err(classify)?;
+        match (
+            reply.first().map(String::as_str),
+            reply.get(1).map(String::as_str),
+        ) {
+            (Some("extended"), Some(cr)) => Ok(AttemptExtend::Extended {
+                cancel_requested: cr == "1",
+            }),
+            (Some("notowed"), _) => Ok(AttemptExtend::NotOwed),
+            _ => Err(bad_reply(format!("extend_attempt: {reply:?}"))),
         }
     }
 

@@ -15,8 +15,8 @@ use crate::model::{
     WorkflowSummary, json_len,
 };
 use crate::store::{
-    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListBudget, ListPage, ListQuery,
-    NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Store, StoreError,
+    AttemptExtend, AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListBudget,
+    ListPage, ListQuery, NewWorkflow, Owed, OwedChanges, OwedEntry, OwedKind, Store, StoreError,
 };
 
 /// Number of shards of the workflow map and of the owed-work index.
@@ -567,6 +567,46 @@ impl Store for MemoryStore {
         self.apply_index(id, ops);
         drop(st);
         Ok(AttemptStart::Started)
+    }
+
+    async fn extend_attempt(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        copy: u32,
+        started: Timestamp,
+        deadline: Timestamp,
+    ) -> Result<AttemptExtend, StoreError> {
+        let Some(state) = self.lookup(id) else {
+            return Ok(AttemptExtend::NotOwed);
+        };
+        let mut st = state.lock();
+        if st.removed {
+            return Ok(AttemptExtend::NotOwed);
+        }
+        let Some((_, entry)) = st.owed.iter().find(|(k, _)| k == key) else {
+            return Ok(AttemptExtend::NotOwed);
+        };
+        let OwedKind::Activity {
+            started: marked,
+            started_copy,
+            ..
+        } = &entry.kind
+        else {
+            return Ok(AttemptExtend::NotOwed);
+        };
+        if *marked != Some(started) || *started_copy != copy {
+            return Ok(AttemptExtend::NotOwed);
+        }
+        let mut extended = entry.clone();
+        extended.deadline = deadline;
+        // Replaced like any entry (a deadline equal to the old one moves a millisecond on).
+        let mut ops = Vec::new();
+        st.set_owed(extended, &mut ops);
+        let cancel_requested = st.summary.cancel_requested;
+        self.apply_index(id, ops);
+        drop(st);
+        Ok(AttemptExtend::Extended { cancel_requested })
     }
 
     async fn claim_overdue(

@@ -30,8 +30,8 @@ use async_trait::async_trait;
 use crate::model::{Event, NewEvent, Seq, Task, Timestamp, WorkflowId, WorkflowSummary};
 use crate::queue::{Delivery, OutgoingMessage, Queue, QueueError, Receipt};
 use crate::store::{
-    AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListPage, ListQuery,
-    NewWorkflow, Owed, OwedChanges, Store, StoreError,
+    AttemptExtend, AttemptStart, Created, EventStream, KeyedAppend, KeyedOutcome, ListPage,
+    ListQuery, NewWorkflow, Owed, OwedChanges, Store, StoreError,
 };
 
 /// A [`Queue`] that passes every call it does not override on to [`ForwardingQueue::inner`].
@@ -247,6 +247,20 @@ pub trait ForwardingStore: Send + Sync + 'static {
             .await
     }
 
+    /// [`Store::extend_attempt`].
+    async fn extend_attempt(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        copy: u32,
+        started: Timestamp,
+        deadline: Timestamp,
+    ) -> Result<AttemptExtend, StoreError> {
+        self.inner()
+            .extend_attempt(id, key, copy, started, deadline)
+            .await
+    }
+
     /// [`Store::claim_overdue`].
     async fn claim_overdue(
         &self,
@@ -320,6 +334,16 @@ impl<T: ForwardingStore> Store for T {
         redelivered: bool,
     ) -> Result<AttemptStart, StoreError> {
         ForwardingStore::start_attempt(self, id, key, copy, now, deadline, redelivered).await
+    }
+    async fn extend_attempt(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        copy: u32,
+        started: Timestamp,
+        deadline: Timestamp,
+    ) -> Result<AttemptExtend, StoreError> {
+        ForwardingStore::extend_attempt(self, id, key, copy, started, deadline).await
     }
     async fn claim_overdue(
         &self,

@@ -87,6 +87,7 @@ macro_rules! store_conformance {
                 keyed_append_closed_after_terminal,
                 empty_keyed_append_swaps_owed_work,
                 start_attempt_marks_and_dedupes,
+                extend_attempt_moves_only_its_own_mark,
                 an_entry_replaced_since_the_claim_is_not_owed_at_the_claimed_deadline,
                 summary_follows_events,
                 claim_overdue_leases_entries,

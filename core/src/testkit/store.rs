@@ -17,8 +17,8 @@ use crate::model::{
     WorkflowStatus, WorkflowSummary,
 };
 use crate::store::{
-    AttemptStart, KeyedAppend, KeyedOutcome, ListQuery, NewWorkflow, Owed, OwedChanges, OwedEntry,
-    OwedKind, Store, StoreError,
+    AttemptExtend, AttemptStart, KeyedAppend, KeyedOutcome, ListQuery, NewWorkflow, Owed,
+    OwedChanges, OwedEntry, OwedKind, Store, StoreError,
 };
 
 /// A fixed epoch the cases count from.
@@ -899,6 +899,213 @@ pub async fn start_attempt_marks_and_dedupes(store: Arc<dyn Store>) {
         start_at(0, 500_002, 600_000, true).await,
         AttemptStart::NotOwed
     );
+}
+
+/// `extend_attempt` moves the deadline of an attempt marked started only for the
+/// execution that marked it (its copy and start time), and says whether the
+/// workflow's cancellation was requested: an unmarked attempt, another copy or
+/// another start (a take-over) is not owed and nothing moves; an extension to the
+/// deadline the entry has moves it a millisecond on, so a sweeper's append that
+/// requires its claimed deadline is refused; it may also bring the deadline nearer;
+/// a timer's key, another attempt, an unknown workflow, a consumed entry and a
+/// finished workflow owe nothing.
+pub async fn extend_attempt_moves_only_its_own_mark(store: Arc<dyn Store>) {
+    let id = start(&store, "extend", at(0)).await;
+    store
+        .append(
+            &id,
+            Seq(1),
+            vec![ev(at(1), EventData::WorkflowTaskCompleted {})],
+            OwedChanges::none()
+                .clear("wf")
+                .set(activity(1, 1, at(100)))
+                .set(timer(1, at(900_000))),
+        )
+        .await
+        .expect("schedule");
+    let extend = |copy, started, deadline| {
+        let (store, id) = (store.clone(), id.clone());
+        async move {
+            store
+                .extend_attempt(&id, "a:1:1", copy, at(started), at(deadline))
+                .await
+                .expect("extend_attempt")
+        }
+    };
+    let extended = AttemptExtend::Extended {
+        cancel_requested: false,
+    };
+    // Not marked started yet: nothing to extend, and it still falls due at 100.
+    assert_eq!(extend(0, 0, 5_000).await, AttemptExtend::NotOwed);
+    assert_eq!(
+        store
+            .start_attempt(&id, "a:1:1", 2, at(90), at(1_090), false)
+            .await
+            .expect("start_attempt"),
+        AttemptStart::Started
+    );
+    assert_eq!(extend(2, 90, 2_000).await, extended);
+    assert!(claim_all(&store, at(1_999)).await.is_empty());
+    // Another copy, or another start of this copy, moves nothing.
+    assert_eq!(extend(0, 90, 9_000).await, AttemptExtend::NotOwed);
+    assert_eq!(extend(2, 91, 9_000).await, AttemptExtend::NotOwed);
+    // The same deadline again moves it a millisecond on.
+    assert_eq!(extend(2, 90, 2_000).await, extended);
+    assert!(claim_all(&store, at(2_000)).await.is_empty());
+    let mut marked = activity(1, 1, at(2_001));
+    if let OwedKind::Activity {
+        started,
+        started_copy,
+        ..
+    } = &mut marked.kind
+    {
+        *started = Some(at(90));
+        *started_copy = 2;
+    }
+    assert_eq!(
+        claim_all(&store, at(2_001)).await,
+        vec![Owed {
+            workflow_id: id.clone(),
+            entry: marked.clone(),
+        }]
+    );
+    // Claimed (due at the lease's end): a heartbeat at exactly that deadline moves it
+    // on, and the sweeper's give-up that requires the claimed deadline is refused.
+    let until = 2_001 + LEASE.as_millis() as u64;
+    assert_eq!(extend(2, 90, until).await, extended);
+    let give_up = KeyedAppend {
+        key: None,
+        requires: Some("a:1:1".into()),
+        requires_deadline: Some(at(until)),
+        events: Vec::new(),
+        owed: OwedChanges::none().set(activity(1, 2, at(900_000))),
+    };
+    assert_eq!(keyed(&store, &id, give_up).await, KeyedOutcome::NotOwed);
+    // An extension may bring the deadline nearer: it is set, not only pushed on.
+    assert_eq!(extend(2, 90, 3_000).await, extended);
+    assert_eq!(
+        claim_all(&store, at(3_000)).await,
+        vec![Owed {
+            workflow_id: id.clone(),
+            entry: activity_with_deadline(&marked, at(3_000)),
+        }]
+    );
+    // The workflow's cancel request comes with the answer.
+    let cancel = KeyedAppend {
+        key: Some("cancel".into()),
+        events: vec![ev(at(3_001), EventData::CancelRequested { reason: None })],
+        ..KeyedAppend::default()
+    };
+    assert!(matches!(
+        keyed(&store, &id, cancel).await,
+        KeyedOutcome::Appended(_)
+    ));
+    assert_eq!(
+        extend(2, 90, 10_000).await,
+        AttemptExtend::Extended {
+            cancel_requested: true
+        }
+    );
+    // A take-over (the queue's redelivery of copy 2) is another start: the lost
+    // execution's heartbeats no longer extend it, the new one's do.
+    assert_eq!(
+        store
+            .start_attempt(&id, "a:1:1", 2, at(4_000), at(14_000), true)
+            .await
+            .expect("start_attempt"),
+        AttemptStart::Started
+    );
+    assert_eq!(extend(2, 90, 20_000).await, AttemptExtend::NotOwed);
+    assert!(claim_all(&store, at(13_999)).await.is_empty());
+    assert!(matches!(
+        extend(2, 4_000, 20_000).await,
+        AttemptExtend::Extended { .. }
+    ));
+    // Not owed: a timer's key, another attempt, an unknown workflow.
+    for (id, key) in [
+        (id.clone(), "t:1"),
+        (id.clone(), "a:1:2"),
+        (WorkflowId::random(), "a:1:1"),
+    ] {
+        let answer = store
+            .extend_attempt(&id, key, 2, at(4_000), at(30_000))
+            .await
+            .expect("extend_attempt");
+        assert_eq!(answer, AttemptExtend::NotOwed, "{key}");
+    }
+    // The result consumes the entry: then it is not owed.
+    let result = KeyedAppend {
+        key: None,
+        requires: Some("a:1:1".into()),
+        requires_deadline: None,
+        events: vec![ev(
+            at(5_000),
+            EventData::ActivityCompleted {
+                activity_id: 1,
+                attempt: 1,
+                output: json!(1),
+            },
+        )],
+        owed: OwedChanges::none(),
+    };
+    assert!(matches!(
+        keyed(&store, &id, result).await,
+        KeyedOutcome::Appended(_)
+    ));
+    assert_eq!(extend(2, 4_000, 30_000).await, AttemptExtend::NotOwed);
+    // The timer is untouched by all of it.
+    assert_eq!(
+        claim_all(&store, at(900_000)).await,
+        vec![Owed {
+            workflow_id: id.clone(),
+            entry: timer(1, at(900_000)),
+        }]
+    );
+    // A finished workflow owes nothing, also an attempt marked started.
+    let id = start(&store, "extend-closed", at(0)).await;
+    store
+        .append(
+            &id,
+            Seq(1),
+            vec![ev(at(1), EventData::WorkflowTaskCompleted {})],
+            OwedChanges::none().clear("wf").set(activity(1, 1, at(100))),
+        )
+        .await
+        .expect("schedule");
+    assert_eq!(
+        store
+            .start_attempt(&id, "a:1:1", 0, at(10), at(1_000), false)
+            .await
+            .expect("start_attempt"),
+        AttemptStart::Started
+    );
+    assert!(matches!(
+        keyed(
+            &store,
+            &id,
+            KeyedAppend {
+                events: vec![completed(at(20))],
+                ..KeyedAppend::default()
+            }
+        )
+        .await,
+        KeyedOutcome::Appended(_)
+    ));
+    assert_eq!(
+        store
+            .extend_attempt(&id, "a:1:1", 0, at(10), at(2_000))
+            .await
+            .expect("extend_attempt"),
+        AttemptExtend::NotOwed
+    );
+}
+
+/// `entry` with deadline `deadline`.
+fn activity_with_deadline(entry: &OwedEntry, deadline: Timestamp) -> OwedEntry {
+    OwedEntry {
+        deadline,
+        ..entry.clone()
+    }
 }
 
 /// A keyed terminal append clears owed work; later keyed appends report `Closed`, but a

@@ -1,4 +1,5 @@
--- common.lua: helpers prepended to create.lua, append.lua, append_keyed.lua and start.lua.
+-- common.lua: helpers prepended to create.lua, append.lua, append_keyed.lua, start.lua
+-- and extend.lua.
 --
 -- Every key a script touches carries the hash tag of one shard ({sN}), so one
 -- script touches one slot (Redis Cluster safe). Keys built here from a base
