@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::EngineInner;
 use crate::model::{ActivityError, EventData, NewEvent, Seq, Timestamp, WorkflowId};
-use crate::store::KeyedAppend;
+use crate::store::{AttemptExtend, KeyedAppend};
 
 /// What a running activity can ask of the engine: who it is, heartbeats,
 /// cancellation and progress events.
@@ -65,6 +65,11 @@ struct ActivityInner {
     last_heartbeat: Mutex<Instant>,
     last_cancel_check: Mutex<Option<Instant>>,
     progress_seq: AtomicU32,
+    /// How heartbeats keep the attempt owed to this execution in the store, when they do.
+    durable: Option<Durable>,
+    /// Whether the store said the attempt is no longer this execution's (a durable
+    /// heartbeat found it given up or taken over): its outcome is not recorded.
+    superseded: AtomicBool,
     /// This execution of the attempt (random, not zero; drawn at its first progress):
     /// its progress keys and events carry it, so a take-over's progress is neither
     /// dropped as repeats of the lost execution's nor mistaken for it.
@@ -82,6 +87,39 @@ fn new_execution() -> u32 {
 /// How often a heartbeat may ask the store whether the workflow was canceled.
 const CANCEL_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How the heartbeats of an attempt marked started, whose `heartbeat_timeout` is
+/// shorter than its budget, keep its owed entry's deadline ahead in the store
+/// ([`crate::Store::extend_attempt`]), so that the sweeper notices a lost worker
+/// about a heartbeat timeout after its last heartbeat, not at the budget's end.
+#[derive(Debug, Clone)]
+pub(crate) struct DurableHeartbeat {
+    /// The attempt's owed key.
+    pub(crate) key: String,
+    /// The copy of the task that marked it started, and when: this execution's mark.
+    pub(crate) copy: u32,
+    /// When the mark was made (its `started`).
+    pub(crate) started: Timestamp,
+    /// How far ahead of a heartbeat its write sets the deadline: the heartbeat
+    /// timeout + `engine.activity_grace`.
+    pub(crate) window: Duration,
+    /// The latest deadline a write sets: the mark's start + the attempt's budget +
+    /// grace, the deadline the attempt would have had without heartbeats.
+    pub(crate) latest: Timestamp,
+    /// Least time between two writes: half the shorter of the heartbeat timeout and
+    /// the grace, so a live worker's deadline stays at least half the grace ahead of
+    /// its own heartbeat timeout.
+    pub(crate) every: Duration,
+    /// The deadline the mark set.
+    pub(crate) marked: Timestamp,
+}
+
+/// A [`DurableHeartbeat`] and where its writes stand.
+struct Durable {
+    plan: DurableHeartbeat,
+    /// When the next write may be made (`None`: never), and the deadline last written.
+    state: Mutex<(Option<Instant>, Timestamp)>,
+}
+
 impl ActivityContext {
     /// The context of an attempt about to run; the caller keeps it for as long as the
     /// attempt runs and hands clones to the activity: dropping it ends the attempt
@@ -92,7 +130,13 @@ impl ActivityContext {
         (activity_id, attempt, scheduled_seq): (u32, u32, Seq),
         name: String,
         cancel: CancellationToken,
+        durable: Option<DurableHeartbeat>,
     ) -> Self {
+        let durable = durable.map(|plan| Durable {
+            // The mark was the first write.
+            state: Mutex::new((Instant::now().checked_add(plan.every), plan.marked)),
+            plan,
+        });
         Self {
             inner: Arc::new(ActivityInner {
                 workflow_id,
@@ -107,6 +151,8 @@ impl ActivityContext {
                 last_heartbeat: Mutex::new(Instant::now()),
                 last_cancel_check: Mutex::new(None),
                 progress_seq: AtomicU32::new(0),
+                durable,
+                superseded: AtomicBool::new(false),
                 execution: OnceLock::new(),
                 engine,
             }),
@@ -125,6 +171,7 @@ impl ActivityContext {
             (1, attempt, Seq(2)),
             "test".to_string(),
             cancel,
+            None,
         );
         ctx.ends_attempt = false;
         ctx
@@ -192,28 +239,63 @@ impl ActivityContext {
         *self.inner.last_heartbeat.lock()
     }
 
+    /// Whether the store said this attempt is no longer this execution's (given up or
+    /// taken over, found by a durable heartbeat): its outcome is not to be recorded.
+    pub(crate) fn superseded(&self) -> bool {
+        self.inner.superseded.load(Ordering::Acquire)
+    }
+
     /// Reports liveness (resets the heartbeat timeout) and learns of cancellation.
+    ///
+    /// With a `heartbeat_timeout` shorter than the attempt's budget, the heartbeat is
+    /// also recorded in the store (at most once per half of the shorter of that timeout
+    /// and `engine.activity_grace`; that write also stands for the cancellation check),
+    /// so that if this worker is lost, another notices about a heartbeat timeout later.
     ///
     /// A call the workflow made after it had seen its cancellation (clean-up work) is
     /// not canceled by it; it is stopped only if the workflow closes.
     ///
     /// # Errors
     /// A `canceled` [`ActivityError`] once the workflow has been canceled (or has
-    /// closed), or the attempt has ended; return it.
+    /// closed), the attempt has ended, or the store says the attempt is no longer this
+    /// execution's (it was given up or taken over); return it.
     pub async fn heartbeat(&self) -> Result<(), ActivityError> {
-        *self.inner.last_heartbeat.lock() = Instant::now();
+        let now = Instant::now();
+        *self.inner.last_heartbeat.lock() = now;
         if self.inner.cancel.is_cancelled() {
             return Err(ActivityError::canceled());
+        }
+        let Some(engine) = &self.inner.engine else {
+            return Ok(());
+        };
+        if let Some(extended) = self.extend(engine, now).await {
+            // The write read the cancel request too: it is this second's check.
+            *self.inner.last_cancel_check.lock() = Some(now);
+            return match extended {
+                AttemptExtend::Extended { cancel_requested } => {
+                    if cancel_requested && self.clean_up(engine).await == Some(false) {
+                        self.inner.cancel.cancel();
+                        return Err(ActivityError::canceled());
+                    }
+                    Ok(())
+                }
+                AttemptExtend::NotOwed => {
+                    tracing::info!(workflow_id = %self.inner.workflow_id, activity_id = self.inner.activity_id, attempt = self.inner.attempt, "stopping an attempt the store no longer owes this execution (given up, taken over, or its workflow closed)");
+                    self.inner.superseded.store(true, Ordering::Release);
+                    self.inner.cancel.cancel();
+                    Err(ActivityError::canceled())
+                }
+            };
         }
         let due = {
             let mut last = self.inner.last_cancel_check.lock();
             let due = last.is_none_or(|t| t.elapsed() >= CANCEL_CHECK_INTERVAL);
             if due {
-                *last = Some(Instant::now());
+                *last = Some(now);
             }
             due
         };
-        if due && let Some(engine) = &self.inner.engine {
+        if due {
             // Cancellation requested through another replica reaches us through the store.
             if let Ok(Some(s)) = engine.store.get(&self.inner.workflow_id).await
                 && (s.status.is_terminal()
@@ -224,6 +306,45 @@ impl ActivityContext {
             }
         }
         Ok(())
+    }
+
+    /// Writes the durable heartbeat if one is due ([`DurableHeartbeat`]); what the
+    /// store said, or `None` when no write was due or it failed (tried again after
+    /// the cancellation check's interval, or `every` if shorter).
+    async fn extend(&self, engine: &EngineInner, now: Instant) -> Option<AttemptExtend> {
+        let durable = self.inner.durable.as_ref()?;
+        let plan = &durable.plan;
+        let deadline = engine.clock.now().plus(plan.window).min(plan.latest);
+        {
+            let mut state = durable.state.lock();
+            // Not yet, or nothing to move (the deadline has reached the budget's end).
+            if state.0.is_none_or(|next| now < next) || deadline <= state.1 {
+                return None;
+            }
+            state.0 = now.checked_add(plan.every);
+        }
+        match engine
+            .store
+            .extend_attempt(
+                &self.inner.workflow_id,
+                &plan.key,
+                plan.copy,
+                plan.started,
+                deadline,
+            )
+            .await
+        {
+            Ok(extended) => {
+                durable.state.lock().1 = deadline;
+                Some(extended)
+            }
+            Err(e) => {
+                let retry = plan.every.min(CANCEL_CHECK_INTERVAL);
+                tracing::warn!(workflow_id = %self.inner.workflow_id, activity_id = self.inner.activity_id, attempt = self.inner.attempt, error = %e, "could not record a heartbeat in the store; trying again in {retry:?}");
+                durable.state.lock().0 = now.checked_add(retry);
+                None
+            }
+        }
     }
 
     /// Whether this call was made after the workflow's `cancel_requested` (clean-up),

@@ -19,6 +19,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 pub use activity::ActivityContext;
+use activity::DurableHeartbeat;
 pub use context::{ActivityFuture, CancelledFuture, SignalFuture, TimerFuture, WorkflowContext};
 pub use registry::{ActivityFn, JsonFn, Registry, WorkflowFn};
 pub use replay::HISTORY_LIMIT;
@@ -82,6 +83,13 @@ fn attempt_budget(
             .min(scheduled_at.plus(s).since(start)),
         None => options.start_to_close,
     }
+}
+
+/// The heartbeat timeout of an attempt with budget `budget` when it is shorter than
+/// the budget: the store then keeps its deadline from heartbeats
+/// ([`ActivityContext::heartbeat`]), not from the budget alone.
+fn heartbeat_bound(options: &ActivityOptions, budget: Duration) -> Option<Duration> {
+    options.heartbeat_timeout.filter(|hb| *hb < budget)
 }
 
 /// Rejects a value (`what`) nested deeper than [`crate::MAX_VALUE_DEPTH`] or larger
@@ -239,14 +247,18 @@ pub struct EngineConfig {
     /// Slack added to an activity attempt's budget (start-to-close, cut to what the
     /// schedule-to-close leaves) before the sweeper sends it again; a worker that
     /// receives its task with less than the budget + half of this left marks it
-    /// started. Default 30 s.
+    /// started. Also added to a `heartbeat_timeout` shorter than the budget: the
+    /// sweeper gives such an attempt up (`timeout.heartbeat`) this long after its
+    /// heartbeat timeout passed without a heartbeat reaching the store. Default 30 s.
     #[serde(with = "crate::model::duration_ms", rename = "activity_grace_ms")]
     pub activity_grace: Duration,
     /// How long after a failed workflow task (non-determinism, panic) it is tried again. Default 10 s.
     #[serde(with = "crate::model::duration_ms", rename = "task_failure_retry_ms")]
     pub task_failure_retry: Duration,
     /// Times the sweeper delivers again an activity attempt a worker started and
-    /// then lost before it records it as `timeout.lost`. Default 3.
+    /// then lost before it records it as `timeout.lost`; not for an attempt whose
+    /// heartbeats keep its deadline, which is recorded as `timeout.heartbeat` at
+    /// once. Default 3.
     pub max_redeliveries: u32,
     /// Workflows kept in memory between tasks, to avoid replay from event 1;
     /// 0 replays every task from event 1. Default 10,000.
@@ -1697,10 +1709,14 @@ impl EngineInner {
             },
         };
         let started_at = self.clock.now();
-        // Boxed: rarely awaited, and kept out of this (hot) future's size.
         // A redelivery (receive count > 1: a failed ack, a worker that died or handed
         // it back) asks the store too, so an attempt already recorded is not run again.
-        let marked = redelivered || self.must_mark(&t, &call, started_at);
+        let late = redelivered || self.received_late(&t, &call, started_at);
+        // An attempt with a heartbeat timeout shorter than its budget is marked too
+        // (one store call), its deadline then kept by its heartbeats.
+        let durable = self.durable_heartbeat(&t, &call, started_at);
+        let marked = late || durable.is_some();
+        // Boxed: rarely awaited, and kept out of this (hot) future's size.
         if marked && !Box::pin(self.mark_started(&t, &call, started_at, redelivered)).await? {
             crate::observe::record_current([("outcome", &AttemptOutcome::Dropped.as_str())]);
             return Ok(());
@@ -1708,7 +1724,7 @@ impl EngineInner {
         // A retry (sent after its backoff) or a task that waited in the queue may come
         // after its workflow was canceled or closed, when no attempt of the call was
         // running to be stopped: it asks the store before it runs.
-        let canceled = if t.attempt > 1 || marked {
+        let canceled = if t.attempt > 1 || late {
             match Box::pin(self.canceled_before_running(&t)).await? {
                 Some(canceled) => canceled,
                 None => {
@@ -1728,9 +1744,29 @@ impl EngineInner {
             Err(ActivityError::canceled())
         } else {
             let running = RunningGauge::start(self.observer.as_ref(), name);
-            let result = self.clone().run_attempt(&t, run, &call, started_at).await;
+            let result = self
+                .clone()
+                .run_attempt(&t, run, &call, started_at, durable)
+                .await;
             drop(running);
-            result
+            match result {
+                Some(result) => result,
+                None => {
+                    // The store gave the attempt up or another execution took it over:
+                    // this one's outcome is not recorded.
+                    crate::observe::record_current([(
+                        "outcome",
+                        &AttemptOutcome::Dropped.as_str(),
+                    )]);
+                    self.observer.activity_attempt(
+                        name,
+                        AttemptOutcome::Dropped,
+                        Some(clock.elapsed()),
+                        None,
+                    );
+                    return Ok(());
+                }
+            }
         };
         within_depth(&mut result);
         let duration = clock.elapsed();
@@ -1756,11 +1792,11 @@ impl EngineInner {
         }
     }
 
-    /// Whether the attempt must be marked started before it runs: its owed deadline
-    /// no longer leaves its start-to-close timeout plus half the grace (it waited in
-    /// a backlog), or the sweeper sent it again. Any other task runs without a store
-    /// call.
-    fn must_mark(&self, t: &ActivityTask, call: &ActivityCall, now: Timestamp) -> bool {
+    /// Whether the attempt must be marked started before it runs because it may not be
+    /// the only copy: its owed deadline no longer leaves its start-to-close timeout
+    /// plus half the grace (it waited in a backlog), or the sweeper sent it again. Any
+    /// other task without a [`DurableHeartbeat`] runs without a store call.
+    fn received_late(&self, t: &ActivityTask, call: &ActivityCall, now: Timestamp) -> bool {
         let stc = attempt_budget(&call.options, call.scheduled_at, now);
         let grace = self.config.activity_grace;
         // A task without a deadline was sent by an earlier version: it may have
@@ -1791,9 +1827,34 @@ impl EngineInner {
         ))
     }
 
-    /// Marks the attempt started in the store ([`Self::must_mark`]); whether it should
-    /// run: then its deadline counts from now, and a copy of an attempt another
-    /// worker runs, or of one no longer owed, is not run.
+    /// How the heartbeats of an attempt that starts at `now` keep its deadline in the
+    /// store: for one whose heartbeat timeout is shorter than its budget.
+    fn durable_heartbeat(
+        &self,
+        t: &ActivityTask,
+        call: &ActivityCall,
+        now: Timestamp,
+    ) -> Option<DurableHeartbeat> {
+        let budget = attempt_budget(&call.options, call.scheduled_at, now);
+        let hb = heartbeat_bound(&call.options, budget)?;
+        let grace = self.config.activity_grace;
+        let window = hb.saturating_add(grace);
+        Some(DurableHeartbeat {
+            key: activity_key(t.activity_id, t.attempt),
+            copy: t.copy,
+            started: now,
+            window,
+            latest: now.plus(budget).plus(grace),
+            every: hb.min(grace) / 2,
+            marked: now.plus(window),
+        })
+    }
+
+    /// Marks the attempt started in the store ([`Self::received_late`],
+    /// [`Self::durable_heartbeat`]); whether it should run: then its deadline counts
+    /// from now (its budget + grace, or its heartbeat timeout + grace when that is
+    /// shorter), and a copy of an attempt another worker runs, or of one no longer
+    /// owed, is not run.
     async fn mark_started(
         &self,
         t: &ActivityTask,
@@ -1803,7 +1864,8 @@ impl EngineInner {
     ) -> Result<bool, EngineError> {
         let budget = attempt_budget(&call.options, call.scheduled_at, now);
         let key = activity_key(t.activity_id, t.attempt);
-        let deadline = now.plus(budget).plus(self.config.activity_grace);
+        let window = heartbeat_bound(&call.options, budget).unwrap_or(budget);
+        let deadline = now.plus(window).plus(self.config.activity_grace);
         match self
             .store
             .start_attempt(&t.workflow_id, &key, t.copy, now, deadline, redelivered)
@@ -1821,19 +1883,22 @@ impl EngineInner {
         }
     }
 
+    /// Runs the attempt under its timeouts; `None` when the store said it is no longer
+    /// this execution's (a durable heartbeat found it given up or taken over).
     async fn run_attempt(
         self: Arc<Self>,
         t: &ActivityTask,
         run: Timestamp,
         call: &ActivityCall,
         started_at: Timestamp,
-    ) -> Result<Value, ActivityError> {
+        durable: Option<DurableHeartbeat>,
+    ) -> Option<Result<Value, ActivityError>> {
         let Some(f) = self.registry.find_activity(&call.name).cloned() else {
-            return Err(ActivityError::permanent(format!(
+            return Some(Err(ActivityError::permanent(format!(
                 "activity {:?} is not registered on this worker",
                 call.name
             ))
-            .with_kind("unknown_activity"));
+            .with_kind("unknown_activity")));
         };
         let mut budget = call.options.start_to_close;
         let mut budget_kind = "start_to_close";
@@ -1845,7 +1910,7 @@ impl EngineInner {
             }
         }
         if budget.is_zero() {
-            return Err(ActivityError::timeout(budget_kind));
+            return Some(Err(ActivityError::timeout(budget_kind)));
         }
         let token = CancellationToken::new();
         let key = (t.activity_id, t.attempt);
@@ -1866,6 +1931,7 @@ impl EngineInner {
             (t.activity_id, t.attempt, t.scheduled_seq),
             call.name.clone(),
             token.clone(),
+            durable,
         );
         // The function is called inside the caught future: one that panics before
         // returning its future fails the attempt like one that panics in it.
@@ -1897,7 +1963,7 @@ impl EngineInner {
             () = watchdog => Err(ActivityError::timeout("heartbeat")),
             () = token.cancelled() => Err(ActivityError::canceled()),
         };
-        result
+        (!ctx.superseded()).then_some(result)
     }
 
     /// Records an attempt's outcome and sends what it makes due (the next attempt or
@@ -2164,10 +2230,19 @@ impl EngineInner {
                 let stc = call.options.start_to_close;
                 let grace = self.config.activity_grace;
                 // A worker that started it and then neither finished nor renewed it in
-                // time was lost with it: such losses count towards `timeout.lost`. An
-                // attempt no worker has marked started may be lost, or may still wait in
-                // a backlog: it is sent again (a worker runs one copy), less and less
-                // often, and never counted as lost.
+                // time was lost with it: for an attempt whose heartbeats keep its
+                // deadline (a heartbeat timeout shorter than its budget), that is its
+                // heartbeat timeout, recorded as such and retried per the retry policy,
+                // as the worker's own watchdog would have; other such losses count
+                // towards `timeout.lost`. An attempt no worker has marked started may be
+                // lost, or may still wait in a backlog: it is sent again (a worker runs
+                // one copy), less and less often, and never counted as lost.
+                let heartbeat = started.and_then(|s| {
+                    heartbeat_bound(
+                        &call.options,
+                        attempt_budget(&call.options, call.scheduled_at, s),
+                    )
+                });
                 let give_up = if let Err(reason) =
                     self.queue.check_task_queue(&owed.entry.task_queue)
                 {
@@ -2184,6 +2259,13 @@ impl EngineInner {
                     .is_some_and(|s| now >= call.scheduled_at.plus(s))
                 {
                     Some(ActivityError::timeout("schedule_to_close"))
+                } else if let Some(hb) = heartbeat {
+                    Some(
+                        ActivityError::retryable(format!(
+                            "activity heartbeat timeout: attempt {attempt} recorded no heartbeat for {hb:?} + grace ({grace:?}); its worker was lost"
+                        ))
+                        .with_kind("timeout.heartbeat"),
+                    )
                 } else if started.is_some() && redeliveries >= self.config.max_redeliveries {
                     Some(
                         ActivityError::retryable(format!(
