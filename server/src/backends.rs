@@ -36,7 +36,10 @@ pub async fn store(cfg: &StoreConfig) -> Result<Arc<dyn Store>, ServerError> {
 /// missing queue; [`ServerError::Backend`] when it cannot connect.
 pub async fn queue(cfg: &Config) -> Result<Arc<dyn Queue>, ServerError> {
     match &cfg.queue {
-        QueueConfig::Memory(c) => Ok(Arc::new(MemoryQueue::new(*c))),
+        // Role all (validate): this process's workers are the only ones.
+        QueueConfig::Memory(c) => Ok(Arc::new(
+            MemoryQueue::new(*c).serving(cfg.worker.queues.iter().map(|q| q.name.clone())),
+        )),
         #[cfg(feature = "sqs")]
         QueueConfig::Sqs(c) => Ok(Arc::new(sqs(cfg, c).await?)),
         #[cfg(not(feature = "sqs"))] // the variant exists in every build

@@ -179,7 +179,12 @@ async fn start_is_idempotent_and_runs() {
 /// repeat with another input is still the documented 200.
 #[tokio::test]
 async fn a_start_reusing_an_id_with_another_name_is_a_409() {
-    let app = app().await;
+    // Both task queues served: with the memory queue an unserved one is a 400 first.
+    let mut cfg = Config::default();
+    cfg.worker
+        .queues
+        .push(marathon_core::QueueSpec::new("elsewhere", 4));
+    let app = app_with(cfg).await;
     let start = |body: Value| call(&app, "POST", "/v1/workflows", Some(body));
     let r = start(json!({"name": "echo", "input": 1, "id": "wf-reuse"})).await;
     assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
@@ -1761,4 +1766,39 @@ async fn sse_ends_as_documented_when_the_store_fails() {
             .is_some_and(|m| m.contains("Last-Event-ID")),
         "{error}"
     );
+}
+
+/// With the in-memory queue this process's workers are the only ones: a start on a
+/// task queue they do not serve is a 400 naming it, not a 202 whose workflow never
+/// runs, and a pipeline step called on one fails the run (`invalid_argument`) instead
+/// of waiting for ever. Before, both were taken and never ran.
+#[tokio::test]
+async fn an_unserved_task_queue_is_refused_with_the_memory_queue() {
+    let app = app().await;
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "input": 1, "task_queue": "elsewhere"})),
+    )
+    .await;
+    r.error(StatusCode::BAD_REQUEST, "invalid_argument");
+    assert!(
+        r.text.contains("task_queue") && r.text.contains("\\\"default\\\""),
+        "{}",
+        r.text
+    );
+    let p = json!({"steps": [{"type": "activity", "name": "a", "activity": "echo", "input": 1,
+        "options": {"task_queue": "elsewhere"}}]});
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "pipeline", "id": "unserved-step", "input": {"pipeline": p}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let done = finished(&app, "unserved-step").await;
+    assert_eq!(done["status"], "failed", "{done}");
+    assert!(done.to_string().contains("invalid_argument"), "{done}");
 }

@@ -49,6 +49,8 @@ pub struct MemoryQueue {
     queues: RwLock<HashMap<String, Arc<NamedQueue>>>,
     /// Message ids and delivery ids, unique across all queues.
     next_id: AtomicU64,
+    /// The task queues this process's workers serve, when known ([`MemoryQueue::serving`]).
+    served: Option<Vec<String>>,
 }
 
 impl MemoryQueue {
@@ -59,7 +61,22 @@ impl MemoryQueue {
             cfg,
             queues: RwLock::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            served: None,
         }
+    }
+
+    /// Declares the task queues this process's workers serve: no other process
+    /// reaches an in-memory queue, so [`Queue::check_task_queue`] refuses any other
+    /// (a workflow started on one would never run, an activity called on one would
+    /// never start). Without it every name is taken.
+    #[must_use]
+    pub fn serving<I, S>(mut self, task_queues: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        self.served = Some(task_queues.into_iter().map(Into::into).collect());
+        self
     }
 
     fn named(&self, name: &str) -> Arc<NamedQueue> {
@@ -255,6 +272,20 @@ impl QueueState {
 impl Queue for MemoryQueue {
     fn is_in_process(&self) -> bool {
         true
+    }
+
+    fn check_task_queue(&self, task_queue: &str) -> Result<(), String> {
+        match &self.served {
+            Some(served) if !served.iter().any(|q| q == task_queue) => Err(format!(
+                "no worker serves it (this process serves {}; with the in-memory queue no other process can)",
+                served
+                    .iter()
+                    .map(|q| format!("{q:?}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+            _ => Ok(()),
+        }
     }
 
     async fn enqueue(&self, queue: &str, messages: Vec<OutgoingMessage>) -> Result<(), QueueError> {
