@@ -470,6 +470,20 @@ impl Config {
                 "tokens must not start or end with blanks".into(),
             );
         }
+        // A request's header is read as ASCII (clients send other bytes as UTF-8 or
+        // Latin-1, as they please): such a token would never match.
+        if self
+            .server
+            .auth_tokens
+            .iter()
+            .any(|t| !t.bytes().all(|b| (b' '..=b'~').contains(&b)))
+        {
+            return bad(
+                "server.auth_tokens",
+                "tokens may hold only printable ASCII characters (letters, digits, punctuation)"
+                    .into(),
+            );
+        }
         if self.server.result_wait_max.is_zero() {
             return bad("server.result_wait_max_ms", "must be at least 1 ms".into());
         }
@@ -1032,6 +1046,24 @@ mod tests {
         })
         .expect_err("a token with a blank around it never matches");
         assert!(e.to_string().contains("server.auth_tokens"), "{e}");
+        // The header is read as ASCII: these never matched (every request a 401).
+        for odd in ["p\u{e4}sswort", "tab\\tinside", "\u{1f511}"] {
+            let e = Config::load(&Sources {
+                file: Some(("f".into(), format!("[server]\nauth_tokens = [\"{odd}\"]\n"))),
+                ..Default::default()
+            })
+            .expect_err("a token outside printable ASCII never matches");
+            assert!(e.to_string().contains("server.auth_tokens"), "{e}");
+        }
+        let c = Config::load(&Sources {
+            file: Some((
+                "f".into(),
+                "[server]\nauth_tokens = [\"a-Z_0.9~+/=\"]\n".into(),
+            )),
+            ..Default::default()
+        })
+        .expect("printable ASCII");
+        assert_eq!(c.server.auth_tokens, vec!["a-Z_0.9~+/=".to_string()]);
     }
 
     #[cfg(feature = "redis")]
