@@ -355,7 +355,8 @@ pub trait Store: Send + Sync + 'static {
     /// Creates a workflow with `workflow_started` as event 1 and an owed workflow task.
     ///
     /// Idempotent: if the id exists, or `idempotency_key` was used before, nothing
-    /// is written and the existing workflow is returned with `created: false`.
+    /// is written and the existing workflow is returned with `created: false`; when
+    /// both name one, the key's (it names the start a client made).
     async fn create(&self, new: NewWorkflow) -> Result<Created, StoreError>;
 
     /// Appends `events` after `expected_last`, all or nothing, and applies `owed`.

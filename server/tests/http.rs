@@ -204,6 +204,21 @@ async fn a_start_reusing_an_id_with_another_name_is_a_409() {
     assert_eq!(again.status, StatusCode::OK, "{}", again.text);
     assert_eq!(again.json()["created"], false);
     assert_eq!(again.json()["workflow"]["name"], "echo");
+    // The existing id with a key another workflow holds is a 409 naming that one
+    // (the memory store answered with the id's workflow, a 200).
+    let keyed = |id: &'static str| {
+        call_with(
+            &app,
+            "POST",
+            "/v1/workflows",
+            Some(json!({"name": "echo", "input": 1, "id": id})),
+            &[("idempotency-key", "held-by-another")],
+        )
+    };
+    assert_eq!(keyed("wf-key-holder").await.status, StatusCode::ACCEPTED);
+    let r = keyed("wf-reuse").await;
+    r.error(StatusCode::CONFLICT, "conflict");
+    assert!(r.text.contains("wf-key-holder"), "{}", r.text);
 }
 
 #[tokio::test]

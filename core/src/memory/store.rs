@@ -254,7 +254,11 @@ fn decode_cursor(cursor: &str) -> Result<(Timestamp, WorkflowId), StoreError> {
 impl Store for MemoryStore {
     async fn create(&self, new: NewWorkflow) -> Result<Created, StoreError> {
         let shard = self.shard(&new.id);
-        if let Some(existing) = self.lookup(&new.id) {
+        // Without a key, an existing id is the answer; with one, the key is looked up
+        // first (below): it names the start the client made.
+        if new.idempotency_key.is_none()
+            && let Some(existing) = self.lookup(&new.id)
+        {
             let summary = existing.lock().summary.clone();
             return Ok(Created {
                 summary,

@@ -75,6 +75,7 @@ macro_rules! store_conformance {
                 store, $crate::Store, $fresh, $teardown;
                 create_is_idempotent_on_id,
                 create_is_idempotent_on_idempotency_key,
+                create_checks_the_idempotency_key_before_the_id,
                 create_records_started_event_summary_and_owed_task,
                 create_keeps_the_runs_trace_context,
                 stale_append_writes_nothing,

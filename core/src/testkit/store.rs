@@ -184,6 +184,44 @@ pub async fn create_is_idempotent_on_id(store: Arc<dyn Store>) {
     assert_eq!(summary(&store, &new.id).await.name, "greet");
 }
 
+/// `create` with an existing id and an idempotency key another workflow holds returns
+/// the key's workflow: the key names the start a client made, so the engine can tell
+/// the caller its key belongs to another id. (The memory store returned the id's.)
+pub async fn create_checks_the_idempotency_key_before_the_id(store: Arc<dyn Store>) {
+    let by_id = new_workflow("greet", at(0));
+    assert!(store.create(by_id.clone()).await.expect("create").created);
+    let key = format!("key-{}", WorkflowId::random());
+    let by_key = NewWorkflow {
+        idempotency_key: Some(key.clone()),
+        ..new_workflow("greet", at(10))
+    };
+    assert!(store.create(by_key.clone()).await.expect("create").created);
+    let both = NewWorkflow {
+        idempotency_key: Some(key),
+        ..by_id.clone()
+    };
+    let again = store.create(both).await.expect("create again");
+    assert!(!again.created);
+    assert_eq!(again.summary.id, by_key.id);
+    // An unused key with an existing id returns the id's workflow, and the key stays
+    // unused.
+    let fresh_key = format!("key-{}", WorkflowId::random());
+    let again = store
+        .create(NewWorkflow {
+            idempotency_key: Some(fresh_key.clone()),
+            ..by_id.clone()
+        })
+        .await
+        .expect("create again");
+    assert!(!again.created);
+    assert_eq!(again.summary.id, by_id.id);
+    let other = NewWorkflow {
+        idempotency_key: Some(fresh_key),
+        ..new_workflow("greet", at(20))
+    };
+    assert!(store.create(other).await.expect("create").created);
+}
+
 /// `create` with a used idempotency key returns the workflow first created with it.
 pub async fn create_is_idempotent_on_idempotency_key(store: Arc<dyn Store>) {
     let key = format!("key-{}", WorkflowId::random());
