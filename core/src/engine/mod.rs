@@ -530,14 +530,39 @@ impl Drop for RunningGauge<'_> {
 struct Registered<'a> {
     running: &'a Mutex<HashMap<WorkflowId, Vec<RunningAttempt>>>,
     workflow_id: &'a WorkflowId,
-    key: (u32, u32),
+    /// This execution's entry, not another copy's of the same attempt.
+    entry: u64,
+}
+
+impl<'a> Registered<'a> {
+    /// Registers an execution of an attempt of `workflow_id`'s call scheduled at
+    /// `scheduled`, stopped by `token`: until dropped, a cancellation reaches it.
+    fn new(
+        running: &'a Mutex<HashMap<WorkflowId, Vec<RunningAttempt>>>,
+        workflow_id: &'a WorkflowId,
+        scheduled: Seq,
+        token: CancellationToken,
+    ) -> Self {
+        static NEXT_ENTRY: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let entry = NEXT_ENTRY.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        running
+            .lock()
+            .entry(workflow_id.clone())
+            .or_default()
+            .push((entry, scheduled, token));
+        Self {
+            running,
+            workflow_id,
+            entry,
+        }
+    }
 }
 
 impl Drop for Registered<'_> {
     fn drop(&mut self) {
         let mut running = self.running.lock();
         if let Some(v) = running.get_mut(self.workflow_id) {
-            v.retain(|(k, _, _)| *k != self.key);
+            v.retain(|(e, _, _)| *e != self.entry);
             if v.is_empty() {
                 running.remove(self.workflow_id);
             }
@@ -545,9 +570,10 @@ impl Drop for Registered<'_> {
     }
 }
 
-/// A running activity attempt of this process: (activity id, attempt), the sequence
-/// of its call's `activity_scheduled`, and its cancellation.
-type RunningAttempt = ((u32, u32), Seq, CancellationToken);
+/// A running activity attempt of this process: its entry (one per execution, so two
+/// copies of one attempt running here are told apart), the sequence of its call's
+/// `activity_scheduled`, and its cancellation.
+type RunningAttempt = (u64, Seq, CancellationToken);
 
 pub(crate) struct EngineInner {
     pub(crate) store: Arc<dyn Store>,
@@ -1913,18 +1939,13 @@ impl EngineInner {
             return Some(Err(ActivityError::timeout(budget_kind)));
         }
         let token = CancellationToken::new();
-        let key = (t.activity_id, t.attempt);
-        self.running
-            .lock()
-            .entry(t.workflow_id.clone())
-            .or_default()
-            .push((key, t.scheduled_seq, token.clone()));
         // Removed however the attempt ends, also when a worker's hard stop drops it.
-        let _registered = Registered {
-            running: &self.running,
-            workflow_id: &t.workflow_id,
-            key,
-        };
+        let _registered = Registered::new(
+            &self.running,
+            &t.workflow_id,
+            t.scheduled_seq,
+            token.clone(),
+        );
         let ctx = ActivityContext::new(
             Some(self.clone()),
             (t.workflow_id.clone(), run),
@@ -2411,5 +2432,30 @@ mod bound_tests {
         assert!(kept.len() <= crate::MAX_ERROR_MESSAGE_BYTES);
         assert!(kept.chars().all(|c| c == '€'));
         assert_eq!(note, format!("(message cut from {total} bytes)"));
+    }
+}
+
+#[cfg(test)]
+mod running_tests {
+    use super::{Mutex, Registered, Seq, WorkflowId};
+    use std::collections::HashMap;
+    use tokio_util::sync::CancellationToken;
+
+    /// Two executions of one attempt in this process (a redelivery after a lapsed
+    /// visibility runs beside the first): the first to end leaves the other's entry,
+    /// so a cancellation still reaches it. Before, entries were removed by (activity
+    /// id, attempt), both at once.
+    #[test]
+    fn the_first_copy_to_end_leaves_the_others_entry() {
+        let running = Mutex::new(HashMap::new());
+        let id = WorkflowId::parse("w").expect("an id");
+        let (a, b) = (CancellationToken::new(), CancellationToken::new());
+        let first = Registered::new(&running, &id, Seq(5), a);
+        let _second = Registered::new(&running, &id, Seq(5), b.clone());
+        drop(first);
+        let left: Vec<_> = running.lock().get(&id).cloned().unwrap_or_default();
+        assert_eq!(left.len(), 1);
+        left[0].2.cancel();
+        assert!(b.is_cancelled());
     }
 }
