@@ -792,13 +792,22 @@ impl Store for RedisStore {
     ) -> Result<KeyedOutcome, StoreError> {
         let wk = self.keys().workflow(id.as_str());
         let tail = self.batch_args(id, &wk, &append.events, &append.owed)?;
-        let key = append.key.as_deref().unwrap_or("");
         let requires = append.requires.as_deref().unwrap_or("");
         let due = append
             .requires_deadline
             .map(|d| d.0.to_string())
             .unwrap_or_default();
         let token = batch_token();
+        // With neither a key nor a required entry, nothing makes a second copy of the
+        // batch a no-op once another append has replaced its token in `lb`: a retry
+        // after a lost reply would append it again (an unkeyed signal twice). Its own
+        // token is then its dedupe key, so such a retry answers Duplicate.
+        let own_key = format!("b:{token}");
+        let key = match (append.key.as_deref(), append.requires.is_some()) {
+            (Some(key), _) => key,
+            (None, false) => &own_key,
+            (None, true) => "",
+        };
         let reply = self
             .run_append_retrying(
                 &self.inner.scripts.keyed,

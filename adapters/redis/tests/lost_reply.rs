@@ -11,8 +11,9 @@ use common::proxy::FaultProxy;
 use common::*;
 use marathon_core::memory::MemoryQueue;
 use marathon_core::{
-    ActivityContext, ActivityError, ActivityOptions, Engine, EngineConfig, StartWorkflow, Worker,
-    WorkerConfig, WorkflowContext, WorkflowError, WorkflowStatus,
+    ActivityContext, ActivityError, ActivityOptions, Engine, EngineConfig, EventData, KeyedAppend,
+    KeyedOutcome, NewEvent, NewWorkflow, Seq, StartWorkflow, Store, Timestamp, Worker,
+    WorkerConfig, WorkflowContext, WorkflowError, WorkflowId, WorkflowStatus,
 };
 use marathon_redis::{RedisStore, RedisStoreConfig};
 use serde_json::json;
@@ -111,5 +112,119 @@ async fn a_dropped_connection_after_an_activity_result_does_not_stall_the_workfl
     assert!(
         took < Duration::from_secs(10),
         "completed only after {took:?}"
+    );
+}
+
+fn signal(name: &str) -> NewEvent {
+    NewEvent::new(
+        Timestamp(20),
+        EventData::SignalReceived {
+            name: name.into(),
+            payload: json!(null),
+        },
+    )
+}
+
+/// Signal names in the history of `id`, in order.
+async fn signal_names(store: &RedisStore, id: &WorkflowId) -> Vec<String> {
+    store
+        .read(id, Seq(0), 1000)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|e| match e.data {
+            EventData::SignalReceived { name, .. } => Some(name),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A signal sent without a key (a keyed append with neither dedupe key nor required
+/// owed entry) whose reply is lost after Redis applied it, and another append to the
+/// same workflow lands before the store sends it again (50 ms later): that append
+/// replaced the batch token in the summary, so the retry found nothing telling it the
+/// batch was in, and appended the signal a second time. The workflow saw it twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_unkeyed_signal_is_not_appended_twice_after_another_append() {
+    let prefix = prefix();
+    let target: u16 = url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or(6379);
+    let proxy = FaultProxy::cutting(target, b"sent-once-without-key").await;
+    let cut = RedisStore::connect(RedisStoreConfig {
+        url: proxy.url(),
+        key_prefix: prefix.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let direct = fresh_on(prefix.clone()).await;
+    let id = WorkflowId::random();
+    direct
+        .create(NewWorkflow {
+            id: id.clone(),
+            name: "w".into(),
+            input: json!(null),
+            task_queue: "tq".into(),
+            idempotency_key: None,
+            started_at: Timestamp(10),
+            task_deadline: Timestamp(1_000),
+            trace_context: None,
+        })
+        .await
+        .unwrap();
+    proxy.armed.store(true, Ordering::SeqCst);
+    let sending = {
+        let id = id.clone();
+        tokio::spawn(async move {
+            cut.append_keyed(
+                &id,
+                KeyedAppend {
+                    events: vec![signal("sent-once-without-key")],
+                    ..KeyedAppend::default()
+                },
+            )
+            .await
+        })
+    };
+    // Once Redis has applied the signal (its reply is being cut), another append
+    // lands before the store's first retry.
+    let t0 = Instant::now();
+    while signal_names(&direct, &id).await.is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the signal never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let other = direct
+        .append_keyed(
+            &id,
+            KeyedAppend {
+                key: Some("s:other".into()),
+                events: vec![signal("other")],
+                ..KeyedAppend::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(other, KeyedOutcome::Appended(_)), "{other:?}");
+    let outcome = sending.await.unwrap();
+    let names = signal_names(&direct, &id).await;
+    let fired = !proxy.armed.load(Ordering::SeqCst);
+    teardown(&prefix).await;
+    assert!(fired, "the connection was never cut");
+    assert_eq!(
+        names,
+        ["sent-once-without-key", "other"],
+        "outcome {outcome:?}"
+    );
+    // The retry found the batch in by its own dedupe key (its token in the summary
+    // had been replaced): nothing appended, and the caller is not told it failed.
+    assert!(
+        matches!(outcome, Ok(KeyedOutcome::Duplicate)),
+        "{outcome:?}"
     );
 }

@@ -137,11 +137,14 @@ async fn pump(from: OwnedReadHalf, to: OwnedWriteHalf, faults: Faults) {
                 && buf[..n].windows(pattern.len()).any(|w| w == *pattern)
                 && armed.swap(false, Ordering::SeqCst)
         });
+        if hit {
+            // Before the request goes on: a fast reply must not slip through.
+            faults.cut.store(true, Ordering::SeqCst);
+        }
         if !write_all(&to, &buf[..n]).await {
             return;
         }
         if hit {
-            faults.cut.store(true, Ordering::SeqCst);
             // Let Redis read the request before its side closes too.
             tokio::time::sleep(Duration::from_millis(100)).await;
             return;
