@@ -82,7 +82,13 @@ pub(crate) fn classify(e: RedisError) -> StoreError {
                 )
         )
         // Out of memory (noeviction) passes as memory frees; a busy script ends.
-        || matches!(e.code(), Some("OOM" | "BUSY"));
+        || matches!(e.code(), Some("OOM" | "BUSY"))
+        // A script stopped before its first write by a key of a Redis Cluster slot
+        // being migrated (see `batch_prepare` in common.lua): it goes in once the
+        // migration is over, or is sent to the slot's new node.
+        || e
+            .detail()
+            .is_some_and(|d| d.contains("Script attempted to access a non local key"));
     if transient {
         StoreError::Unavailable(Box::new(e))
     } else {

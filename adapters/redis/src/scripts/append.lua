@@ -9,5 +9,5 @@ if not f[1] then return {'notfound'} end
 if ARGV[2] ~= '' and f[3] == ARGV[2] then return {'ok', f[1], ''} end
 if f[2] ~= 'running' then return {'closed'} end
 if tonumber(f[1]) ~= tonumber(ARGV[1]) then return {'conflict', f[1]} end
-local r = apply_batch(KEYS, ARGV, 3, tonumber(f[1]), ARGV[2])
+local r = apply_batch(KEYS, ARGV, 3, tonumber(f[1]), ARGV[2], batch_prepare(KEYS, ARGV, 3))
 return {'ok', r[1], r[2]}

@@ -20,7 +20,9 @@ if req ~= '' then
     if not score or tonumber(score) ~= tonumber(due) then return {'notowed'} end
   end
 end
+-- Before the first write (see batch_prepare).
+local prepared = batch_prepare(KEYS, ARGV, 5)
 if key ~= '' then redis.call('SADD', KEYS[4], key) end
 if req ~= '' then owed_remove(KEYS[3], KEYS[5], ARGV[5], {req}) end
-local r = apply_batch(KEYS, ARGV, 5, tonumber(f[2]), ARGV[4])
+local r = apply_batch(KEYS, ARGV, 5, tonumber(f[2]), ARGV[4], prepared)
 return {'ok', r[1], r[2]}

@@ -53,6 +53,26 @@ local function index_add(base, id, ca, st, name)
   redis.call('ZADD', base .. ':idx:ns:' .. st .. ':' .. name, ca, id)
 end
 
+-- What a batch that ends the workflow needs of its summary, read before the calling
+-- script's first write: {status, name, created_at, idempotency key}, or false when the
+-- batch changes no status. The index keys such a batch moves the workflow between are
+-- built here, not declared, so they are touched (EXISTS) now: on a Redis Cluster slot
+-- being migrated, a key that is not on this node (moved already, or not yet made)
+-- stops the script at the command that touches it, which must come before anything
+-- is written, not half-way through the batch (until 2026-11-28 a workflow could read
+-- completed while it still owed work and had no closed entry).
+-- A[i..] as at apply_batch.
+local function batch_prepare(K, A, i)
+  local p = i + 4
+  local st = A[p + 1]
+  if st == '' or tonumber(A[p + 7]) == 0 then return false end
+  local f = redis.call('HMGET', K[1], 'st', 'name', 'ca', 'ik')
+  local base, old, name = A[i + 1], f[1], f[2]
+  redis.call('EXISTS', base .. ':idx:st:' .. old, base .. ':idx:ns:' .. old .. ':' .. name,
+    base .. ':idx:st:' .. st, base .. ':idx:ns:' .. st .. ':' .. name)
+  return f
+end
+
 -- Appends a batch and applies its summary patch and owed changes.
 -- K = {sum, ev, owed, dk, zowed, stream, closed}
 -- A[i..]: id, shard base, retention ms ('0' = keep), stream maxlen,
@@ -65,8 +85,9 @@ end
 -- workflow's last sequence number (summary field 'ls').
 -- token: the caller's batch token ('' = none), kept in summary field 'lb' (in the
 -- summary's own HSET when the batch has events).
+-- prepared: what batch_prepare returned, called before the caller's first write.
 -- Returns {last seq, idempotency key to expire or ''}.
-local function apply_batch(K, A, i, last, token)
+local function apply_batch(K, A, i, last, token, prepared)
   local id, base, retention, maxlen = A[i], A[i + 1], tonumber(A[i + 2]), A[i + 3]
   local p = i + 4
   local nev = tonumber(A[p + 7])
@@ -114,8 +135,7 @@ local function apply_batch(K, A, i, last, token)
     local st = A[p + 1]
     local old, name, ca, ik
     if st ~= '' then
-      local f = redis.call('HMGET', K[1], 'st', 'name', 'ca', 'ik')
-      old, name, ca, ik = f[1], f[2], f[3], f[4]
+      old, name, ca, ik = prepared[1], prepared[2], prepared[3], prepared[4]
       put('st', st)
       put('cl', ua)
     end
