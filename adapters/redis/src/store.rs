@@ -319,8 +319,14 @@ impl RedisStore {
             .arg(serde_json::to_string(&owed).map_err(backend)?)
             .arg(&wk.base)
             .arg(STREAM_MAXLEN)
-            .arg(new.trace_context.as_deref().unwrap_or(""));
-        let reply: Vec<Value> = inv.invoke_async(&mut self.conn()).await.map_err(classify)?;
+            .arg(new.trace_context.as_deref().unwrap_or(""))
+            .arg(batch_token());
+        // Sent again after a lost reply: the token tells the script the workflow it
+        // finds is the one this call created.
+        let reply: Vec<Value> = retrying("create", || async {
+            inv.invoke_async(&mut self.conn()).await.map_err(classify)
+        })
+        .await?;
         match reply.as_slice() {
             [Value::Int(1)] => Ok((
                 WorkflowSummary {
@@ -448,18 +454,7 @@ impl RedisStore {
         head: &[&str],
         tail: Vec<String>,
     ) -> Result<Vec<String>, StoreError> {
-        let mut delay = Duration::from_millis(50);
-        for _ in 0..3 {
-            match self.run_append(script, wk, head, &tail).await {
-                Err(e) if e.is_retryable() => {
-                    tracing::debug!(error = %e, "append failed; sending it again");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                }
-                other => return other,
-            }
-        }
-        self.run_append(script, wk, head, &tail).await
+        retrying("append", || self.run_append(script, wk, head, &tail)).await
     }
 
     /// The status (`None`: no such workflow) and up to `limit` events after `after`, in one round trip.
@@ -602,7 +597,30 @@ mod erased {
     }
 }
 
-/// A token unique to one append call (and its retries).
+/// Runs `call`, and again up to three times (50, 100, 200 ms apart) after a retryable
+/// error. Only for a write whose second copy finds the first if Redis applied it
+/// although its reply was lost (a timeout, a dropped connection): an append or a
+/// creation by its token, an idempotency claim by its whole value.
+async fn retrying<T, F, Fut>(what: &str, mut call: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, StoreError>>,
+{
+    let mut delay = Duration::from_millis(50);
+    for _ in 0..3 {
+        match call().await {
+            Err(e) if e.is_retryable() => {
+                tracing::debug!(error = %e, "{what} failed; sending it again");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            other => return other,
+        }
+    }
+    call().await
+}
+
+/// A token unique to one append or create call (and its retries).
 fn batch_token() -> String {
     use std::hash::BuildHasher;
     static COUNTER: AtomicU64 = AtomicU64::new(0);
@@ -716,14 +734,18 @@ impl Store for RedisStore {
         // A claim outlived by its workflow is released and claimed again; only a
         // key changing hands that often in a row gives up.
         for _ in 0..3 {
-            let prev: Option<String> = redis::cmd("SET")
-                .arg(self.keys().idem(&key))
+            let mut set = redis::cmd("SET");
+            set.arg(self.keys().idem(&key))
                 .arg(&claim)
                 .arg("NX")
-                .arg("GET")
-                .query_async(&mut self.conn())
-                .await
-                .map_err(classify)?;
+                .arg("GET");
+            let prev: Option<String> = retrying("idempotency claim", || async {
+                set.query_async(&mut self.conn()).await.map_err(classify)
+            })
+            .await?;
+            // This very claim, made by a try whose reply was lost: ours. (The claim
+            // holds the whole request, its start time included.)
+            let prev = prev.filter(|p| *p != claim);
             let Some(prev) = prev else {
                 let (summary, created) = self.create_workflow(&new).await?;
                 // Someone may have finished our creation for us: it is still ours.

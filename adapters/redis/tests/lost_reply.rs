@@ -228,3 +228,81 @@ async fn a_lost_unkeyed_signal_is_not_appended_twice_after_another_append() {
         "{outcome:?}"
     );
 }
+
+/// A store whose connection goes through a proxy that cuts the reply of the first
+/// request holding `pattern` (armed), and a direct store on the same prefix.
+async fn cut_and_direct(pattern: &'static [u8]) -> (FaultProxy, RedisStore, RedisStore, String) {
+    let prefix = prefix();
+    let target: u16 = url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or(6379);
+    let proxy = FaultProxy::cutting(target, pattern).await;
+    let cut = RedisStore::connect(RedisStoreConfig {
+        url: proxy.url(),
+        key_prefix: prefix.clone(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let direct = fresh_on(prefix.clone()).await;
+    proxy.armed.store(true, Ordering::SeqCst);
+    (proxy, cut, direct, prefix)
+}
+
+fn new_wf(name: &str, key: Option<&str>) -> NewWorkflow {
+    NewWorkflow {
+        id: WorkflowId::random(),
+        name: name.into(),
+        input: json!(null),
+        task_queue: "tq".into(),
+        idempotency_key: key.map(Into::into),
+        started_at: Timestamp(10),
+        task_deadline: Timestamp(1_000),
+        trace_context: None,
+    }
+}
+
+/// Redis created the workflow (`create.lua`) and the reply was lost: the store
+/// answered `Unavailable`, so the API answered 503 for a start that had started, and
+/// a client retrying a start without id or key started the workflow a second time.
+/// Now the store sends the call again, like an append's, and recognises its own
+/// creation: `created: true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_create_whose_reply_is_lost_answers_created() {
+    let (proxy, cut, direct, prefix) = cut_and_direct(b"created-once-reply-lost").await;
+    let new = new_wf("created-once-reply-lost", None);
+    let created = cut.create(new.clone()).await;
+    let stored = direct.get(&new.id).await.unwrap();
+    let fired = !proxy.armed.load(Ordering::SeqCst);
+    teardown(&prefix).await;
+    assert!(fired, "the connection was never cut");
+    assert!(stored.is_some(), "Redis created it");
+    let created = created.expect("the creation Redis applied is not reported failed");
+    assert!(created.created, "{created:?}");
+    assert_eq!(created.summary.id, new.id);
+}
+
+/// The same with an idempotency key, its reply lost at each of the two steps: the
+/// claim (`SET NX GET`), then `create.lua`. Each is sent again; the claim found is
+/// this call's own, and the creation too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_create_whose_replies_are_lost_answers_created() {
+    for (pattern, name) in [
+        (&b"\r\nSET\r\n"[..], "claim-reply-lost"),
+        (&b"create-reply-lost"[..], "create-reply-lost"),
+    ] {
+        let (proxy, cut, direct, prefix) = cut_and_direct(pattern).await;
+        let new = new_wf(name, Some(name));
+        let created = cut.create(new.clone()).await;
+        let stored = direct.get(&new.id).await.unwrap();
+        let fired = !proxy.armed.load(Ordering::SeqCst);
+        teardown(&prefix).await;
+        assert!(fired, "{name}: the connection was never cut");
+        let created = created.unwrap_or_else(|e| panic!("{name}: reported failed: {e}"));
+        assert!(created.created, "{name}: {created:?}");
+        assert_eq!(created.summary.id, new.id, "{name}");
+        assert!(stored.is_some(), "{name}: created in Redis");
+    }
+}
