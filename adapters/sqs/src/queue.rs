@@ -1153,6 +1153,8 @@ impl Queue for SqsQueue {
             r => r?,
         };
         let mut recreated = false;
+        // Tasks taken off the DLQ and deleted there: no later drain can report them,
+        // so a failure after some were deleted returns them rather than the error.
         let mut tasks = Vec::new();
         while tasks.len() < max {
             let out = match self
@@ -1172,18 +1174,19 @@ impl Queue for SqsQueue {
                     url = self.dlq_url(queue).await?;
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return drained(queue, tasks, e),
             };
             let messages = out.messages.unwrap_or_default();
             if messages.is_empty() {
                 break;
             }
-            let mut receipts = Vec::with_capacity(messages.len());
+            let mut taken = Vec::with_capacity(messages.len());
             for m in messages {
                 match decode(m.body().unwrap_or_default()) {
                     Ok(task) => {
-                        tasks.push(task);
-                        receipts.extend(m.receipt_handle);
+                        if let Some(r) = m.receipt_handle {
+                            taken.push((task, r));
+                        }
                     }
                     // Reported, and kept on the dead-letter queue for a human to look at.
                     Err(e) => {
@@ -1198,7 +1201,24 @@ impl Queue for SqsQueue {
                     }
                 }
             }
-            self.delete_batches(&url, receipts).await?;
+            let (round, receipts): (Vec<Task>, Vec<String>) = taken.into_iter().unzip();
+            // A task is returned once its message is deleted; one not deleted stays
+            // on the DLQ (hidden for DRAIN_VISIBILITY) and a later drain returns it.
+            let mut failure = None;
+            for (task, r) in round
+                .into_iter()
+                .zip(self.delete_coalesced(&url, receipts).await)
+            {
+                match r {
+                    Ok(()) => tasks.push(task),
+                    Err(f) => {
+                        failure.get_or_insert(f);
+                    }
+                }
+            }
+            if let Some(f) = failure {
+                return drained(queue, tasks, f.into_error("drain_dead_letters"));
+            }
         }
         Ok(tasks)
     }
@@ -1223,6 +1243,16 @@ impl Queue for SqsQueue {
             .map_err(|e| classify("list_queues", false, e))?;
         Ok(())
     }
+}
+
+/// The end of a drain that failed with `e`: the tasks already deleted from the
+/// dead-letter queue if there are any (no later drain can return them), else `e`.
+fn drained(queue: &str, tasks: Vec<Task>, e: QueueError) -> Result<Vec<Task>, QueueError> {
+    if tasks.is_empty() {
+        return Err(e);
+    }
+    tracing::warn!(queue, error = %e, drained = tasks.len(), "draining dead letters stopped early; returning those already taken off the dead-letter queue");
+    Ok(tasks)
 }
 
 /// Runs [`SqsQueueConfig::check`], its refusal as a [`QueueError::Backend`].

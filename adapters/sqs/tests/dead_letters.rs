@@ -1,0 +1,145 @@
+//! Draining dead letters when SQS fails part-way through. Needs `scripts/localstack.sh start`.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use marathon_core::{Queue, Task, WorkflowId};
+use marathon_sqs::SqsQueue;
+
+const Q: &str = "dl";
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// While armed, lets `allowed` ReceiveMessage requests on a dead-letter queue
+/// through and fails every later one before it is sent.
+#[derive(Debug, Default)]
+struct FailDlqReceives {
+    armed: AtomicBool,
+    allowed: AtomicUsize,
+}
+
+impl aws_sdk_sqs::config::Intercept for FailDlqReceives {
+    fn name(&self) -> &'static str {
+        "FailDlqReceives"
+    }
+
+    fn modify_before_transmit(
+        &self,
+        ctx: &mut aws_sdk_sqs::config::interceptors::BeforeTransmitInterceptorContextMut<'_>,
+        _: &aws_sdk_sqs::config::RuntimeComponents,
+        _: &mut aws_sdk_sqs::config::ConfigBag,
+    ) -> Result<(), BoxError> {
+        let req = ctx.request();
+        let on_dlq = req
+            .body()
+            .bytes()
+            .is_some_and(|b| String::from_utf8_lossy(b).contains("-dlq\""));
+        if !self.armed.load(Ordering::SeqCst)
+            || req.headers().get("x-amz-target") != Some("AmazonSQS.ReceiveMessage")
+            || !on_dlq
+        {
+            return Ok(());
+        }
+        match self
+            .allowed
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        {
+            Ok(_) => Ok(()),
+            Err(_) => Err("injected: SQS unreachable".into()),
+        }
+    }
+}
+
+async fn queue_with(faults: Arc<FailDlqReceives>) -> SqsQueue {
+    let sdk = common::loader()
+        .endpoint_url(common::endpoint())
+        .load()
+        .await;
+    let conf = aws_sdk_sqs::config::Builder::from(&sdk)
+        .interceptor(SharedFaults(faults))
+        .build();
+    SqsQueue::from_client(
+        common::config(5, false),
+        aws_sdk_sqs::Client::from_conf(conf),
+    )
+    .expect("config")
+}
+
+/// An `Arc` of the interceptor, so the test keeps a handle to arm it.
+#[derive(Debug)]
+struct SharedFaults(Arc<FailDlqReceives>);
+
+impl aws_sdk_sqs::config::Intercept for SharedFaults {
+    fn name(&self) -> &'static str {
+        "SharedFaults"
+    }
+
+    fn modify_before_transmit(
+        &self,
+        ctx: &mut aws_sdk_sqs::config::interceptors::BeforeTransmitInterceptorContextMut<'_>,
+        rc: &aws_sdk_sqs::config::RuntimeComponents,
+        cfg: &mut aws_sdk_sqs::config::ConfigBag,
+    ) -> Result<(), BoxError> {
+        self.0.modify_before_transmit(ctx, rc, cfg)
+    }
+}
+
+/// A drain takes ten dead letters off the DLQ and deletes them, then its next
+/// ReceiveMessage fails (SQS unreachable for a moment). The ten were deleted, so no
+/// later drain can report them: the drain must return them. It returned the error
+/// alone, and those ten dead-lettered tasks were never reported (no `ERROR` log,
+/// no `dead_lettered` count) although they were gone from the DLQ.
+#[tokio::test]
+async fn dead_letters_deleted_before_a_failure_are_still_reported() {
+    let faults = Arc::new(FailDlqReceives::default());
+    let q = queue_with(faults.clone()).await;
+    // Creates the queue and its DLQ.
+    q.depth(Q).await.expect("depth");
+    let dlq = q
+        .client()
+        .get_queue_url()
+        .queue_name(format!("{}{Q}-dlq", q.config().queue_prefix))
+        .send()
+        .await
+        .expect("dlq url")
+        .queue_url
+        .expect("a url");
+    let tasks: Vec<Task> = (0..15)
+        .map(|_| Task::workflow(WorkflowId::random()))
+        .collect();
+    for t in &tasks {
+        q.client()
+            .send_message()
+            .queue_url(&dlq)
+            .message_body(serde_json::to_string(t).expect("json"))
+            .send()
+            .await
+            .expect("send to the DLQ");
+    }
+    let ids = |ts: &[Task]| -> BTreeSet<String> {
+        ts.iter().map(|t| t.workflow_id().to_string()).collect()
+    };
+    // One receive of ten goes through; the next fails.
+    faults.allowed.store(1, Ordering::SeqCst);
+    faults.armed.store(true, Ordering::SeqCst);
+    let first = q.drain_dead_letters(Q, 100).await;
+    faults.armed.store(false, Ordering::SeqCst);
+    let mut reported = Vec::new();
+    if let Ok(t) = &first {
+        reported.extend(t.iter().cloned());
+    }
+    // SQS answers again: drain what is left.
+    for _ in 0..5 {
+        let more = q.drain_dead_letters(Q, 100).await.expect("drain");
+        if more.is_empty() {
+            break;
+        }
+        reported.extend(more);
+    }
+    common::teardown(&q).await;
+    assert_eq!(reported.len(), tasks.len(), "first drain: {first:?}");
+    assert_eq!(ids(&reported), ids(&tasks));
+}
