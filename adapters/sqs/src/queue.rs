@@ -1156,12 +1156,15 @@ impl Queue for SqsQueue {
         // Tasks taken off the DLQ and deleted there: no later drain can report them,
         // so a failure after some were deleted returns them rather than the error.
         let mut tasks = Vec::new();
-        while tasks.len() < max {
+        // Messages read, undecodable ones included: those stay on the DLQ, so
+        // counting only tasks would read the whole DLQ on every drain.
+        let mut read = 0;
+        while read < max {
             let out = match self
                 .client
                 .receive_message()
                 .queue_url(&url)
-                .max_number_of_messages(clamp_i32((max - tasks.len()).min(MAX_BATCH)))
+                .max_number_of_messages(clamp_i32((max - read).min(MAX_BATCH)))
                 .wait_time_seconds(0)
                 .visibility_timeout(DRAIN_VISIBILITY)
                 .send()
@@ -1180,6 +1183,7 @@ impl Queue for SqsQueue {
             if messages.is_empty() {
                 break;
             }
+            read += messages.len();
             let mut taken = Vec::with_capacity(messages.len());
             for m in messages {
                 match decode(m.body().unwrap_or_default()) {

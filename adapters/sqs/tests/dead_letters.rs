@@ -143,3 +143,58 @@ async fn dead_letters_deleted_before_a_failure_are_still_reported() {
     assert_eq!(reported.len(), tasks.len(), "first drain: {first:?}");
     assert_eq!(ids(&reported), ids(&tasks));
 }
+
+/// Messages now visible on the DLQ of `q`'s queue [`Q`].
+async fn visible_on_dlq(q: &SqsQueue, dlq: &str) -> u64 {
+    q.client()
+        .get_queue_attributes()
+        .queue_url(dlq)
+        .attribute_names(aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        .send()
+        .await
+        .expect("attributes")
+        .attributes
+        .and_then(|mut a| {
+            a.remove(&aws_sdk_sqs::types::QueueAttributeName::ApproximateNumberOfMessages)
+        })
+        .and_then(|v| v.parse().ok())
+        .expect("a count")
+}
+
+/// A DLQ holding many undecodable messages (another producer's, left there for an
+/// operator): a drain of `max` reads at most `max` messages. It read the whole
+/// DLQ on every drain, since only decoded tasks counted towards `max`: with
+/// thousands of such messages, each replica's drain (every 30 s) sent a
+/// ReceiveMessage per ten of them and logged an `ERROR` for every one.
+#[tokio::test]
+async fn a_drain_reads_at_most_max_messages_when_they_are_undecodable() {
+    let q = common::fresh(5, false).await;
+    q.depth(Q).await.expect("depth");
+    let dlq = q
+        .client()
+        .get_queue_url()
+        .queue_name(format!("{}{Q}-dlq", q.config().queue_prefix))
+        .send()
+        .await
+        .expect("dlq url")
+        .queue_url
+        .expect("a url");
+    for i in 0..30 {
+        q.client()
+            .send_message()
+            .queue_url(&dlq)
+            .message_body(format!("{{\"poison\": {i}}}"))
+            .send()
+            .await
+            .expect("send to the DLQ");
+    }
+    let drained = q.drain_dead_letters(Q, 5).await;
+    let visible = visible_on_dlq(&q, &dlq).await;
+    common::teardown(&q).await;
+    assert!(drained.expect("drain").is_empty());
+    assert!(
+        visible >= 25,
+        "a drain of 5 read {} undecodable messages",
+        30 - visible
+    );
+}
