@@ -881,18 +881,18 @@ impl Store for RedisStore {
         let Some(st) = st else {
             return Err(StoreError::NotFound(id.clone()));
         };
-        let caught_up = (events.len() as u64) < SUBSCRIBE_FIRST_READ;
-        let sub = Subscription {
+        let mut sub = Subscription {
             store: self.clone(),
             wk,
             after,
-            batch: next_batch(SUBSCRIBE_FIRST_READ, events.len(), bytes),
-            buf: events.into(),
-            stale: !caught_up,
-            closed: caught_up && st != WorkflowStatus::Running.as_str(),
+            batch: SUBSCRIBE_FIRST_READ,
+            buf: VecDeque::new(),
+            stale: false,
+            closed: false,
             reg,
             done: false,
         };
+        sub.take_read(&st, events, bytes);
         Ok(Box::pin(futures::stream::unfold(sub, Subscription::next)))
     }
 
@@ -1282,6 +1282,17 @@ struct Subscription {
 }
 
 impl Subscription {
+    /// Takes in a read of `self.batch` events after `after` (`bytes` of JSON) that
+    /// found the workflow with status `st`: whether more may follow at once, whether
+    /// the stream ends after them, and how many to read next time.
+    fn take_read(&mut self, st: &str, events: Vec<Event>, bytes: u64) {
+        let caught_up = (events.len() as u64) < self.batch;
+        self.batch = next_batch(self.batch, events.len(), bytes);
+        self.stale = !caught_up;
+        self.closed = caught_up && st != WorkflowStatus::Running.as_str();
+        self.buf.extend(events);
+    }
+
     async fn next(mut self) -> Option<(Result<Event, StoreError>, Self)> {
         loop {
             if let Some(e) = self.buf.pop_front() {
@@ -1307,13 +1318,7 @@ impl Subscription {
             {
                 // Purged or expired: the history is gone, the stream ends.
                 Ok((None, ..)) => return None,
-                Ok((Some(st), events, bytes)) => {
-                    let caught_up = (events.len() as u64) < self.batch;
-                    self.batch = next_batch(self.batch, events.len(), bytes);
-                    self.stale = !caught_up;
-                    self.closed = caught_up && st != WorkflowStatus::Running.as_str();
-                    self.buf.extend(events);
-                }
+                Ok((Some(st), events, bytes)) => self.take_read(&st, events, bytes),
                 Err(e) => {
                     self.done = true;
                     return Some((Err(e), self));

@@ -77,11 +77,21 @@ fn attempt_budget(
     scheduled_at: Timestamp,
     start: Timestamp,
 ) -> Duration {
+    attempt_limit(options, scheduled_at, start).0
+}
+
+/// [`attempt_budget`], and the timeout that sets it (`start_to_close`, or
+/// `schedule_to_close` when what is left of it is no longer).
+fn attempt_limit(
+    options: &ActivityOptions,
+    scheduled_at: Timestamp,
+    start: Timestamp,
+) -> (Duration, &'static str) {
     match options.schedule_to_close {
-        Some(s) => options
-            .start_to_close
-            .min(scheduled_at.plus(s).since(start)),
-        None => options.start_to_close,
+        Some(s) if scheduled_at.plus(s).since(start) <= options.start_to_close => {
+            (scheduled_at.plus(s).since(start), "schedule_to_close")
+        }
+        _ => (options.start_to_close, "start_to_close"),
     }
 }
 
@@ -1743,7 +1753,16 @@ impl EngineInner {
         let durable = self.durable_heartbeat(&t, &call, started_at);
         let marked = late || durable.is_some();
         // Boxed: rarely awaited, and kept out of this (hot) future's size.
-        if marked && !Box::pin(self.mark_started(&t, &call, started_at, redelivered)).await? {
+        // Its deadline counts from now: the heartbeat timeout's when heartbeats keep it.
+        let deadline = durable.as_ref().map_or_else(
+            || {
+                started_at
+                    .plus(attempt_budget(&call.options, call.scheduled_at, started_at))
+                    .plus(self.config.activity_grace)
+            },
+            |d| d.marked,
+        );
+        if marked && !Box::pin(self.mark_started(&t, started_at, deadline, redelivered)).await? {
             crate::observe::record_current([("outcome", &AttemptOutcome::Dropped.as_str())]);
             return Ok(());
         }
@@ -1876,22 +1895,18 @@ impl EngineInner {
         })
     }
 
-    /// Marks the attempt started in the store ([`Self::received_late`],
-    /// [`Self::durable_heartbeat`]); whether it should run: then its deadline counts
-    /// from now (its budget + grace, or its heartbeat timeout + grace when that is
-    /// shorter), and a copy of an attempt another worker runs, or of one no longer
-    /// owed, is not run.
+    /// Marks the attempt started at `now` in the store with `deadline` (its budget +
+    /// grace, or its heartbeat timeout + grace when that is shorter:
+    /// [`Self::received_late`], [`Self::durable_heartbeat`]); whether it should run: a
+    /// copy of an attempt another worker runs, or of one no longer owed, is not run.
     async fn mark_started(
         &self,
         t: &ActivityTask,
-        call: &ActivityCall,
         now: Timestamp,
+        deadline: Timestamp,
         redelivered: bool,
     ) -> Result<bool, EngineError> {
-        let budget = attempt_budget(&call.options, call.scheduled_at, now);
         let key = activity_key(t.activity_id, t.attempt);
-        let window = heartbeat_bound(&call.options, budget).unwrap_or(budget);
-        let deadline = now.plus(window).plus(self.config.activity_grace);
         match self
             .store
             .start_attempt(&t.workflow_id, &key, t.copy, now, deadline, redelivered)
@@ -1926,15 +1941,7 @@ impl EngineInner {
             ))
             .with_kind("unknown_activity")));
         };
-        let mut budget = call.options.start_to_close;
-        let mut budget_kind = "start_to_close";
-        if let Some(stc) = call.options.schedule_to_close {
-            let left = call.scheduled_at.plus(stc).since(started_at);
-            if left <= budget {
-                budget = left;
-                budget_kind = "schedule_to_close";
-            }
-        }
+        let (budget, budget_kind) = attempt_limit(&call.options, call.scheduled_at, started_at);
         if budget.is_zero() {
             return Some(Err(ActivityError::timeout(budget_kind)));
         }
