@@ -703,6 +703,17 @@ fn decode_cursor(cursor: &str) -> Result<(u64, WorkflowId), StoreError> {
 }
 
 /// Splits a flat `[member, score, member, score, …]` reply.
+/// What `claim_overdue` returns when a read or a shard's claim fails part way: the
+/// entries already leased, which would otherwise wait out their lease unworked, or
+/// the error when nothing was leased.
+fn claimed_or(claimed: Vec<Owed>, e: StoreError) -> Result<Vec<Owed>, StoreError> {
+    if claimed.is_empty() {
+        return Err(e);
+    }
+    tracing::warn!(error = %e, claimed = claimed.len(), "claiming overdue work failed on a shard; handing out what the others leased");
+    Ok(claimed)
+}
+
 fn pairs(flat: Vec<String>, what: &str) -> Result<Vec<(String, u64)>, StoreError> {
     if !flat.len().is_multiple_of(2) {
         return Err(bad_reply(format!("{what}: odd WITHSCORES reply")));
@@ -1109,7 +1120,10 @@ impl Store for RedisStore {
                     (shard, c)
                 })
                 .collect();
-            let replies: Vec<Vec<String>> = self.per_shard(cmds).await?;
+            let replies: Vec<Vec<String>> = match self.per_shard(cmds).await {
+                Ok(replies) => replies,
+                Err(e) => return claimed_or(claimed, e),
+            };
             let mut candidates: Vec<(u64, String, u32)> = Vec::new();
             for (shard, flat) in (0..shards).zip(replies) {
                 for (member, deadline) in pairs(flat, "claim")? {
@@ -1140,8 +1154,17 @@ impl Store for RedisStore {
             });
             let mut got = 0;
             let mut round = Vec::new();
+            let mut failed = None;
             for reply in futures::future::join_all(calls).await {
-                let flat = reply.map_err(classify)?;
+                // A shard that fails leased nothing; the entries the others leased
+                // are still handed out rather than left leased until the lease ends.
+                let flat = match reply {
+                    Ok(flat) => flat,
+                    Err(e) => {
+                        failed = Some(classify(e));
+                        continue;
+                    }
+                };
                 let mut it = flat.into_iter();
                 while let (Some(member), Some(deadline), Some(json)) =
                     (it.next(), it.next(), it.next())
@@ -1174,6 +1197,9 @@ impl Store for RedisStore {
             }
             round.sort_by_key(|o| o.entry.deadline);
             claimed.extend(round);
+            if let Some(e) = failed {
+                return claimed_or(claimed, e);
+            }
             if got == picked {
                 break;
             }

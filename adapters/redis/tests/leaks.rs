@@ -159,3 +159,61 @@ async fn one_unreadable_owed_entry_does_not_stop_the_sweeper() {
         "the good workflow's overdue task is never claimed: {results:?}"
     );
 }
+
+/// The `{sN}` shard tag in a key of this store.
+fn shard_tag(key: &str) -> &str {
+    let start = key.find('{').expect("a hash tag");
+    let end = key[start..].find('}').expect("a closed hash tag");
+    &key[start..=start + end]
+}
+
+/// One shard's claim script fails (here its workflow's owed hash has the wrong
+/// type; in production, say, a node failing over) after another shard's script
+/// already moved its entries to the lease end. Those entries are handed out, not
+/// dropped with the error to wait out their lease.
+#[tokio::test]
+async fn a_failing_shard_does_not_hold_back_what_the_others_claimed() {
+    let (store, prefix) = common::fresh().await;
+    let good = WorkflowId::random();
+    store.create(new_wf(&good, None, 10)).await.unwrap(); // owes "wf" at 1010
+    let sum_key = |keys: &[String], id: &WorkflowId| {
+        keys.iter()
+            .find(|k| k.ends_with(&format!(":wf:{id}:sum")))
+            .cloned()
+            .expect("a summary")
+    };
+    let good_shard = shard_tag(&sum_key(&common::keys_under(&prefix).await, &good)).to_string();
+    // A second workflow on another shard.
+    let bad_sum = loop {
+        let bad = WorkflowId::random();
+        store.create(new_wf(&bad, None, 5)).await.unwrap(); // owes "wf" at 1005
+        let key = sum_key(&common::keys_under(&prefix).await, &bad);
+        if shard_tag(&key) != good_shard {
+            break key;
+        }
+    };
+    let owed_key = bad_sum.replace(":sum", ":owed");
+    let mut c = redis::Client::open(common::url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let () = redis::cmd("DEL")
+        .arg(&owed_key)
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let () = redis::cmd("SET")
+        .arg(&owed_key)
+        .arg("not a hash")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    let first = store
+        .claim_overdue(Timestamp(2_000), Duration::from_secs(1), 256)
+        .await
+        .map(|v| v.into_iter().map(|o| o.workflow_id).collect::<Vec<_>>());
+    common::teardown(&prefix).await;
+    let ids = first.expect("the good shard's claim is handed out");
+    assert!(ids.contains(&good), "claimed {ids:?}, not {good}");
+}
