@@ -306,3 +306,72 @@ async fn a_keyed_create_whose_replies_are_lost_answers_created() {
         assert!(stored.is_some(), "{name}: created in Redis");
     }
 }
+
+/// A workflow's closing append whose reply is lost: the store's retry finds its
+/// batch in by its token. That answer left out the idempotency key the closing
+/// batch owes an expiry (under retention), so the claim outlived its workflow and
+/// was never released: with purging off, the key named a gone workflow forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_reply_on_the_closing_append_still_expires_the_idempotency_key() {
+    let prefix = prefix();
+    let target: u16 = url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.trim_end_matches('/').parse().ok())
+        .unwrap_or(6379);
+    let proxy = FaultProxy::cutting(target, b"closing-reply-lost").await;
+    let cut = RedisStore::connect(RedisStoreConfig {
+        url: proxy.url(),
+        key_prefix: prefix.clone(),
+        retention: Some(Duration::from_secs(3_600)),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let new = new_wf("closing", Some("closing-key"));
+    cut.create(new.clone()).await.unwrap();
+    proxy.armed.store(true, Ordering::SeqCst);
+    let closed = cut
+        .append(
+            &new.id,
+            Seq(1),
+            vec![NewEvent::new(
+                Timestamp(20),
+                EventData::WorkflowCompleted {
+                    output: json!("closing-reply-lost"),
+                },
+            )],
+            marathon_core::OwedChanges::none(),
+        )
+        .await;
+    let fired = !proxy.armed.load(Ordering::SeqCst);
+    let idem = keys_under(&prefix)
+        .await
+        .into_iter()
+        .find(|k| k.contains(":idem:"));
+    let ttl: i64 = match &idem {
+        Some(key) => {
+            let mut c = redis::Client::open(url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            redis::cmd("PTTL")
+                .arg(key)
+                .query_async(&mut c)
+                .await
+                .unwrap()
+        }
+        None => -2,
+    };
+    teardown(&prefix).await;
+    assert!(fired, "the connection was never cut");
+    assert_eq!(
+        closed.expect("the applied append is not reported failed"),
+        Seq(2)
+    );
+    assert!(
+        ttl > 0 && ttl <= 3_600_000,
+        "idempotency key {idem:?} has PTTL {ttl}, not the retention"
+    );
+}

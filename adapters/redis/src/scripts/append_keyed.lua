@@ -6,10 +6,10 @@
 --       4 batch token ('' = none: a retry of a batch whose reply was lost finds it applied),
 --       5.. the batch as described at apply_batch (common.lua)
 -- Returns {'ok', last seq, ik to expire} | {'notfound'} | {'closed'} | {'duplicate'} | {'notowed'}.
-local f = redis.call('HMGET', KEYS[1], 'st', 'ls', 'lb')
+local f = redis.call('HMGET', KEYS[1], 'st', 'ls', 'lb', 'ik')
 local st = f[1]
 if not st then return {'notfound'} end
-if ARGV[4] ~= '' and f[3] == ARGV[4] then return {'ok', f[2], ''} end
+if ARGV[4] ~= '' and f[3] == ARGV[4] then return applied_reply(ARGV, 5, f[2], st, f[4]) end
 local key, req, due = ARGV[1], ARGV[2], ARGV[3]
 if key ~= '' and redis.call('SISMEMBER', KEYS[4], key) == 1 then return {'duplicate'} end
 if st ~= 'running' then return {'closed'} end

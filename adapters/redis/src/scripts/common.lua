@@ -160,3 +160,15 @@ local function apply_batch(K, A, i, last, token, prepared)
   end
   return {string.format('%d', last), expire_ik}
 end
+
+-- The reply to a batch found applied by its token (the caller's retry after a lost
+-- reply): when that batch closed the workflow under retention, the idempotency key
+-- the caller still has to expire, as apply_batch would have answered.
+-- A: the script's ARGV, i where the batch begins; f_ls, f_st, f_ik the summary's
+-- 'ls', 'st' and 'ik'.
+local function applied_reply(A, i, f_ls, f_st, f_ik)
+  if f_st ~= 'running' and f_ik and tonumber(A[i + 2]) > 0 then
+    return {'ok', f_ls, f_ik}
+  end
+  return {'ok', f_ls, ''}
+end
