@@ -457,6 +457,41 @@ impl RedisStore {
         retrying("append", || self.run_append(script, wk, head, &tail)).await
     }
 
+    /// Whether the events right after `after` are `events`, byte for byte as
+    /// `apply_batch` stores them: a conditional append sent again after a lost reply
+    /// that answers `conflict` asks this to tell its own batch (in, then followed by
+    /// another append) from another writer's. Only that retry path reads it.
+    async fn batch_landed(
+        &self,
+        wk: &WfKeys,
+        after: Seq,
+        events: &[NewEvent],
+    ) -> Result<bool, StoreError> {
+        let (Ok(n @ 1..), Ok(start)) = (isize::try_from(events.len()), isize::try_from(after.0))
+        else {
+            return Ok(false);
+        };
+        let stored: Vec<String> = redis::cmd("LRANGE")
+            .arg(&wk.ev)
+            .arg(start)
+            .arg(start + n - 1)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(classify)?;
+        if stored.len() != events.len() {
+            return Ok(false);
+        }
+        for (k, (event, stored)) in events.iter().zip(&stored).enumerate() {
+            let json = serde_json::to_string(event).map_err(backend)?;
+            let seq = after.0 + k as u64 + 1;
+            let ours = format!("{{\"seq\":{seq},{}", json.get(1..).unwrap_or(""));
+            if ours != *stored {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
     /// The status (`None`: no such workflow) and up to `limit` events after `after`, in one round trip.
     async fn read_with_status(
         &self,
@@ -808,13 +843,25 @@ impl Store for RedisStore {
         let tail = self.batch_args(id, &wk, &events, &owed)?;
         let expected = expected_last.0.to_string();
         let token = batch_token();
-        let reply = self
-            .run_append_retrying(&self.inner.scripts.append, &wk, &[&expected, &token], tail)
-            .await?;
+        let head: [&str; 2] = [&expected, &token];
+        let sends = AtomicU64::new(0);
+        let reply = retrying("append", || {
+            sends.fetch_add(1, Ordering::Relaxed);
+            self.run_append(&self.inner.scripts.append, &wk, &head, &tail)
+        })
+        .await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(Seq(parse_u64(reply.get(1).map_or("", |s| s), "seq")?)),
             Some("notfound") => Err(StoreError::NotFound(id.clone())),
             Some("closed") => Err(StoreError::Closed(id.clone())),
+            Some("conflict")
+                if sends.load(Ordering::Relaxed) > 1
+                    && self.batch_landed(&wk, expected_last, &events).await? =>
+            {
+                // An earlier send whose reply was lost went in, then another append
+                // replaced its token in `lb`: the batch is in, right after `expected`.
+                Ok(Seq(expected_last.0 + events.len() as u64))
+            }
             Some("conflict") => Err(StoreError::Conflict {
                 id: id.clone(),
                 expected: expected_last,

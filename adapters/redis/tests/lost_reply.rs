@@ -12,7 +12,7 @@ use common::*;
 use marathon_core::memory::MemoryQueue;
 use marathon_core::{
     ActivityContext, ActivityError, ActivityOptions, Engine, EngineConfig, EventData, KeyedAppend,
-    KeyedOutcome, NewEvent, NewWorkflow, Seq, StartWorkflow, Store, Timestamp, Worker,
+    KeyedOutcome, NewEvent, NewWorkflow, Seq, StartWorkflow, Store, StoreError, Timestamp, Worker,
     WorkerConfig, WorkflowContext, WorkflowError, WorkflowId, WorkflowStatus,
 };
 use marathon_redis::{RedisStore, RedisStoreConfig};
@@ -373,5 +373,84 @@ async fn a_lost_reply_on_the_closing_append_still_expires_the_idempotency_key() 
     assert!(
         ttl > 0 && ttl <= 3_600_000,
         "idempotency key {idem:?} has PTTL {ttl}, not the retention"
+    );
+}
+
+/// A workflow task's conditional append whose reply is lost after Redis applied it,
+/// and another append (a signal) lands before the store sends it again: that append
+/// replaced the batch token in the summary, so the retry answered `Conflict`. The
+/// engine dropped the task, and the activities its batch scheduled were sent only
+/// when their owed deadline passed (5.5 minutes by default). Now the store finds its
+/// batch in, right after the sequence it expected, and answers it appended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_append_followed_by_another_is_not_a_conflict() {
+    let (proxy, cut, direct, prefix) = cut_and_direct(b"scheduled-reply-lost").await;
+    let new = new_wf("scheduled", None);
+    let id = new.id.clone();
+    direct.create(new).await.unwrap();
+    let sending = {
+        let id = id.clone();
+        tokio::spawn(async move {
+            cut.append(
+                &id,
+                Seq(1),
+                vec![
+                    signal("scheduled-reply-lost"),
+                    signal("second of the batch"),
+                ],
+                marathon_core::OwedChanges::none(),
+            )
+            .await
+        })
+    };
+    let t0 = Instant::now();
+    while signal_names(&direct, &id).await.is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the batch never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let other = direct
+        .append_keyed(
+            &id,
+            KeyedAppend {
+                key: Some("s:other".into()),
+                events: vec![signal("other")],
+                ..KeyedAppend::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(other, KeyedOutcome::Appended(_)), "{other:?}");
+    let outcome = sending.await.unwrap();
+    let names = signal_names(&direct, &id).await;
+    let fired = !proxy.armed.load(Ordering::SeqCst);
+    // A real conflict is still one: the batch is not in after Seq(1) any more.
+    let stale = direct
+        .append(
+            &id,
+            Seq(1),
+            vec![
+                signal("scheduled-reply-lost"),
+                signal("second of the batch"),
+            ],
+            marathon_core::OwedChanges::none(),
+        )
+        .await;
+    teardown(&prefix).await;
+    assert!(fired, "the connection was never cut");
+    assert_eq!(
+        names,
+        ["scheduled-reply-lost", "second of the batch", "other"],
+        "outcome {outcome:?}"
+    );
+    assert_eq!(
+        outcome.expect("the applied batch is not a conflict"),
+        Seq(3)
+    );
+    assert!(
+        matches!(stale, Err(StoreError::Conflict { .. })),
+        "{stale:?}"
     );
 }
