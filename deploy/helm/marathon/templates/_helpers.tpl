@@ -119,6 +119,18 @@ where JSON Schema can express them).
 {{- if and $v.roles.split (eq $v.queue.kind "memory") }}
 {{- fail "queue.kind=memory cannot be used with roles.split=true: api pods would enqueue where no worker reads; use queue.kind=sqs" }}
 {{- end }}
+{{- if eq $v.queue.kind "memory" }}
+{{- /* The memory queue is this pod's alone: its workers must serve the default task queue. */}}
+{{- $default := index $v.config "engine.default_task_queue" | default "default" | toString }}
+{{- $served := list "default" }}
+{{- with $v.workerQueues }}
+{{- $served = list }}
+{{- range . }}{{ $served = append $served .name }}{{ end }}
+{{- end }}
+{{- if not (has $default $served) }}
+{{- fail (printf "queue.kind=memory: the engine's default task queue %q is not in workerQueues (%s); no other process reads the memory queue, so the server refuses to start: add it to workerQueues" $default (join ", " $served)) }}
+{{- end }}
+{{- end }}
 {{- if and (eq $v.store.kind "redis") (not $v.store.redis.url) (not $v.store.redis.existingSecret) }}
 {{- fail "store.kind=redis needs store.redis.url or store.redis.existingSecret" }}
 {{- end }}
