@@ -146,6 +146,12 @@ where JSON Schema can express them).
 {{- fail (printf "config.%s is set by the chart from its own values; use those instead" $key) }}
 {{- end }}
 {{- end }}
+{{- range $role := splitList " " (include "marathon.roles" .) }}
+{{- $a := (index $v.roles $role).autoscaling }}
+{{- if and $a.enabled (gt (int $a.minReplicas) (int $a.maxReplicas)) }}
+{{- fail (printf "roles.%s.autoscaling: minReplicas %v is above maxReplicas %v; the API server refuses such a HorizontalPodAutoscaler" $role $a.minReplicas $a.maxReplicas) }}
+{{- end }}
+{{- end }}
 {{- if lt (int $v.shutdownGraceSeconds) 1 }}
 {{- fail "shutdownGraceSeconds must be at least 1" }}
 {{- end }}
