@@ -153,8 +153,8 @@ def lookup(table: dict, dotted: str):
 # --------------------------------------------------------------------------- chart
 
 
-def render(chart, values: dict) -> dict[str, str]:
-    return chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+def render(chart, values: dict, release: str = RELEASE) -> dict[str, str]:
+    return chart.render(values, name=release, namespace=NAMESPACE, is_install=True)
 
 
 def docs_of(rendered: dict[str, str]) -> list[dict]:
@@ -312,6 +312,73 @@ def check_objects(name: str, docs: list[dict], server: Server) -> None:
     ok(f"{name}: {len(docs)} objects, assertions done")
 
 
+def check_up_rules(name: str, docs: list[dict]) -> None:
+    """Every `up{...}` alert of the PrometheusRule selects the Services the chart's
+    ServiceMonitor scrapes: the operator labels each target with its Service's name
+    (`service`) and namespace, so without that ServiceMonitor (or with a selector that
+    misses a Service) `up` has no such series and an `absent(...)` alert fires forever."""
+    services = [d for d in docs if d["kind"] == "Service"]
+    scraped = []
+    for sm in (d for d in docs if d["kind"] == "ServiceMonitor"):
+        sel = sm["spec"]["selector"]["matchLabels"]
+        namespaces = sm["spec"].get("namespaceSelector", {}).get("matchNames") or [sm["metadata"]["namespace"]]
+        scraped += [
+            (s["metadata"]["namespace"], s["metadata"]["name"])
+            for s in services
+            if s["metadata"]["namespace"] in namespaces
+            and all(s["metadata"]["labels"].get(k) == v for k, v in sel.items())
+        ]
+    for pr in (d for d in docs if d["kind"] == "PrometheusRule"):
+        for g in pr["spec"]["groups"]:
+            for r in g["rules"]:
+                for sel in re.findall(r"\bup\{([^}]*)\}", r.get("expr", "")):
+                    matchers = dict(
+                        (k, (op, v)) for k, op, v in re.findall(r'(\w+)\s*(=~|!~|!=|=)\s*"([^"]*)"', sel)
+                    )
+                    if not scraped:
+                        fail(f"{name}: {r.get('alert')} queries up{{{sel}}}, but no ServiceMonitor of the chart"
+                             " scrapes a Service: there is no such series")
+                        continue
+
+                    def matches(ns: str, svc: str) -> bool:
+                        labels = {"namespace": ns, "service": svc}
+                        for k, (op, v) in matchers.items():
+                            got = labels.get(k, "")
+                            hit = re.fullmatch(v, got) is not None if op in ("=~", "!~") else got == v
+                            if hit != (op in ("=", "=~")):
+                                return False
+                        return True
+
+                    missed = [svc for ns, svc in scraped if not matches(ns, svc)]
+                    if missed:
+                        fail(f"{name}: {r.get('alert')} up{{{sel}}} misses the scraped Services {missed}")
+
+
+def promtool_check(name: str, docs: list[dict], tmp: Path) -> None:
+    """`promtool check rules` on the rendered PrometheusRule (its expressions are templated)."""
+    for pr in (d for d in docs if d["kind"] == "PrometheusRule"):
+        exe = os.environ.get("MARATHON_PROMTOOL") or shutil.which("promtool")
+        if not exe:
+            fail(f"{name}: no promtool to check the PrometheusRule (scripts/observability-tools.sh installs it)")
+            return
+        path = tmp / f"{name.replace(' ', '-').replace('/', '-')}-rules.yml"
+        path.write_text(yaml.safe_dump({"groups": pr["spec"]["groups"]}))
+        r = subprocess.run([exe, "check", "rules", str(path)], capture_output=True, text=True)
+        if r.returncode != 0:
+            fail(f"{name}: promtool check rules on the PrometheusRule: {(r.stdout + r.stderr).strip()}")
+
+
+# Values beside the ci/ files, for what those do not cover: (name, release, values).
+SCENARIOS = [
+    ("prometheusRule without the chart's ServiceMonitor", RELEASE,
+     {"metrics": {"prometheusRule": {"enabled": True}}}),
+    ("split roles, release name of 50 characters", "r" * 50,
+     {"store": {"kind": "redis", "redis": {"url": "redis://redis:6379"}}, "queue": {"kind": "sqs"},
+      "roles": {"split": True},
+      "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}),
+]
+
+
 def check_chart(server: Server, tmp: Path) -> list[dict]:
     print("== chart", flush=True)
     chart = helm.Chart.load(str(CHART))
@@ -328,9 +395,10 @@ def check_chart(server: Server, tmp: Path) -> list[dict]:
         fail(f"missing ci value files: {sorted(missing)}")
     to_validate: list[Path] = []
     memory_docs: list[dict] = []
-    for f in [None, *ci_files]:
-        name = f.name if f else "default values"
-        values = load_values(f) if f else {}
+    cases = [("default values", RELEASE, {}, None)]
+    cases += [(f.name, RELEASE, load_values(f), f) for f in ci_files]
+    cases += [(n, rel, v, None) for n, rel, v in SCENARIOS]
+    for name, release, values, f in cases:
         report = helm.lint(str(CHART), values, strict=True, kube_version="v" + KUBE_VERSION)
         problems = [m for m in report.get("messages", []) if m["severity"] >= 2] + [
             {"error": e} for e in report.get("errors", [])
@@ -340,7 +408,7 @@ def check_chart(server: Server, tmp: Path) -> list[dict]:
         else:
             ok(f"{name}: helm lint --strict (kube {KUBE_VERSION})")
         try:
-            rendered = render(chart, values)
+            rendered = render(chart, values, release)
         except helm.HelmError as e:
             fail(f"{name}: render failed: {e}")
             continue
@@ -365,6 +433,8 @@ def check_chart(server: Server, tmp: Path) -> list[dict]:
             p.write_text(yaml.safe_dump(d))
             to_validate.append(p)
         check_objects(name, docs, server)
+        check_up_rules(name, docs)
+        promtool_check(name, docs, tmp)
     kube_validate(to_validate)
     return memory_docs
 
