@@ -29,6 +29,10 @@ pub(crate) const DEFAULT_EXPORT_BATCH_SIZE: usize = 2_048;
 /// The longest a span waits for a batch to fill, unless `OTEL_BSP_SCHEDULE_DELAY` (ms)
 /// says otherwise: the spec's 5 s.
 pub(crate) const DEFAULT_SCHEDULE_DELAY: Duration = Duration::from_secs(5);
+/// The largest `OTEL_BSP_MAX_QUEUE_SIZE` taken: the queue is allocated whole at
+/// start-up (about 360 bytes a slot, some 380 MB at this size), so a mistyped size
+/// would abort the process (or panic, past `isize::MAX` bytes) instead of being refused.
+pub(crate) const MAX_QUEUE_SIZE: usize = 1 << 20;
 /// How long a `force_flush` waits for the export thread.
 const FLUSH_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often, at most, dropped spans are reported in the log.
@@ -62,28 +66,36 @@ impl BatchSettings {
     ///
     /// # Errors
     /// [`TelemetryError::Exporter`] naming a variable that is not a positive whole
-    /// number (the delay in milliseconds).
+    /// number (the delay in milliseconds), or a queue size above [`MAX_QUEUE_SIZE`].
     pub(crate) fn from_env(env: impl Fn(&str) -> Option<String>) -> Result<Self, TelemetryError> {
-        let number = |name: &str, default: usize, min: usize| -> Result<usize, TelemetryError> {
+        let number = |name: &str, default: usize, max: usize| -> Result<usize, TelemetryError> {
             let Some(raw) = env(name) else {
                 return Ok(default);
             };
             match raw.trim().parse::<usize>() {
-                Ok(n) if n >= min => Ok(n),
+                Ok(n) if (1..=max).contains(&n) => Ok(n),
+                _ if max < usize::MAX => Err(TelemetryError::Exporter {
+                    setting: name.into(),
+                    reason: format!("{raw:?} is not a whole number from 1 to {max}"),
+                }),
                 _ => Err(TelemetryError::Exporter {
                     setting: name.into(),
-                    reason: format!("{raw:?} is not a whole number of at least {min}"),
+                    reason: format!("{raw:?} is not a whole number of at least 1"),
                 }),
             }
         };
         let d = Self::default();
-        let max_queue_size = number("OTEL_BSP_MAX_QUEUE_SIZE", d.max_queue_size, 1)?;
-        let batch = number("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", d.max_export_batch_size, 1)?;
+        let max_queue_size = number("OTEL_BSP_MAX_QUEUE_SIZE", d.max_queue_size, MAX_QUEUE_SIZE)?;
+        let batch = number(
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE",
+            d.max_export_batch_size,
+            usize::MAX,
+        )?;
         // At least 1 ms: with 0 the export thread would spin.
         let delay_ms = number(
             "OTEL_BSP_SCHEDULE_DELAY",
             usize::try_from(d.schedule_delay.as_millis()).unwrap_or(usize::MAX),
-            1,
+            usize::MAX,
         )?;
         Ok(Self {
             max_queue_size,
@@ -723,5 +735,25 @@ mod tests {
             let err = BatchSettings::from_env(env(vars)).expect_err(value);
             assert!(err.to_string().contains(name), "{err}");
         }
+    }
+
+    /// The queue is allocated whole when the processor starts: a size with a few zeros
+    /// too many panicked there (`capacity overflow`) or aborted the process (an
+    /// allocation of terabytes), instead of being refused as a setting.
+    #[test]
+    fn a_queue_size_too_large_to_allocate_is_refused() {
+        for value in ["18446744073709551615", "10000000000", "1048577"] {
+            let env = move |name: &str| (name == "OTEL_BSP_MAX_QUEUE_SIZE").then(|| value.into());
+            match BatchSettings::from_env(env) {
+                Err(TelemetryError::Exporter { setting, reason }) => {
+                    assert_eq!(setting, "OTEL_BSP_MAX_QUEUE_SIZE", "{value}: {reason}");
+                    assert!(reason.contains("1048576"), "{value}: {reason}");
+                }
+                other => panic!("{value}: accepted as {other:?}"),
+            }
+        }
+        let env = |name: &str| (name == "OTEL_BSP_MAX_QUEUE_SIZE").then(|| "1048576".into());
+        let s = BatchSettings::from_env(env).expect("the largest size");
+        assert_eq!(s.max_queue_size, MAX_QUEUE_SIZE);
     }
 }
