@@ -36,13 +36,18 @@ impl LogFilter {
             .map(str::trim)
             .filter(|d| !d.is_empty())
             .collect();
+        let directives = directives.join(",");
         if plain
             && !directives.is_empty()
-            && let Ok(targets) = directives.join(",").parse::<Targets>()
+            && let Ok(targets) = directives.parse::<Targets>()
         {
             return Ok(LogFilter::Targets(Box::new(targets)));
         }
-        EnvFilter::try_new(spec).map(|e| LogFilter::Env(Box::new(e)))
+        // Trimmed here too: `EnvFilter` trims a directive but then slices the untrimmed
+        // text at the trimmed one's offsets, so `warn, a[span]=debug` was refused (its
+        // level read as "=debug") and `warn, a[span]` matched nothing (target " ",
+        // span "[spa").
+        EnvFilter::try_new(directives).map(|e| LogFilter::Env(Box::new(e)))
     }
 
     /// The same filter with `target` (and the targets under it) turned off.
@@ -207,6 +212,53 @@ mod tests {
                     .any(|s| s == "event marathon_core::engine DEBUG"),
                 "{spec}: accepted, but marathon_core debug is off: {seen:?}"
             );
+        }
+    }
+
+    /// What gets through `filter` of debug events inside a span `s` and outside it.
+    fn seen_in_span(filter: LogFilter) -> Vec<String> {
+        let seen = Seen::default();
+        let subscriber = tracing_subscriber::registry()
+            .with(filter.into_layer())
+            .with(seen.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::event!(target: "marathon_core::engine", Level::DEBUG, "outside");
+            let s = tracing::span!(target: "marathon_core::engine", Level::INFO, "s", outcome = "failed");
+            let _entered = s.enter();
+            tracing::event!(target: "marathon_core::engine", Level::DEBUG, "inside");
+            tracing::event!(target: "other", Level::DEBUG, "inside");
+        });
+        seen.0.lock().expect("not poisoned").clone()
+    }
+
+    /// Spaces around a span or field directive (`info, marathon_core[s]=debug`) are
+    /// ignored as for plain ones: `EnvFilter` itself refused that one (it read the
+    /// level as "=debug").
+    #[test]
+    fn spaces_around_span_and_field_directives_are_ignored() {
+        for (spaced, tight) in [
+            (
+                "warn, marathon_core[s]=debug",
+                "warn,marathon_core[s]=debug",
+            ),
+            (
+                " warn , marathon_core[s]=debug ",
+                "warn,marathon_core[s]=debug",
+            ),
+            (
+                "warn,  [s{outcome=failed}]=debug",
+                "warn,[s{outcome=failed}]=debug",
+            ),
+        ] {
+            let ours = LogFilter::parse(spaced).unwrap_or_else(|e| panic!("{spaced:?}: {e}"));
+            assert!(matches!(ours, LogFilter::Env(_)), "{spaced}");
+            let want = seen_in_span(LogFilter::parse(tight).expect("valid"));
+            assert!(
+                want.iter()
+                    .any(|s| s == "event marathon_core::engine DEBUG"),
+                "{tight}: {want:?}"
+            );
+            assert_eq!(seen_in_span(ours), want, "{spaced}");
         }
     }
 
