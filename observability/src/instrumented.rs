@@ -76,7 +76,16 @@ const STORE_OPS: &[&str] = &[
     "purge_closed",
     "ping",
 ];
-const STORE_OUTCOMES: &[&str] = &["ok", "conflict", "not_found", "closed", "error"];
+/// `invalid_cursor` is the caller's mistake (a `list` cursor the store did not issue),
+/// not a failing store: as `error` it fired `MarathonStoreErrors` on a client's bad input.
+const STORE_OUTCOMES: &[&str] = &[
+    "ok",
+    "conflict",
+    "not_found",
+    "closed",
+    "error",
+    "invalid_cursor",
+];
 const QUEUE_OPS: &[&str] = &[
     "enqueue",
     "receive",
@@ -136,6 +145,7 @@ fn store_outcome<T>(r: &Result<T, StoreError>) -> usize {
         Err(StoreError::Conflict { .. }) => 1,
         Err(StoreError::NotFound(_)) => 2,
         Err(StoreError::Closed(_)) => 3,
+        Err(StoreError::InvalidCursor(_)) => 5,
         Err(_) => 4,
     }
 }
@@ -423,5 +433,40 @@ impl<Q: Queue + ?Sized> Queue for InstrumentedQueue<Q> {
 
     async fn ping(&self) -> Result<(), QueueError> {
         timed_queue!(self, "ping", self.inner.ping())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use marathon_core::memory::MemoryStore;
+    use marathon_core::store::{ListQuery, Store, StoreError};
+
+    use super::InstrumentedStore;
+    use crate::Metrics;
+
+    /// A `list` cursor the store did not issue (a client's stale or made-up cursor, a 400
+    /// from the API) is not a store failure: it was counted `outcome="error"`, which
+    /// `MarathonStoreErrors` pages on.
+    #[tokio::test]
+    async fn a_bad_list_cursor_is_not_a_store_error() {
+        let metrics = Metrics::new().expect("fresh registry");
+        let store = InstrumentedStore::new(Arc::new(MemoryStore::default()), "memory", &metrics);
+        let r = store
+            .list(&ListQuery {
+                cursor: Some("not a cursor".into()),
+                ..ListQuery::default()
+            })
+            .await;
+        assert!(matches!(r, Err(StoreError::InvalidCursor(_))), "{r:?}");
+        let text = metrics.render();
+        assert!(
+            text.contains(
+                r#"marathon_store_operation_seconds_count{backend="memory",operation="list",outcome="invalid_cursor"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(!text.contains(r#"outcome="error""#), "{text}");
     }
 }

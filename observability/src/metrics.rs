@@ -379,7 +379,7 @@ impl Metrics {
             store_ops: histogram(
                 r,
                 "marathon_store_operation_seconds",
-                "Latency of Store calls, by operation, backend and outcome (ok, conflict, not_found, closed, error).",
+                "Latency of Store calls, by operation, backend and outcome (ok, conflict, not_found, closed, invalid_cursor, error).",
                 &["operation", "backend", "outcome"],
                 FAST_BUCKETS,
             )?,
