@@ -874,14 +874,29 @@ mod json {
             // The nearest exported span: an event in a span only logged (a `debug` span
             // under `trace_filter = info`) carries the ids of the exported span it is in.
             // An untraced task's span ends the search: it is in no exported trace.
-            let ids = ctx.lookup_current().and_then(|span| {
-                let dispatch = self.dispatch.get()?.upgrade()?;
-                span.scope()
-                    .take_while(|s| {
-                        s.metadata().target() != marathon_core::observe::UNTRACED_TARGET
-                    })
-                    .find_map(|s| super::otel::ids(&s.id(), &dispatch))
-            });
+            // Looked up in the registry, not through `ctx`, which sees only the spans
+            // this layer's own filter enables: under `log_filter = warn` the exported
+            // request and task spans are not logged, and lines lost their ids.
+            let ids = self
+                .dispatch
+                .get()
+                .and_then(|d| d.upgrade())
+                .and_then(|dispatch| {
+                    use tracing_subscriber::registry::LookupSpan as _;
+                    let id = if event.is_contextual() {
+                        dispatch.current_span().id().cloned()
+                    } else {
+                        event.parent().cloned()
+                    }?;
+                    let registry = dispatch.downcast_ref::<tracing_subscriber::Registry>()?;
+                    registry
+                        .span(&id)?
+                        .scope()
+                        .take_while(|s| {
+                            s.metadata().target() != marathon_core::observe::UNTRACED_TARGET
+                        })
+                        .find_map(|s| super::otel::ids(&s.id(), &dispatch))
+                });
             #[cfg(not(feature = "otel"))]
             let ids: Option<(String, String)> = None;
             let Some((trace_id, span_id)) = ids else {

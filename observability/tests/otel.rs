@@ -178,6 +178,44 @@ fn quiet_logs_do_not_silence_traces() {
     );
 }
 
+/// JSON logs at `warn` under `trace_filter = info` (quiet logs, full traces) still carry
+/// the ids of the exported span an event happens in: the request span is not logged,
+/// but it is the trace the line belongs to. (The ids were looked up among the spans
+/// the log layer's own filter enables, which were none.)
+#[test]
+fn quiet_json_logs_still_carry_the_trace_ids() {
+    let logs = Captured::default();
+    let spans = exported(
+        |c| TelemetryConfig {
+            log_format: LogFormat::Json,
+            log_filter: "warn".into(),
+            ..c
+        },
+        logs.clone(),
+        |engine| {
+            Box::pin(async move {
+                let root = tracing::info_span!("http.request", method = "POST");
+                async { tracing::warn!("a warning in a request") }
+                    .instrument(root)
+                    .await;
+                one_traced_workflow(engine).await;
+            })
+        },
+    );
+    let root = spans
+        .iter()
+        .find(|s| s.name == "http.request")
+        .expect("the request span is exported");
+    let logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    let line = logs
+        .lines()
+        .find(|l| l.contains("a warning in a request"))
+        .unwrap_or_else(|| panic!("the warning is logged: {logs}"));
+    let v: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
+    assert_eq!(v["trace_id"], hex(&root.trace_id), "{line}");
+    assert_eq!(v["span_id"], hex(&root.span_id), "{line}");
+}
+
 #[test]
 fn a_callers_traceparent_is_continued() {
     let spans = exported(
