@@ -252,6 +252,9 @@ where
         })
     };
     let log_filter = parse(&config.log_filter)?;
+    // Checked whether or not spans are exported: a bad `trace_filter` must not wait to
+    // stop start-up until the day an OTLP endpoint is configured.
+    let trace_filter = parse(&config.trace_filter)?;
     #[cfg(feature = "otel")]
     {
         let provider = otel::provider(config)?;
@@ -288,7 +291,7 @@ where
             // `trace_filter`, so quiet logs (`warn`) do not silence traces and verbose
             // logs do not flood them; untraced task spans never reach the exporter.
             Some(p) => {
-                let trace_filter = parse(&config.trace_filter)?
+                let trace_filter = trace_filter
                     .without(marathon_core::observe::UNTRACED_TARGET)
                     .map_err(|source| TelemetryError::Filter {
                         filter: config.trace_filter.clone(),
@@ -309,6 +312,8 @@ where
     }
     #[cfg(not(feature = "otel"))]
     {
+        // Not used without exporting.
+        drop(trace_filter);
         let subscriber = tracing_subscriber::registry()
             .with(log_filter.into_layer())
             .with(log_layer(config.log_format, writer));
@@ -913,6 +918,27 @@ mod json {
             obj.insert("span_id".into(), span_id.into());
             let out = serde_json::to_string(&obj).map_err(|_| fmt::Error)?;
             writeln!(writer, "{out}")
+        }
+    }
+}
+
+#[cfg(test)]
+mod config_tests {
+    use super::{TelemetryConfig, TelemetryError, tracing_dispatch};
+
+    /// An invalid `trace_filter` stops start-up also when no spans are exported (it was
+    /// read only when exporting with a filter unlike `log_filter`, so a config passed
+    /// until an OTLP endpoint was set).
+    #[test]
+    fn an_invalid_trace_filter_is_an_error_without_exporting() {
+        let config = TelemetryConfig {
+            trace_filter: "info,marathon=loud".into(),
+            ..TelemetryConfig::default()
+        };
+        match tracing_dispatch(&config, std::io::sink) {
+            Err(TelemetryError::Filter { filter, .. }) => assert_eq!(filter, config.trace_filter),
+            Err(e) => panic!("another error: {e}"),
+            Ok((_, guard)) => panic!("accepted (exporting: {})", guard.exporting()),
         }
     }
 }
