@@ -14,6 +14,16 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::filter::{ParseError, Targets};
 use tracing_subscriber::layer::Layer;
 
+/// Checks a `RUST_LOG`-style log or trace filter as [`crate::init_tracing`] reads it
+/// (spaces around directives ignored, span and field directives allowed): what is
+/// wrong with it, for a configuration check at start-up.
+///
+/// # Errors
+/// The parse error's text, when the tracing set-up would refuse `spec`.
+pub fn check_filter(spec: &str) -> Result<(), String> {
+    LogFilter::parse(spec).map(drop).map_err(|e| e.to_string())
+}
+
 /// A parsed log or trace filter (see the module docs).
 #[derive(Debug)]
 pub(crate) enum LogFilter {

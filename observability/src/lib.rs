@@ -13,6 +13,7 @@ mod sharded;
 mod test_support;
 mod tracing;
 
+pub use filter::check_filter;
 pub use instrumented::{InstrumentedQueue, InstrumentedStore};
 pub use metrics::{CONTENT_TYPE, Metrics, MetricsError};
 pub use tracing::{

@@ -687,11 +687,12 @@ impl Config {
                 );
             }
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.filter) {
-            return bad("log.filter", e.to_string());
+        // As the tracing set-up reads them (spaces around a directive are ignored).
+        if let Err(e) = marathon_observability::check_filter(&self.log.filter) {
+            return bad("log.filter", e);
         }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.trace_filter) {
-            return bad("log.trace_filter", e.to_string());
+        if let Err(e) = marathon_observability::check_filter(&self.log.trace_filter) {
+            return bad("log.trace_filter", e);
         }
         crate::backends::check_compiled(self).map_err(|e| ConfigError::Invalid {
             path: e.0.into(),
@@ -1225,6 +1226,15 @@ mod tests {
         })
         .expect("a trace filter from the environment");
         assert_eq!(ok.log.trace_filter, "debug");
+        // Spaces around a span directive, as the tracing set-up takes them (raw
+        // `EnvFilter` read the level of `warn, a[s]=debug` as "=debug").
+        for name in ["MARATHON_LOG", "MARATHON_LOG__TRACE_FILTER"] {
+            Config::load(&Sources {
+                env: env(&[(name, "warn, marathon_core[s]=debug")]),
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
     }
 
     /// An alias and the full variable name both set to different values are refused,
