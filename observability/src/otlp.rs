@@ -37,7 +37,7 @@ const MAX_INITIAL_BODY: usize = 8 * 1024 * 1024;
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where and how spans are posted, resolved from the config and `OTEL_EXPORTER_OTLP_*`.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub(crate) struct Settings {
     /// The full traces URL.
     pub(crate) url: String,
@@ -46,6 +46,37 @@ pub(crate) struct Settings {
     pub(crate) headers: Vec<(String, String)>,
     /// Longest one export request may take.
     pub(crate) timeout: Duration,
+}
+
+/// Credentials never reach a log line or an error: the URL's password and the
+/// headers' values are masked.
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let headers: Vec<_> = self.headers.iter().map(|(k, _)| (k, "***")).collect();
+        f.debug_struct("Settings")
+            .field("url", &shown_url(&self.url))
+            .field("headers", &headers)
+            .field("timeout", &self.timeout)
+            .finish()
+    }
+}
+
+/// `url` as logs and errors show it: a password in it (`http://user:secret@host`,
+/// which the HTTP client sends as basic auth) replaced by `***`.
+pub(crate) fn shown_url(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(mut u) if u.password().is_some() => {
+            // Cannot fail on a URL that already has a password (it has a host).
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        Ok(_) => url.to_string(),
+        // Unreadable: nothing of it is shown past the scheme, in case it holds one.
+        Err(_) => match url.split_once("://") {
+            Some((scheme, rest)) if rest.contains('@') => format!("{scheme}://***"),
+            _ => url.to_string(),
+        },
+    }
 }
 
 impl Settings {
@@ -82,20 +113,21 @@ impl Settings {
         } else {
             return Ok(None);
         };
+        let shown = shown_url(&url);
         match reqwest::Url::parse(&url) {
             Ok(u) if u.scheme() == "http" && u.host().is_some() => {}
             Ok(u) if u.scheme() == "https" => {
                 return Err(invalid(
                     setting,
                     format!(
-                        "{url:?}: this build exports over plain http only; \
+                        "{shown:?}: this build exports over plain http only; \
                          send to a collector (an OpenTelemetry Collector or rotel) \
                          beside Marathon and let it forward over TLS"
                     ),
                 ));
             }
-            Ok(_) => return Err(invalid(setting, format!("{url:?} is not an http:// URL"))),
-            Err(e) => return Err(invalid(setting, format!("{url:?}: {e}"))),
+            Ok(_) => return Err(invalid(setting, format!("{shown:?} is not an http:// URL"))),
+            Err(e) => return Err(invalid(setting, format!("{shown:?}: {e}"))),
         }
         // The signal's own variable first, then the general one.
         let pick = |name: &str| {
@@ -193,6 +225,8 @@ pub(crate) fn percent_decode(s: &str) -> Option<String> {
 /// The span exporter: posts each batch as one protobuf `ExportTraceServiceRequest`.
 pub(crate) struct OtlpExporter {
     settings: Settings,
+    /// `settings.url` as logs and errors show it ([`shown_url`]).
+    shown_url: String,
     client: reqwest::blocking::Client,
     /// The encoded `Resource` message, set by the provider before the first export.
     resource: Vec<u8>,
@@ -336,6 +370,7 @@ impl OtlpExporter {
             reason: e.to_string(),
         })?;
         Ok(Self {
+            shown_url: shown_url(&settings.url),
             settings,
             client,
             resource: Vec::new(),
@@ -414,24 +449,26 @@ impl BatchExporter for OtlpExporter {
                     .map_err(|e| {
                         OTelSdkError::InternalFailure(format!(
                             "reading the OTLP answer from {} failed: {e}",
-                            self.settings.url
+                            self.shown_url
                         ))
                     })
             }
             Ok(r) => Err(OTelSdkError::InternalFailure(format!(
                 "OTLP export to {} answered HTTP {}",
-                self.settings.url,
+                self.shown_url,
                 r.status()
             ))),
             Err(e) if e.is_timeout() => Err(OTelSdkError::Timeout(self.settings.timeout)),
+            // The client's error names the URL itself, password included: without it.
             Err(e) => Err(OTelSdkError::InternalFailure(format!(
-                "OTLP export to {} failed: {e}",
-                self.settings.url
+                "OTLP export to {} failed: {}",
+                self.shown_url,
+                e.without_url()
             ))),
         };
         match result {
             Ok(None) => {
-                let _ = self.health.succeeded(&self.settings.url);
+                let _ = self.health.succeeded(&self.shown_url);
                 Ok(0)
             }
             Ok(Some((rejected, why))) => {
@@ -439,11 +476,11 @@ impl BatchExporter for OtlpExporter {
                     "the collector rejected {rejected} of {spans} spans: {why}"
                 ));
                 let rejected = usize::try_from(rejected).unwrap_or(spans).min(spans);
-                let _ = self.health.failed(rejected, &error, &self.settings.url);
+                let _ = self.health.failed(rejected, &error, &self.shown_url);
                 Ok(rejected as u64)
             }
             Err(e) => {
-                let _ = self.health.failed(spans, &e, &self.settings.url);
+                let _ = self.health.failed(spans, &e, &self.shown_url);
                 Err(e)
             }
         }
@@ -1234,6 +1271,40 @@ mod tests {
             .expect_err("invalid");
             let text = err.to_string();
             assert!(!text.contains("SECRET-abc123"), "{text}");
+        }
+    }
+
+    /// A password in the endpoint URL (`http://user:secret@collector:4318`, sent as
+    /// basic auth) is a credential like a header's value: the failed-export error
+    /// (which the warning logs), a refused endpoint's error and the settings' `Debug`
+    /// all showed it.
+    #[test]
+    fn a_password_in_the_endpoint_is_never_shown() {
+        let settings = Settings {
+            url: "http://user:SECRET-abc123@127.0.0.1:9/v1/traces".into(),
+            headers: vec![("x-api-key".into(), "SECRET-def456".into())],
+            timeout: Duration::from_secs(2),
+        };
+        let debug = format!("{settings:?}");
+        assert!(!debug.contains("SECRET"), "{debug}");
+        assert!(debug.contains("user:***@127.0.0.1:9"), "{debug}");
+        let mut exporter = OtlpExporter::new(settings).expect("exporter");
+        exporter.stopping.store(true, Ordering::Release);
+        let scope = InstrumentationScope::builder("marathon").build();
+        let err = exporter
+            .export(vec![span_data(0, &scope)])
+            .expect_err("nothing listens on port 9");
+        let text = err.to_string();
+        assert!(!text.contains("SECRET"), "{text}");
+        assert!(text.contains("user:***@127.0.0.1:9"), "{text}");
+        for base in [
+            "https://user:SECRET-abc123@c:4318",
+            "ftp://user:SECRET-abc123@c:4318",
+            "http://user:SECRET-abc123@[::1",
+        ] {
+            let err = Settings::resolve(Some(base), env(&[])).expect_err("refused");
+            let text = err.to_string();
+            assert!(!text.contains("SECRET"), "{base}: {text}");
         }
     }
 
