@@ -257,6 +257,13 @@ def check_objects(name: str, docs: list[dict], server: Server) -> None:
                 if not tgps * 1000 > grace_ms + pre * 1000 + flush_ms:
                     fail(f"{where}: terminationGracePeriodSeconds {tgps} <= preStop {pre}s + grace {grace_ms} ms"
                          f" + span flush {flush_ms} ms: a slow collector gets the pod SIGKILLed")
+            # Traces name the version the pod runs: the image's tag, not the chart's appVersion.
+            attrs = dict(a.split("=", 1) for a in env.get("OTEL_RESOURCE_ATTRIBUTES", "").split(",") if "=" in a)
+            if attrs:
+                tag = c["image"].rsplit("/", 1)[-1].rsplit(":", 1)[-1]
+                if attrs.get("service.version") != tag:
+                    fail(f"{where}: OTEL_RESOURCE_ATTRIBUTES service.version={attrs.get('service.version')}"
+                         f" but the image runs tag {tag}")
         # Security.
         psc, csc = spec.get("securityContext", {}), c.get("securityContext", {})
         want = [
@@ -376,6 +383,9 @@ SCENARIOS = [
      {"store": {"kind": "redis", "redis": {"url": "redis://redis:6379"}}, "queue": {"kind": "sqs"},
       "roles": {"split": True},
       "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}),
+    ("traces from an image tag other than appVersion", RELEASE,
+     {"image": {"tag": "2026.11.28-3f1c2ab"},
+      "otel": {"enabled": True, "endpoint": "http://otel-collector:4318"}}),
 ]
 
 

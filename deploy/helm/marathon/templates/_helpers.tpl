@@ -257,7 +257,7 @@ where JSON Schema can express them).
   value: {{ $v.otel.protocol | quote }}
 - name: OTEL_SERVICE_NAME
   value: {{ default (include "marathon.fullname" $root) $v.otel.serviceName | quote }}
-{{- $attrs := list "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" (printf "service.version=%s" $root.Chart.AppVersion) (printf "marathon.role=%s" .role) }}
+{{- $attrs := list "k8s.pod.name=$(POD_NAME)" "k8s.namespace.name=$(POD_NAMESPACE)" (printf "service.version=%s" (default $root.Chart.AppVersion $v.image.tag)) (printf "marathon.role=%s" .role) }}
 {{- range $k, $val := $v.otel.resourceAttributes }}
 {{- /* Values are percent-encoded where OTEL_RESOURCE_ATTRIBUTES needs it: the binary decodes them. */}}
 {{- $attrs = append $attrs (printf "%s=%s" $k (toString $val | replace "%" "%25" | replace "," "%2C" | replace "=" "%3D")) }}
