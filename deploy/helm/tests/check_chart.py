@@ -248,6 +248,11 @@ def check_objects(name: str, docs: list[dict], server: Server) -> None:
             cmd = c.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command")
             if cmd:
                 pre = int(cmd[-1])
+            # A pod serving the API closes its listener at SIGTERM: by default it first
+            # waits for the endpoints to stop routing to it, or rollouts drop requests.
+            if name == "default values" and role != "worker" and pre == 0:
+                fail(f"{where}: no preStop sleep by default: a rollout refuses the requests routed"
+                     " to the pod before its endpoint is removed")
             if not tgps * 1000 > grace_ms + pre * 1000:
                 fail(f"{where}: terminationGracePeriodSeconds {tgps} <= preStop {pre}s + server grace {grace_ms} ms")
             # After the drain, `marathon serve` flushes buffered spans for up to the
