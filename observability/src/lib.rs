@@ -15,7 +15,7 @@ mod tracing;
 
 pub use filter::check_filter;
 pub use instrumented::{InstrumentedQueue, InstrumentedStore};
-pub use metrics::{CONTENT_TYPE, Metrics, MetricsError};
+pub use metrics::{CONTENT_TYPE, MAX_LLM_LABEL_LEN, MAX_LLM_LABEL_SETS, Metrics, MetricsError};
 pub use tracing::{
     LogFormat, TelemetryConfig, TelemetryError, TelemetryGuard, continue_trace, init_tracing,
     tracing_dispatch,

@@ -122,8 +122,58 @@ pub struct Metrics {
     pub(crate) store_ops: ShardedHistogramVec,
     pub(crate) queue_ops: ShardedHistogramVec,
     llm_tokens: IntCounterVec,
+    /// The label sets `llm_tokens` has taken (see [`MAX_LLM_LABEL_SETS`]).
+    llm_labels: Arc<LlmLabels>,
     /// Label children resolved once per workflow or activity name (the hot path's lookups).
     series: Arc<SeriesCache>,
+}
+
+/// Most label sets `marathon_llm_tokens_total` takes (see [`Metrics::record_llm_tokens`]).
+pub const MAX_LLM_LABEL_SETS: usize = 256;
+/// Longest label value of `marathon_llm_tokens_total`, in bytes; longer ones are cut.
+pub const MAX_LLM_LABEL_LEN: usize = 128;
+
+/// The label sets `marathon_llm_tokens_total` has taken.
+#[derive(Debug, Default)]
+struct LlmLabels {
+    seen: std::sync::Mutex<std::collections::HashSet<[String; 3]>>,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+impl LlmLabels {
+    /// The labels to count under: `labels` cut to length, or `other` for a new set
+    /// past the limit.
+    fn admit(&self, labels: [&str; 3]) -> [String; 3] {
+        let cut = |v: &str| {
+            let mut end = v.len().min(MAX_LLM_LABEL_LEN);
+            while !v.is_char_boundary(end) {
+                end -= 1;
+            }
+            v[..end].to_string()
+        };
+        let labels = labels.map(cut);
+        let mut seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if seen.contains(&labels) {
+            return labels;
+        }
+        if seen.len() < MAX_LLM_LABEL_SETS {
+            seen.insert(labels.clone());
+            return labels;
+        }
+        drop(seen);
+        if !self.warned.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            tracing::warn!(
+                provider = %labels[0],
+                model = %labels[1],
+                kind = %labels[2],
+                "marathon_llm_tokens_total has {MAX_LLM_LABEL_SETS} label sets: tokens under new ones count as provider/model/kind \"other\" (logged once)"
+            );
+        }
+        ["other", "other", "other"].map(String::from)
+    }
 }
 
 /// One workflow name's series, resolved on first use.
@@ -396,6 +446,7 @@ impl Metrics {
                 "LLM tokens used, by provider, model and kind (input, output, ...).",
                 &["provider", "model", "kind"],
             )?,
+            llm_labels: Arc::default(),
             series: Arc::default(),
             registry,
         })
@@ -425,9 +476,16 @@ impl Metrics {
 
     /// Counts `n` LLM tokens of `kind` (`input`, `output`, `cached_input`, ...) used
     /// with `model` of `provider`. Called by the AI layer after each completion.
+    ///
+    /// The labels come from activity code, which may take a model name from a
+    /// workflow's input: each value is cut to [`MAX_LLM_LABEL_LEN`] bytes, and once
+    /// [`MAX_LLM_LABEL_SETS`] label sets are in use, tokens under a new one count as
+    /// `provider="other", model="other", kind="other"` (logged once), so that the series
+    /// Prometheus scrapes stay bounded.
     pub fn record_llm_tokens(&self, provider: &str, model: &str, kind: &str, n: u64) {
+        let labels = self.llm_labels.admit([provider, model, kind]);
         self.llm_tokens
-            .with_label_values(&[provider, model, kind])
+            .with_label_values(&[&labels[0], &labels[1], &labels[2]])
             .inc_by(n);
     }
 }
@@ -678,6 +736,35 @@ mod tests {
         );
         let text = m.render();
         assert!(text.contains("# TYPE marathon_activity_attempt_seconds histogram"));
+    }
+
+    #[test]
+    fn llm_token_labels_stay_bounded() {
+        let m = Metrics::new().unwrap();
+        // Model names from user input: each a new label set.
+        for i in 0..MAX_LLM_LABEL_SETS + 50 {
+            m.record_llm_tokens("openai", &format!("user-model-{i}"), "input", 1);
+        }
+        let long = "m".repeat(10_000);
+        m.record_llm_tokens("openai", &long, "output", 1);
+        let text = m.render();
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("marathon_llm_tokens_total{"))
+            .count();
+        assert_eq!(series, MAX_LLM_LABEL_SETS + 1, "{series} series");
+        assert!(text.contains(
+            "marathon_llm_tokens_total{kind=\"other\",model=\"other\",provider=\"other\"} 51"
+        ));
+        assert!(!text.contains(&long));
+        // A set already in use keeps counting under its own labels.
+        m.record_llm_tokens("openai", "user-model-0", "input", 2);
+        assert!(m.render().contains(
+            "marathon_llm_tokens_total{kind=\"input\",model=\"user-model-0\",provider=\"openai\"} 3"
+        ));
+        // Cut at a character boundary.
+        let labels = LlmLabels::default().admit(["p", &"é".repeat(100), "k"]);
+        assert!(labels[1].len() <= MAX_LLM_LABEL_LEN && labels[1].chars().all(|c| c == 'é'));
     }
 
     #[test]
