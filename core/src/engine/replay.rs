@@ -77,6 +77,8 @@ pub(crate) struct Instance {
     pub(crate) applied: Seq,
     /// Inputs fed since the last marker, not yet delivered to the code.
     pending_inputs: Vec<EventData>,
+    /// The last marker fed: the workflow task of the commands in `unmatched`.
+    marker: Seq,
     /// Commands the code issued at the last marker that the history has not matched yet.
     unmatched: VecDeque<Command>,
     /// Whether the outcome issued at the last marker still awaits its terminal event.
@@ -131,6 +133,7 @@ impl Instance {
             outcome: None,
             applied: Seq::ZERO,
             pending_inputs: Vec::new(),
+            marker: Seq::ZERO,
             unmatched: VecDeque::new(),
             outcome_unmatched: false,
             finished: false,
@@ -152,7 +155,8 @@ impl Instance {
         self.last_task_failure = None;
         match &e.data {
             EventData::WorkflowTaskCompleted {} => {
-                self.check_all_matched(e.seq)?;
+                self.check_all_matched(Some(e.seq))?;
+                self.marker = e.seq;
                 self.run_batch(e.timestamp)?;
             }
             EventData::ActivityScheduled {
@@ -211,7 +215,7 @@ impl Instance {
                 self.last_task_failure = Some(format!("{kind}: {message}"));
             }
             data if data.is_input() => {
-                self.check_all_matched(e.seq)?;
+                self.check_all_matched(Some(e.seq))?;
                 self.pending_inputs.push(data.clone());
             }
             // activity_started, activity_retrying, progress: bookkeeping, not replayed.
@@ -236,7 +240,7 @@ impl Instance {
         now: Timestamp,
         max_history: u64,
     ) -> Result<Option<Vec<EventData>>, TaskFailure> {
-        self.check_all_matched(self.applied.next())?;
+        self.check_all_matched(None)?;
         if !self.has_pending_input() {
             return Ok(None);
         }
@@ -364,17 +368,34 @@ impl Instance {
         })
     }
 
-    fn check_all_matched(&self, at: Seq) -> Result<(), TaskFailure> {
+    /// Fails if the code issued commands, or returned, where the history has not
+    /// recorded it: before event `at`, or (`None`) by the end of the history. There the
+    /// message names the workflow task instead of the end: the failure recorded after
+    /// it moves the end, and a message that stays the same on every retry is recorded once.
+    fn check_all_matched(&self, at: Option<Seq>) -> Result<(), TaskFailure> {
+        let marker = self.marker;
         if let Some(c) = self.unmatched.front() {
-            return Err(TaskFailure::non_determinism(format!(
-                "the workflow code now issues {} which the history does not have before event {at}",
-                c.describe()
-            )));
+            let c = c.describe();
+            return Err(TaskFailure::non_determinism(match at {
+                Some(at) => format!(
+                    "the workflow code now issues {c} which the history does not have before event {at}"
+                ),
+                None => format!(
+                    "the workflow code now issues {c} in the workflow task of event {marker}, \
+                     which the history does not have"
+                ),
+            }));
         }
         if self.outcome_unmatched {
-            return Err(TaskFailure::non_determinism(format!(
-                "the workflow code now returns, but the history goes on at event {at}"
-            )));
+            return Err(TaskFailure::non_determinism(match at {
+                Some(at) => {
+                    format!("the workflow code now returns, but the history goes on at event {at}")
+                }
+                None => format!(
+                    "the workflow code now returns in the workflow task of event {marker}, \
+                     but the history does not record its end"
+                ),
+            }));
         }
         Ok(())
     }

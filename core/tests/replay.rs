@@ -1,0 +1,110 @@
+//! Replay against a history recorded by other code (a deploy that changed the
+//! workflow), driven by hand: tasks are handed to `Engine::handle` directly.
+
+mod common;
+
+use common::*;
+use marathon_core::{Engine, EngineConfig, Task, WorkflowContext, WorkflowError};
+use serde_json::json;
+use std::time::Duration;
+
+/// An engine on `store` and `queue` that replays every task from event 1 and runs
+/// `version` as workflow `w`.
+fn engine_with<F, Fut>(
+    store: &std::sync::Arc<dyn marathon_core::Store>,
+    queue: &std::sync::Arc<dyn marathon_core::Queue>,
+    version: F,
+) -> Engine
+where
+    F: Fn(WorkflowContext, ()) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<(), WorkflowError>> + Send + 'static,
+{
+    builder(store, queue)
+        .config(EngineConfig {
+            cache_capacity: 0,
+            ..EngineConfig::default()
+        })
+        .workflow("w", version)
+        .build()
+}
+
+/// Code deployed after the last workflow task now issues a call that task did not
+/// record, and a workflow task comes before any new input (a duplicate delivery, the
+/// sweeper's retry of the failed task every `task_failure_retry`): the failure is
+/// recorded once, not once more per retry. Before 2026-11-28 its message named the
+/// event after the end of the history, which the failure itself moved, so every retry
+/// recorded a new `workflow_task_failed` (8,640 a day at the default 10 s) for as long
+/// as the run waited for its next input.
+#[tokio::test(start_paused = true)]
+async fn non_determinism_at_the_end_of_the_history_is_recorded_once() {
+    let (store, queue) = backends();
+    let v1 = engine_with(&store, &queue, |ctx: WorkflowContext, (): ()| async move {
+        ctx.sleep(Duration::from_secs(3600)).await
+    });
+    let v2 = engine_with(&store, &queue, |ctx: WorkflowContext, (): ()| async move {
+        let first = ctx.sleep(Duration::from_secs(3600));
+        let second = ctx.sleep(Duration::from_secs(3600));
+        first.await?;
+        second.await
+    });
+    let id = start(&v1, "w", json!(null)).await;
+    v1.handle("default", Task::workflow(id.clone()))
+        .await
+        .unwrap();
+    assert_eq!(
+        types(&history(&v1, &id).await),
+        [
+            "workflow_started",
+            "workflow_task_completed",
+            "timer_started"
+        ]
+    );
+    for _ in 0..3 {
+        v2.handle("default", Task::workflow(id.clone()))
+            .await
+            .unwrap();
+    }
+    let h = history(&v2, &id).await;
+    let failures: Vec<_> = h
+        .iter()
+        .filter_map(|e| match &e.data {
+            marathon_core::EventData::WorkflowTaskFailed { kind, message } => {
+                Some(format!("{kind}: {message}"))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(failures.len(), 1, "{failures:#?}");
+    assert!(failures[0].starts_with("non_determinism: "), "{failures:?}");
+    let summary = v2.get(&id).await.unwrap();
+    assert_eq!(summary.task_failure.as_ref(), Some(&failures[0]));
+}
+
+/// The same for code that now returns where the history recorded another step.
+#[tokio::test(start_paused = true)]
+async fn a_return_at_the_end_of_the_history_is_recorded_once() {
+    let (store, queue) = backends();
+    let v1 = engine_with(&store, &queue, |ctx: WorkflowContext, (): ()| async move {
+        ctx.sleep(Duration::from_secs(3600)).await
+    });
+    let v2 = engine_with(&store, &queue, |ctx: WorkflowContext, (): ()| async move {
+        drop(ctx.sleep(Duration::from_secs(3600)));
+        Ok(())
+    });
+    let id = start(&v1, "w", json!(null)).await;
+    v1.handle("default", Task::workflow(id.clone()))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        v2.handle("default", Task::workflow(id.clone()))
+            .await
+            .unwrap();
+    }
+    let h = history(&v2, &id).await;
+    assert_eq!(
+        count(&h, |d| d.type_name() == "workflow_task_failed"),
+        1,
+        "{:?}",
+        types(&h)
+    );
+}
