@@ -108,3 +108,53 @@ async fn a_return_at_the_end_of_the_history_is_recorded_once() {
         types(&h)
     );
 }
+
+/// Workflow code may coordinate its own branches with `tokio::sync` (a channel, a
+/// mutex): deterministic, in memory. Those count against tokio's cooperative budget
+/// (128 operations per poll of the task running them), and one over it returns
+/// `Pending` and asks to be polled again only once the task running the workflow
+/// task has yielded, after the task's polls have ended. Before 2026-11-28 the budget
+/// was the worker task's: a run that used more than it in one workflow task stopped
+/// there for good (no command, no error), and a replay from event 1, which runs every
+/// earlier workflow task in one poll, ran out of it part way through a history the
+/// live run had recorded, and failed it as non-determinism.
+#[tokio::test(start_paused = true)]
+async fn tokio_sync_in_workflow_code_is_not_cut_off_by_the_task_budget() {
+    let (store, queue) = backends();
+    let engine = engine_with(&store, &queue, |ctx: WorkflowContext, (): ()| async move {
+        for _ in 0..20 {
+            let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+            for i in 0..20 {
+                tx.send(i).map_err(|e| WorkflowError::new(e.to_string()))?;
+            }
+            drop(tx);
+            while rx.recv().await.is_some() {}
+            ctx.sleep(Duration::from_secs(1)).await?;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<u32>();
+        for i in 0..1_000 {
+            tx.send(i).map_err(|e| WorkflowError::new(e.to_string()))?;
+        }
+        drop(tx);
+        while rx.recv().await.is_some() {}
+        Ok(())
+    });
+    let w = worker(&engine);
+    let id = start(&engine, "w", json!(null)).await;
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let s = engine.get(&id).await.unwrap();
+    w.shutdown().await;
+    let h = history(&engine, &id).await;
+    assert_eq!(
+        s.status,
+        marathon_core::WorkflowStatus::Completed,
+        "{:?}",
+        types(&h)
+    );
+    assert_eq!(
+        count(&h, |d| d.type_name() == "workflow_task_failed"),
+        0,
+        "{:?}",
+        types(&h)
+    );
+}

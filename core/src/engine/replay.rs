@@ -121,8 +121,15 @@ impl Instance {
         // Called on the first poll, where panics are caught: a function that panics
         // before returning its future fails the task like one that panics in it.
         let (call_ctx, input) = (ctx.clone(), input.clone());
+        // Outside tokio's cooperative budget: the budget belongs to the task running
+        // the workflow task (a replay from event 1 spends one on every earlier batch),
+        // and `tokio::sync` the code uses past it would return `Pending` with a wake-up
+        // that only comes after the polls of this batch have ended, so the code would
+        // stop where the budget ran out, not where its history says.
         let future: BoxFuture<'static, Result<Value, WorkflowError>> =
-            Box::pin(async move { f(call_ctx, input).await });
+            Box::pin(tokio::task::unconstrained(async move {
+                f(call_ctx, input).await
+            }));
         let mut inst = Self {
             id: id.clone(),
             name: name.clone(),
