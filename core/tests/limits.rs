@@ -617,3 +617,54 @@ async fn a_call_with_options_that_cannot_mean_anything_fails_the_run() {
     }
     w.shutdown().await;
 }
+
+/// An activity that streams more progress than the history has room for (an LLM
+/// reply streamed a token per event) stops recording progress at 90 % of
+/// `max_history_events` and the run goes on to complete. Before, every token was
+/// appended, and the next workflow task failed the run with `history_limit`.
+#[tokio::test(start_paused = true)]
+async fn streaming_progress_does_not_fail_the_run_at_the_history_limit() {
+    let (store, queue) = backends();
+    let limit = 50;
+    let engine = builder(&store, &queue)
+        .config(marathon_core::EngineConfig {
+            max_history_events: limit,
+            ..marathon_core::EngineConfig::default()
+        })
+        .workflow("streams", |ctx: WorkflowContext, (): ()| async move {
+            let first: u32 = ctx.activity("stream", &100u32).await?;
+            let second: u32 = ctx.activity("stream", &10u32).await?;
+            Ok(json!(first + second))
+        })
+        .activity("stream", |ctx: ActivityContext, tokens: u32| async move {
+            for t in 0..tokens {
+                ctx.progress(&json!({ "token": t })).await?;
+            }
+            Ok::<_, ActivityError>(tokens)
+        })
+        .build();
+    let w = worker(&engine);
+    let id = start(&engine, "streams", json!(null)).await;
+    let done = finished(&engine, &id).await;
+    w.shutdown().await;
+    let events = history(&engine, &id).await;
+    assert_eq!(
+        done.status,
+        WorkflowStatus::Completed,
+        "{:?}; {} events",
+        done.error,
+        events.len()
+    );
+    assert_eq!(done.output, Some(json!(110)));
+    let progress = count(&events, |d| matches!(d, EventData::Progress { .. }));
+    // The first attempt streams up to the cut-off (45 events in all) and one more
+    // append finds it; the second attempt records one before it finds it too.
+    assert!(
+        (40..=47).contains(&progress),
+        "{progress} progress events: {:?}",
+        types(&events)
+    );
+    // The run's own events after the cut-off (result, markers, the second call, its
+    // one progress, the close) take it a few past the limit, as closing events may.
+    assert!(events.len() as u64 <= limit + 5, "{} events", events.len());
+}

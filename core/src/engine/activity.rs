@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::EngineInner;
 use crate::model::{ActivityError, EventData, NewEvent, Seq, Timestamp, WorkflowId};
-use crate::store::{AttemptExtend, KeyedAppend};
+use crate::store::{AttemptExtend, KeyedAppend, KeyedOutcome};
 
 /// What a running activity can ask of the engine: who it is, heartbeats,
 /// cancellation and progress events.
@@ -65,6 +65,9 @@ struct ActivityInner {
     last_heartbeat: Mutex<Instant>,
     last_cancel_check: Mutex<Option<Instant>>,
     progress_seq: AtomicU32,
+    /// Whether a progress append found the history at [`progress_cutoff`]: this
+    /// attempt records no more progress.
+    progress_full: AtomicBool,
     /// How heartbeats keep the attempt owed to this execution in the store, when they do.
     durable: Option<Durable>,
     /// Whether the store said the attempt is no longer this execution's (a durable
@@ -151,6 +154,7 @@ impl ActivityContext {
                 last_heartbeat: Mutex::new(Instant::now()),
                 last_cancel_check: Mutex::new(None),
                 progress_seq: AtomicU32::new(0),
+                progress_full: AtomicBool::new(false),
                 durable,
                 superseded: AtomicBool::new(false),
                 execution: OnceLock::new(),
@@ -374,6 +378,12 @@ impl ActivityContext {
     /// as JSON, which is not recorded; a `canceled` one, recording nothing, once the
     /// attempt has ended (work it left running must not add to the history of the
     /// attempts after it).
+    ///
+    /// Progress is best effort once the history is long: after an append finds the
+    /// history at 90 % of [`crate::EngineConfig::max_history_events`], this attempt's
+    /// further progress is not recorded (a warning is logged once, and the call returns
+    /// `Ok`), so that streaming never takes the room the run needs for its own events
+    /// and fails it with `history_limit`.
     pub async fn progress<T: Serialize>(&self, data: &T) -> Result<(), ActivityError> {
         if self.inner.ended.load(Ordering::Acquire) {
             return Err(ActivityError::canceled());
@@ -381,6 +391,9 @@ impl ActivityContext {
         let Some(engine) = &self.inner.engine else {
             return Ok(());
         };
+        if self.inner.progress_full.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let data = serde_json::to_value(data)?;
         if crate::nests_deeper_than(&data, crate::MAX_VALUE_DEPTH) {
             return Err(ActivityError::permanent(format!(
@@ -416,13 +429,31 @@ impl ActivityContext {
             )],
             owed: Default::default(),
         };
-        engine
+        let outcome = engine
             .store
             .append_keyed(&self.inner.workflow_id, append)
             .await
-            .map(|_| ())
             .map_err(|e| {
                 ActivityError::retryable(format!("recording progress: {e}")).with_kind("store")
-            })
+            })?;
+        if let KeyedOutcome::Appended(seq) = outcome
+            && seq.0 >= progress_cutoff(engine.config.max_history_events)
+            && !self.inner.progress_full.swap(true, Ordering::AcqRel)
+        {
+            tracing::warn!(
+                workflow_id = %self.inner.workflow_id,
+                activity_id = self.inner.activity_id,
+                attempt = self.inner.attempt,
+                events = seq.0,
+                "the workflow's history is near engine.max_history_events: this attempt's further progress is not recorded, leaving the room to the run's own events"
+            );
+        }
+        Ok(())
     }
+}
+
+/// The history length from which an attempt stops recording progress: 90 % of
+/// `max_history_events` (the rest is the run's own), at least 1.
+fn progress_cutoff(max_history_events: u64) -> u64 {
+    (max_history_events - max_history_events / 10).max(1)
 }
