@@ -499,3 +499,106 @@ async fn an_execution_whose_attempt_was_taken_over_stops_without_a_result() {
     assert_eq!(summary.output, Some(json!(2)));
     assert_eq!(executions.load(Ordering::SeqCst), 2);
 }
+
+/// What `get` answers for the workflow a replica's heartbeats ask about.
+#[derive(Clone, Copy, PartialEq)]
+enum Seen {
+    /// As the store has it.
+    Same,
+    /// Gone: retention removed the closed run between two heartbeats.
+    Gone,
+    /// A newer run of the same id (the old one closed and was removed, the id reused).
+    NewerRun,
+}
+
+/// A store whose `get` answers as `seen` says.
+struct RunStore {
+    inner: MemoryStore,
+    seen: parking_lot::Mutex<Seen>,
+}
+
+#[async_trait]
+impl ForwardingStore for RunStore {
+    fn inner(&self) -> &dyn Store {
+        &self.inner
+    }
+    async fn get(&self, id: &WorkflowId) -> Result<Option<WorkflowSummary>, StoreError> {
+        let seen = *self.seen.lock();
+        let summary = self.inner.get(id).await?;
+        Ok(match seen {
+            Seen::Same => summary,
+            Seen::Gone => None,
+            Seen::NewerRun => summary.map(|mut s| {
+                s.created_at = s.created_at.plus(HOUR);
+                s
+            }),
+        })
+    }
+}
+
+/// The once-a-second check of a heartbeat without a shorter `heartbeat_timeout`
+/// stops the attempt when the run that called it is no longer in the store: gone,
+/// or replaced by a newer run of the same id. Before, it stopped only on a summary
+/// that said canceled or closed, and such an attempt ran on to its start-to-close
+/// (an hour here) for a result nobody could record.
+#[tokio::test(start_paused = true)]
+async fn a_heartbeat_stops_an_attempt_whose_run_is_gone_or_replaced() {
+    for seen in [Seen::Gone, Seen::NewerRun] {
+        let store = Arc::new(RunStore {
+            inner: MemoryStore::default(),
+            seen: parking_lot::Mutex::new(Seen::Same),
+        });
+        let store_dyn: Arc<dyn Store> = store.clone();
+        let queue: Arc<dyn Queue> = Arc::new(MemoryQueue::default());
+        let running = Arc::new(AtomicBool::new(false));
+        let stopped = Arc::new(AtomicBool::new(false));
+        let (r, st) = (running.clone(), stopped.clone());
+        let engine = builder(&store_dyn, &queue)
+            .workflow("long", |ctx: WorkflowContext, (): ()| async move {
+                ctx.activity_with::<_, serde_json::Value>(
+                    "beat",
+                    &(),
+                    ActivityOptions {
+                        start_to_close: HOUR,
+                        ..ActivityOptions::default()
+                    },
+                )
+                .await
+            })
+            .activity("beat", move |ctx: ActivityContext, (): ()| {
+                let (r, st) = (r.clone(), st.clone());
+                async move {
+                    r.store(true, Ordering::SeqCst);
+                    loop {
+                        if let Err(e) = ctx.heartbeat().await {
+                            st.store(true, Ordering::SeqCst);
+                            return Err::<(), _>(e);
+                        }
+                        tokio::time::sleep(Duration::from_secs(2)).await;
+                    }
+                }
+            })
+            .build();
+        let w = worker(&engine);
+        start(&engine, "long", json!(null)).await;
+        while !running.load(Ordering::SeqCst) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        *store.seen.lock() = seen;
+        let t0 = tokio::time::Instant::now();
+        while !stopped.load(Ordering::SeqCst) && t0.elapsed() < Duration::from_secs(600) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let took = t0.elapsed();
+        w.shutdown().await;
+        assert!(
+            stopped.load(Ordering::SeqCst) && took < Duration::from_secs(10),
+            "{}: still running after {took:?}",
+            if seen == Seen::Gone {
+                "gone"
+            } else {
+                "newer run"
+            }
+        );
+    }
+}

@@ -301,10 +301,19 @@ impl ActivityContext {
         };
         if due {
             // Cancellation requested through another replica reaches us through the store.
-            if let Ok(Some(s)) = engine.store.get(&self.inner.workflow_id).await
-                && (s.status.is_terminal()
-                    || (s.cancel_requested && self.clean_up(engine).await == Some(false)))
-            {
+            // So does the end of the run that called it: closed, removed by retention, or
+            // replaced by a newer run of its id (whose history its result cannot join).
+            let stop = match engine.store.get(&self.inner.workflow_id).await {
+                Ok(None) => true,
+                Ok(Some(s)) => {
+                    s.created_at != self.inner.run
+                        || s.status.is_terminal()
+                        || (s.cancel_requested && self.clean_up(engine).await == Some(false))
+                }
+                // Asked again at the next check.
+                Err(_) => false,
+            };
+            if stop {
                 self.inner.cancel.cancel();
                 return Err(ActivityError::canceled());
             }
