@@ -158,3 +158,57 @@ async fn tokio_sync_in_workflow_code_is_not_cut_off_by_the_task_budget() {
         types(&h)
     );
 }
+
+/// A workflow task that keeps failing the same way while an activity it called
+/// streams progress: the failure is recorded once, not again at every retry that
+/// finds progress after it. Before 2026-11-28 the repeat check compared with the last
+/// event only, so each retry (every `task_failure_retry`) that followed some progress
+/// recorded another `workflow_task_failed`.
+#[tokio::test(start_paused = true)]
+async fn a_repeated_failure_is_recorded_once_while_progress_streams() {
+    let (store, queue) = backends();
+    let v1 = engine_with(&store, &queue, |ctx: WorkflowContext, (): ()| async move {
+        ctx.activity::<_, ()>("stream", &()).await
+    });
+    let v2 = engine_with(&store, &queue, |_ctx: WorkflowContext, (): ()| async move {
+        Err(WorkflowError::new("unused"))
+    });
+    let id = start(&v1, "w", json!(null)).await;
+    v1.handle("default", Task::workflow(id.clone()))
+        .await
+        .unwrap();
+    for n in 0..3u32 {
+        // The v2 code returns where v1 called the activity: non-determinism.
+        v2.handle("default", Task::workflow(id.clone()))
+            .await
+            .unwrap();
+        // The activity v1 scheduled streams on meanwhile.
+        let appended = store
+            .append_keyed(
+                &id,
+                marathon_core::KeyedAppend {
+                    key: Some(format!("p:1:1:1:{n}")),
+                    events: vec![marathon_core::NewEvent::new(
+                        v1.now(),
+                        marathon_core::EventData::Progress {
+                            activity_id: 1,
+                            attempt: 1,
+                            execution: 1,
+                            data: json!({ "token": n }),
+                        },
+                    )],
+                    ..marathon_core::KeyedAppend::default()
+                },
+            )
+            .await
+            .unwrap();
+        assert!(matches!(appended, marathon_core::KeyedOutcome::Appended(_)));
+    }
+    let h = history(&v2, &id).await;
+    assert_eq!(
+        count(&h, |d| d.type_name() == "workflow_task_failed"),
+        1,
+        "{:?}",
+        types(&h)
+    );
+}

@@ -1322,8 +1322,9 @@ impl EngineInner {
         };
         let failed = |failure: TaskFailure| {
             let last = events.last().map_or(Seq::ZERO, |e| e.seq);
+            // The last failure recorded, unless something the code would see came after.
             let repeated = matches!(
-                events.last().map(|e| &e.data),
+                events.iter().rev().find(|e| !e.data.is_bookkeeping()).map(|e| &e.data),
                 Some(EventData::WorkflowTaskFailed { message, .. }) if *message == failure.message
             );
             Prepared::Failed {

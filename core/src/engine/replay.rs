@@ -159,7 +159,11 @@ impl Instance {
             });
         }
         self.applied = e.seq;
-        self.last_task_failure = None;
+        // Bookkeeping (progress streamed by a running activity, say) changes nothing a
+        // retry of the failed task would do: the failure still stands for the repeat check.
+        if !e.data.is_bookkeeping() {
+            self.last_task_failure = None;
+        }
         match &e.data {
             EventData::WorkflowTaskCompleted {} => {
                 self.check_all_matched(Some(e.seq))?;

@@ -229,6 +229,17 @@ impl EventData {
         )
     }
 
+    /// Whether this event is bookkeeping an activity's worker records between workflow
+    /// tasks (`activity_started`, `activity_retrying`, `progress`): the workflow code
+    /// never sees it, so it changes nothing a workflow task would do.
+    #[must_use]
+    pub fn is_bookkeeping(&self) -> bool {
+        matches!(
+            self,
+            Self::ActivityStarted { .. } | Self::ActivityRetrying { .. } | Self::Progress { .. }
+        )
+    }
+
     /// Whether this event records a command of the workflow code (matched on replay).
     #[must_use]
     pub fn is_command(&self) -> bool {
