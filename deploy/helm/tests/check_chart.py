@@ -171,6 +171,7 @@ def docs_of(rendered: dict[str, str]) -> list[dict]:
 PLACEHOLDER_SECRETS = {
     "MARATHON_STORE__URL": "redis://:secret@redis.example:6379/0",
     "MARATHON_AUTH_TOKENS": "token-1,token-2",
+    "MARATHON_STORE__CLUSTER_NODES": "rediss://:secret@node-1.example:6379,rediss://:secret@node-2.example:6379",
 }
 
 
@@ -179,6 +180,9 @@ def container_env(c: dict) -> dict[str, str]:
     for e in c.get("env", []):
         if "value" in e:
             env[e["name"]] = str(e["value"])
+        elif e["valueFrom"].get("secretKeyRef", {}).get("optional"):
+            # An optional key may be missing from the Secret: the server must start without it.
+            continue
         elif "valueFrom" in e:
             env[e["name"]] = PLACEHOLDER_SECRETS.get(e["name"], "from-secret-or-field")
     return env
@@ -226,6 +230,13 @@ def check_objects(name: str, docs: list[dict], server: Server) -> None:
             got = c.get(probe, {}).get("httpGet", {})
             if got.get("path") != path or got.get("port") != "http":
                 fail(f"{where}: {probe} is {got}, want GET {path} on port http")
+        # Cluster mode reads the seed nodes: a Secret holding only those (no `url`) must
+        # still start the pod, so its url key is optional (a required missing key is
+        # CreateContainerConfigError).
+        refs = {e["name"]: e.get("valueFrom", {}).get("secretKeyRef", {}) for e in c.get("env", [])}
+        if refs.get("MARATHON_STORE__CLUSTER_NODES") and not refs.get("MARATHON_STORE__URL", {}).get("optional"):
+            fail(f"{where}: cluster mode, but the Secret's url key is required: a Secret with only the seed nodes"
+                 " keeps the pod from starting")
         printed = server.check_env(where, env)
         if printed is not None:
             # Port: the container port is the server's effective listen port.
@@ -388,6 +399,10 @@ SCENARIOS = [
      {"store": {"kind": "redis", "redis": {"url": "redis://redis:6379"}}, "queue": {"kind": "sqs"},
       "roles": {"split": True},
       "metrics": {"serviceMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}}),
+    ("Redis Cluster seed nodes from an existing Secret without a url", RELEASE,
+     {"store": {"kind": "redis", "redis": {"existingSecret": "marathon-redis",
+                                           "clusterNodesSecretKey": "cluster-nodes"}},
+      "queue": {"kind": "sqs"}}),
     ("traces from an image tag other than appVersion", RELEASE,
      {"image": {"tag": "2026.11.28-3f1c2ab"},
       "otel": {"enabled": True, "endpoint": "http://otel-collector:4318"}}),

@@ -193,6 +193,10 @@ where JSON Schema can express them).
     secretKeyRef:
       name: {{ include "marathon.redisSecretName" $root }}
       key: {{ include "marathon.redisSecretKey" $root }}
+      {{- if $v.store.redis.clusterNodesSecretKey }}
+      {{- /* Cluster mode reads the seed nodes; the Secret need not hold a url. */}}
+      optional: true
+      {{- end }}
 {{- with $v.store.redis.clusterNodesSecretKey }}
 - name: MARATHON_STORE__CLUSTER_NODES
   valueFrom:
