@@ -282,7 +282,7 @@ where JSON Schema can express them).
 {{- define "marathon.tomlQueues" -}}
 {{- $items := list }}
 {{- range . }}
-{{- $items = append $items (printf "{name=%s,concurrency=%d}" (.name | toJson) (int .concurrency)) }}
+{{- $items = append $items (printf "{name=%s,concurrency=%d,receivers=%d}" (.name | toJson) (int .concurrency) (int (.receivers | default 1))) }}
 {{- end }}
 {{- printf "[%s]" (join "," $items) }}
 {{- end }}
