@@ -155,6 +155,9 @@ where JSON Schema can express them).
 {{- if lt (int $v.shutdownGraceSeconds) 1 }}
 {{- fail "shutdownGraceSeconds must be at least 1" }}
 {{- end }}
+{{- if and $v.otel.enabled (le (int $v.terminationGraceMarginSeconds) 5) }}
+{{- fail (printf "terminationGraceMarginSeconds %v leaves no room for the span flush at exit (up to 5 s after the drain) with otel.enabled: the pod would be killed while it flushes; use at least 6" $v.terminationGraceMarginSeconds) }}
+{{- end }}
 {{- end }}
 
 {{/* A value as the server reads it from the environment. */}}
