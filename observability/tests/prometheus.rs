@@ -179,9 +179,13 @@ fn exposed_labels(text: &str) -> BTreeMap<String, BTreeSet<String>> {
     out
 }
 
+/// Labels the scrape adds to every series rather than the exposition: the rules
+/// aggregate by `namespace`, which a Prometheus operator ServiceMonitor sets.
+const TARGET_LABELS: &[&str] = &["namespace"];
+
 /// Label names that `text` (PromQL, or YAML holding it) uses on a `marathon_*` metric
-/// that lacks them: in selectors (`metric{label="value"}`) and in `by (label, ...)`
-/// clauses, checked against the first metric after the clause.
+/// that lacks them (target labels aside): in selectors (`metric{label="value"}`) and in
+/// `by (label, ...)` clauses, checked against the first metric after the clause.
 fn unknown_labels(text: &str, labels: &BTreeMap<String, BTreeSet<String>>) -> Vec<String> {
     let metric_at = |at: &str| -> Option<(String, usize)> {
         let i = at.find("marathon_")?;
@@ -193,7 +197,8 @@ fn unknown_labels(text: &str, labels: &BTreeMap<String, BTreeSet<String>>) -> Ve
     };
     let mut wrong = Vec::new();
     let mut check = |metric: &str, label: &str, context: &str| {
-        let known = labels.get(metric).is_some_and(|l| l.contains(label));
+        let known =
+            TARGET_LABELS.contains(&label) || labels.get(metric).is_some_and(|l| l.contains(label));
         if !known {
             wrong.push(format!("{metric} has no label {label:?} ({context})"));
         }
