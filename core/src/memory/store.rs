@@ -514,6 +514,12 @@ impl Store for MemoryStore {
         let mut last = None;
         for (state, created_at, id) in picked {
             let st = state.lock();
+            // Purged or finished since the index was read (the copies come after it):
+            // skipped, as the Redis store does, but paging goes on after it.
+            if st.removed || query.status.is_some_and(|s| s != st.summary.status) {
+                last = Some((created_at, id));
+                continue;
+            }
             if !budget.admit(json_len(&st.summary)) {
                 more = true;
                 break;
