@@ -147,6 +147,10 @@ struct QueueState {
     in_flight_count: usize,
     delayed_count: usize,
     dead: VecDeque<Task>,
+    /// The latest time a receiver that went to sleep since the last wake-up of all
+    /// of them wakes at (it may have woken since): a delivery whose visibility ends
+    /// before it must wake them, or the message waits out their whole wait.
+    sleeping_until: Option<Instant>,
 }
 
 fn parse_receipt(r: &Receipt) -> Option<(u64, u64)> {
@@ -165,7 +169,18 @@ impl QueueState {
             in_flight_count: 0,
             delayed_count: 0,
             dead: VecDeque::new(),
+            sleeping_until: None,
         }
+    }
+
+    /// Notes that a delivery's visibility now ends at `until`; returns whether the
+    /// sleeping receivers must be woken to wait for it (they then sleep again).
+    fn expires_at(&mut self, until: Instant) -> bool {
+        let wake = self.sleeping_until.is_some_and(|s| s > until);
+        if wake {
+            self.sleeping_until = None;
+        }
+        wake
     }
 
     /// Makes message `id` ready, or dead-letters it if it was received too often.
@@ -342,7 +357,7 @@ impl Queue for MemoryQueue {
             let now = Instant::now();
             let until = later(now, visibility);
             let mut out = Vec::new();
-            let (wake, leftover) = {
+            let (sleep_until, leftover, wake_sleepers) = {
                 let mut st = q.state.lock();
                 st.promote(now);
                 while out.len() < max {
@@ -368,8 +383,16 @@ impl Queue for MemoryQueue {
                     st.in_flight.push(Reverse((until, id)));
                     st.in_flight_count += 1;
                 }
-                (st.next_wake(), !st.ready.is_empty())
+                let wake_sleepers = !out.is_empty() && st.expires_at(until);
+                let sleep_until = st.next_wake().map_or(deadline, |w| w.min(deadline));
+                if out.is_empty() && max > 0 && now < deadline {
+                    st.sleeping_until = st.sleeping_until.max(Some(sleep_until));
+                }
+                (sleep_until, !st.ready.is_empty(), wake_sleepers)
             };
+            if wake_sleepers {
+                q.notify.notify_waiters();
+            }
             if !out.is_empty() {
                 if leftover {
                     q.notify.notify_one();
@@ -379,7 +402,6 @@ impl Queue for MemoryQueue {
             if max == 0 || now >= deadline {
                 return Ok(out);
             }
-            let sleep_until = wake.map_or(deadline, |w| w.min(deadline));
             tokio::select! {
                 () = &mut notified => {}
                 () = tokio::time::sleep_until(sleep_until) => {}
@@ -452,15 +474,21 @@ impl Queue for MemoryQueue {
     ) -> Result<(), QueueError> {
         let q = self.named(queue);
         let now = Instant::now();
-        let mut st = q.state.lock();
-        let (id, m) = st.live(receipt, now).ok_or(QueueError::InvalidReceipt)?;
-        let Phase::InFlight { delivery, .. } = m.phase else {
-            return Err(QueueError::InvalidReceipt);
+        let wake_sleepers = {
+            let mut st = q.state.lock();
+            let (id, m) = st.live(receipt, now).ok_or(QueueError::InvalidReceipt)?;
+            let Phase::InFlight { delivery, .. } = m.phase else {
+                return Err(QueueError::InvalidReceipt);
+            };
+            let until = later(now, visibility);
+            m.phase = Phase::InFlight { until, delivery };
+            st.in_flight.push(Reverse((until, id)));
+            st.compact();
+            st.expires_at(until)
         };
-        let until = later(now, visibility);
-        m.phase = Phase::InFlight { until, delivery };
-        st.in_flight.push(Reverse((until, id)));
-        st.compact();
+        if wake_sleepers {
+            q.notify.notify_waiters();
+        }
         Ok(())
     }
 

@@ -131,6 +131,7 @@ macro_rules! queue_conformance {
                 delayed_message_is_invisible_until_due,
                 unacked_message_is_redelivered,
                 extend_keeps_message_invisible,
+                a_waiting_receive_gets_a_message_whose_visibility_ran_out,
                 nack_redelivers_after_delay,
                 acked_receipt_is_spent,
                 dead_letters_after_max_receives,

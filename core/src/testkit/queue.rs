@@ -213,6 +213,43 @@ pub async fn extend_keeps_message_invisible(q: Arc<dyn Queue>) {
     ack(&q, name, &again).await;
 }
 
+/// A receive already waiting when another takes the message gets it again once that
+/// delivery's visibility runs out, not only when its own wait ends (an SQS long poll
+/// hands out a message as soon as it is visible again).
+pub async fn a_waiting_receive_gets_a_message_whose_visibility_ran_out(q: Arc<dyn Queue>) {
+    let name = "q-reappear";
+    let t = task();
+    let waiters: Vec<_> = (0..2)
+        .map(|_| {
+            let q = q.clone();
+            tokio::spawn(async move {
+                let got = receive(&q, name, 1, secs(15), SEC).await;
+                (got, Instant::now())
+            })
+        })
+        .collect();
+    // Both receives are waiting when the message arrives: one takes it for 1 s.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let sent = Instant::now();
+    enqueue(&q, name, vec![OutgoingMessage::now(t.clone())]).await;
+    let mut got = Vec::new();
+    for w in waiters {
+        let (deliveries, at) = w.await.expect("receiver");
+        for d in deliveries {
+            got.push((d.receive_count, at.duration_since(sent)));
+            assert_eq!(d.task, t);
+        }
+    }
+    got.sort();
+    assert_eq!(got.len(), 2, "received by both waiting receives: {got:?}");
+    assert_eq!((got[0].0, got[1].0), (1, 2), "{got:?}");
+    assert!(
+        got[1].1 < secs(6),
+        "received again {:?} after it was sent, its visibility being 1 s",
+        got[1].1
+    );
+}
+
 /// `nack` with a delay delivers the message again after that delay.
 pub async fn nack_redelivers_after_delay(q: Arc<dyn Queue>) {
     let name = "q-nack";
