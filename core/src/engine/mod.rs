@@ -1616,8 +1616,13 @@ impl EngineInner {
                             now.since(inst.started_at),
                         );
                     }
-                    for (queue, msgs) in activities {
-                        self.enqueue(&queue, msgs).await;
+                    // Calls made as the run closed (never awaited) are recorded but not
+                    // sent: the close cleared their owed attempts, and nothing would
+                    // take their results.
+                    if !terminal {
+                        for (queue, msgs) in activities {
+                            self.enqueue(&queue, msgs).await;
+                        }
                     }
                     if terminal {
                         // Closed: nothing it called may go on.
