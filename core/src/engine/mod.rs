@@ -1687,13 +1687,33 @@ impl EngineInner {
             trace_context: self.observer.trace_context(),
             run: None,
         });
-        match self.store.append(id, last, events, owed).await {
-            Ok(_)
-            | Err(StoreError::Conflict { .. } | StoreError::Closed(_) | StoreError::NotFound(_)) => {
-                Ok(())
+        let mut last = last;
+        for _ in 0..MAX_CONFLICTS {
+            match self
+                .store
+                .append(id, last, events.clone(), owed.clone())
+                .await
+            {
+                Ok(_) | Err(StoreError::Closed(_) | StoreError::NotFound(_)) => return Ok(()),
+                Err(StoreError::Conflict { .. }) => {
+                    // Only bookkeeping since (a streamed token, an attempt's start or
+                    // retry): nothing the code would see, so the failure stands and is
+                    // recorded after it. New input owes a task of its own, which runs
+                    // the code again.
+                    let since = match self.read_all(id, last).await {
+                        Ok(e) => e,
+                        Err(StoreError::NotFound(_)) => return Ok(()),
+                        Err(e) => return Err(e.into()),
+                    };
+                    match since.last() {
+                        Some(l) if since.iter().all(|e| e.data.is_bookkeeping()) => last = l.seq,
+                        _ => return Ok(()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => Err(e.into()),
         }
+        Err(EngineError::Contended(id.clone()))
     }
 
     /// Reads an activity call from its `activity_scheduled` event.
