@@ -1961,7 +1961,10 @@ impl EngineInner {
         durable: Option<DurableHeartbeat>,
     ) -> Option<Result<Value, ActivityError>> {
         let Some(f) = self.registry.find_activity(&call.name).cloned() else {
-            return Some(Err(ActivityError::permanent(format!(
+            // Retryable: during a rolling upgrade another replica (of the version that
+            // added it) may run the next attempt. A name no replica registers fails
+            // once the retry policy's attempts are spent.
+            return Some(Err(ActivityError::retryable(format!(
                 "activity {:?} is not registered on this worker",
                 call.name
             ))
