@@ -663,7 +663,15 @@ async fn an_unregistered_activity_name_is_not_a_label_value() {
     let engine = Engine::builder()
         .observer(metrics.clone())
         .workflow("tools", |ctx: WorkflowContext, tool: String| async move {
-            ctx.activity::<_, ()>(&tool, &()).await?;
+            // Not retried (an unknown name is retryable, for rolling upgrades).
+            let options = marathon_core::ActivityOptions {
+                retry: marathon_core::RetryPolicy {
+                    non_retryable_kinds: vec!["unknown_activity".into()],
+                    ..marathon_core::RetryPolicy::default()
+                },
+                ..marathon_core::ActivityOptions::default()
+            };
+            ctx.activity_with::<_, ()>(&tool, &(), options).await?;
             Ok::<_, WorkflowError>(())
         })
         .build();
