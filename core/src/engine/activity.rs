@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::engine::EngineInner;
 use crate::model::{ActivityError, EventData, NewEvent, Seq, Timestamp, WorkflowId};
-use crate::store::{AttemptExtend, KeyedAppend, KeyedOutcome};
+use crate::store::{AttemptExtend, KeyedAppend, KeyedOutcome, StoreError};
 
 /// What a running activity can ask of the engine: who it is, heartbeats,
 /// cancellation and progress events.
@@ -386,7 +386,8 @@ impl ActivityContext {
     /// [`crate::MAX_VALUE_DEPTH`] levels or larger than [`crate::MAX_PAYLOAD_BYTES`]
     /// as JSON, which is not recorded; a `canceled` one, recording nothing, once the
     /// attempt has ended (work it left running must not add to the history of the
-    /// attempts after it).
+    /// attempts after it); a `canceled` one, recording nothing, once the run has closed
+    /// or is gone (the attempt's context is canceled too).
     ///
     /// Progress is best effort once the history is long: after an append finds the
     /// history at 90 % of [`crate::EngineConfig::max_history_events`], this attempt's
@@ -438,13 +439,24 @@ impl ActivityContext {
             )],
             owed: Default::default(),
         };
-        let outcome = engine
+        let outcome = match engine
             .store
             .append_keyed(&self.inner.workflow_id, append)
             .await
-            .map_err(|e| {
-                ActivityError::retryable(format!("recording progress: {e}")).with_kind("store")
-            })?;
+        {
+            // The run has ended (closed, or removed by retention): the attempt stops,
+            // as its next heartbeat would have it.
+            Ok(KeyedOutcome::Closed) | Err(StoreError::NotFound(_)) => {
+                self.inner.cancel.cancel();
+                return Err(ActivityError::canceled());
+            }
+            Ok(outcome) => outcome,
+            Err(e) => {
+                return Err(
+                    ActivityError::retryable(format!("recording progress: {e}")).with_kind("store")
+                );
+            }
+        };
         if let KeyedOutcome::Appended(seq) = outcome
             && seq.0 >= progress_cutoff(engine.config.max_history_events)
             && !self.inner.progress_full.swap(true, Ordering::AcqRel)
