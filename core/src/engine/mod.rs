@@ -492,8 +492,17 @@ impl Cache {
         order.push_back(id.clone());
         // Saturating: a capacity meant as unbounded (`usize::MAX`) must not overflow.
         if order.len() > capacity.max(1).saturating_mul(2).saturating_add(1024) {
-            // Ids of finished (removed) workflows pile up here; drop them.
-            order.retain(|id| slots.contains_key(id));
+            // Ids of finished (removed) workflows pile up here, and an id removed and
+            // cached again (each retry of a failing task) once per time: keep the
+            // newest entry of each cached id only.
+            let mut seen = std::collections::HashSet::with_capacity(slots.len());
+            let mut kept: Vec<WorkflowId> = order
+                .drain(..)
+                .rev()
+                .filter(|id| slots.contains_key(id) && seen.insert(id.clone()))
+                .collect();
+            kept.reverse();
+            order.extend(kept);
         }
         // Evict the oldest idle slots beyond capacity; a busy one goes to the back.
         let mut scanned = 0;
@@ -2449,6 +2458,38 @@ mod cache_tests {
             let _slot = cache.slot(&id, usize::MAX);
         }
         assert_eq!(cache.slots.lock().len(), 3);
+    }
+
+    /// An id removed from the cache and cached again, over and over (a workflow task
+    /// failing every `task_failure_retry`, each failure removing its slot), leaves one
+    /// entry in the eviction order, not one per time: the compaction kept every entry
+    /// of a cached id, and with the cache under capacity the order grew without end.
+    #[test]
+    fn an_id_cached_again_and_again_keeps_one_entry() {
+        let cache = Cache::default();
+        let capacity = 10;
+        let others: Vec<_> = (0..5)
+            .map(|i| WorkflowId::parse(format!("other{i}")).expect("an id"))
+            .collect();
+        for id in &others {
+            let _slot = cache.slot(id, capacity);
+        }
+        let failing = WorkflowId::parse("failing").expect("an id");
+        for _ in 0..5_000 {
+            let _slot = cache.slot(&failing, capacity);
+            cache.remove(&failing);
+        }
+        let _slot = cache.slot(&failing, capacity);
+        let order = cache.order.lock();
+        assert!(
+            order.len() <= 2 * capacity + 1024 + 1,
+            "{} entries for {} cached ids",
+            order.len(),
+            cache.slots.lock().len()
+        );
+        // The oldest first: the ids cached once, then the one cached last.
+        assert_eq!(order.back(), Some(&failing));
+        assert!(others.iter().all(|id| order.contains(id)));
     }
 }
 
