@@ -29,7 +29,7 @@ use marathon_core::StoreError;
 use crate::conn::{Conn, Target};
 
 /// How long one blocking read of the reader waits.
-const BLOCK: Duration = Duration::from_secs(2);
+pub(crate) const BLOCK: Duration = Duration::from_secs(2);
 /// Most entries read per stream per round.
 const COUNT: usize = 1000;
 

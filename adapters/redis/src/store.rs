@@ -603,21 +603,31 @@ async fn connect_cluster(cfg: &RedisStoreConfig) -> Result<(Conn, Target), Store
         let _ = rustls::crypto::ring::default_provider().install_default();
     }
     let masked: Vec<String> = cfg.cluster_nodes.iter().map(|u| masked_url(u)).collect();
-    let mut builder = ClusterClientBuilder::new(cfg.cluster_nodes.iter().map(String::as_str))
-        .connection_timeout(cfg.connect_timeout)
-        .response_timeout(cfg.response_timeout);
-    if let Some(root_cert) = ca_file(cfg)? {
-        builder = builder.certs(redis::TlsCertificates {
-            client_tls: None,
-            root_cert: Some(root_cert),
-        });
-    }
-    let client = builder.build().map_err(|e| {
-        tracing::warn!(nodes = ?masked, "invalid Redis Cluster node URLs or TLS settings");
-        StoreError::Backend(Box::new(e))
-    })?;
+    let root_cert = ca_file(cfg)?;
+    let build = |overall: Duration| {
+        let mut builder = ClusterClientBuilder::new(cfg.cluster_nodes.iter().map(String::as_str))
+            .connection_timeout(cfg.connect_timeout)
+            .response_timeout(cfg.response_timeout)
+            .overall_response_timeout(Some(overall));
+        if let Some(root_cert) = &root_cert {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert.clone()),
+            });
+        }
+        builder.build().map_err(|e| {
+            tracing::warn!(nodes = ?masked, "invalid Redis Cluster node URLs or TLS settings");
+            StoreError::Backend(Box::new(e))
+        })
+    };
+    let client = build(cfg.response_timeout)?;
+    // The append readers' blocking reads wait up to `BLOCK` for an answer: the
+    // client's overall bound on a request (which a connection's config cannot
+    // change) must allow for it, or every idle read times out and its reader
+    // reconnects in a loop.
+    let readers = build(crate::notify::BLOCK + cfg.response_timeout)?;
     let conn = client.get_async_connection().await.map_err(classify)?;
-    Ok((Conn::Cluster(conn), Target::Cluster(Box::new(client))))
+    Ok((Conn::Cluster(conn), Target::Cluster(Box::new(readers))))
 }
 
 /// `serde_json::to_string` behind a trait object, so one closure serializes any field.

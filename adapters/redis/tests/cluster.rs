@@ -208,3 +208,48 @@ async fn a_cluster_node_given_as_a_single_url_is_refused() {
     assert!(err.to_string().contains("cluster_nodes"), "{err}");
     assert!(!err.is_retryable(), "{err}");
 }
+
+/// The per-shard append readers' blocking `XREAD` (2 s) is not cut short by the
+/// cluster client's overall request timeout, which is `response_timeout` unless
+/// told otherwise: with `response_timeout` 500 ms every idle read timed out, so the
+/// readers woke every subscription and opened new cluster connections in a loop.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_subscription_is_not_woken_by_reader_timeouts_on_the_cluster() {
+    use futures::StreamExt;
+    let urls = tokio::task::spawn_blocking(|| cluster::shared().urls())
+        .await
+        .expect("start the cluster");
+    let prefix = common::prefix();
+    let store = RedisStore::connect(marathon_redis::RedisStoreConfig {
+        cluster_nodes: urls,
+        key_prefix: prefix.clone(),
+        shards: 2,
+        response_timeout: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let id = WorkflowId::parse("idle-1").unwrap();
+    store
+        .create(NewWorkflow {
+            id: id.clone(),
+            name: "n".into(),
+            input: json!(null),
+            task_queue: "q".into(),
+            idempotency_key: None,
+            started_at: Timestamp(1_000),
+            task_deadline: Timestamp(2_000),
+            trace_context: None,
+        })
+        .await
+        .unwrap();
+    let mut sub = store.subscribe(&id, Seq::ZERO).await.unwrap();
+    assert_eq!(sub.next().await.unwrap().unwrap().seq, Seq(1));
+    // Nothing is appended: the subscription waits, and reads nothing meanwhile.
+    let before = store.round_trips();
+    let got = tokio::time::timeout(Duration::from_secs(6), sub.next()).await;
+    let reads = store.round_trips() - before;
+    cluster::teardown(&prefix).await;
+    assert!(got.is_err(), "{got:?}");
+    assert_eq!(reads, 0, "an idle subscription read {reads} times in 6 s");
+}

@@ -75,6 +75,32 @@ async fn cluster_mode_over_tls_with_a_private_ca_and_a_password() {
     let page = store.list(&ListQuery::default()).await.expect("list");
     assert_eq!(page.items.len(), ids.len());
 
+    // The append readers (their own cluster client) connect over TLS too: a
+    // subscription is woken by the next append.
+    let mut sub = store.subscribe(&ids[0], Seq(2)).await.expect("subscribe");
+    store
+        .append_keyed(
+            &ids[0],
+            KeyedAppend {
+                key: Some("s:2".into()),
+                events: vec![NewEvent::new(
+                    t,
+                    EventData::SignalReceived {
+                        name: "go".into(),
+                        payload: json!(2),
+                    },
+                )],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("append over TLS");
+    let next = tokio::time::timeout(Duration::from_secs(5), futures::StreamExt::next(&mut sub))
+        .await
+        .expect("woken within 5 s");
+    assert_eq!(next.map(|e| e.map(|e| e.seq).ok()), Some(Some(Seq(3))));
+    drop(sub);
+
     let untrusted = RedisStore::connect(config(None)).await;
     assert!(
         untrusted.is_err(),
