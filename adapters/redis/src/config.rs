@@ -21,7 +21,7 @@ pub struct RedisStoreConfig {
     pub cluster_nodes: Vec<String>,
     /// Prefix of every key Marathon writes; must not contain `{` or `}`. Default `"marathon:"`.
     pub key_prefix: String,
-    /// Fixed number of shards (hash slots used); never change it on a live store. Default 16.
+    /// Fixed number of shards (hash slots used), 1 to 16384; never change it on a live store. Default 16.
     pub shards: u32,
     /// Timeout of establishing a connection, in ms. Default 2000.
     #[serde(with = "duration_ms")]
@@ -38,6 +38,9 @@ pub struct RedisStoreConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca_file: Option<String>,
 }
+
+/// Most `shards`: a Redis Cluster's hash slots.
+const MAX_SHARDS: u32 = 16384;
 
 /// Longest `retention`: 100 years.
 const MAX_RETENTION: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
@@ -77,6 +80,19 @@ impl RedisStoreConfig {
         }
         if self.shards == 0 {
             return Err(("shards", "must be at least 1".into()));
+        }
+        // Every shard's stream is read, and every shard's indexes and owed work
+        // queried, on each subscription round, list page and sweep: a store of
+        // millions of shards exhausts memory at connect (u32::MAX: one stream name
+        // each) and spreads no further than Redis Cluster's 16384 slots anyway.
+        if self.shards > MAX_SHARDS {
+            return Err((
+                "shards",
+                format!(
+                    "{} is more than {MAX_SHARDS} (the hash slots of a Redis Cluster)",
+                    self.shards
+                ),
+            ));
         }
         // Every connection attempt would time out before it began.
         if self.connect_timeout.is_zero() {
@@ -283,6 +299,17 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(field(cfg), Err("shards"));
+        for (shards, ok) in [
+            (MAX_SHARDS, true),
+            (MAX_SHARDS + 1, false),
+            (u32::MAX, false),
+        ] {
+            let cfg = RedisStoreConfig {
+                shards,
+                ..Default::default()
+            };
+            assert_eq!(field(cfg).is_ok(), ok, "shards {shards}");
+        }
         let cfg = RedisStoreConfig {
             tls_ca_file: Some("/nonexistent/ca.pem".into()),
             ..Default::default()
