@@ -821,11 +821,22 @@ impl Store for RedisStore {
                 .split_once('\n')
                 .ok_or_else(|| bad_reply("malformed idempotency claim"))?;
             let theirs: NewWorkflow = serde_json::from_str(json).map_err(backend)?;
-            if let Some(summary) = self.get(&theirs.id).await? {
-                return Ok(Created {
-                    summary,
-                    created: false,
-                });
+            match self.get(&theirs.id).await? {
+                Some(summary) if summary.idempotency_key.as_deref() == Some(&key) => {
+                    return Ok(Created {
+                        summary,
+                        created: false,
+                    });
+                }
+                // The id is held by a workflow without this key: its claimant found
+                // it taken and releases the claim (or crashed before it could), so
+                // the key names nothing and goes to this start.
+                Some(_) => {
+                    self.release_claim(&key, theirs.id.as_str(), Some(&prev))
+                        .await?;
+                    continue;
+                }
+                None => {}
             }
             if !self.outlived(&theirs, new.started_at) {
                 let (summary, _) = self.create_workflow(&theirs).await?;

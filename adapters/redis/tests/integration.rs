@@ -966,3 +966,63 @@ async fn a_subscription_reads_about_what_it_hands_out() {
     );
     assert_eq!(seqs, (2..=21).collect::<Vec<u64>>());
 }
+
+/// An idempotency claim naming a workflow that exists without that key (its
+/// claimant found the id taken and crashed before releasing the claim) names
+/// nothing: a start with the key takes the claim over and creates its workflow,
+/// instead of answering with the unrelated workflow for as long as the claim lasts.
+#[tokio::test]
+async fn a_claim_naming_a_workflow_without_its_key_is_taken_over() {
+    let prefix = common::prefix();
+    let store = RedisStore::connect(RedisStoreConfig {
+        url: common::url(),
+        key_prefix: prefix.clone(),
+        shards: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let taken = WorkflowId::parse("taken").unwrap();
+    store
+        .create(new_wf(&taken, "other", None, 1_000))
+        .await
+        .unwrap();
+    // What a start of `taken` with key K left: its claim, written before it found
+    // the id taken, never released.
+    let claimant = new_wf(&taken, "n", Some("K"), 2_000);
+    let claim = format!("{taken}\n{}", serde_json::to_string(&claimant).unwrap());
+    let mut conn = redis::Client::open(common::url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg(format!("{prefix}{{s0}}:idem:K"))
+        .arg(claim)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let mine = WorkflowId::parse("mine").unwrap();
+    let got = store.create(new_wf(&mine, "n", Some("K"), 3_000)).await;
+    let again = store
+        .create(new_wf(
+            &WorkflowId::parse("again").unwrap(),
+            "n",
+            Some("K"),
+            4_000,
+        ))
+        .await;
+    common::teardown(&prefix).await;
+    let got = got.unwrap();
+    assert_eq!(
+        (got.summary.id.as_str(), got.created),
+        ("mine", true),
+        "{got:?}"
+    );
+    let again = again.unwrap();
+    assert_eq!(
+        (again.summary.id.as_str(), again.created),
+        ("mine", false),
+        "{again:?}"
+    );
+}
