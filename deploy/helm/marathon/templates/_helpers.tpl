@@ -152,6 +152,9 @@ where JSON Schema can express them).
 {{- fail (printf "roles.%s.autoscaling: minReplicas %v is above maxReplicas %v; the API server refuses such a HorizontalPodAutoscaler" $role $a.minReplicas $a.maxReplicas) }}
 {{- end }}
 {{- end }}
+{{- if and (eq $v.store.kind "redis") (gt (int $v.store.redis.shards) 16384) }}
+{{- fail (printf "store.redis.shards %v is more than 16384 (the hash slots of a Redis Cluster); the server refuses it" $v.store.redis.shards) }}
+{{- end }}
 {{- if lt (int $v.shutdownGraceSeconds) 1 }}
 {{- fail "shutdownGraceSeconds must be at least 1" }}
 {{- end }}
