@@ -303,10 +303,12 @@ pub struct Sources {
 }
 
 impl Sources {
-    /// Reads `file` (if any) and takes the process environment.
+    /// Reads `file` (if any) and takes the process environment (a variable that is
+    /// not UTF-8 is left out, unless it is one of Marathon's).
     ///
     /// # Errors
-    /// [`ConfigError::Read`] when the file cannot be read.
+    /// [`ConfigError::Read`] when the file cannot be read; [`ConfigError::Override`]
+    /// when a `MARATHON_*` variable is not UTF-8.
     pub fn from_process(
         file: Option<&Path>,
         flags: Vec<(String, String)>,
@@ -321,11 +323,22 @@ impl Sources {
             )),
             None => None,
         };
-        Ok(Self {
-            file,
-            env: std::env::vars().collect(),
-            flags,
-        })
+        // `std::env::vars` panics on a variable that is not UTF-8, however unrelated
+        // to Marathon: such a variable is skipped, unless Marathon would read it.
+        let mut env = Vec::new();
+        for (name, value) in std::env::vars_os() {
+            match (name.into_string(), value.into_string()) {
+                (Ok(name), Ok(value)) => env.push((name, value)),
+                (Ok(name), Err(_)) if env_key(&name).is_some() => {
+                    return Err(ConfigError::Override {
+                        source_name: format!("environment variable {name}"),
+                        message: "is not valid UTF-8".into(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(Self { file, env, flags })
     }
 }
 

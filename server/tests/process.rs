@@ -338,6 +338,33 @@ fn config_layers_file_env_flags_and_print_masks_secrets() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A variable that is not UTF-8 in the environment (another program's, a file name
+/// in a legacy encoding) does not crash the binary; one of Marathon's is named.
+#[cfg(unix)]
+#[test]
+fn a_variable_that_is_not_utf8_is_ignored_unless_it_is_marathons() {
+    use std::os::unix::ffi::OsStrExt;
+    let junk = std::ffi::OsStr::from_bytes(b"caf\xe9");
+    let out = marathon(&["config", "print"], &[])
+        .env("SOME_OTHER_TOOL", junk)
+        .output()
+        .expect("marathon runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("[server]"),
+        "{err}"
+    );
+    let out = marathon(&["config", "print"], &[])
+        .env("MARATHON_LOG", junk)
+        .output()
+        .expect("marathon runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("MARATHON_LOG"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// Arguments, environment, and a part of the expected message.
 type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
 
