@@ -378,14 +378,7 @@ impl Config {
             }
             // An empty secret (a missing secret rendered as "") would silently turn
             // authentication off.
-            if path == "server.auth_tokens"
-                && value
-                    .trim()
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .split(',')
-                    .all(|t| t.trim().trim_matches(['"', '\'']).trim().is_empty())
-            {
+            if path == "server.auth_tokens" && holds_no_token(value) {
                 return Err(ConfigError::Override {
                     source_name: format!("environment variable {name}"),
                     message: "is set but holds no token: unset it to run without authentication"
@@ -400,6 +393,14 @@ impl Config {
             })?;
         }
         for (key, value) in &sources.flags {
+            // As for the variables: `--set server.auth_tokens=$TOKEN` with the secret
+            // missing must not turn authentication off.
+            if key == "server.auth_tokens" && holds_no_token(value) {
+                return Err(ConfigError::Override {
+                    source_name: format!("flag setting {key}"),
+                    message: "holds no token: leave it out to run without authentication".into(),
+                });
+            }
             set_path(&mut table, &template, key, value).map_err(|message| {
                 ConfigError::Override {
                     source_name: format!("flag setting {key}"),
@@ -737,6 +738,16 @@ impl Config {
     }
 }
 
+/// Whether `raw`, a value for `server.auth_tokens` from a variable or a flag, names
+/// no token at all (blank, only commas, `[]`, `[""]`).
+fn holds_no_token(raw: &str) -> bool {
+    raw.trim()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .split(',')
+        .all(|t| t.trim().trim_matches(['"', '\'']).trim().is_empty())
+}
+
 /// Masks the credentials of every URL in `v`, however deep (`store.cluster_nodes` is a
 /// list of them).
 fn mask_urls(v: &mut toml::Value) {
@@ -1053,6 +1064,16 @@ mod tests {
                 .expect_err("an empty secret must not turn auth off");
                 assert!(e.to_string().contains(name), "{e}");
             }
+        }
+        // A flag (`--set server.auth_tokens=$TOKEN`, the secret missing) likewise.
+        for blank in ["", " ", " , ", "[]", "[ \"\" ]"] {
+            let e = Config::load(&Sources {
+                file: Some(("f".into(), "[server]\nauth_tokens = [\"t0ken\"]\n".into())),
+                flags: vec![("server.auth_tokens".into(), blank.into())],
+                ..Default::default()
+            })
+            .expect_err("an empty flag must not turn auth off");
+            assert!(e.to_string().contains("server.auth_tokens"), "{e}");
         }
         let e = Config::load(&Sources {
             file: Some(("f".into(), "[server]\nauth_tokens = [\" t0ken\"]\n".into())),
