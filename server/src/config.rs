@@ -418,6 +418,7 @@ impl Config {
                 let path = e.path().to_string();
                 let (path, message) = section_error(&table, &path)
                     .unwrap_or_else(|| (path, e.inner().message().to_string()));
+                let message = without_secrets(&table, &path, message);
                 ConfigError::Invalid { path, message }
             })?;
         // Closed workflows' keys expire after the store's retention, but their index
@@ -912,6 +913,45 @@ fn check_kinds(table: &mut toml::Table) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Keys whose values are secrets (or URLs that may hold one).
+const SECRET_KEYS: [(&str, &str); 3] = [
+    ("server", "auth_tokens"),
+    ("store", "url"),
+    ("store", "cluster_nodes"),
+];
+
+/// `message` (a deserializer's, which quotes the value it refused: `auth_tokens =
+/// "s3cret"` gives `invalid type: string "s3cret", expected a sequence`) with every
+/// string of the secret key at `path` shown as `***`.
+fn without_secrets(table: &toml::Table, path: &str, mut message: String) -> String {
+    fn strings<'a>(v: &'a toml::Value, out: &mut Vec<&'a str>) {
+        match v {
+            toml::Value::String(s) if !s.is_empty() => out.push(s),
+            toml::Value::Array(items) => items.iter().for_each(|v| strings(v, out)),
+            toml::Value::Table(t) => t.values().for_each(|v| strings(v, out)),
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    for (section, key) in SECRET_KEYS {
+        let dotted = format!("{section}.{key}");
+        let under = path
+            .strip_prefix(&dotted)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']));
+        if under && let Some(v) = table.get(section).and_then(|s| s.get(key)) {
+            strings(v, &mut found);
+        }
+    }
+    // Longest first, so that a secret holding another is masked whole.
+    found.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for s in found {
+        message = message
+            .replace(&format!("{s:?}"), "\"***\"")
+            .replace(s, "***");
+    }
+    message
+}
+
 /// The key at fault inside `[store]` or `[queue]` when `path` names only the section:
 /// serde reads those through their `kind` tag and loses the path inside. Reading the
 /// section's settings on their own finds it.
@@ -1052,6 +1092,22 @@ mod tests {
         assert_eq!(c.server.auth_tokens, vec!["a".to_string(), "b".to_string()]);
     }
 
+    /// A secret given with the wrong type is not echoed by the error that names it.
+    #[cfg(feature = "redis")]
+    #[test]
+    fn a_mistyped_redis_url_is_not_echoed() {
+        let e = Config::load(&Sources {
+            file: Some((
+                "f".into(),
+                "[store]\nkind = \"redis\"\ncluster_nodes = \"redis://:pw-s3cret@h:1\"\n".into(),
+            )),
+            ..Default::default()
+        })
+        .expect_err("a string is not a list of nodes");
+        assert!(e.to_string().contains("store.cluster_nodes"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
     #[test]
     fn auth_tokens_that_would_turn_auth_off_or_never_match_are_refused() {
         for name in ["MARATHON_AUTH_TOKENS", "MARATHON_SERVER__AUTH_TOKENS"] {
@@ -1065,6 +1121,14 @@ mod tests {
                 assert!(e.to_string().contains(name), "{e}");
             }
         }
+        // A token given as a string, not a list: the error names the key, not the token.
+        let e = Config::load(&Sources {
+            file: Some(("f".into(), "[server]\nauth_tokens = \"s3cret\"\n".into())),
+            ..Default::default()
+        })
+        .expect_err("a string is not a list of tokens");
+        assert!(e.to_string().contains("server.auth_tokens"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
         // A flag (`--set server.auth_tokens=$TOKEN`, the secret missing) likewise.
         for blank in ["", " ", " , ", "[]", "[ \"\" ]"] {
             let e = Config::load(&Sources {
