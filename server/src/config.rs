@@ -352,7 +352,7 @@ impl Config {
             Some((path, text)) => {
                 toml::from_str::<toml::Table>(text).map_err(|e| ConfigError::Parse {
                     path: path.clone(),
-                    message: e.to_string(),
+                    message: parse_error(text, &e),
                 })?
             }
             None => toml::Table::new(),
@@ -913,6 +913,23 @@ fn check_kinds(table: &mut toml::Table) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Where and why `text` is not TOML, without the parser's quote of the line: that
+/// line may hold a secret (`auth_tokens = [s3cret]`, an unclosed URL with a password).
+fn parse_error(text: &str, e: &toml::de::Error) -> String {
+    let Some(span) = e.span() else {
+        return e.message().to_string();
+    };
+    let before = text.get(..span.start).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit_once('\n')
+        .map_or(before, |(_, l)| l)
+        .chars()
+        .count()
+        + 1;
+    format!("line {line}, column {column}: {}", e.message())
+}
+
 /// Keys whose values are secrets (or URLs that may hold one).
 const SECRET_KEYS: [(&str, &str); 3] = [
     ("server", "auth_tokens"),
@@ -1090,6 +1107,27 @@ mod tests {
         assert_eq!(c.server.body_limit, 20);
         assert_eq!(c.engine.cache_capacity, 5);
         assert_eq!(c.server.auth_tokens, vec!["a".to_string(), "b".to_string()]);
+    }
+
+    /// A file that is not TOML is refused naming the place, without quoting the line.
+    #[test]
+    fn a_toml_error_does_not_quote_the_line() {
+        for text in [
+            "[server]\nauth_tokens = [s3cret]\n",
+            "[server]\nlisten = \"127.0.0.1:1\"\n\n[store]\nurl = \"redis://:s3cret@h:1\n",
+        ] {
+            let e = Config::load(&Sources {
+                file: Some(("f.toml".into(), text.into())),
+                ..Default::default()
+            })
+            .expect_err("not TOML");
+            let shown = e.to_string();
+            assert!(
+                shown.contains("f.toml") && shown.contains("line "),
+                "{shown}"
+            );
+            assert!(!shown.contains("s3cret"), "{shown}");
+        }
     }
 
     /// A secret given with the wrong type is not echoed by the error that names it.
