@@ -1294,6 +1294,42 @@ async fn openapi_documents_start_415() {
     );
 }
 
+/// Every route that answers 401 when auth is on documents it; the probes, which
+/// never ask for a token, do not.
+#[tokio::test]
+async fn openapi_documents_401_on_every_protected_route() {
+    let app = app_with(Config {
+        server: marathon_server::config::ServerConfig {
+            auth_tokens: vec!["t0ken".into()],
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let doc = api::openapi_json();
+    for (path, method) in api::route_table(Role::All) {
+        let uri = path.replace("{id}", "x").replace("{name}", "n");
+        let answered = send(
+            &app,
+            Request::builder()
+                .method(method.to_ascii_uppercase().as_str())
+                .uri(&uri)
+                .body(Body::empty())
+                .expect("request"),
+        )
+        .await
+        .status;
+        let documented = doc["paths"][&path][&method]["responses"]
+            .get("401")
+            .is_some();
+        assert_eq!(
+            answered == StatusCode::UNAUTHORIZED,
+            documented,
+            "{method} {path} answers {answered} without a token; 401 documented: {documented}"
+        );
+    }
+}
+
 /// `wait` is capped at `server.result_wait_max_ms` (docs/API.md); a number too big for
 /// u64 milliseconds was a 400 instead of the cap.
 #[tokio::test]

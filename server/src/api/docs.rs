@@ -114,5 +114,28 @@ impl utoipa::Modify for BearerAuth {
             "bearer",
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
+        // Every operation under the document's bearer requirement (those without a
+        // `security(())` of their own) answers 401 when auth is on.
+        let unauthorized = utoipa::openapi::ResponseBuilder::new()
+            .description(
+                "Auth is on and the bearer token is missing or wrong (with `WWW-Authenticate: Bearer`)",
+            )
+            .content(
+                "application/json",
+                utoipa::openapi::ContentBuilder::new()
+                    .schema(Some(utoipa::openapi::Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build();
+        for item in openapi.paths.paths.values_mut() {
+            for op in [&mut item.get, &mut item.post].into_iter().flatten() {
+                if op.security.is_none() {
+                    op.responses
+                        .responses
+                        .entry("401".into())
+                        .or_insert_with(|| unauthorized.clone().into());
+                }
+            }
+        }
     }
 }
