@@ -207,7 +207,12 @@ impl fmt::Debug for RedisStoreConfig {
 /// The URL with any password (or lone credential) replaced by `***`.
 pub(crate) fn masked_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
+        // Not a URL (`rediss//u:secret@h`, a typo): whatever comes before an `@` may
+        // be a password.
+        return match url.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => url.to_string(),
+        };
     };
     let (authority, tail) = match rest.find(['/', '?']) {
         Some(i) => rest.split_at(i),
@@ -242,6 +247,15 @@ mod tests {
         );
         assert_eq!(masked_url("redis://tok@h:1"), "redis://***@h:1");
         assert_eq!(masked_url("redis://h:1"), "redis://h:1");
+        // A typo that is no URL still hides what may be a password.
+        assert_eq!(masked_url("rediss//u:s3cret@h:1"), "***@h:1");
+        let e = RedisStoreConfig {
+            url: "rediss//u:s3cret@h:1".into(),
+            ..Default::default()
+        }
+        .check()
+        .expect_err("not a URL");
+        assert!(!e.1.contains("s3cret"), "{e:?}");
         let cluster = RedisStoreConfig {
             cluster_nodes: vec!["redis://:pw1@a:7000".into(), "redis://:pw1@b:7001".into()],
             ..Default::default()

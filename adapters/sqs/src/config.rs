@@ -86,6 +86,24 @@ fn is_http_url(url: &str) -> bool {
         && url::Url::parse(url).is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()))
 }
 
+/// `url` as an error shows it: what may be a password (a URL's, or anything before an
+/// `@` in a string that is not one) replaced by `***`.
+fn shown_url(url: &str) -> String {
+    if let Ok(mut u) = url::Url::parse(url)
+        && u.password().is_some()
+    {
+        let _ = u.set_password(Some("***"));
+        return u.to_string();
+    }
+    match url.rsplit_once('@') {
+        Some((before, host)) => match before.split_once("://") {
+            Some((scheme, _)) => format!("{scheme}://***@{host}"),
+            None => format!("***@{host}"),
+        },
+        None => url.to_string(),
+    }
+}
+
 /// Whether queue URL `url` names a FIFO queue: its last path segment, the queue's
 /// name, ends in `.fifo`.
 fn names_fifo_queue(url: &str) -> bool {
@@ -137,7 +155,10 @@ impl SqsQueueConfig {
         {
             return Err((
                 "endpoint_url".into(),
-                format!("{url:?} is not an http(s) URL like http://127.0.0.1:4566"),
+                format!(
+                    "{:?} is not an http(s) URL like http://127.0.0.1:4566",
+                    shown_url(url)
+                ),
             ));
         }
         if self.max_receives == 0 {
@@ -163,7 +184,8 @@ impl SqsQueueConfig {
             return Err((
                 format!("queue_urls.{name}"),
                 format!(
-                    "{url:?} is not an http(s) URL like https://sqs.eu-west-1.amazonaws.com/123456789012/marathon-{name}"
+                    "{:?} is not an http(s) URL like https://sqs.eu-west-1.amazonaws.com/123456789012/marathon-{name}",
+                    shown_url(url)
                 ),
             ));
         }
@@ -348,6 +370,24 @@ mod tests {
         .check()
         .expect_err("no URL");
         assert!(e.1.contains("http(s) URL"), "{}", e.1);
+        // A refused URL's password is not shown.
+        for bad in ["ftp://k:s3cret@h:1", "k:s3cret@h:1"] {
+            let e = SqsQueueConfig {
+                endpoint_url: Some(bad.into()),
+                queue_urls: [("q".to_string(), bad.to_string())].into(),
+                ..SqsQueueConfig::default()
+            }
+            .check()
+            .expect_err("not http");
+            assert!(!e.1.contains("s3cret"), "{}", e.1);
+            let e = SqsQueueConfig {
+                queue_urls: [("q".to_string(), bad.to_string())].into(),
+                ..SqsQueueConfig::default()
+            }
+            .check()
+            .expect_err("not http");
+            assert!(!e.1.contains("s3cret"), "{}", e.1);
+        }
     }
 
     #[test]
