@@ -607,6 +607,21 @@ async fn sse_resumes_and_ends_with_done() {
         .filter_map(|f| f.0)
         .collect();
     assert_eq!(ids, (4..=last).collect::<Vec<_>>());
+    // An empty Last-Event-ID (the SSE spec's reset) is no resume point: ?after= holds.
+    let resumed = call_with(
+        &app,
+        "GET",
+        "/v1/workflows/sse/events/stream?after=1",
+        None,
+        &[("last-event-id", "")],
+    )
+    .await;
+    assert_eq!(resumed.status, StatusCode::OK, "{}", resumed.text);
+    let ids: Vec<u64> = sse_frames(&resumed.text)
+        .iter()
+        .filter_map(|f| f.0)
+        .collect();
+    assert_eq!(ids, (2..=last).collect::<Vec<_>>());
     let resumed = call(&app, "GET", "/v1/workflows/sse/events/stream?after=5", None).await;
     let ids: Vec<u64> = sse_frames(&resumed.text)
         .iter()

@@ -560,7 +560,9 @@ pub(crate) async fn stream(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let id = workflow_id(path)?;
     let Query(p) = query?;
-    let after = match header(&headers, "last-event-id")? {
+    // An empty Last-Event-ID is no resume point (the SSE spec's "reset"): a client that
+    // saw no event with an id sends it so.
+    let after = match header(&headers, "last-event-id")?.filter(|v| !v.trim().is_empty()) {
         Some(v) => v
             .trim()
             .parse::<u64>()
