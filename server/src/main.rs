@@ -9,6 +9,38 @@ use std::process::ExitCode;
 /// Exit code of a configuration error.
 const EXIT_CONFIG: u8 = 2;
 
+/// Exit code when a second SIGINT or SIGTERM cuts the drain short (128 + SIGINT).
+const EXIT_FORCED: i32 = 130;
+
+/// Watches for a second SIGINT or SIGTERM: the first makes the server drain (within
+/// its grace, which may be minutes), the second exits at once, without waiting for the
+/// drain or flushing spans, for an operator who will not wait.
+#[cfg(unix)]
+fn exit_on_second_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut int), Ok(mut term)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) else {
+        return;
+    };
+    tokio::spawn(async move {
+        for n in 1..=2 {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            if n == 2 {
+                tracing::warn!("a second signal: exiting now, without waiting for the drain");
+                std::process::exit(EXIT_FORCED);
+            }
+        }
+    });
+}
+
+#[cfg(not(unix))]
+fn exit_on_second_signal() {}
+
 #[derive(Parser)]
 #[command(
     name = "marathon",
@@ -146,6 +178,7 @@ async fn main() -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return fail(&e),
             };
+            exit_on_second_signal();
             let run = async {
                 Server::builder()
                     .builtins()

@@ -240,6 +240,56 @@ fn serves_workflows_and_stops_on_sigterm_within_the_grace() {
     assert!(body.contains("event: workflow_started"), "{body}");
 }
 
+/// A second SIGTERM (or Ctrl-C) during the drain exits at once, with code 130: an
+/// operator need not wait out a long grace. Before, the second signal was ignored
+/// and the process waited for the whole drain (60 s here, with a running activity).
+#[test]
+fn a_second_signal_exits_without_waiting_for_the_drain() {
+    let mut m = serve(&[
+        "--set",
+        "server.shutdown_grace_ms=60000",
+        "--set",
+        "worker.shutdown_grace_ms=60000",
+    ]);
+    let (status, body) = http(
+        m.port,
+        "POST",
+        "/v1/workflows",
+        Some(
+            &json!({"name": "pipeline", "id": "p-drain", "input": {"pipeline": {"steps": [
+                {"type": "activity", "name": "nap", "activity": "sleep", "input": 600000,
+                 "options": {"start_to_close_ms": 3600000}}
+            ]}}}),
+        ),
+    )
+    .expect("start");
+    assert_eq!(status, 202, "{body}");
+    // The sleep activity runs (and would hold the drain) once its call is scheduled.
+    wait_until(Duration::from_secs(30), "the sleep is scheduled", || {
+        http(m.port, "GET", "/v1/workflows/p-drain/events", None)
+            .is_ok_and(|(_, body)| body.contains("activity_scheduled"))
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let pid = m.child.id().to_string();
+    let term = || {
+        let killed = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill runs");
+        assert!(killed.success());
+    };
+    term();
+    // Draining: still running a second later.
+    assert!(
+        wait_exit(&mut m.child, Duration::from_secs(1)).is_none(),
+        "exited before the drain"
+    );
+    term();
+    let status = wait_exit(&mut m.child, Duration::from_secs(10))
+        .expect("exits soon after the second signal");
+    assert_eq!(status.code(), Some(130), "exit status {status:?}");
+}
+
 /// A client that never finishes its request's headers is disconnected after
 /// `server.header_read_timeout_ms`, and so is an idle keep-alive connection; a
 /// request whose answer takes longer than that (a long poll) is not cut.
