@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
+use tokio::time::Instant;
 
 use parking_lot::Mutex;
 use redis::Value;
@@ -192,6 +193,46 @@ impl Notifier {
     }
 }
 
+/// How long the reader fails without a break before it says so at `warn`: a blip (a
+/// failover, a restart) stays at `debug`; a lasting failure (an ACL without `XREAD`, a
+/// node gone) shows, since subscriptions then wake only every few seconds.
+const WARN_AFTER: Duration = Duration::from_secs(10);
+/// Least time between two such warnings.
+const WARN_EVERY: Duration = Duration::from_secs(60);
+
+/// The reader's run of failures, for its warnings.
+#[derive(Default)]
+struct Failing {
+    since: Option<Instant>,
+    warned: Option<Instant>,
+}
+
+impl Failing {
+    fn failed(&mut self, e: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        let since = *self.since.get_or_insert(now);
+        if now.duration_since(since) >= WARN_AFTER
+            && self
+                .warned
+                .is_none_or(|w| now.duration_since(w) >= WARN_EVERY)
+        {
+            self.warned = Some(now);
+            tracing::warn!(
+                error = %e,
+                failing_for_s = now.duration_since(since).as_secs(),
+                "the Redis append reader keeps failing: subscriptions (result waits, event streams) wake only every few seconds"
+            );
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.warned.is_some() {
+            tracing::info!("the Redis append reader works again");
+        }
+        *self = Self::default();
+    }
+}
+
 /// The reader loop; ends once the store and every subscription are gone.
 async fn run(
     notifier: Weak<Notifier>,
@@ -201,6 +242,7 @@ async fn run(
 ) {
     let mut conn = Some(conn);
     let mut backoff = Duration::from_millis(100);
+    let mut failing = Failing::default();
     loop {
         let mut c = match conn.take() {
             Some(c) => c,
@@ -210,6 +252,7 @@ async fn run(
                     Ok(c) => c,
                     Err(e) => {
                         tracing::debug!(error = %e, "append reader cannot reconnect yet");
+                        failing.failed(&e);
                         n.wake_all();
                         drop(n);
                         tokio::time::sleep(backoff).await;
@@ -234,6 +277,7 @@ async fn run(
         match reply {
             Ok(reply) => {
                 backoff = Duration::from_millis(100);
+                failing.recovered();
                 conn = Some(c);
                 for key in reply.map(|r| r.keys).unwrap_or_default() {
                     let Some(i) = streams.iter().position(|s| *s == key.key) else {
@@ -249,6 +293,7 @@ async fn run(
             }
             Err(e) => {
                 tracing::debug!(error = %e, "append reader failed; waking every subscription");
+                failing.failed(&e);
                 n.wake_all();
                 drop(n);
                 tokio::time::sleep(backoff).await;
