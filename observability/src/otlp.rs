@@ -25,6 +25,7 @@ use opentelemetry_sdk::error::OTelSdkError;
 use opentelemetry_sdk::trace::SpanData;
 
 use crate::batch::BatchExporter;
+use marathon_core::masked_url;
 
 use crate::tracing::TelemetryError;
 
@@ -54,28 +55,10 @@ impl std::fmt::Debug for Settings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let headers: Vec<_> = self.headers.iter().map(|(k, _)| (k, "***")).collect();
         f.debug_struct("Settings")
-            .field("url", &shown_url(&self.url))
+            .field("url", &masked_url(&self.url))
             .field("headers", &headers)
             .field("timeout", &self.timeout)
             .finish()
-    }
-}
-
-/// `url` as logs and errors show it: a password in it (`http://user:secret@host`,
-/// which the HTTP client sends as basic auth) replaced by `***`.
-pub(crate) fn shown_url(url: &str) -> String {
-    match reqwest::Url::parse(url) {
-        Ok(mut u) if u.password().is_some() => {
-            // Cannot fail on a URL that already has a password (it has a host).
-            let _ = u.set_password(Some("***"));
-            u.to_string()
-        }
-        Ok(_) => url.to_string(),
-        // Unreadable: nothing of it is shown past the scheme, in case it holds one.
-        Err(_) => match url.split_once("://") {
-            Some((scheme, rest)) if rest.contains('@') => format!("{scheme}://***"),
-            _ => url.to_string(),
-        },
     }
 }
 
@@ -113,7 +96,7 @@ impl Settings {
         } else {
             return Ok(None);
         };
-        let shown = shown_url(&url);
+        let shown = masked_url(&url);
         match reqwest::Url::parse(&url) {
             Ok(u) if u.scheme() == "http" && u.host().is_some() => {}
             Ok(u) if u.scheme() == "https" => {
@@ -225,8 +208,8 @@ pub(crate) fn percent_decode(s: &str) -> Option<String> {
 /// The span exporter: posts each batch as one protobuf `ExportTraceServiceRequest`.
 pub(crate) struct OtlpExporter {
     settings: Settings,
-    /// `settings.url` as logs and errors show it ([`shown_url`]).
-    shown_url: String,
+    /// `settings.url` as logs and errors show it ([`masked_url`]).
+    shown: String,
     client: reqwest::blocking::Client,
     /// The encoded `Resource` message, set by the provider before the first export.
     resource: Vec<u8>,
@@ -370,7 +353,7 @@ impl OtlpExporter {
             reason: e.to_string(),
         })?;
         Ok(Self {
-            shown_url: shown_url(&settings.url),
+            shown: masked_url(&settings.url),
             settings,
             client,
             resource: Vec::new(),
@@ -449,26 +432,26 @@ impl BatchExporter for OtlpExporter {
                     .map_err(|e| {
                         OTelSdkError::InternalFailure(format!(
                             "reading the OTLP answer from {} failed: {e}",
-                            self.shown_url
+                            self.shown
                         ))
                     })
             }
             Ok(r) => Err(OTelSdkError::InternalFailure(format!(
                 "OTLP export to {} answered HTTP {}",
-                self.shown_url,
+                self.shown,
                 r.status()
             ))),
             Err(e) if e.is_timeout() => Err(OTelSdkError::Timeout(self.settings.timeout)),
             // The client's error names the URL itself, password included: without it.
             Err(e) => Err(OTelSdkError::InternalFailure(format!(
                 "OTLP export to {} failed: {}",
-                self.shown_url,
+                self.shown,
                 e.without_url()
             ))),
         };
         match result {
             Ok(None) => {
-                let _ = self.health.succeeded(&self.shown_url);
+                let _ = self.health.succeeded(&self.shown);
                 Ok(0)
             }
             Ok(Some((rejected, why))) => {
@@ -476,11 +459,11 @@ impl BatchExporter for OtlpExporter {
                     "the collector rejected {rejected} of {spans} spans: {why}"
                 ));
                 let rejected = usize::try_from(rejected).unwrap_or(spans).min(spans);
-                let _ = self.health.failed(rejected, &error, &self.shown_url);
+                let _ = self.health.failed(rejected, &error, &self.shown);
                 Ok(rejected as u64)
             }
             Err(e) => {
-                let _ = self.health.failed(spans, &e, &self.shown_url);
+                let _ = self.health.failed(spans, &e, &self.shown);
                 Err(e)
             }
         }

@@ -761,24 +761,7 @@ fn mask_urls(v: &mut toml::Value) {
 }
 
 /// The URL with any password (or lone credential) replaced by `***`.
-#[must_use]
-pub fn masked_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_string();
-    };
-    let user = match userinfo.split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        None => "***".to_string(),
-    };
-    format!("{scheme}://{user}@{host}{tail}")
-}
+pub use marathon_core::masked_url;
 
 /// The dotted key an environment variable sets, if it is one of Marathon's.
 fn env_key(name: &str) -> Option<String> {

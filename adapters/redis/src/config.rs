@@ -205,29 +205,7 @@ impl fmt::Debug for RedisStoreConfig {
 }
 
 /// The URL with any password (or lone credential) replaced by `***`.
-pub(crate) fn masked_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        // Not a URL (`rediss//u:secret@h`, a typo): whatever comes before an `@` may
-        // be a password.
-        return match url.rsplit_once('@') {
-            Some((_, host)) => format!("***@{host}"),
-            None => url.to_string(),
-        };
-    };
-    let (authority, tail) = match rest.find(['/', '?']) {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    let Some((userinfo, host)) = authority.rsplit_once('@') else {
-        return url.to_string();
-    };
-    let user = match userinfo.split_once(':') {
-        Some((user, _)) => format!("{user}:***"),
-        // `redis://secret@host` passes the secret as the password.
-        None => "***".to_string(),
-    };
-    format!("{scheme}://{user}@{host}{tail}")
-}
+pub(crate) use marathon_core::masked_url;
 
 #[cfg(test)]
 mod tests {

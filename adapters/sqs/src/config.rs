@@ -86,24 +86,6 @@ fn is_http_url(url: &str) -> bool {
         && url::Url::parse(url).is_ok_and(|u| u.host_str().is_some_and(|h| !h.is_empty()))
 }
 
-/// `url` as an error shows it: what may be a password (a URL's, or anything before an
-/// `@` in a string that is not one) replaced by `***`.
-fn shown_url(url: &str) -> String {
-    if let Ok(mut u) = url::Url::parse(url)
-        && u.password().is_some()
-    {
-        let _ = u.set_password(Some("***"));
-        return u.to_string();
-    }
-    match url.rsplit_once('@') {
-        Some((before, host)) => match before.split_once("://") {
-            Some((scheme, _)) => format!("{scheme}://***@{host}"),
-            None => format!("***@{host}"),
-        },
-        None => url.to_string(),
-    }
-}
-
 /// Whether queue URL `url` names a FIFO queue: its last path segment, the queue's
 /// name, ends in `.fifo`.
 fn names_fifo_queue(url: &str) -> bool {
@@ -157,7 +139,7 @@ impl SqsQueueConfig {
                 "endpoint_url".into(),
                 format!(
                     "{:?} is not an http(s) URL like http://127.0.0.1:4566",
-                    shown_url(url)
+                    marathon_core::masked_url(url)
                 ),
             ));
         }
@@ -185,7 +167,7 @@ impl SqsQueueConfig {
                 format!("queue_urls.{name}"),
                 format!(
                     "{:?} is not an http(s) URL like https://sqs.eu-west-1.amazonaws.com/123456789012/marathon-{name}",
-                    shown_url(url)
+                    marathon_core::masked_url(url)
                 ),
             ));
         }

@@ -55,6 +55,32 @@ pub fn json_larger_than(value: &serde_json::Value, max: usize) -> bool {
     }
 }
 
+/// `url` as logs, errors and printed configurations show it: a password in it, or a
+/// lone credential (`redis://secret@host`), replaced by `***`; in a string that is not a
+/// URL at all (a typo such as `rediss//u:secret@h`), everything before an `@`. Every
+/// backend and the server show URLs through this one function.
+#[must_use]
+pub fn masked_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return match url.rsplit_once('@') {
+            Some((_, host)) => format!("***@{host}"),
+            None => url.to_string(),
+        };
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return url.to_string();
+    };
+    let user = match userinfo.split_once(':') {
+        Some((user, _)) => format!("{user}:***"),
+        None => "***".to_string(),
+    };
+    format!("{scheme}://{user}@{host}{tail}")
+}
+
 /// The length of `value` as JSON, counted without building it (0 for a value that
 /// cannot be serialized).
 #[must_use]
