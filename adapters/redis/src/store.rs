@@ -412,6 +412,9 @@ impl RedisStore {
     }
 
     /// Runs an append script; returns its reply (`["ok", seq, ik]` or an outcome word).
+    /// Callers send it through [`retrying`] with one batch token: a batch Redis applied
+    /// although its reply was lost is then answered `ok` instead of being reported
+    /// failed, and the caller goes on (enqueues the tasks it created).
     async fn run_append(
         &self,
         script: &Script,
@@ -441,20 +444,6 @@ impl RedisStore {
             self.expire_idem(ik).await;
         }
         Ok(reply)
-    }
-
-    /// [`Self::run_append`], sent again (same batch token) after a transient error: a
-    /// batch Redis applied although its reply was lost (timeout, dropped connection)
-    /// is then answered `ok` instead of being reported failed, and its caller goes on
-    /// (enqueues the tasks it created) instead of leaving them to the sweeper.
-    async fn run_append_retrying(
-        &self,
-        script: &Script,
-        wk: &WfKeys,
-        head: &[&str],
-        tail: Vec<String>,
-    ) -> Result<Vec<String>, StoreError> {
-        retrying("append", || self.run_append(script, wk, head, &tail)).await
     }
 
     /// Whether the events right after `after` are `events`, byte for byte as
@@ -747,7 +736,6 @@ fn decode_cursor(cursor: &str) -> Result<(u64, WorkflowId), StoreError> {
     Ok((ts, id))
 }
 
-/// Splits a flat `[member, score, member, score, …]` reply.
 /// What `claim_overdue` returns when a read or a shard's claim fails part way: the
 /// entries already leased, which would otherwise wait out their lease unworked, or
 /// the error when nothing was leased.
@@ -759,6 +747,7 @@ fn claimed_or(claimed: Vec<Owed>, e: StoreError) -> Result<Vec<Owed>, StoreError
     Ok(claimed)
 }
 
+/// Splits a flat `[member, score, member, score, …]` reply.
 fn pairs(flat: Vec<String>, what: &str) -> Result<Vec<(String, u64)>, StoreError> {
     if !flat.len().is_multiple_of(2) {
         return Err(bad_reply(format!("{what}: odd WITHSCORES reply")));
@@ -915,14 +904,11 @@ impl Store for RedisStore {
             (None, false) => &own_key,
             (None, true) => "",
         };
-        let reply = self
-            .run_append_retrying(
-                &self.inner.scripts.keyed,
-                &wk,
-                &[key, requires, &due, &token],
-                tail,
-            )
-            .await?;
+        let head = [key, requires, &due, &token];
+        let reply = retrying("append", || {
+            self.run_append(&self.inner.scripts.keyed, &wk, &head, &tail)
+        })
+        .await?;
         match reply.first().map(String::as_str) {
             Some("ok") => Ok(KeyedOutcome::Appended(Seq(parse_u64(
                 reply.get(1).map_or("", |s| s),

@@ -25,19 +25,7 @@ async fn one_call(ctx: WorkflowContext, (): ()) -> Result<u32, WorkflowError> {
 
 async fn run_through_cut(pattern: &'static [u8]) -> (WorkflowStatus, Duration) {
     let prefix = prefix();
-    let target: u16 = url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .unwrap_or(6379);
-    let proxy = FaultProxy::cutting(target, pattern).await;
-    let store = RedisStore::connect(RedisStoreConfig {
-        url: proxy.url(),
-        key_prefix: prefix.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
+    let (proxy, store) = cut_store(pattern, RedisStoreConfig::default(), &prefix).await;
     let engine = Engine::builder()
         .store(Arc::new(store))
         .queue(Arc::new(MemoryQueue::default()))
@@ -146,36 +134,10 @@ async fn signal_names(store: &RedisStore, id: &WorkflowId) -> Vec<String> {
 /// batch was in, and appended the signal a second time. The workflow saw it twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_unkeyed_signal_is_not_appended_twice_after_another_append() {
-    let prefix = prefix();
-    let target: u16 = url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .unwrap_or(6379);
-    let proxy = FaultProxy::cutting(target, b"sent-once-without-key").await;
-    let cut = RedisStore::connect(RedisStoreConfig {
-        url: proxy.url(),
-        key_prefix: prefix.clone(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let direct = fresh_on(prefix.clone()).await;
-    let id = WorkflowId::random();
-    direct
-        .create(NewWorkflow {
-            id: id.clone(),
-            name: "w".into(),
-            input: json!(null),
-            task_queue: "tq".into(),
-            idempotency_key: None,
-            started_at: Timestamp(10),
-            task_deadline: Timestamp(1_000),
-            trace_context: None,
-        })
-        .await
-        .unwrap();
-    proxy.armed.store(true, Ordering::SeqCst);
+    let (proxy, cut, direct, prefix) = cut_and_direct(b"sent-once-without-key").await;
+    let new = new_wf("w", None);
+    let id = new.id.clone();
+    direct.create(new).await.unwrap();
     let sending = {
         let id = id.clone();
         tokio::spawn(async move {
@@ -191,26 +153,7 @@ async fn a_lost_unkeyed_signal_is_not_appended_twice_after_another_append() {
     };
     // Once Redis has applied the signal (its reply is being cut), another append
     // lands before the store's first retry.
-    let t0 = Instant::now();
-    while signal_names(&direct, &id).await.is_empty() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the signal never landed"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let other = direct
-        .append_keyed(
-            &id,
-            KeyedAppend {
-                key: Some("s:other".into()),
-                events: vec![signal("other")],
-                ..KeyedAppend::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert!(matches!(other, KeyedOutcome::Appended(_)), "{other:?}");
+    another_append_once_landed(&direct, &id).await;
     let outcome = sending.await.unwrap();
     let names = signal_names(&direct, &id).await;
     let fired = !proxy.armed.load(Ordering::SeqCst);
@@ -233,22 +176,58 @@ async fn a_lost_unkeyed_signal_is_not_appended_twice_after_another_append() {
 /// request holding `pattern` (armed), and a direct store on the same prefix.
 async fn cut_and_direct(pattern: &'static [u8]) -> (FaultProxy, RedisStore, RedisStore, String) {
     let prefix = prefix();
+    let (proxy, cut) = cut_store(pattern, RedisStoreConfig::default(), &prefix).await;
+    let direct = fresh_on(prefix.clone()).await;
+    proxy.armed.store(true, Ordering::SeqCst);
+    (proxy, cut, direct, prefix)
+}
+
+/// A store with `config` on `prefix` whose connection goes through a proxy that, once
+/// armed, cuts the reply of the first request holding `pattern`.
+async fn cut_store(
+    pattern: &'static [u8],
+    config: RedisStoreConfig,
+    prefix: &str,
+) -> (FaultProxy, RedisStore) {
     let target: u16 = url()
         .rsplit(':')
         .next()
         .and_then(|p| p.trim_end_matches('/').parse().ok())
         .unwrap_or(6379);
     let proxy = FaultProxy::cutting(target, pattern).await;
-    let cut = RedisStore::connect(RedisStoreConfig {
+    let store = RedisStore::connect(RedisStoreConfig {
         url: proxy.url(),
-        key_prefix: prefix.clone(),
-        ..Default::default()
+        key_prefix: prefix.to_string(),
+        ..config
     })
     .await
     .unwrap();
-    let direct = fresh_on(prefix.clone()).await;
-    proxy.armed.store(true, Ordering::SeqCst);
-    (proxy, cut, direct, prefix)
+    (proxy, store)
+}
+
+/// Waits until a signal of `id` is in (a batch whose reply is being cut), then appends
+/// another signal, "other", through `direct`: it lands before the cut store's retry.
+async fn another_append_once_landed(direct: &RedisStore, id: &WorkflowId) {
+    let t0 = Instant::now();
+    while signal_names(direct, id).await.is_empty() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "the batch never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let other = direct
+        .append_keyed(
+            id,
+            KeyedAppend {
+                key: Some("s:other".into()),
+                events: vec![signal("other")],
+                ..KeyedAppend::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert!(matches!(other, KeyedOutcome::Appended(_)), "{other:?}");
 }
 
 fn new_wf(name: &str, key: Option<&str>) -> NewWorkflow {
@@ -314,20 +293,11 @@ async fn a_keyed_create_whose_replies_are_lost_answers_created() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_reply_on_the_closing_append_still_expires_the_idempotency_key() {
     let prefix = prefix();
-    let target: u16 = url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.trim_end_matches('/').parse().ok())
-        .unwrap_or(6379);
-    let proxy = FaultProxy::cutting(target, b"closing-reply-lost").await;
-    let cut = RedisStore::connect(RedisStoreConfig {
-        url: proxy.url(),
-        key_prefix: prefix.clone(),
+    let retained = RedisStoreConfig {
         retention: Some(Duration::from_secs(3_600)),
         ..Default::default()
-    })
-    .await
-    .unwrap();
+    };
+    let (proxy, cut) = cut_store(b"closing-reply-lost", retained, &prefix).await;
     let new = new_wf("closing", Some("closing-key"));
     cut.create(new.clone()).await.unwrap();
     proxy.armed.store(true, Ordering::SeqCst);
@@ -403,26 +373,7 @@ async fn a_lost_append_followed_by_another_is_not_a_conflict() {
             .await
         })
     };
-    let t0 = Instant::now();
-    while signal_names(&direct, &id).await.is_empty() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "the batch never landed"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
-    let other = direct
-        .append_keyed(
-            &id,
-            KeyedAppend {
-                key: Some("s:other".into()),
-                events: vec![signal("other")],
-                ..KeyedAppend::default()
-            },
-        )
-        .await
-        .unwrap();
-    assert!(matches!(other, KeyedOutcome::Appended(_)), "{other:?}");
+    another_append_once_landed(&direct, &id).await;
     let outcome = sending.await.unwrap();
     let names = signal_names(&direct, &id).await;
     let fired = !proxy.armed.load(Ordering::SeqCst);
