@@ -112,8 +112,13 @@ pub(crate) struct DurableHeartbeat {
     /// the grace, so a live worker's deadline stays at least half the grace ahead of
     /// its own heartbeat timeout.
     pub(crate) every: Duration,
-    /// The deadline the mark set.
-    pub(crate) marked: Timestamp,
+}
+
+impl DurableHeartbeat {
+    /// The deadline the mark sets: a window after it.
+    pub(crate) fn marked(&self) -> Timestamp {
+        self.started.plus(self.window)
+    }
 }
 
 /// A [`DurableHeartbeat`] and where its writes stand.
@@ -137,7 +142,7 @@ impl ActivityContext {
     ) -> Self {
         let durable = durable.map(|plan| Durable {
             // The mark was the first write.
-            state: Mutex::new((Instant::now().checked_add(plan.every), plan.marked)),
+            state: Mutex::new((Instant::now().checked_add(plan.every), plan.marked())),
             plan,
         });
         Self {
@@ -277,17 +282,15 @@ impl ActivityContext {
             *self.inner.last_cancel_check.lock() = Some(now);
             return match extended {
                 AttemptExtend::Extended { cancel_requested } => {
-                    if cancel_requested && self.clean_up(engine).await == Some(false) {
-                        self.inner.cancel.cancel();
-                        return Err(ActivityError::canceled());
+                    if self.stopped_by_request(engine, cancel_requested).await {
+                        return Err(self.stop());
                     }
                     Ok(())
                 }
                 AttemptExtend::NotOwed => {
                     tracing::info!(workflow_id = %self.inner.workflow_id, activity_id = self.inner.activity_id, attempt = self.inner.attempt, "stopping an attempt the store no longer owes this execution (given up, taken over, or its workflow closed)");
                     self.inner.superseded.store(true, Ordering::Release);
-                    self.inner.cancel.cancel();
-                    Err(ActivityError::canceled())
+                    Err(self.stop())
                 }
             };
         }
@@ -308,14 +311,13 @@ impl ActivityContext {
                 Ok(Some(s)) => {
                     s.created_at != self.inner.run
                         || s.status.is_terminal()
-                        || (s.cancel_requested && self.clean_up(engine).await == Some(false))
+                        || self.stopped_by_request(engine, s.cancel_requested).await
                 }
                 // Asked again at the next check.
                 Err(_) => false,
             };
             if stop {
-                self.inner.cancel.cancel();
-                return Err(ActivityError::canceled());
+                return Err(self.stop());
             }
         }
         Ok(())
@@ -358,6 +360,20 @@ impl ActivityContext {
                 None
             }
         }
+    }
+
+    /// Cancels this attempt's context (work it spawned sees it) and returns the
+    /// `canceled` error its caller returns.
+    fn stop(&self) -> ActivityError {
+        self.inner.cancel.cancel();
+        ActivityError::canceled()
+    }
+
+    /// Whether the workflow's cancellation, if `cancel_requested`, stops this call: it
+    /// does unless the call is clean-up work ([`Self::clean_up`]) or the store cannot
+    /// tell yet.
+    async fn stopped_by_request(&self, engine: &EngineInner, cancel_requested: bool) -> bool {
+        cancel_requested && self.clean_up(engine).await == Some(false)
     }
 
     /// Whether this call was made after the workflow's `cancel_requested` (clean-up),
@@ -446,10 +462,7 @@ impl ActivityContext {
         {
             // The run has ended (closed, or removed by retention): the attempt stops,
             // as its next heartbeat would have it.
-            Ok(KeyedOutcome::Closed) | Err(StoreError::NotFound(_)) => {
-                self.inner.cancel.cancel();
-                return Err(ActivityError::canceled());
-            }
+            Ok(KeyedOutcome::Closed) | Err(StoreError::NotFound(_)) => return Err(self.stop()),
             Ok(outcome) => outcome,
             Err(e) => {
                 return Err(

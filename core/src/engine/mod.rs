@@ -1780,22 +1780,19 @@ impl EngineInner {
             },
         };
         let started_at = self.clock.now();
+        let limit = attempt_limit(&call.options, call.scheduled_at, started_at);
         // A redelivery (receive count > 1: a failed ack, a worker that died or handed
         // it back) asks the store too, so an attempt already recorded is not run again.
-        let late = redelivered || self.received_late(&t, &call, started_at);
+        let late = redelivered || self.received_late(&t, limit.0, started_at);
         // An attempt with a heartbeat timeout shorter than its budget is marked too
         // (one store call), its deadline then kept by its heartbeats.
-        let durable = self.durable_heartbeat(&t, &call, started_at);
+        let durable = self.durable_heartbeat(&t, &call.options, limit.0, started_at);
         let marked = late || durable.is_some();
         // Boxed: rarely awaited, and kept out of this (hot) future's size.
         // Its deadline counts from now: the heartbeat timeout's when heartbeats keep it.
         let deadline = durable.as_ref().map_or_else(
-            || {
-                started_at
-                    .plus(attempt_budget(&call.options, call.scheduled_at, started_at))
-                    .plus(self.config.activity_grace)
-            },
-            |d| d.marked,
+            || started_at.plus(limit.0).plus(self.config.activity_grace),
+            DurableHeartbeat::marked,
         );
         if marked && !Box::pin(self.mark_started(&t, started_at, deadline, redelivered)).await? {
             crate::observe::record_current([("outcome", &AttemptOutcome::Dropped.as_str())]);
@@ -1826,7 +1823,7 @@ impl EngineInner {
             let running = RunningGauge::start(self.observer.as_ref(), name);
             let result = self
                 .clone()
-                .run_attempt(&t, run, &call, started_at, durable)
+                .run_attempt(&t, run, &call, limit, durable)
                 .await;
             drop(running);
             match result {
@@ -1876,8 +1873,7 @@ impl EngineInner {
     /// the only copy: its owed deadline no longer leaves its start-to-close timeout
     /// plus half the grace (it waited in a backlog), or the sweeper sent it again. Any
     /// other task without a [`DurableHeartbeat`] runs without a store call.
-    fn received_late(&self, t: &ActivityTask, call: &ActivityCall, now: Timestamp) -> bool {
-        let stc = attempt_budget(&call.options, call.scheduled_at, now);
+    fn received_late(&self, t: &ActivityTask, stc: Duration, now: Timestamp) -> bool {
         let grace = self.config.activity_grace;
         // A task without a deadline was sent by an earlier version: it may have
         // waited in a backlog while the sweeper sent copies, so it is marked too.
@@ -1907,16 +1903,16 @@ impl EngineInner {
         ))
     }
 
-    /// How the heartbeats of an attempt that starts at `now` keep its deadline in the
-    /// store: for one whose heartbeat timeout is shorter than its budget.
+    /// How the heartbeats of an attempt that starts at `now` with `budget` keep its
+    /// deadline in the store: for one whose heartbeat timeout is shorter than its budget.
     fn durable_heartbeat(
         &self,
         t: &ActivityTask,
-        call: &ActivityCall,
+        options: &ActivityOptions,
+        budget: Duration,
         now: Timestamp,
     ) -> Option<DurableHeartbeat> {
-        let budget = attempt_budget(&call.options, call.scheduled_at, now);
-        let hb = heartbeat_bound(&call.options, budget)?;
+        let hb = heartbeat_bound(options, budget)?;
         let grace = self.config.activity_grace;
         let window = hb.saturating_add(grace);
         Some(DurableHeartbeat {
@@ -1926,7 +1922,6 @@ impl EngineInner {
             window,
             latest: now.plus(budget).plus(grace),
             every: hb.min(grace) / 2,
-            marked: now.plus(window),
         })
     }
 
@@ -1966,7 +1961,7 @@ impl EngineInner {
         t: &ActivityTask,
         run: Timestamp,
         call: &ActivityCall,
-        started_at: Timestamp,
+        (budget, budget_kind): (Duration, &'static str),
         durable: Option<DurableHeartbeat>,
     ) -> Option<Result<Value, ActivityError>> {
         let Some(f) = self.registry.find_activity(&call.name).cloned() else {
@@ -1979,7 +1974,7 @@ impl EngineInner {
             ))
             .with_kind("unknown_activity")));
         };
-        let (budget, budget_kind) = attempt_limit(&call.options, call.scheduled_at, started_at);
+
         if budget.is_zero() {
             return Some(Err(ActivityError::timeout(budget_kind)));
         }
