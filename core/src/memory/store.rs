@@ -154,6 +154,33 @@ impl MemoryStore {
         self.shard(id).workflows.read().get(id).cloned()
     }
 
+    /// Replaces owed entry `key` of workflow `id` with what `update` makes of it (given
+    /// the entry and the workflow's state), answering what `update` answers; `update`
+    /// answers `Err` to write nothing. `None` when the workflow is not here or owes no
+    /// such entry. A replacement due at the old deadline falls due a millisecond later,
+    /// as any replaced entry does ([`WorkflowState::set_owed`]).
+    fn update_attempt<R>(
+        &self,
+        id: &WorkflowId,
+        key: &str,
+        update: impl FnOnce(&OwedEntry, &WorkflowState) -> Result<(OwedEntry, R), R>,
+    ) -> Option<R> {
+        let state = self.lookup(id)?;
+        let mut st = state.lock();
+        if st.removed {
+            return None;
+        }
+        let (_, entry) = st.owed.iter().find(|(k, _)| k == key)?;
+        let (replacement, answer) = match update(entry, &st) {
+            Ok(update) => update,
+            Err(answer) => return Some(answer),
+        };
+        let mut ops = Vec::new();
+        st.set_owed(replacement, &mut ops);
+        self.apply_index(id, ops);
+        Some(answer)
+    }
+
     fn lookup_or_not_found(&self, id: &WorkflowId) -> Result<SharedState, StoreError> {
         self.lookup(id)
             .ok_or_else(|| StoreError::NotFound(id.clone()))
@@ -543,40 +570,28 @@ impl Store for MemoryStore {
         deadline: Timestamp,
         redelivered: bool,
     ) -> Result<AttemptStart, StoreError> {
-        let Some(state) = self.lookup(id) else {
-            return Ok(AttemptStart::NotOwed);
-        };
-        let mut st = state.lock();
-        if st.removed {
-            return Ok(AttemptStart::NotOwed);
-        }
-        let Some((_, entry)) = st.owed.iter().find(|(k, _)| k == key) else {
-            return Ok(AttemptStart::NotOwed);
-        };
-        let mut marked = entry.clone();
-        let OwedKind::Activity {
-            started,
-            started_copy,
-            ..
-        } = &mut marked.kind
-        else {
-            return Ok(AttemptStart::NotOwed);
-        };
-        if let Some(since) = *started
-            && entry.deadline > now
-            && !(redelivered && *started_copy == copy)
-        {
-            return Ok(AttemptStart::Running { since });
-        }
-        *started = Some(now);
-        *started_copy = copy;
-        marked.deadline = deadline;
-        // Replaced like any entry (a deadline equal to the old one moves a millisecond on).
-        let mut ops = Vec::new();
-        st.set_owed(marked, &mut ops);
-        self.apply_index(id, ops);
-        drop(st);
-        Ok(AttemptStart::Started)
+        let started = self.update_attempt(id, key, |entry, _| {
+            let mut marked = entry.clone();
+            let OwedKind::Activity {
+                started,
+                started_copy,
+                ..
+            } = &mut marked.kind
+            else {
+                return Err(AttemptStart::NotOwed);
+            };
+            if let Some(since) = *started
+                && entry.deadline > now
+                && !(redelivered && *started_copy == copy)
+            {
+                return Err(AttemptStart::Running { since });
+            }
+            *started = Some(now);
+            *started_copy = copy;
+            marked.deadline = deadline;
+            Ok((marked, AttemptStart::Started))
+        });
+        Ok(started.unwrap_or(AttemptStart::NotOwed))
     }
 
     async fn extend_attempt(
@@ -587,36 +602,24 @@ impl Store for MemoryStore {
         started: Timestamp,
         deadline: Timestamp,
     ) -> Result<AttemptExtend, StoreError> {
-        let Some(state) = self.lookup(id) else {
-            return Ok(AttemptExtend::NotOwed);
-        };
-        let mut st = state.lock();
-        if st.removed {
-            return Ok(AttemptExtend::NotOwed);
-        }
-        let Some((_, entry)) = st.owed.iter().find(|(k, _)| k == key) else {
-            return Ok(AttemptExtend::NotOwed);
-        };
-        let OwedKind::Activity {
-            started: marked,
-            started_copy,
-            ..
-        } = &entry.kind
-        else {
-            return Ok(AttemptExtend::NotOwed);
-        };
-        if *marked != Some(started) || *started_copy != copy {
-            return Ok(AttemptExtend::NotOwed);
-        }
-        let mut extended = entry.clone();
-        extended.deadline = deadline;
-        // Replaced like any entry (a deadline equal to the old one moves a millisecond on).
-        let mut ops = Vec::new();
-        st.set_owed(extended, &mut ops);
-        let cancel_requested = st.summary.cancel_requested;
-        self.apply_index(id, ops);
-        drop(st);
-        Ok(AttemptExtend::Extended { cancel_requested })
+        let extended = self.update_attempt(id, key, |entry, st| {
+            let OwedKind::Activity {
+                started: marked,
+                started_copy,
+                ..
+            } = &entry.kind
+            else {
+                return Err(AttemptExtend::NotOwed);
+            };
+            if *marked != Some(started) || *started_copy != copy {
+                return Err(AttemptExtend::NotOwed);
+            }
+            let mut extended = entry.clone();
+            extended.deadline = deadline;
+            let cancel_requested = st.summary.cancel_requested;
+            Ok((extended, AttemptExtend::Extended { cancel_requested }))
+        });
+        Ok(extended.unwrap_or(AttemptExtend::NotOwed))
     }
 
     async fn claim_overdue(
