@@ -40,36 +40,18 @@ async fn a_reader_that_keeps_failing_says_so() {
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let port = common::free_port();
-    let mut server = tokio::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--rename-command",
-            "XREAD",
-            "",
-        ])
-        .stdout(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("redis-server on the PATH");
+    let dir = std::env::temp_dir().join(format!("marathon-redis-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("a data directory");
+    let mut server =
+        common::PrivateRedis::start_with(port, dir.clone(), &["--rename-command", "XREAD", ""])
+            .await;
     let url = format!("redis://127.0.0.1:{port}");
-    let store = loop {
-        match RedisStore::connect(RedisStoreConfig {
-            url: url.clone(),
-            ..Default::default()
-        })
-        .await
-        {
-            Ok(s) => break s,
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-        }
-    };
+    let store = RedisStore::connect(RedisStoreConfig {
+        url: url.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("connect");
     let id = WorkflowId::random();
     store
         .create(NewWorkflow {
@@ -98,7 +80,8 @@ async fn a_reader_that_keeps_failing_says_so() {
     while !warned(&sink) && t0.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _ = server.kill().await;
+    server.kill().await;
+    let _ = std::fs::remove_dir_all(&dir);
     let log = String::from_utf8_lossy(&sink.0.lock().expect("not poisoned")).to_string();
     assert!(warned(&sink), "no warning in 20 s:\n{log}");
 }

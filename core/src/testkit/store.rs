@@ -139,6 +139,29 @@ async fn keyed(store: &Arc<dyn Store>, id: &WorkflowId, append: KeyedAppend) -> 
     store.append_keyed(id, append).await.expect("append_keyed")
 }
 
+/// Records the result of attempt 1 of activity 1 at `ts`, consuming its owed entry
+/// (`a:1:1`) as a worker's result does.
+async fn record_first_result(store: &Arc<dyn Store>, id: &WorkflowId, ts: Timestamp) {
+    let result = KeyedAppend {
+        key: None,
+        requires: Some("a:1:1".into()),
+        requires_deadline: None,
+        events: vec![ev(
+            ts,
+            EventData::ActivityCompleted {
+                activity_id: 1,
+                attempt: 1,
+                output: json!(1),
+            },
+        )],
+        owed: OwedChanges::none(),
+    };
+    assert!(matches!(
+        keyed(store, id, result).await,
+        KeyedOutcome::Appended(_)
+    ));
+}
+
 async fn collect_stream(store: &Arc<dyn Store>, id: &WorkflowId, after: Seq) -> Vec<Event> {
     let stream = store.subscribe(id, after).await.expect("subscribe");
     let events = tokio::time::timeout(STREAM_TIMEOUT, stream.collect::<Vec<_>>())
@@ -895,24 +918,7 @@ pub async fn start_attempt_marks_and_dedupes(store: Arc<dyn Store>) {
         assert_eq!(answer, AttemptStart::NotOwed, "{key}");
     }
     // The result consumes the entry as any other; then it is not owed.
-    let result = KeyedAppend {
-        key: None,
-        requires: Some("a:1:1".into()),
-        requires_deadline: None,
-        events: vec![ev(
-            at(3_000),
-            EventData::ActivityCompleted {
-                activity_id: 1,
-                attempt: 1,
-                output: json!(1),
-            },
-        )],
-        owed: OwedChanges::none(),
-    };
-    assert!(matches!(
-        keyed(&store, &id, result).await,
-        KeyedOutcome::Appended(_)
-    ));
+    record_first_result(&store, &id, at(3_000)).await;
     assert_eq!(start_at(0, 3_001, 4_000, true).await, AttemptStart::NotOwed);
     // The timer is untouched by all of it.
     assert_eq!(
@@ -1072,24 +1078,7 @@ pub async fn extend_attempt_moves_only_its_own_mark(store: Arc<dyn Store>) {
         assert_eq!(answer, AttemptExtend::NotOwed, "{key}");
     }
     // The result consumes the entry: then it is not owed.
-    let result = KeyedAppend {
-        key: None,
-        requires: Some("a:1:1".into()),
-        requires_deadline: None,
-        events: vec![ev(
-            at(5_000),
-            EventData::ActivityCompleted {
-                activity_id: 1,
-                attempt: 1,
-                output: json!(1),
-            },
-        )],
-        owed: OwedChanges::none(),
-    };
-    assert!(matches!(
-        keyed(&store, &id, result).await,
-        KeyedOutcome::Appended(_)
-    ));
+    record_first_result(&store, &id, at(5_000)).await;
     assert_eq!(extend(2, 4_000, 30_000).await, AttemptExtend::NotOwed);
     // The timer is untouched by all of it.
     assert_eq!(

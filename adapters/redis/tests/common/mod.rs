@@ -58,6 +58,12 @@ pub struct PrivateRedis {
 
 impl PrivateRedis {
     pub async fn start(port: u16, dir: std::path::PathBuf) -> Self {
+        Self::start_with(port, dir, &[]).await
+    }
+
+    /// [`Self::start`] with `extra` arguments for `redis-server` (e.g.
+    /// `["--rename-command", "XREAD", ""]`).
+    pub async fn start_with(port: u16, dir: std::path::PathBuf, extra: &[&str]) -> Self {
         let mut child = tokio::process::Command::new("redis-server")
             .args([
                 "--port",
@@ -73,6 +79,7 @@ impl PrivateRedis {
             ])
             .arg("--dir")
             .arg(&dir)
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .kill_on_drop(true)
             .spawn()
