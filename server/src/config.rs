@@ -913,16 +913,20 @@ fn parse_error(text: &str, e: &toml::de::Error) -> String {
     format!("line {line}, column {column}: {}", e.message())
 }
 
-/// Keys whose values are secrets (or URLs that may hold one).
-const SECRET_KEYS: [(&str, &str); 3] = [
-    ("server", "auth_tokens"),
-    ("store", "url"),
-    ("store", "cluster_nodes"),
-];
+/// Whether string `s`, in the value of key `key` of section `section`, may be a
+/// secret: any of `server.auth_tokens`, and in `[store]` and `[queue]` any URL (which
+/// may hold a password), as [`Config::to_masked_toml`] masks them.
+fn may_be_secret(section: &str, key: &str, s: &str) -> bool {
+    match section {
+        "server" => key == "auth_tokens",
+        "store" | "queue" => s.contains("://") || s.contains('@'),
+        _ => false,
+    }
+}
 
 /// `message` (a deserializer's, which quotes the value it refused: `auth_tokens =
 /// "s3cret"` gives `invalid type: string "s3cret", expected a sequence`) with every
-/// string of the secret key at `path` shown as `***`.
+/// string of the key at `path` that may be a secret ([`may_be_secret`]) shown as `***`.
 fn without_secrets(table: &toml::Table, path: &str, mut message: String) -> String {
     fn strings<'a>(v: &'a toml::Value, out: &mut Vec<&'a str>) {
         match v {
@@ -932,16 +936,16 @@ fn without_secrets(table: &toml::Table, path: &str, mut message: String) -> Stri
             _ => {}
         }
     }
+    let mut parts = path.splitn(2, '.');
+    let (Some(section), Some(rest)) = (parts.next(), parts.next()) else {
+        return message;
+    };
+    let key = rest.split(['.', '[']).next().unwrap_or(rest);
     let mut found = Vec::new();
-    for (section, key) in SECRET_KEYS {
-        let dotted = format!("{section}.{key}");
-        let under = path
-            .strip_prefix(&dotted)
-            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['.', '[']));
-        if under && let Some(v) = table.get(section).and_then(|s| s.get(key)) {
-            strings(v, &mut found);
-        }
+    if let Some(v) = table.get(section).and_then(|s| s.get(key)) {
+        strings(v, &mut found);
     }
+    found.retain(|s| may_be_secret(section, key, s));
     // Longest first, so that a secret holding another is masked whole.
     found.sort_by_key(|s| std::cmp::Reverse(s.len()));
     for s in found {
@@ -1126,6 +1130,22 @@ mod tests {
         })
         .expect_err("a string is not a list of nodes");
         assert!(e.to_string().contains("store.cluster_nodes"), "{e}");
+        assert!(!e.to_string().contains("s3cret"), "{e}");
+    }
+
+    /// The same for a queue URL with credentials given where a table is read.
+    #[cfg(feature = "sqs")]
+    #[test]
+    fn a_mistyped_queue_url_is_not_echoed() {
+        let e = Config::load(&Sources {
+            file: Some((
+                "f".into(),
+                "[queue]\nkind = \"sqs\"\nqueue_urls = \"http://k:s3cret@h:1/q\"\n".into(),
+            )),
+            ..Default::default()
+        })
+        .expect_err("a string is not a table of URLs");
+        assert!(e.to_string().contains("queue.queue_urls"), "{e}");
         assert!(!e.to_string().contains("s3cret"), "{e}");
     }
 
