@@ -866,16 +866,7 @@ pub async fn start_attempt_marks_and_dedupes(store: Arc<dyn Store>) {
         start_at(1, 1_097, 2_097, false).await,
         AttemptStart::Started
     );
-    let mut marked = activity(1, 1, at(2_097));
-    if let OwedKind::Activity {
-        started,
-        started_copy,
-        ..
-    } = &mut marked.kind
-    {
-        *started = Some(at(1_097));
-        *started_copy = 1;
-    }
+    let marked = marked_activity(at(2_097), at(1_097), 1);
     assert_eq!(
         claim_all(&store, at(2_097)).await,
         vec![Owed {
@@ -996,16 +987,7 @@ pub async fn extend_attempt_moves_only_its_own_mark(store: Arc<dyn Store>) {
     // The same deadline again moves it a millisecond on.
     assert_eq!(extend(2, 90, 2_000).await, extended);
     assert!(claim_all(&store, at(2_000)).await.is_empty());
-    let mut marked = activity(1, 1, at(2_001));
-    if let OwedKind::Activity {
-        started,
-        started_copy,
-        ..
-    } = &mut marked.kind
-    {
-        *started = Some(at(90));
-        *started_copy = 2;
-    }
+    let marked = marked_activity(at(2_001), at(90), 2);
     assert_eq!(
         claim_all(&store, at(2_001)).await,
         vec![Owed {
@@ -1125,6 +1107,21 @@ pub async fn extend_attempt_moves_only_its_own_mark(store: Arc<dyn Store>) {
             .expect("extend_attempt"),
         AttemptExtend::NotOwed
     );
+}
+
+/// Attempt 1 of activity 1 due at `deadline`, marked started at `started` by copy `copy`.
+fn marked_activity(deadline: Timestamp, started: Timestamp, copy: u32) -> OwedEntry {
+    let mut marked = activity(1, 1, deadline);
+    if let OwedKind::Activity {
+        started: at,
+        started_copy,
+        ..
+    } = &mut marked.kind
+    {
+        *at = Some(started);
+        *started_copy = copy;
+    }
+    marked
 }
 
 /// `entry` with deadline `deadline`.
