@@ -117,6 +117,33 @@ async fn a_real_prometheus_scrapes_the_metrics_endpoint() {
                 .as_array()
                 .is_some_and(|r| r.iter().any(|s| s["value"][1] == "5"))
         });
+        // Every dashboard query is PromQL Prometheus runs, and with "All" selected it
+        // finds the series of a target scraped without a namespace label.
+        let (_, queries) = dashboard_queries();
+        for (title, expr) in &queries {
+            let q = format!(
+                "/api/v1/query?query={}",
+                urlencode(&with_all_selected(expr))
+            );
+            let v = match http_get(prom_port, &q) {
+                Ok((200, body)) => serde_json::from_str::<serde_json::Value>(&body).unwrap(),
+                other => panic!("panel {title:?}: {expr}: {other:?}"),
+            };
+            assert_eq!(v["status"], "success", "panel {title:?}: {v}");
+        }
+        let (_, started) = queries
+            .iter()
+            .find(|(title, _)| title.starts_with("Workflows started"))
+            .expect("a workflows-started panel");
+        let q = format!(
+            "/api/v1/query?query={}",
+            urlencode(&with_all_selected(started))
+        );
+        poll_prometheus(prom_port, &q, wait, |v| {
+            v["data"]["result"]
+                .as_array()
+                .is_some_and(|r| !r.is_empty())
+        });
         // The shipped rules loaded (every one the file has) and evaluate against the
         // live series.
         let shipped = std::fs::read_to_string(repo_file("deploy/prometheus/marathon-rules.yml"))
@@ -289,20 +316,19 @@ async fn rules_and_dashboard_use_only_exposed_metrics() {
 
     let rules_path = repo_file("deploy/prometheus/marathon-rules.yml");
     let rules = std::fs::read_to_string(&rules_path).unwrap();
-    let dashboard_text =
-        std::fs::read_to_string(repo_file("deploy/grafana/marathon-dashboard.json")).unwrap();
-    let dashboard: serde_json::Value =
-        serde_json::from_str(&dashboard_text).expect("dashboard is JSON");
-    let panels = dashboard["panels"].as_array().expect("panels");
-    assert!(panels.len() >= 10);
+    let (dashboard, queries) = dashboard_queries();
     let mut exprs = String::new();
-    for p in panels {
-        let targets = p["targets"].as_array().expect("targets");
-        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
-        for t in targets {
-            exprs.push_str(t["expr"].as_str().expect("expr"));
-            exprs.push('\n');
-        }
+    for (title, expr) in &queries {
+        // Every series a panel selects is filtered by the dashboard's namespace
+        // variable, so that releases in different namespaces can be told apart.
+        let selectors = expr.matches("marathon_").count();
+        let filtered = expr.matches(NAMESPACE_FILTER).count();
+        assert_eq!(
+            filtered, selectors,
+            "panel {title:?} selects series without {NAMESPACE_FILTER}: {expr}"
+        );
+        exprs.push_str(expr);
+        exprs.push('\n');
     }
     exprs.push_str(&dashboard["templating"].to_string());
 
@@ -322,6 +348,35 @@ async fn rules_and_dashboard_use_only_exposed_metrics() {
     }
 
     promtool_passes("check", &rules_path);
+}
+
+/// The selector every dashboard query puts first on each `marathon_*` series.
+const NAMESPACE_FILTER: &str = r#"{namespace=~"$namespace""#;
+
+/// The shipped Grafana dashboard, and each panel query with its panel's title.
+fn dashboard_queries() -> (serde_json::Value, Vec<(String, String)>) {
+    let text =
+        std::fs::read_to_string(repo_file("deploy/grafana/marathon-dashboard.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 10);
+    let mut queries = Vec::new();
+    for p in panels {
+        let targets = p["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} has no query", p["title"]);
+        for t in targets {
+            let title = p["title"].as_str().unwrap_or_default().to_string();
+            queries.push((title, t["expr"].as_str().expect("expr").to_string()));
+        }
+    }
+    (dashboard, queries)
+}
+
+/// A dashboard query as Grafana sends it with every variable at "All".
+fn with_all_selected(expr: &str) -> String {
+    expr.replace("$namespace", ".*")
+        .replace("$workflow", ".*")
+        .replace("$__rate_interval", "1m")
 }
 
 /// Runs `promtool <command> rules <file>` and fails the test with its output unless it passes.
