@@ -268,41 +268,82 @@ fn status_index(s: WorkflowStatus) -> usize {
     }
 }
 
-fn counter(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> Result<IntCounterVec, MetricsError> {
-    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(c.clone()))?;
-    Ok(c)
+/// Registers metrics in a registry all or nothing: what it registered is unregistered
+/// again when it is dropped before [`Registrar::done`], so that a name clash halfway
+/// leaves the registry as it was.
+struct Registrar<'a> {
+    registry: &'a Registry,
+    registered: Vec<Box<dyn prometheus::core::Collector>>,
 }
 
-fn gauge(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-) -> Result<IntGaugeVec, MetricsError> {
-    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
-    r.register(Box::new(g.clone()))?;
-    Ok(g)
+impl<'a> Registrar<'a> {
+    fn new(registry: &'a Registry) -> Self {
+        Registrar {
+            registry,
+            registered: Vec::new(),
+        }
+    }
+
+    /// Registers `c`, to be unregistered unless [`Registrar::done`] is called.
+    fn add<C>(&mut self, c: &C) -> Result<(), MetricsError>
+    where
+        C: prometheus::core::Collector + Clone + 'static,
+    {
+        self.registry.register(Box::new(c.clone()))?;
+        self.registered.push(Box::new(c.clone()));
+        Ok(())
+    }
+
+    /// Keeps everything registered.
+    fn done(mut self) {
+        self.registered.clear();
+    }
+
+    fn counter(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntCounterVec, MetricsError> {
+        let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+        self.add(&c)?;
+        Ok(c)
+    }
+
+    fn gauge(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+    ) -> Result<IntGaugeVec, MetricsError> {
+        let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+        self.add(&g)?;
+        Ok(g)
+    }
+
+    fn histogram(
+        &mut self,
+        name: &str,
+        help: &str,
+        labels: &[&str],
+        buckets: &[f64],
+    ) -> Result<ShardedHistogramVec, MetricsError> {
+        let h = ShardedHistogramVec::new(
+            &HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+            labels,
+        )?;
+        self.add(&h)?;
+        Ok(h)
+    }
 }
 
-fn histogram(
-    r: &Registry,
-    name: &str,
-    help: &str,
-    labels: &[&str],
-    buckets: &[f64],
-) -> Result<ShardedHistogramVec, MetricsError> {
-    let h = ShardedHistogramVec::new(
-        &HistogramOpts::new(name, help).buckets(buckets.to_vec()),
-        labels,
-    )?;
-    r.register(Box::new(h.clone()))?;
-    Ok(h)
+impl Drop for Registrar<'_> {
+    fn drop(&mut self) {
+        for c in self.registered.drain(..) {
+            // It was registered by this registrar a moment ago, so this succeeds.
+            let _ = self.registry.unregister(c);
+        }
+    }
 }
 
 impl Metrics {
@@ -317,139 +358,123 @@ impl Metrics {
     /// All of Marathon's metrics, registered in `registry` (which may hold others too).
     ///
     /// # Errors
-    /// [`MetricsError::Register`] if `registry` already has a metric of one of these names.
+    /// [`MetricsError::Register`] if `registry` already has a metric of one of these
+    /// names; nothing is registered then.
     pub fn with_registry(registry: Registry) -> Result<Metrics, MetricsError> {
-        let r = &registry;
+        let mut r = Registrar::new(&registry);
         match &*SPANS_DROPPED {
-            Ok(c) => r.register(Box::new(c.clone()))?,
+            Ok(c) => r.add(c)?,
             Err(e) => return Err(prometheus::Error::Msg(e.to_string()).into()),
         }
-        Ok(Metrics {
-            workflows_started: counter(
-                r,
+        let metrics = Metrics {
+            workflows_started: r.counter(
                 "marathon_workflows_started_total",
                 "Workflows created, by workflow name.",
                 &["workflow"],
             )?,
-            workflows_closed: counter(
-                r,
+            workflows_closed: r.counter(
                 "marathon_workflows_closed_total",
                 "Workflows finished, by workflow name and final status (completed, failed, canceled).",
                 &["workflow", "status"],
             )?,
-            workflow_duration: histogram(
-                r,
+            workflow_duration: r.histogram(
                 "marathon_workflow_duration_seconds",
                 "Time from a workflow's start to its close, by workflow name and final status.",
                 &["workflow", "status"],
                 WORKFLOW_BUCKETS,
             )?,
-            workflow_tasks: counter(
-                r,
+            workflow_tasks: r.counter(
                 "marathon_workflow_tasks_total",
                 "Workflow tasks run, by workflow name and outcome (recorded, nothing, conflict, failed).",
                 &["workflow", "outcome"],
             )?,
-            workflow_task_duration: histogram(
-                r,
+            workflow_task_duration: r.histogram(
                 "marathon_workflow_task_seconds",
                 "Time a workflow task spent running (replaying) the workflow code, by workflow name.",
                 &["workflow"],
                 FAST_BUCKETS,
             )?,
-            workflow_history: histogram(
-                r,
+            workflow_history: r.histogram(
                 "marathon_workflow_history_events",
                 "History length in events after each workflow task, by workflow name.",
                 &["workflow"],
                 HISTORY_BUCKETS,
             )?,
-            activity_attempts: counter(
-                r,
+            activity_attempts: r.counter(
                 "marathon_activity_attempts_total",
                 "Activity attempts ended, by activity name and outcome (completed, retrying, failed, dropped).",
                 &["activity", "outcome"],
             )?,
-            activity_duration: histogram(
-                r,
+            activity_duration: r.histogram(
                 "marathon_activity_attempt_seconds",
                 "Duration of activity attempts, by activity name and outcome.",
                 &["activity", "outcome"],
                 ACTIVITY_BUCKETS,
             )?,
-            activity_retries: counter(
-                r,
+            activity_retries: r.counter(
                 "marathon_activity_retries_total",
                 "Activity attempts that failed and were scheduled to run again, by activity name.",
                 &["activity"],
             )?,
-            activity_timeouts: counter(
-                r,
+            activity_timeouts: r.counter(
                 "marathon_activity_timeouts_total",
                 "Activity attempts that timed out, by activity name and timeout (start_to_close, schedule_to_close, heartbeat, lost, other).",
                 &["activity", "timeout"],
             )?,
-            activities_in_flight: gauge(
-                r,
+            activities_in_flight: r.gauge(
                 "marathon_activities_in_flight",
                 "Activity attempts running on this replica now, by activity name.",
                 &["activity"],
             )?,
-            overdue: counter(
-                r,
+            overdue: r.counter(
                 "marathon_overdue_total",
                 "Overdue owed work the sweeper claimed, by kind (workflow_task and activity: a task sent again, lost or still waiting in a backlog; timer: a timer to fire); an entry changed meanwhile is left as it is.",
                 &["kind"],
             )?,
-            queue_depth: gauge(
-                r,
+            queue_depth: r.gauge(
                 "marathon_queue_depth",
                 "Approximate number of tasks waiting on a task queue, sampled periodically.",
                 &["queue"],
             )?,
-            queue_receive: histogram(
-                r,
+            queue_receive: r.histogram(
                 "marathon_queue_receive_seconds",
                 "Latency of a worker's receive on a task queue (includes long-poll waiting).",
                 &["queue"],
                 RECEIVE_BUCKETS,
             )?,
-            queue_received: counter(
-                r,
+            queue_received: r.counter(
                 "marathon_queue_received_tasks_total",
                 "Tasks received from a task queue.",
                 &["queue"],
             )?,
-            dead_lettered: counter(
-                r,
+            dead_lettered: r.counter(
                 "marathon_dead_lettered_total",
                 "Tasks found on a task queue's dead-letter queue after too many deliveries.",
                 &["queue"],
             )?,
-            store_ops: histogram(
-                r,
+            store_ops: r.histogram(
                 "marathon_store_operation_seconds",
                 "Latency of Store calls, by operation, backend and outcome (ok, conflict, not_found, closed, invalid_cursor, error).",
                 &["operation", "backend", "outcome"],
                 FAST_BUCKETS,
             )?,
-            queue_ops: histogram(
-                r,
+            queue_ops: r.histogram(
                 "marathon_queue_operation_seconds",
                 "Latency of Queue calls, by operation, backend and outcome (ok, error, invalid_receipt).",
                 &["operation", "backend", "outcome"],
                 QUEUE_OP_BUCKETS,
             )?,
-            llm_tokens: counter(
-                r,
+            llm_tokens: r.counter(
                 "marathon_llm_tokens_total",
                 "LLM tokens used, by provider, model and kind (input, output, ...).",
                 &["provider", "model", "kind"],
             )?,
             llm_labels: Arc::default(),
             series: Arc::default(),
-            registry,
-        })
+            registry: registry.clone(),
+        };
+        r.done();
+        Ok(metrics)
     }
 
     /// The registry holding these metrics (to register more, or to gather them).
@@ -694,6 +719,27 @@ mod tests {
                 assert_eq!(*addr, std::ptr::from_ref(&*all[&name]) as usize, "{name}");
             }
         }
+    }
+
+    /// A name clash halfway through leaves a shared registry as it was: the metrics
+    /// registered before the clash are taken out again (the dropped-spans counter,
+    /// registered first, is the one with series from the start, so it would show).
+    #[test]
+    fn a_name_clash_registers_nothing() {
+        let registry = Registry::new();
+        // The last of Marathon's metrics, so that every other one comes first.
+        let theirs = IntCounter::new("marathon_llm_tokens_total", "someone else's").unwrap();
+        registry.register(Box::new(theirs)).unwrap();
+        assert!(matches!(
+            Metrics::with_registry(registry.clone()),
+            Err(MetricsError::Register(_))
+        ));
+        let names: Vec<String> = registry
+            .gather()
+            .iter()
+            .map(|f| f.name().to_string())
+            .collect();
+        assert_eq!(names, ["marathon_llm_tokens_total"]);
     }
 
     #[test]
