@@ -31,6 +31,20 @@ pub(crate) enum LogFilter {
     Targets(Box<Targets>),
     /// Directives on spans or fields too.
     Env(Box<EnvFilter>),
+    /// Directives on spans or fields, with a target (and the targets under it) off
+    /// whatever they say: `EnvFilter` lets a span directive (`[marathon.activity]=debug`)
+    /// win over `target=off`.
+    #[cfg_attr(
+        not(any(feature = "otel", test)),
+        expect(dead_code, reason = "only the trace filter turns a target off")
+    )]
+    EnvExcept(Box<EnvFilter>, &'static str),
+}
+
+/// Whether an `off=off` directive turns `target` off: `EnvFilter` and `Targets` match a
+/// directive's target as a prefix.
+fn is_under(target: &str, off: &str) -> bool {
+    target.starts_with(off)
 }
 
 impl LogFilter {
@@ -67,9 +81,12 @@ impl LogFilter {
             LogFilter::Targets(t) => LogFilter::Targets(Box::new(
                 t.with_target(target, tracing_subscriber::filter::LevelFilter::OFF),
             )),
-            LogFilter::Env(e) => {
-                LogFilter::Env(Box::new(e.add_directive(format!("{target}=off").parse()?)))
-            }
+            // The directive turns the target's callsites off once, where no span
+            // directive names them; the target check covers those that one does.
+            LogFilter::Env(e) | LogFilter::EnvExcept(e, _) => LogFilter::EnvExcept(
+                Box::new(e.add_directive(format!("{target}=off").parse()?)),
+                target,
+            ),
         })
     }
 
@@ -81,20 +98,31 @@ impl LogFilter {
         match self {
             LogFilter::Targets(t) => t,
             LogFilter::Env(e) => e,
+            LogFilter::EnvExcept(e, off) => {
+                Box::new(e.and_then(tracing_subscriber::filter::filter_fn(move |m| {
+                    !is_under(m.target(), off)
+                })))
+            }
         }
     }
 
     /// As one layer's own filter.
-    #[cfg(feature = "otel")]
+    #[cfg(any(feature = "otel", test))]
     pub(crate) fn into_filter<S>(
         self,
     ) -> Box<dyn tracing_subscriber::layer::Filter<S> + Send + Sync>
     where
         S: Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
     {
+        use tracing_subscriber::filter::FilterExt as _;
         match self {
             LogFilter::Targets(t) => t,
             LogFilter::Env(e) => e,
+            LogFilter::EnvExcept(e, off) => {
+                Box::new(e.and(tracing_subscriber::filter::filter_fn(move |m| {
+                    !is_under(m.target(), off)
+                })))
+            }
         }
     }
 }
@@ -269,6 +297,51 @@ mod tests {
                 "{tight}: {want:?}"
             );
             assert_eq!(seen_in_span(ours), want, "{spaced}");
+        }
+    }
+
+    /// A span directive does not bring back the target the trace filter turns off
+    /// (untraced task spans share the traced ones' names): `EnvFilter` lets a dynamic
+    /// directive win over `marathon::untraced=off`, so `[s]=debug` exported them.
+    #[test]
+    fn a_span_directive_does_not_bring_back_a_target_turned_off() {
+        for spec in [
+            "info,[s]=debug",
+            "warn,marathon[s]=debug",
+            "info,marathon::untraced[s]=trace",
+            "[{outcome=failed}]=debug,info",
+        ] {
+            let without = || LogFilter::parse(spec).and_then(|f| f.without("marathon::untraced"));
+            // As a layer filtering everything above it, and as one layer's own filter
+            // (how the trace exporter's is set up).
+            let global = seen(without().expect("valid"));
+            let own = Seen::default();
+            let subscriber = tracing_subscriber::registry().with(
+                own.clone()
+                    .with_filter(without().expect("valid").into_filter()),
+            );
+            tracing::subscriber::with_default(subscriber, || {
+                each_level!("marathon::untraced");
+                each_level!("marathon::untraced::x");
+                each_level!("other");
+                let s = tracing::span!(target: "marathon::untraced", Level::INFO, "s", outcome = "failed");
+                let _entered = s.enter();
+            });
+            let own = own.0.lock().expect("not poisoned").clone();
+            for seen in [&global, &own] {
+                assert!(
+                    !seen
+                        .iter()
+                        .any(|s| s.contains("marathon::untraced ")
+                            || s.contains("marathon::untraced::")),
+                    "{spec}: {seen:?}"
+                );
+            }
+            // Other targets still get through.
+            assert!(
+                own.iter().any(|s| s == "event other ERROR"),
+                "{spec}: {own:?}"
+            );
         }
     }
 
