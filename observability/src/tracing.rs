@@ -910,14 +910,17 @@ mod json {
             let mut line = String::new();
             self.inner
                 .format_event(ctx, Writer::new(&mut line), event)?;
-            let Ok(serde_json::Value::Object(mut obj)) = serde_json::from_str(line.trim_end())
-            else {
-                return writer.write_str(&line);
-            };
-            obj.insert("trace_id".into(), trace_id.into());
-            obj.insert("span_id".into(), span_id.into());
-            let out = serde_json::to_string(&obj).map_err(|_| fmt::Error)?;
-            writeln!(writer, "{out}")
+            // The ids (hex, nothing to escape) go in before the object's closing brace:
+            // the line keeps tracing-subscriber's key order, and is not parsed again
+            // (a `serde_json` map sorted the keys, `timestamp` last but for the ids).
+            let object = line.trim_end();
+            match object.strip_suffix('}') {
+                Some(open) if object.starts_with('{') && open.len() > 1 => writeln!(
+                    writer,
+                    r#"{open},"trace_id":"{trace_id}","span_id":"{span_id}"}}"#
+                ),
+                _ => writer.write_str(&line),
+            }
         }
     }
 }

@@ -214,6 +214,10 @@ fn quiet_json_logs_still_carry_the_trace_ids() {
     let v: serde_json::Value = serde_json::from_str(line).expect("JSON log line");
     assert_eq!(v["trace_id"], hex(&root.trace_id), "{line}");
     assert_eq!(v["span_id"], hex(&root.span_id), "{line}");
+    // The line is tracing-subscriber's, with the ids added at the end: its key order
+    // (timestamp first) is kept.
+    assert!(line.starts_with(r#"{"timestamp":"#), "{line}");
+    assert!(line.ends_with(r#""}"#), "{line}");
 }
 
 #[test]
