@@ -207,8 +207,10 @@ fn exposed_labels(text: &str) -> BTreeMap<String, BTreeSet<String>> {
 }
 
 /// Labels the scrape adds to every series rather than the exposition: the rules
-/// aggregate by `namespace`, which a Prometheus operator ServiceMonitor sets.
-const TARGET_LABELS: &[&str] = &["namespace"];
+/// aggregate by `namespace` (which a Prometheus operator ServiceMonitor sets) and `job`
+/// (the Service's name then; the scrape job's otherwise), and the dashboard filters by
+/// them.
+const TARGET_LABELS: &[&str] = &["namespace", "job"];
 
 /// Label names that `text` (PromQL, or YAML holding it) uses on a `marathon_*` metric
 /// that lacks them (target labels aside): in selectors (`metric{label="value"}`) and in
@@ -319,8 +321,8 @@ async fn rules_and_dashboard_use_only_exposed_metrics() {
     let (dashboard, queries) = dashboard_queries();
     let mut exprs = String::new();
     for (title, expr) in &queries {
-        // Every series a panel selects is filtered by the dashboard's namespace
-        // variable, so that releases in different namespaces can be told apart.
+        // Every series a panel selects is filtered by the dashboard's namespace and
+        // job variables, so that releases can be told apart.
         let selectors = expr.matches("marathon_").count();
         let filtered = expr.matches(NAMESPACE_FILTER).count();
         assert_eq!(
@@ -351,7 +353,7 @@ async fn rules_and_dashboard_use_only_exposed_metrics() {
 }
 
 /// The selector every dashboard query puts first on each `marathon_*` series.
-const NAMESPACE_FILTER: &str = r#"{namespace=~"$namespace""#;
+const NAMESPACE_FILTER: &str = r#"{namespace=~"$namespace",job=~"$job""#;
 
 /// The shipped Grafana dashboard, and each panel query with its panel's title.
 fn dashboard_queries() -> (serde_json::Value, Vec<(String, String)>) {
@@ -375,6 +377,7 @@ fn dashboard_queries() -> (serde_json::Value, Vec<(String, String)>) {
 /// A dashboard query as Grafana sends it with every variable at "All".
 fn with_all_selected(expr: &str) -> String {
     expr.replace("$namespace", ".*")
+        .replace("$job", ".*")
         .replace("$workflow", ".*")
         .replace("$__rate_interval", "1m")
 }
