@@ -1868,3 +1868,453 @@ async fn an_unserved_task_queue_is_refused_with_the_memory_queue() {
     assert_eq!(done["status"], "failed", "{done}");
     assert!(done.to_string().contains("invalid_argument"), "{done}");
 }
+
+/// How [`FaultyStore`] fails the calls of the API's routes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Fault {
+    None,
+    /// `StoreError::Unavailable`: a passing failure (the API's 503).
+    Unavailable,
+    /// `StoreError::Backend`: a permanent one (the API's 500).
+    Backend,
+}
+
+/// A memory store whose calls that the API's routes make (create, append, read,
+/// subscribe, get, list) fail as `fault` says.
+#[derive(Default)]
+struct FaultyStore {
+    inner: marathon_core::memory::MemoryStore,
+    fault: std::sync::Mutex<Option<Fault>>,
+}
+
+impl FaultyStore {
+    fn set(&self, fault: Fault) {
+        *self.fault.lock().expect("not poisoned") = Some(fault);
+    }
+
+    fn check(&self) -> Result<(), marathon_core::StoreError> {
+        match *self.fault.lock().expect("not poisoned") {
+            None | Some(Fault::None) => Ok(()),
+            Some(Fault::Unavailable) => Err(marathon_core::StoreError::Unavailable("down".into())),
+            Some(Fault::Backend) => Err(marathon_core::StoreError::Backend("broken".into())),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl marathon_core::testkit::ForwardingStore for FaultyStore {
+    fn inner(&self) -> &dyn marathon_core::Store {
+        &self.inner
+    }
+    async fn create(
+        &self,
+        new: marathon_core::NewWorkflow,
+    ) -> Result<marathon_core::Created, marathon_core::StoreError> {
+        self.check()?;
+        self.inner().create(new).await
+    }
+    async fn append(
+        &self,
+        id: &marathon_core::WorkflowId,
+        expected_last: marathon_core::Seq,
+        events: Vec<marathon_core::NewEvent>,
+        owed: marathon_core::OwedChanges,
+    ) -> Result<marathon_core::Seq, marathon_core::StoreError> {
+        self.check()?;
+        self.inner().append(id, expected_last, events, owed).await
+    }
+    async fn append_keyed(
+        &self,
+        id: &marathon_core::WorkflowId,
+        append: marathon_core::KeyedAppend,
+    ) -> Result<marathon_core::KeyedOutcome, marathon_core::StoreError> {
+        self.check()?;
+        self.inner().append_keyed(id, append).await
+    }
+    async fn read(
+        &self,
+        id: &marathon_core::WorkflowId,
+        after: marathon_core::Seq,
+        limit: usize,
+    ) -> Result<Vec<marathon_core::Event>, marathon_core::StoreError> {
+        self.check()?;
+        self.inner().read(id, after, limit).await
+    }
+    async fn subscribe(
+        &self,
+        id: &marathon_core::WorkflowId,
+        after: marathon_core::Seq,
+    ) -> Result<marathon_core::EventStream, marathon_core::StoreError> {
+        self.check()?;
+        self.inner().subscribe(id, after).await
+    }
+    async fn get(
+        &self,
+        id: &marathon_core::WorkflowId,
+    ) -> Result<Option<marathon_core::WorkflowSummary>, marathon_core::StoreError> {
+        self.check()?;
+        self.inner().get(id).await
+    }
+    async fn list(
+        &self,
+        query: &marathon_core::ListQuery,
+    ) -> Result<marathon_core::ListPage, marathon_core::StoreError> {
+        self.check()?;
+        self.inner().list(query).await
+    }
+}
+
+/// One row of the error table: a request, the store's state while it runs, and the
+/// status it must get.
+struct ErrorCase {
+    method: &'static str,
+    /// The route as documented (`/v1/workflows/{id}`).
+    path: &'static str,
+    uri: String,
+    headers: Vec<(&'static str, axum::http::HeaderValue)>,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+    fault: Fault,
+    status: StatusCode,
+}
+
+impl ErrorCase {
+    fn new(method: &'static str, path: &'static str, uri: impl Into<String>, status: u16) -> Self {
+        Self {
+            method,
+            path,
+            uri: uri.into(),
+            headers: Vec::new(),
+            content_type: None,
+            body: Vec::new(),
+            fault: Fault::None,
+            status: StatusCode::from_u16(status).expect("a status"),
+        }
+    }
+
+    /// With a JSON body (`Content-Type: application/json`).
+    fn json(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.content_type = Some("application/json");
+        self.body = body.into();
+        self
+    }
+
+    /// With a body of another (or no) content type.
+    fn raw(mut self, content_type: Option<&'static str>, body: impl Into<Vec<u8>>) -> Self {
+        self.content_type = content_type;
+        self.body = body.into();
+        self
+    }
+
+    fn header(mut self, name: &'static str, value: &[u8]) -> Self {
+        let value = axum::http::HeaderValue::from_bytes(value).expect("a header value");
+        self.headers.push((name, value));
+        self
+    }
+
+    fn fault(mut self, fault: Fault) -> Self {
+        self.fault = fault;
+        self
+    }
+
+    fn request(&self) -> Request<Body> {
+        let mut req = Request::builder().method(self.method).uri(&self.uri);
+        if let Some(ct) = self.content_type {
+            req = req.header("content-type", ct);
+        }
+        for (k, v) in &self.headers {
+            req = req.header(*k, v.clone());
+        }
+        req.body(Body::from(self.body.clone())).expect("request")
+    }
+}
+
+/// The stable code of an error status (docs/API.md, "Errors").
+fn error_code(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "invalid_argument",
+        404 => "not_found",
+        409 => "conflict",
+        413 => "payload_too_large",
+        415 => "unsupported_media_type",
+        500 => "internal",
+        503 => "unavailable",
+        s => panic!("no error code for {s} in the table"),
+    }
+}
+
+/// Every error status a route answers with the error body is listed for that route in
+/// /openapi.json with the `ErrorBody` schema, and every error status listed is one the
+/// route answers. A table of requests provokes each: bad bodies, parameters, ids and
+/// headers, unknown and finished workflows, oversized bodies, a wrong content type, and
+/// a store that is unavailable (503) or rejects the call (500). Before, no route
+/// listed its 503 or 500, and the SSE stream not its 400 for a bad query parameter.
+#[tokio::test]
+async fn openapi_lists_every_error_status_a_route_answers() {
+    let store = std::sync::Arc::new(FaultyStore::default());
+    let mut cfg = Config::default();
+    // Above a cancel reason's 64 KiB, so that an over-long reason is a 400, not a 413.
+    cfg.server.body_limit = 128 * 1024;
+    let app = app_on_store(store.clone(), cfg).await;
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "sleep-then-echo", "id": "running", "input": {"ms": 600000}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "id": "done", "input": 1})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+    finished(&app, "done").await;
+
+    let too_big = vec![b' '; 200 * 1024];
+    let mut deep = json!(1);
+    for _ in 0..=marathon_core::MAX_VALUE_DEPTH {
+        deep = json!([deep]);
+    }
+    let long_id = "x".repeat(201);
+    let long_key = "k".repeat(257);
+    let long_name = "n".repeat(201);
+    let non_ascii: &[u8] = b"caf\xe9";
+    let (get, post) = ("GET", "POST");
+    let start = "/v1/workflows";
+    let list = "/v1/workflows";
+    let summary = "/v1/workflows/{id}";
+    let cancel = "/v1/workflows/{id}/cancel";
+    let signal = "/v1/workflows/{id}/signals/{name}";
+    let result = "/v1/workflows/{id}/result";
+    let events = "/v1/workflows/{id}/events";
+    let stream = "/v1/workflows/{id}/events/stream";
+    let registry = "/v1/registry";
+    let echo = br#"{"name": "echo"}"#;
+    let cases = vec![
+        // POST /v1/workflows
+        ErrorCase::new(post, start, start, 400).json(&b"{\"name\":"[..]),
+        ErrorCase::new(post, start, start, 400).json(&br#"{"name": 5}"#[..]),
+        ErrorCase::new(post, start, start, 400).json(&br#"{"name": "echo", "extra": 1}"#[..]),
+        ErrorCase::new(post, start, start, 400).json(&br#"{"name": "nope"}"#[..]),
+        ErrorCase::new(post, start, start, 400).json(&b"[]"[..]),
+        ErrorCase::new(post, start, start, 400).json(Vec::new()),
+        ErrorCase::new(post, start, start, 400)
+            .json(json!({"name": "echo", "id": long_id}).to_string()),
+        ErrorCase::new(post, start, start, 400).json(&br#"{"name": "echo", "id": "a b"}"#[..]),
+        ErrorCase::new(post, start, start, 400)
+            .json(json!({"name": "echo", "input": deep}).to_string()),
+        ErrorCase::new(post, start, start, 400).json(&br#"{"name": "echo", "task_queue": ""}"#[..]),
+        ErrorCase::new(post, start, start, 400)
+            .json(&echo[..])
+            .header("idempotency-key", long_key.as_bytes()),
+        ErrorCase::new(post, start, start, 400)
+            .json(&echo[..])
+            .header("idempotency-key", non_ascii),
+        ErrorCase::new(post, start, "/v1/workflows?idempotency_key=k", 400).json(&echo[..]),
+        ErrorCase::new(post, start, start, 409)
+            .json(&br#"{"name": "sleep-then-echo", "id": "done"}"#[..]),
+        ErrorCase::new(post, start, start, 413).json(too_big.clone()),
+        ErrorCase::new(post, start, start, 415).raw(Some("text/plain"), &echo[..]),
+        ErrorCase::new(post, start, start, 415).raw(None, &echo[..]),
+        ErrorCase::new(post, start, start, 503)
+            .json(&echo[..])
+            .fault(Fault::Unavailable),
+        ErrorCase::new(post, start, start, 500)
+            .json(&echo[..])
+            .fault(Fault::Backend),
+        // GET /v1/workflows
+        ErrorCase::new(get, list, "/v1/workflows?status=sleeping", 400),
+        ErrorCase::new(get, list, "/v1/workflows?limit=0", 400),
+        ErrorCase::new(get, list, "/v1/workflows?limit=1001", 400),
+        ErrorCase::new(get, list, "/v1/workflows?limit=-1", 400),
+        ErrorCase::new(
+            get,
+            list,
+            "/v1/workflows?limit=99999999999999999999999",
+            400,
+        ),
+        ErrorCase::new(get, list, "/v1/workflows?limit=1&limit=2", 400),
+        ErrorCase::new(get, list, "/v1/workflows?cursor=garbage", 400),
+        ErrorCase::new(get, list, "/v1/workflows?stauts=running", 400),
+        ErrorCase::new(get, list, list, 503).fault(Fault::Unavailable),
+        ErrorCase::new(get, list, list, 500).fault(Fault::Backend),
+        // GET /v1/workflows/{id}
+        ErrorCase::new(get, summary, "/v1/workflows/a%20b", 400),
+        ErrorCase::new(get, summary, "/v1/workflows/%FF", 400),
+        ErrorCase::new(get, summary, "/v1/workflows/%C3%A9t%C3%A9", 400),
+        ErrorCase::new(get, summary, format!("/v1/workflows/{long_id}"), 400),
+        ErrorCase::new(get, summary, "/v1/workflows/running?wait=30s", 400),
+        ErrorCase::new(get, summary, "/v1/workflows/missing", 404),
+        ErrorCase::new(get, summary, "/v1/workflows/running", 503).fault(Fault::Unavailable),
+        ErrorCase::new(get, summary, "/v1/workflows/running", 500).fault(Fault::Backend),
+        // POST /v1/workflows/{id}/cancel
+        ErrorCase::new(post, cancel, "/v1/workflows/a%20b/cancel", 400),
+        ErrorCase::new(post, cancel, "/v1/workflows/running/cancel", 400).json(&b"{"[..]),
+        ErrorCase::new(post, cancel, "/v1/workflows/running/cancel", 400)
+            .json(&br#"{"reason": 1}"#[..]),
+        ErrorCase::new(post, cancel, "/v1/workflows/running/cancel", 400)
+            .json(&br#"{"why": "x"}"#[..]),
+        ErrorCase::new(post, cancel, "/v1/workflows/running/cancel", 400)
+            .json(json!({"reason": "r".repeat(70 * 1024)}).to_string()),
+        ErrorCase::new(post, cancel, "/v1/workflows/running/cancel?reason=x", 400),
+        ErrorCase::new(post, cancel, "/v1/workflows/missing/cancel", 404),
+        ErrorCase::new(post, cancel, "/v1/workflows/done/cancel", 409),
+        ErrorCase::new(post, cancel, "/v1/workflows/running/cancel", 413).json(too_big.clone()),
+        ErrorCase::new(post, cancel, "/v1/workflows/running/cancel", 503).fault(Fault::Unavailable),
+        ErrorCase::new(post, cancel, "/v1/workflows/running/cancel", 500).fault(Fault::Backend),
+        // POST /v1/workflows/{id}/signals/{name}
+        ErrorCase::new(post, signal, "/v1/workflows/a%20b/signals/go", 400),
+        ErrorCase::new(
+            post,
+            signal,
+            format!("/v1/workflows/running/signals/{long_name}"),
+            400,
+        ),
+        ErrorCase::new(post, signal, "/v1/workflows/running/signals/go", 400).json(&b"{"[..]),
+        ErrorCase::new(post, signal, "/v1/workflows/running/signals/go", 400)
+            .json(deep.to_string()),
+        ErrorCase::new(post, signal, "/v1/workflows/running/signals/go", 400)
+            .header("idempotency-key", long_key.as_bytes()),
+        ErrorCase::new(post, signal, "/v1/workflows/running/signals/go", 400)
+            .header("idempotency-key", non_ascii),
+        ErrorCase::new(
+            post,
+            signal,
+            "/v1/workflows/running/signals/go?idempotency_key=k",
+            400,
+        ),
+        ErrorCase::new(post, signal, "/v1/workflows/missing/signals/go", 404),
+        ErrorCase::new(post, signal, "/v1/workflows/done/signals/go", 409),
+        ErrorCase::new(post, signal, "/v1/workflows/running/signals/go", 413).json(too_big.clone()),
+        ErrorCase::new(post, signal, "/v1/workflows/running/signals/go", 503)
+            .fault(Fault::Unavailable),
+        ErrorCase::new(post, signal, "/v1/workflows/running/signals/go", 500).fault(Fault::Backend),
+        // GET /v1/workflows/{id}/result
+        ErrorCase::new(get, result, "/v1/workflows/a%20b/result", 400),
+        ErrorCase::new(get, result, "/v1/workflows/running/result?wait=soon", 400),
+        ErrorCase::new(get, result, "/v1/workflows/running/result?wait=-1s", 400),
+        ErrorCase::new(get, result, "/v1/workflows/running/result?timeout=30s", 400),
+        ErrorCase::new(get, result, "/v1/workflows/missing/result", 404),
+        ErrorCase::new(get, result, "/v1/workflows/running/result", 503).fault(Fault::Unavailable),
+        ErrorCase::new(get, result, "/v1/workflows/running/result", 500).fault(Fault::Backend),
+        // GET /v1/workflows/{id}/events
+        ErrorCase::new(get, events, "/v1/workflows/a%20b/events", 400),
+        ErrorCase::new(get, events, "/v1/workflows/running/events?after=-1", 400),
+        ErrorCase::new(get, events, "/v1/workflows/running/events?after=x", 400),
+        ErrorCase::new(get, events, "/v1/workflows/running/events?limit=0", 400),
+        ErrorCase::new(get, events, "/v1/workflows/running/events?limit=1001", 400),
+        ErrorCase::new(get, events, "/v1/workflows/running/events?from=3", 400),
+        ErrorCase::new(get, events, "/v1/workflows/missing/events", 404),
+        ErrorCase::new(get, events, "/v1/workflows/running/events", 503).fault(Fault::Unavailable),
+        ErrorCase::new(get, events, "/v1/workflows/running/events", 500).fault(Fault::Backend),
+        // GET /v1/workflows/{id}/events/stream
+        ErrorCase::new(get, stream, "/v1/workflows/a%20b/events/stream", 400),
+        ErrorCase::new(
+            get,
+            stream,
+            "/v1/workflows/running/events/stream?after=-1",
+            400,
+        ),
+        ErrorCase::new(get, stream, "/v1/workflows/running/events/stream", 400)
+            .header("last-event-id", b"x"),
+        ErrorCase::new(get, stream, "/v1/workflows/running/events/stream", 400)
+            .header("last-event-id", non_ascii),
+        ErrorCase::new(get, stream, "/v1/workflows/running/events/stream", 400)
+            .header("last-event-id", b"999"),
+        ErrorCase::new(get, stream, "/v1/workflows/missing/events/stream", 404),
+        ErrorCase::new(get, stream, "/v1/workflows/running/events/stream", 503)
+            .fault(Fault::Unavailable),
+        ErrorCase::new(get, stream, "/v1/workflows/running/events/stream", 500)
+            .fault(Fault::Backend),
+        // GET /v1/registry
+        ErrorCase::new(get, registry, "/v1/registry?verbose=1", 400),
+    ];
+
+    let doc = call(&app, "GET", "/openapi.json", None).await.json();
+    let mut wrong = Vec::new();
+    let mut answered = BTreeSet::new();
+    for case in &cases {
+        let what = format!(
+            "{} {} (fault {:?}, {} body bytes)",
+            case.method,
+            case.uri.chars().take(80).collect::<String>(),
+            case.fault,
+            case.body.len()
+        );
+        store.set(case.fault);
+        let r = send(&app, case.request()).await;
+        store.set(Fault::None);
+        if r.status != case.status {
+            wrong.push(format!(
+                "{what}: answered {}, not {}: {}",
+                r.status, case.status, r.text
+            ));
+            continue;
+        }
+        let shaped = serde_json::from_str::<Value>(&r.text).is_ok_and(|v| {
+            v.as_object().map(|o| o.len()) == Some(1)
+                && v["error"].as_object().map(|o| o.len()) == Some(2)
+                && v["error"]["code"] == error_code(r.status)
+                && v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty())
+        });
+        let json_type = r
+            .headers
+            .get("content-type")
+            .is_some_and(|t| t == "application/json");
+        if !shaped || !json_type {
+            wrong.push(format!(
+                "{what}: not the error body: {:?} {}",
+                r.headers, r.text
+            ));
+        }
+        let method = case.method.to_ascii_lowercase();
+        let status = case.status.as_str();
+        answered.insert((case.path.to_string(), method.clone(), status.to_string()));
+        let listed = &doc["paths"][case.path][&method]["responses"][status];
+        if listed.is_null() {
+            wrong.push(format!(
+                "{what}: {status} not listed for {method} {}",
+                case.path
+            ));
+        } else if listed["content"]["application/json"]["schema"]["$ref"]
+            != "#/components/schemas/ErrorBody"
+        {
+            wrong.push(format!(
+                "{what}: {status} listed without ErrorBody: {listed}"
+            ));
+        }
+    }
+    // And the other way round: every error status listed is one the table provokes
+    // (but 401, which `openapi_documents_401_on_every_protected_route` covers, and
+    // /readyz's 503, whose body is the readiness answer).
+    for (path, method) in api::route_table(Role::All) {
+        let listed = doc["paths"][&path][&method]["responses"]
+            .as_object()
+            .map(|o| o.keys().cloned().collect::<Vec<_>>())
+            .unwrap_or_default();
+        for status in listed {
+            let error = status.starts_with('4') || status.starts_with('5');
+            let exempt = status == "401" || (path == "/readyz" && status == "503");
+            if error
+                && !exempt
+                && !answered.contains(&(path.clone(), method.clone(), status.clone()))
+            {
+                wrong.push(format!(
+                    "{method} {path} lists {status}, which no case provokes"
+                ));
+            }
+        }
+    }
+    assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+}
+
+/// An app on `store` (memory queue, built-ins, a worker) with `cfg`.
+async fn app_on_store(store: std::sync::Arc<FaultyStore>, cfg: Config) -> App {
+    app_from(Server::builder().builtins().config(cfg).store(store)).await
+}

@@ -224,6 +224,8 @@ pub(crate) fn parse_wait(s: &str) -> Result<Duration, ApiError> {
         (status = 409, description = "The id or idempotency key belongs to a workflow with another name or task queue", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 415, description = "The body is not sent as `Content-Type: application/json`", body = ErrorBody),
+        (status = 500, description = "Internal error (the store rejected the call); the cause is logged, not returned", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; try again later", body = ErrorBody),
     )
 )]
 pub(crate) async fn start(
@@ -277,6 +279,8 @@ pub(crate) async fn start(
         (status = 200, description = "The summary", body = WorkflowSummaryDoc),
         (status = 400, description = "Invalid id, a query parameter (this route takes none)", body = ErrorBody),
         (status = 404, description = "No such workflow", body = ErrorBody),
+        (status = 500, description = "Internal error (the store rejected the call); the cause is logged, not returned", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; try again later", body = ErrorBody),
     )
 )]
 pub(crate) async fn get(
@@ -295,7 +299,9 @@ pub(crate) async fn get(
     params(ListParams),
     responses(
         (status = 200, description = "A page", body = ListResponse),
-        (status = 400, description = "Bad status, limit or cursor", body = ErrorBody),
+        (status = 400, description = "Bad status, limit or cursor; an unknown or repeated query parameter", body = ErrorBody),
+        (status = 500, description = "Internal error (the store rejected the call); the cause is logged, not returned", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; try again later", body = ErrorBody),
     )
 )]
 pub(crate) async fn list(
@@ -333,6 +339,8 @@ pub(crate) async fn list(
         (status = 404, description = "No such workflow", body = ErrorBody),
         (status = 409, description = "The workflow has already finished", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 500, description = "Internal error (the store rejected the call); the cause is logged, not returned", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; try again later", body = ErrorBody),
     )
 )]
 pub(crate) async fn cancel(
@@ -369,6 +377,8 @@ pub(crate) async fn cancel(
         (status = 404, description = "No such workflow", body = ErrorBody),
         (status = 409, description = "The workflow has already finished", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 500, description = "Internal error (the store rejected the call); the cause is logged, not returned", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; try again later", body = ErrorBody),
     )
 )]
 pub(crate) async fn signal(
@@ -401,8 +411,10 @@ pub(crate) async fn signal(
     responses(
         (status = 200, description = "Finished: the summary with output or error", body = WorkflowSummaryDoc),
         (status = 202, description = "Still running after the wait", body = WorkflowSummaryDoc),
-        (status = 400, description = "Bad id or wait", body = ErrorBody),
+        (status = 400, description = "Bad id or wait; an unknown query parameter", body = ErrorBody),
         (status = 404, description = "No such workflow", body = ErrorBody),
+        (status = 500, description = "Internal error (the store rejected the call); the cause is logged, not returned", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; try again later", body = ErrorBody),
     )
 )]
 pub(crate) async fn result(
@@ -435,8 +447,10 @@ pub(crate) async fn result(
     params(("id" = String, Path, description = "Workflow id"), EventsParams),
     responses(
         (status = 200, description = "Events after `after`", body = EventsResponse),
-        (status = 400, description = "Bad id, after or limit", body = ErrorBody),
+        (status = 400, description = "Bad id, after or limit; an unknown query parameter", body = ErrorBody),
         (status = 404, description = "No such workflow", body = ErrorBody),
+        (status = 500, description = "Internal error (the store rejected the call); the cause is logged, not returned", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; try again later", body = ErrorBody),
     )
 )]
 pub(crate) async fn events(
@@ -548,8 +562,10 @@ fn stream_error(id: &WorkflowId, cause: Option<marathon_core::EngineError>) -> S
     responses(
         (status = 200, description = "`text/event-stream`: `id:` the sequence, `event:` the type, `data:` the event JSON; \
             `: heartbeat` comments; a final `event: done`", content_type = "text/event-stream", body = String),
-        (status = 400, description = "Bad id, after or Last-Event-ID", body = ErrorBody),
+        (status = 400, description = "Bad id, after or Last-Event-ID (not a sequence number, or past the workflow's last event)", body = ErrorBody),
         (status = 404, description = "No such workflow", body = ErrorBody),
+        (status = 500, description = "Internal error (the store rejected the call); the cause is logged, not returned", body = ErrorBody),
+        (status = 503, description = "The store is unavailable; try again later", body = ErrorBody),
     )
 )]
 pub(crate) async fn stream(
