@@ -269,11 +269,24 @@ impl Server {
     /// # Errors
     /// [`ServerError::Bind`], [`ServerError::Io`].
     pub async fn serve(self) -> Result<(), ServerError> {
+        self.serve_until(shutdown_signal()).await
+    }
+
+    /// Binds `[server] listen` and serves until `signal` completes; see
+    /// [`Server::serve_on`]. For a caller that watches signals itself from before
+    /// the server is built (as `marathon serve` does), so that none is lost.
+    ///
+    /// # Errors
+    /// [`ServerError::Bind`], [`ServerError::Io`].
+    pub async fn serve_until(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> Result<(), ServerError> {
         let addr = self.config.server.listen.clone();
         let listener = TcpListener::bind(&addr)
             .await
             .map_err(|source| ServerError::Bind { addr, source })?;
-        self.serve_on(listener, shutdown_signal()).await
+        self.serve_on(listener, signal).await
     }
 
     /// Serves on `listener` (and runs workers when the role says so) until `signal`

@@ -5,6 +5,7 @@ use marathon_observability::{TelemetryConfig, TelemetryGuard, init_tracing};
 use marathon_server::{Config, LogFormat, Role, Server, ServerError, Sources};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
 
 /// Exit code of a configuration error.
 const EXIT_CONFIG: u8 = 2;
@@ -12,17 +13,28 @@ const EXIT_CONFIG: u8 = 2;
 /// Exit code when a second SIGINT or SIGTERM cuts the drain short (128 + SIGINT).
 const EXIT_FORCED: i32 = 130;
 
-/// Watches for a second SIGINT or SIGTERM: the first makes the server drain (within
-/// its grace, which may be minutes), the second exits at once, without waiting for the
-/// drain or flushing spans, for an operator who will not wait.
+/// Watches SIGINT and SIGTERM from now on. The first cancels the returned token: a
+/// server still starting stops, a serving one drains (within its grace, which may be
+/// minutes). The second exits at once, without waiting for the drain or flushing
+/// spans, for an operator who will not wait. One watcher from before start-up: with
+/// a second one installed only once serving, a signal during start-up (a slow backend
+/// connect) was taken by the first watcher and missed by the drain's, so the server
+/// went on starting and served as if it had none.
 #[cfg(unix)]
-fn exit_on_second_signal() {
+fn watch_signals() -> CancellationToken {
     use tokio::signal::unix::{SignalKind, signal};
+    let stop = CancellationToken::new();
+    let first = stop.clone();
     let (Ok(mut int), Ok(mut term)) = (
         signal(SignalKind::interrupt()),
         signal(SignalKind::terminate()),
     ) else {
-        return;
+        // No handlers to install: the first signal as the library watches for it.
+        tokio::spawn(async move {
+            marathon_server::shutdown_signal().await;
+            first.cancel();
+        });
+        return stop;
     };
     tokio::spawn(async move {
         for n in 1..=2 {
@@ -30,16 +42,28 @@ fn exit_on_second_signal() {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
             }
-            if n == 2 {
+            if n == 1 {
+                first.cancel();
+            } else {
                 tracing::warn!("a second signal: exiting now, without waiting for the drain");
                 std::process::exit(EXIT_FORCED);
             }
         }
     });
+    stop
 }
 
+/// The first Ctrl-C cancels the returned token; see the Unix version.
 #[cfg(not(unix))]
-fn exit_on_second_signal() {}
+fn watch_signals() -> CancellationToken {
+    let stop = CancellationToken::new();
+    let first = stop.clone();
+    tokio::spawn(async move {
+        marathon_server::shutdown_signal().await;
+        first.cancel();
+    });
+    stop
+}
 
 #[derive(Parser)]
 #[command(
@@ -178,15 +202,16 @@ async fn main() -> ExitCode {
                 Ok(t) => t,
                 Err(e) => return fail(&e),
             };
-            exit_on_second_signal();
+            let stop = watch_signals();
             let run = async {
-                Server::builder()
-                    .builtins()
-                    .config(cfg)
-                    .build()
-                    .await?
-                    .serve()
-                    .await
+                let server = tokio::select! {
+                    built = Server::builder().builtins().config(cfg).build() => built?,
+                    () = stop.cancelled() => {
+                        tracing::info!("a signal during start-up: stopping before serving");
+                        return Ok(());
+                    }
+                };
+                server.serve_until(stop.cancelled_owned()).await
             };
             let code = match run.await {
                 Ok(()) => {

@@ -458,6 +458,59 @@ fn bad_configuration_exits_2_with_a_clear_message() {
     }
 }
 
+/// A SIGTERM while the server is still starting (here, connecting to a store that
+/// accepts the connection and never answers) stops it, with code 0. Before, the
+/// second-signal watcher, installed before start-up, took that first signal, and the
+/// drain's own watcher, installed only once serving, never saw it: the process went
+/// on starting (and, had the store answered, served on) as if no signal had come.
+#[cfg(feature = "redis")]
+#[test]
+fn a_signal_during_start_up_stops_the_server() {
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+    let url = format!(
+        "store.url=redis://127.0.0.1:{}",
+        silent.local_addr().expect("address").port()
+    );
+    let child = marathon(
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--store",
+            "redis",
+            "--set",
+            &url,
+            "--set",
+            "store.connect_timeout=600000",
+            "--set",
+            "store.response_timeout=600000",
+        ],
+        &[],
+    )
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("marathon starts");
+    let mut m = Running { child, port: 0 };
+    // The store's connection: the process is starting, its signal handlers installed.
+    let (accepted, connected) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = accepted.send(silent.accept().map(|(conn, _)| conn));
+    });
+    let _conn = connected
+        .recv_timeout(Duration::from_secs(30))
+        .expect("marathon connects to the store")
+        .expect("accepts");
+    let killed = Command::new("kill")
+        .args(["-TERM", &m.child.id().to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(killed.success());
+    let status = wait_exit(&mut m.child, Duration::from_secs(20))
+        .expect("a SIGTERM during start-up stops the process");
+    assert_eq!(status.code(), Some(0), "exit status {status:?}");
+}
+
 /// Runs the binary for at most `within` (killing it then): its exit code, if it
 /// exited, and what it printed on stderr.
 #[cfg(any(feature = "redis", feature = "sqs"))]
