@@ -1879,15 +1879,21 @@ enum Fault {
     Backend,
 }
 
-/// A memory store whose calls that the API's routes make (create, append, read,
-/// subscribe, get, list) fail as `fault` says.
-#[derive(Default)]
+/// A store whose calls that the API's routes make (create, append, read, subscribe,
+/// get, list) fail as `fault` says.
 struct FaultyStore {
-    inner: marathon_core::memory::MemoryStore,
+    inner: std::sync::Arc<dyn marathon_core::Store>,
     fault: std::sync::Mutex<Option<Fault>>,
 }
 
 impl FaultyStore {
+    fn on(inner: std::sync::Arc<dyn marathon_core::Store>) -> std::sync::Arc<Self> {
+        std::sync::Arc::new(Self {
+            inner,
+            fault: std::sync::Mutex::new(None),
+        })
+    }
+
     fn set(&self, fault: Fault) {
         *self.fault.lock().expect("not poisoned") = Some(fault);
     }
@@ -1904,7 +1910,7 @@ impl FaultyStore {
 #[async_trait::async_trait]
 impl marathon_core::testkit::ForwardingStore for FaultyStore {
     fn inner(&self) -> &dyn marathon_core::Store {
-        &self.inner
+        &*self.inner
     }
     async fn create(
         &self,
@@ -2051,7 +2057,41 @@ fn error_code(status: StatusCode) -> &'static str {
 /// listed its 503 or 500, and the SSE stream not its 400 for a bad query parameter.
 #[tokio::test]
 async fn openapi_lists_every_error_status_a_route_answers() {
-    let store = std::sync::Arc::new(FaultyStore::default());
+    Box::pin(error_table(FaultyStore::on(std::sync::Arc::new(
+        marathon_core::memory::MemoryStore::default(),
+    ))))
+    .await;
+}
+
+/// The error table of `openapi_lists_every_error_status_a_route_answers` on the Redis
+/// store (feature `redis`), in a namespace of its own: the same statuses and bodies.
+#[cfg(feature = "redis")]
+#[tokio::test]
+async fn the_error_table_holds_on_the_redis_store() {
+    use futures::FutureExt;
+    let url = marathon_redis::testkit::url();
+    let key_prefix = format!("marathon-test:{}:", uuid::Uuid::new_v4());
+    let redis = marathon_redis::RedisStore::connect(marathon_redis::RedisStoreConfig {
+        url: url.clone(),
+        key_prefix: key_prefix.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("no Redis at MARATHON_TEST_REDIS_URL or 127.0.0.1:6379");
+    let outcome = std::panic::AssertUnwindSafe(Box::pin(error_table(FaultyStore::on(
+        std::sync::Arc::new(redis),
+    ))))
+    .catch_unwind()
+    .await;
+    marathon_redis::testkit::delete_prefix(&url, &key_prefix)
+        .await
+        .expect("delete the run's keys");
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn error_table(store: std::sync::Arc<FaultyStore>) {
     let mut cfg = Config::default();
     // Above a cancel reason's 64 KiB, so that an over-long reason is a 400, not a 413.
     cfg.server.body_limit = 128 * 1024;
