@@ -2358,3 +2358,38 @@ async fn error_table(store: std::sync::Arc<FaultyStore>) {
 async fn app_on_store(store: std::sync::Arc<FaultyStore>, cfg: Config) -> App {
     app_from(Server::builder().builtins().config(cfg).store(store)).await
 }
+
+/// A handler that panics (here an embedder's start validator, on an input it did not
+/// expect) answers 500 `internal` with the error body, and the server goes on serving.
+/// Before, the panic unwound out of the router: the client's connection was dropped
+/// without a response (here, `oneshot` panicked).
+#[tokio::test]
+async fn a_panicking_handler_answers_500() {
+    let app =
+        app_from(
+            Server::builder()
+                .builtins()
+                .validator("echo", |input, _| match input.as_str() {
+                    Some("boom") => panic!("a validator's bug"),
+                    _ => Ok(()),
+                }),
+        )
+        .await;
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "input": "boom"})),
+    )
+    .await;
+    r.error(StatusCode::INTERNAL_SERVER_ERROR, "internal");
+    assert!(!r.text.contains("a validator's bug"), "{}", r.text);
+    let r = call(
+        &app,
+        "POST",
+        "/v1/workflows",
+        Some(json!({"name": "echo", "input": "fine"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+}

@@ -199,6 +199,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(state.config.server.body_limit))
+        .layer(middleware::from_fn(catch_panic))
         .layer(middleware::from_fn(request_span))
         .with_state(state)
 }
@@ -233,6 +234,29 @@ async fn request_span(req: Request, next: middleware::Next) -> axum::response::R
     let response = next.run(req).instrument(span.clone()).await;
     span.record("status", response.status().as_u16());
     response
+}
+
+/// Answers a panic of a handler (a bug, Marathon's or that of an embedder's
+/// validator) with a 500 `internal`, logging its message, instead of letting it
+/// unwind out of the router, which dropped the connection without a response. A
+/// panic while an SSE body streams, after the answer has begun, still ends that
+/// connection.
+async fn catch_panic(req: Request, next: Next) -> Response {
+    use futures::FutureExt;
+    match std::panic::AssertUnwindSafe(next.run(req))
+        .catch_unwind()
+        .await
+    {
+        Ok(response) => response,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .copied()
+                .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+                .unwrap_or("(no message)");
+            ApiError::internal(&format!("a request handler panicked: {message}")).into_response()
+        }
+    }
 }
 
 /// Whether `given` equals one of `tokens`, in time independent of where they differ.
