@@ -99,11 +99,12 @@ pub(crate) struct CancelRequest {
 #[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct ListParams {
-    /// Only workflows in this status: `running`, `completed`, `failed`, `canceled`.
+    /// Only workflows in this status: `running`, `completed`, `failed`, `canceled`
+    /// (empty: any).
     status: Option<String>,
-    /// Only workflows with this name.
+    /// Only workflows with this name (empty: any).
     name: Option<String>,
-    /// `next_cursor` of the previous page.
+    /// `next_cursor` of the previous page (empty: the first page).
     cursor: Option<String>,
     /// Page size, 1 to 1000. Default 100. A page also stops at about 4 MiB of JSON
     /// (at least one workflow); read on while `next_cursor` is not null.
@@ -309,7 +310,10 @@ pub(crate) async fn list(
     query: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<ListResponse>, ApiError> {
     let Query(p) = query?;
-    let status = match p.status.as_deref() {
+    // An empty value counts as absent: a client that fills in `?cursor=` from a
+    // `null` next_cursor on its first request, or an empty filter, wants every page.
+    let given = |v: Option<String>| v.filter(|v| !v.is_empty());
+    let status = match given(p.status).as_deref() {
         None => None,
         Some(s) => Some(s.parse::<WorkflowStatus>().map_err(ApiError::invalid)?),
     };
@@ -317,8 +321,8 @@ pub(crate) async fn list(
         .engine
         .list(&ListQuery {
             status,
-            name: p.name,
-            cursor: p.cursor,
+            name: given(p.name),
+            cursor: given(p.cursor),
             limit: page_size(p.limit)?,
         })
         .await?;
