@@ -7,7 +7,7 @@
 //! {P}{sN}:wf:<id>:owed       hash   owed key -> OwedEntry JSON
 //! {P}{sN}:wf:<id>:dk         set    keyed-append dedupe keys
 //! {P}{sN}:owed               zset   '<id>|<owed key>' scored by deadline ms
-//! {P}{sN}:closed             zset   [id,status,name,ik] JSON scored by closed_at ms
+//! {P}{sN}:closed             zset   [id,status,name,ik,created_at] JSON scored by closed_at ms
 //! {P}{sN}:stream             stream append notifications (w=<id>, s=<last seq>)
 //! {P}{sN}:idx:all            zset   id scored by created_at ms
 //! {P}{sN}:idx:st:<status>    zset   the same, per status

@@ -185,20 +185,68 @@ impl RedisStore {
             .map_err(classify)
     }
 
-    /// Whether the id of a closed run (`status`, closed at `closed_at` ms) now names a
-    /// newer run: retention expired the old run's keys and the id was used again. The
-    /// old run's entry in the closed set must then leave the newer run alone, its
-    /// idempotency claim too (`purge.lua` checks the same, atomically).
-    async fn newer_run(&self, id: &str, status: &str, closed_at: u64) -> Result<bool, StoreError> {
-        let (st, cl): (Option<String>, Option<u64>) = redis::cmd("HMGET")
-            .arg(&self.keys().workflow(id).sum)
-            .arg("st")
-            .arg("cl")
+    /// Releases the idempotency claim `ik` of a closed run of `id` that purge is about
+    /// to delete (`status`, closed at `closed_at` ms, created at `created_at` ms when its
+    /// closed entry says), if the claim is still that run's own: the claim made for it,
+    /// whose request's start time is the run's creation time. Read first, then deleted
+    /// only if it is still that very claim (`idem_release.lua`, compared whole), so a
+    /// claim made meanwhile for a newer run of the id (retention expired the old run
+    /// and the id and key were used again) is never released; until 2026-11-28 purge
+    /// released any claim naming the id after checking the summary, and a newer run
+    /// started between that check and the release lost its claim.
+    async fn release_run_claim(
+        &self,
+        ik: &str,
+        id: &str,
+        status: &str,
+        closed_at: u64,
+        created_at: Option<u64>,
+    ) -> Result<(), StoreError> {
+        let claim: Option<String> = redis::cmd("GET")
+            .arg(self.keys().idem(ik))
             .query_async(&mut self.conn())
             .await
             .map_err(classify)?;
-        Ok(st.is_some_and(|st| st != status || cl != Some(closed_at)))
+        let Some(claim) = claim else { return Ok(()) };
+        let Some((named, json)) = claim.split_once('\n') else {
+            return Ok(());
+        };
+        if named != id {
+            return Ok(());
+        }
+        // A claim that cannot be read is released, as before: no start can use it.
+        let started = serde_json::from_str::<NewWorkflow>(json)
+            .ok()
+            .map(|r| r.started_at.0);
+        let ours = match (started, created_at) {
+            (None, _) => true,
+            (Some(started), Some(ca)) => started == ca,
+            // A closed entry written before it carried the creation time: the run's
+            // summary has it while the run is still there; once it is gone, a claim
+            // made no later than the run closed is its own (a newer run of the id can
+            // only start once the old one's keys are gone).
+            (Some(started), None) => {
+                let (st, cl, ca): (Option<String>, Option<u64>, Option<u64>) = redis::cmd("HMGET")
+                    .arg(&self.keys().workflow(id).sum)
+                    .arg("st")
+                    .arg("cl")
+                    .arg("ca")
+                    .query_async(&mut self.conn())
+                    .await
+                    .map_err(classify)?;
+                match (st, ca) {
+                    (Some(st), Some(ca)) if st == status && cl == Some(closed_at) => started == ca,
+                    (Some(_), _) => false,
+                    (None, _) => started <= closed_at,
+                }
+            }
+        };
+        if ours {
+            self.release_claim(ik, id, Some(&claim)).await?;
+        }
+        Ok(())
     }
+
     /// Connects to `cfg.url` (or, when `cfg.cluster_nodes` is set, to that
     /// Redis Cluster) and checks that Redis answers.
     ///
@@ -1301,9 +1349,10 @@ impl Store for RedisStore {
                 m.first().and_then(|v| v.as_str()),
                 m.get(1).and_then(|v| v.as_str()),
                 m.get(3).and_then(|v| v.as_str()),
-            ) && !self.newer_run(id, status, closed_at).await?
-            {
-                self.release_claim(ik, id, None).await?;
+            ) {
+                let created_at = m.get(4).and_then(|v| v.as_str()?.parse::<u64>().ok());
+                self.release_run_claim(ik, id, status, closed_at, created_at)
+                    .await?;
             }
             by_shard.entry(shard).or_default().push(member);
         }

@@ -146,7 +146,9 @@ local function apply_batch(K, A, i, last, token, prepared)
       redis.call('ZADD', base .. ':idx:st:' .. st, ca, id)
       redis.call('ZADD', base .. ':idx:ns:' .. st .. ':' .. name, ca, id)
       owed_clear_all(K[3], K[5], id)
-      redis.call('ZADD', K[7], ua, cjson.encode({id, st, name, ik or false}))
+      -- The run's creation time tells its own idempotency claim (made for it, with
+      -- it as start time) from a newer run's when purge releases it.
+      redis.call('ZADD', K[7], ua, cjson.encode({id, st, name, ik or false, ca}))
       if retention > 0 then
         redis.call('PEXPIRE', K[1], retention)
         redis.call('PEXPIRE', K[2], retention)

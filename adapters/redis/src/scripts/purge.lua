@@ -1,5 +1,6 @@
 -- purge.lua: deletes finished workflows of one shard closed before a time.
--- KEYS: 1 closed (shard zset, member JSON [id, status, name, idempotency key|false])
+-- KEYS: 1 closed (shard zset, member JSON [id, status, name, idempotency key|false,
+--       created_at ms as text; absent in entries written before 2026-11-28])
 -- ARGV: 1 shard base ('<prefix>{sN}'), 2 closed-before ms (exclusive), 3.. members
 -- Returns how many closed entries were removed.
 --

@@ -1,14 +1,16 @@
 //! A TCP proxy in front of a Redis server that breaks the network as tests need:
 //! it can move to another server (a managed endpoint failing over), black-hole the
 //! connections it already holds, or cut one connection right after a request reaches
-//! Redis, so the command runs and its reply is lost.
+//! Redis, so the command runs and its reply is lost, or hold one request back until
+//! the test lets it go (to run something else in between two steps of a store call).
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 /// Forwards each new connection to the server on `target`.
 pub struct FaultProxy {
@@ -23,6 +25,19 @@ pub struct FaultProxy {
     /// Set: the next request holding the pattern given to [`FaultProxy::cutting`] is
     /// passed to Redis, then that connection is closed before the reply.
     pub armed: Arc<AtomicBool>,
+    /// What [`FaultProxy::hold_next`] holds back.
+    hold: Arc<Hold>,
+}
+
+/// One request to hold back before it reaches Redis.
+#[derive(Default)]
+struct Hold {
+    /// The pattern of the request to hold; empty: none.
+    pattern: Mutex<Vec<u8>>,
+    /// Signalled once that request is held.
+    held: Notify,
+    /// Signalled by the test: the held request goes on.
+    go: Notify,
 }
 
 /// What one connection watches for and how it breaks.
@@ -35,6 +50,8 @@ struct Faults {
     cut: Arc<AtomicBool>,
     /// On the client-to-Redis direction: the armed flag and the request pattern.
     watch: Option<(Arc<AtomicBool>, &'static [u8])>,
+    /// On the client-to-Redis direction: the request to hold back.
+    hold: Option<Arc<Hold>>,
 }
 
 impl FaultProxy {
@@ -53,11 +70,13 @@ impl FaultProxy {
             target: Arc::new(AtomicU16::new(target)),
             epoch: Arc::new(AtomicU64::new(0)),
             armed: Arc::new(AtomicBool::new(false)),
+            hold: Arc::new(Hold::default()),
         };
-        let (target, epoch, armed) = (
+        let (target, epoch, armed, hold) = (
             proxy.target.clone(),
             proxy.epoch.clone(),
             proxy.armed.clone(),
+            proxy.hold.clone(),
         );
         tokio::spawn(async move {
             loop {
@@ -73,6 +92,7 @@ impl FaultProxy {
                     epoch: epoch.clone(),
                     cut: Arc::new(AtomicBool::new(false)),
                     watch: None,
+                    hold: None,
                 };
                 let watch = (!pattern.is_empty()).then(|| (armed.clone(), pattern));
                 let (cr, cw) = client.into_split();
@@ -82,6 +102,7 @@ impl FaultProxy {
                     sw,
                     Faults {
                         watch,
+                        hold: Some(hold.clone()),
                         ..faults.clone()
                     },
                 ));
@@ -89,6 +110,23 @@ impl FaultProxy {
             }
         });
         proxy
+    }
+
+    /// Holds back the next request (of any connection) holding `pattern`, before it
+    /// reaches Redis, until [`FaultProxy::release`]; [`FaultProxy::until_held`] waits
+    /// for it.
+    pub fn hold_next(&self, pattern: &[u8]) {
+        *self.hold.pattern.lock().expect("not poisoned") = pattern.to_vec();
+    }
+
+    /// Waits until the request given to [`FaultProxy::hold_next`] is held.
+    pub async fn until_held(&self) {
+        self.hold.held.notified().await;
+    }
+
+    /// Lets the held request go on to Redis.
+    pub fn release(&self) {
+        self.hold.go.notify_one();
     }
 
     /// The URL of a Redis client connecting through the proxy.
@@ -137,6 +175,18 @@ async fn pump(from: OwnedReadHalf, to: OwnedWriteHalf, faults: Faults) {
                 && buf[..n].windows(pattern.len()).any(|w| w == *pattern)
                 && armed.swap(false, Ordering::SeqCst)
         });
+        let held = faults.hold.as_ref().filter(|h| {
+            let mut p = h.pattern.lock().expect("not poisoned");
+            let found = !p.is_empty() && buf[..n].windows(p.len()).any(|w| w == p.as_slice());
+            if found {
+                p.clear();
+            }
+            found
+        });
+        if let Some(h) = held {
+            h.held.notify_one();
+            h.go.notified().await;
+        }
         if hit {
             // Before the request goes on: a fast reply must not slip through.
             faults.cut.store(true, Ordering::SeqCst);
