@@ -149,27 +149,7 @@ impl Notifier {
         streams: Vec<String>,
     ) -> Result<(Vec<String>, Conn, Vec<String>), StoreError> {
         let mut conn = self.connect().await?;
-        let mut pipe = redis::pipe();
-        for s in &streams {
-            pipe.cmd("XREVRANGE")
-                .arg(s)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1);
-        }
-        let lasts: Vec<Vec<(String, HashMap<String, Value>)>> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(crate::store::classify)?;
-        let positions = lasts
-            .into_iter()
-            .map(|l| {
-                l.into_iter()
-                    .next()
-                    .map_or_else(|| "0-0".to_string(), |(id, _)| id)
-            })
-            .collect();
+        let positions = last_ids(&mut conn, &streams).await?;
         Ok((streams, conn, positions))
     }
 
@@ -191,6 +171,60 @@ impl Notifier {
             }
         }
     }
+}
+
+/// Every stream's last entry id ("0-0" for an empty or missing stream).
+async fn last_ids(conn: &mut Conn, streams: &[String]) -> Result<Vec<String>, StoreError> {
+    let mut pipe = redis::pipe();
+    for s in streams {
+        pipe.cmd("XREVRANGE")
+            .arg(s)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1);
+    }
+    let lasts: Vec<Vec<(String, HashMap<String, Value>)>> = pipe
+        .query_async(conn)
+        .await
+        .map_err(crate::store::classify)?;
+    Ok(lasts
+        .into_iter()
+        .map(|l| {
+            l.into_iter()
+                .next()
+                .map_or_else(|| "0-0".to_string(), |(id, _)| id)
+        })
+        .collect())
+}
+
+/// A stream entry id as `(ms, seq)`; `None` if it is not one.
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
+}
+
+/// After a reconnect: moves back every position that is past its stream's last entry
+/// on the server now reached (it restarted without its data, or the endpoint leads
+/// to another server, and the old one's clock, which stream ids are made of, was
+/// ahead). Reading after such a position would announce no append until the new
+/// server's clock passed it. Returns whether any position moved back.
+async fn realign(
+    conn: &mut Conn,
+    streams: &[String],
+    positions: &mut [String],
+) -> Result<bool, StoreError> {
+    let lasts = last_ids(conn, streams).await?;
+    let mut moved = false;
+    for (pos, last) in positions.iter_mut().zip(lasts) {
+        if let (Some(p), Some(l)) = (parse_id(pos), parse_id(&last))
+            && l < p
+        {
+            *pos = last;
+            moved = true;
+        }
+    }
+    Ok(moved)
 }
 
 /// How long the reader fails without a break before it says so at `warn`: a blip (a
@@ -248,8 +282,21 @@ async fn run(
             Some(c) => c,
             None => {
                 let Some(n) = notifier.upgrade() else { return };
-                match n.connect().await {
-                    Ok(c) => c,
+                let connected = match n.connect().await {
+                    Ok(mut c) => realign(&mut c, &streams, &mut positions)
+                        .await
+                        .map(|moved| (c, moved)),
+                    Err(e) => Err(e),
+                };
+                match connected {
+                    Ok((c, moved)) => {
+                        if moved {
+                            // Appends made on this server before the new positions are
+                            // not announced: every subscription reads again.
+                            n.wake_all();
+                        }
+                        c
+                    }
                     Err(e) => {
                         tracing::debug!(error = %e, "append reader cannot reconnect yet");
                         failing.failed(&e);

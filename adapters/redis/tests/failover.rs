@@ -48,17 +48,22 @@ impl Server {
     }
 
     async fn cmd(&self, args: &[&str]) -> redis::Value {
-        let mut c = redis::Client::open(format!("redis://127.0.0.1:{}", self.port))
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap();
-        let mut cmd = redis::cmd(args[0]);
-        for a in &args[1..] {
-            cmd.arg(*a);
-        }
-        cmd.query_async(&mut c).await.unwrap()
+        cmd_on(self.port, args).await
     }
+}
+
+/// Runs one command on the server at `port`.
+async fn cmd_on(port: u16, args: &[&str]) -> redis::Value {
+    let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query_async(&mut c).await.unwrap()
 }
 
 fn new_wf(id: &WorkflowId) -> NewWorkflow {
@@ -451,4 +456,100 @@ async fn recovers_after_a_long_outage() {
     let _ = std::fs::remove_dir_all(&dir);
     assert!(ok, "no recovery 20 s after Redis came back");
     eprintln!("recovered after {:?}", t.elapsed());
+}
+
+/// The append reader reconnects to a server whose streams are behind the position it
+/// had read up to: the server restarted without its data, or the endpoint moved to
+/// another server, and the old server's clock ran ahead (stream ids are its clock in
+/// ms; here a notification written with an id a day ahead stands for it). New
+/// appends get ids below that position, and the reader, reading after it, announced
+/// none of them: subscriptions woke only by their 10 s fallback re-read, until the
+/// new server's clock passed the old position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_append_reader_follows_a_stream_that_went_back_after_a_restart() {
+    use futures::StreamExt;
+    let port = low_port();
+    let dir = scratch_dir();
+    let mut server = common::PrivateRedis::start(port, dir.clone()).await;
+    let prefix = "marathon-back:";
+    let store = RedisStore::connect(RedisStoreConfig {
+        url: format!("redis://127.0.0.1:{port}"),
+        key_prefix: prefix.into(),
+        connect_timeout: Duration::from_millis(300),
+        response_timeout: Duration::from_millis(500),
+        shards: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let stream = format!("{prefix}{{s0}}:stream");
+    let id = WorkflowId::random();
+    store.create(new_wf(&id)).await.unwrap();
+    let mut sub = store.subscribe(&id, Seq(1)).await.unwrap();
+    // The old server's clock is a day ahead: its next notification says so.
+    let ahead = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        + 86_400_000;
+    cmd_on(
+        port,
+        &[
+            "XADD",
+            &stream,
+            &format!("{ahead}-0"),
+            "w",
+            "none",
+            "s",
+            "0",
+        ],
+    )
+    .await;
+    store
+        .append(&id, Seq(1), vec![signal(1)], OwedChanges::none())
+        .await
+        .unwrap();
+    // The reader has read past the entry from the future (it announced this append).
+    let first = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
+    assert!(matches!(first, Ok(Some(Ok(_)))), "{first:?}");
+    drop(sub);
+    // Restarted without its data (a new directory: no append-only file).
+    server.kill().await;
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    let _server2 = common::PrivateRedis::start(port, dir.clone()).await;
+    let t0 = Instant::now();
+    while store.create(new_wf(&id)).await.is_err() {
+        assert!(t0.elapsed() < Duration::from_secs(30), "no recovery");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Wait until the reader is back, blocked in its XREAD on the new server.
+    let t0 = Instant::now();
+    loop {
+        let clients: String =
+            redis::from_redis_value(cmd_on(port, &["CLIENT", "LIST"]).await).expect("CLIENT LIST");
+        if clients.contains("cmd=xread") {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "the append reader did not reconnect"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut sub = store.subscribe(&id, Seq(1)).await.unwrap();
+    let t = Instant::now();
+    store
+        .append(&id, Seq(1), vec![signal(2)], OwedChanges::none())
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(15), sub.next()).await;
+    let waited = t.elapsed();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(matches!(got, Ok(Some(Ok(_)))), "{got:?}");
+    // Well below the 10 s fallback re-read that would wake it otherwise.
+    assert!(
+        waited < Duration::from_secs(5),
+        "woken only after {waited:?}"
+    );
 }
