@@ -10,7 +10,22 @@ pub fn url() -> String {
     std::env::var("MARATHON_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// `prefix` as a `SCAN MATCH` pattern that matches itself only: the glob characters
+/// `*`, `?`, `[`, `]` and `\` are escaped.
+fn literal_pattern(prefix: &str) -> String {
+    let mut p = String::with_capacity(prefix.len() + 1);
+    for c in prefix.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            p.push('\\');
+        }
+        p.push(c);
+    }
+    p
+}
+
 /// Every key under `prefix` on the Redis (or the one cluster node) at `url` (`SCAN MATCH`).
+/// The prefix is taken literally: until 2026-11-28 its glob characters were not
+/// escaped, and `delete_prefix("run?")` deleted other runs' keys (`runA…`, `runB…`).
 ///
 /// # Errors
 /// The connection or a `SCAN` failed.
@@ -24,12 +39,12 @@ pub async fn keys_under(url: &str, prefix: &str) -> RedisResult<Vec<String>> {
         let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
             .arg(cursor)
             .arg("MATCH")
-            .arg(format!("{prefix}*"))
+            .arg(format!("{}*", literal_pattern(prefix)))
             .arg("COUNT")
             .arg(1000)
             .query_async(&mut conn)
             .await?;
-        keys.extend(batch);
+        keys.extend(batch.into_iter().filter(|k| k.starts_with(prefix)));
         if next == 0 {
             return Ok(keys);
         }

@@ -1026,3 +1026,23 @@ async fn a_claim_naming_a_workflow_without_its_key_is_taken_over() {
         "{again:?}"
     );
 }
+
+/// The tests' clean-up (`testkit::delete_prefix`) takes its prefix literally: a glob
+/// character in it (`?`, `*`, `[`) matches only itself. Before, `SCAN MATCH
+/// <prefix>*` took it as a pattern, and deleting `…:a?` deleted `…:ab` too, a key of
+/// another prefix on the shared Redis.
+#[tokio::test]
+async fn delete_prefix_takes_its_prefix_literally() {
+    let base = common::prefix();
+    let bystander = format!("{base}ab");
+    let ours = format!("{base}a?");
+    for key in [&bystander, &format!("{ours}x")] {
+        redis_cmd(redis::cmd("SET").arg(key).arg("1")).await;
+    }
+    let deleted = marathon_redis::testkit::delete_prefix(&common::url(), &ours)
+        .await
+        .expect("delete_prefix");
+    let left = common::keys_under(&base).await;
+    common::teardown(&base).await;
+    assert_eq!(left, vec![bystander], "deleted {deleted}");
+}
