@@ -36,12 +36,18 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Manager(h) => {
-                let (generation, mut c) = h.current();
                 let h = h.clone();
                 Box::pin(async move {
-                    let r = c.req_packed_command(cmd).await;
-                    h.check(generation, r.as_ref().map_or_else(health_of_err, health_of));
-                    r
+                    let r = h.send(cmd).await;
+                    match r {
+                        // The connection was closed while idle (see `read_only`): the
+                        // manager reconnects now, and a read goes again, once.
+                        Err(e) if e.is_connection_dropped() && read_only(cmd) => {
+                            tracing::debug!(error = %e, "the Redis connection was closed; reading again");
+                            h.send(cmd).await
+                        }
+                        r => r,
+                    }
                 })
             }
             Self::Multiplexed(c) => c.req_packed_command(cmd),
@@ -57,21 +63,18 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Manager(h) => {
-                let (generation, mut c) = h.current();
                 let h = h.clone();
                 Box::pin(async move {
-                    let r = c.req_packed_commands(pipeline, offset, count).await;
-                    h.check(
-                        generation,
-                        r.as_ref().map_or_else(health_of_err, |vs| {
-                            if vs.iter().any(|v| health_of(v) == Health::ReadOnly) {
-                                Health::ReadOnly
-                            } else {
-                                Health::Answered
-                            }
-                        }),
-                    );
-                    r
+                    let r = h.send_pipeline(pipeline, offset, count).await;
+                    match r {
+                        Err(e)
+                            if e.is_connection_dropped() && pipeline.cmd_iter().all(read_only) =>
+                        {
+                            tracing::debug!(error = %e, "the Redis connection was closed; reading again");
+                            h.send_pipeline(pipeline, offset, count).await
+                        }
+                        r => r,
+                    }
                 })
             }
             Self::Multiplexed(c) => c.req_packed_commands(pipeline, offset, count),
@@ -137,6 +140,36 @@ impl Healing {
         }))
     }
 
+    /// Sends one command on the current manager and checks what its reply says.
+    async fn send(&self, cmd: &Cmd) -> redis::RedisResult<Value> {
+        let (generation, mut c) = self.current();
+        let r = c.req_packed_command(cmd).await;
+        self.check(generation, r.as_ref().map_or_else(health_of_err, health_of));
+        r
+    }
+
+    /// Sends a pipeline on the current manager and checks what its replies say.
+    async fn send_pipeline(
+        &self,
+        pipeline: &Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisResult<Vec<Value>> {
+        let (generation, mut c) = self.current();
+        let r = c.req_packed_commands(pipeline, offset, count).await;
+        self.check(
+            generation,
+            r.as_ref().map_or_else(health_of_err, |vs| {
+                if vs.iter().any(|v| health_of(v) == Health::ReadOnly) {
+                    Health::ReadOnly
+                } else {
+                    Health::Answered
+                }
+            }),
+        );
+        r
+    }
+
     fn current(&self) -> (u64, ConnectionManager) {
         let g = self.0.current.lock();
         (g.0, g.1.clone())
@@ -171,6 +204,33 @@ impl Healing {
             *g = (generation + 1, fresh);
             self.0.timeouts.store(0, Ordering::Relaxed);
         }
+    }
+}
+
+/// Whether `cmd` only reads, so that sending it twice is harmless. Such a command is
+/// sent again, once, when it fails because the connection was closed: a connection
+/// the server closed while it was idle (Redis's `timeout`, a managed service's or a
+/// proxy's idle limit, a restart) is known closed only once a request has failed on
+/// it (RESP2 has no notice of it), and the manager reconnects only then. Writes are
+/// not sent again here: the store's own retries of appends and creations recognise
+/// a copy that went in; a script like `start.lua` would not.
+fn read_only(cmd: &Cmd) -> bool {
+    const READS: [&[u8]; 11] = [
+        b"GET",
+        b"HGET",
+        b"HGETALL",
+        b"HMGET",
+        b"HSTRLEN",
+        b"LRANGE",
+        b"ZRANGEBYSCORE",
+        b"ZREVRANGEBYSCORE",
+        b"ZSCORE",
+        b"XREVRANGE",
+        b"PING",
+    ];
+    match cmd.args_iter().next() {
+        Some(redis::Arg::Simple(name)) => READS.iter().any(|r| r.eq_ignore_ascii_case(name)),
+        _ => false,
     }
 }
 

@@ -553,3 +553,38 @@ async fn the_append_reader_follows_a_stream_that_went_back_after_a_restart() {
         "woken only after {waited:?}"
     );
 }
+
+/// Redis closes the store's idle connection (its `timeout` setting, a managed
+/// service's idle limit, a proxy's idle timeout, a restart while nothing was asked;
+/// `CLIENT KILL` here): reads that come next are answered. Before, the first request
+/// after the close failed with `Unavailable` ("broken pipe": the connection was
+/// known closed only once a request had failed on it), a 503 for the API's first
+/// `GET` after a quiet period; the next one worked.
+#[tokio::test]
+async fn reads_after_the_server_closed_an_idle_connection_are_answered() {
+    let a = Server::start().await;
+    let store = RedisStore::connect(RedisStoreConfig {
+        url: format!("redis://127.0.0.1:{}", a.port),
+        key_prefix: "marathon-idle:".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let id = WorkflowId::random();
+    store.create(new_wf(&id)).await.unwrap();
+    a.cmd(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .await;
+    let got = store.get(&id).await.map(|s| s.map(|s| s.last_seq));
+    a.cmd(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .await;
+    let read = store.read(&id, Seq::ZERO, 10).await.map(|e| e.len());
+    a.cmd(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .await;
+    let listed = store
+        .list(&marathon_core::ListQuery::default())
+        .await
+        .map(|p| p.items.len());
+    assert!(matches!(got, Ok(Some(Seq(1)))), "get: {got:?}");
+    assert!(matches!(read, Ok(1)), "read: {read:?}");
+    assert!(matches!(listed, Ok(1)), "list: {listed:?}");
+}
