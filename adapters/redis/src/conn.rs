@@ -108,6 +108,9 @@ struct HealingInner {
     current: parking_lot::Mutex<(u64, ConnectionManager)>,
     /// Requests timed out since the last answer.
     timeouts: std::sync::atomic::AtomicU32,
+    /// Bumped whenever the connection is re-established (the manager reconnects after
+    /// a dropped connection, or is replaced): the append reader follows it there.
+    moves: tokio::sync::watch::Sender<u64>,
 }
 
 /// Timeouts in a row, with no answer between, that replace the connection.
@@ -137,7 +140,19 @@ impl Healing {
             config,
             current: parking_lot::Mutex::new((0, first)),
             timeouts: std::sync::atomic::AtomicU32::new(0),
+            moves: tokio::sync::watch::Sender::new(0),
         }))
+    }
+
+    /// Changes whenever the connection is re-established, possibly to another server
+    /// behind the same endpoint.
+    pub(crate) fn moves(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.0.moves.subscribe()
+    }
+
+    /// Says that the connection is being re-established.
+    fn moved(&self) {
+        self.0.moves.send_modify(|n| *n = n.wrapping_add(1));
     }
 
     /// Sends one command on the current manager and checks what its reply says.
@@ -145,7 +160,18 @@ impl Healing {
         let (generation, mut c) = self.current();
         let r = c.req_packed_command(cmd).await;
         self.check(generation, r.as_ref().map_or_else(health_of_err, health_of));
+        self.dropped(&r);
         r
+    }
+
+    /// Says the connection moves when `r` failed with an error after which the manager
+    /// reconnects (the connection was closed or broken).
+    fn dropped<T>(&self, r: &redis::RedisResult<T>) {
+        if let Err(e) = r
+            && (e.is_connection_dropped() || e.is_unrecoverable_error())
+        {
+            self.moved();
+        }
     }
 
     /// Sends a pipeline on the current manager and checks what its replies say.
@@ -167,6 +193,7 @@ impl Healing {
                 }
             }),
         );
+        self.dropped(&r);
         r
     }
 
@@ -203,6 +230,8 @@ impl Healing {
             tracing::warn!("replacing the Redis connection (READONLY or timed out)");
             *g = (generation + 1, fresh);
             self.0.timeouts.store(0, Ordering::Relaxed);
+            drop(g);
+            self.moved();
         }
     }
 }
@@ -262,6 +291,14 @@ fn health_of(v: &Value) -> Health {
 }
 
 impl Conn {
+    /// For the shared single-node connection: changes whenever it is re-established.
+    pub(crate) fn moves(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        match self {
+            Self::Manager(h) => Some(h.moves()),
+            Self::Multiplexed(_) | Self::Cluster(_) => None,
+        }
+    }
+
     /// Whether requests must stay within one hash slot.
     pub(crate) fn is_cluster(&self) -> bool {
         matches!(self, Self::Cluster(_))

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use parking_lot::Mutex;
 use redis::Value;
 use redis::streams::StreamReadReply;
-use tokio::sync::{Notify, OnceCell};
+use tokio::sync::{Notify, OnceCell, watch};
 
 use marathon_core::StoreError;
 
@@ -39,6 +39,10 @@ type Waiters = HashMap<String, Vec<(u64, Arc<Notify>)>>;
 /// The shared reader of one store and the subscriptions waiting on it.
 pub(crate) struct Notifier {
     target: Target,
+    /// On a single node: changes whenever the store's shared connection is
+    /// re-established; the reader then connects again too, so that both talk to
+    /// the server the endpoint leads to now (see [`run`]).
+    follow: Option<watch::Receiver<u64>>,
     streams: Vec<String>,
     connect_timeout: Duration,
     response_timeout: Duration,
@@ -77,12 +81,14 @@ impl Drop for Registration {
 impl Notifier {
     pub(crate) fn new(
         target: Target,
+        follow: Option<watch::Receiver<u64>>,
         streams: Vec<String>,
         connect_timeout: Duration,
         response_timeout: Duration,
     ) -> Self {
         Self {
             target,
+            follow,
             streams,
             connect_timeout,
             response_timeout,
@@ -138,7 +144,13 @@ impl Notifier {
             .into_iter()
             .collect::<Result<Vec<_>, _>>()?;
         for (streams, conn, positions) in ready {
-            tokio::spawn(run(Arc::downgrade(self), streams, conn, positions));
+            tokio::spawn(run(
+                Arc::downgrade(self),
+                self.follow.clone(),
+                streams,
+                conn,
+                positions,
+            ));
         }
         Ok(())
     }
@@ -227,6 +239,17 @@ async fn realign(
     Ok(moved)
 }
 
+/// Resolves when the store's shared connection was re-established since the reader
+/// last looked; never without one to follow (cluster mode) or once the store is gone.
+async fn moved(follow: &mut Option<watch::Receiver<u64>>) {
+    if let Some(f) = follow
+        && f.changed().await.is_ok()
+    {
+        return;
+    }
+    std::future::pending::<()>().await;
+}
+
 /// How long the reader fails without a break before it says so at `warn`: a blip (a
 /// failover, a restart) stays at `debug`; a lasting failure (an ACL without `XREAD`, a
 /// node gone) shows, since subscriptions then wake only every few seconds.
@@ -268,8 +291,17 @@ impl Failing {
 }
 
 /// The reader loop; ends once the store and every subscription are gone.
+///
+/// On a single node the reader follows the store's shared connection: when that one
+/// is re-established (it was closed or broken, or replaced after READONLY or
+/// timeouts), the endpoint may lead to another server now, so the reader stops its
+/// blocking read and connects again too, then wakes every subscription. Its own
+/// connection, never idle, may well stay open to the old server, which no append
+/// reaches any more (until 2026-11-28 it kept reading there, and subscriptions woke
+/// only by their fallback re-read).
 async fn run(
     notifier: Weak<Notifier>,
+    mut follow: Option<watch::Receiver<u64>>,
     streams: Vec<String>,
     conn: Conn,
     mut positions: Vec<String>,
@@ -277,11 +309,20 @@ async fn run(
     let mut conn = Some(conn);
     let mut backoff = Duration::from_millis(100);
     let mut failing = Failing::default();
+    // Whether to wake every subscription once connected again.
+    let mut rewake = false;
+    if let Some(f) = &mut follow {
+        f.borrow_and_update();
+    }
     loop {
         let mut c = match conn.take() {
             Some(c) => c,
             None => {
                 let Some(n) = notifier.upgrade() else { return };
+                // Moves from now on make this connection stale in turn.
+                if let Some(f) = &mut follow {
+                    f.borrow_and_update();
+                }
                 let connected = match n.connect().await {
                     Ok(mut c) => realign(&mut c, &streams, &mut positions)
                         .await
@@ -290,10 +331,12 @@ async fn run(
                 };
                 match connected {
                     Ok((c, moved)) => {
-                        if moved {
-                            // Appends made on this server before the new positions are
-                            // not announced: every subscription reads again.
+                        if moved || rewake {
+                            // Appends made on this server before the new positions (or
+                            // while the reader watched another) are not announced:
+                            // every subscription reads again.
                             n.wake_all();
+                            rewake = false;
                         }
                         c
                     }
@@ -309,16 +352,23 @@ async fn run(
                 }
             }
         };
-        let reply: Result<Option<StreamReadReply>, _> = redis::cmd("XREAD")
+        let mut xread = redis::cmd("XREAD");
+        xread
             .arg("COUNT")
             .arg(COUNT)
             .arg("BLOCK")
             .arg(u64::try_from(BLOCK.as_millis()).unwrap_or(u64::MAX))
             .arg("STREAMS")
             .arg(&streams)
-            .arg(&positions)
-            .query_async(&mut c)
-            .await;
+            .arg(&positions);
+        let reply: Result<Option<StreamReadReply>, _> = tokio::select! {
+            r = xread.query_async(&mut c) => r,
+            () = moved(&mut follow) => {
+                tracing::debug!("the store's Redis connection was re-established; so is the append reader's");
+                rewake = true;
+                continue;
+            }
+        };
         // Held only between reads, so that dropping the store ends the loop.
         let Some(n) = notifier.upgrade() else { return };
         match reply {

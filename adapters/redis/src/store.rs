@@ -263,6 +263,7 @@ impl RedisStore {
             connect_single(&cfg).await?
         };
         let keys = Keys::new(&cfg.key_prefix, cfg.shards);
+        let follow = conn.moves();
         let store = Self {
             inner: Arc::new(Inner {
                 round_trips: AtomicU64::new(0),
@@ -271,6 +272,7 @@ impl RedisStore {
                 retention_ms: cfg.retention.map_or(0, ms),
                 notifier: Arc::new(Notifier::new(
                     target,
+                    follow,
                     (0..keys.shards()).map(|n| keys.stream(n)).collect(),
                     cfg.connect_timeout,
                     cfg.response_timeout,

@@ -588,3 +588,83 @@ async fn reads_after_the_server_closed_an_idle_connection_are_answered() {
     assert!(matches!(read, Ok(1)), "read: {read:?}");
     assert!(matches!(listed, Ok(1)), "list: {listed:?}");
 }
+
+/// The endpoint moves to another server (a promoted replica) while the old one stays
+/// up as a primary, and the store's shared connection, closed on the old server (an
+/// idle limit; `CLIENT KILL` here), reconnects to the new one. The append reader's
+/// connection, busy with its blocking reads, was never closed: it kept reading the old
+/// server's streams, which no append reaches any more, so subscriptions woke only by
+/// their 10 s fallback re-read, for as long as the old server lived. The reader now
+/// follows the shared connection: when that one reconnects, so does the reader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_append_reader_follows_the_shared_connection_to_a_new_server() {
+    use futures::StreamExt;
+    let a = Server::start().await;
+    let b = Server::start().await;
+    let pa = a.port.to_string();
+    for s in [&a, &b] {
+        s.cmd(&["CONFIG", "SET", "repl-diskless-sync-delay", "0"])
+            .await;
+    }
+    b.cmd(&["REPLICAOF", "127.0.0.1", &pa]).await;
+    let proxy = FaultProxy::start(a.port).await;
+    let (store, id) = store_with_workflow(&proxy).await;
+    let mut sub = store.subscribe(&id, Seq(1)).await.unwrap();
+    let last = store
+        .append(&id, Seq(1), vec![signal(1)], OwedChanges::none())
+        .await
+        .unwrap();
+    let first = tokio::time::timeout(Duration::from_secs(5), sub.next()).await;
+    assert!(matches!(first, Ok(Some(Ok(_)))), "{first:?}");
+    // B has the history (replication caught up).
+    let t0 = Instant::now();
+    loop {
+        let ev: Vec<String> =
+            redis::from_redis_value(b.cmd(&["KEYS", &format!("*:wf:{id}:ev")]).await).unwrap();
+        if let Some(k) = ev.first()
+            && matches!(b.cmd(&["LLEN", k]).await, redis::Value::Int(2))
+        {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(30),
+            "replica never synced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The endpoint moves to B, promoted; A stays up, as a primary.
+    b.cmd(&["REPLICAOF", "NO", "ONE"]).await;
+    proxy.target.store(b.port, Ordering::SeqCst);
+    // A closes the store's shared connection (not the reader's, busy in XREAD).
+    let clients: String = redis::from_redis_value(a.cmd(&["CLIENT", "LIST"]).await).unwrap();
+    for line in clients.lines() {
+        if line.contains("cmd=xread") || line.contains("cmd=client|list") {
+            continue;
+        }
+        if let Some(cid) = line.split(' ').find_map(|f| f.strip_prefix("id=")) {
+            a.cmd(&["CLIENT", "KILL", "ID", cid]).await;
+        }
+    }
+    let last = append_with_retries(&store, &id, last, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let ev: Vec<String> =
+        redis::from_redis_value(b.cmd(&["KEYS", &format!("*:wf:{id}:ev")]).await).unwrap();
+    assert!(
+        matches!(b.cmd(&["LLEN", &ev[0]]).await, redis::Value::Int(3)),
+        "the append went to B"
+    );
+    let t = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(15), sub.next()).await;
+    let waited = t.elapsed();
+    assert!(
+        matches!(got, Ok(Some(Ok(ref e))) if e.seq == last),
+        "{got:?}"
+    );
+    // Well below the 10 s fallback re-read that would wake it otherwise.
+    assert!(
+        waited < Duration::from_secs(5),
+        "woken only after {waited:?}"
+    );
+    drop((a, b));
+}
